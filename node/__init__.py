@@ -1,0 +1,1 @@
+"""SBS node: the engine of a hot-standby pair."""

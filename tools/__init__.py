@@ -1,0 +1,1 @@
+"""SBS operator commands."""
