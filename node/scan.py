@@ -1,0 +1,815 @@
+"""Change detection on the primary: content hashes, filters, full and incremental scans, watcher.
+
+An Entry is a plain dict (orjson-serialisable) describing one object inside a replicated folder:
+``path`` (relative POSIX), ``kind`` (file|dir|link), ``size``, ``mtime_ns``, ``mode`` (st_mode &
+0o777), ``hash`` (xxh3_128 hex of a file's content, "" otherwise), ``target`` (links only) and, in
+deltas only, ``deleted: True``. An index is ``dict[path -> Entry]`` for one folder.
+
+Directory mtimes are not replicated (writing a file into a directory changes it), so a dir's
+``mtime_ns`` is always 0. Symbolic links are described, never followed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import xxhash
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+
+log = logging.getLogger(__name__)
+
+Entry = dict[str, Any]
+Batch = dict[str, set[str]]
+
+TEMP_PREFIX = ".sbs-tmp-"
+CHUNK = 1 << 20
+STABLE_TRIES = 3
+# A write that lands in the same timestamp tick as our hash leaves size, mtime and ctime
+# unchanged (the "racy git" problem), so a file changed this recently is hashed but not cached.
+RACY_NS = 50_000_000
+_COMPARED = ("kind", "size", "mtime_ns", "mode", "hash", "target")
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class FolderMissing(OSError):
+    """The folder root is not there: never read this as "everything was deleted"."""
+
+    def __init__(self, root: str):
+        super().__init__(errno.ENOENT, "replicated folder is missing", root)
+
+
+# ---------------------------------------------------------------------------------------------
+# hashing
+
+_local = threading.local()
+
+
+def _buffer() -> memoryview:
+    # One reusable 1 MiB buffer per thread: os.read(fd, 1 MiB) would allocate (and mmap) a fresh
+    # megabyte for every small file.
+    buf = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = memoryview(bytearray(CHUNK))
+    return buf
+
+
+def new_hasher() -> xxhash.xxh3_128:
+    return xxhash.xxh3_128()
+
+
+def hash_bytes(b: bytes | bytearray | memoryview) -> str:
+    return xxhash.xxh3_128_hexdigest(b)
+
+
+def hash_fd(fd: int) -> str:
+    """Hash from the current offset of an open file to its end."""
+    hasher = xxhash.xxh3_128()
+    buf = _buffer()
+    while n := os.readv(fd, [buf]):
+        hasher.update(buf[:n])
+    return hasher.hexdigest()
+
+
+def hash_file(path: str | os.PathLike[str]) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return hash_fd(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# filters
+
+
+def _glob_class(pat: str, i: int) -> tuple[str, int] | None:
+    """Translate the [...] set starting at pat[i]; None when it is not closed (a literal '[')."""
+    j = i + 1
+    if j < len(pat) and pat[j] in "!^":
+        j += 1
+    if j < len(pat) and pat[j] == "]":
+        j += 1
+    while j < len(pat) and pat[j] != "]":
+        j += 1
+    if j >= len(pat):
+        return None
+    body = pat[i + 1 : j]
+    negate = body[:1] in ("!", "^")
+    if negate:
+        body = body[1:]
+    body = "".join("\\" + c if c in "\\[]^" else c for c in body)
+    # A set never matches "/": the separator belongs to the path, not to a name.
+    return ("[^/" + body + "]" if negate else "(?!/)[" + body + "]"), j + 1
+
+
+def glob_to_regex(pat: str) -> str:
+    """`*`, `?` and `[...]` stay inside one path component; `**` crosses folders."""
+    out: list[str] = []
+    i, n = 0, len(pat)
+    while i < n:
+        c = pat[i]
+        if c == "*":
+            j = i
+            while j < n and pat[j] == "*":
+                j += 1
+            if j - i == 1:
+                out.append("[^/]*")
+            elif (i == 0 or pat[i - 1] == "/") and j < n and pat[j] == "/":
+                out.append("(?:.*/)?")  # "**/" : zero or more whole folders
+                j += 1
+            else:
+                out.append(".*")
+            i = j
+        elif c == "?":
+            out.append("[^/]")
+            i += 1
+        elif c == "[" and (cls := _glob_class(pat, i)) is not None:
+            out.append(cls[0])
+            i = cls[1]
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return "".join(out)
+
+
+class Filter:
+    """Which files and links of a folder replicate. Directories always do and are not filtered.
+
+    A pattern without "/" matches the base name at any depth; one with "/" matches the whole
+    relative path (a leading "/" only anchors it to the folder root). Patterns are OR'd.
+    """
+
+    def __init__(self, patterns: Iterable[str] = ("*",)):
+        self.patterns = tuple(p for p in patterns if p)
+        names = [p for p in self.patterns if "/" not in p]
+        paths = [p.lstrip("/") for p in self.patterns if "/" in p]
+        self._all = "*" in names or "**" in names
+        self._name_re = self._compile(names)
+        self._path_re = self._compile(paths)
+
+    @staticmethod
+    def _compile(patterns: list[str]) -> re.Pattern[str] | None:
+        if not patterns:
+            return None
+        try:
+            return re.compile("(?s:" + "|".join(glob_to_regex(p) for p in patterns) + ")")
+        except re.error as e:
+            raise ValueError(f"bad filter pattern in {patterns!r}: {e}") from e
+
+    def match(self, relpath: str) -> bool:
+        if self._all:
+            return True
+        if self._name_re is not None:
+            if self._name_re.fullmatch(relpath.rpartition("/")[2]):
+                return True
+        return self._path_re is not None and self._path_re.fullmatch(relpath) is not None
+
+    def __repr__(self) -> str:
+        return f"Filter({list(self.patterns)!r})"
+
+
+# ---------------------------------------------------------------------------------------------
+# hash cache
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+class HashCache:
+    """abs path -> (size, mtime_ns, ino, ctime_ns, hash): an unchanged file is never re-read.
+
+    Used by one thread. ``hashed`` counts the files whose content was actually read.
+    """
+
+    def __init__(self, racy_ns: int = RACY_NS):
+        self._map: dict[str, tuple[int, int, int, int, str]] = {}
+        self.racy_ns = racy_ns
+        self.hashed = 0
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def lookup(self, path: str, st: os.stat_result) -> str | None:
+        hit = self._map.get(path)
+        if hit is None or hit[:4] != _stat_key(st):
+            return None
+        return hit[4]
+
+    def store(self, path: str, st: os.stat_result, h: str) -> None:
+        if time.time_ns() - max(st.st_ctime_ns, st.st_mtime_ns) < self.racy_ns:
+            self._map.pop(path, None)
+            return
+        self._map[path] = (*_stat_key(st), h)
+
+    def forget_prefix(self, path: str) -> None:
+        """Forget path and everything below it."""
+        path = path.rstrip("/")
+        below = path + "/"
+        for key in [k for k in self._map if k == path or k.startswith(below)]:
+            del self._map[key]
+
+    def warn_once(self, key: str, msg: str, *args: object) -> None:
+        # An unreadable file would otherwise log again on every periodic rescan.
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *args)
+
+
+# ---------------------------------------------------------------------------------------------
+# entries
+
+
+def _utf8_ok(name: str) -> bool:
+    # os.scandir turns undecodable bytes into surrogates, which orjson cannot serialise.
+    if name.isascii():
+        return True
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def dir_entry(relpath: str, st: os.stat_result) -> Entry:
+    return {"path": relpath, "kind": "dir", "size": 0, "mtime_ns": 0,
+            "mode": st.st_mode & 0o777, "hash": ""}
+
+
+def link_entry(relpath: str, st: os.stat_result, target: str) -> Entry:
+    return {"path": relpath, "kind": "link", "size": len(os.fsencode(target)),
+            "mtime_ns": st.st_mtime_ns, "mode": 0, "hash": "", "target": target}
+
+
+def file_entry(relpath: str, st: os.stat_result, h: str) -> Entry:
+    return {"path": relpath, "kind": "file", "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "mode": st.st_mode & 0o777, "hash": h}
+
+
+def hashed_file_entry(relpath: str, abspath: str, st: os.stat_result, cache: HashCache,
+                      opener: Callable[[], int]) -> Entry | None:
+    """The Entry of a regular file, its hash from the cache or read through ``opener()``.
+
+    The stat is taken on the open fd before and after hashing; when they differ the file changed
+    under us and is read again, so a manifest never pairs a hash with the wrong size or mtime.
+    None when the file vanished, became something else, or cannot be read.
+    """
+    h = cache.lookup(abspath, st)
+    if h is not None:
+        return file_entry(relpath, st, h)
+    for _ in range(STABLE_TRIES):
+        try:
+            fd = opener()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            if e.errno != errno.ELOOP:  # ELOOP: it just became a symlink; its event follows
+                cache.warn_once(abspath, "cannot read %s: %s", abspath, e)
+            return None
+        try:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                return None
+            h = hash_fd(fd)
+            after = os.fstat(fd)
+        except OSError as e:
+            cache.warn_once(abspath, "cannot read %s: %s", abspath, e)
+            return None
+        finally:
+            os.close(fd)
+        cache.hashed += 1
+        if _stat_key(before) == _stat_key(after):
+            cache.store(abspath, after, h)
+            return file_entry(relpath, after, h)
+    # Still being written: report what we have without caching it; the writer's next event (or
+    # the periodic rescan) hashes it again, and the secondary verifies the content anyway.
+    log.debug("%s kept changing while it was hashed", abspath)
+    return file_entry(relpath, after, h)
+
+
+def _entry_from_stat(relpath: str, abspath: str, st: os.stat_result, filt: Filter,
+                     cache: HashCache) -> Entry | None:
+    mode = st.st_mode
+    if stat.S_ISDIR(mode):
+        return dir_entry(relpath, st)
+    if stat.S_ISREG(mode):
+        if not filt.match(relpath):
+            return None
+        return hashed_file_entry(relpath, abspath, st, cache,
+                                 lambda: os.open(abspath, _OPEN_FILE))
+    if stat.S_ISLNK(mode):
+        if not filt.match(relpath):
+            return None
+        try:
+            target = os.readlink(abspath)
+        except OSError:
+            return None
+        if not _utf8_ok(target):
+            cache.warn_once(abspath, "skipping %s: link target is not UTF-8", abspath)
+            return None
+        return link_entry(relpath, st, target)
+    return None  # sockets, fifos, devices are not replicated
+
+
+def _relpath_ok(relpath: str) -> bool:
+    if not relpath or relpath.startswith("/") or not _utf8_ok(relpath):
+        return False
+    return not any(p in ("", ".", "..") or p.startswith(TEMP_PREFIX)
+                   for p in relpath.split("/"))
+
+
+def entry_for(root: str, relpath: str, filt: Filter, cache: HashCache) -> Entry | None:
+    """The Entry of root/relpath as it is now (lstat, never following a link), or None."""
+    if not _relpath_ok(relpath):
+        return None
+    if not _is_real_dir(root, relpath.rpartition("/")[0], {"": None}, set()):
+        return None
+    abspath = os.path.join(root, relpath)
+    try:
+        st = os.lstat(abspath)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return _entry_from_stat(relpath, abspath, st, filt, cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# scans
+
+
+def _check_root(root: str) -> None:
+    try:
+        st = os.stat(root)  # the configured root itself may be a symlink: the operator chose it
+    except (FileNotFoundError, NotADirectoryError):
+        raise FolderMissing(root) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise FolderMissing(root)
+
+
+def _scan_dir(rel_dir: str, abs_dir: str, filt: Filter, cache: HashCache, out: dict[str, Entry],
+              stack: list[tuple[str, str]], skipped: list[str] | None) -> None:
+    """Add the children of one directory to ``out`` and push its subdirectories on ``stack``."""
+    try:
+        it = os.scandir(abs_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        if not rel_dir:
+            raise FolderMissing(abs_dir) from None
+        return  # vanished while we walked; its own event reports it
+    except OSError as e:
+        if not rel_dir:
+            raise
+        log.warning("skipping unreadable folder %s: %s", abs_dir, e)
+        if skipped is not None:
+            skipped.append(rel_dir.rstrip("/"))
+        return
+    prefix = rel_dir + "/" if rel_dir else ""
+    with it:
+        for de in it:
+            name = de.name
+            if name.startswith(TEMP_PREFIX) or not _utf8_ok(name):
+                continue
+            rel = prefix + name
+            try:
+                is_dir = de.is_dir(follow_symlinks=False)
+                if not is_dir and not filt.match(rel):
+                    continue  # filtered out before paying for an lstat
+                st = de.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                out[rel] = dir_entry(rel, st)
+                stack.append((rel, de.path))
+            elif (entry := _entry_from_stat(rel, de.path, st, filt, cache)) is not None:
+                out[rel] = entry
+
+
+def _walk(rel_dir: str, abs_dir: str, filt: Filter, cache: HashCache, out: dict[str, Entry],
+          skipped: list[str] | None) -> None:
+    # An explicit stack: deep trees must not hit the recursion limit. Parents enter ``out``
+    # before their children, so a delta creates folders first.
+    stack = [(rel_dir, abs_dir)]
+    while stack:
+        rel, path = stack.pop()
+        _scan_dir(rel, path, filt, cache, out, stack, skipped)
+
+
+def scan_folder(root: str, filt: Filter, cache: HashCache, *,
+                skipped: list[str] | None = None) -> dict[str, Entry]:
+    """Full recursive walk of a folder. Raises FolderMissing when the root is not there.
+
+    An unreadable subfolder is logged and skipped; its relpath is appended to ``skipped`` when
+    given, so a caller can keep that subtree out of deletions.
+    """
+    root = os.fspath(root)
+    _check_root(root)
+    index: dict[str, Entry] = {}
+    _walk("", root, filt, cache, index, skipped)
+    return index
+
+
+def same_entry(a: Entry, b: Entry) -> bool:
+    return all(a.get(k) == b.get(k) for k in _COMPARED)
+
+
+def deleted_entry(old: Entry) -> Entry:
+    gone = dict(old)
+    gone["deleted"] = True
+    return gone
+
+
+def _deleted_in_order(entries: Iterable[Entry]) -> list[Entry]:
+    # Deepest first: a folder's content goes before the folder.
+    return sorted((deleted_entry(e) for e in entries),
+                  key=lambda e: e["path"].count("/"), reverse=True)
+
+
+def diff(old: dict[str, Entry], new: dict[str, Entry]) -> list[Entry]:
+    """Delta from one index to another: changed or new entries, then deletions."""
+    changed = [e for p, e in new.items() if (o := old.get(p)) is None or not same_entry(o, e)]
+    return changed + _deleted_in_order(e for p, e in old.items() if p not in new)
+
+
+def _parent(relpath: str) -> str:
+    return relpath.rpartition("/")[0]
+
+
+def _is_real_dir(root: str, rel_dir: str, real: dict[str, os.stat_result | None],
+                 not_real: set[str]) -> bool:
+    """Is root/rel_dir a directory reached through directories only (no symlink on the way)?"""
+    if rel_dir in real:
+        return True
+    if rel_dir in not_real:
+        return False
+    ok = _is_real_dir(root, _parent(rel_dir), real, not_real)
+    if ok:
+        try:
+            st = os.lstat(os.path.join(root, rel_dir))
+        except OSError:
+            ok = False
+        else:
+            ok = stat.S_ISDIR(st.st_mode)
+    if ok:
+        real[rel_dir] = st
+    else:
+        not_real.add(rel_dir)
+    return ok
+
+
+def _under_any(relpath: str, subtrees: set[str]) -> bool:
+    i = relpath.find("/")
+    while i != -1:
+        if relpath[:i] in subtrees:
+            return True
+        i = relpath.find("/", i + 1)
+    return False
+
+
+def _drop_subtrees(index: dict[str, Entry], subtrees: set[str],
+                   keep: dict[str, Entry]) -> list[Entry]:
+    """Remove from index every entry strictly below one of ``subtrees`` that is not in keep."""
+    if len(subtrees) <= 32:
+        # str.startswith with a tuple runs in C: one pass over a 100,000-entry index is cheap.
+        prefixes = tuple(s + "/" for s in subtrees)
+        doomed = [p for p in index if p.startswith(prefixes) and p not in keep]
+    else:
+        doomed = [p for p in index if p not in keep and _under_any(p, subtrees)]
+    return [index.pop(p) for p in doomed]
+
+
+def scan_paths(root: str, filt: Filter, cache: HashCache, index: dict[str, Entry],
+               relpaths: Iterable[str]) -> list[Entry]:
+    """Incremental rescan of the paths a watcher batch touched; updates ``index`` in place.
+
+    A relpath that is a directory is walked; one that vanished takes its whole subtree out of the
+    index. Returns the delta: entries that really changed, then deletions (deepest first).
+    Raises FolderMissing when the root is gone (never "everything was deleted").
+    """
+    root = os.fspath(root)
+    _check_root(root)
+    todo = {p for p in relpaths if p == "" or _relpath_ok(p)}
+    if "" in todo:
+        fresh_index = scan_folder(root, filt, cache)
+        delta = diff(index, fresh_index)
+        index.clear()
+        index.update(fresh_index)
+        return delta
+
+    real: dict[str, os.stat_result | None] = {"": None}
+    not_real: set[str] = set()
+    fresh: dict[str, Entry] = {}  # what is on disk now, for everything looked at
+    looked: set[str] = set()  # relpaths looked at: absent from fresh means gone
+    subtrees: set[str] = set()  # relpaths whose old subtree must be reconciled with fresh
+
+    # Shallow first, so a path inside a folder that is itself in the batch is covered by it.
+    for rel in sorted(todo, key=lambda p: p.count("/")):
+        if _under_any(rel, subtrees):
+            continue
+        looked.add(rel)
+        old = index.get(rel)
+        if old is not None and old["kind"] == "dir":
+            subtrees.add(rel)
+        parent = _parent(rel)
+        if not _is_real_dir(root, parent, real, not_real):
+            subtrees.add(rel)
+            continue
+        abspath = os.path.join(root, rel)
+        try:
+            st = os.lstat(abspath)
+        except (FileNotFoundError, NotADirectoryError):
+            subtrees.add(rel)
+            continue
+        _add_missing_parents(parent, index, fresh, real)
+        if stat.S_ISDIR(st.st_mode):
+            fresh[rel] = dir_entry(rel, st)
+            subtrees.add(rel)
+            _walk(rel, abspath, filt, cache, fresh, None)
+        elif (entry := _entry_from_stat(rel, abspath, st, filt, cache)) is not None:
+            fresh[rel] = entry
+
+    delta = []
+    for rel, entry in fresh.items():
+        old = index.get(rel)
+        if old is None or not same_entry(old, entry):
+            index[rel] = entry
+            delta.append(entry)
+    gone = [index.pop(rel) for rel in looked if rel not in fresh and rel in index]
+    if subtrees:
+        gone += _drop_subtrees(index, subtrees, fresh)
+    return delta + _deleted_in_order(gone)
+
+
+def _add_missing_parents(rel_dir: str, index: dict[str, Entry], fresh: dict[str, Entry],
+                         real: dict[str, os.stat_result | None]) -> None:
+    """Make sure every folder above a changed path is in the index (outermost first)."""
+    missing = []
+    while rel_dir and rel_dir not in index and rel_dir not in fresh:
+        missing.append(rel_dir)
+        rel_dir = _parent(rel_dir)
+    for d in reversed(missing):
+        st = real.get(d)  # recorded by _is_real_dir for every folder it checked
+        if st is not None:
+            fresh[d] = dir_entry(d, st)
+
+
+# ---------------------------------------------------------------------------------------------
+# watcher
+
+try:  # watchdog >= 7 on Linux: the inotify reader thread is a class we can extend
+    from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
+    from watchdog.observers.inotify import InotifyEmitter
+    from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
+except Exception:  # older watchdog, or not Linux: fall back to the default observer
+    InotifyFD = None  # type: ignore[assignment,misc]
+
+if InotifyFD is not None:
+
+    class _OverflowAwareFD(InotifyFD):  # type: ignore[misc,valid-type]
+        """watchdog 7 rebuilds its watches on IN_Q_OVERFLOW and logs it, but tells no handler:
+        events were lost, so whoever keeps an index must rescan. (watchdog <= 6 dropped the
+        overflow event silently: wd == -1 was skipped.)"""
+
+        def __init__(self, on_overflow: Callable[[], None]):
+            super().__init__()
+            self._on_overflow = on_overflow
+
+        def handle_event(self, event: InotifyEvent) -> None:
+            super().handle_event(event)  # first: watches are rebuilt before we ask for a rescan
+            if event.is_queue_overflow:
+                self._on_overflow()
+
+    class _InotifyObserver(BaseObserver):  # type: ignore[misc,valid-type]
+        """watchdog's InotifyObserver, with an inotify reader that reports queue overflows."""
+
+        def __init__(self, on_overflow: Callable[[], None]):
+            self.inotify_fd = _OverflowAwareFD(on_overflow)
+            self.inotify_fd.start()
+            super().__init__(InotifyEmitter, timeout=DEFAULT_OBSERVER_TIMEOUT,
+                             inotify_fd=self.inotify_fd)
+
+        def healthy(self) -> bool:
+            return self.is_alive() and self.inotify_fd.is_alive()
+
+        def on_thread_stop(self) -> None:
+            super().on_thread_stop()
+            self.inotify_fd.stop()
+            self.inotify_fd.join()
+
+
+_IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})
+
+
+class _RootHandler(FileSystemEventHandler):
+    """Maps the events of one folder's watch to relative paths. Runs in the observer thread."""
+
+    def __init__(self, watcher: Watcher, name: str, root: str):
+        self._watcher, self._name, self._root = watcher, name, root
+        self._prefix = root.rstrip("/") + "/"
+
+    def _rel(self, path: str | bytes) -> str | None:
+        path = os.fsdecode(path)
+        if path == self._root:
+            return ""
+        if not path.startswith(self._prefix):
+            return None
+        rel = path[len(self._prefix):]
+        if TEMP_PREFIX in rel and any(p.startswith(TEMP_PREFIX) for p in rel.split("/")):
+            return None
+        return rel
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        try:
+            # Synthetic events (the content of a moved or created folder) are covered by the
+            # folder's own event: scan_paths walks it. A DirModifiedEvent is the parent-mtime
+            # echo of a child's event, which we get anyway.
+            if getattr(event, "is_synthetic", False) or event.event_type in _IGNORED_EVENTS:
+                return
+            if event.is_directory and event.event_type == "modified":
+                return
+            rels = [r for p in (event.src_path, getattr(event, "dest_path", ""))
+                    if p and (r := self._rel(p)) is not None]
+            if rels:
+                self._watcher._touch(self._name, rels)
+        except Exception:  # an exception here would kill watchdog's observer thread
+            log.exception("watch event %r not handled", event)
+
+
+_NOTHING = object()
+
+
+class Watcher:
+    """Watches every folder (inotify, recursive) and delivers debounced batches.
+
+    ``on_batch`` is called from the watcher's own thread with {folder name: {relpaths}} once
+    ``quiet`` seconds pass without a new event, or ``max_delay`` after the first event of the
+    batch. A folder's root is "". ``on_batch(None)`` means "events were lost: rescan everything"
+    (inotify queue overflow, a watch that died, a folder that came back). Pending events at
+    stop() are dropped: a stopping node does its own final scan.
+    """
+
+    HEALTH_INTERVAL = 0.25
+
+    def __init__(self, roots: dict[str, str], on_batch: Callable[[Batch | None], None], *,
+                 quiet: float = 0.004, max_delay: float = 0.05):
+        # Watch the real path: a watch on a symlinked root (IN_DONT_FOLLOW) would see nothing.
+        self._roots = {name: os.path.realpath(path) for name, path in roots.items()}
+        self._on_batch = on_batch
+        self._quiet, self._max_delay = quiet, max_delay
+        self._cond = threading.Condition()
+        self._pending: Batch = {}
+        self._rescan = False
+        self._first = self._last = 0.0
+        self._stopping = False
+        self._observer: Any = None
+        self._watches: dict[str, Any] = {}
+        self._broken: set[str] = set()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle --
+
+    def start(self) -> None:
+        """Returns once every folder that exists is watched (a missing one is retried)."""
+        self._observer = self._new_observer()
+        for name in self._roots:
+            if not self._schedule(name):
+                self._broken.add(name)
+        self._thread = threading.Thread(target=self._run, name="sbs-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._stop_observer()
+
+    def __enter__(self) -> Watcher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _new_observer(self) -> Any:
+        if InotifyFD is not None:
+            observer = _InotifyObserver(self.request_rescan)
+        else:
+            from watchdog.observers import Observer
+
+            log.warning("this watchdog cannot report lost events; relying on periodic rescans")
+            observer = Observer()
+        observer.start()
+        return observer
+
+    def _stop_observer(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join()
+            self._observer = None
+        self._watches.clear()
+
+    def _schedule(self, name: str) -> bool:
+        root = self._roots[name]
+        try:
+            self._watches[name] = self._observer.schedule(
+                _RootHandler(self, name, root), root, recursive=True)
+        except OSError as e:
+            log.warning("cannot watch folder %s (%s): %s", name, root, e)
+            return False
+        return True
+
+    # -- events (observer thread) --
+
+    def _touch(self, name: str, rels: list[str]) -> None:
+        with self._cond:
+            now = time.monotonic()
+            idle = not self._pending and not self._rescan
+            if idle:
+                self._first = now
+            self._last = now
+            self._pending.setdefault(name, set()).update(rels)
+            if idle:  # the debouncer recomputes its deadline when it wakes: no notify per event
+                self._cond.notify()
+
+    def request_rescan(self) -> None:
+        """Deliver on_batch(None) soon. Called on inotify overflow; callable from any thread."""
+        with self._cond:
+            now = time.monotonic()
+            if not self._pending and not self._rescan:
+                self._first = now
+            self._last = now
+            self._rescan = True
+            self._cond.notify()
+
+    # -- debouncer thread --
+
+    def _due(self) -> float | None:
+        if not self._pending and not self._rescan:
+            return None
+        return min(self._last + self._quiet, self._first + self._max_delay)
+
+    def _take(self) -> Batch | None:
+        batch = None if self._rescan else self._pending
+        self._pending, self._rescan = {}, False
+        return batch
+
+    def _run(self) -> None:
+        next_health = time.monotonic() + self.HEALTH_INTERVAL
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                now = time.monotonic()
+                due = self._due()
+                if (due is None or now < due) and now < next_health:
+                    wake = next_health if due is None else min(due, next_health)
+                    self._cond.wait(wake - now)
+                    continue
+                batch = self._take() if due is not None and now >= due else _NOTHING
+            if batch is not _NOTHING:
+                try:
+                    self._on_batch(batch)  # type: ignore[arg-type]
+                except Exception:
+                    log.exception("watch batch handler failed")
+            if now >= next_health:
+                self._check_health()
+                next_health = time.monotonic() + self.HEALTH_INTERVAL
+
+    def _check_health(self) -> None:
+        """Re-establish what died: the whole observer, or one folder's watch (root deleted)."""
+        observer = self._observer
+        alive = observer.healthy() if hasattr(observer, "healthy") else observer.is_alive()
+        if not alive:
+            log.warning("file watcher died; restarting it")
+            self._stop_observer()
+            self._observer = self._new_observer()
+            self._broken = set(self._roots)
+        running = {e.watch for e in list(self._observer.emitters) if e.is_alive()}
+        for name, watch in list(self._watches.items()):
+            if watch not in running:
+                log.warning("watch on folder %s stopped (folder removed?)", name)
+                self._unschedule(name)
+                self._broken.add(name)
+                self.request_rescan()
+        for name in sorted(self._broken):
+            if os.path.isdir(self._roots[name]) and self._schedule(name):
+                log.info("watching folder %s again", name)
+                self._broken.discard(name)
+                self.request_rescan()
+
+    def _unschedule(self, name: str) -> None:
+        watch = self._watches.pop(name, None)
+        if watch is not None:
+            try:
+                self._observer.unschedule(watch)
+            except KeyError:
+                pass
