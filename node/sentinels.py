@@ -1,0 +1,481 @@
+"""The sentinels: the services the primary runs, each a child process of the node.
+
+One Sentinels object belongs to the node loop (a single thread) and is only ever called from it.
+Nothing here blocks for long except stop_all(), which is bounded by the grace time: stop() and
+configure() only send SIGTERM, and poll() escalates to SIGKILL once the grace time is over.
+
+A sentinel never outlives its node (SPEC 9): the kernel SIGKILLs it when the node dies
+(PR_SET_PDEATHSIG), and each one leads its own process group so a stop reaches everything it
+started. Pids and start times are kept in state_dir so the next run can clean up leftovers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PIDS_FILE = "sentinels.pids.json"
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# The name becomes a log file name, so it must not be able to leave the logs folder.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# How often a loop with children being stopped should come back to reap them.
+_STOPPING_POLL = 0.1
+# How long to wait for a process to disappear after SIGKILL.
+_REAP_TIMEOUT = 1.0
+# 2**30 times backoff_start is beyond any sane backoff_max; capping the exponent keeps a
+# sentinel that has crashed for days from overflowing the float.
+_MAX_EXPONENT = 30
+
+
+@dataclass
+class _Child:
+    name: str
+    popen: subprocess.Popen
+    started: float  # monotonic
+    # Field 22 of /proc/<pid>/stat: tells this process apart from a later one with the same pid.
+    start_ticks: int | None
+    kill_at: float | None = None  # monotonic; set when SIGTERM was sent, cleared after SIGKILL
+
+
+@dataclass
+class _Sentinel:
+    command: str
+    child: _Child | None = None
+    due: float | None = None  # monotonic time of a scheduled (re)start
+    restarts: int = 0
+    quick_exits: int = 0  # consecutive exits after a run shorter than stable_after
+    last_exit: int | None = None  # Popen convention: negative means killed by that signal
+
+
+class Sentinels:
+    """Starts, watches, restarts and stops the sentinels. See the module docstring."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        grace: float = 5.0,
+        on_event: Callable[[dict], None] | None = None,
+        backoff_start: float = 0.5,
+        backoff_max: float = 30.0,
+        fail_report_after: int = 5,
+        stable_after: float = 10.0,
+    ) -> None:
+        self._state_dir = Path(state_dir)
+        self._grace = grace
+        self._on_event = on_event
+        self._backoff_start = backoff_start
+        self._backoff_max = backoff_max
+        self._fail_report_after = fail_report_after
+        self._stable_after = stable_after
+        self._sentinels: dict[str, _Sentinel] = {}
+        self._active: set[str] = set()
+        self._stopping: list[_Child] = []
+        self._running = False
+        self._written_pids: list[dict] | None = None
+        # Resolved here, before any fork: the child between fork and exec must do as little as
+        # possible (the node has other threads, whose locks a forked child may find held).
+        self._prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    # -- configuration -------------------------------------------------------------------------
+
+    def configure(self, definitions: dict[str, str]) -> None:
+        """Set the name -> command line table. A removed or changed running sentinel is stopped;
+        a changed one is started again with its new command once the old process is gone."""
+        for name in definitions:
+            if not _NAME_RE.fullmatch(name):
+                raise ValueError(f"invalid sentinel name {name!r}: use letters, digits, _ . -")
+        for name in list(self._sentinels):
+            if name not in definitions:
+                self._terminate(name)
+                del self._sentinels[name]
+        for name, command in definitions.items():
+            sentinel = self._sentinels.get(name)
+            if sentinel is None:
+                self._sentinels[name] = _Sentinel(command)
+            elif sentinel.command != command:
+                sentinel.command = command
+                sentinel.quick_exits = 0
+                self._terminate(name)
+        self._start_wanted()
+        self._sync_pids_file()
+
+    def set_active(self, names: Iterable[str]) -> None:
+        """Replace the active list. Names need not be defined yet (the list replicates on its
+        own). In running mode the change applies at once."""
+        self._active = set(names)
+        for name, sentinel in self._sentinels.items():
+            if name not in self._active:
+                sentinel.due = None
+                self._terminate(name)
+        self._start_wanted()
+        self._sync_pids_file()
+
+    @property
+    def active(self) -> list[str]:
+        return sorted(self._active)
+
+    # -- running mode --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Enter running mode: start every active, defined sentinel that is not running."""
+        self._running = True
+        self._start_wanted()
+        self._sync_pids_file()
+
+    def stop_all(self, grace: float | None = None) -> None:
+        """Leave running mode and stop every sentinel: SIGTERM to each process group, SIGKILL to
+        what is left after `grace` seconds. Blocks, but never much longer than `grace`."""
+        grace = self._grace if grace is None else grace
+        self._running = False
+        for name, sentinel in self._sentinels.items():
+            sentinel.due = None
+            self._terminate(name, grace)
+        deadline = time.monotonic() + grace
+        for child in self._stopping:
+            child.kill_at = deadline if child.kill_at is None else min(child.kill_at, deadline)
+        while self._stopping and time.monotonic() < deadline:
+            self._reap_stopping()
+            if self._stopping:
+                time.sleep(0.02)  # polling the children, bounded by the deadline above
+        self._reap_stopping(kill_all=True)
+        reap_deadline = time.monotonic() + _REAP_TIMEOUT
+        for child in list(self._stopping):
+            try:
+                child.popen.wait(timeout=max(0.0, reap_deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("sentinel %s (pid %d) survives SIGKILL", child.name, child.popen.pid)
+        self._reap_stopping()
+        self._sync_pids_file()
+
+    def start(self, name: str) -> None:
+        """Activate `name`, and start it now when in running mode."""
+        sentinel = self._get(name)
+        self._active.add(name)
+        sentinel.quick_exits = 0  # an operator asked: give it a fresh backoff
+        if self._running and sentinel.child is None:
+            self._launch(name)
+        self._sync_pids_file()
+
+    def stop(self, name: str) -> None:
+        """Deactivate `name` and stop its process (SIGTERM now, SIGKILL from poll() later)."""
+        sentinel = self._get(name)
+        self._active.discard(name)
+        sentinel.due = None
+        self._terminate(name)
+        self._sync_pids_file()
+
+    # -- the loop's side -----------------------------------------------------------------------
+
+    def poll(self) -> None:
+        """Non-blocking: reap exited children, schedule restarts, start the due ones."""
+        self._reap_stopping()
+        now = time.monotonic()
+        for name, sentinel in self._sentinels.items():
+            child = sentinel.child
+            if child is not None and _has_exited(child):
+                sentinel.child = None
+                code = _reap(child)
+                sentinel.last_exit = code
+                ran_for = now - child.started
+                log.warning(
+                    "sentinel %s (pid %d) exited with %s after %.1f s",
+                    name, child.popen.pid, code, ran_for,
+                )
+                self._emit("exited", name, pid=child.popen.pid, code=code)
+                if self._wanted(name):
+                    self._schedule_restart(name, ran_for)
+        for name, sentinel in self._sentinels.items():
+            if sentinel.due is not None and sentinel.due <= now and self._wanted(name):
+                self._launch(name)
+        self._sync_pids_file()
+
+    def next_wakeup(self) -> float | None:
+        """Monotonic time when poll() next has timed work, else None. Exits of running children
+        are not timed events: the loop should also call poll() on its regular turns."""
+        times = [
+            s.due for name, s in self._sentinels.items()
+            if s.due is not None and self._wanted(name) and not self._is_stopping(name)
+        ]
+        if self._stopping:
+            # A stopping child is reaped (and its successor started) promptly this way.
+            times.append(time.monotonic() + _STOPPING_POLL)
+            times.extend(c.kill_at for c in self._stopping if c.kill_at is not None)
+        return min(times, default=None)
+
+    def status(self) -> list[dict]:
+        result = []
+        for name in sorted(self._sentinels):
+            sentinel = self._sentinels[name]
+            if sentinel.child is not None:
+                state = "running"
+            elif sentinel.due is not None and sentinel.quick_exits >= self._fail_report_after:
+                state = "failing"
+            elif sentinel.due is not None:
+                state = "backoff"
+            else:
+                state = "stopped"
+            result.append({
+                "name": name,
+                "command": sentinel.command,
+                "active": name in self._active,
+                "state": state,
+                "pid": sentinel.child.popen.pid if sentinel.child else None,
+                "restarts": sentinel.restarts,
+                "last_exit": sentinel.last_exit,
+            })
+        return result
+
+    def cleanup_leftovers(self) -> list[int]:
+        """At node start: SIGKILL every process recorded by a previous run of this node that is
+        still alive and provably the same process (same boot, same start time). Returns them."""
+        path = self._state_dir / PIDS_FILE
+        try:
+            record = json.loads(path.read_text())
+            children = record["children"] if record.get("boot_id") == _boot_id() else []
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("ignoring unreadable %s: %s", path, exc)
+            return []
+        killed = []
+        for entry in children:
+            pid, ticks = entry.get("pid"), entry.get("start_ticks")
+            if not isinstance(pid, int) or pid <= 1 or pid == os.getpid():
+                continue
+            if ticks is None or _start_ticks(pid) != ticks:
+                continue  # gone, or the pid now belongs to an unrelated process
+            try:
+                # It was started as a session leader, so its group id is its pid.
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            except PermissionError as exc:
+                log.error("cannot kill leftover sentinel pid %d: %s", pid, exc)
+                continue
+            log.warning("killed leftover sentinel %s (pid %d) of a previous run",
+                        entry.get("name"), pid)
+            killed.append(pid)
+        self._written_pids = None  # rewrite: the file now describes this run
+        self._sync_pids_file()
+        return killed
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _get(self, name: str) -> _Sentinel:
+        try:
+            return self._sentinels[name]
+        except KeyError:
+            defined = ", ".join(sorted(self._sentinels)) or "none"
+            raise ValueError(f"unknown sentinel {name!r} (defined: {defined})") from None
+
+    def _wanted(self, name: str) -> bool:
+        return self._running and name in self._active and name in self._sentinels
+
+    def _is_stopping(self, name: str) -> bool:
+        return any(child.name == name for child in self._stopping)
+
+    def _start_wanted(self) -> None:
+        for name in sorted(self._sentinels):
+            sentinel = self._sentinels[name]
+            if self._wanted(name) and sentinel.child is None and sentinel.due is None:
+                self._launch(name)
+
+    def _launch(self, name: str) -> None:
+        """Start `name` now, or as soon as its previous process is gone: never two at once."""
+        sentinel = self._sentinels[name]
+        if self._is_stopping(name):
+            sentinel.due = time.monotonic()
+            return
+        sentinel.due = None
+        self._spawn(name)
+
+    def _spawn(self, name: str) -> None:
+        sentinel = self._sentinels[name]
+        log_path = self._state_dir / "logs" / f"{name}.log"
+        try:
+            argv = shlex.split(sentinel.command)
+            if not argv:
+                raise ValueError("empty command line")
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "ab") as out:
+                stamp = datetime.now(UTC).isoformat(timespec="seconds")
+                out.write(f"--- {stamp} sbs starts: {sentinel.command}\n".encode())
+                out.flush()
+                # PR_SET_PDEATHSIG fires when the *thread* that forked the child dies, not the
+                # process: spawn only from the node's main thread (the loop), never a worker.
+                popen = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own process group, for os.killpg
+                    preexec_fn=_die_with_parent(self._prctl, os.getpid()),
+                )
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            log.error("sentinel %s cannot start (%s): %s", name, sentinel.command, exc)
+            sentinel.last_exit = None
+            self._emit("exited", name, error=str(exc))
+            self._schedule_restart(name, ran_for=0.0)
+            return
+        sentinel.child = _Child(name, popen, time.monotonic(), _start_ticks(popen.pid))
+        log.info("sentinel %s started (pid %d): %s", name, popen.pid, sentinel.command)
+        self._emit("started", name, pid=popen.pid)
+
+    def _schedule_restart(self, name: str, ran_for: float) -> None:
+        sentinel = self._sentinels[name]
+        if ran_for >= self._stable_after:
+            sentinel.quick_exits = 0
+            delay = self._backoff_start
+        else:
+            sentinel.quick_exits += 1
+            exponent = min(sentinel.quick_exits - 1, _MAX_EXPONENT)
+            delay = min(self._backoff_start * 2**exponent, self._backoff_max)
+        sentinel.restarts += 1
+        sentinel.due = time.monotonic() + delay
+        self._emit("restarting", name, code=sentinel.last_exit, delay=delay)
+        if sentinel.quick_exits == self._fail_report_after:
+            log.error(
+                "sentinel %s is failing: %d quick exits in a row (last exit %s), "
+                "retrying every %.1f s at most", name, sentinel.quick_exits,
+                sentinel.last_exit, self._backoff_max,
+            )
+            self._emit("failing", name, code=sentinel.last_exit, delay=delay)
+
+    def _terminate(self, name: str, grace: float | None = None) -> None:
+        """Send SIGTERM to the sentinel's process group; poll() or stop_all() finishes the job."""
+        sentinel = self._sentinels.get(name)
+        if sentinel is None or sentinel.child is None:
+            return
+        child, sentinel.child = sentinel.child, None
+        grace = self._grace if grace is None else grace
+        log.info("stopping sentinel %s (pid %d)", name, child.popen.pid)
+        _signal_group(child, signal.SIGTERM)
+        child.kill_at = time.monotonic() + grace
+        self._stopping.append(child)
+
+    def _reap_stopping(self, kill_all: bool = False) -> None:
+        now = time.monotonic()
+        for child in list(self._stopping):
+            if _has_exited(child):
+                self._stopping.remove(child)
+                code = _reap(child)
+                sentinel = self._sentinels.get(child.name)
+                if sentinel is not None:
+                    sentinel.last_exit = code
+                log.info("sentinel %s (pid %d) stopped: %s", child.name, child.popen.pid, code)
+                self._emit("stopped", child.name, pid=child.popen.pid, code=code)
+            elif kill_all or (child.kill_at is not None and now >= child.kill_at):
+                log.warning("sentinel %s (pid %d) ignored SIGTERM: SIGKILL",
+                            child.name, child.popen.pid)
+                _signal_group(child, signal.SIGKILL)
+                child.kill_at = None
+
+    def _emit(self, event: str, name: str, *, pid: int | None = None, code: int | None = None,
+              delay: float | None = None, **extra: object) -> None:
+        if self._on_event is None:
+            return
+        message = {"event": event, "name": name, "pid": pid, "code": code, "delay": delay}
+        message.update(extra)
+        try:
+            self._on_event(message)
+        except Exception:  # a broken listener must not break supervision
+            log.exception("sentinel event listener failed on %s", message)
+
+    def _sync_pids_file(self) -> None:
+        """Rewrite state_dir/sentinels.pids.json when the set of live children changed."""
+        children = [s.child for s in self._sentinels.values() if s.child] + self._stopping
+        pids = sorted(
+            ({"name": c.name, "pid": c.popen.pid, "start_ticks": c.start_ticks} for c in children),
+            key=lambda entry: entry["pid"],
+        )
+        if pids == self._written_pids:
+            return
+        path = self._state_dir / PIDS_FILE
+        tmp = path.with_name(f".{PIDS_FILE}.{os.getpid()}.tmp")
+        record = {"node_pid": os.getpid(), "boot_id": _boot_id(), "children": pids}
+        try:
+            self._state_dir.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(record, indent=1))
+            os.replace(tmp, path)  # atomic: a reader sees the old or the new list, never half
+        except OSError as exc:
+            log.error("cannot record sentinel pids in %s: %s", path, exc)
+            return
+        self._written_pids = pids
+
+
+def _die_with_parent(prctl: Callable[..., int], parent_pid: int) -> Callable[[], None]:
+    """The preexec_fn: runs in the child between fork and exec, so it stays tiny."""
+
+    def preexec() -> None:
+        if prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        # The parent may have died before prctl: then no signal will ever come.
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return preexec
+
+
+def _has_exited(child: _Child) -> bool:
+    """True once the child has exited, without reaping it: while it is an unreaped zombie its
+    pid, and so its process group id, cannot be reused, so _reap can still signal the group."""
+    if child.popen.returncode is not None:
+        return True
+    try:
+        info = os.waitid(os.P_PID, child.popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return info is not None
+
+
+def _reap(child: _Child) -> int:
+    """SIGKILL whatever the sentinel left in its group, then collect its exit status."""
+    _signal_group(child, signal.SIGKILL)
+    return child.popen.wait()
+
+
+def _signal_group(child: _Child, sig: signal.Signals) -> None:
+    if child.popen.returncode is not None:
+        return  # reaped: the group id may belong to someone else now
+    try:
+        os.killpg(child.popen.pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError as exc:
+        log.error("cannot signal sentinel %s (pid %d): %s", child.name, child.popen.pid, exc)
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Start time of `pid` in clock ticks after boot (field 22 of /proc/<pid>/stat)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = stat.rsplit(")", 1)[-1].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
