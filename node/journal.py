@@ -1,0 +1,145 @@
+"""What the pair last agreed on, per (folder, relpath): the journal behind conflict detection.
+
+A node that rejoins compares each local file it is about to overwrite or delete with the token
+recorded here: equal means the peer already had this content (safe to replace); different means
+a local change that never reached the peer, which must be kept as a conflict copy first.
+
+File format (state_dir/agreed.jsonl): one orjson array per line, ``[folder, relpath, token]``,
+token null for "deleted". Later lines win. Appends are flushed, not fsynced: losing the tail in a
+crash only makes the journal older, which errs toward keeping more conflict copies, never fewer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+COMPACT_SLACK = 10_000
+
+
+class Agreed:
+    """Used by one thread."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self._tokens: dict[str, dict[str, str]] = {}
+        self._lines = 0
+        self._load()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "ab")  # held open for appends
+
+    def _load(self) -> None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        complete = data.rfind(b"\n") + 1
+        for line in data[:complete].split(b"\n")[:-1]:
+            if line:
+                self._apply_line(line)
+        if complete < len(data):
+            # A torn last line (a crash mid-append): cut it, so the next append starts clean.
+            log.warning("%s: ignoring a torn last line (%d bytes)", self.path, len(data) - complete)
+            with open(self.path, "r+b") as f:
+                f.truncate(complete)
+
+    def _apply_line(self, line: bytes) -> bool:
+        try:
+            folder, relpath, token = orjson.loads(line)
+            if not (isinstance(folder, str) and isinstance(relpath, str)
+                    and (token is None or isinstance(token, str))):
+                raise ValueError("bad field types")
+        except (orjson.JSONDecodeError, ValueError, TypeError):
+            log.warning("%s: skipping a bad line %r", self.path, line[:80])
+            return False
+        self._set(folder, relpath, token)
+        self._lines += 1
+        return True
+
+    def _set(self, folder: str, relpath: str, token: str | None) -> None:
+        if token is None:
+            tokens = self._tokens.get(folder)
+            if tokens is not None:
+                tokens.pop(relpath, None)
+        else:
+            self._tokens.setdefault(folder, {})[relpath] = token
+
+    def __len__(self) -> int:
+        return sum(len(t) for t in self._tokens.values())
+
+    def get(self, folder: str, relpath: str) -> str | None:
+        """The token last agreed for this path ("dir", "link:<target>" or the content hash), or
+        None if the pair never agreed on anything there."""
+        tokens = self._tokens.get(folder)
+        return None if tokens is None else tokens.get(relpath)
+
+    def update(self, items: Iterable[tuple[str, str, str | None]]) -> None:
+        """Record (folder, relpath, token or None for deleted); appends and flushes."""
+        lines = []
+        for folder, relpath, token in items:
+            self._set(folder, relpath, token)
+            lines.append(orjson.dumps([folder, relpath, token]))
+        if not lines:
+            return
+        lines.append(b"")
+        self._file.write(b"\n".join(lines))
+        self._file.flush()
+        self._lines += len(lines) - 1
+        if self._lines > 2 * len(self) + COMPACT_SLACK:
+            self.compact()
+
+    def compact(self) -> None:
+        """Rewrite the journal with live entries only (temp file + os.replace: never torn)."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        live = 0
+        with open(tmp, "wb") as f:
+            for folder, tokens in self._tokens.items():
+                chunk = [orjson.dumps([folder, rel, tok]) for rel, tok in tokens.items()]
+                if chunk:
+                    f.write(b"\n".join(chunk) + b"\n")
+                    live += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        self._file.close()
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+        self._file = open(self.path, "ab")
+        log.debug("%s: compacted %d lines to %d", self.path, self._lines, live)
+        self._lines = live
+
+    @staticmethod
+    def token(entry: dict[str, Any]) -> str | None:
+        """The agreed token of an Entry: "dir", "link:"+target, the hash; None when deleted."""
+        if entry.get("deleted"):
+            return None
+        kind = entry.get("kind")
+        if kind == "dir":
+            return "dir"
+        if kind == "link":
+            return "link:" + entry.get("target", "")
+        return entry.get("hash")
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> Agreed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
