@@ -1,0 +1,89 @@
+"""node.journal.Agreed: persistence, torn last line, compaction."""
+
+from __future__ import annotations
+
+import orjson
+
+from node.journal import COMPACT_SLACK, Agreed
+
+
+def _lines(path) -> list[bytes]:
+    return path.read_bytes().splitlines()
+
+
+def test_missing_file_is_empty(tmp_path):
+    with Agreed(tmp_path / "state" / "agreed.jsonl") as agreed:
+        assert agreed.get("f", "a.txt") is None
+        assert len(agreed) == 0
+
+
+def test_updates_persist_across_reopen(tmp_path):
+    path = tmp_path / "agreed.jsonl"
+    with Agreed(path) as agreed:
+        agreed.update([("f", "a.txt", "h1"), ("f", "d", "dir"), ("g", "a.txt", "link:x")])
+        agreed.update([("f", "a.txt", "h2"), ("g", "a.txt", None)])
+        assert agreed.get("f", "a.txt") == "h2"
+    with Agreed(path) as agreed:
+        assert agreed.get("f", "a.txt") == "h2"
+        assert agreed.get("f", "d") == "dir"
+        assert agreed.get("g", "a.txt") is None
+        assert agreed.get("nope", "a.txt") is None
+        assert len(agreed) == 2
+
+
+def test_updates_are_flushed_before_close(tmp_path):
+    path = tmp_path / "agreed.jsonl"
+    agreed = Agreed(path)
+    agreed.update([("f", "ü b/c.txt", "h")])
+    assert orjson.loads(_lines(path)[-1]) == ["f", "ü b/c.txt", "h"]
+    other = Agreed(path)  # what a restarted process would read
+    assert other.get("f", "ü b/c.txt") == "h"
+    other.close()
+    agreed.close()
+
+
+def test_torn_last_line_is_ignored_and_cut(tmp_path):
+    path = tmp_path / "agreed.jsonl"
+    with Agreed(path) as agreed:
+        agreed.update([("f", "a", "h1"), ("f", "b", "h2")])
+    with open(path, "ab") as f:
+        f.write(b'["f","a","h9')  # a crash in the middle of an append
+    with Agreed(path) as agreed:
+        assert agreed.get("f", "a") == "h1"
+        agreed.update([("f", "c", "h3")])
+    with Agreed(path) as agreed:
+        assert (agreed.get("f", "a"), agreed.get("f", "b"), agreed.get("f", "c")) == (
+            "h1", "h2", "h3")
+    assert all(orjson.loads(line) for line in _lines(path))
+
+
+def test_bad_line_in_the_middle_is_skipped(tmp_path):
+    path = tmp_path / "agreed.jsonl"
+    path.write_bytes(b'["f","a","h1"]\nnot json\n[1,2,3]\n["f","b","h2"]\n')
+    with Agreed(path) as agreed:
+        assert agreed.get("f", "a") == "h1"
+        assert agreed.get("f", "b") == "h2"
+
+
+def test_compaction_keeps_live_entries_only(tmp_path):
+    path = tmp_path / "agreed.jsonl"
+    with Agreed(path) as agreed:
+        agreed.update([("f", f"k{i}", "h") for i in range(10)])
+        for n in range(COMPACT_SLACK // 500 + 2):
+            agreed.update([("f", "hot", f"v{n}-{i}") for i in range(500)])
+        agreed.update([("f", "k0", None)])
+        assert len(_lines(path)) < COMPACT_SLACK  # rewritten at least once
+        last = agreed.get("f", "hot")
+    assert not (tmp_path / "agreed.jsonl.tmp").exists()
+    with Agreed(path) as agreed:
+        assert agreed.get("f", "hot") == last
+        assert agreed.get("f", "k0") is None
+        assert agreed.get("f", "k9") == "h"
+        assert len(agreed) == 10
+
+
+def test_token_of_entries():
+    assert Agreed.token({"path": "d", "kind": "dir"}) == "dir"
+    assert Agreed.token({"path": "l", "kind": "link", "target": "../x"}) == "link:../x"
+    assert Agreed.token({"path": "f", "kind": "file", "hash": "abc"}) == "abc"
+    assert Agreed.token({"path": "f", "kind": "file", "hash": "abc", "deleted": True}) is None
