@@ -1,0 +1,206 @@
+"""File content over request/reply on port+2: the server thread and the pipelined client.
+
+The server is a REP socket in a thread of its own: serving is nothing but disk reads, and a
+slow disk must not delay the node loop's heartbeats. The client is a DEALER talking to that
+REP (a DEALER may, with an empty delimiter frame), so several requests are in flight at once
+while staying plain request/reply; a lost reply is handled the Lazy Pirate way: after a
+timeout the socket is closed with LINGER 0, a fresh one is opened and the outstanding
+requests are sent again.
+
+GET  {"id", "items": [{"f": folder, "p": path, "o": offset, "n": bytes}]}
+DATA {"id", "items": [{"size": file size now (-1 on error), "err": reason}]} + one raw frame
+     per item with the bytes read (empty on error)
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import zmq
+
+from . import protocol
+from .fsops import PathError, check_relpath
+from .protocol import Bad
+from .security import Keys, client, serve
+
+log = logging.getLogger("sbs.blobs")
+
+
+def open_nofollow(root: str, relpath: str) -> int:
+    """Open a file for reading inside `root` without following any symlink on the way."""
+    parts = check_relpath(relpath)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in parts[:-1]:
+            nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+class BlobServer:
+    def __init__(self, ctx: zmq.Context, endpoint: str, keys: Keys | None):
+        self.ctx, self.endpoint, self.keys = ctx, endpoint, keys
+        self._folders: dict[str, str] = {}
+        self._thread: threading.Thread | None = None
+        self._control = f"inproc://blobs-stop-{id(self)}"
+
+    def set_folders(self, folders: dict[str, str]) -> None:
+        self._folders = dict(folders)  # one reference swap: the thread reads it lock-free
+
+    def start_and_wait(self) -> None:
+        rep = self.ctx.socket(zmq.REP)
+        rep.linger = 0
+        rep.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_BLOB_REQUEST_IN)
+        rep.sndhwm = 64
+        serve(rep, self.keys)
+        try:
+            rep.bind(self.endpoint)  # here, so a taken port is an error of the caller
+        except zmq.ZMQError:
+            rep.close()
+            raise
+        self._stop = self.ctx.socket(zmq.PAIR)
+        self._stop.bind(self._control)
+        self._thread = threading.Thread(target=self._run, args=(rep,), name="sbs-blobs",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.send(b"stop")
+        self._thread.join(5)
+        self._stop.close()
+        self._thread = None
+
+    def _run(self, rep: zmq.Socket) -> None:
+        control = self.ctx.socket(zmq.PAIR)
+        control.connect(self._control)
+        poller = zmq.Poller()
+        poller.register(rep, zmq.POLLIN)
+        poller.register(control, zmq.POLLIN)
+        try:
+            while True:
+                ready = dict(poller.poll())
+                if control in ready:
+                    return
+                if rep in ready:
+                    frames = rep.recv_multipart(copy=True)
+                    rep.send_multipart(self.answer(frames), copy=False)
+        finally:
+            rep.close()
+            control.close()
+
+    def answer(self, frames: list[bytes]) -> list[Any]:
+        msg = protocol.decode(frames, expect=("GET",))
+        if isinstance(msg, Bad):
+            log.warning("dropped a bad fetch request: %s", msg.reason)
+            return protocol.reply_error(msg.reason)
+        metas, blobs = [], []
+        folders = self._folders
+        for item in msg.body["items"]:
+            root = folders.get(item["f"])
+            if root is None:
+                metas.append({"size": -1, "err": f"unknown folder {item['f'][:64]!r}"})
+                blobs.append(b"")
+                continue
+            try:
+                fd = open_nofollow(root, item["p"])
+                try:
+                    size = os.fstat(fd).st_size
+                    data = os.pread(fd, item["n"], item["o"])
+                finally:
+                    os.close(fd)
+                metas.append({"size": size})
+                blobs.append(data)
+            except PathError as exc:
+                log.warning("refused fetch of %r in %s: %s", item["p"][:200], item["f"], exc)
+                metas.append({"size": -1, "err": f"refused: {exc}"})
+                blobs.append(b"")
+            except OSError as exc:
+                metas.append({"size": -1, "err": exc.strerror or str(exc)})
+                blobs.append(b"")
+        return protocol.encode("DATA", {"id": msg.body["id"], "items": metas}, *blobs)
+
+
+class FetchError(RuntimeError):
+    pass
+
+
+class Fetcher:
+    """Pipelined GETs over one DEALER; replies come back in request order (one connection)."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, keys: Keys | None, *, window: int = 8,
+                 timeout: float = 5.0, retries: int = 3):
+        self.ctx, self.endpoint, self.keys = ctx, endpoint, keys
+        self.window, self.timeout, self.retries = window, timeout, retries
+        self.sock: zmq.Socket | None = None
+        self.next_id = 1
+
+    def _open(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_BLOB_REPLY_IN)
+        sock.rcvhwm = sock.sndhwm = 0
+        client(sock, self.keys)
+        sock.connect(self.endpoint)
+        return sock
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+
+    def fetch(
+        self, batches: Iterable[list[dict[str, Any]]]
+    ) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]], list[bytes]]]:
+        """For each batch of items {f, p, o, n} yield (items, metas, blobs), in order."""
+        if self.sock is None:
+            self.sock = self._open()
+        source = iter(batches)
+        inflight: collections.deque[tuple[int, list[dict], list[bytes]]] = collections.deque()
+        exhausted = False
+        misses = 0
+        while True:
+            while not exhausted and len(inflight) < self.window:
+                try:
+                    items = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                rid = self.next_id
+                self.next_id += 1
+                frames = [b"", *protocol.encode("GET", {"id": rid, "items": items})]
+                self.sock.send_multipart(frames)
+                inflight.append((rid, items, frames))
+            if not inflight:
+                return
+            if not self.sock.poll(self.timeout * 1000):
+                misses += 1
+                if misses > self.retries:
+                    raise FetchError(f"no answer from {self.endpoint} after {misses} tries")
+                log.warning("fetch timed out; reconnecting and resending %d requests",
+                            len(inflight))
+                self.close()
+                self.sock = self._open()
+                for _, _, frames in inflight:
+                    self.sock.send_multipart(frames)
+                continue
+            reply = self.sock.recv_multipart()
+            msg = protocol.decode(reply[1:] if reply and reply[0] == b"" else reply,
+                                  expect=("DATA", "REPLY"))
+            if isinstance(msg, Bad) or msg.command == "REPLY":
+                reason = msg.reason if isinstance(msg, Bad) else msg.body.get("reason")
+                raise FetchError(f"bad answer from {self.endpoint}: {reason}")
+            rid, items, _ = inflight[0]
+            if msg.body["id"] != rid:
+                continue  # a late answer to a request resent after a timeout
+            inflight.popleft()
+            misses = 0
+            yield items, msg.body["items"], msg.blobs

@@ -1,0 +1,890 @@
+"""The node loop: one poller owns every ZeroMQ socket of the node.
+
+Sockets (all CURVE servers/clients when curve = true)
+    router  ROUTER bound on local:port        pings from the peer, snapshot/ack, tool commands
+    dealer  DEALER to peer:port               our pings, snapshot requests, acks, hand-over
+    pub     PUB bound on local:port+1         heartbeats, manifests, sentinel list, events
+    sub     SUB to peer:port+1                only while secondary: the primary's bus
+    port+2  REP, owned by the BlobServer thread (file content, pure disk reads)
+    inproc  PAIR pipes to the Scanner (primary) and Syncer (secondary) threads, a PULL for
+            replies computed by short-lived worker threads (verify), and the signal wake-up fd
+
+The loop turns what it sees into fsm events and performs the actions the table returns; the
+poll timeout is the nearest deadline (heartbeat, silence, probe, hand-over, sentinel restart).
+Disk work (scanning, hashing, writing) never runs here, so a slow disk cannot delay a heartbeat.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import zmq
+
+from . import persist, protocol
+from .blobs import BlobServer
+from .config import Config, FolderConfig
+from .fsm import PRIMARY_LIKE, PUBLIC, E, S, step
+from .journal import Agreed
+from .notify import Notifier
+from .peer import Peer
+from .protocol import Bad, Message
+from .scanner import Scanner, verify_tokens
+from .security import client, load_keys, serve, start_authenticator
+from .sentinels import Sentinels
+from .syncer import Syncer
+
+log = logging.getLogger("sbs.node")
+
+
+class NodeError(RuntimeError):
+    """A runtime failure that ends the node with exit 1 (e.g. the port is taken)."""
+
+
+class Node:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.state_dir = cfg.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.run_id = secrets.token_hex(8)
+        self.n = 0
+        saved = persist.load(self.state_dir / "node.json", {})
+        self.epoch = int(saved.get("epoch", 0))
+        self.max_seen_epoch = self.epoch
+        self.state = S.STARTING
+        self.state_at = time.monotonic()
+        self.started_at = self.state_at
+        self.restricted = False
+        self.peer = Peer(dead_after=cfg.dead_after)
+        self.split_reported: str | None = None
+        self.keys = load_keys(cfg)
+
+        # replication state
+        self.pair = persist.load(self.state_dir / "pair.json", {})  # last pushed folders/sentinels
+        self.folders: dict[str, FolderConfig] = self._pushed_folders()
+        self.seq = 0  # primary: last manifest seq published
+        self.index: dict[str, dict[str, dict]] = {}  # primary: mirror of the scanner's index
+        self.index_ready = False
+        self.unacked: collections.deque[tuple[int, dict]] = collections.deque()
+        self.sv = int(self.pair.get("sv", 0))  # sentinel list version
+        self.scanner: Scanner | None = None
+        self.syncer: Syncer | None = None
+        self.sub: zmq.Socket | None = None
+        self.follow: dict[str, Any] = {}  # secondary: snapshot/manifest tracking
+        self.applied = 0
+        self.synced = False
+        self.pending = (0, 0)
+        self.repl_error = ""
+        self.last_sync_wall: float | None = None
+        self.final_sync: dict[str, Any] | None = None
+        self.waiting_tools: list[tuple[bytes, str]] = []  # (identity, command) to answer later
+        self.agreed = Agreed(self.state_dir / "agreed.jsonl")
+
+        self.notifier = Notifier(cfg.email)
+        self.sentinels = Sentinels(self.state_dir, on_event=self._sentinel_event)
+        self._load_sentinels_for(own=True)
+        killed = self.sentinels.cleanup_leftovers()
+        if killed:
+            log.warning("killed %d leftover sentinel process(es) of a previous run: %s",
+                        len(killed), killed)
+
+        self.ctx = zmq.Context()
+        self.auth = start_authenticator(self.ctx, self.keys)
+        self._open_sockets()
+
+    # ------------------------------------------------------------------ sockets
+    def _socket(self, kind: int, *, maxmsg: int) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.linger = 0
+        sock.setsockopt(zmq.MAXMSGSIZE, maxmsg)
+        return sock
+
+    def _open_sockets(self) -> None:
+        cfg = self.cfg
+        self.router = self._socket(zmq.ROUTER, maxmsg=protocol.MAX_CONTROL_IN)
+        serve(self.router, self.keys)
+        self.pub = self._socket(zmq.PUB, maxmsg=protocol.MAX_CONTROL_IN)
+        self.pub.sndhwm = 100_000
+        serve(self.pub, self.keys)
+        try:  # the ROUTER first: a probing peer must find us before we probe it
+            self.router.bind(f"tcp://{cfg.local}:{cfg.control_port}")
+            self.pub.bind(f"tcp://{cfg.local}:{cfg.bus_port}")
+        except zmq.ZMQError as exc:
+            self.close()
+            raise NodeError(
+                f"cannot bind {cfg.local}:{cfg.control_port}..{cfg.bus_port}: {exc}"
+            ) from None
+        self.blobs = BlobServer(self.ctx, f"tcp://{cfg.local}:{cfg.blob_port}", self.keys)
+        try:
+            self.blobs.start_and_wait()
+        except zmq.ZMQError as exc:
+            self.close()
+            raise NodeError(f"cannot bind {cfg.local}:{cfg.blob_port}: {exc}") from None
+        self.dealer = self._socket(zmq.DEALER, maxmsg=protocol.MAX_REPLY_IN)
+        # IMMEDIATE: a ping to a peer that is not connected is dropped, not queued; a queued
+        # ping delivered seconds later would describe a state long gone.
+        self.dealer.setsockopt(zmq.IMMEDIATE, 1)
+        self.dealer.sndhwm = 1000
+        self.dealer.reconnect_ivl = 100
+        self.dealer.reconnect_ivl_max = 500
+        client(self.dealer, self.keys)
+        self.dealer.connect(f"tcp://{cfg.peer}:{cfg.control_port}")
+
+        self.results = self.ctx.socket(zmq.PULL)
+        self.results_addr = f"inproc://results-{self.run_id}"
+        self.results.bind(self.results_addr)
+        self.scanner_pipe = self.ctx.socket(zmq.PAIR)
+        self.scanner_pipe.bind(f"inproc://scanner-{self.run_id}")
+        self.syncer_pipe = self.ctx.socket(zmq.PAIR)
+        self.syncer_pipe.bind(f"inproc://syncer-{self.run_id}")
+
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.poller = zmq.Poller()
+        for sock in (self.router, self.dealer, self.results, self.scanner_pipe, self.syncer_pipe):
+            self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> int:
+        self.stop_requested = 0
+        old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        old_fd = signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
+        log.info("node %s starting: epoch %d, role %s, probing %s:%d", self.cfg.name,
+                 self.epoch, self.cfg.role, self.cfg.peer, self.cfg.control_port)
+        self.next_ping = 0.0
+        self.probe_deadline = time.monotonic() + self.cfg.dead_after
+        try:
+            while self.state != S.STOPPED:
+                self._loop_once()
+        finally:
+            signal.set_wakeup_fd(old_fd)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            self.close()
+        return 0
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stop_requested += 1
+
+    def _loop_once(self) -> None:
+        now = time.monotonic()
+        timeout = max(0.0, self._next_deadline(now) - now)
+        ready = dict(self.poller.poll(timeout * 1000))
+        if self.wake_r.fileno() in ready:
+            try:
+                while self.wake_r.recv(512):
+                    pass
+            except BlockingIOError:
+                pass
+        if self.stop_requested:
+            self.stop_requested -= 1
+            log.info("stop requested (signal) in state %s", self.state)
+            self.feed(E.STOP)
+        for sock, handler in (
+            (self.router, self._on_router),
+            (self.dealer, self._on_dealer),
+            (self.sub, self._on_bus),
+            (self.results, self._on_result),
+            (self.scanner_pipe, self._on_scanner),
+            (self.syncer_pipe, self._on_syncer),
+        ):
+            if sock is not None and sock in ready:
+                # drain what is there now, bounded so one busy socket cannot starve the others
+                for _ in range(1000):
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    handler(frames)
+                    if self.state == S.STOPPED:
+                        return
+        self._tick(time.monotonic())
+
+    def _next_deadline(self, now: float) -> float:
+        deadlines = [self.next_ping, now + 0.5]
+        if self.state == S.STARTING:
+            deadlines.append(self.probe_deadline)
+        if self.peer.alive:
+            deadlines.append(self.peer.heard_at + self.cfg.dead_after + 0.001)
+        if (w := self.sentinels.next_wakeup()) is not None:
+            deadlines.append(w)
+        if self.final_sync is not None:
+            deadlines.append(self.final_sync["deadline"])
+        if self.follow.get("snapshot_deadline"):
+            deadlines.append(self.follow["snapshot_deadline"])
+        return min(deadlines)
+
+    def _tick(self, now: float) -> None:
+        if self.state == S.STARTING and now >= self.probe_deadline:
+            log.info("no answer from peer %s within %.1fs", self.cfg.peer, self.cfg.dead_after)
+            self.feed(E.PROBE_TIMEOUT)
+        if self.peer.silent(now):
+            self.peer.alive = False
+            log.warning("peer %s silent for %.2fs (last state %s)", self.peer.name or self.cfg.peer,
+                        now - self.peer.heard_at, self.peer.state)
+            self.feed(E.PEER_SILENT)
+        if now >= self.next_ping:
+            self._send_ping()
+            self.next_ping = now + self.cfg.heartbeat
+        if self.state in PRIMARY_LIKE and not self.restricted:
+            self.sentinels.poll()
+        self._check_final_sync(now)
+        if self.follow.get("snapshot_deadline") and now >= self.follow["snapshot_deadline"]:
+            log.info("snapshot not answered yet; asking again")
+            self._request_snapshot()
+
+    # ------------------------------------------------------------------ fsm glue
+    def feed(self, event: E, *, context: tuple[bytes, str] | None = None) -> None:
+        nxt, actions = step(self.state, event)
+        if nxt != self.state or actions:
+            log.info("%s + %s -> %s %s", self.state, event, nxt, [a.value for a in actions])
+        prev = self.state
+        if nxt != self.state:
+            self.state = nxt
+            self.state_at = time.monotonic()
+        for action in actions:
+            getattr(self, f"_do_{action.value}")(prev=prev, event=event, context=context)
+        if nxt != prev:
+            self.publish_event("role", state=PUBLIC[nxt], internal=nxt.value, was=prev.value,
+                               why=event.value, epoch=self.epoch)
+            self._send_ping()  # tell the peer at once, not at the next heartbeat
+
+    def me(self) -> dict[str, Any]:
+        return {"name": self.cfg.name, "epoch": self.epoch, "role": self.cfg.role}
+
+    def _become_primary(self, *, restricted: bool, why: str) -> None:
+        self.epoch = max(self.epoch, self.max_seen_epoch) + 1
+        persist.save(self.state_dir / "node.json", {"epoch": self.epoch, "last_role": "primary"})
+        self.restricted = restricted
+        self._stop_following()
+        self._start_scanner()
+        if restricted:
+            log.warning("role = backup and started without a peer: restricted, no sentinels")
+        else:
+            self.sentinels.run()
+        log.info("PRIMARY now (epoch %d, %s)%s", self.epoch, why,
+                 " [restricted]" if restricted else "")
+
+    def _do_start_primary(self, **_: Any) -> None:
+        self._load_sentinels_for(own=True)
+        self.folders = {f.name: f for f in self.cfg.folders} or self._pushed_folders()
+        self._become_primary(restricted=self.cfg.role == "backup", why="started without a peer")
+
+    def _do_take_over(self, prev: S, event: E, **_: Any) -> None:
+        old = self.peer.name or self.cfg.peer
+        self._load_sentinels_for(own=False)
+        self.folders = self._pushed_folders() or {f.name: f for f in self.cfg.folders}
+        why = {
+            E.PEER_SILENT: f"no heartbeat from {old} for {self.cfg.dead_after}s",
+            E.PEER_HANDOVER: f"{old} handed over",
+            E.PROMOTE_FORCE: "operator forced promotion",
+            E.DUAL_SECONDARY_WE_WIN: "two secondaries; the rule picked this node",
+        }.get(event, event.value)
+        self._become_primary(restricted=False, why=why)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        self.notifier.send(
+            f"SBS failover: {self.cfg.name} is now primary",
+            f"Node {self.cfg.name} took over from {old} at {stamp}.\n"
+            f"Old primary: {old}\nNew primary: {self.cfg.name}\nEpoch: {self.epoch}\n"
+            f"Why: {why}\nSentinels started: {', '.join(self.sentinels.active) or 'none'}\n",
+        )
+        self.publish_event("takeover", old_primary=old, new_primary=self.cfg.name,
+                           epoch=self.epoch, why=why)
+
+    def _do_follow(self, **_: Any) -> None:
+        self._stop_scanner()
+        self.restricted = False
+        persist.save(self.state_dir / "node.json", {"epoch": self.epoch, "last_role": "secondary"})
+        self._start_following()
+
+    def _do_stop_sentinels(self, **_: Any) -> None:
+        self.sentinels.stop_all()
+
+    def _do_split_brain_lost(self, **_: Any) -> None:
+        log.error("SPLIT BRAIN: peer %s is primary too and wins by the rule (epoch %d vs %d);"
+                  " yielding: files changed here are kept under %s/conflicts/",
+                  self.peer.name, self.peer.epoch, self.epoch, self.state_dir)
+        self.publish_event("split_brain", winner=self.peer.name, loser=self.cfg.name,
+                           winner_epoch=self.peer.epoch, loser_epoch=self.epoch)
+
+    def _do_split_brain_won(self, **_: Any) -> None:
+        key = f"{self.peer.run}:{self.peer.epoch}"
+        if self.split_reported == key:
+            return
+        self.split_reported = key
+        log.error("SPLIT BRAIN: peer %s is primary too; this node wins by the rule"
+                  " (epoch %d vs %d); the peer yields", self.peer.name, self.epoch, self.peer.epoch)
+        self.publish_event("split_brain", winner=self.cfg.name, loser=self.peer.name,
+                           winner_epoch=self.epoch, loser_epoch=self.peer.epoch)
+        self.notifier.send(
+            f"SBS split brain resolved: {self.cfg.name} stays primary",
+            f"Both {self.cfg.name} (epoch {self.epoch}) and {self.peer.name} (epoch "
+            f"{self.peer.epoch}) were primary. By the rule {self.cfg.name} stays primary; "
+            f"{self.peer.name} stops its sentinels, becomes secondary and keeps the files it "
+            f"changed meanwhile under its state_dir/conflicts/.\n",
+        )
+
+    def _do_final_sync(self, event: E, **_: Any) -> None:
+        self.final_sync = {
+            "deadline": time.monotonic() + self.cfg.handover_timeout,
+            "target": None,
+            "token": secrets.token_hex(4),
+            "why": event.value,
+        }
+        if self.scanner is not None:
+            # everything closed before now must be in a manifest: flush the watcher + rescan
+            self.scanner.flush(self.final_sync["token"])
+        else:
+            self.final_sync["target"] = self.seq
+        log.info("final sync: flushing changes, then waiting (<= %.0fs) for %s to apply them",
+                 self.cfg.handover_timeout, self.peer.name or self.cfg.peer)
+
+    def _check_final_sync(self, now: float) -> None:
+        fs = self.final_sync
+        if fs is None:
+            return
+        if not self.peer.alive or self.peer.state != "secondary":
+            done = fs["target"] is not None or now >= fs["deadline"]
+            why = "no secondary to wait for"
+        elif fs["target"] is None:
+            done, why = now >= fs["deadline"], "flush timed out"
+        else:
+            done = self.peer.applied >= fs["target"] and self.peer.synced
+            why = f"peer applied manifest {self.peer.applied}"
+            if not done and now >= fs["deadline"]:
+                done, why = True, f"timed out at {self.peer.applied}/{fs['target']}"
+                log.error("final sync incomplete: %s", why)
+        if done:
+            log.info("final sync done: %s", why)
+            self.final_sync = None
+            self.feed(E.SYNC_DONE)
+
+    def _do_abort_handover(self, **_: Any) -> None:
+        self.final_sync = None
+        log.warning("hand-over aborted: the peer went silent; staying primary")
+
+    def _do_send_handover(self, **_: Any) -> None:
+        self._send_peer("HANDOVER", {"name": self.cfg.name, "run": self.run_id,
+                                     "epoch": self.epoch, "seq": self.seq})
+        log.info("handed over to %s", self.peer.name or self.cfg.peer)
+
+    def _do_ask_handover(self, **_: Any) -> None:
+        self._send_peer("ASK_HANDOVER", {"name": self.cfg.name, "run": self.run_id})
+        log.info("asked primary %s to hand over", self.peer.name)
+
+    def _do_refuse(self, context: tuple[bytes, str] | None, **_: Any) -> None:
+        if context is not None:
+            ident, command = context
+            self._reply(ident, protocol.reply_error(f"cannot {command} while {self.state.value}"))
+
+    def _do_peer_lost(self, **_: Any) -> None:
+        self.publish_event("peer_lost", peer=self.peer.name)
+
+    def _do_exit(self, **_: Any) -> None:
+        log.info("node %s stopped", self.cfg.name)
+
+    # ------------------------------------------------------------------ peer messages
+    def _send_ping(self) -> None:
+        self._send_peer("PING", self._peer_state())
+        self.pub.send_multipart(protocol.encode_bus("HB", {
+            "name": self.cfg.name, "run": self.run_id, "epoch": self.epoch,
+            "state": PUBLIC[self.state], "seq": self.seq, "sv": self.sv,
+        }))
+
+    def _peer_state(self) -> dict[str, Any]:
+        self.n += 1
+        return {
+            "name": self.cfg.name, "run": self.run_id, "n": self.n, "state": PUBLIC[self.state],
+            "epoch": self.epoch, "role": self.cfg.role, "restricted": self.restricted,
+            "since": round(time.monotonic() - self.state_at, 3), "seq": self.seq,
+            "applied": self.applied, "synced": self.synced,
+            "pending_files": self.pending[0], "pending_bytes": self.pending[1],
+            "error": self.repl_error[:1000],
+        }
+
+    def _send_peer(self, command: str, body: dict[str, Any]) -> None:
+        try:
+            self.dealer.send_multipart(protocol.encode(command, body), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # not connected: the peer is down or unreachable; silence speaks for itself
+
+    def _reply(self, ident: bytes, frames: list[bytes]) -> None:
+        try:
+            self.router.send_multipart([ident, *frames], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("reply dropped: %s", exc)
+
+    def _on_peer_state(self, msg: Message) -> None:
+        body = msg.body
+        if body["name"] == self.cfg.name and body["run"] != self.run_id:
+            log.error("peer calls itself %r like this node: names must differ", body["name"])
+            return
+        if body["run"] == self.run_id:
+            log.error("received our own ping: peer address %s points at this node", self.cfg.peer)
+            return
+        now = time.monotonic()
+        restarted = body["run"] != self.peer.run
+        if not self.peer.update(body, now):
+            return
+        if restarted:
+            log.info("peer %s (run %s) is %s, epoch %d", body["name"], body["run"],
+                     body["state"], body["epoch"])
+            if self.state == S.SECONDARY and body["state"] == "primary":
+                self._request_snapshot()
+        self.max_seen_epoch = max(self.max_seen_epoch, body["epoch"])
+        event = self.peer.event(self.me(), self.state, now - self.state_at)
+        if event is not None:
+            self.feed(event)
+
+    def _on_router(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            log.warning("dropped a control message without identity")
+            return
+        ident, rest = frames[0], frames[1:]
+        msg = protocol.decode(rest)
+        if isinstance(msg, Bad):
+            log.warning("dropped a bad control message: %s", msg.reason)
+            return
+        c = msg.command
+        if c == "PING":
+            self._on_peer_state(msg)
+            self._reply(ident, protocol.encode("PONG", self._peer_state()))
+        elif c == "HANDOVER":
+            if self._from_peer(msg):
+                self.feed(E.PEER_HANDOVER)
+        elif c == "ASK_HANDOVER":
+            if self._from_peer(msg):
+                self.feed(E.PEER_ASKS_HANDOVER)
+        elif c == "SNAPSHOT":
+            self._on_snapshot_request(ident)
+        elif c == "ACK":
+            self._on_ack(msg.body)
+        elif c == "STATUS":
+            self._reply(ident, protocol.reply_ok(**self.status()))
+        elif c == "PROMOTE":
+            self._on_promote(ident, msg.body["force"])
+        elif c == "SENTINEL":
+            self._on_sentinel_command(ident, msg.body)
+        elif c == "VERIFY":
+            self._on_verify(ident)
+        elif c == "CONFIRM":
+            if self.syncer is None:
+                self._reply(ident, protocol.reply_error("only a secondary deletes in strict mode"))
+            else:
+                self.syncer.confirm_deletions(msg.body.get("folder"))
+                self._reply(ident, protocol.reply_ok())
+        else:
+            log.warning("dropped control message %s: not accepted on this port", c)
+
+    def _from_peer(self, msg: Message) -> bool:
+        if msg.body["run"] != self.peer.run:
+            log.warning("ignored %s from run %s: the peer is run %s", msg.command,
+                        msg.body["run"], self.peer.run or "unknown")
+            return False
+        return True
+
+    def _on_dealer(self, frames: list[bytes]) -> None:
+        msg = protocol.decode(frames, expect=("PONG", "SNAPSHOT_REP", "REPLY"))
+        if isinstance(msg, Bad):
+            log.warning("dropped a bad message from the peer: %s", msg.reason)
+            return
+        if msg.command == "PONG":
+            self._on_peer_state(msg)
+        elif msg.command == "SNAPSHOT_REP":
+            self._on_snapshot(msg)
+        elif msg.command == "REPLY" and msg.body["status"] == "error":
+            log.warning("peer answered: %s", msg.body.get("reason"))
+            if self.follow.get("snapshot_deadline"):
+                self.follow["snapshot_deadline"] = time.monotonic() + 0.2  # not ready: retry
+
+    # ------------------------------------------------------------------ operator commands
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        peer = self.peer
+        return {
+            "name": self.cfg.name,
+            "state": PUBLIC[self.state],
+            "internal_state": self.state.value,
+            "epoch": self.epoch,
+            "role": self.cfg.role,
+            "restricted": self.restricted,
+            "pid": os.getpid(),
+            "uptime": round(now - self.started_at, 3),
+            "in_state_for": round(now - self.state_at, 3),
+            "peer": {
+                "name": peer.name or self.cfg.peer, "address": self.cfg.peer,
+                "state": peer.state if peer.alive else "unreachable", "epoch": peer.epoch,
+                "last_heard": None if peer.heard_at < 0 else round(now - peer.heard_at, 3),
+                "applied": peer.applied, "synced": peer.synced,
+            },
+            "peer_state": peer.state if peer.alive else "unreachable",
+            "replication": self._replication_status(now),
+            "sentinels": self.sentinels.status(),
+            "active_sentinels": self.sentinels.active,
+            "email": self.notifier.status(),
+        }
+
+    def _replication_status(self, now: float) -> dict[str, Any]:
+        if self.state in PRIMARY_LIKE:
+            peer_ok = self.peer.alive and self.peer.state == "secondary"
+            return {
+                "direction": "outgoing", "seq": self.seq, "ready": self.index_ready,
+                "folders": {n: len(ix) for n, ix in self.index.items()},
+                "peer_applied": self.peer.applied if peer_ok else None,
+                "lag_manifests": (self.seq - self.peer.applied) if peer_ok else None,
+                "pending_files": self.peer.pending_files if peer_ok else None,
+                "pending_bytes": self.peer.pending_bytes if peer_ok else None,
+                "peer_error": self.peer.error if peer_ok else "",
+            }
+        oldest = self.follow.get("oldest_unapplied")
+        return {
+            "direction": "incoming", "applied": self.applied, "primary_seq": self.peer.seq,
+            "synced": self.synced,
+            "lag_seconds": round(now - oldest, 3) if oldest else 0.0,
+            "pending_files": self.pending[0], "pending_bytes": self.pending[1],
+            "last_sync": self.last_sync_wall, "error": self.repl_error,
+        }
+
+    def _on_promote(self, ident: bytes, force: bool) -> None:
+        if self.state == S.SECONDARY and not self.peer.alive:
+            if not force:
+                self._reply(ident, protocol.reply_error(
+                    "peer unreachable: cannot hand over gracefully; use --force"))
+                return
+            self.feed(E.PROMOTE_FORCE, context=(ident, "promote"))
+        elif self.state == S.PRIMARY and not (self.peer.alive and self.peer.state == "secondary"):
+            self._reply(ident, protocol.reply_error("no live secondary to hand over to"))
+            return
+        else:
+            self.feed(E.PROMOTE, context=(ident, "promote"))
+        if self.state not in (S.STOPPED,):
+            self._reply(ident, protocol.reply_ok(state=PUBLIC[self.state]))
+
+    def _on_sentinel_command(self, ident: bytes, body: dict[str, Any]) -> None:
+        action, name = body["action"], body.get("name", "")
+        if action != "list":
+            if self.state not in PRIMARY_LIKE:
+                self._reply(ident, protocol.reply_error(
+                    f"sentinels are managed on the primary ({self.peer.name or self.cfg.peer})"))
+                return
+            try:  # restricted: start() only activates, since the sentinels are not running
+                getattr(self.sentinels, action)(name)
+            except (KeyError, ValueError) as exc:
+                self._reply(ident, protocol.reply_error(str(exc)))
+                return
+            self._sentinels_changed()
+        self._reply(ident, protocol.reply_ok(sentinels=self.sentinels.status(),
+                                             active=self.sentinels.active,
+                                             restricted=self.restricted))
+
+    def _on_verify(self, ident: bytes) -> None:
+        folders = dict(self.folders)
+
+        def work() -> None:
+            push = self.ctx.socket(zmq.PUSH)
+            push.linger = 1000
+            push.connect(self.results_addr)
+            try:
+                tokens = verify_tokens(folders)
+                push.send_multipart([ident, *protocol.reply_ok(folders=tokens)])
+            except Exception as exc:
+                push.send_multipart([ident, *protocol.reply_error(f"verify failed: {exc}")])
+            finally:
+                push.close()
+
+        threading.Thread(target=work, name="sbs-verify", daemon=True).start()
+
+    def _on_result(self, frames: list[bytes]) -> None:
+        self._reply(frames[0], frames[1:])
+
+    # ------------------------------------------------------------------ sentinels
+    def _sentinel_event(self, event: dict[str, Any]) -> None:
+        self.publish_event("sentinel", **event)
+
+    def _load_sentinels_for(self, *, own: bool) -> None:
+        """Own config's [sentinels] when starting as primary; the pushed copy on takeover."""
+        pushed = self.pair.get("sentinels")
+        if own or pushed is None:
+            defs = dict(self.cfg.sentinels)
+            if not defs and pushed:
+                defs = dict(pushed)
+        else:
+            defs = dict(pushed)
+        active = self.pair.get("active")
+        self.sentinels.configure(defs)
+        self.sentinels.set_active([n for n in active if n in defs] if active is not None
+                                  else list(defs))
+
+    def _sentinels_changed(self) -> None:
+        self.sv += 1
+        self.pair.update(sentinels=self._sentinel_defs(), active=self.sentinels.active, sv=self.sv)
+        persist.save(self.state_dir / "pair.json", self.pair)
+        self.pub.send_multipart(protocol.encode_bus("SENTINELS", {
+            "name": self.cfg.name, "sv": self.sv, "sentinels": self._sentinel_defs(),
+            "active": self.sentinels.active,
+        }))
+
+    def _sentinel_defs(self) -> dict[str, str]:
+        return {s["name"]: s["command"] for s in self.sentinels.status()}
+
+    # ------------------------------------------------------------------ replication: primary
+    def _pushed_folders(self) -> dict[str, FolderConfig]:
+        """The folder list the primary pushed, with this node's own path for a name it knows
+        and the primary's path otherwise (the manual's same-paths-on-both-servers case)."""
+        own = {f.name: f for f in self.cfg.folders}
+        paths = self.pair.get("paths", {})
+        table = {}
+        for name, filters in self.pair.get("folders", {}).items():
+            path = own[name].path if name in own else Path(paths.get(name, ""))
+            table[name] = FolderConfig(name=name, path=path, filters=tuple(filters))
+        return table
+
+    def _start_scanner(self) -> None:
+        folders = self.folders
+        self.blobs.set_folders({n: str(f.path) for n, f in folders.items()})
+        self.index = {n: {} for n in folders}
+        self.index_ready = False
+        self.pair.update(folders={n: list(f.filters) for n, f in folders.items()},
+                         paths={n: str(f.path) for n, f in folders.items()})
+        self.pair.update(sentinels=self._sentinel_defs(), active=self.sentinels.active, sv=self.sv)
+        persist.save(self.state_dir / "pair.json", self.pair)
+        self.scanner = Scanner(self.ctx, f"inproc://scanner-{self.run_id}", folders,
+                               period=self.cfg.period)
+        self.scanner.start()
+
+    def _stop_scanner(self) -> None:
+        if self.scanner is not None:
+            self.scanner.stop()
+            self.scanner = None
+        self.index_ready = False
+
+    def _on_scanner(self, frames: list[bytes]) -> None:
+        kind = frames[0]
+        if kind == b"delta":
+            delta = orjson.loads(frames[1])
+            full = frames[2] == b"full" if len(frames) > 2 else False
+            self._publish_delta(delta)
+            if full and not self.index_ready:
+                self.index_ready = True
+                log.info("first scan done: %s", {n: len(ix) for n, ix in self.index.items()})
+        elif kind == b"flushed":
+            fs = self.final_sync
+            if fs is not None and fs["token"] == frames[1].decode():
+                fs["target"] = self.seq
+                log.info("final sync: everything is in manifest %d", self.seq)
+        elif kind == b"error":
+            log.error("scanner: %s", frames[1].decode(errors="replace"))
+            self.publish_event("error", where="scanner", error=frames[1].decode(errors="replace"))
+
+    def _publish_delta(self, delta: dict[str, list[dict]]) -> None:
+        items = [(f, e) for f, entries in delta.items() for e in entries]
+        for start in range(0, len(items), protocol.MANIFEST_PART):
+            part: dict[str, list[dict]] = {}
+            for folder, entry in items[start:start + protocol.MANIFEST_PART]:
+                part.setdefault(folder, []).append(entry)
+                index = self.index.setdefault(folder, {})
+                if entry.get("deleted"):
+                    index.pop(entry["path"], None)
+                else:
+                    index[entry["path"]] = entry
+            self.seq += 1
+            self.unacked.append((self.seq, part))
+            while len(self.unacked) > 10_000:
+                self.unacked.popleft()
+            self.pub.send_multipart(protocol.encode_bus("MANIFEST", {
+                "name": self.cfg.name, "run": self.run_id, "epoch": self.epoch, "seq": self.seq,
+                "part": 0, "parts": 1, "entries": part,
+            }))
+            log.debug("manifest %d: %d entries", self.seq, sum(len(v) for v in part.values()))
+
+    def _on_snapshot_request(self, ident: bytes) -> None:
+        if self.state not in PRIMARY_LIKE or not self.index_ready:
+            self._reply(ident, protocol.reply_error(
+                "not ready for a snapshot" if self.state in PRIMARY_LIKE else "not primary"))
+            return
+        folders = self.folders
+        body = {
+            "name": self.cfg.name, "run": self.run_id, "epoch": self.epoch, "seq": self.seq,
+            "folders": {n: list(f.filters) for n, f in folders.items()},
+            "paths": {n: str(f.path) for n, f in folders.items()},
+            "sentinels": self._sentinel_defs(), "active": self.sentinels.active, "sv": self.sv,
+            "index": {n: list(ix.values()) for n, ix in self.index.items()},
+        }
+        self._reply(ident, protocol.encode("SNAPSHOT_REP", body))
+        log.info("sent snapshot at manifest %d (%d entries)", self.seq,
+                 sum(len(ix) for ix in self.index.values()))
+
+    def _on_ack(self, body: dict[str, Any]) -> None:
+        """The secondary applied everything up to `applied`: that much is now agreed."""
+        applied = body["applied"]
+        updates = []
+        if body["snapshot"]:
+            later = {(f, e["path"]) for s, part in self.unacked if s > applied
+                     for f, es in part.items() for e in es}
+            for folder, ix in self.index.items():
+                for path, entry in ix.items():
+                    if (folder, path) not in later:
+                        token = Agreed.token(entry)
+                        if self.agreed.get(folder, path) != token:
+                            updates.append((folder, path, token))
+        while self.unacked and self.unacked[0][0] <= applied:
+            _, part = self.unacked.popleft()
+            for folder, entries in part.items():
+                updates.extend((folder, e["path"], Agreed.token(e)) for e in entries)
+        if updates:
+            self.agreed.update(updates)
+        self.peer.applied = max(self.peer.applied, applied)
+
+    # ------------------------------------------------------------------ replication: secondary
+    def _start_following(self) -> None:
+        self.sub = self._socket(zmq.SUB, maxmsg=protocol.MAX_BUS_IN)
+        self.sub.rcvhwm = 100_000
+        client(self.sub, self.keys)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.connect(f"tcp://{self.cfg.peer}:{self.cfg.bus_port}")
+        self.poller.register(self.sub, zmq.POLLIN)
+        self.syncer = Syncer(self.ctx, f"inproc://syncer-{self.run_id}", self.cfg, self.keys,
+                             self.agreed)
+        self.syncer.start()
+        self.applied, self.synced = 0, False
+        self.follow = {"buffer": [], "seen": None, "run": None}
+        self._request_snapshot()
+
+    def _stop_following(self) -> None:
+        if self.syncer is not None:
+            self.syncer.stop()
+            self.syncer = None
+        if self.sub is not None:
+            self.poller.unregister(self.sub)
+            self.sub.close()
+            self.sub = None
+        self.follow = {}
+        self.synced = False
+        self.pending = (0, 0)
+
+    def _request_snapshot(self) -> None:
+        if self.syncer is None:
+            return
+        self.follow.update(snapshot_deadline=time.monotonic() + 10.0, buffer=[], seen=None)
+        self._send_peer("SNAPSHOT", {"name": self.cfg.name})
+
+    def _on_snapshot(self, msg: Message) -> None:
+        if self.syncer is None or not self.follow.get("snapshot_deadline"):
+            return
+        body = msg.body
+        self.follow.update(snapshot_deadline=None, seen=body["seq"], run=body["run"])
+        self.pair.update(folders=body["folders"], paths=body["paths"],
+                         sentinels=body["sentinels"], active=body["active"], sv=body["sv"])
+        self.sv = body["sv"]
+        persist.save(self.state_dir / "pair.json", self.pair)
+        self._load_sentinels_for(own=False)
+        self.folders = folders = self._pushed_folders()
+        self.blobs.set_folders({n: str(f.path) for n, f in folders.items()})
+        self.follow["oldest_unapplied"] = self.follow.get("oldest_unapplied") or time.monotonic()
+        self.syncer.submit_snapshot(body["seq"], folders, body["index"])
+        log.info("snapshot from %s at manifest %d: %d folders, %d entries", body["name"],
+                 body["seq"], len(body["folders"]), sum(len(v) for v in body["index"].values()))
+        for seq, entries in self.follow.pop("buffer", []):
+            if seq > body["seq"]:
+                self._accept_manifest(seq, entries)
+        self.follow["buffer"] = []
+
+    def _on_bus(self, frames: list[bytes]) -> None:
+        msg = protocol.decode_bus(frames)
+        if isinstance(msg, Bad):
+            log.warning("dropped a bad bus message: %s", msg.reason)
+            return
+        body = msg.body
+        if self.syncer is None:
+            return
+        waiting = bool(self.follow.get("snapshot_deadline"))
+        if msg.command == "MANIFEST":
+            if waiting:
+                self.follow["buffer"].append((body["seq"], body["entries"]))
+            elif body["run"] != self.follow.get("run"):
+                self._request_snapshot()
+            else:
+                self._accept_manifest(body["seq"], body["entries"])
+        elif msg.command == "HB":
+            if waiting or body["state"] != "primary":
+                return
+            if body["run"] != self.follow.get("run"):
+                log.info("primary run changed: new snapshot")
+                self._request_snapshot()
+            elif body["seq"] > (self.follow.get("seen") or 0):
+                log.warning("missed manifests %d..%d: new snapshot",
+                            (self.follow.get("seen") or 0) + 1, body["seq"])
+                self._request_snapshot()
+            elif body["sv"] != self.sv:
+                self._request_snapshot()
+        elif msg.command == "SENTINELS":
+            self.sv = body["sv"]
+            self.pair.update(sentinels=body["sentinels"], active=body["active"], sv=body["sv"])
+            persist.save(self.state_dir / "pair.json", self.pair)
+            self._load_sentinels_for(own=False)
+            log.info("sentinel list from primary: active %s", body["active"])
+
+    def _accept_manifest(self, seq: int, entries: dict[str, list[dict]]) -> None:
+        seen = self.follow.get("seen") or 0
+        if seq <= seen:
+            return
+        if seq != seen + 1:
+            log.warning("manifest gap: expected %d, got %d: new snapshot", seen + 1, seq)
+            self._request_snapshot()
+            return
+        self.follow["seen"] = seq
+        self.follow["oldest_unapplied"] = self.follow.get("oldest_unapplied") or time.monotonic()
+        self.syncer.submit_manifest(seq, entries)
+
+    def _on_syncer(self, frames: list[bytes]) -> None:
+        kind, body = frames[0], orjson.loads(frames[1])
+        if kind == b"applied":
+            self.applied = body["applied"]
+            self.pending = (body["pending_files"], body["pending_bytes"])
+            self.repl_error = body.get("error", "")
+            caught_up = self.applied >= (self.follow.get("seen") or 0) and not self.pending[0]
+            self.synced = caught_up and not self.repl_error
+            if caught_up:
+                self.follow["oldest_unapplied"] = None
+                self.last_sync_wall = time.time()
+            self._send_peer("ACK", {"name": self.cfg.name, "run": self.run_id,
+                                    "applied": self.applied, "snapshot": body["snapshot"]})
+            self._send_ping()
+            if self.repl_error:
+                self.publish_event("error", where="sync", error=self.repl_error)
+        elif kind == b"event":
+            self.publish_event(body.pop("event"), **body)
+
+    # ------------------------------------------------------------------ bus
+    def publish_event(self, event: str, **fields: Any) -> None:
+        self.pub.send_multipart(protocol.encode_bus(
+            "EVENT", {"name": self.cfg.name, "event": event, "at": time.time(), **fields}))
+
+    # ------------------------------------------------------------------ shutdown
+    def close(self) -> None:
+        self._stop_following()
+        self._stop_scanner()
+        if getattr(self, "blobs", None) is not None:
+            self.blobs.stop()
+        self.sentinels.stop_all()
+        self.notifier.close(timeout=2.0)
+        self.agreed.close()
+        if getattr(self, "dealer", None) is not None:
+            self.dealer.close(linger=500)  # let a last HANDOVER leave
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+        self.ctx.destroy(linger=0)
+        for s in (getattr(self, "wake_r", None), getattr(self, "wake_w", None)):
+            if s is not None:
+                s.close()

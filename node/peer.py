@@ -1,0 +1,62 @@
+"""What a node knows of its peer, and the events that knowledge turns into."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .fsm import E, S
+from .protocol import wins
+
+
+@dataclass
+class Peer:
+    dead_after: float
+    name: str = ""
+    run: str = ""
+    n: int = -1
+    state: str = "stopped"
+    epoch: int = 0
+    role: str = "main"
+    restricted: bool = False
+    since: float = 0.0  # seconds the peer says it has been in `state`, as of `heard_at`
+    seq: int = 0
+    applied: int = 0
+    synced: bool = False
+    pending_files: int = 0
+    pending_bytes: int = 0
+    error: str = ""
+    heard_at: float = -1e9  # monotonic
+    alive: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def update(self, body: dict[str, Any], now: float) -> bool:
+        """Take a PING/PONG body. False when it is stale (an older message of the same run)."""
+        if body["run"] == self.run and body["n"] <= self.n:
+            return False
+        self.run, self.n = body["run"], body["n"]
+        for key in ("name", "state", "epoch", "role", "restricted", "since", "seq", "applied",
+                    "synced", "pending_files", "pending_bytes", "error"):
+            setattr(self, key, body[key])
+        self.heard_at = now
+        self.alive = True
+        return True
+
+    def silent(self, now: float) -> bool:
+        return self.alive and now - self.heard_at > self.dead_after
+
+    def event(self, me: dict[str, Any], my_state: S, my_since: float) -> E | None:
+        """The FSM event for the peer's latest state, seen from a node described by `me`."""
+        we_win = wins(me, {"epoch": self.epoch, "role": self.role, "name": self.name})
+        if self.state == "primary":
+            return E.PEER_PRIMARY_WE_WIN if we_win else E.PEER_PRIMARY_WE_LOSE
+        if self.state == "starting":
+            return E.PEER_STARTING_WE_WIN if we_win else E.PEER_STARTING_WE_LOSE
+        if self.state == "secondary":
+            # Two secondaries only count once both have been so for dead_after: right after a
+            # hand-over the old primary is secondary before the peer's news arrives.
+            if my_state == S.SECONDARY and my_since > self.dead_after and (
+                self.since > self.dead_after
+            ):
+                return E.DUAL_SECONDARY_WE_WIN if we_win else E.DUAL_SECONDARY_WE_LOSE
+            return E.PEER_SECONDARY
+        return None  # stopping/stopped: the peer is leaving; a HANDOVER or silence follows

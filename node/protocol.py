@@ -1,0 +1,318 @@
+"""The SBS wire protocol: every message on every socket, encoded and validated here.
+
+Frames of one message::
+
+    [b"SBS1", COMMAND, BODY, *BLOBS]
+
+- ``SBS1``: version tag. Anything else is refused, so a future SBS2 can coexist.
+- ``COMMAND``: ASCII upper-case name, one of ``SCHEMAS``.
+- ``BODY``: one orjson object whose fields are checked against the command's schema.
+- ``BLOBS``: raw file bytes (only ``DATA`` carries them), never inside JSON.
+
+On the bus (PUB/SUB) a topic frame (the command in lower case) comes first so that a
+subscriber can filter. A ROUTER prepends the sender identity, a REQ/REP pair its empty
+delimiter; the sockets strip those before ``decode`` sees the frames.
+
+``decode`` never raises on wire input: it returns ``Bad(reason)``, which the node logs
+and drops (the peer may be hostile, buggy or simply a newer version).
+See docs/PROTOCOL.md for every message in words.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+VERSION = b"SBS1"
+
+# MAXMSGSIZE per socket role: small for what strangers can reach, large where a snapshot or
+# file chunks are expected from the authenticated peer.
+MAX_CONTROL_IN = 1 << 20  # ROUTER: pings, acks and tool commands are small
+MAX_REPLY_IN = 256 << 20  # DEALER to the peer/tool: a full snapshot of a 100k-file tree
+MAX_BUS_IN = 64 << 20  # SUB: manifests are split into parts of at most MANIFEST_PART entries
+MAX_BLOB_REQUEST_IN = 1 << 20  # REP: fetch requests are small
+MAX_BLOB_REPLY_IN = 64 << 20  # fetch client: DATA with chunks
+MAX_CHUNK = 4 << 20  # largest chunk a fetch may ask for
+MANIFEST_PART = 5000  # entries per bus manifest message
+
+STATES = ("starting", "primary", "secondary", "stopping", "stopped")
+ROLES = ("main", "backup")
+KINDS = ("file", "dir", "link")
+
+
+@dataclass(frozen=True)
+class Message:
+    command: str
+    body: dict[str, Any]
+    blobs: list[bytes] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Bad:
+    reason: str
+
+    def __bool__(self) -> bool:  # so `if not msg:` reads naturally at call sites
+        return False
+
+
+# --- field validators: return None when valid, else a short reason -------------------------
+
+Check = Callable[[Any], "str | None"]
+
+
+def s(max_len: int = 256) -> Check:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, str):
+            return "not a string"
+        return "too long" if len(v) > max_len else None
+
+    return check
+
+
+def i(lo: int = 0, hi: int = 2**63 - 1) -> Check:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, int) or isinstance(v, bool):
+            return "not an integer"
+        return None if lo <= v <= hi else f"out of range {lo}..{hi}"
+
+    return check
+
+
+def num(lo: float = 0.0, hi: float = 1e12) -> Check:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            return "not a number"
+        return None if lo <= v <= hi else "out of range"
+
+    return check
+
+
+def b(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "not a boolean"
+
+
+def one_of(*values: str) -> Check:
+    def check(v: Any) -> str | None:
+        return None if v in values else f"not one of {values}"
+
+    return check
+
+
+def list_of(item: Check, max_len: int) -> Check:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, list):
+            return "not a list"
+        if len(v) > max_len:
+            return "too many items"
+        for n, x in enumerate(v):
+            if (why := item(x)) is not None:
+                return f"item {n}: {why}"
+        return None
+
+    return check
+
+
+def dict_of(value: Check, max_len: int, key: Check | None = None) -> Check:
+    key = key or s(255)
+
+    def check(v: Any) -> str | None:
+        if not isinstance(v, dict):
+            return "not an object"
+        if len(v) > max_len:
+            return "too many keys"
+        for k, x in v.items():
+            if (why := key(k)) is not None:
+                return f"key {str(k)[:40]!r}: {why}"
+            if (why := value(x)) is not None:
+                return f"{str(k)[:40]!r}: {why}"
+        return None
+
+    return check
+
+
+def obj(schema: dict[str, Check], optional: tuple[str, ...] = ()) -> Check:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, dict):
+            return "not an object"
+        return validate(schema, v, optional)
+
+    return check
+
+
+def validate(schema: dict[str, Check], body: dict, optional: tuple[str, ...] = ()) -> str | None:
+    for name, check in schema.items():
+        if name not in body:
+            if name in optional:
+                continue
+            return f"missing field {name!r}"
+        if (why := check(body[name])) is not None:
+            return f"field {name!r}: {why}"
+    return None
+
+
+# --- schemas -----------------------------------------------------------------------------
+
+NAME = s(64)
+EPOCH = i(0, 2**53)
+SEQ = i(0, 2**63 - 1)
+
+# An Entry: one object of a replicated folder (see node/scan.py). Paths are checked again,
+# component by component, where they touch the disk (node/fsops.py).
+ENTRY: dict[str, Check] = {
+    "path": s(4096),
+    "kind": one_of(*KINDS),
+    "size": i(0, 2**62),
+    "mtime_ns": i(-(2**62), 2**62),
+    "mode": i(0, 0o7777),
+    "hash": s(64),
+    "target": s(4096),
+    "deleted": b,
+}
+ENTRY_OPTIONAL = ("target", "deleted", "hash")
+entry_check = obj(ENTRY, ENTRY_OPTIONAL)
+
+
+def _is_list(v: Any) -> str | None:
+    return None if isinstance(v, list) else "not a list"
+
+
+# folder -> [Entry]. Only the shape is checked on receipt; each entry is checked on its own by
+# the applier (entry_check, then the path on disk), so one bad entry does not hide the others
+# and a 100k-entry snapshot is not walked twice in the node loop.
+ENTRIES = dict_of(_is_list, 1000)
+
+# Sent in both directions every heartbeat (PING) and as the answer to one (PONG): the sender's
+# view of itself, so each side knows the other's state, epoch and replication progress.
+PEER_STATE: dict[str, Check] = {
+    "name": NAME,
+    "run": s(32),  # random per process: a new value means the peer restarted
+    "n": SEQ,  # per-run message counter: older or repeated values are stale
+    "state": one_of(*STATES),
+    "epoch": EPOCH,
+    "role": one_of(*ROLES),
+    "restricted": b,
+    "since": num(0, 1e9),  # seconds the sender has been in its state
+    "seq": SEQ,  # primary: last manifest published
+    "applied": SEQ,  # secondary: last manifest applied (0 until the first snapshot is done)
+    "synced": b,  # secondary: nothing pending, copy matches `applied`
+    "pending_files": i(0),
+    "pending_bytes": i(0),
+    "error": s(1000),
+}
+
+FOLDERS = dict_of(list_of(s(1024), 64), 1000)  # name -> [filters]
+SENTINEL_DEFS = dict_of(s(4096), 1000)
+
+SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
+    # control: peer <-> peer over DEALER -> ROUTER
+    "PING": (PEER_STATE, ()),
+    "PONG": (PEER_STATE, ()),
+    "HANDOVER": ({"name": NAME, "run": s(32), "epoch": EPOCH, "seq": SEQ}, ()),
+    "ASK_HANDOVER": ({"name": NAME, "run": s(32)}, ()),
+    "SNAPSHOT": ({"name": NAME}, ()),
+    "SNAPSHOT_REP": (
+        {
+            "name": NAME, "run": s(32), "epoch": EPOCH, "seq": SEQ,
+            "folders": FOLDERS, "paths": dict_of(s(4096), 1000),
+            "sentinels": SENTINEL_DEFS, "active": list_of(s(255), 1000), "sv": SEQ,
+            "index": ENTRIES,
+        },
+        (),
+    ),
+    "ACK": ({"name": NAME, "run": s(32), "applied": SEQ, "snapshot": b}, ()),
+    # control: operator tool -> node, answered by REPLY
+    "STATUS": ({}, ()),
+    "PROMOTE": ({"force": b}, ()),
+    "SENTINEL": ({"action": one_of("list", "start", "stop"), "name": s(255)}, ("name",)),
+    "VERIFY": ({}, ()),
+    "CONFIRM": ({"folder": s(255)}, ("folder",)),
+    "REPLY": ({"status": one_of("ok", "error"), "reason": s(4000)}, ("reason",)),
+    # bus: PUB -> SUB
+    "HB": ({"name": NAME, "run": s(32), "epoch": EPOCH, "state": one_of(*STATES),
+            "seq": SEQ, "sv": SEQ}, ()),
+    "MANIFEST": ({"name": NAME, "run": s(32), "epoch": EPOCH, "seq": SEQ, "part": i(0),
+                  "parts": i(1), "entries": ENTRIES}, ()),
+    "SENTINELS": ({"name": NAME, "sv": SEQ, "sentinels": SENTINEL_DEFS,
+                   "active": list_of(s(255), 1000)}, ()),
+    "EVENT": ({"name": NAME, "event": s(64)}, ()),
+    # blobs: fetch client (DEALER) -> REP
+    "GET": ({"id": SEQ, "items": list_of(obj({"f": s(255), "p": s(4096), "o": i(0),
+                                               "n": i(1, MAX_CHUNK)}), 4096)}, ()),
+    "DATA": ({"id": SEQ, "items": list_of(obj({"size": i(-1), "err": s(1000)}, ("err",)),
+                                          4096)}, ()),
+}
+
+# Commands whose body may carry fields beyond the schema (REPLY bodies differ per command,
+# EVENT bodies per event). Other bodies are checked for known fields only, extra ones ignored.
+
+
+def encode(command: str, body: dict[str, Any] | None = None, *blobs: bytes) -> list[bytes]:
+    return [VERSION, command.encode(), orjson.dumps(body or {}), *blobs]
+
+
+def encode_bus(command: str, body: dict[str, Any]) -> list[bytes]:
+    return [command.lower().encode(), *encode(command, body)]
+
+
+def reply_ok(**fields: Any) -> list[bytes]:
+    return encode("REPLY", {"status": "ok", **fields})
+
+
+def reply_error(reason: str, **fields: Any) -> list[bytes]:
+    return encode("REPLY", {"status": "error", "reason": reason, **fields})
+
+
+def decode(frames: list[bytes], expect: tuple[str, ...] | None = None) -> Message | Bad:
+    """Validate frames in order: count, version, command, body, blob count. Never raises."""
+    try:
+        if len(frames) < 3:
+            return Bad(f"{len(frames)} frames, need at least 3")
+        version, command_raw, body_raw, *blobs = frames
+        if bytes(version) != VERSION:
+            return Bad(f"unknown version tag {bytes(version)[:16]!r}")
+        try:
+            command = bytes(command_raw).decode("ascii")
+        except UnicodeDecodeError:
+            return Bad("command is not ASCII")
+        if command not in SCHEMAS:
+            return Bad(f"unknown command {command[:32]!r}")
+        if expect is not None and command not in expect:
+            return Bad(f"unexpected command {command} here")
+        try:
+            body = orjson.loads(body_raw)
+        except orjson.JSONDecodeError as exc:
+            return Bad(f"{command}: body is not JSON ({exc})")
+        if not isinstance(body, dict):
+            return Bad(f"{command}: body is not an object")
+        schema, optional = SCHEMAS[command]
+        if (why := validate(schema, body, optional)) is not None:
+            return Bad(f"{command}: {why}")
+        if command == "DATA":
+            if len(blobs) != len(body["items"]):
+                return Bad(f"DATA: {len(blobs)} blobs for {len(body['items'])} items")
+        elif blobs:
+            return Bad(f"{command}: unexpected {len(blobs)} raw frames")
+        return Message(command, body, [bytes(x) for x in blobs])
+    except Exception as exc:  # the last line of defence: wire input must not crash the node
+        return Bad(f"undecodable message: {type(exc).__name__}: {exc}")
+
+
+def decode_bus(frames: list[bytes]) -> Message | Bad:
+    if len(frames) < 4:
+        return Bad(f"bus message with {len(frames)} frames, need 4")
+    msg = decode(frames[1:])
+    if msg and bytes(frames[0]) != msg.command.lower().encode():
+        return Bad("bus topic does not match the command")
+    return msg
+
+
+def wins(a: dict[str, Any], b_: dict[str, Any]) -> bool:
+    """The rule: does node `a` win over node `b_`? Higher epoch (primary most recently), then
+    role main over backup, then the smaller name. Total and antisymmetric for two names."""
+    key_a = (a["epoch"], a["role"] == "main")
+    key_b = (b_["epoch"], b_["role"] == "main")
+    if key_a != key_b:
+        return key_a > key_b
+    return a["name"] < b_["name"]

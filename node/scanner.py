@@ -1,0 +1,147 @@
+"""The primary's change detection: a thread that turns watcher batches and periodic rescans
+into deltas for the node loop, which numbers and publishes them as manifests.
+
+The watcher starts before the first scan, so nothing written during that scan is missed: it
+shows up in a batch right after. The periodic full rescan is the safety net behind the watcher
+(inotify drops events when its queue overflows; the watcher then asks for a rescan). Only
+files whose size, mtime, inode or ctime changed are read again (scan.HashCache).
+
+To the loop, over an inproc PAIR:
+    [b"delta", json {folder: [Entry]}, b"full"|b"part"]   (b"full" after a full scan)
+    [b"flushed", token]                                    (every change so far is sent)
+    [b"error", text]
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+import orjson
+import zmq
+
+from .config import FolderConfig
+from .journal import Agreed
+from .scan import Filter, FolderMissing, HashCache, Watcher, diff, scan_folder, scan_paths
+
+log = logging.getLogger("sbs.scanner")
+
+
+class Scanner:
+    def __init__(self, ctx: zmq.Context, endpoint: str, folders: dict[str, FolderConfig], *,
+                 period: float):
+        self.ctx, self.endpoint, self.period = ctx, endpoint, period
+        self.folders = {n: (str(f.path), Filter(f.filters)) for n, f in folders.items()}
+        self.jobs: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.cache = HashCache()
+        self.index: dict[str, dict[str, dict]] = {n: {} for n in folders}
+        self.thread = threading.Thread(target=self._run, name="sbs-scanner", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def flush(self, token: str) -> None:
+        self.jobs.put(("flush", token))
+
+    def stop(self) -> None:
+        self.jobs.put(("stop", None))
+        self.thread.join(30)
+
+    def _run(self) -> None:
+        pipe = self.ctx.socket(zmq.PAIR)
+        pipe.connect(self.endpoint)
+        watcher = None
+        try:
+            watcher = Watcher({n: root for n, (root, _) in self.folders.items()},
+                              lambda batch: self.jobs.put(("batch", batch)))
+            try:
+                watcher.start()
+            except OSError as exc:  # e.g. a folder that does not exist yet, inotify limits
+                log.error("watcher not started (%s); relying on the %.1fs rescan", exc,
+                          self.period)
+                watcher = None
+            self._full_scan(pipe)
+            next_scan = time.monotonic() + self.period
+            while True:
+                try:
+                    kind, arg = self.jobs.get(timeout=max(0.0, next_scan - time.monotonic()))
+                except queue.Empty:
+                    self._full_scan(pipe)
+                    next_scan = time.monotonic() + self.period
+                    continue
+                if kind == "stop":
+                    return
+                if kind == "flush":
+                    self._full_scan(pipe)
+                    pipe.send_multipart([b"flushed", arg.encode()])
+                    continue
+                batches = [arg]  # drain what queued up meanwhile into one delta
+                while True:
+                    try:
+                        k2, a2 = self.jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if k2 == "batch":
+                        batches.append(a2)
+                    else:
+                        self.jobs.put((k2, a2))
+                        break
+                if any(b is None for b in batches):
+                    log.warning("watcher lost events; full rescan")
+                    self._full_scan(pipe)
+                    next_scan = time.monotonic() + self.period
+                else:
+                    self._partial_scan(pipe, batches)
+        except Exception as exc:  # the scanner must report, not vanish silently
+            log.exception("scanner failed")
+            pipe.send_multipart([b"error", f"scanner failed: {exc}".encode()])
+        finally:
+            if watcher is not None:
+                watcher.stop()
+            pipe.close()
+
+    def _partial_scan(self, pipe: zmq.Socket, batches: list[dict[str, set[str]]]) -> None:
+        delta: dict[str, list[dict]] = {}
+        for name, (root, filt) in self.folders.items():
+            paths = set().union(*(b.get(name, ()) for b in batches))
+            if not paths:
+                continue
+            try:
+                changes = scan_paths(root, filt, self.cache, self.index[name], paths)
+            except FolderMissing:
+                changes = []
+            if changes:
+                delta[name] = changes
+        if delta:
+            pipe.send_multipart([b"delta", orjson.dumps(delta), b"part"])
+
+    def _full_scan(self, pipe: zmq.Socket) -> None:
+        delta: dict[str, list[dict]] = {}
+        for name, (root, filt) in self.folders.items():
+            try:
+                fresh = scan_folder(root, filt, self.cache)
+            except FolderMissing:
+                # an unmounted or vanished folder is not "everything was deleted"
+                log.error("folder %s (%s) is missing: not replicating it", name, root)
+                pipe.send_multipart([b"error", f"folder {name} ({root}) is missing".encode()])
+                continue
+            changes = diff(self.index[name], fresh)
+            self.index[name] = fresh
+            if changes:
+                delta[name] = changes
+        pipe.send_multipart([b"delta", orjson.dumps(delta), b"full"])
+
+
+def verify_tokens(folders: dict[str, FolderConfig]) -> dict[str, dict[str, str]]:
+    """{folder: {path: agreed token}} of what is on disk now, hashing everything afresh."""
+    out = {}
+    for name, f in folders.items():
+        try:
+            index = scan_folder(str(f.path), Filter(f.filters), HashCache())
+        except FolderMissing:
+            out[name] = {}
+            continue
+        out[name] = {p: Agreed.token(e) for p, e in index.items()}
+    return out

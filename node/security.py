@@ -1,0 +1,81 @@
+"""CURVE on every socket: who may connect, and how our sockets present themselves.
+
+A node accepts exactly two client keys: the peer's public key and its own (the operator's
+tools on the same host read the node's secret key file, as a root-owned systemd service's
+tools would). Everything else is refused by the ZAP handler before a single message arrives.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from .config import Config
+
+log = logging.getLogger("sbs.security")
+
+
+@dataclass(frozen=True)
+class Keys:
+    public: bytes
+    secret: bytes
+    peer_public: bytes
+
+
+def load_keys(cfg: Config) -> Keys | None:
+    if not cfg.curve:
+        return None
+    public, secret = zmq.auth.load_certificate(str(cfg.secret_key))
+    peer_public, _ = zmq.auth.load_certificate(str(cfg.peer_public_key))
+    return Keys(public=public, secret=secret, peer_public=peer_public)
+
+
+def keygen(directory: Path, name: str) -> tuple[Path, Path]:
+    """NAME.key and NAME.key_secret in zmq.auth's certificate format."""
+    directory.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(str(directory), name)
+    Path(secret).chmod(0o600)
+    return Path(public), Path(secret)
+
+
+class _Allowed:
+    """ZAP credentials provider: a fixed set of client public keys."""
+
+    def __init__(self, keys: set[bytes]):
+        self.keys = keys
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        allowed = key in self.keys  # pyzmq hands over the z85 form, as load_certificate returns
+        if not allowed:
+            log.warning("refused a CURVE client with an unknown key")
+        return allowed
+
+
+def start_authenticator(ctx: zmq.Context, keys: Keys | None) -> ThreadAuthenticator | None:
+    if keys is None:
+        return None
+    auth = ThreadAuthenticator(ctx, log=logging.getLogger("sbs.zap"))
+    auth.start()
+    allowed = _Allowed({keys.public, keys.peer_public})
+    auth.configure_curve_callback("*", credentials_provider=allowed)
+    return auth
+
+
+def serve(sock: zmq.Socket, keys: Keys | None) -> None:
+    """Make `sock` a CURVE server (before bind)."""
+    if keys is not None:
+        sock.curve_secretkey = keys.secret
+        sock.curve_publickey = keys.public
+        sock.curve_server = True
+
+
+def client(sock: zmq.Socket, keys: Keys | None, server_public: bytes | None = None) -> None:
+    """Make `sock` a CURVE client of the peer (or of `server_public`) (before connect)."""
+    if keys is not None:
+        sock.curve_secretkey = keys.secret
+        sock.curve_publickey = keys.public
+        sock.curve_serverkey = server_public or keys.peer_public

@@ -1,0 +1,473 @@
+"""The secondary's replication worker: a thread that applies snapshots and manifests.
+
+Jobs arrive from the node loop on a queue (snapshot, manifest, confirm, stop), in order. For
+each, the worker compares what the primary has with what is on disk, fetches only what
+differs (node/blobs.Fetcher, many small files per request, several requests in flight),
+writes each file to a temp file, verifies its hash, fsyncs and renames it into place
+(node/fsops). Before it overwrites or deletes a local object that differs from what the pair
+last agreed on (node/journal), it keeps a copy under state_dir/conflicts/<UTC time>/.
+
+What could not be applied (the file changed again while in flight, the disk is full, the
+primary vanished) stays pending and is retried; `applied` only moves past a manifest once
+nothing before it is pending, so the primary's final sync never trusts a half-applied copy.
+
+To the loop, over an inproc PAIR:
+    [b"applied", json {applied, snapshot, pending_files, pending_bytes, error}]
+    [b"event",   json {event, ...}]   (transfers, progress, conflicts, guard, disk full)
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import zmq
+
+from .blobs import Fetcher, FetchError
+from .config import Config, FolderConfig
+from .fsops import FolderWriter, HashMismatch, PathError, check_relpath, purge_trash, utc_stamp
+from .journal import Agreed
+from .protocol import entry_check
+from .scan import Filter, FolderMissing, HashCache, scan_folder
+from .security import Keys
+
+log = logging.getLogger("sbs.syncer")
+
+SMALL = 256 << 10  # files up to this size travel many to a request
+BATCH_BYTES = 1 << 20
+BATCH_ITEMS = 256
+CHUNK = 1 << 20
+GUARD_MIN_FILES = 20
+PER_FILE_EVENTS = 100  # above this many files in one job, the bus gets progress instead
+
+
+class DiskFull(Exception):
+    pass
+
+
+class Syncer:
+    def __init__(self, ctx: zmq.Context, endpoint: str, cfg: Config, keys: Keys | None,
+                 agreed: Agreed):
+        self.ctx, self.endpoint, self.cfg, self.agreed = ctx, endpoint, cfg, agreed
+        self.fetcher = Fetcher(ctx, f"tcp://{cfg.peer}:{cfg.blob_port}", keys)
+        self.jobs: queue.Queue[tuple] = queue.Queue()
+        self.cache = HashCache()
+        self.writers: dict[str, FolderWriter] = {}
+        self.filters: dict[str, Filter] = {}
+        self.known: dict[str, dict[str, dict]] = {}  # the primary's index as last applied
+        self.pending: dict[tuple[str, str], dict] = {}  # (folder, path) -> entry still to apply
+        self.pending_since_seq: int | None = None
+        self.applied = 0
+        self.error = ""
+        self.confirmed: set[str] = set()
+        self.thread = threading.Thread(target=self._run, name="sbs-syncer", daemon=True)
+
+    # --- called from the node loop ---------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit_snapshot(self, seq: int, folders: dict[str, FolderConfig],
+                        index: dict[str, list]) -> None:
+        self.jobs.put(("snapshot", seq, folders, index))
+
+    def submit_manifest(self, seq: int, entries: dict[str, list]) -> None:
+        self.jobs.put(("manifest", seq, entries))
+
+    def confirm_deletions(self, folder: str | None) -> None:
+        self.jobs.put(("confirm", folder))
+
+    def stop(self) -> None:
+        self.jobs.put(("stop",))
+        self.thread.join(60)
+
+    # --- the worker ------------------------------------------------------------------
+    def _run(self) -> None:
+        self.pipe = self.ctx.socket(zmq.PAIR)
+        self.pipe.connect(self.endpoint)
+        try:
+            while True:
+                retry_in = (2.0 if self.error else 0.3) if self.pending else None
+                try:
+                    job = self.jobs.get(timeout=retry_in)
+                except queue.Empty:
+                    self._retry_pending()
+                    continue
+                if job[0] == "stop":
+                    return
+                try:
+                    if job[0] == "snapshot":
+                        self._snapshot(*job[1:])
+                    elif job[0] == "manifest":
+                        self._manifest(*job[1:])
+                    elif job[0] == "confirm":
+                        self.confirmed = set(self.writers) if job[1] is None else {job[1]}
+                        log.warning("operator confirmed the next strict deletions in %s",
+                                    sorted(self.confirmed))
+                except Exception as exc:  # keep following; report what went wrong
+                    log.exception("sync job %s failed", job[0])
+                    self.error = f"{job[0]} failed: {exc}"
+                    self._report(snapshot=False)
+        finally:
+            self.fetcher.close()
+            self.pipe.close()
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        self.pipe.send_multipart([b"event", orjson.dumps({"event": event, **fields})])
+
+    def _report(self, *, snapshot: bool) -> None:
+        self.pipe.send_multipart([b"applied", orjson.dumps({
+            "applied": self.applied if not self.pending else (self.pending_since_seq or 0),
+            "snapshot": snapshot,
+            "pending_files": len(self.pending),
+            "pending_bytes": sum(e.get("size", 0) for e in self.pending.values()),
+            "error": self.error,
+        })])
+
+    def _setup(self, folders: dict[str, FolderConfig]) -> None:
+        sd = self.cfg.state_dir
+        for name, f in folders.items():
+            w = self.writers.get(name)
+            if w is None or str(w.root) != str(f.path):
+                w = FolderWriter(f.path, sd / "tmp" / name, sd / "trash", sd / "conflicts")
+                removed = w.cleanup_temps()
+                if removed:
+                    log.info("removed %d temp file(s) left by an interrupted sync in %s",
+                             removed, name)
+                self.writers[name] = w
+            self.filters[name] = Filter(f.filters)
+        for name in list(self.writers):
+            if name not in folders:
+                del self.writers[name]
+        purge_trash(sd / "trash", self.cfg.trash_days)
+
+    def _valid(self, folder: str, entries: list) -> Iterator[dict]:
+        for e in entries:
+            why = entry_check(e)
+            if why is None:
+                try:
+                    check_relpath(e["path"])
+                except PathError as exc:
+                    why = str(exc)
+            if why is not None:
+                log.warning("refused an entry in %s: %s (%r)", folder, why,
+                            str(e.get("path") if isinstance(e, dict) else e)[:200])
+                self._emit("refused", folder=folder, reason=why)
+                continue
+            if e["kind"] == "file" and not e.get("hash") and not e.get("deleted"):
+                log.warning("refused an entry in %s without hash: %r", folder, e["path"][:200])
+                continue
+            yield e
+
+    def _snapshot(self, seq: int, folders: dict[str, FolderConfig], index: dict) -> None:
+        self._setup(folders)
+        self.pending.clear()
+        self.pending_since_seq = None
+        self.error = ""
+        stamp = utc_stamp()
+        plans = []
+        for name, entries in index.items():
+            if name not in self.writers:
+                continue
+            writer, filt = self.writers[name], self.filters[name]
+            try:
+                local = scan_folder(str(writer.root), filt, self.cache)
+            except FolderMissing:
+                local = {}
+            remote = {e["path"]: e for e in self._valid(name, entries)}
+            self.known[name] = remote
+            deletions = [local[p] for p in local if p not in remote] if self.cfg.strict else []
+            plans.append((name, list(remote.values()), deletions, local))
+        total_files = sum(1 for _, r, _, loc in plans for e in r
+                          if e["kind"] == "file" and _differs(loc.get(e["path"]), e))
+        log.info("snapshot %d: %d file(s) to fetch", seq, total_files)
+        self._progress = {"files": 0, "bytes": 0, "total": total_files, "at": 0.0}
+        for name, remote, deletions, local in plans:
+            self._apply(name, remote, deletions, local, stamp, seq)
+        self.applied = seq
+        self._report(snapshot=True)
+
+    def _manifest(self, seq: int, entries: dict[str, list]) -> None:
+        stamp = utc_stamp()
+        self._progress = {"files": 0, "bytes": 0, "total": 0, "at": 0.0}
+        for name, items in entries.items():
+            if name not in self.writers:
+                log.warning("manifest %d names unknown folder %r: ignored", seq, name[:64])
+                continue
+            valid = list(self._valid(name, items))
+            known = self.known.setdefault(name, {})
+            changes, deletions = [], []
+            for e in valid:
+                self.pending.pop((name, e["path"]), None)
+                if e.get("deleted"):
+                    known.pop(e["path"], None)
+                    if self.cfg.strict:
+                        deletions.append(e)
+                else:
+                    known[e["path"]] = e
+                    changes.append(e)
+            local = self._local(name, [e["path"] for e in valid])
+            self._apply(name, changes, deletions, local, stamp, seq)
+        self.applied = seq
+        if self.pending and self.pending_since_seq is None:
+            self.pending_since_seq = seq - 1
+        self._report(snapshot=False)
+
+    def _retry_pending(self) -> None:
+        by_folder: dict[str, list[dict]] = {}
+        for (name, _), e in self.pending.items():
+            by_folder.setdefault(name, []).append(e)
+        self.pending.clear()
+        self.error = ""
+        stamp = utc_stamp()
+        self._progress = {"files": 0, "bytes": 0, "total": 0, "at": 0.0}
+        for name, entries in by_folder.items():
+            if name in self.writers:
+                local = self._local(name, [e["path"] for e in entries])
+                self._apply(name, entries, [], local, stamp, self.applied)
+        if not self.pending:
+            self.pending_since_seq = None
+            log.info("pending files applied; in sync at manifest %d", self.applied)
+        self._report(snapshot=False)
+
+    def _local(self, name: str, paths: list[str]) -> dict[str, dict]:
+        writer, filt = self.writers[name], self.filters[name]
+        out = {}
+        for p in paths:
+            try:
+                e = writer.local_entry(p, filt, self.cache)
+            except (PathError, OSError):
+                e = None
+            if e is not None:
+                out[p] = e
+        return out
+
+    # --- applying --------------------------------------------------------------------
+    def _keep_if_conflict(self, name: str, path: str, local: dict | None, incoming: str | None,
+                          stamp: str) -> None:
+        """Keep a copy of a local object that is about to be replaced or deleted when it is
+        not what the pair last agreed on: a change made here that never reached the peer."""
+        if local is None or local["kind"] == "dir":
+            return
+        mine = Agreed.token(local)
+        if mine == incoming or mine == self.agreed.get(name, path):
+            return
+        kept = self.writers[name].preserve(path, stamp)
+        if kept:
+            log.warning("conflict: %s/%s differs from what the pair agreed on; kept at %s",
+                        name, path, kept)
+            self._emit("conflict", folder=name, path=path, kept=str(kept))
+
+    def _apply(self, name: str, changes: list[dict], deletions: list[dict],
+               local: dict[str, dict], stamp: str, seq: int) -> None:
+        writer = self.writers[name]
+        agreed: list[tuple[str, str, str | None]] = []
+        fetch: list[dict] = []
+        for e in sorted(changes, key=lambda x: (x["kind"] != "dir", x["path"])):
+            have = local.get(e["path"])
+            token = Agreed.token(e)
+            try:
+                if have is not None and not _differs(have, e):
+                    if have["mode"] != e["mode"] or (
+                        e["kind"] != "dir" and have["mtime_ns"] != e["mtime_ns"]
+                    ):
+                        writer.set_meta(e)
+                    agreed.append((name, e["path"], token))
+                    continue
+                self._keep_if_conflict(name, e["path"], have, token, stamp)
+                if have is not None and have["kind"] != e["kind"]:
+                    writer.remove(e["path"], trash=True, stamp=stamp)
+                if e["kind"] == "dir":
+                    writer.make_dir(e)
+                    agreed.append((name, e["path"], token))
+                elif e["kind"] == "link":
+                    writer.make_link(e)
+                    agreed.append((name, e["path"], token))
+                else:
+                    fetch.append(e)
+            except (PathError, OSError) as exc:
+                self._failed(name, e, exc)
+        if fetch:
+            agreed.extend(self._fetch(name, fetch))
+        if deletions:
+            agreed.extend(self._delete(name, deletions, local, stamp))
+        if agreed:
+            self.agreed.update(agreed)
+
+    def _failed(self, name: str, e: dict, exc: BaseException) -> None:
+        self.pending[(name, e["path"])] = e
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            if not self.error.startswith("disk full"):
+                log.error("disk full in folder %s writing %s: keeping the old copy; will retry",
+                          name, e["path"])
+                self._emit("disk_full", folder=name, path=e["path"])
+            self.error = f"disk full in folder {name} ({self.writers[name].root})"
+        elif isinstance(exc, PathError):
+            self.pending.pop((name, e["path"]), None)  # hostile or impossible: never retry
+            log.warning("refused %s/%s: %s", name, e["path"][:200], exc)
+            self._emit("refused", folder=name, path=e["path"][:200], reason=str(exc))
+        elif not isinstance(exc, HashMismatch):
+            log.warning("could not apply %s/%s: %s", name, e["path"], exc)
+            self.error = self.error or f"{name}/{e['path']}: {exc}"
+
+    def _delete(self, name: str, deletions: list[dict], local: dict[str, dict],
+                stamp: str) -> list[tuple[str, str, None]]:
+        files_here = sum(1 for e in local.values() if e["kind"] != "dir") if len(local) > len(
+            deletions) else len(self.known.get(name, {})) + len(deletions)
+        doomed = sum(1 for e in deletions if e["kind"] != "dir")
+        if files_here >= GUARD_MIN_FILES and doomed * 2 > files_here and (
+            name not in self.confirmed
+        ):
+            msg = (f"strict guard: refusing to delete {doomed} of {files_here} files in folder "
+                   f"{name} (an unmounted disk on the primary looks like this); run "
+                   f"'sbs-tools confirm-deletions {name}' on this node to allow it")
+            log.error(msg)
+            self.error = msg
+            self._emit("strict_guard", folder=name, deletions=doomed, files=files_here)
+            return []
+        self.confirmed.discard(name)
+        done = []
+        # children before parents, so a deleted folder is empty when its turn comes
+        for e in sorted(deletions, key=lambda x: x["path"], reverse=True):
+            have = local.get(e["path"])
+            if have is None and e["path"] not in local:
+                have = self._local(name, [e["path"]]).get(e["path"])
+            if have is None:
+                done.append((name, e["path"], None))
+                continue
+            self._keep_if_conflict(name, e["path"], have, None, stamp)
+            try:
+                self.writers[name].remove(e["path"], trash=True, stamp=stamp)
+                done.append((name, e["path"], None))
+                self._event_file("deleted", name, e)
+            except (PathError, OSError) as exc:
+                log.warning("could not delete %s/%s: %s", name, e["path"], exc)
+        return done
+
+    def _event_file(self, action: str, name: str, e: dict) -> None:
+        p = self._progress
+        if action == "fetched":
+            p["files"] += 1
+            p["bytes"] += e.get("size", 0)
+        if p["total"] <= PER_FILE_EVENTS:
+            self._emit("transfer", action=action, folder=name, path=e["path"],
+                       size=e.get("size", 0))
+        elif time.monotonic() - p["at"] > 0.5 or p["files"] == p["total"]:
+            p["at"] = time.monotonic()
+            self._emit("progress", files=p["files"], total=p["total"], bytes=p["bytes"])
+
+    def _fetch(self, name: str, files: list[dict]) -> list[tuple[str, str, str]]:
+        """Fetch, verify and commit files; return what got applied (for the journal)."""
+        writer = self.writers[name]
+        done: list[tuple[str, str, str]] = []
+        empties = [e for e in files if e["size"] == 0]
+        for e in empties:
+            tmp = writer.new_temp(e["path"])
+            self._commit(name, [(tmp, e)], done)
+        by_path = {e["path"]: e for e in files if e["size"] > 0}
+        open_big: dict[str, Any] = {}
+        try:
+            for items, metas, blobs in self.fetcher.fetch(self._batches(name, by_path)):
+                small = []
+                for item, meta, blob in zip(items, metas, blobs, strict=True):
+                    e = by_path[item["p"]]
+                    if meta["size"] != e["size"] or "err" in meta:
+                        # changed or gone since the manifest: the next one will say more
+                        if (tmp := open_big.pop(e["path"], None)) is not None:
+                            tmp.abort()
+                        if e["path"] not in {x[1] for x in done}:
+                            self.pending[(name, e["path"])] = e
+                        continue
+                    if e["size"] <= SMALL:
+                        tmp = writer.new_temp(e["path"])
+                        tmp.write(blob)
+                        small.append((tmp, e))
+                        continue
+                    tmp = open_big.get(e["path"])
+                    if tmp is None:
+                        if item["o"] != 0:
+                            continue  # an earlier chunk failed; this file is pending
+                        tmp = open_big[e["path"]] = writer.new_temp(e["path"])
+                    tmp.write(blob)
+                    if item["o"] + len(blob) >= e["size"]:
+                        del open_big[e["path"]]
+                        self._commit(name, [(tmp, e)], done)
+                if small:
+                    self._commit(name, small, done)
+        except DiskFull:
+            self.fetcher.close()  # drop what is in flight; retried when space returns
+            for e in by_path.values():
+                if (name, e["path"]) not in self.pending and e["path"] not in {
+                    x[1] for x in done
+                }:
+                    self.pending[(name, e["path"])] = e
+        except FetchError as exc:
+            log.error("fetching from the primary failed: %s", exc)
+            self.error = str(exc)
+            self.fetcher.close()
+            got = {x[1] for x in done}
+            for e in by_path.values():
+                if e["path"] not in got:
+                    self.pending[(name, e["path"])] = e
+        finally:
+            for tmp in open_big.values():
+                tmp.abort()
+        return done
+
+    def _batches(self, name: str, by_path: dict[str, dict]) -> Iterator[list[dict]]:
+        batch: list[dict] = []
+        size = 0
+        for e in by_path.values():
+            if e["size"] > SMALL:
+                if batch:
+                    yield batch
+                    batch, size = [], 0
+                for off in range(0, e["size"], CHUNK):
+                    yield [{"f": name, "p": e["path"], "o": off,
+                            "n": min(CHUNK, e["size"] - off)}]
+                continue
+            batch.append({"f": name, "p": e["path"], "o": 0, "n": e["size"]})
+            size += e["size"]
+            if size >= BATCH_BYTES or len(batch) >= BATCH_ITEMS:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+    def _commit(self, name: str, items: list, done: list) -> None:
+        writer = self.writers[name]
+        if len(items) == 1:
+            tmp, e = items[0]
+            try:
+                writer.commit(tmp, e)
+                results: list[BaseException | None] = [None]
+            except (HashMismatch, PathError, OSError) as exc:
+                results = [exc]
+        else:
+            results = writer.commit_many(items)
+        full = False
+        for (tmp, e), res in zip(items, results, strict=True):
+            if res is None:
+                done.append((name, e["path"], Agreed.token(e)))
+                self._event_file("fetched", name, e)
+            else:
+                tmp.abort()
+                self._failed(name, e, res)
+                full = full or (isinstance(res, OSError) and res.errno == errno.ENOSPC)
+        if full:
+            raise DiskFull()
+
+
+def _differs(have: dict | None, want: dict) -> bool:
+    """Does the local object need rewriting (content or kind), not just its metadata?"""
+    if have is None or have["kind"] != want["kind"]:
+        return True
+    if want["kind"] == "file":
+        return have["hash"] != want.get("hash") or have["size"] != want["size"]
+    if want["kind"] == "link":
+        return have.get("target") != want.get("target")
+    return False

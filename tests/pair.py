@@ -1,0 +1,188 @@
+"""Real pairs for tests and benchmarks: two sbs-node processes on 127.0.0.1 and 127.0.0.2.
+
+Every wait polls a condition with a deadline; nothing sleeps for synchronisation.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from node.config import load
+from node.security import keygen
+from tools.client import request
+
+HOSTS = {"alpha": "127.0.0.1", "beta": "127.0.0.2"}
+_KEYS_CACHE: dict[str, Path] = {}
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Poll `cond` until it returns something truthy; fail naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port_triplet() -> int:
+    """A port p such that p, p+1, p+2 are free on both loopback addresses."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base > 65000:
+            continue
+        socks = []
+        try:
+            for host in HOSTS.values():
+                for p in range(base, base + 3):
+                    t = socket.socket()
+                    socks.append(t)
+                    t.bind((host, p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+    raise RuntimeError("no free port triplet")
+
+
+def make_keys(keydir: Path) -> None:
+    keydir.mkdir(parents=True, exist_ok=True)
+    for name in ("alpha", "beta", "stranger"):
+        if name not in _KEYS_CACHE:
+            cache = Path(os.environ.get("SBS_TEST_KEYCACHE", "/tmp")) / f"sbs-test-keys-{os.getuid()}"
+            if not (cache / f"{name}.key_secret").exists():
+                keygen(cache, name)
+            _KEYS_CACHE[name] = cache
+        for suffix in (".key", ".key_secret"):
+            shutil.copy(_KEYS_CACHE[name] / f"{name}{suffix}", keydir / f"{name}{suffix}")
+
+
+def write_config(root: Path, name: str, port: int, *, node: dict | None = None,
+                 security: dict | None = None, email: dict | None = None,
+                 folders: dict | None = None, sentinels: dict | None = None) -> Path:
+    other = "beta" if name == "alpha" else "alpha"
+    sections: dict[str, dict[str, Any]] = {
+        "node": {"name": name, "local": HOSTS[name], "peer": HOSTS[other], "port": port,
+                 "state_dir": f"state/{name}", "heartbeat": 0.2, "dead_after": 1.0,
+                 "period": 2, "handover_timeout": 10, **(node or {})},
+        "security": {"curve": "true", "secret_key": f"keys/{name}.key_secret",
+                     "peer_public_key": f"keys/{other}.key", **(security or {})},
+        "email": email or {},
+        "folders": folders if folders is not None else {"docs": f"data/{name}/docs"},
+        "sentinels": sentinels or {},
+    }
+    lines = []
+    for sec, kv in sections.items():
+        lines.append(f"[{sec}]")
+        lines += [f"{k} = {v}" for k, v in kv.items()]
+        lines.append("")
+    path = root / f"{name}.ini"
+    path.write_text("\n".join(lines))
+    return path
+
+
+class NodeProc:
+    def __init__(self, config: Path):
+        self.config = config
+        self.cfg = load(config)
+        self.name = self.cfg.name
+        self.proc: subprocess.Popen | None = None
+        self.log = config.parent / f"{self.name}.log"
+
+    def start(self, *extra: str) -> NodeProc:
+        self.logfh = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "start", "--config", str(self.config), *extra],
+            stdout=self.logfh, stderr=subprocess.STDOUT,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def status(self, timeout: float = 1.0) -> dict | None:
+        reply = request(self.cfg, "STATUS", timeout=timeout)
+        return reply if reply and reply.get("status") == "ok" else None
+
+    def state(self) -> str:
+        st = self.status(timeout=0.5)
+        return st["state"] if st else "stopped"
+
+    def wait_state(self, state: str, timeout: float = 15.0) -> dict:
+        return wait_for(lambda: (st := self.status(0.5)) and st["state"] == state and st,
+                        timeout, f"{self.name} to be {state} (log: {self.tail_log()})")
+
+    def signal(self, sig: int) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait_exit(10)
+
+    def wait_exit(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        self.logfh.close()
+        return code
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc and not self.logfh.closed:
+            self.logfh.close()
+
+    def tail_log(self, n: int = 15) -> str:
+        try:
+            return "\n" + "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+class Pair:
+    def __init__(self, root: Path, **config: Any):
+        self.root = root
+        make_keys(root / "keys")
+        self.port = free_port_triplet()
+        per = {n: config.pop(n, {}) for n in HOSTS}
+        self.nodes = {}
+        for name in HOSTS:
+            merged = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+            for sec, kv in per[name].items():
+                merged.setdefault(sec, {}).update(kv)
+            self.nodes[name] = NodeProc(write_config(root, name, self.port, **merged))
+        self.alpha, self.beta = self.nodes["alpha"], self.nodes["beta"]
+
+    def folder(self, name: str, folder: str = "docs") -> Path:
+        p = self.root / "data" / name / folder
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def primaries(self) -> list[str]:
+        return [n for n, node in self.nodes.items() if node.state() == "primary"]
+
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            node.stop()

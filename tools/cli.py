@@ -1,0 +1,257 @@
+"""sbs-tools: the operator's commands. Each is a thin client of a node's control socket."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from node.config import Config, ConfigError, load
+
+from .client import request, subscribe
+
+app = typer.Typer(add_completion=False, help="SBS operator commands.", no_args_is_help=True)
+sentinel_app = typer.Typer(help="List, start or stop sentinels (on the primary).")
+app.add_typer(sentinel_app, name="sentinel")
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = typer.Option(Path("sbs.ini"), "--config", "-c", help="path to sbs.ini")
+JsonOpt = typer.Option(False, "--json", help="machine-readable output")
+
+
+def _cfg(path: Path) -> Config:
+    try:
+        return load(path)
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _ask(cfg: Config, command: str, body: dict[str, Any] | None = None, *,
+         timeout: float = 3.0, peer: bool = False) -> dict[str, Any]:
+    reply = request(cfg, command, body, timeout=timeout, peer=peer)
+    if reply is None:
+        where = f"{cfg.peer}:{cfg.port}" if peer else f"{cfg.local}:{cfg.port}"
+        err.print(f"no answer from the node at {where}: stopped", highlight=False)
+        raise typer.Exit(3)
+    if reply["status"] != "ok":
+        err.print(f"[red]refused:[/red] {reply.get('reason')}", highlight=False)
+        raise typer.Exit(1)
+    return reply
+
+
+@app.command()
+def status(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
+    """State, epoch, peer, replication and sentinels of the local node (exit 3 if stopped)."""
+    cfg = _cfg(config)
+    reply = request(cfg, "STATUS", timeout=2.0)
+    if reply is None or reply.get("status") != "ok":
+        if as_json:
+            print(orjson.dumps({"state": "stopped", "name": cfg.name}).decode())
+        else:
+            out.print("stopped")
+        raise typer.Exit(3)
+    reply.pop("status", None)
+    if as_json:
+        print(orjson.dumps(reply).decode())
+        return
+    st = reply
+    flag = " [yellow](restricted: backup role started alone)[/yellow]" if st["restricted"] else ""
+    out.print(f"[bold]{st['name']}[/bold] is [bold]{st['state']}[/bold]{flag}  "
+              f"epoch {st['epoch']}  role {st['role']}  pid {st['pid']}")
+    peer = st["peer"]
+    heard = "never" if peer["last_heard"] is None else f"{peer['last_heard']:.1f}s ago"
+    out.print(f"peer {peer['name']} ({peer['address']}): {st['peer_state']}, "
+              f"epoch {peer['epoch']}, heard {heard}")
+    r = st["replication"]
+    if r["direction"] == "outgoing":
+        out.print(f"replication: primary, manifest {r['seq']}, folders {r['folders']}, "
+                  f"peer applied {r['peer_applied']}, pending {r['pending_files']} files")
+    else:
+        last = "never" if not r["last_sync"] else time.strftime(
+            "%H:%M:%S", time.localtime(r["last_sync"]))
+        out.print(f"replication: applied {r['applied']}/{r['primary_seq']}, "
+                  f"lag {r['lag_seconds']}s, pending {r['pending_files']} files / "
+                  f"{r['pending_bytes']} bytes, last sync {last}"
+                  + (f", [red]{r['error']}[/red]" if r["error"] else ""))
+    table = Table("sentinel", "active", "state", "pid", "restarts", "command")
+    for s in st["sentinels"]:
+        table.add_row(s["name"], "yes" if s["active"] else "no", s["state"],
+                      str(s["pid"] or "-"), str(s["restarts"]), s["command"])
+    if st["sentinels"]:
+        out.print(table)
+    mail = st["email"]
+    if mail.get("last_error"):
+        out.print(f"[red]email: last error: {mail['last_error']}[/red]")
+
+
+@app.command()
+def tail(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
+    """Print every message on the local node's bus until Ctrl-C."""
+    cfg = _cfg(config)
+    try:
+        for msg in subscribe(cfg):
+            if not msg:
+                err.print(f"bad bus message: {msg.reason}")
+                continue
+            if as_json:
+                print(orjson.dumps({"type": msg.command.lower(), **msg.body}).decode(), flush=True)
+            else:
+                print(describe(msg.command, msg.body), flush=True)
+    except KeyboardInterrupt:
+        pass
+
+
+def describe(command: str, b: dict[str, Any]) -> str:
+    """One readable line per bus message."""
+    stamp = time.strftime("%H:%M:%S")
+    who = b.get("name", "?")
+    if command == "HB":
+        text = f"heartbeat {b['state']} epoch {b['epoch']} manifest {b['seq']}"
+    elif command == "MANIFEST":
+        counts = {f: len(es) for f, es in b["entries"].items()}
+        dels = sum(1 for es in b["entries"].values() for e in es if e.get("deleted"))
+        text = f"manifest {b['seq']}: {counts} ({dels} deleted)"
+    elif command == "SENTINELS":
+        text = f"sentinel list v{b['sv']}: active {b['active']}"
+    else:
+        rest = {k: v for k, v in b.items() if k not in ("name", "event", "at")}
+        text = f"{b.get('event')} " + " ".join(f"{k}={v}" for k, v in rest.items())
+    return f"{stamp} {who:>8} {command.lower():9} {text}"
+
+
+@app.command()
+def promote(config: Path = ConfigOpt,
+            force: bool = typer.Option(False, "--force", help="even if the peer is unreachable"),
+            timeout: float = typer.Option(0.0, help="seconds to wait for the new roles")) -> None:
+    """Switch roles: the secondary becomes primary after the primary's last sync."""
+    cfg = _cfg(config)
+    before = _ask(cfg, "STATUS")
+    _ask(cfg, "PROMOTE", {"force": force})
+    want_local = "secondary" if before["state"] == "primary" else "primary"
+    deadline = time.monotonic() + (timeout or cfg.handover_timeout + 3 * cfg.dead_after + 5)
+    while time.monotonic() < deadline:
+        now = request(cfg, "STATUS", timeout=1.0)
+        if now and now.get("state") == want_local:
+            peer_ok = force or now["peer_state"] in ("primary", "secondary") and (
+                now["peer_state"] != want_local)
+            if peer_ok:
+                out.print(f"{now['name']}: {now['state']} (epoch {now['epoch']}); "
+                          f"{now['peer']['name']}: {now['peer_state']}")
+                return
+        time.sleep(0.1)  # polling an operator-facing deadline, not synchronising a test
+    err.print(f"[red]roles not confirmed within the deadline[/red] (local: "
+              f"{(now or {}).get('state', 'no answer')})")
+    raise typer.Exit(1)
+
+
+@app.command()
+def keygen(directory: Path = typer.Option(..., "--dir", help="where to write the keys"),
+           name: str = typer.Option(..., "--name", help="node name")) -> None:
+    """Write NAME.key and NAME.key_secret (ZeroMQ CURVE certificates)."""
+    from node.security import keygen as make
+
+    public, secret = make(directory, name)
+    out.print(f"wrote {public} and {secret}")
+
+
+@app.command("test-email")
+def test_email(config: Path = ConfigOpt) -> None:
+    """Send a test notification with the [email] settings and say whether it was delivered."""
+    from node.notify import Notifier
+
+    cfg = _cfg(config)
+    notifier = Notifier(cfg.email)
+    try:
+        ok, message = notifier.send_now(
+            f"SBS test message from {cfg.name}",
+            f"This is a test notification from SBS node {cfg.name} ({cfg.local}).\n")
+    finally:
+        notifier.close()
+    (out if ok else err).print(("delivered: " if ok else "NOT delivered: ") + message,
+                               highlight=False)
+    raise typer.Exit(0 if ok else 1)
+
+
+@sentinel_app.command("list")
+def sentinel_list(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
+    """Show the sentinels and which are active."""
+    _sentinel(config, "list", None, as_json)
+
+
+@sentinel_app.command("start")
+def sentinel_start(name: str, config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
+    """Activate a sentinel (starts it now on the primary)."""
+    _sentinel(config, "start", name, as_json)
+
+
+@sentinel_app.command("stop")
+def sentinel_stop(name: str, config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
+    """Deactivate a sentinel (stops it now; a takeover will not start it)."""
+    _sentinel(config, "stop", name, as_json)
+
+
+def _sentinel(config: Path, action: str, name: str | None, as_json: bool) -> None:
+    cfg = _cfg(config)
+    body = {"action": action, **({"name": name} if name else {})}
+    reply = _ask(cfg, "SENTINEL", body)
+    if as_json:
+        print(orjson.dumps({"active": reply["active"], "sentinels": reply["sentinels"]}).decode())
+        return
+    table = Table("sentinel", "active", "state", "pid", "restarts")
+    for s in reply["sentinels"]:
+        table.add_row(s["name"], "yes" if s["active"] else "no", s["state"],
+                      str(s["pid"] or "-"), str(s["restarts"]))
+    out.print(table)
+
+
+@app.command()
+def verify(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
+    """Compare content hashes of both nodes' folders; exit 0 when identical, 1 when not."""
+    cfg = _cfg(config)
+    mine = _ask(cfg, "VERIFY", timeout=600)["folders"]
+    theirs = _ask(cfg, "VERIFY", timeout=600, peer=True)["folders"]
+    diffs = []
+    for folder in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(folder, {}), theirs.get(folder, {})
+        for path in sorted(set(a) | set(b)):
+            if a.get(path) != b.get(path):
+                what = ("only on peer" if path not in a else "only here" if path not in b
+                        else "content differs")
+                diffs.append({"folder": folder, "path": path, "difference": what})
+    if as_json:
+        print(orjson.dumps({"identical": not diffs, "differences": diffs}).decode())
+    else:
+        for d in diffs:
+            out.print(f"{d['folder']}/{d['path']}: {d['difference']}", highlight=False)
+        files = sum(len(v) for v in mine.values())
+        out.print("identical" if not diffs else f"{len(diffs)} difference(s)",
+                  f"({files} objects here)")
+    raise typer.Exit(0 if not diffs else 1)
+
+
+@app.command("confirm-deletions")
+def confirm_deletions(folder: str = typer.Argument(None, help="folder name (default: all)"),
+                      config: Path = ConfigOpt) -> None:
+    """On the secondary: allow the strict deletions that the guard refused (once)."""
+    cfg = _cfg(config)
+    _ask(cfg, "CONFIRM", {"folder": folder} if folder else {})
+    out.print("confirmed: the next strict sync may delete" +
+              (f" in {folder}" if folder else " in every folder"))
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
