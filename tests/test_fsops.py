@@ -1,0 +1,495 @@
+"""node.fsops: hostile paths, symlink escapes, atomic verified commits, trash, conflicts, ENOSPC."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from node.fsops import (
+    FolderWriter,
+    HashMismatch,
+    PathError,
+    check_relpath,
+    purge_trash,
+    utc_stamp,
+)
+from node.scan import TEMP_PREFIX, Filter, HashCache, hash_bytes, scan_folder
+
+REPO = Path(__file__).resolve().parents[1]
+MTIME = 1_700_000_000_123_456_789
+
+
+def file_entry(rel: str, data: bytes, mode: int = 0o644, mtime: int = MTIME) -> dict:
+    return {"path": rel, "kind": "file", "size": len(data), "mtime_ns": mtime, "mode": mode,
+            "hash": hash_bytes(data)}
+
+
+def put(w: FolderWriter, rel: str, data: bytes, **kw) -> dict:
+    entry = file_entry(rel, data, **kw)
+    tmp = w.new_temp(rel)
+    tmp.write(data)
+    w.commit(tmp, entry)
+    return entry
+
+
+def leftovers(w: FolderWriter) -> list[str]:
+    """Temp files anywhere: in the temp dir, or hidden in the folder tree."""
+    found = [os.path.join(w.temp_dir, n) for n in os.listdir(w.temp_dir)]
+    for dirpath, dirnames, filenames in os.walk(w.root):
+        found += [os.path.join(dirpath, n) for n in dirnames + filenames
+                  if n.startswith(TEMP_PREFIX)]
+    return found
+
+
+def make_writer(base: Path, temp_dir: Path | str | None = None) -> FolderWriter:
+    return FolderWriter(base / "root", temp_dir or base / "state" / "tmp" / "f",
+                        base / "state" / "trash", base / "state" / "conflicts", name="f")
+
+
+@pytest.fixture
+def far_dir(tmp_path):
+    """A directory on another filesystem than tmp_path (tmpfs /dev/shm)."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    d = tempfile.mkdtemp(dir="/dev/shm")
+    try:
+        if os.stat(d).st_dev == os.stat(tmp_path).st_dev:
+            pytest.skip("/dev/shm is on the same filesystem as tmp_path")
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def writer(tmp_path):
+    w = make_writer(tmp_path)
+    assert w.temp_in_state
+    yield w
+    w.close()
+
+
+@pytest.fixture(params=["temp-in-state", "temp-in-target"])
+def any_writer(request, tmp_path):
+    """Both ways of placing temp files: in state_dir (same fs) or hidden next to the target."""
+    if request.param == "temp-in-state":
+        w = make_writer(tmp_path)
+    else:
+        w = make_writer(tmp_path, request.getfixturevalue("far_dir") / "tmp")
+        assert not w.temp_in_state
+    yield w
+    w.close()
+
+
+# --- check_relpath ---------------------------------------------------------------------------
+
+HOSTILE = [
+    ("", "empty"),
+    ("/etc/passwd", "absolute"),
+    ("../x", "'..'"),
+    ("a/../../b", "'..'"),
+    ("..", "'..'"),
+    (".", "'.'"),
+    ("a/./b", "'.'"),
+    ("a//b", "empty component"),
+    ("a/", "empty component"),
+    ("a\x00b", "NUL"),
+    ("x" * 256, "255"),
+    ("é" * 128, "255"),  # 256 bytes in UTF-8
+    ("/".join(["d" * 200] * 21), "4096"),
+    (TEMP_PREFIX + "abc", "temp"),
+    ("a/" + TEMP_PREFIX + "x/b", "temp"),
+    ("bad\udcffname", "UTF-8"),
+]
+
+
+@pytest.mark.parametrize(("path", "problem"), HOSTILE)
+def test_check_relpath_refuses_hostile_paths(path, problem):
+    with pytest.raises(PathError, match=problem):
+        check_relpath(path)
+
+
+@pytest.mark.parametrize("value", [None, 5, b"a.txt", ["a"]])
+def test_check_relpath_refuses_non_strings(value):
+    with pytest.raises(PathError, match="not a string"):
+        check_relpath(value)
+
+
+@pytest.mark.parametrize("path", ["a", "a b/ü.txt", "..a/b..", ".hidden", "x" * 255,
+                                  "sub/.sbs-tmpfoo", "a\\b"])
+def test_check_relpath_accepts_odd_but_safe_paths(path):
+    assert check_relpath(path) == tuple(path.split("/"))
+
+
+# --- symlink escapes -------------------------------------------------------------------------
+
+
+def test_write_through_symlinked_parent_is_refused(any_writer, tmp_path):
+    w = any_writer
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x").write_bytes(b"precious")
+    os.symlink(outside, os.path.join(w.root, "evil"))
+
+    with pytest.raises(PathError, match="evil"):
+        w.open_dir(("evil",), create=True)
+    with pytest.raises(PathError):
+        put(w, "evil/x", b"pwned")
+    with pytest.raises(PathError):
+        put(w, "evil/new/y", b"pwned")
+    with pytest.raises(PathError):
+        w.set_meta(file_entry("evil/x", b"precious", mode=0o777))
+    with pytest.raises(PathError):
+        w.make_link({"path": "evil/l", "kind": "link", "target": "/", "mtime_ns": 1,
+                     "size": 1, "mode": 0})
+    w.remove("evil/x", trash=True, stamp=utc_stamp())
+    assert w.preserve("evil/x", utc_stamp()) is None
+    assert w.local_entry("evil/x", Filter(), HashCache()) is None
+
+    assert os.listdir(outside) == ["x"]
+    assert (outside / "x").read_bytes() == b"precious"
+    assert stat.S_IMODE((outside / "x").stat().st_mode) == 0o644
+    assert leftovers(w) == []
+
+
+def test_symlink_at_the_final_name_is_replaced_not_followed(writer, tmp_path):
+    target = tmp_path / "outside.txt"
+    target.write_bytes(b"precious")
+    os.symlink(target, os.path.join(writer.root, "f.txt"))
+    put(writer, "f.txt", b"replicated")
+    assert target.read_bytes() == b"precious"
+    real = Path(writer.root, "f.txt")
+    assert not real.is_symlink() and real.read_bytes() == b"replicated"
+    trashed = list(Path(writer.trash_dir).rglob("f.txt"))
+    assert len(trashed) == 1 and trashed[0].is_symlink()
+
+
+def test_make_dir_replaces_a_planted_symlink_with_a_real_dir(writer, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, os.path.join(writer.root, "d"))
+    writer.make_dir({"path": "d/sub", "kind": "dir", "size": 0, "mtime_ns": 0, "mode": 0o750})
+    put(writer, "d/sub/f", b"data")
+    assert os.listdir(outside) == []
+    assert not os.path.islink(os.path.join(writer.root, "d"))
+    assert stat.S_IMODE(os.stat(os.path.join(writer.root, "d/sub")).st_mode) == 0o750
+    assert Path(writer.root, "d/sub/f").read_bytes() == b"data"
+
+
+# --- commits ---------------------------------------------------------------------------------
+
+
+def test_commit_is_atomic_and_sets_mode_and_mtime(any_writer):
+    w = any_writer
+    put(w, "dir/f.txt", b"old content")
+    real = Path(w.root, "dir/f.txt")
+    entry = file_entry("dir/f.txt", b"new content, longer", mode=0o600, mtime=MTIME)
+    tmp = w.new_temp("dir/f.txt")
+    tmp.write(b"new content, ")
+    assert real.read_bytes() == b"old content"
+    tmp.write(b"longer")
+    assert tmp.size == len(b"new content, longer")
+    assert real.read_bytes() == b"old content"  # the real name never holds a partial file
+    w.commit(tmp, entry)
+    assert real.read_bytes() == b"new content, longer"
+    st = real.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_mtime_ns == MTIME
+    assert leftovers(w) == []
+    tmp.abort()  # idempotent, and must not touch the committed file
+    assert real.read_bytes() == b"new content, longer"
+
+
+def test_temp_files_are_never_scanned(any_writer):
+    w = any_writer
+    tmp = w.new_temp("a/b.txt")
+    tmp.write(b"partial")
+    index = scan_folder(w.root, Filter(), HashCache())
+    assert all(TEMP_PREFIX not in p for p in index)
+    assert "a/b.txt" not in index
+    tmp.abort()
+
+
+def test_hash_mismatch_keeps_old_file_and_leaves_no_temp(any_writer):
+    w = any_writer
+    put(w, "f.bin", b"good")
+    tmp = w.new_temp("f.bin")
+    tmp.write(b"evil")
+    with pytest.raises(HashMismatch, match="f.bin"):
+        w.commit(tmp, file_entry("f.bin", b"good!"))
+    assert Path(w.root, "f.bin").read_bytes() == b"good"
+    assert leftovers(w) == []
+    with pytest.raises(ValueError):
+        tmp.write(b"more")
+
+
+def test_commit_moves_a_dir_in_the_way_to_trash(writer):
+    os.makedirs(os.path.join(writer.root, "x/inner"))
+    Path(writer.root, "x/inner/keep.txt").write_bytes(b"keep me")
+    put(writer, "x", b"now a file")
+    assert Path(writer.root, "x").read_bytes() == b"now a file"
+    kept = list(Path(writer.trash_dir).rglob("keep.txt"))
+    assert [p.read_bytes() for p in kept] == [b"keep me"]
+
+
+def test_commit_many(any_writer):
+    w = any_writer
+    put(w, "a/old.txt", b"old")
+    specs = [("a/old.txt", b"replaced", True), ("a/1.txt", b"one", True),
+             ("b/c/2.txt", b"two", True), ("a/bad.txt", b"three", False),
+             ("top.txt", b"", True)]
+    items = []
+    for rel, data, good in specs:
+        tmp = w.new_temp(rel)
+        tmp.write(data)
+        tmp.close()  # a caller may hold many temps without their fds
+        items.append((tmp, file_entry(rel, data if good else b"other", mode=0o640)))
+    results = w.commit_many(items)
+    assert [r is None for r in results] == [good for _, _, good in specs]
+    assert isinstance(results[3], HashMismatch)
+    for rel, data, good in specs:
+        p = Path(w.root, rel)
+        if good:
+            assert p.read_bytes() == data
+            assert stat.S_IMODE(p.stat().st_mode) == 0o640
+            assert p.stat().st_mtime_ns == MTIME
+        else:
+            assert not p.exists()
+    assert leftovers(w) == []
+    assert w.commit_many([]) == []
+
+
+def test_commit_many_reports_a_refused_path_per_item(writer, tmp_path):
+    os.symlink(tmp_path, os.path.join(writer.root, "evil"))
+    items = []
+    for rel in ("ok.txt", "evil/x.txt"):
+        tmp = writer.new_temp(rel)
+        tmp.write(b"x")
+        items.append((tmp, file_entry(rel, b"x")))
+    results = writer.commit_many(items)
+    assert results[0] is None and isinstance(results[1], PathError)
+    assert not (tmp_path / "x.txt").exists()
+    assert leftovers(writer) == []
+
+
+# --- links, dirs, metadata -------------------------------------------------------------------
+
+
+def test_links_are_created_atomically_and_never_followed(writer):
+    entry = {"path": "l/link", "kind": "link", "target": "../../../etc/passwd", "size": 19,
+             "mtime_ns": MTIME, "mode": 0, "hash": ""}
+    writer.make_link(entry)
+    p = os.path.join(writer.root, "l/link")
+    assert os.readlink(p) == "../../../etc/passwd"
+    assert os.lstat(p).st_mtime_ns == MTIME
+    writer.make_link(dict(entry, target="elsewhere"))
+    assert os.readlink(p) == "elsewhere"
+    local = writer.local_entry("l/link", Filter(), HashCache())
+    assert local == {"path": "l/link", "kind": "link", "size": 9, "mtime_ns": MTIME, "mode": 0,
+                     "hash": "", "target": "elsewhere"}
+    with pytest.raises(PathError):
+        writer.make_link(dict(entry, target="a\x00b"))
+    assert leftovers(writer) == []
+
+
+def test_make_link_over_a_file_keeps_the_file_in_trash(writer):
+    put(writer, "x", b"data")
+    writer.make_link({"path": "x", "kind": "link", "target": "y", "size": 1, "mtime_ns": 1,
+                      "mode": 0, "hash": ""})
+    assert os.readlink(os.path.join(writer.root, "x")) == "y"
+    assert [p.read_bytes() for p in Path(writer.trash_dir).rglob("x")] == [b"data"]
+
+
+def test_make_dir_and_set_meta(writer):
+    writer.make_dir({"path": "a/b/c", "kind": "dir", "size": 0, "mtime_ns": 0, "mode": 0o700})
+    assert stat.S_IMODE(os.stat(os.path.join(writer.root, "a/b/c")).st_mode) == 0o700
+    writer.make_dir({"path": "a/b/c", "kind": "dir", "size": 0, "mtime_ns": 0, "mode": 0o755})
+    assert stat.S_IMODE(os.stat(os.path.join(writer.root, "a/b/c")).st_mode) == 0o755
+    writer.set_meta({"path": "a/b", "kind": "dir", "size": 0, "mtime_ns": 0, "mode": 0o711})
+    assert stat.S_IMODE(os.stat(os.path.join(writer.root, "a/b")).st_mode) == 0o711
+
+    entry = put(writer, "a/f", b"x")
+    writer.set_meta(dict(entry, mode=0o604, mtime_ns=42))
+    st = os.stat(os.path.join(writer.root, "a/f"))
+    assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o604, 42)
+
+    writer.make_link({"path": "a/l", "kind": "link", "target": "f", "size": 1, "mtime_ns": 1,
+                      "mode": 0, "hash": ""})
+    with pytest.raises(PathError):  # a link where a file is expected: never chmod its target
+        writer.set_meta(dict(entry, path="a/l", mode=0o777))
+    assert stat.S_IMODE(os.stat(os.path.join(writer.root, "a/f")).st_mode) == 0o604
+    writer.set_meta({"path": "a/l", "kind": "link", "target": "f", "size": 1, "mtime_ns": 7,
+                     "mode": 0, "hash": ""})
+    assert os.lstat(os.path.join(writer.root, "a/l")).st_mtime_ns == 7
+
+
+def test_local_entry(writer):
+    entry = put(writer, "d/f.txt", b"hello", mode=0o640)
+    cache = HashCache()
+    assert writer.local_entry("d/f.txt", Filter(), cache) == entry
+    assert writer.local_entry("d", Filter(), cache)["kind"] == "dir"
+    assert writer.local_entry("d/f.txt", Filter(["*.lab"]), cache) is None
+    assert writer.local_entry("d/missing", Filter(), cache) is None
+    assert writer.local_entry("nope/missing", Filter(), cache) is None
+
+
+# --- removal, trash, conflicts ---------------------------------------------------------------
+
+
+def test_remove_to_trash_and_for_good(writer):
+    put(writer, "d/sub/f.txt", b"file in dir")
+    put(writer, "g.txt", b"single")
+    stamp = utc_stamp()
+    writer.remove("d", trash=True, stamp=stamp)
+    writer.remove("g.txt", trash=True, stamp=stamp)
+    assert os.listdir(writer.root) == []
+    trash = Path(writer.trash_dir, stamp, "f")
+    assert (trash / "d/sub/f.txt").read_bytes() == b"file in dir"
+    assert (trash / "g.txt").read_bytes() == b"single"
+    assert (trash / "g.txt").stat().st_mtime_ns == MTIME
+
+    put(writer, "g.txt", b"again")
+    writer.remove("g.txt", trash=True, stamp=stamp)  # same stamp: kept side by side
+    assert sorted(p.name for p in trash.iterdir()) == ["d", "g.txt", "g.txt~1"]
+
+    put(writer, "h/x", b"x")
+    writer.remove("h", trash=False, stamp=stamp)
+    assert not os.path.exists(os.path.join(writer.root, "h"))
+    writer.remove("never/there", trash=True, stamp=stamp)  # missing: no error
+
+
+def test_remove_to_trash_on_another_filesystem(tmp_path, far_dir):
+    w = FolderWriter(tmp_path / "root", tmp_path / "tmp", far_dir / "trash",
+                     far_dir / "conflicts")
+    put(w, "d/a.txt", b"a")
+    os.symlink("a.txt", os.path.join(w.root, "d/l"))
+    w.remove("d", trash=True, stamp="S")
+    assert not os.path.exists(os.path.join(w.root, "d"))
+    assert (far_dir / "trash/S/d/a.txt").read_bytes() == b"a"
+    assert os.readlink(far_dir / "trash/S/d/l") == "a.txt"
+    w.close()
+
+
+def test_preserve_keeps_content_mode_and_mtime(writer):
+    put(writer, "c/f.txt", b"local change", mode=0o600)
+    writer.make_link({"path": "c/l", "kind": "link", "target": "f.txt", "size": 5,
+                      "mtime_ns": MTIME, "mode": 0, "hash": ""})
+    stamp = utc_stamp()
+    copy = writer.preserve("c/f.txt", stamp)
+    assert copy == os.path.join(writer.conflicts_dir, stamp, "f", "c/f.txt")
+    st = os.stat(copy)
+    assert Path(copy).read_bytes() == b"local change"
+    assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o600, MTIME)
+    link_copy = writer.preserve("c/l", stamp)
+    assert os.readlink(link_copy) == "f.txt"
+    assert writer.preserve("c", stamp) is None  # folders are not copied
+    assert writer.preserve("c/none", stamp) is None
+    assert Path(writer.root, "c/f.txt").read_bytes() == b"local change"  # a copy, not a move
+
+
+# --- cleanup and purge -----------------------------------------------------------------------
+
+
+def test_cleanup_temps_removes_leftovers_of_a_killed_run(writer):
+    put(writer, "keep/me.txt", b"keep")
+    Path(writer.temp_dir, TEMP_PREFIX + "1").write_bytes(b"half")
+    Path(writer.temp_dir, TEMP_PREFIX + "2").write_bytes(b"half")
+    Path(writer.root, TEMP_PREFIX + "3").write_bytes(b"half")
+    Path(writer.root, "keep", TEMP_PREFIX + "4").write_bytes(b"half")
+    os.symlink("/", os.path.join(writer.root, "keep", TEMP_PREFIX + "5"))
+    os.mkdir(os.path.join(writer.root, TEMP_PREFIX + "6"))
+    assert writer.cleanup_temps() == 6
+    assert leftovers(writer) == []
+    assert Path(writer.root, "keep/me.txt").read_bytes() == b"keep"
+    assert writer.cleanup_temps() == 0
+
+
+def test_purge_trash_by_stamp_age(tmp_path):
+    trash = tmp_path / "trash"
+    old = (datetime.now(UTC) - timedelta(days=8)).strftime("%Y%m%dT%H%M%S.000Z")
+    new = utc_stamp()
+    for stamp in (old, new):
+        (trash / stamp / "f").mkdir(parents=True)
+        (trash / stamp / "f" / "x").write_bytes(b"x")
+    (trash / "not-a-stamp").mkdir()
+    assert purge_trash(trash, 7) == 1
+    assert sorted(p.name for p in trash.iterdir()) == sorted([new, "not-a-stamp"])
+    assert purge_trash(tmp_path / "missing", 7) == 0
+
+
+def test_utc_stamp_is_sortable_and_safe():
+    a = utc_stamp()
+    deadline = time.monotonic() + 2
+    while (b := utc_stamp()) == a and time.monotonic() < deadline:
+        pass
+    assert len(a) == len("20261125T160501.123Z") and a.endswith("Z") and "/" not in a
+    assert a < b
+    assert datetime.strptime(a, "%Y%m%dT%H%M%S.%fZ")
+
+
+# --- a full disk -----------------------------------------------------------------------------
+
+ENOSPC_SCRIPT = textwrap.dedent("""
+    import errno, json, os, sys
+    sys.path.insert(0, sys.argv[1])
+    from node.fsops import FolderWriter
+    from node.scan import TEMP_PREFIX, hash_bytes
+
+    mnt, far = sys.argv[2], sys.argv[3]
+    out = {}
+    for mode, temp in (("state", mnt + "/state/tmp"), ("target", far + "/tmp")):
+        w = FolderWriter(mnt + "/" + mode, temp, far + "/trash", far + "/conflicts")
+        old = b"old content" * 10
+        t = w.new_temp("d/f.bin")
+        t.write(old)
+        w.commit(t, {"path": "d/f.bin", "kind": "file", "size": len(old), "mtime_ns": 1,
+                     "mode": 0o644, "hash": hash_bytes(old)})
+        t = w.new_temp("d/f.bin")
+        err = None
+        try:
+            for _ in range(4096):  # 4 MiB into a 1 MiB tmpfs
+                t.write(b"x" * 1024)
+        except OSError as e:
+            err = errno.errorcode.get(e.errno)
+        temps = [n for _, ds, fs in os.walk(mnt) for n in ds + fs if n.startswith(TEMP_PREFIX)]
+        temps += os.listdir(temp)
+        with open(mnt + "/" + mode + "/d/f.bin", "rb") as f:
+            intact = f.read() == old
+        out[mode] = {"temp_in_state": w.temp_in_state, "error": err, "intact": intact,
+                     "temps": temps}
+        w.close()
+    print(json.dumps(out))
+""")
+
+
+def test_full_disk_keeps_the_old_file_and_no_temp(tmp_path, far_dir):
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare -m not permitted here: {probe.stderr.decode().strip()}")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = tmp_path / "enospc.py"
+    script.write_text(ENOSPC_SCRIPT)
+    shell = 'mount -t tmpfs -o size=1m tmpfs "$1" && exec "$2" "$3" "$4" "$1" "$5"'
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", shell, "sh", str(mnt), sys.executable, str(script),
+         str(REPO), str(far_dir)],
+        capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0 and "mount" in proc.stderr and "permission" in proc.stderr.lower():
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["state"] == {"temp_in_state": True, "error": "ENOSPC", "intact": True,
+                               "temps": []}
+    assert result["target"] == {"temp_in_state": False, "error": "ENOSPC", "intact": True,
+                                "temps": []}
