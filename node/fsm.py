@@ -121,7 +121,6 @@ TABLE: dict[tuple[S, E], Row] = {
     (S.HANDOVER, E.PEER_SILENT):            (S.PRIMARY, (A.ABORT_HANDOVER, A.PEER_LOST)),
     (S.HANDOVER, E.PROMOTE):                (S.HANDOVER, (A.REFUSE,)),
     (S.HANDOVER, E.PROMOTE_FORCE):          (S.HANDOVER, (A.REFUSE,)),
-    (S.HANDOVER, E.PEER_ASKS_HANDOVER):     (S.HANDOVER, ()),
     (S.HANDOVER, E.STOP):                   (S.LEAVING, ()),
 
     # Leaving: same last sync, then exit. A second signal means "now".

@@ -1,0 +1,152 @@
+"""Every (state, event) pair of the failover table, plus two-node simulations of the rule."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from node.fsm import PUBLIC, TABLE, A, E, S, step
+from node.peer import Peer
+from node.protocol import wins
+
+# The expected next state of every pair, written out independently of the table: one row per
+# state, one letter per event in the order of E. s=STARTING p=PRIMARY y=SECONDARY h=HANDOVER
+# l=LEAVING x=STOPPED.
+EVENTS = list(E)
+LETTER = {"s": S.STARTING, "p": S.PRIMARY, "y": S.SECONDARY, "h": S.HANDOVER, "l": S.LEAVING,
+          "x": S.STOPPED}
+#                 probe  pw pl sw sl sec dw dl silent hand ask prom force stop sync
+EXPECTED = {
+    S.STARTING:  "p      y  y  p  y  p   s  s  s      p    s   s    s     x    s",
+    S.PRIMARY:   "p      p  y  p  p  p   p  p  p      p    h   h    p     l    p",
+    S.HANDOVER:  "h      h  y  h  h  h   h  h  p      h    h   h    h     l    y",
+    S.LEAVING:   "l      l  x  l  l  l   l  l  l      l    l   l    l     x    x",
+    S.SECONDARY: "y      y  y  y  y  y   p  y  p      p    y   y    p     x    y",
+    S.STOPPED:   "x      x  x  x  x  x   x  x  x      x    x   x    x     x    x",
+}
+
+
+def test_expected_grid_names_every_event_once():
+    assert [e.value for e in EVENTS] == [
+        "probe_timeout", "peer_primary_we_win", "peer_primary_we_lose", "peer_starting_we_win",
+        "peer_starting_we_lose", "peer_secondary", "dual_secondary_we_win",
+        "dual_secondary_we_lose", "peer_silent", "peer_handover", "peer_asks_handover",
+        "promote", "promote_force", "stop", "sync_done",
+    ]
+    for row in EXPECTED.values():
+        assert len(row.split()) == len(EVENTS)
+
+
+@pytest.mark.parametrize(("state", "event"), list(itertools.product(S, E)))
+def test_every_pair(state, event):
+    nxt, actions = step(state, event)
+    want = LETTER[EXPECTED[state].split()[EVENTS.index(event)]]
+    assert nxt == want, f"{state} + {event}"
+    assert all(isinstance(a, A) for a in actions)
+    # invariants that make the table safe, whatever the row
+    if nxt in (S.PRIMARY,) and state in (S.STARTING, S.SECONDARY):
+        assert actions and actions[0] in (A.START_PRIMARY, A.TAKE_OVER), "epoch bump first"
+    if state in (S.PRIMARY, S.HANDOVER, S.LEAVING) and nxt in (S.SECONDARY, S.STOPPED):
+        assert A.STOP_SENTINELS in actions, "a primary never leaves with its sentinels running"
+    if nxt == S.SECONDARY and state != S.SECONDARY:
+        assert actions[-1] == A.FOLLOW, "becoming secondary always starts following"
+    if nxt == S.STOPPED and state != S.STOPPED:
+        assert actions[-1] == A.EXIT
+    if event in (E.PROMOTE, E.PROMOTE_FORCE) and nxt == state and state != S.SECONDARY:
+        assert A.REFUSE in actions or state == S.HANDOVER and event == E.PROMOTE
+
+
+def test_table_has_no_dead_rows():
+    for (state, event), (nxt, actions) in TABLE.items():
+        assert nxt != state or actions, f"{state}+{event} listed but does nothing"
+
+
+def test_hand_over_runs_the_final_sync_before_stopping_sentinels():
+    assert step(S.PRIMARY, E.STOP) == (S.LEAVING, (A.FINAL_SYNC,))
+    nxt, actions = step(S.LEAVING, E.SYNC_DONE)
+    assert actions.index(A.STOP_SENTINELS) < actions.index(A.SEND_HANDOVER)
+
+
+def test_public_states_are_the_specs():
+    assert set(PUBLIC.values()) <= {"starting", "primary", "secondary", "stopping", "stopped"}
+
+
+# --- the rule -------------------------------------------------------------------------------
+
+def node(name, epoch=0, role="main"):
+    return {"name": name, "epoch": epoch, "role": role}
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    (node("b", 2), node("a", 1)),  # higher epoch first
+    (node("b", 1, "main"), node("a", 1, "backup")),  # then main over backup
+    (node("a", 1), node("b", 1)),  # then the smaller name
+])
+def test_rule(a, b):
+    assert wins(a, b) and not wins(b, a)
+
+
+# --- two nodes, each with its own table, exchanging their states ----------------------------
+
+def simulate(a: dict, b: dict, sa: S, sb: S, rounds: int = 10) -> tuple[S, S]:
+    """Each round, each node sees the other's public state and steps; epochs bump on becoming
+    primary as the loop does. Returns the final states."""
+    states = {"a": sa, "b": sb}
+    info = {"a": dict(a), "b": dict(b)}
+    for _ in range(rounds):
+        for me, other in (("a", "b"), ("b", "a")):
+            peer = Peer(dead_after=1.0)
+            peer.update({**info[other], "run": other, "n": 1, "state": PUBLIC[states[other]],
+                         "restricted": False, "since": 5.0, "seq": 0, "applied": 0,
+                         "synced": True, "pending_files": 0, "pending_bytes": 0, "error": ""},
+                        now=0.0)
+            event = peer.event(info[me], states[me], my_since=5.0)
+            if event is None:
+                continue
+            nxt, actions = step(states[me], event)
+            if A.START_PRIMARY in actions or A.TAKE_OVER in actions:
+                info[me]["epoch"] = max(info[me]["epoch"], info[other]["epoch"]) + 1
+            states[me] = nxt
+    return states["a"], states["b"]
+
+
+STARTS = [S.STARTING, S.PRIMARY, S.SECONDARY]
+
+
+@pytest.mark.parametrize(("sa", "sb"), list(itertools.product(STARTS, STARTS)))
+@pytest.mark.parametrize(("ea", "eb", "ra", "rb"), [
+    (0, 0, "main", "main"), (3, 1, "main", "main"), (1, 3, "main", "main"),
+    (2, 2, "backup", "main"), (2, 2, "main", "backup"),
+])
+def test_two_nodes_always_settle_on_one_primary(sa, sb, ea, eb, ra, rb):
+    a, b = simulate(node("alpha", ea, ra), node("beta", eb, rb), sa, sb)
+    assert sorted([a, b]) == sorted([S.PRIMARY, S.SECONDARY]), (sa, sb, a, b)
+
+
+def test_split_brain_is_won_by_the_rule():
+    a, b = simulate(node("alpha", 5), node("beta", 6), S.PRIMARY, S.PRIMARY)
+    assert (a, b) == (S.SECONDARY, S.PRIMARY)
+    a, b = simulate(node("alpha", 6), node("beta", 6, "backup"), S.PRIMARY, S.PRIMARY)
+    assert (a, b) == (S.PRIMARY, S.SECONDARY)
+
+
+def test_fresh_dual_secondary_waits_for_dead_after():
+    peer = Peer(dead_after=1.0)
+    peer.update({"name": "beta", "run": "r", "n": 1, "state": "secondary", "epoch": 0,
+                 "role": "main", "restricted": False, "since": 0.1, "seq": 0, "applied": 0,
+                 "synced": True, "pending_files": 0, "pending_bytes": 0, "error": ""}, now=0.0)
+    assert peer.event(node("alpha"), S.SECONDARY, my_since=0.1) == E.PEER_SECONDARY
+    peer.since = 5.0
+    assert peer.event(node("alpha"), S.SECONDARY, my_since=5.0) == E.DUAL_SECONDARY_WE_WIN
+
+
+def test_stale_peer_messages_are_ignored():
+    peer = Peer(dead_after=1.0)
+    body = {"name": "beta", "run": "r", "n": 5, "state": "primary", "epoch": 3, "role": "main",
+            "restricted": False, "since": 1.0, "seq": 0, "applied": 0, "synced": True,
+            "pending_files": 0, "pending_bytes": 0, "error": ""}
+    assert peer.update(body, now=1.0)
+    assert not peer.update({**body, "n": 4, "state": "secondary"}, now=2.0)
+    assert peer.state == "primary"
+    assert peer.update({**body, "run": "new", "n": 1, "state": "starting"}, now=3.0)
+    assert peer.silent(4.5) and not peer.silent(3.5)
