@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,7 +64,7 @@ def make_keys(keydir: Path) -> None:
     keydir.mkdir(parents=True, exist_ok=True)
     for name in ("alpha", "beta", "stranger"):
         if name not in _KEYS_CACHE:
-            cache = Path(os.environ.get("SBS_TEST_KEYCACHE", "/tmp")) / f"sbs-test-keys-{os.getuid()}"
+            cache = Path(tempfile.gettempdir()) / f"sbs-test-keys-{os.getuid()}"
             if not (cache / f"{name}.key_secret").exists():
                 keygen(cache, name)
             _KEYS_CACHE[name] = cache

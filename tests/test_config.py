@@ -1,0 +1,105 @@
+"""sbs.ini: defaults, relative paths, and bad values that end `sbs-node start` with exit 2."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from node.config import ConfigError, load
+from tests.pair import make_keys
+
+BASE = """[node]
+name = alpha
+local = 127.0.0.1
+peer = 127.0.0.2
+state_dir = st
+[security]
+secret_key = keys/alpha.key_secret
+peer_public_key = keys/beta.key
+[folders]
+docs = data/docs
+labels = "data/my labels" *.lab **/keep/*.txt
+[sentinels]
+web = python3 -m http.server 8081
+"""
+
+
+@pytest.fixture
+def ini(tmp_path):
+    make_keys(tmp_path / "keys")
+
+    def write(text: str = BASE) -> str:
+        p = tmp_path / "sbs.ini"
+        p.write_text(text)
+        return str(p)
+
+    return write
+
+
+def test_defaults_and_relative_paths(ini, tmp_path):
+    cfg = load(ini())
+    assert (cfg.port, cfg.period, cfg.heartbeat, cfg.dead_after) == (4445, 5.0, 0.5, 1.5)
+    assert (cfg.role, cfg.strict, cfg.curve, cfg.trash_days) == ("main", False, True, 7.0)
+    assert cfg.state_dir == tmp_path / "st"
+    assert cfg.secret_key == tmp_path / "keys/alpha.key_secret"
+    assert [(f.name, f.path, f.filters) for f in cfg.folders] == [
+        ("docs", tmp_path / "data/docs", ("*",)),
+        ("labels", tmp_path / "data/my labels", ("*.lab", "**/keep/*.txt")),
+    ]
+    assert cfg.sentinels == (("web", "python3 -m http.server 8081"),)
+    assert (cfg.bus_port, cfg.blob_port) == (4446, 4447)
+
+
+def test_the_shipped_example_loads(tmp_path):
+    make_keys(tmp_path / "keys")
+    shipped = Path(__file__).parent.parent / "sbs.ini"
+    (tmp_path / "sbs.ini").write_text(shipped.read_text())
+    cfg = load(tmp_path / "sbs.ini")
+    assert (cfg.name, cfg.local, cfg.peer, cfg.port) == ("alpha", "127.0.0.1", "127.0.0.2", 4445)
+    assert [f.name for f in cfg.folders] == ["settings", "labels"]
+    assert dict(cfg.sentinels)["printer"].startswith("python3 -m http.server")
+
+
+BAD = [
+    ("peer = 127.0.0.2\n", "", "[node] peer: is required"),
+    ("[node]\n", "[node]\nport = http\n", "[node] port: 'http' is not a whole number"),
+    ("[node]\n", "[node]\nport = 70000\n", "[node] port: 70000 is out of range"),
+    ("[node]\n", "[node]\nrole = leader\n", "[node] role: 'leader' is not one of main, backup"),
+    ("[node]\n", "[node]\nstrict = maybe\n", "[node] strict: 'maybe' is not true or false"),
+    ("[node]\n", "[node]\nheartbeat = 1\ndead_after = 1.5\n", "[node] dead_after:"),
+    ("[node]\n", "[node]\ncolour = blue\n", "[node] colour: unknown key"),
+    ("keys/beta.key", "keys/gamma.key", "[security] peer_public_key: key file"),
+    ("secret_key = keys/alpha.key_secret", "secret_key = keys/beta.key",
+     "[security] secret_key: "),
+    ("docs = data/docs", "docs = ", "[folders] docs: needs a path"),
+    ("docs = data/docs", "docs = data/docs\nsub = data/docs/sub", "[folders] "),
+    ("web = python3", "web = 'unclosed", "[sentinels] web: cannot parse command"),
+    ("[folders]", "[mystery]\n[folders]", "[mystery]: unknown section"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "message"), BAD)
+def test_bad_values_name_file_section_and_key(ini, old, new, message):
+    path = ini(BASE.replace(old, new, 1))
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value).startswith(path)
+    assert message in str(info.value)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="configuration file not found"):
+        load("/nonexistent/sbs.ini")
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [BAD[0], BAD[1], BAD[3], BAD[7]])
+def test_sbs_node_start_exits_2_with_one_line(ini, old, new, message):
+    path = ini(BASE.replace(old, new, 1))
+    res = subprocess.run([sys.executable, "-m", "node.cli", "start", "--config", path],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and path in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
