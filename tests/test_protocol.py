@@ -1,0 +1,74 @@
+"""The wire protocol: round trips, and hostile frames that must come back as Bad, not raise."""
+from __future__ import annotations
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node import protocol
+from node.protocol import Bad, Message, decode, decode_bus, encode, encode_bus
+
+PING = {"name": "alpha", "run": "abc", "n": 1, "state": "primary", "epoch": 3, "role": "main",
+        "restricted": False, "since": 1.5, "seq": 7, "applied": 0, "synced": True,
+        "pending_files": 0, "pending_bytes": 0, "error": ""}
+
+
+def test_round_trip():
+    msg = decode(encode("PING", PING))
+    assert isinstance(msg, Message) and msg.command == "PING" and msg.body == PING
+    data = decode(encode("DATA", {"id": 1, "items": [{"size": 3}, {"size": -1, "err": "x"}]},
+                         b"abc", b""))
+    assert data and data.blobs == [b"abc", b""]
+    bus = decode_bus(encode_bus("HB", {"name": "a", "run": "r", "epoch": 1, "state": "primary",
+                                       "seq": 2, "sv": 0}))
+    assert bus and bus.command == "HB"
+
+
+def bad(frames) -> str:
+    msg = decode(frames)
+    assert isinstance(msg, Bad), msg
+    return msg.reason
+
+
+def test_hostile_frames_are_refused_with_a_reason():
+    assert "frames" in bad([b"SBS1", b"PING"])
+    assert "version" in bad([b"SBS9", b"PING", b"{}"])
+    assert "unknown command" in bad([b"SBS1", b"REBOOT", b"{}"])
+    assert "ASCII" in bad([b"SBS1", b"\xff\xfe", b"{}"])
+    assert "not JSON" in bad([b"SBS1", b"PING", b"{nope"])
+    assert "not an object" in bad([b"SBS1", b"PING", b"[1,2]"])
+    assert "missing field" in bad(encode("PING", {k: v for k, v in PING.items() if k != "epoch"}))
+    assert "'epoch'" in bad(encode("PING", {**PING, "epoch": "3"}))
+    assert "'epoch'" in bad(encode("PING", {**PING, "epoch": -1}))
+    assert "'state'" in bad(encode("PING", {**PING, "state": "king"}))
+    assert "'name'" in bad(encode("PING", {**PING, "name": "x" * 1000}))
+    assert "'restricted'" in bad(encode("PING", {**PING, "restricted": 1}))
+    assert "raw frames" in bad([*encode("PING", PING), b"extra"])
+    assert "blobs" in bad(encode("DATA", {"id": 1, "items": [{"size": 1}]}))
+    assert "'n'" in bad(encode("GET", {"id": 1, "items": [
+        {"f": "d", "p": "x", "o": 0, "n": protocol.MAX_CHUNK + 1}]}))
+    assert "unexpected command" in decode(encode("PING", PING), expect=("PONG",)).reason
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=6))
+def test_random_frames_never_raise(frames):
+    assert isinstance(decode(frames), Bad | Message)
+    assert isinstance(decode_bus(frames), Bad | Message)
+
+
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(protocol.SCHEMAS)), st.dictionaries(
+    st.sampled_from(["name", "run", "n", "state", "epoch", "items", "entries", "index", "id",
+                     "seq", "folders", "force", "action", "status"]), JSONISH, max_size=8))
+def test_random_bodies_never_raise(command, body):
+    msg = decode([b"SBS1", command.encode(), orjson.dumps(body)])
+    assert isinstance(msg, Bad | Message)
