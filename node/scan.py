@@ -111,7 +111,8 @@ def _glob_class(pat: str, i: int) -> tuple[str, int] | None:
 
 
 def glob_to_regex(pat: str) -> str:
-    """`*`, `?` and `[...]` stay inside one path component; `**` crosses folders."""
+    """`*`, `?` and `[...]` stay inside one path component; `**` as a whole component crosses
+    folders (`**/x`, `a/**/x`, `a/**`)."""
     out: list[str] = []
     i, n = 0, len(pat)
     while i < n:
@@ -120,13 +121,14 @@ def glob_to_regex(pat: str) -> str:
             j = i
             while j < n and pat[j] == "*":
                 j += 1
-            if j - i == 1:
-                out.append("[^/]*")
-            elif (i == 0 or pat[i - 1] == "/") and j < n and pat[j] == "/":
-                out.append("(?:.*/)?")  # "**/" : zero or more whole folders
+            whole = (i == 0 or pat[i - 1] == "/") and (j == n or pat[j] == "/")
+            if j - i == 1 or not whole:
+                out.append("[^/]*")  # as in gitignore, "**" inside a name is a plain "*"
+            elif j < n:
+                out.append("(?:.*/)?")  # "**/": zero or more whole folders
                 j += 1
             else:
-                out.append(".*")
+                out.append(".*")  # a trailing "/**": everything below
             i = j
         elif c == "?":
             out.append("[^/]")
