@@ -609,7 +609,11 @@ class Node:
 
     # ------------------------------------------------------------------ sentinels
     def _sentinel_event(self, event: dict[str, Any]) -> None:
-        self.publish_event("sentinel", **event)
+        # Sentinels reports {"event", "name", ...}: both keys are taken on the bus (the event
+        # kind and the node name), so they travel as `action` and `sentinel`.
+        fields = dict(event)
+        self.publish_event("sentinel", action=fields.pop("event"), sentinel=fields.pop("name"),
+                           **fields)
 
     def _load_sentinels_for(self, *, own: bool) -> None:
         """Own config's [sentinels] when starting as primary; the pushed copy on takeover."""
