@@ -64,6 +64,7 @@ class Node:
         self.started_at = self.state_at
         self.restricted = False
         self.peer = Peer(dead_after=cfg.dead_after)
+        self.peer_ident: bytes | None = None  # ROUTER identity of the peer's DEALER
         self.split_reported: str | None = None
         self.keys = load_keys(cfg)
 
@@ -190,24 +191,27 @@ class Node:
             self.stop_requested -= 1
             log.info("stop requested (signal) in state %s", self.state)
             self.feed(E.STOP)
-        for sock, handler in (
-            (self.router, self._on_router),
-            (self.dealer, self._on_dealer),
-            (self.sub, self._on_bus),
-            (self.results, self._on_result),
-            (self.scanner_pipe, self._on_scanner),
-            (self.syncer_pipe, self._on_syncer),
+        for name, handler in (
+            ("router", self._on_router),
+            ("dealer", self._on_dealer),
+            ("sub", self._on_bus),
+            ("results", self._on_result),
+            ("scanner_pipe", self._on_scanner),
+            ("syncer_pipe", self._on_syncer),
         ):
-            if sock is not None and sock in ready:
-                # drain what is there now, bounded so one busy socket cannot starve the others
-                for _ in range(1000):
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    handler(frames)
-                    if self.state == S.STOPPED:
-                        return
+            # drain what is there now, bounded so one busy socket cannot starve the others;
+            # looked up each time, since a handler may close a socket (sub on takeover)
+            for _ in range(1000):
+                sock = getattr(self, name)
+                if sock is None or sock.closed or sock not in ready:
+                    break
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                handler(frames)
+                if self.state == S.STOPPED:
+                    return
         self._tick(time.monotonic())
 
     def _next_deadline(self, now: float) -> float:
@@ -374,8 +378,13 @@ class Node:
         log.warning("hand-over aborted: the peer went silent; staying primary")
 
     def _do_send_handover(self, **_: Any) -> None:
-        self._send_peer("HANDOVER", {"name": self.cfg.name, "run": self.run_id,
-                                     "epoch": self.epoch, "seq": self.seq})
+        body = {"name": self.cfg.name, "run": self.run_id, "epoch": self.epoch, "seq": self.seq}
+        self._send_peer("HANDOVER", body)
+        # Also back along the peer's own connection (its pings reach our ROUTER): our DEALER
+        # may still be reconnecting to a peer that started a moment ago, and a lost HANDOVER
+        # costs the peer dead_after of waiting. A duplicate is ignored by the table.
+        if self.peer_ident is not None:
+            self._reply(self.peer_ident, protocol.encode("HANDOVER", body))
         log.info("handed over to %s", self.peer.name or self.cfg.peer)
 
     def _do_ask_handover(self, **_: Any) -> None:
@@ -457,6 +466,8 @@ class Node:
             return
         c = msg.command
         if c == "PING":
+            if msg.body["run"] != self.run_id:
+                self.peer_ident = ident
             self._on_peer_state(msg)
             self._reply(ident, protocol.encode("PONG", self._peer_state()))
         elif c == "HANDOVER":
@@ -494,7 +505,7 @@ class Node:
         return True
 
     def _on_dealer(self, frames: list[bytes]) -> None:
-        msg = protocol.decode(frames, expect=("PONG", "SNAPSHOT_REP", "REPLY"))
+        msg = protocol.decode(frames, expect=("PONG", "SNAPSHOT_REP", "REPLY", "HANDOVER"))
         if isinstance(msg, Bad):
             log.warning("dropped a bad message from the peer: %s", msg.reason)
             return
@@ -502,6 +513,9 @@ class Node:
             self._on_peer_state(msg)
         elif msg.command == "SNAPSHOT_REP":
             self._on_snapshot(msg)
+        elif msg.command == "HANDOVER":
+            if self._from_peer(msg):
+                self.feed(E.PEER_HANDOVER)
         elif msg.command == "REPLY" and msg.body["status"] == "error":
             log.warning("peer answered: %s", msg.body.get("reason"))
             if self.follow.get("snapshot_deadline"):
@@ -883,8 +897,9 @@ class Node:
         self.sentinels.stop_all()
         self.notifier.close(timeout=2.0)
         self.agreed.close()
-        if getattr(self, "dealer", None) is not None:
-            self.dealer.close(linger=500)  # let a last HANDOVER leave
+        for sock in (getattr(self, "dealer", None), getattr(self, "router", None)):
+            if sock is not None:
+                sock.close(linger=500)  # let a last HANDOVER leave
         if self.auth is not None:
             self.auth.stop()
             self.auth = None

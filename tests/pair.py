@@ -175,6 +175,8 @@ class Pair:
                 merged.setdefault(sec, {}).update(kv)
             self.nodes[name] = NodeProc(write_config(root, name, self.port, **merged))
         self.alpha, self.beta = self.nodes["alpha"], self.nodes["beta"]
+        for name in HOSTS:
+            self.folder(name)
 
     def folder(self, name: str, folder: str = "docs") -> Path:
         p = self.root / "data" / name / folder
