@@ -1,0 +1,26 @@
+# SBS tasks. `pip install -e '.[dev]'` first (it brings `just` itself, from rust-just).
+
+python := env_var_or_default("PYTHON", "python3")
+
+# list the recipes
+default:
+    @just --list
+
+# a real pair on 127.0.0.1 and 127.0.0.2: replication, kill -9, takeover, rejoin, promote
+demo:
+    {{python}} -m tools.demo
+
+# the test suite (real nodes on loopback; a few minutes on 2 cores)
+test *args:
+    {{python}} -m pytest -q {{args}}
+
+# the benchmarks (minutes; figures go to bench/out/)
+bench *args:
+    {{python}} bench/takeover.py {{args}}
+    {{python}} bench/sentinel_takeover.py {{args}}
+    {{python}} bench/transport.py {{args}}
+    {{python}} bench/replication.py {{args}}
+
+# ruff, as CI would
+lint:
+    {{python}} -m ruff check .
