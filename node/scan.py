@@ -18,11 +18,25 @@ import re
 import stat
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import xxhash
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirAttribEvent,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 
 log = logging.getLogger(__name__)
 
@@ -605,7 +619,18 @@ if InotifyFD is not None:
             self.inotify_fd.join()
 
 
+# watchdog 7 warns when a fast "mkdir -p a/b" makes it register the same callback twice on a new
+# folder's watch; it just overwrites the callback with itself, so the warning is noise.
+warnings.filterwarnings("ignore", message=r"Callback with id .* already exists",
+                        category=RuntimeWarning, module=r"watchdog\.")
+
 _IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})
+# Only what can change content or metadata. Leaving out IN_OPEN and IN_CLOSE_NOWRITE keeps every
+# read of a replicated file (our own hashing included) out of the kernel queue and out of
+# watchdog's per-event Python work, which also makes a queue overflow less likely.
+_EVENT_FILTER = [FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent,
+                 FileClosedEvent, FileAttribEvent, DirCreatedEvent, DirDeletedEvent,
+                 DirMovedEvent, DirAttribEvent]
 
 
 class _RootHandler(FileSystemEventHandler):
@@ -723,7 +748,7 @@ class Watcher:
         root = self._roots[name]
         try:
             self._watches[name] = self._observer.schedule(
-                _RootHandler(self, name, root), root, recursive=True)
+                _RootHandler(self, name, root), root, recursive=True, event_filter=_EVENT_FILTER)
         except OSError as e:
             log.warning("cannot watch folder %s (%s): %s", name, root, e)
             return False
