@@ -17,6 +17,7 @@ import collections
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -142,6 +143,7 @@ class Fetcher:
         self.window, self.timeout, self.retries = window, timeout, retries
         self.sock: zmq.Socket | None = None
         self.next_id = 1
+        self.cancelled = threading.Event()  # set by another thread: give up at once
 
     def _open(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
@@ -156,6 +158,18 @@ class Fetcher:
         if self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None
+
+    def _wait_reply(self) -> bool:
+        """Wait up to `timeout` for a reply, in short slices so a cancel is seen quickly
+        (a takeover must not wait for a dead primary's fetch to time out)."""
+        deadline = time.monotonic() + self.timeout
+        while not self.cancelled.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self.sock.poll(min(left, 0.05) * 1000):
+                return True
+        return False
 
     def fetch(
         self, batches: Iterable[list[dict[str, Any]]]
@@ -181,7 +195,9 @@ class Fetcher:
                 inflight.append((rid, items, frames))
             if not inflight:
                 return
-            if not self.sock.poll(self.timeout * 1000):
+            if not self._wait_reply():
+                if self.cancelled.is_set():
+                    raise FetchError("cancelled")
                 misses += 1
                 if misses > self.retries:
                     raise FetchError(f"no answer from {self.endpoint} after {misses} tries")

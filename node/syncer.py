@@ -82,6 +82,7 @@ class Syncer:
         self.jobs.put(("confirm", folder))
 
     def stop(self) -> None:
+        self.fetcher.cancelled.set()  # a fetch from a dead primary ends now, not after retries
         self.jobs.put(("stop",))
         self.thread.join(60)
 
