@@ -98,7 +98,7 @@ class Syncer:
                 except queue.Empty:
                     self._retry_pending()
                     continue
-                if job[0] == "stop":
+                if job[0] == "stop" or self.fetcher.cancelled.is_set():
                     return
                 try:
                     if job[0] == "snapshot":
