@@ -682,6 +682,7 @@ class Watcher:
     """
 
     HEALTH_INTERVAL = 0.25
+    RETRY_MAX = 30.0
 
     def __init__(self, roots: dict[str, str], on_batch: Callable[[Batch | None], None], *,
                  quiet: float = 0.004, max_delay: float = 0.05):
@@ -696,7 +697,7 @@ class Watcher:
         self._stopping = False
         self._observer: Any = None
         self._watches: dict[str, Any] = {}
-        self._broken: set[str] = set()
+        self._broken: dict[str, list[float]] = {}  # folder -> [retry at, next delay]
         self._thread: threading.Thread | None = None
 
     # -- lifecycle --
@@ -706,7 +707,7 @@ class Watcher:
         self._observer = self._new_observer()
         for name in self._roots:
             if not self._schedule(name):
-                self._broken.add(name)
+                self._broken[name] = [0.0, self.HEALTH_INTERVAL]
         self._thread = threading.Thread(target=self._run, name="sbs-watcher", daemon=True)
         self._thread.start()
 
@@ -744,13 +745,14 @@ class Watcher:
             self._observer = None
         self._watches.clear()
 
-    def _schedule(self, name: str) -> bool:
+    def _schedule(self, name: str, *, quiet: bool = False) -> bool:
         root = self._roots[name]
         try:
             self._watches[name] = self._observer.schedule(
                 _RootHandler(self, name, root), root, recursive=True, event_filter=_EVENT_FILTER)
         except OSError as e:
-            log.warning("cannot watch folder %s (%s): %s", name, root, e)
+            log.log(logging.DEBUG if quiet else logging.WARNING,
+                    "cannot watch folder %s (%s): %s", name, root, e)
             return False
         return True
 
@@ -808,7 +810,10 @@ class Watcher:
                 except Exception:
                     log.exception("watch batch handler failed")
             if now >= next_health:
-                self._check_health()
+                try:
+                    self._check_health()
+                except Exception:  # e.g. no inotify instance left: try again next time
+                    log.exception("file watcher health check failed")
                 next_health = time.monotonic() + self.HEALTH_INTERVAL
 
     def _check_health(self) -> None:
@@ -819,19 +824,26 @@ class Watcher:
             log.warning("file watcher died; restarting it")
             self._stop_observer()
             self._observer = self._new_observer()
-            self._broken = set(self._roots)
+            self._broken = {name: [0.0, self.HEALTH_INTERVAL] for name in self._roots}
         running = {e.watch for e in list(self._observer.emitters) if e.is_alive()}
         for name, watch in list(self._watches.items()):
             if watch not in running:
                 log.warning("watch on folder %s stopped (folder removed?)", name)
                 self._unschedule(name)
-                self._broken.add(name)
+                self._broken[name] = [0.0, self.HEALTH_INTERVAL]
                 self.request_rescan()
-        for name in sorted(self._broken):
-            if os.path.isdir(self._roots[name]) and self._schedule(name):
+        now = time.monotonic()
+        for name, retry in sorted(self._broken.items()):
+            # A missing folder costs one stat per check; a failing watch (an inotify limit) walks
+            # the whole tree, so those retries back off.
+            if now < retry[0] or not os.path.isdir(self._roots[name]):
+                continue
+            if self._schedule(name, quiet=True):
                 log.info("watching folder %s again", name)
-                self._broken.discard(name)
+                del self._broken[name]
                 self.request_rescan()
+            else:
+                retry[:] = [now + retry[1], min(2 * retry[1], self.RETRY_MAX)]
 
     def _unschedule(self, name: str) -> None:
         watch = self._watches.pop(name, None)
