@@ -3,11 +3,13 @@ observer; every wait has a deadline)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from fnmatch import fnmatchcase
@@ -17,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from node import scan as scan_module
 from node.scan import (
     TEMP_PREFIX,
     Filter,
@@ -31,6 +34,7 @@ from node.scan import (
     scan_paths,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 WAIT = 5.0  # seconds: the deadline of every wait below
 
 
@@ -213,6 +217,32 @@ def test_entry_for(tmp_path):
     assert entry_for(str(tmp_path), "via/f.txt", Filter(), cache) is None  # never through a link
 
 
+@pytest.mark.parametrize("writes", [1, 99])
+def test_a_file_written_while_hashed_is_hashed_again(tmp_path, monkeypatch, writes):
+    """A writer appending during the read must not leave a hash paired with the wrong size."""
+    path = write(tmp_path / "busy", b"start")
+    real_hash_fd = scan_module.hash_fd
+    calls = []
+
+    def hash_fd_during_a_write(fd):
+        h = real_hash_fd(fd)
+        calls.append(h)
+        if len(calls) <= writes:
+            with open(path, "ab") as f:  # the concurrent writer, between our two fstats
+                f.write(b"+more")
+        return h
+
+    monkeypatch.setattr(scan_module, "hash_fd", hash_fd_during_a_write)
+    cache = HashCache(racy_ns=0)
+    entry = entry_for(str(tmp_path), "busy", Filter(), cache)
+    if writes == 1:  # settles on the second read
+        assert cache.hashed == 2 and len(cache) == 1
+        assert entry["hash"] == hash_bytes(path.read_bytes())
+        assert entry["size"] == path.stat().st_size
+    else:  # never settles: reported after 3 reads, but not cached, so it is read again
+        assert cache.hashed == scan_module.STABLE_TRIES and len(cache) == 0
+
+
 # --- full scans ------------------------------------------------------------------------------
 
 
@@ -279,18 +309,39 @@ def test_missing_root_raises_folder_missing(tmp_path):
     assert issubclass(FolderMissing, OSError)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads folders whatever their mode")
-def test_unreadable_subfolder_is_skipped(tmp_path):
-    write(tmp_path / "ok/f")
-    write(tmp_path / "locked/f")
-    (tmp_path / "locked").chmod(0)
+UNREADABLE_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from node.scan import Filter, HashCache, scan_folder
+skipped = []
+index = scan_folder(sys.argv[2], Filter(), HashCache(), skipped=skipped)
+print(json.dumps([sorted(index), skipped]))
+"""
+
+
+def test_unreadable_subfolder_is_skipped():
+    # root reads any folder, so as root the scan runs as nobody, in a folder nobody can reach
+    # (tmp_path lives under a 0700 directory).
+    cmd = [sys.executable, "-c", UNREADABLE_SCRIPT, str(REPO)]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv to drop privileges")
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+    base = Path(tempfile.mkdtemp())
     try:
-        skipped: list[str] = []
-        index = scan_folder(str(tmp_path), Filter(), HashCache(), skipped=skipped)
+        base.chmod(0o755)
+        write(base / "ok/f")
+        write(base / "locked/f")
+        (base / "locked").chmod(0)
+        proc = subprocess.run([*cmd, str(base)], capture_output=True, text=True, timeout=60)
     finally:
-        (tmp_path / "locked").chmod(0o755)
-    assert "ok/f" in index and "locked" in index and "locked/f" not in index
+        (base / "locked").chmod(0o755)
+        shutil.rmtree(base)
+    assert proc.returncode == 0, proc.stderr
+    index, skipped = json.loads(proc.stdout)
+    assert index == ["locked", "ok", "ok/f"]  # the folder itself is listed, not its content
     assert skipped == ["locked"]
+    assert "skipping unreadable folder" in proc.stderr
 
 
 def test_unchanged_rescan_reads_no_file(odd_tree):
