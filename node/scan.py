@@ -390,7 +390,10 @@ def _scan_dir(rel_dir: str, abs_dir: str, filt: Filter, cache: HashCache, out: d
     with it:
         for de in it:
             name = de.name
-            if name.startswith(TEMP_PREFIX) or not _utf8_ok(name):
+            if name.startswith(TEMP_PREFIX):
+                continue
+            if not _utf8_ok(name):
+                cache.warn_once(de.path, "skipping %r: the name is not UTF-8", de.path)
                 continue
             rel = prefix + name
             try:
@@ -398,7 +401,7 @@ def _scan_dir(rel_dir: str, abs_dir: str, filt: Filter, cache: HashCache, out: d
                 if not is_dir and not filt.match(rel):
                     continue  # filtered out before paying for an lstat
                 st = de.stat(follow_symlinks=False)
-            except FileNotFoundError:
+            except OSError:  # vanished meanwhile (or cannot be stat'ed): not there for us
                 continue
             if stat.S_ISDIR(st.st_mode):
                 out[rel] = dir_entry(rel, st)

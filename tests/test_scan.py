@@ -262,6 +262,7 @@ def odd_tree(tmp_path):
     os.mkfifo(root / "fifo")
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(root / "sock"))
+    write(root / os.fsdecode(b"latin1-\xe9.txt"), b"not UTF-8: cannot travel in JSON")
     write(root / (TEMP_PREFIX + "half"), b"temp")
     write(root / "a" / (TEMP_PREFIX + "dir") / "x", b"temp")
     (root / "a/b/c/deep.txt").chmod(0o600)
