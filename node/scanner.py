@@ -120,13 +120,20 @@ class Scanner:
     def _full_scan(self, pipe: zmq.Socket) -> None:
         delta: dict[str, list[dict]] = {}
         for name, (root, filt) in self.folders.items():
+            skipped: list[str] = []
             try:
-                fresh = scan_folder(root, filt, self.cache)
+                fresh = scan_folder(root, filt, self.cache, skipped=skipped)
             except FolderMissing:
                 # an unmounted or vanished folder is not "everything was deleted"
                 log.error("folder %s (%s) is missing: not replicating it", name, root)
                 pipe.send_multipart([b"error", f"folder {name} ({root}) is missing".encode()])
                 continue
+            for rel_dir in skipped:
+                # unreadable now (permissions, I/O error) is not deleted: keep what we had
+                prefix = rel_dir + "/"
+                for path, entry in self.index[name].items():
+                    if path == rel_dir or path.startswith(prefix):
+                        fresh.setdefault(path, entry)
             changes = diff(self.index[name], fresh)
             self.index[name] = fresh
             if changes:
