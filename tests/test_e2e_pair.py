@@ -272,3 +272,22 @@ def test_tail_prints_heartbeats_and_manifests(make_pair):
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+def test_plain_tcp_when_the_config_says_so(make_pair):
+    pair = make_pair(security={"curve": "false"})
+    pair.alpha.start()
+    pair.alpha.wait_state("primary")
+    pair.beta.start()
+    pair.beta.wait_state("secondary")
+    (pair.folder("alpha") / "plain.txt").write_text("no curve")
+    wait_for(lambda: (pair.folder("beta") / "plain.txt").exists(), 10, "replication over TCP")
+    # and a client without any key is answered, as configured
+    dealer = _client(zmq.DEALER, pair, None)
+    dealer.connect(f"tcp://127.0.0.1:{pair.port}")
+    try:
+        dealer.send_multipart(protocol.encode("STATUS"))
+        assert dealer.poll(3000)
+        assert protocol.decode(dealer.recv_multipart()).body["state"] == "primary"
+    finally:
+        dealer.close()
