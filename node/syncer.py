@@ -46,10 +46,6 @@ GUARD_MIN_FILES = 20
 PER_FILE_EVENTS = 100  # above this many files in one job, the bus gets progress instead
 
 
-class DiskFull(Exception):
-    pass
-
-
 class Syncer:
     def __init__(self, ctx: zmq.Context, endpoint: str, cfg: Config, keys: Keys | None,
                  agreed: Agreed):
@@ -65,6 +61,11 @@ class Syncer:
         self.applied = 0
         self.error = ""
         self.confirmed: set[str] = set()
+        # strict deletions the guard refused, per folder: applied once an operator confirms,
+        # dropped when the primary shows the path again (a disk that was only unmounted)
+        self.held: dict[str, dict[str, dict]] = {}
+        self.guard_errors: dict[str, str] = {}
+        self.disk_full: set[str] = set()  # folders whose full disk was already logged
         self.thread = threading.Thread(target=self._run, name="sbs-syncer", daemon=True)
 
     # --- called from the node loop ---------------------------------------------------
@@ -106,9 +107,7 @@ class Syncer:
                     elif job[0] == "manifest":
                         self._manifest(*job[1:])
                     elif job[0] == "confirm":
-                        self.confirmed = set(self.writers) if job[1] is None else {job[1]}
-                        log.warning("operator confirmed the next strict deletions in %s",
-                                    sorted(self.confirmed))
+                        self._confirm(job[1])
                 except Exception as exc:  # keep following; report what went wrong
                     log.exception("sync job %s failed", job[0])
                     self.error = f"{job[0]} failed: {exc}"
@@ -121,13 +120,39 @@ class Syncer:
         self.pipe.send_multipart([b"event", orjson.dumps({"event": event, **fields})])
 
     def _report(self, *, snapshot: bool) -> None:
+        if not self.error.startswith("disk full"):
+            if self.disk_full:
+                log.info("space is back in %s", sorted(self.disk_full))
+            self.disk_full.clear()
         self.pipe.send_multipart([b"applied", orjson.dumps({
             "applied": self.applied if not self.pending else (self.pending_since_seq or 0),
             "snapshot": snapshot,
             "pending_files": len(self.pending),
             "pending_bytes": sum(e.get("size", 0) for e in self.pending.values()),
-            "error": self.error,
+            "error": self.error or "; ".join(self.guard_errors.values()),
         })])
+
+    def _confirm(self, folder: str | None) -> None:
+        """The operator allows the deletions the guard refused: apply the held ones now, or
+        (when none is held) let the next strict cycle of the folder(s) delete."""
+        names = set(self.writers) if folder is None else {folder}
+        log.warning("operator confirmed the strict deletions in %s", sorted(names))
+        held = {n: self.held.pop(n) for n in names if n in self.held}
+        self.confirmed |= names - set(held)
+        for name in held:
+            self.guard_errors.pop(name, None)
+        stamp = utc_stamp()
+        for name, doomed in held.items():
+            if name not in self.writers:
+                continue
+            known = self.known.get(name, {})
+            deletions = [e for p, e in doomed.items() if p not in known]
+            local = self._local(name, [e["path"] for e in deletions])
+            self.confirmed.add(name)
+            done = self._delete(name, deletions, local, stamp)
+            if done:
+                self.agreed.update(done)
+        self._report(snapshot=False)
 
     def _setup(self, folders: dict[str, FolderConfig]) -> None:
         sd = self.cfg.state_dir
@@ -169,6 +194,8 @@ class Syncer:
         self.pending.clear()
         self.pending_since_seq = None
         self.error = ""
+        self.held.clear()  # what to delete is worked out afresh from the full index
+        self.guard_errors.clear()
         stamp = utc_stamp()
         plans = []
         for name, entries in index.items():
@@ -202,8 +229,12 @@ class Syncer:
             valid = list(self._valid(name, items))
             known = self.known.setdefault(name, {})
             changes, deletions = [], []
+            held = self.held.get(name, {})
             for e in valid:
                 self.pending.pop((name, e["path"]), None)
+                if not e.get("deleted") and held.pop(e["path"], None) is not None and not held:
+                    del self.held[name]  # the primary has them all again: nothing to confirm
+                    self.guard_errors.pop(name, None)
                 if e.get("deleted"):
                     known.pop(e["path"], None)
                     if self.cfg.strict:
@@ -301,12 +332,13 @@ class Syncer:
 
     def _failed(self, name: str, e: dict, exc: BaseException) -> None:
         self.pending[(name, e["path"])] = e
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            if not self.error.startswith("disk full"):
+        if _enospc(exc):
+            if name not in self.disk_full:
+                self.disk_full.add(name)
                 log.error("disk full in folder %s writing %s: keeping the old copy; will retry",
                           name, e["path"])
-                self._emit("disk_full", folder=name, path=e["path"])
             self.error = f"disk full in folder {name} ({self.writers[name].root})"
+            self._emit("disk_full", folder=name, path=e["path"], error=self.error)
         elif isinstance(exc, PathError):
             self.pending.pop((name, e["path"]), None)  # hostile or impossible: never retry
             log.warning("refused %s/%s: %s", name, e["path"][:200], exc)
@@ -327,8 +359,10 @@ class Syncer:
                    f"{name} (an unmounted disk on the primary looks like this); run "
                    f"'sbs-tools confirm-deletions {name}' on this node to allow it")
             log.error(msg)
-            self.error = msg
-            self._emit("strict_guard", folder=name, deletions=doomed, files=files_here)
+            self.held.setdefault(name, {}).update((e["path"], e) for e in deletions)
+            self.guard_errors[name] = msg
+            self._emit("strict_guard", folder=name, deletions=doomed, files=files_here,
+                       error=msg)
             return []
         self.confirmed.discard(name)
         done = []
@@ -365,17 +399,27 @@ class Syncer:
         """Fetch, verify and commit files; return what got applied (for the journal)."""
         writer = self.writers[name]
         done: list[tuple[str, str, str]] = []
-        empties = [e for e in files if e["size"] == 0]
-        for e in empties:
-            tmp = writer.new_temp(e["path"])
-            self._commit(name, [(tmp, e)], done)
         by_path = {e["path"]: e for e in files if e["size"] > 0}
         open_big: dict[str, Any] = {}
+        # Files that failed on our side (a full disk, a bad path): their remaining chunks are
+        # not asked for. Other files go on: a file too big for the space left must not keep
+        # the small ones behind it from arriving.
+        skip: set[str] = set()
         try:
-            for items, metas, blobs in self.fetcher.fetch(self._batches(name, by_path)):
-                small = []
+            for e in files:
+                if e["size"] == 0:
+                    try:
+                        tmp = writer.new_temp(e["path"])
+                    except (PathError, OSError) as exc:
+                        self._failed(name, e, exc)
+                        continue
+                    self._commit(name, [(tmp, e)], done)
+            for items, metas, blobs in self.fetcher.fetch(self._batches(name, by_path, skip)):
+                small: list[tuple[Any, dict]] = []
                 for item, meta, blob in zip(items, metas, blobs, strict=True):
                     e = by_path[item["p"]]
+                    if e["path"] in skip:
+                        continue
                     if meta["size"] != e["size"] or "err" in meta:
                         # changed or gone since the manifest: the next one will say more
                         if (tmp := open_big.pop(e["path"], None)) is not None:
@@ -383,29 +427,29 @@ class Syncer:
                         if e["path"] not in {x[1] for x in done}:
                             self.pending[(name, e["path"])] = e
                         continue
-                    if e["size"] <= SMALL:
-                        tmp = writer.new_temp(e["path"])
+                    try:
+                        if e["size"] <= SMALL:
+                            tmp = writer.new_temp(e["path"])
+                            tmp.write(blob)  # on error the temp file removes itself
+                            small.append((tmp, e))
+                            continue
+                        tmp = open_big.get(e["path"])
+                        if tmp is None:
+                            if item["o"] != 0:
+                                continue  # an earlier chunk failed; this file is pending
+                            tmp = open_big[e["path"]] = writer.new_temp(e["path"])
                         tmp.write(blob)
-                        small.append((tmp, e))
+                    except (PathError, OSError) as exc:
+                        if (tmp := open_big.pop(e["path"], None)) is not None:
+                            tmp.abort()
+                        skip.add(e["path"])
+                        self._failed(name, e, exc)
                         continue
-                    tmp = open_big.get(e["path"])
-                    if tmp is None:
-                        if item["o"] != 0:
-                            continue  # an earlier chunk failed; this file is pending
-                        tmp = open_big[e["path"]] = writer.new_temp(e["path"])
-                    tmp.write(blob)
                     if item["o"] + len(blob) >= e["size"]:
                         del open_big[e["path"]]
                         self._commit(name, [(tmp, e)], done)
                 if small:
                     self._commit(name, small, done)
-        except DiskFull:
-            self.fetcher.close()  # drop what is in flight; retried when space returns
-            for e in by_path.values():
-                if (name, e["path"]) not in self.pending and e["path"] not in {
-                    x[1] for x in done
-                }:
-                    self.pending[(name, e["path"])] = e
         except FetchError as exc:
             log.error("fetching from the primary failed: %s", exc)
             self.error = str(exc)
@@ -419,7 +463,8 @@ class Syncer:
                 tmp.abort()
         return done
 
-    def _batches(self, name: str, by_path: dict[str, dict]) -> Iterator[list[dict]]:
+    def _batches(self, name: str, by_path: dict[str, dict],
+                 skip: set[str]) -> Iterator[list[dict]]:
         batch: list[dict] = []
         size = 0
         for e in by_path.values():
@@ -428,6 +473,8 @@ class Syncer:
                     yield batch
                     batch, size = [], 0
                 for off in range(0, e["size"], CHUNK):
+                    if e["path"] in skip:
+                        break
                     yield [{"f": name, "p": e["path"], "o": off,
                             "n": min(CHUNK, e["size"] - off)}]
                 continue
@@ -450,7 +497,6 @@ class Syncer:
                 results = [exc]
         else:
             results = writer.commit_many(items)
-        full = False
         for (tmp, e), res in zip(items, results, strict=True):
             if res is None:
                 done.append((name, e["path"], Agreed.token(e)))
@@ -458,9 +504,10 @@ class Syncer:
             else:
                 tmp.abort()
                 self._failed(name, e, res)
-                full = full or (isinstance(res, OSError) and res.errno == errno.ENOSPC)
-        if full:
-            raise DiskFull()
+
+
+def _enospc(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _differs(have: dict | None, want: dict) -> bool:
