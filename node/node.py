@@ -663,7 +663,13 @@ class Node:
         paths = self.pair.get("paths", {})
         table = {}
         for name, filters in self.pair.get("folders", {}).items():
-            path = own[name].path if name in own else Path(paths.get(name, ""))
+            path = own[name].path if name in own else Path(paths.get(name) or "")
+            if not path.is_absolute():
+                # Path("") is ".": a folder pushed without a usable path would land in
+                # whatever the working directory is (/ under systemd)
+                log.error("folder %r: no path here and no absolute path from the primary"
+                          " (%r): not replicated", name[:64], str(paths.get(name))[:200])
+                continue
             table[name] = FolderConfig(name=name, path=path, filters=tuple(filters))
         return table
 
