@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import queue
 import threading
 import time
@@ -405,6 +406,14 @@ class Syncer:
         # not asked for. Other files go on: a file too big for the space left must not keep
         # the small ones behind it from arriving.
         skip: set[str] = set()
+        free = _free_bytes(writer.root)
+        for e in by_path.values():
+            if free is not None and e["size"] > free:
+                # the temp file sits next to the old copy until the rename: it cannot fit, so
+                # do not transfer it (a hostile or corrupt size of 2**62 ends here too)
+                skip.add(e["path"])
+                self._failed(name, e, OSError(errno.ENOSPC, f"{e['size']} bytes needed, "
+                                              f"{free} free"))
         try:
             for e in files:
                 if e["size"] == 0:
@@ -468,6 +477,8 @@ class Syncer:
         batch: list[dict] = []
         size = 0
         for e in by_path.values():
+            if e["path"] in skip:
+                continue
             if e["size"] > SMALL:
                 if batch:
                     yield batch
@@ -504,6 +515,14 @@ class Syncer:
             else:
                 tmp.abort()
                 self._failed(name, e, res)
+
+
+def _free_bytes(path: str) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
 
 
 def _enospc(exc: BaseException) -> bool:
