@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pytest
 import xxhash
+import zmq
 
+from node import protocol
+from node.security import client, load_keys, serve
 from tests.pair import NodeProc, Pair, wait_for
 
 MiB = 1 << 20
@@ -420,3 +423,235 @@ def test_a_full_disk_keeps_the_old_copy_and_recovers(make_pair):
     wait_for(lambda: (bb / "keep.bin").read_bytes() == v2, 15, "keep.bin once space returned")
     wait_for(lambda: not replication(beta).get("error"), 10, "the error cleared")
     assert replication(beta)["pending_files"] == 0
+
+
+# ------------------------------------------------------------------------- hostile input
+
+def _curve_socket(ctx: zmq.Context, kind: int, keys, server_public: bytes) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.linger = 0
+    client(sock, keys, server_public)
+    return sock
+
+
+def test_hostile_fetch_requests_are_refused_and_read_nothing_outside(make_pair):
+    pair = make_pair()
+    a = pair.folder("alpha")
+    outside = pair.root / "outside"
+    write(outside / "secret.txt", "CANARY-outside-the-folder\n")
+    write(a / "ok.txt", "inside\n")
+    os.symlink(outside, a / "dir link")
+    os.symlink(outside / "secret.txt", a / "file link")
+    pair.alpha.start()
+    pair.alpha.wait_state("primary")
+    wait_for(lambda: replication(pair.alpha).get("ready"), 10, "alpha's first scan")
+    keys = load_keys(pair.beta.cfg)  # the peer's key: the only stranger REP lets in
+    ctx = zmq.Context()
+    req = _curve_socket(ctx, zmq.REQ, keys, keys.peer_public)
+    req.rcvtimeo = req.sndtimeo = 5000
+    req.connect(f"tcp://127.0.0.1:{pair.port + 2}")
+    try:
+        def ask(items: list[dict]) -> tuple[dict, list[bytes]]:
+            req.send_multipart(protocol.encode("GET", {"id": 7, "items": items}))
+            msg = protocol.decode(req.recv_multipart())
+            assert msg, msg
+            return msg.body, msg.blobs
+
+        rel_secret = os.path.relpath(outside / "secret.txt", a)
+        hostile = [rel_secret, "../../../outside/secret.txt", str(outside / "secret.txt"),
+                   "/etc/passwd", "dir link/secret.txt", "file link", "ok.txt/../file link",
+                   "./ok.txt", "ok.txt\x00", "", "a//b", ".sbs-tmp-x", "x/" * 2000 + "y"]
+        body, blobs = ask([{"f": "docs", "p": p, "o": 0, "n": 4096} for p in hostile])
+        assert body["id"] == 7 and len(body["items"]) == len(hostile)
+        for p, meta, blob in zip(hostile, body["items"], blobs, strict=True):
+            assert meta["size"] == -1 and meta["err"] and blob == b"", (p, meta)
+        # unknown folders, a folder name that tries to be a path
+        body, blobs = ask([{"f": f, "p": "secret.txt", "o": 0, "n": 10}
+                           for f in ("nope", "..", str(outside), "docs/../..")])
+        assert all(m["size"] == -1 for m in body["items"]) and not any(blobs)
+        # sizes out of the schema: the whole request is refused
+        for bad in ({"n": 1 << 40}, {"n": 0}, {"o": -1}, {"n": -5}, {"p": "x/" * 2100}):
+            item = {"f": "docs", "p": "ok.txt", "o": 0, "n": 10, **bad}
+            req.send_multipart(protocol.encode("GET", {"id": 8, "items": [item]}))
+            msg = protocol.decode(req.recv_multipart())
+            assert msg.command == "REPLY" and msg.body["status"] == "error", (bad, msg)
+        req.send_multipart([b"SBS1", b"GET", b"{not json"])
+        assert protocol.decode(req.recv_multipart()).body["status"] == "error"
+        req.send_multipart(protocol.encode("GET", {"id": 9, "items": [
+            {"f": "docs", "p": "ok.txt", "o": 0, "n": 4096}] * 5000}))  # too many items
+        assert protocol.decode(req.recv_multipart()).body["status"] == "error"
+        # an offset past the end reads nothing; the honest request still works afterwards
+        body, blobs = ask([{"f": "docs", "p": "ok.txt", "o": 1 << 50, "n": 10},
+                           {"f": "docs", "p": "ok.txt", "o": 0, "n": 4096}])
+        assert body["items"] == [{"size": 7}, {"size": 7}] and blobs == [b"", b"inside\n"]
+    finally:
+        req.close()
+        ctx.term()
+    assert "CANARY" not in pair.alpha.log.read_text(errors="replace")
+    assert pair.alpha.state() == "primary"
+
+
+class FakePrimary:
+    """A hostile "alpha": our own ROUTER/PUB/REP bound at alpha's address and ports, with
+    alpha's keys, answering beta's pings as a primary and serving whatever it is told to."""
+
+    def __init__(self, pair: Pair, index: dict[str, list], content: dict[str, bytes]):
+        self.cfg = pair.alpha.cfg
+        self.index, self.content = index, content
+        self.seq, self.n, self.snapshots, self.gets = 0, 0, 0, 0
+        self.outbox: list[list[bytes]] = []
+        self.lock = threading.Lock()
+        keys = load_keys(self.cfg)
+        self.ctx = zmq.Context()
+        self.router, self.pub, self.rep = (self.ctx.socket(k) for k in
+                                           (zmq.ROUTER, zmq.PUB, zmq.REP))
+        for sock, port in ((self.router, 0), (self.pub, 1), (self.rep, 2)):
+            sock.linger = 0
+            serve(sock, keys)
+            sock.bind(f"tcp://{self.cfg.local}:{self.cfg.port + port}")
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="test-fake-primary")
+        self.thread.start()
+
+    def publish(self, entries: dict[str, list], seq: int | None = None) -> None:
+        with self.lock:
+            self.seq = self.seq + 1 if seq is None else seq
+            self.outbox.append(protocol.encode_bus("MANIFEST", {
+                "name": "alpha", "run": "fakerun", "epoch": 7, "seq": self.seq, "part": 0,
+                "parts": 1, "entries": entries}))
+
+    def send_raw(self, frames: list[bytes]) -> None:
+        with self.lock:
+            self.outbox.append(frames)
+
+    def _state(self) -> dict:
+        self.n += 1
+        return {"name": "alpha", "run": "fakerun", "n": self.n, "state": "primary",
+                "epoch": 7, "role": "main", "restricted": False, "since": 100.0,
+                "seq": self.seq, "applied": 0, "synced": False, "pending_files": 0,
+                "pending_bytes": 0, "error": ""}
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.rep, zmq.POLLIN)
+        next_hb = 0.0
+        while not self._stop.is_set():
+            ready = dict(poller.poll(50))
+            if self.router in ready:
+                ident, *frames = self.router.recv_multipart()
+                msg = protocol.decode(frames)
+                if msg and msg.command == "PING":
+                    self.router.send_multipart([ident, *protocol.encode("PONG", self._state())])
+                elif msg and msg.command == "SNAPSHOT":
+                    self.snapshots += 1
+                    self.router.send_multipart([ident, *protocol.encode("SNAPSHOT_REP", {
+                        "name": "alpha", "run": "fakerun", "epoch": 7, "seq": self.seq,
+                        "folders": {"docs": ["*"], "nopath": ["*"], "relative": ["*"]},
+                        "paths": {"docs": "/nonexistent/alpha/docs", "relative": "rel/dir"},
+                        "sentinels": {}, "active": [], "sv": 0, "index": self.index})])
+            if self.rep in ready:
+                msg = protocol.decode(self.rep.recv_multipart())
+                self.gets += 1
+                metas, blobs = [], []
+                for item in msg.body["items"] if msg else []:
+                    data = self.content.get(item["p"])
+                    if data is None:
+                        metas.append({"size": -1, "err": "no such file"})
+                        blobs.append(b"")
+                    else:
+                        metas.append({"size": len(data)})
+                        blobs.append(data[item["o"]:item["o"] + item["n"]])
+                self.rep.send_multipart(protocol.encode("DATA", {"id": msg.body["id"] if msg
+                                                                 else 0, "items": metas},
+                                                        *blobs))
+            with self.lock:
+                out, self.outbox = self.outbox, []
+            for frames in out:
+                self.pub.send_multipart(frames)
+            if time.monotonic() >= next_hb:
+                next_hb = time.monotonic() + 0.1
+                self.pub.send_multipart(protocol.encode_bus("HB", {
+                    "name": "alpha", "run": "fakerun", "epoch": 7, "state": "primary",
+                    "seq": self.seq, "sv": 0}))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        for sock in (self.router, self.pub, self.rep):
+            sock.close()
+        self.ctx.term()
+
+
+def _entry(path: str, data: bytes = b"", **kw) -> dict:
+    return {"path": path, "kind": "file", "size": len(data), "mtime_ns": 1_700_000_000 * 10**9,
+            "mode": 0o644, "hash": xxhash.xxh3_128_hexdigest(data), **kw}
+
+
+def test_a_hostile_primary_cannot_write_outside_the_folders(make_pair, tmp_path):
+    pair = make_pair(node={"dead_after": 3.0})
+    outside = pair.root / "outside"
+    outside.mkdir()
+    absolute = tmp_path / "absolute-target.txt"
+    good = b"an honest file\n"
+    evil = b"EVIL\n"
+    hostile = [
+        _entry("../escape.txt", evil), _entry("a/../../escape.txt", evil),
+        _entry(str(absolute), evil), _entry("ok/\x00nul", evil), _entry("", evil),
+        _entry(".sbs-tmp-planted", evil), _entry("x/./y", evil), _entry("dots/..", evil),
+        {"path": "../outdir", "kind": "dir", "size": 0, "mtime_ns": 0, "mode": 0o755},
+        {"path": "../outlink", "kind": "link", "size": 1, "mtime_ns": 0, "mode": 0,
+         "target": "/"},
+        # a link out of the folder is replicated as a link, but never written through
+        {"path": "way out", "kind": "link", "size": 1, "mtime_ns": 0, "mode": 0,
+         "target": str(outside)},
+        _entry("way out/through.txt", evil), _entry("way out/sub/deeper.txt", evil),
+        _entry("huge.bin", evil) | {"size": 2**62},
+        _entry("setuid.sh", good) | {"mode": 0o4755},
+        _entry("liar.txt", good) | {"hash": xxhash.xxh3_128_hexdigest(b"something else")},
+        "not an entry", 42, None, {"path": "no/kind"},
+        _entry("good.txt", good),
+    ]
+    content = {"good.txt": good, "setuid.sh": good, "liar.txt": good, "huge.bin": evil,
+               **{e["path"]: evil for e in hostile if isinstance(e, dict) and "path" in e
+                  and e["path"] not in ("good.txt", "setuid.sh", "liar.txt", "huge.bin")}}
+    fake = FakePrimary(pair, {"docs": hostile, "../../../tmp": [_entry("x", evil)]}, content)
+    sandbox = pair.root / "cwd"
+    sandbox.mkdir()
+    beta = pair.beta
+    try:
+        beta.logfh = open(beta.log, "ab")  # started in a sandbox cwd: "" or relative paths
+        beta.proc = subprocess.Popen(  # would land there
+            [sys.executable, "-m", "node.cli", "start", "--config", str(beta.config)],
+            stdout=beta.logfh, stderr=subprocess.STDOUT, cwd=sandbox,
+            env={**os.environ, "PYTHONPATH": os.getcwd()})
+        beta.wait_state("secondary")
+        b = pair.folder("beta")
+        wait_for(lambda: (b / "good.txt").exists(), 10, f"the honest file {beta.tail_log()}")
+        # the same attacks again as a live manifest, plus malformed bus messages
+        content["good2.txt"] = good
+        fake.send_raw([b"manifest", b"SBS1", b"MANIFEST", b"[]"])
+        fake.send_raw([b"manifest", b"SBS1", b"MANIFEST", b"\xff" * 100])
+        fake.publish({"docs": [e for e in hostile if e is not None] + [_entry("good2.txt", good)],
+                      "unknown": [_entry("x", evil)], "../..": [_entry("y", evil)]})
+        wait_for(lambda: (b / "good2.txt").exists(), 10, f"the honest file {beta.tail_log()}")
+        st = beta.status()
+        # still following; what could not be applied waits for a better manifest
+        assert st["state"] == "secondary" and st["replication"]["pending_files"] == 2
+        assert "disk full" in st["replication"]["error"]  # 2**62 bytes never fit
+    finally:
+        fake.stop()
+    assert (b / "good.txt").read_bytes() == good
+    assert stat.S_IMODE(os.stat(b / "setuid.sh").st_mode) == 0o755  # no setuid bit
+    assert os.readlink(b / "way out") == str(outside)  # replicated as a link ...
+    assert not list(outside.iterdir())  # ... and never followed
+    assert not absolute.exists()
+    assert sorted(files_under(b)) == ["good.txt", "good2.txt", "setuid.sh"]
+    assert not (b / "liar.txt").exists() and not (b / "huge.bin").exists()
+    assert not list(sandbox.iterdir()), "a pushed folder without an absolute path was written"
+    assert not Path("/nonexistent").exists()
+    everything = [p for p in pair.root.rglob("*") if p.name in (
+        "escape.txt", "outdir", "outlink", "through.txt", "deeper.txt", "x", "y")]
+    assert not everything, everything
+    assert "EVIL" not in "".join(p.read_text(errors="replace") for p in (
+        pair.root / "state" / "beta").rglob("*") if p.is_file() and p.suffix != ".jsonl")
