@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -655,3 +656,136 @@ def test_a_hostile_primary_cannot_write_outside_the_folders(make_pair, tmp_path)
     assert not everything, everything
     assert "EVIL" not in "".join(p.read_text(errors="replace") for p in (
         pair.root / "state" / "beta").rglob("*") if p.is_file() and p.suffix != ".jsonl")
+
+
+# ------------------------------------------------------------------ stop, promote, verify
+
+def _burst(a: Path) -> None:
+    """Many small files, one larger one and changes to existing ones, as fast as possible."""
+    for n in range(300):
+        write(a / "burst" / f"{n:03}.bin", os.urandom(n * 11))
+    write(a / "existing.txt", "changed just before the stop\n")
+    big_file(a / "twenty.bin", 20)
+    write(a / "last.txt", "written last\n")
+
+
+def test_nothing_written_before_a_sigterm_of_the_primary_is_lost(make_pair):
+    pair = make_pair()
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    write(a / "existing.txt", "before\n")
+    started(pair)
+    wait_equal(a, b, 10)
+    _burst(a)
+    pair.alpha.signal(signal.SIGTERM)  # at once: the final sync must carry everything
+    assert pair.alpha.wait_exit(30) == 0
+    pair.beta.wait_state("primary", timeout=5)
+    assert tree(b) == tree(a)  # alpha is gone: what beta has now is all it will ever get
+
+
+def test_nothing_written_before_a_promote_is_lost(make_pair):
+    pair = make_pair()
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    write(a / "existing.txt", "before\n")
+    started(pair)
+    wait_equal(a, b, 10)
+    _burst(a)
+    res = sbs_tools("promote", "--config", str(pair.alpha.config))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert pair.beta.state() == "primary" and pair.alpha.state() == "secondary"
+    snapshot_b = tree(b)
+    assert snapshot_b == tree(a)
+    # and the other way round now: beta's changes reach alpha
+    write(b / "from beta.txt", "the new primary writes")
+    wait_equal(b, a, 10, "beta's change on alpha")
+
+
+def test_verify_lists_every_difference(make_pair):
+    pair = make_pair()
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    for n in range(5):
+        write(a / "sub" / f"{n}.txt", f"file {n}")
+    started(pair)
+    wait_equal(a, b, 10)
+    res = sbs_tools("verify", "--config", str(pair.beta.config))
+    assert res.returncode == 0 and "identical" in res.stdout, res.stdout + res.stderr
+    write(b / "sub" / "2.txt", "changed on the secondary only")
+    write(b / "stray.txt", "only on the secondary")
+    (b / "sub" / "4.txt").unlink()
+    res = sbs_tools("verify", "--config", str(pair.alpha.config))
+    assert res.returncode == 1, res.stdout + res.stderr
+    lines = {line.strip() for line in res.stdout.splitlines()}
+    assert {"docs/sub/2.txt: content differs", "docs/stray.txt: only on peer",
+            "docs/sub/4.txt: only here"} <= lines, res.stdout
+    assert "3 difference(s)" in res.stdout
+
+
+# -------------------------------------------------------------- rejoin and split brain
+
+def conflicts(node: str, pair: Pair) -> dict[str, bytes]:
+    root = pair.root / "state" / node / "conflicts"
+    out = {}
+    for p in root.rglob("*") if root.exists() else ():
+        if p.is_file():
+            stamp, *rest = p.relative_to(root).parts
+            out["/".join(rest)] = p.read_bytes()
+    return out
+
+
+def test_an_old_primary_rejoins_catches_up_and_keeps_what_it_never_sent(make_pair):
+    pair = make_pair(node={"strict": "true"})
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    write(a / "shared.txt", "v1\n")
+    write(a / "stable.txt", "never changes\n")
+    started(pair)
+    wait_equal(a, b, 10)
+    # alpha changes files that never reach beta: beta is paused, then alpha crashes
+    pair.beta.signal(signal.SIGSTOP)
+    seq = replication(pair.alpha)["seq"]
+    write(a / "shared.txt", "v2, changed on alpha only\n")
+    write(a / "alpha only.txt", "created on alpha only\n")
+    wait_for(lambda: replication(pair.alpha)["seq"] > seq, 10, "alpha to publish its change")
+    pair.alpha.kill()
+    paused = time.monotonic()
+    pair.beta.signal(signal.SIGCONT)
+    pair.beta.wait_state("primary", timeout=10)
+    took = time.monotonic() - paused
+    assert took < pair.beta.cfg.dead_after + 2, f"takeover took {took:.1f}s"
+    write(b / "while alpha was away.txt", "written on the new primary\n")
+    # alpha comes back: secondary, catches up, and keeps what it had not sent
+    pair.alpha.start()
+    pair.alpha.wait_state("secondary")
+    wait_equal(b, a, 15, "alpha catching up with beta")
+    assert (a / "while alpha was away.txt").exists()
+    assert (a / "shared.txt").read_text() == "v1\n"
+    kept = conflicts("alpha", pair)
+    assert kept.get("shared.txt") == b"v2, changed on alpha only\n", kept
+    assert kept.get("alpha only.txt") == b"created on alpha only\n", kept
+    assert "stable.txt" not in kept  # agreed content is replaced silently
+    assert not conflicts("beta", pair)
+
+
+def test_split_brain_loser_keeps_its_changes_under_conflicts(make_pair):
+    pair = make_pair(node={"strict": "true"})
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    write(a / "shared.txt", "v1\n")
+    write(a / "stable.txt", "never changes\n")
+    started(pair)
+    wait_equal(a, b, 10)
+    pair.alpha.signal(signal.SIGSTOP)  # a paused primary: beta takes over
+    try:
+        pair.beta.wait_state("primary", timeout=10)
+        write(b / "beta new.txt", "written on beta while both think they are primary\n")
+        # alpha is still primary in its own eyes: its folder changes too
+        write(a / "shared.txt", "v2 on alpha, the loser\n")
+        write(a / "alpha new.txt", "created on alpha while paused\n")
+    finally:
+        pair.alpha.signal(signal.SIGCONT)
+    # alpha wakes up, meets a primary with a higher epoch and yields
+    pair.alpha.wait_state("secondary", timeout=10)
+    assert pair.beta.state() == "primary"
+    wait_equal(b, a, 15, "the loser converging on the winner")
+    kept = conflicts("alpha", pair)
+    assert kept.get("shared.txt") == b"v2 on alpha, the loser\n", kept
+    assert kept.get("alpha new.txt") == b"created on alpha while paused\n", kept
+    assert "stable.txt" not in kept
+    assert (a / "beta new.txt").exists() and (a / "shared.txt").read_text() == "v1\n"
