@@ -24,6 +24,7 @@ import zmq
 from node import protocol
 from node.security import client, load_keys, serve
 from tests.pair import NodeProc, Pair, wait_for
+from tools.client import subscribe
 
 MiB = 1 << 20
 
@@ -158,6 +159,37 @@ def replication(node: NodeProc) -> dict:
     return st["replication"] if st else {}
 
 
+class Bus:
+    """Records the EVENT messages of a node's bus (what `sbs-tools tail` prints)."""
+
+    def __init__(self, node: NodeProc):
+        self.events: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(node,), name="test-bus")
+        self._thread.start()
+
+    def _run(self, node: NodeProc) -> None:
+        messages = subscribe(node.cfg)
+        try:
+            for msg in messages:  # heartbeats arrive every 0.2 s, so a stop is seen soon
+                if self._stop.is_set():
+                    return
+                if msg and msg.command == "EVENT":
+                    self.events.append(msg.body)
+        finally:
+            messages.close()
+
+    def seen(self, event: str, **fields) -> dict | None:
+        for e in list(self.events):
+            if e["event"] == event and all(e.get(k) == v for k, v in fields.items()):
+                return e
+        return None
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 def files_under(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
 
@@ -274,6 +306,26 @@ def test_live_changes_with_strict_delete_into_trash(make_pair):
     assert kept["inner.txt"].read_text() == "inner"  # the rename's old name went to trash too
     shutil.rmtree(a / "moved")
     wait_equal(a, b, 10, "folder delete")
+    # kinds change: file -> folder, folder -> file, file -> link; a link is retargeted;
+    # only the mode or only the mtime of a file changes
+    write(a / "kind" / "was file", "a file")
+    write(a / "kind" / "was dir" / "inner", "in a folder")
+    write(a / "kind" / "to link", "a file that becomes a link")
+    os.symlink("was file", a / "kind" / "link")
+    write(a / "meta.txt", "same content", 0o644)
+    wait_equal(a, b, 10, "kinds before")
+    (a / "kind" / "was file").unlink()
+    (a / "kind" / "was file").mkdir()
+    shutil.rmtree(a / "kind" / "was dir")
+    write(a / "kind" / "was dir", "now a file")
+    (a / "kind" / "to link").unlink()
+    os.symlink("somewhere else", a / "kind" / "to link")
+    (a / "kind" / "link").unlink()
+    os.symlink("was dir", a / "kind" / "link")
+    (a / "meta.txt").chmod(0o600)
+    wait_equal(a, b, 10, "kinds after")
+    os.utime(a / "meta.txt", ns=(1_500_000_000 * 10**9, 1_500_000_000 * 10**9))
+    wait_equal(a, b, 10, "an mtime-only change")
 
 
 def test_strict_guard_refuses_mass_deletion_until_confirmed(make_pair):
@@ -287,9 +339,15 @@ def test_strict_guard_refuses_mass_deletion_until_confirmed(make_pair):
     b = pair.folder("beta")
     wait_equal(a, b, 10)
     # 14 of 24 files vanish in one go, as when a disk is unmounted on the primary
-    os.rename(a / "mount", pair.root / "unmounted")
-    wait_for(lambda: "strict guard" in replication(pair.beta).get("error", ""), 10,
-             "the guard error in beta's status")
+    bus = Bus(pair.beta)
+    try:
+        os.rename(a / "mount", pair.root / "unmounted")
+        wait_for(lambda: "strict guard" in replication(pair.beta).get("error", ""), 10,
+                 "the guard error in beta's status")
+        wait_for(lambda: bus.seen("strict_guard", folder="docs", deletions=14), 5,
+                 "the guard on beta's bus")
+    finally:
+        bus.stop()
     write(a / "new.txt", "a new file still arrives")
     wait_for(lambda: (b / "new.txt").exists(), 10, "new file despite the guard")
     assert len(files_under(b)) == 25  # nothing deleted
@@ -411,10 +469,16 @@ def test_a_full_disk_keeps_the_old_copy_and_recovers(make_pair):
     wait_equal(a, bb, 20, "the first sync into the tmpfs")
     assert os.statvfs(bb).f_bsize * os.statvfs(bb).f_bavail < 3 * MiB
     v2 = os.urandom(3 * MiB)
-    write(a / "keep.bin", v2)  # does not fit: 2 MiB free
-    write(a / "small.txt", "small files still fit")
-    wait_for(lambda: "disk full" in replication(beta).get("error", ""), 10,
-             f"the disk-full error in beta's status {beta.tail_log()}")
+    bus = Bus(beta)
+    try:
+        write(a / "keep.bin", v2)  # does not fit: 2 MiB free
+        write(a / "small.txt", "small files still fit")
+        wait_for(lambda: "disk full" in replication(beta).get("error", ""), 10,
+                 f"the disk-full error in beta's status {beta.tail_log()}")
+        wait_for(lambda: bus.seen("disk_full", folder="docs", path="keep.bin"), 5,
+                 "the full disk on beta's bus")
+    finally:
+        bus.stop()
     assert (bb / "keep.bin").read_bytes() == v1  # the old copy, intact
     wait_for(lambda: (bb / "small.txt").exists(), 10, "the small file")
     assert not list(bb.rglob(".sbs-tmp-*")), "a temp file was left on the full disk"
@@ -751,6 +815,7 @@ def test_an_old_primary_rejoins_catches_up_and_keeps_what_it_never_sent(make_pai
     took = time.monotonic() - paused
     assert took < pair.beta.cfg.dead_after + 2, f"takeover took {took:.1f}s"
     write(b / "while alpha was away.txt", "written on the new primary\n")
+    write(b / "stable.txt", "changed on the new primary\n")
     # alpha comes back: secondary, catches up, and keeps what it had not sent
     pair.alpha.start()
     pair.alpha.wait_state("secondary")
@@ -760,7 +825,8 @@ def test_an_old_primary_rejoins_catches_up_and_keeps_what_it_never_sent(make_pai
     kept = conflicts("alpha", pair)
     assert kept.get("shared.txt") == b"v2, changed on alpha only\n", kept
     assert kept.get("alpha only.txt") == b"created on alpha only\n", kept
-    assert "stable.txt" not in kept  # agreed content is replaced silently
+    assert "stable.txt" not in kept  # alpha had the agreed content: replaced silently
+    assert (a / "stable.txt").read_text() == "changed on the new primary\n"
     assert not conflicts("beta", pair)
 
 
