@@ -67,6 +67,7 @@ class Syncer:
         self.held: dict[str, dict[str, dict]] = {}
         self.guard_errors: dict[str, str] = {}
         self.disk_full: set[str] = set()  # folders whose full disk was already logged
+        self.kept: set[tuple[str, str, str | None]] = set()  # conflict copies already made
         self.thread = threading.Thread(target=self._run, name="sbs-syncer", daemon=True)
 
     # --- called from the node loop ---------------------------------------------------
@@ -289,7 +290,10 @@ class Syncer:
         mine = Agreed.token(local)
         if mine == incoming or mine == self.agreed.get(name, path):
             return
+        if (name, path, mine) in self.kept:
+            return  # a retry of a fetch that failed: this very content is already kept
         kept = self.writers[name].preserve(path, stamp)
+        self.kept.add((name, path, mine))
         if kept:
             log.warning("conflict: %s/%s differs from what the pair agreed on; kept at %s",
                         name, path, kept)

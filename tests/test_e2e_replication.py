@@ -684,6 +684,8 @@ def test_a_hostile_primary_cannot_write_outside_the_folders(make_pair, tmp_path)
     sandbox = pair.root / "cwd"
     sandbox.mkdir()
     beta = pair.beta
+    b = pair.folder("beta")
+    mine = write(b / "liar.txt", "beta's own, never agreed with anyone\n").read_bytes()
     try:
         beta.logfh = open(beta.log, "ab")  # started in a sandbox cwd: "" or relative paths
         beta.proc = subprocess.Popen(  # would land there
@@ -691,7 +693,6 @@ def test_a_hostile_primary_cannot_write_outside_the_folders(make_pair, tmp_path)
             stdout=beta.logfh, stderr=subprocess.STDOUT, cwd=sandbox,
             env={**os.environ, "PYTHONPATH": os.getcwd()})
         beta.wait_state("secondary")
-        b = pair.folder("beta")
         wait_for(lambda: (b / "good.txt").exists(), 10, f"the honest file {beta.tail_log()}")
         # the same attacks again as a live manifest, plus malformed bus messages
         content["good2.txt"] = good
@@ -704,6 +705,8 @@ def test_a_hostile_primary_cannot_write_outside_the_folders(make_pair, tmp_path)
         # still following; what could not be applied waits for a better manifest
         assert st["state"] == "secondary" and st["replication"]["pending_files"] == 2
         assert "disk full" in st["replication"]["error"]  # 2**62 bytes never fit
+        gets = fake.gets
+        wait_for(lambda: fake.gets >= gets + 2, 20, "beta retrying liar.txt")
     finally:
         fake.stop()
     assert (b / "good.txt").read_bytes() == good
@@ -711,8 +714,11 @@ def test_a_hostile_primary_cannot_write_outside_the_folders(make_pair, tmp_path)
     assert os.readlink(b / "way out") == str(outside)  # replicated as a link ...
     assert not list(outside.iterdir())  # ... and never followed
     assert not absolute.exists()
-    assert sorted(files_under(b)) == ["good.txt", "good2.txt", "setuid.sh"]
-    assert not (b / "liar.txt").exists() and not (b / "huge.bin").exists()
+    assert sorted(files_under(b)) == ["good.txt", "good2.txt", "liar.txt", "setuid.sh"]
+    assert (b / "liar.txt").read_bytes() == mine and not (b / "huge.bin").exists()
+    # beta's own liar.txt was kept once as a conflict copy, not once per retry
+    copies = list((pair.root / "state" / "beta" / "conflicts").rglob("liar.txt"))
+    assert len(copies) == 1 and copies[0].read_bytes() == mine, copies
     assert not list(sandbox.iterdir()), "a pushed folder without an absolute path was written"
     assert not Path("/nonexistent").exists()
     everything = [p for p in pair.root.rglob("*") if p.name in (
