@@ -207,6 +207,9 @@ def test_initial_sync_of_an_odd_tree_is_exact(make_pair):
     write(a / ".hidden", "hidden\n", 0o600, old + 4)
     write(a / ".hidden dir" / ".also hidden", "x", 0o755, old + 5)
     write(a / "run.sh", "#!/bin/sh\necho hi\n", 0o755, old + 6)
+    write(a / "odd\nnew line\tand tab 'quotes' \"double\" \\ back" / "€.txt", "odd", 0o644, old)
+    write(a / ("n" * 250 + ".txt"), "a 254-byte name", 0o644, old)
+    write(a / "/".join(f"level{n}" for n in range(40)) / "deepest.txt", "deep", 0o644, old)
     (a / "empty folder" / "nested empty").mkdir(parents=True)
     (a / "private").mkdir(mode=0o700)
     (a / "private").chmod(0o700)
@@ -226,10 +229,38 @@ def test_initial_sync_of_an_odd_tree_is_exact(make_pair):
     assert want["private"] == ("dir", 0o700)
     assert want["with space/file name .txt"][1] == 0
     assert digest(b / "big" / "fifty.bin") == digest(big)
+    # a restarted secondary fetches only what differs: the big file is not written again
+    inode = os.stat(b / "big" / "fifty.bin").st_ino
+    pair.beta.stop()
+    write(a / "changed while beta was down.txt", "new")
+    pair.beta.start()
+    pair.beta.wait_state("secondary")
+    wait_equal(a, b, 30, "after beta's restart")
+    assert os.stat(b / "big" / "fifty.bin").st_ino == inode
     # nothing of ours left in the folder, nothing half-done in the temp dir
     assert not [p for p in b.rglob(".sbs-tmp-*")]
     tmp = pair.root / "state" / "beta" / "tmp"
     assert not [p for p in tmp.rglob("*") if p.is_file()]
+
+
+def test_changes_during_the_initial_sync_are_not_missed(make_pair):
+    pair = make_pair(node={"period": 60, "strict": "true"})  # no rescan to hide a miss
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    big_file(a / "big.bin", 192)
+    for n in range(500):
+        write(a / "many" / f"{n:03}.txt", f"version 1 of {n}\n")
+    pair.alpha.start()
+    pair.alpha.wait_state("primary")
+    wait_for(lambda: replication(pair.alpha).get("ready"), 10, "alpha's first scan")
+    pair.beta.start()
+    temps = pair.root / "state" / "beta" / "tmp" / "docs"
+    wait_for(lambda: temps.exists() and any(temps.iterdir()), 20,
+             "beta's initial sync under way", interval=0.002)
+    for n in range(0, 500, 7):
+        write(a / "many" / f"{n:03}.txt", f"version 2 of {n}\n")
+    write(a / "during the sync.txt", "created while beta was syncing")
+    os.rename(a / "many" / "001.txt", a / "renamed during the sync.txt")
+    wait_equal(a, b, 30, "everything, including what changed during the initial sync")
 
 
 def test_filters_replicate_only_matching_files(make_pair):
@@ -752,18 +783,19 @@ def test_nothing_written_before_a_sigterm_of_the_primary_is_lost(make_pair):
     assert tree(b) == tree(a)  # alpha is gone: what beta has now is all it will ever get
 
 
-def test_nothing_written_before_a_promote_is_lost(make_pair):
+@pytest.mark.parametrize("where", ["primary", "secondary"])
+def test_nothing_written_before_a_promote_is_lost(make_pair, where):
     pair = make_pair()
     a, b = pair.folder("alpha"), pair.folder("beta")
     write(a / "existing.txt", "before\n")
     started(pair)
     wait_equal(a, b, 10)
     _burst(a)
-    res = sbs_tools("promote", "--config", str(pair.alpha.config))
+    on = pair.alpha if where == "primary" else pair.beta  # either node may be asked
+    res = sbs_tools("promote", "--config", str(on.config))
     assert res.returncode == 0, res.stdout + res.stderr
     assert pair.beta.state() == "primary" and pair.alpha.state() == "secondary"
-    snapshot_b = tree(b)
-    assert snapshot_b == tree(a)
+    assert tree(b) == tree(a)
     # and the other way round now: beta's changes reach alpha
     write(b / "from beta.txt", "the new primary writes")
     wait_equal(b, a, 10, "beta's change on alpha")
