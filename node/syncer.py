@@ -59,6 +59,9 @@ class Syncer:
         self.known: dict[str, dict[str, dict]] = {}  # the primary's index as last applied
         self.pending: dict[tuple[str, str], dict] = {}  # (folder, path) -> entry still to apply
         self.pending_since_seq: int | None = None
+        # The ACK of a snapshot makes the primary record its whole index as agreed, so it is
+        # sent only once nothing of the snapshot is pending (until then we report applied 0)
+        self.snapshot_ack_due = False
         self.applied = 0
         self.error = ""
         self.confirmed: set[str] = set()
@@ -122,6 +125,10 @@ class Syncer:
         self.pipe.send_multipart([b"event", orjson.dumps({"event": event, **fields})])
 
     def _report(self, *, snapshot: bool) -> None:
+        self.snapshot_ack_due = self.snapshot_ack_due or snapshot
+        snapshot = self.snapshot_ack_due and not self.pending
+        if snapshot:
+            self.snapshot_ack_due = False
         if not self.error.startswith("disk full"):
             if self.disk_full:
                 log.info("space is back in %s", sorted(self.disk_full))
@@ -219,6 +226,8 @@ class Syncer:
         for name, remote, deletions, local in plans:
             self._apply(name, remote, deletions, local, stamp, seq)
         self.applied = seq
+        if self.pending:
+            self.pending_since_seq = 0  # nothing is confirmed before the snapshot is complete
         self._report(snapshot=True)
 
     def _manifest(self, seq: int, entries: dict[str, list]) -> None:
@@ -247,7 +256,9 @@ class Syncer:
             local = self._local(name, [e["path"] for e in valid])
             self._apply(name, changes, deletions, local, stamp, seq)
         self.applied = seq
-        if self.pending and self.pending_since_seq is None:
+        if not self.pending:
+            self.pending_since_seq = None
+        elif self.pending_since_seq is None:
             self.pending_since_seq = seq - 1
         self._report(snapshot=False)
 

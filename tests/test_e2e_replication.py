@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 import xxhash
 import zmq
@@ -488,6 +489,17 @@ def _unshare_works() -> bool:
     return res.returncode == 0
 
 
+def agreed_tokens(pair: Pair, node: str) -> dict[str, str | None]:
+    """What a node's journal says the pair agreed on, {path: token} for folder docs."""
+    out: dict[str, str | None] = {}
+    journal = pair.root / "state" / node / "agreed.jsonl"
+    for line in journal.read_text().splitlines() if journal.exists() else ():
+        folder, path, token = orjson.loads(line)
+        if folder == "docs":
+            out[path] = token
+    return out
+
+
 @pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and mount (root)")
 def test_a_full_disk_keeps_the_old_copy_and_recovers(make_pair):
     pair = make_pair()
@@ -495,30 +507,48 @@ def test_a_full_disk_keeps_the_old_copy_and_recovers(make_pair):
     beta = pair.nodes["beta"] = pair.beta = TmpfsNodeProc(pair.beta.config, b, "8m")
     v1 = write(a / "keep.bin", os.urandom(MiB)).read_bytes()
     write(a / "filler.bin", os.urandom(5 * MiB))
-    started(pair)
-    bb = beta.inside(b)
-    wait_equal(a, bb, 20, "the first sync into the tmpfs")
-    assert os.statvfs(bb).f_bsize * os.statvfs(bb).f_bavail < 3 * MiB
-    v2 = os.urandom(3 * MiB)
+    too_big = write(a / "too big.bin", os.urandom(9 * MiB)).read_bytes()
     bus = Bus(beta)
     try:
-        write(a / "keep.bin", v2)  # does not fit: 2 MiB free
-        write(a / "small.txt", "small files still fit")
+        # the first sync already hits the full disk: the rest arrives, the error shows
+        pair.alpha.start()
+        pair.alpha.wait_state("primary")
+        beta.start()
+        beta.wait_state("secondary")
+        bb = beta.inside(b)
         wait_for(lambda: "disk full" in replication(beta).get("error", ""), 10,
                  f"the disk-full error in beta's status {beta.tail_log()}")
-        wait_for(lambda: bus.seen("disk_full", folder="docs", path="keep.bin"), 5,
+        wait_for(lambda: bus.seen("disk_full", folder="docs", path="too big.bin"), 5,
                  "the full disk on beta's bus")
+        wait_for(lambda: (bb / "filler.bin").exists() and (bb / "keep.bin").exists(), 10,
+                 "what fits")
+        # a change that does not fit either: the old copy stays, whole
+        v2 = os.urandom(3 * MiB)
+        write(a / "keep.bin", v2)  # 2 MiB free
+        write(a / "small.txt", "small files still fit")
+        wait_for(lambda: (bb / "small.txt").exists(), 10, "the small file")
+        wait_for(lambda: replication(beta)["pending_files"] == 2, 10, "two files pending")
+        assert (bb / "keep.bin").read_bytes() == v1
+        assert "disk full" in replication(beta)["error"] and beta.state() == "secondary"
+        assert not list(bb.rglob(".sbs-tmp-*")), "a temp file was left on the full disk"
+        # alpha must not believe that beta has what beta could not write (a crashed alpha
+        # would then replace its only copy without keeping a conflict copy)
+        agreed = agreed_tokens(pair, "alpha")
+        assert "too big.bin" not in agreed
+        assert agreed.get("keep.bin") != xxhash.xxh3_128_hexdigest(v2)
     finally:
         bus.stop()
-    assert (bb / "keep.bin").read_bytes() == v1  # the old copy, intact
-    wait_for(lambda: (bb / "small.txt").exists(), 10, "the small file")
-    assert not list(bb.rglob(".sbs-tmp-*")), "a temp file was left on the full disk"
-    st = beta.status()
-    assert st["state"] == "secondary" and st["replication"]["pending_files"] >= 1
-    (bb / "filler.bin").unlink()  # the operator frees space on the secondary
+    # the operator makes room: the filesystem grows, the sync completes on its own
+    res = subprocess.run(["nsenter", "-t", str(beta.pid), "-m", "mount", "-o",
+                          "remount,size=32m", str(b)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
     wait_for(lambda: (bb / "keep.bin").read_bytes() == v2, 15, "keep.bin once space returned")
     wait_for(lambda: not replication(beta).get("error"), 10, "the error cleared")
+    wait_equal(a, bb, 10, "the whole folder")
     assert replication(beta)["pending_files"] == 0
+    assert (bb / "too big.bin").read_bytes() == too_big
+    wait_for(lambda: agreed_tokens(pair, "alpha").get("too big.bin")
+             == xxhash.xxh3_128_hexdigest(too_big), 5, "alpha to record what beta now has")
 
 
 # ------------------------------------------------------------------------- hostile input
