@@ -291,3 +291,12 @@ def test_plain_tcp_when_the_config_says_so(make_pair):
         assert protocol.decode(dealer.recv_multipart()).body["state"] == "primary"
     finally:
         dealer.close()
+
+
+def test_keygen_writes_zmq_auth_certificates(tmp_path):
+    res = sbs_tools("keygen", "--dir", str(tmp_path / "k"), "--name", "gamma")
+    assert res.returncode == 0, res.stderr
+    public, secret = zmq.auth.load_certificate(str(tmp_path / "k" / "gamma.key_secret"))
+    assert len(public) == 40 and len(secret) == 40
+    assert zmq.auth.load_certificate(str(tmp_path / "k" / "gamma.key"))[0] == public
+    assert (tmp_path / "k" / "gamma.key_secret").stat().st_mode & 0o077 == 0
