@@ -6,7 +6,11 @@ configure() only send SIGTERM, and poll() escalates to SIGKILL once the grace ti
 
 A sentinel never outlives its node (SPEC 9): the kernel SIGKILLs it when the node dies
 (PR_SET_PDEATHSIG), and each one leads its own process group so a stop reaches everything it
-started. Pids and start times are kept in state_dir so the next run can clean up leftovers.
+started. PDEATHSIG reaches only the direct child, so what a sentinel starts itself (a shell
+script's commands, a pre-forking server's workers) is covered by a guard process: it learns each
+sentinel's group over a pipe and SIGKILLs the groups still listed when the pipe reaches EOF,
+which the kernel brings about when the node dies, however it dies. Pids and start times are
+kept in state_dir so the next run can clean up leftovers.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -32,6 +37,19 @@ PIDS_FILE = "sentinels.pids.json"
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # The name becomes a log file name, so it must not be able to leave the logs folder.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# The guard (see the module docstring), run as `python -I -S -c`. Lines on stdin: "+PGID" when
+# a sentinel starts, "-PGID" once it is reaped (its group id may be reused after that).
+_GUARD_CODE = """
+import os, signal, sys
+groups = set()
+for line in sys.stdin:
+    (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
+for pgid in groups:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
 # How often a loop with children being stopped should come back to reap them.
 _STOPPING_POLL = 0.1
 # How long to wait for a process to disappear after SIGKILL.
@@ -87,6 +105,7 @@ class Sentinels:
         self._stopping: list[_Child] = []
         self._running = False
         self._written_pids: list[dict] | None = None
+        self._guard: subprocess.Popen | None = None
         # Resolved here, before any fork: the child between fork and exec must do as little as
         # possible (the node has other threads, whose locks a forked child may find held).
         self._prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -161,6 +180,8 @@ class Sentinels:
                 log.error("sentinel %s (pid %d) survives SIGKILL", child.name, child.popen.pid)
         self._reap_stopping()
         self._sync_pids_file()
+        if not self._stopping:
+            self._close_guard()
 
     def start(self, name: str) -> None:
         """Activate `name`, and start it now when in running mode."""
@@ -190,6 +211,7 @@ class Sentinels:
             if child is not None and _has_exited(child):
                 sentinel.child = None
                 code = _reap(child)
+                self._unguard(child)
                 sentinel.last_exit = code
                 ran_for = now - child.started
                 log.warning(
@@ -333,6 +355,7 @@ class Sentinels:
             self._schedule_restart(name, ran_for=0.0)
             return
         sentinel.child = _Child(name, popen, time.monotonic(), _start_ticks(popen.pid))
+        self._tell_guard(f"+{popen.pid}")
         log.info("sentinel %s started (pid %d): %s", name, popen.pid, sentinel.command)
         self._emit("started", name, pid=popen.pid)
 
@@ -374,6 +397,7 @@ class Sentinels:
             if _has_exited(child):
                 self._stopping.remove(child)
                 code = _reap(child)
+                self._unguard(child)
                 sentinel = self._sentinels.get(child.name)
                 if sentinel is not None:
                     sentinel.last_exit = code
@@ -384,6 +408,49 @@ class Sentinels:
                             child.name, child.popen.pid)
                 _signal_group(child, signal.SIGKILL)
                 child.kill_at = None
+
+    def _tell_guard(self, line: str) -> None:
+        """Send one line to the guard, starting it first if need be (with the groups of every
+        live child, so a guard that was restarted knows them all)."""
+        if self._guard is None or self._guard.poll() is not None:
+            if line.startswith("-"):
+                return  # a new guard would not know that group anyway
+            try:
+                self._guard = subprocess.Popen(
+                    [sys.executable, "-I", "-S", "-c", _GUARD_CODE],
+                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                    start_new_session=True,  # out of the terminal's reach, and of killpg
+                )
+            except OSError as exc:
+                log.error("cannot start the sentinel guard (what a sentinel starts itself may "
+                          "outlive a crashed node): %s", exc)
+                self._guard = None
+                return
+            children = [s.child for s in self._sentinels.values() if s.child] + self._stopping
+            line = "".join(f"+{c.popen.pid}\n" for c in children) + line
+        try:
+            self._guard.stdin.write(f"{line}\n".encode())
+            self._guard.stdin.flush()
+        except OSError as exc:
+            log.error("sentinel guard (pid %d) is gone: %s", self._guard.pid, exc)
+
+    def _unguard(self, child: _Child) -> None:
+        self._tell_guard(f"-{child.popen.pid}")
+
+    def _close_guard(self) -> None:
+        """Nothing left to guard: EOF ends the guard, which has no group left to kill."""
+        guard, self._guard = self._guard, None
+        if guard is None:
+            return
+        try:
+            guard.stdin.close()
+        except OSError:
+            pass
+        try:
+            guard.wait(timeout=_REAP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            guard.kill()
+            guard.wait()
 
     def _emit(self, event: str, name: str, *, pid: int | None = None, code: int | None = None,
               delay: float | None = None, **extra: object) -> None:
