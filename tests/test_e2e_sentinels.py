@@ -76,8 +76,17 @@ class Sentinelled:
     def command(self, name: str) -> str:
         return f"{sys.executable} -c 'import time; time.sleep(600)' {self.token}-{name}"
 
-    def pair(self, *names: str, **config) -> Pair:
-        pair = self._make_pair(sentinels={n: self.command(n) for n in names}, **config)
+    def forking_command(self, name: str) -> str:
+        """A sentinel that starts a worker of its own (as a shell script or a pre-forking server
+        would): PDEATHSIG does not reach the worker."""
+        worker = f"[sys.executable, '-c', 'import time; time.sleep(600)', '{self.token}-{name}-w']"
+        return f'{sys.executable} -c "import subprocess, sys; subprocess.run({worker})" ' + (
+            f"{self.token}-{name}")
+
+    def pair(self, *names: str, forking: tuple[str, ...] = (), **config) -> Pair:
+        commands = {n: self.command(n) for n in names}
+        commands.update({n: self.forking_command(n) for n in forking})
+        pair = self._make_pair(sentinels=commands, **config)
         self.pairs.append(pair)
         return pair
 
@@ -262,6 +271,22 @@ def test_sentinel_runs_on_the_primary_only_and_moves_on_kill_9(sentinelled, tail
              "the sentinel list on alpha")
     assert sentinel(pair.alpha.status(), "web")["pid"] is None
     assert sentinelled.running("web") == [new_pid]
+
+
+def test_what_a_sentinel_starts_dies_with_its_node_too(sentinelled):
+    pair = sentinelled.pair(forking=("svc",))
+    start_pair(pair, ("svc",))
+    wait_for(lambda: running_pid(pair.alpha, "svc"), 5, "svc running on alpha")
+    old = wait_for(lambda: len(p := sentinelled.running("svc")) == 2 and p, 5,
+                   "svc and its worker")
+    pair.alpha.kill()
+    for pid in old:
+        wait_dead(pid)
+    wait_for(lambda: running_pid(pair.beta, "svc"), pair.beta.cfg.dead_after + 3,
+             "svc running on beta")
+    new = wait_for(lambda: len(p := sentinelled.running("svc")) == 2 and p, 5,
+                   "svc and its worker on beta")
+    assert not set(new) & set(old)
 
 
 def test_a_stopped_sentinel_is_not_started_on_takeover(sentinelled):
