@@ -22,6 +22,8 @@ role main over backup, then the smaller name)
     PEER_SECONDARY          the peer says secondary.
     DUAL_SECONDARY_WE_WIN   both secondary for longer than dead_after (a lost hand-over): we win.
     DUAL_SECONDARY_WE_LOSE  same, the peer wins.
+    MAIN_PEER_READY         we are a restricted backup primary and a `main` peer has joined as
+                            secondary and caught up: it should run the sentinels, not nobody.
     PEER_SILENT             nothing heard from the peer for dead_after.
     PEER_HANDOVER           the primary peer finished its last sync and hands over to us.
     PEER_ASKS_HANDOVER      the secondary peer asks us (primary) to hand over (its promote).
@@ -54,6 +56,7 @@ class E(StrEnum):
     PEER_SECONDARY = "peer_secondary"
     DUAL_SECONDARY_WE_WIN = "dual_secondary_we_win"
     DUAL_SECONDARY_WE_LOSE = "dual_secondary_we_lose"
+    MAIN_PEER_READY = "main_peer_ready"
     PEER_SILENT = "peer_silent"
     PEER_HANDOVER = "peer_handover"
     PEER_ASKS_HANDOVER = "peer_asks_handover"
@@ -108,6 +111,9 @@ TABLE: dict[tuple[S, E], Row] = {
     (S.PRIMARY, E.PEER_PRIMARY_WE_WIN):     (S.PRIMARY, (A.SPLIT_BRAIN_WON,)),
     (S.PRIMARY, E.PEER_PRIMARY_WE_LOSE):    (S.SECONDARY, _DEMOTE),
     (S.PRIMARY, E.PEER_SILENT):             (S.PRIMARY, (A.PEER_LOST,)),
+    # A backup licence may only run the services as a failover: a restricted primary gives
+    # way to the main node once it is in sync, by the ordinary graceful hand-over.
+    (S.PRIMARY, E.MAIN_PEER_READY):         (S.HANDOVER, (A.FINAL_SYNC,)),
     (S.PRIMARY, E.PEER_ASKS_HANDOVER):      (S.HANDOVER, (A.FINAL_SYNC,)),
     (S.PRIMARY, E.PROMOTE):                 (S.HANDOVER, (A.FINAL_SYNC,)),
     (S.PRIMARY, E.PROMOTE_FORCE):           (S.PRIMARY, (A.REFUSE,)),

@@ -264,7 +264,8 @@ class Node:
             self._send_ping()  # tell the peer at once, not at the next heartbeat
 
     def me(self) -> dict[str, Any]:
-        return {"name": self.cfg.name, "epoch": self.epoch, "role": self.cfg.role}
+        return {"name": self.cfg.name, "epoch": self.epoch, "role": self.cfg.role,
+                "restricted": self.restricted}
 
     def _become_primary(self, *, restricted: bool, why: str) -> None:
         self.epoch = max(self.epoch, self.max_seen_epoch) + 1

@@ -52,6 +52,10 @@ class Peer:
         if self.state == "starting":
             return E.PEER_STARTING_WE_WIN if we_win else E.PEER_STARTING_WE_LOSE
         if self.state == "secondary":
+            if my_state == S.PRIMARY and me.get("restricted") and self.role == "main" and (
+                self.synced
+            ):
+                return E.MAIN_PEER_READY
             # Two secondaries only count once both have been so for dead_after: right after a
             # hand-over the old primary is secondary before the peer's news arrives.
             if my_state == S.SECONDARY and my_since > self.dead_after and (

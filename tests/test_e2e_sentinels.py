@@ -367,6 +367,20 @@ def test_backup_role_started_alone_is_restricted(sentinelled):
     assert sentinel(pair.alpha.status(), "web")["pid"] is None
 
 
+def test_a_restricted_backup_gives_way_when_the_main_joins(sentinelled):
+    pair = sentinelled.pair("web", alpha={"node": {"role": "backup"}})
+    pair.alpha.start()
+    assert pair.alpha.wait_state("primary")["restricted"] is True
+    (pair.folder("alpha") / "written-on-backup.txt").write_text("keep me")
+    pair.beta.start()  # the main: it joins as secondary, catches up, then gets the services
+    st = pair.beta.wait_state("primary", timeout=15)
+    assert st["restricted"] is False
+    pid = wait_for(lambda: running_pid(pair.beta, "web"), 5, "web running on the main")
+    assert sentinelled.running("web") == [pid]
+    assert pair.alpha.wait_state("secondary")["restricted"] is False
+    assert (pair.folder("beta") / "written-on-backup.txt").read_text() == "keep me"
+
+
 def test_backup_takes_over_unrestricted_and_the_failover_email_names_both(sentinelled, smtp):
     port, collector = smtp
     pair = sentinelled.pair("web", email=email_to(port), beta={"node": {"role": "backup"}})

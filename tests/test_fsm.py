@@ -15,14 +15,14 @@ from node.protocol import wins
 EVENTS = list(E)
 LETTER = {"s": S.STARTING, "p": S.PRIMARY, "y": S.SECONDARY, "h": S.HANDOVER, "l": S.LEAVING,
           "x": S.STOPPED}
-#                 probe  pw pl sw sl sec dw dl silent hand ask prom force stop sync
+#                 probe  pw pl sw sl sec dw dl main silent hand ask prom force stop sync
 EXPECTED = {
-    S.STARTING:  "p      y  y  p  y  p   s  s  s      p    s   s    s     x    s",
-    S.PRIMARY:   "p      p  y  p  p  p   p  p  p      p    h   h    p     l    p",
-    S.HANDOVER:  "h      h  y  h  h  h   h  h  p      h    h   h    h     l    y",
-    S.LEAVING:   "l      l  x  l  l  l   l  l  l      l    l   l    l     x    x",
-    S.SECONDARY: "y      y  y  y  y  y   p  y  p      p    y   y    p     x    y",
-    S.STOPPED:   "x      x  x  x  x  x   x  x  x      x    x   x    x     x    x",
+    S.STARTING:  "p      y  y  p  y  p   s  s  s    s      p    s   s    s     x    s",
+    S.PRIMARY:   "p      p  y  p  p  p   p  p  h    p      p    h   h    p     l    p",
+    S.HANDOVER:  "h      h  y  h  h  h   h  h  h    p      h    h   h    h     l    y",
+    S.LEAVING:   "l      l  x  l  l  l   l  l  l    l      l    l   l    l     x    x",
+    S.SECONDARY: "y      y  y  y  y  y   p  y  y    p      p    y   y    p     x    y",
+    S.STOPPED:   "x      x  x  x  x  x   x  x  x    x      x    x   x    x     x    x",
 }
 
 
@@ -30,8 +30,8 @@ def test_expected_grid_names_every_event_once():
     assert [e.value for e in EVENTS] == [
         "probe_timeout", "peer_primary_we_win", "peer_primary_we_lose", "peer_starting_we_win",
         "peer_starting_we_lose", "peer_secondary", "dual_secondary_we_win",
-        "dual_secondary_we_lose", "peer_silent", "peer_handover", "peer_asks_handover",
-        "promote", "promote_force", "stop", "sync_done",
+        "dual_secondary_we_lose", "main_peer_ready", "peer_silent", "peer_handover",
+        "peer_asks_handover", "promote", "promote_force", "stop", "sync_done",
     ]
     for row in EXPECTED.values():
         assert len(row.split()) == len(EVENTS)
@@ -138,6 +138,21 @@ def test_fresh_dual_secondary_waits_for_dead_after():
     assert peer.event(node("alpha"), S.SECONDARY, my_since=0.1) == E.PEER_SECONDARY
     peer.since = 5.0
     assert peer.event(node("alpha"), S.SECONDARY, my_since=5.0) == E.DUAL_SECONDARY_WE_WIN
+
+
+def test_restricted_backup_gives_way_to_a_synced_main():
+    peer = Peer(dead_after=1.0)
+    body = {"name": "alpha", "run": "r", "n": 1, "state": "secondary", "epoch": 0,
+            "role": "main", "restricted": False, "since": 2.0, "seq": 0, "applied": 3,
+            "synced": False, "pending_files": 4, "pending_bytes": 0, "error": ""}
+    peer.update(body, now=0.0)
+    backup = {**node("beta", 1, "backup"), "restricted": True}
+    assert peer.event(backup, S.PRIMARY, 5.0) == E.PEER_SECONDARY  # not yet in sync
+    peer.update({**body, "n": 2, "synced": True, "pending_files": 0}, now=0.1)
+    assert peer.event(backup, S.PRIMARY, 5.0) == E.MAIN_PEER_READY
+    assert step(S.PRIMARY, E.MAIN_PEER_READY) == (S.HANDOVER, (A.FINAL_SYNC,))
+    # an unrestricted backup (it took over from a failed main) keeps the services
+    assert peer.event({**backup, "restricted": False}, S.PRIMARY, 5.0) == E.PEER_SECONDARY
 
 
 def test_stale_peer_messages_are_ignored():
