@@ -217,6 +217,9 @@ class Fetcher:
             rid, items, _ = inflight[0]
             if msg.body["id"] != rid:
                 continue  # a late answer to a request resent after a timeout
+            if len(msg.body["items"]) != len(items):  # the caller pairs them one to one
+                raise FetchError(f"bad answer from {self.endpoint}: {len(msg.body['items'])}"
+                                 f" items for {len(items)} asked")
             inflight.popleft()
             misses = 0
             yield items, msg.body["items"], msg.blobs
