@@ -920,6 +920,7 @@ def test_split_brain_loser_keeps_its_changes_under_conflicts(make_pair):
     try:
         pair.beta.wait_state("primary", timeout=10)
         write(b / "beta new.txt", "written on beta while both think they are primary\n")
+        write(b / "shared.txt", "v3 on beta, the winner\n")
         # alpha is still primary in its own eyes: its folder changes too
         write(a / "shared.txt", "v2 on alpha, the loser\n")
         write(a / "alpha new.txt", "created on alpha while paused\n")
@@ -933,4 +934,5 @@ def test_split_brain_loser_keeps_its_changes_under_conflicts(make_pair):
     assert kept.get("shared.txt") == b"v2 on alpha, the loser\n", kept
     assert kept.get("alpha new.txt") == b"created on alpha while paused\n", kept
     assert "stable.txt" not in kept
-    assert (a / "beta new.txt").exists() and (a / "shared.txt").read_text() == "v1\n"
+    assert (a / "beta new.txt").exists()
+    assert (a / "shared.txt").read_text() == "v3 on beta, the winner\n"
