@@ -224,7 +224,8 @@ class Syncer:
         log.info("snapshot %d: %d file(s) to fetch", seq, total_files)
         self._progress = {"files": 0, "bytes": 0, "total": total_files, "at": 0.0}
         for name, remote, deletions, local in plans:
-            self._apply(name, remote, deletions, local, stamp, seq)
+            files_here = sum(1 for e in local.values() if e["kind"] != "dir")
+            self._apply(name, remote, deletions, local, stamp, seq, files_here=files_here)
         self.applied = seq
         if self.pending:
             self.pending_since_seq = 0  # nothing is confirmed before the snapshot is complete
@@ -311,7 +312,8 @@ class Syncer:
             self._emit("conflict", folder=name, path=path, kept=str(kept))
 
     def _apply(self, name: str, changes: list[dict], deletions: list[dict],
-               local: dict[str, dict], stamp: str, seq: int) -> None:
+               local: dict[str, dict], stamp: str, seq: int,
+               files_here: int | None = None) -> None:
         writer = self.writers[name]
         agreed: list[tuple[str, str, str | None]] = []
         fetch: list[dict] = []
@@ -342,7 +344,7 @@ class Syncer:
         if fetch:
             agreed.extend(self._fetch(name, fetch))
         if deletions:
-            agreed.extend(self._delete(name, deletions, local, stamp))
+            agreed.extend(self._delete(name, deletions, local, stamp, files_here))
         if agreed:
             self.agreed.update(agreed)
 
@@ -364,10 +366,14 @@ class Syncer:
             self.error = self.error or f"{name}/{e['path']}: {exc}"
 
     def _delete(self, name: str, deletions: list[dict], local: dict[str, dict],
-                stamp: str) -> list[tuple[str, str, None]]:
-        files_here = sum(1 for e in local.values() if e["kind"] != "dir") if len(local) > len(
-            deletions) else len(self.known.get(name, {})) + len(deletions)
+                stamp: str, files_here: int | None = None) -> list[tuple[str, str, None]]:
+        """Strict deletions, into the trash. `files_here`: the folder's files before this
+        cycle (a snapshot counts its scan); by default what the primary had before it."""
         doomed = sum(1 for e in deletions if e["kind"] != "dir")
+        if files_here is None:
+            # `local` only holds the paths of this manifest: it says nothing of the folder
+            files_here = doomed + sum(1 for e in self.known.get(name, {}).values()
+                                      if e["kind"] != "dir")
         if files_here >= GUARD_MIN_FILES and doomed * 2 > files_here and (
             name not in self.confirmed
         ):

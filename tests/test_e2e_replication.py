@@ -367,9 +367,16 @@ def test_strict_guard_refuses_mass_deletion_until_confirmed(make_pair):
         write(a / f"f{n:02}.txt", f"file {n}")
     for n in range(14):
         write(a / "mount" / f"m{n:02}.txt", f"file {n} on a disk that will vanish")
+    for n in range(20):
+        write(a / "old stuff" / f"s{n:02}.txt", f"file {n} that is really deleted")
     started(pair)
     b = pair.folder("beta")
     wait_equal(a, b, 10)
+    # 20 of 44 files deleted, another one changed in the same batch: not a mass deletion
+    os.rename(a / "old stuff", pair.root / "deleted for real")
+    write(a / "f00.txt", "changed along with the deletion")
+    wait_equal(a, b, 10, "an ordinary deletion of 20 files")
+    assert not replication(pair.beta).get("error")
     # 14 of 24 files vanish in one go, as when a disk is unmounted on the primary
     bus = Bus(pair.beta)
     try:
@@ -390,7 +397,7 @@ def test_strict_guard_refuses_mass_deletion_until_confirmed(make_pair):
     assert len(files_under(b)) == 11
     wait_for(lambda: not replication(pair.beta).get("error"), 10, "the guard error cleared")
     trashed = [p for p in (pair.root / "state" / "beta" / "trash").rglob("*") if p.is_file()]
-    assert len(trashed) == 14
+    assert len(trashed) == 34  # 20 ordinary deletions, 14 confirmed ones
 
 
 def big_file(path: Path, mib: int) -> str:
