@@ -66,7 +66,7 @@ class PathWatcher:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.wait(0.0005):  # the poll interval, as a reader would look
             try:
                 fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
             except FileNotFoundError:
@@ -767,7 +767,7 @@ def test_a_hostile_primary_cannot_write_outside_the_folders(make_pair, tmp_path)
         beta.proc = subprocess.Popen(  # would land there
             [sys.executable, "-m", "node.cli", "start", "--config", str(beta.config)],
             stdout=beta.logfh, stderr=subprocess.STDOUT, cwd=sandbox,
-            env={**os.environ, "PYTHONPATH": os.getcwd()})
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
         beta.wait_state("secondary")
         wait_for(lambda: (b / "good.txt").exists(), 10, f"the honest file {beta.tail_log()}")
         # the same attacks again as a live manifest, plus malformed bus messages
