@@ -156,7 +156,7 @@ def started(pair: Pair) -> Pair:
 
 
 def replication(node: NodeProc) -> dict:
-    st = node.status(0.5)
+    st = node.status(2.0)
     return st["replication"] if st else {}
 
 
@@ -893,7 +893,8 @@ def test_an_old_primary_rejoins_catches_up_and_keeps_what_it_never_sent(make_pai
     seq = replication(pair.alpha)["seq"]
     write(a / "shared.txt", "v2, changed on alpha only\n")
     write(a / "alpha only.txt", "created on alpha only\n")
-    wait_for(lambda: replication(pair.alpha)["seq"] > seq, 10, "alpha to publish its change")
+    wait_for(lambda: replication(pair.alpha).get("seq", 0) > seq, 10,
+             "alpha to publish its change")
     pair.alpha.kill()
     paused = time.monotonic()
     pair.beta.signal(signal.SIGCONT)
