@@ -107,6 +107,8 @@ def tree(root: Path) -> dict[str, tuple]:
                 out[rel] = ("dir", mode)
             elif stat.S_ISLNK(st.st_mode):
                 out[rel] = ("link", os.readlink(p), st.st_mtime_ns)
+            elif not stat.S_ISREG(st.st_mode):
+                continue  # fifos, sockets, devices: not replicated, never opened here
             else:
                 try:
                     content = digest(p)
@@ -220,6 +222,7 @@ def test_initial_sync_of_an_odd_tree_is_exact(make_pair):
     for link in ("link to deep", "dangling", "absolute link"):
         os.utime(a / link, ns=(old + 7, old + 7), follow_symlinks=False)
     big = write(a / "big" / "fifty.bin", os.urandom(50 * MiB), 0o644, old + 8)
+    os.mkfifo(a / "a fifo")  # not replicated (and never opened by the primary)
     started(pair)
     b = pair.folder("beta")
     want = wait_equal(a, b, 30)
@@ -230,6 +233,7 @@ def test_initial_sync_of_an_odd_tree_is_exact(make_pair):
     assert want["private"] == ("dir", 0o700)
     assert want["with space/file name .txt"][1] == 0
     assert digest(b / "big" / "fifty.bin") == digest(big)
+    assert not os.path.lexists(b / "a fifo")
     # a restarted secondary fetches only what differs: the big file is not written again
     inode = os.stat(b / "big" / "fifty.bin").st_ino
     pair.beta.stop()
@@ -304,6 +308,11 @@ def test_live_changes_without_strict_keep_old_files(make_pair):
     write(a / "new.txt", "one, modified and longer")
     (a / "dir" / "nested.txt").chmod(0o640)
     wait_equal(a, b, 10, "modify content and mode")
+    write(a / "saved.txt", "first save")
+    wait_equal(a, b, 10, "an editor's first save")
+    write(a / ".saved.txt.swp", "second save")  # an editor's atomic save: write, rename over
+    os.rename(a / ".saved.txt.swp", a / "saved.txt")
+    wait_for(lambda: (b / "saved.txt").read_text() == "second save", 10, "the atomic save")
     os.rename(a / "new.txt", a / "renamed.txt")
     os.rename(a / "dir", a / "moved dir")
     wait_for(lambda: (b / "renamed.txt").exists() and (b / "moved dir" / "nested.txt").exists(),
