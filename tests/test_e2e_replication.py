@@ -548,7 +548,8 @@ def test_a_full_disk_keeps_the_old_copy_and_recovers(make_pair):
         wait_for(lambda: (bb / "small.txt").exists(), 10, "the small file")
         wait_for(lambda: replication(beta).get("pending_files") == 2, 10, "two files pending")
         assert (bb / "keep.bin").read_bytes() == v1
-        assert "disk full" in replication(beta)["error"] and beta.state() == "secondary"
+        st = beta.status(2.0)
+        assert "disk full" in st["replication"]["error"] and st["state"] == "secondary"
         assert not list(bb.rglob(".sbs-tmp-*")), "a temp file was left on the full disk"
         # alpha must not believe that beta has what beta could not write (a crashed alpha
         # would then replace its only copy without keeping a conflict copy)
@@ -633,7 +634,7 @@ def test_hostile_fetch_requests_are_refused_and_read_nothing_outside(make_pair):
         req.close()
         ctx.term()
     assert "CANARY" not in pair.alpha.log.read_text(errors="replace")
-    assert pair.alpha.state() == "primary"
+    assert pair.alpha.status(2.0)["state"] == "primary"
 
 
 class FakePrimary:
@@ -851,7 +852,8 @@ def test_nothing_written_before_a_promote_is_lost(make_pair, where):
     on = pair.alpha if where == "primary" else pair.beta  # either node may be asked
     res = sbs_tools("promote", "--config", str(on.config))
     assert res.returncode == 0, res.stdout + res.stderr
-    assert pair.beta.state() == "primary" and pair.alpha.state() == "secondary"
+    pair.beta.wait_state("primary", timeout=5)
+    pair.alpha.wait_state("secondary", timeout=5)
     assert tree(b) == tree(a)
     # and the other way round now: beta's changes reach alpha
     write(b / "from beta.txt", "the new primary writes")
@@ -945,7 +947,7 @@ def test_split_brain_loser_keeps_its_changes_under_conflicts(make_pair):
         pair.alpha.signal(signal.SIGCONT)
     # alpha wakes up, meets a primary with a higher epoch and yields
     pair.alpha.wait_state("secondary", timeout=10)
-    assert pair.beta.state() == "primary"
+    assert pair.beta.status(2.0)["state"] == "primary"
     wait_equal(b, a, 15, "the loser converging on the winner")
     kept = conflicts("alpha", pair)
     assert kept.get("shared.txt") == b"v2 on alpha, the loser\n", kept
