@@ -1,11 +1,45 @@
 """Shared fixtures: real node pairs on 127.0.0.1/127.0.0.2, stopped after each test."""
 from __future__ import annotations
 
+import email
+import socket
 import threading
+from email.policy import default as default_policy
 
 import pytest
+from aiosmtpd.controller import Controller
 
 from tests.pair import Pair
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Collector:
+    """aiosmtpd handler that keeps every message it receives."""
+
+    def __init__(self) -> None:
+        self.messages: list[email.message.EmailMessage] = []
+        self.envelopes = []
+
+    async def handle_DATA(self, server, session, envelope):
+        self.envelopes.append(envelope)
+        self.messages.append(email.message_from_bytes(envelope.content, policy=default_policy))
+        return "250 Message accepted"
+
+
+@pytest.fixture
+def smtp():
+    """A real SMTP server on loopback: (port, collector)."""
+    collector = Collector()
+    port = free_port()
+    controller = Controller(collector, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield port, collector
+    controller.stop()
 
 
 @pytest.fixture

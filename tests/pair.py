@@ -183,6 +183,16 @@ class Pair:
         p.mkdir(parents=True, exist_ok=True)
         return p
 
+    def start_both(self) -> Pair:
+        """alpha primary, then beta secondary, and each sees the other so."""
+        self.alpha.start()
+        self.alpha.wait_state("primary")
+        self.beta.start()
+        self.beta.wait_state("secondary")
+        wait_for(lambda: (st := self.alpha.status(0.5)) and st["peer_state"] == "secondary", 10,
+                 "alpha to see beta as secondary")
+        return self
+
     def primaries(self) -> list[str]:
         return [n for n, node in self.nodes.items() if node.state() == "primary"]
 

@@ -62,11 +62,7 @@ def test_status_of_a_stopped_node_exits_3(make_pair):
 
 def test_kill_9_of_the_primary_means_takeover_within_dead_after(make_pair):
     pair = make_pair()
-    pair.alpha.start()
-    pair.alpha.wait_state("primary")
-    pair.beta.start()
-    pair.beta.wait_state("secondary")
-    wait_for(lambda: settled(pair), 5, "settled pair")
+    pair.start_both()
     dead_after = pair.beta.cfg.dead_after
     killed = time.monotonic()
     pair.alpha.kill()
@@ -82,11 +78,7 @@ def test_kill_9_of_the_primary_means_takeover_within_dead_after(make_pair):
 
 def test_sigterm_hands_over_well_before_dead_after(make_pair):
     pair = make_pair(node={"dead_after": 4.0, "heartbeat": 0.2})
-    pair.alpha.start()
-    pair.alpha.wait_state("primary")
-    pair.beta.start()
-    pair.beta.wait_state("secondary")
-    wait_for(lambda: settled(pair), 5, "settled pair")
+    pair.start_both()
     stopped = time.monotonic()
     pair.alpha.signal(signal.SIGTERM)
     pair.beta.wait_state("primary", timeout=4.0)
@@ -97,11 +89,7 @@ def test_sigterm_hands_over_well_before_dead_after(make_pair):
 
 def test_promote_swaps_roles_and_the_bus_direction(make_pair):
     pair = make_pair()
-    pair.alpha.start()
-    pair.alpha.wait_state("primary")
-    pair.beta.start()
-    pair.beta.wait_state("secondary")
-    wait_for(lambda: settled(pair), 5, "settled pair")
+    pair.start_both()
 
     res = sbs_tools("promote", "--config", str(pair.beta.config))
     assert res.returncode == 0, res.stdout + res.stderr
@@ -121,10 +109,7 @@ def test_promote_swaps_roles_and_the_bus_direction(make_pair):
 
 def test_promote_without_a_peer_needs_force(make_pair):
     pair = make_pair()
-    pair.alpha.start()
-    pair.alpha.wait_state("primary")
-    pair.beta.start()
-    pair.beta.wait_state("secondary")
+    pair.start_both()
     pair.alpha.signal(signal.SIGSTOP)  # silent but alive: beta would take over by itself
     try:
         wait_for(lambda: pair.beta.status()["peer_state"] in ("unreachable", "primary"), 5, "x")
@@ -152,11 +137,7 @@ def test_ten_simultaneous_starts_give_exactly_one_primary(make_pair):
 
 def test_paused_primary_resumes_and_one_primary_remains_by_the_rule(make_pair):
     pair = make_pair()
-    pair.alpha.start()
-    pair.alpha.wait_state("primary")
-    pair.beta.start()
-    pair.beta.wait_state("secondary")
-    wait_for(lambda: settled(pair), 5, "settled pair")
+    pair.start_both()
     pair.alpha.signal(signal.SIGSTOP)
     try:
         st = pair.beta.wait_state("primary", timeout=5)
@@ -213,11 +194,7 @@ def test_a_client_without_the_right_key_gets_nothing(make_pair, key):
 
 def test_garbage_and_oversized_frames_leave_the_node_healthy(make_pair):
     pair = make_pair()
-    pair.alpha.start()
-    pair.alpha.wait_state("primary")
-    pair.beta.start()
-    pair.beta.wait_state("secondary")
-    wait_for(lambda: settled(pair), 5, "settled pair")
+    pair.start_both()
     port = pair.port
     # raw TCP garbage on every port of both nodes
     for host in ("127.0.0.1", "127.0.0.2"):
@@ -276,10 +253,7 @@ def test_tail_prints_heartbeats_and_manifests(make_pair):
 
 def test_plain_tcp_when_the_config_says_so(make_pair):
     pair = make_pair(security={"curve": "false"})
-    pair.alpha.start()
-    pair.alpha.wait_state("primary")
-    pair.beta.start()
-    pair.beta.wait_state("secondary")
+    pair.start_both()
     (pair.folder("alpha") / "plain.txt").write_text("no curve")
     wait_for(lambda: (pair.folder("beta") / "plain.txt").exists(), 10, "replication over TCP")
     # and a client without any key is answered, as configured

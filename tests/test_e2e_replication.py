@@ -148,10 +148,7 @@ def write(path: Path, data: bytes | str, mode: int | None = None,
 
 def started(pair: Pair) -> Pair:
     """alpha primary, then beta secondary and in sync."""
-    pair.alpha.start()
-    pair.alpha.wait_state("primary")
-    pair.beta.start()
-    pair.beta.wait_state("secondary")
+    pair.start_both()
     wait_for(lambda: replication(pair.beta).get("synced"), 20,
              f"beta to finish its first sync (log: {pair.beta.tail_log()})")
     return pair

@@ -17,12 +17,11 @@ import socket
 import subprocess
 import sys
 import time
-from email.policy import default as default_policy
 from pathlib import Path
 
 import pytest
-from aiosmtpd.controller import Controller
 
+from tests.conftest import free_port
 from tests.pair import Pair, wait_for
 
 _SCRIPT = Path(sys.executable).with_name("sbs-tools")
@@ -121,11 +120,7 @@ def running_pid(node, name: str) -> int | None:
 
 def start_pair(pair: Pair, names: tuple[str, ...]) -> None:
     """alpha primary, beta secondary holding alpha's sentinel list."""
-    pair.alpha.start()
-    pair.alpha.wait_state("primary")
-    pair.beta.start()
-    pair.beta.wait_state("secondary")
-    wait_for(lambda: pair.alpha.status(0.5)["peer_state"] == "secondary", 5, "alpha sees beta")
+    pair.start_both()
     wait_for(lambda: {s["name"] for s in pair.beta.status(0.5)["sentinels"]} == set(names), 5,
              "the sentinel list on beta")
 
@@ -185,31 +180,6 @@ def tails():
 
 
 # ---------------------------------------------------------------------------- SMTP
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.messages: list[email.message.EmailMessage] = []
-
-    async def handle_DATA(self, server, session, envelope):
-        self.messages.append(email.message_from_bytes(envelope.content, policy=default_policy))
-        return "250 Message accepted"
-
-
-@pytest.fixture
-def smtp():
-    collector = Collector()
-    port = free_port()
-    controller = Controller(collector, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield port, collector
-    controller.stop()
-
-
 @pytest.fixture
 def mute_port():
     """Accepts TCP connections (kernel backlog) but never says a word: a hung SMTP server."""

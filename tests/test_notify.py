@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import email
 import socket
 import threading
 import time
 from datetime import datetime
-from email.policy import default as default_policy
 
 import apprise
 import pytest
-from aiosmtpd.controller import Controller
 
 from node.config import EmailConfig
 from node.notify import Notifier, mail_urls
+from tests.conftest import free_port
 
 
 def wait_for(condition, timeout: float = 5.0, interval: float = 0.02):
@@ -24,33 +22,6 @@ def wait_for(condition, timeout: float = 5.0, interval: float = 0.02):
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
     return result
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.messages: list[email.message.EmailMessage] = []
-        self.envelopes = []
-
-    async def handle_DATA(self, server, session, envelope):
-        self.envelopes.append(envelope)
-        self.messages.append(email.message_from_bytes(envelope.content, policy=default_policy))
-        return "250 Message accepted"
-
-
-@pytest.fixture
-def smtp():
-    collector = Collector()
-    port = free_port()
-    controller = Controller(collector, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield port, collector
-    controller.stop()
 
 
 @pytest.fixture
