@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,12 @@ COMPACT_SLACK = 10_000
 
 
 class Agreed:
-    """Used by one thread."""
+    """Thread-safe: the primary journals from a background thread (a 100k-entry snapshot
+    acknowledgement must not stall the node loop's heartbeats), the secondary from its syncer."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
+        self._lock = threading.RLock()
         self._tokens: dict[str, dict[str, str]] = {}
         self._lines = 0
         self._load()
@@ -77,26 +80,30 @@ class Agreed:
     def get(self, folder: str, relpath: str) -> str | None:
         """The token last agreed for this path ("dir", "link:<target>" or the content hash), or
         None if the pair never agreed on anything there."""
-        tokens = self._tokens.get(folder)
-        return None if tokens is None else tokens.get(relpath)
+        with self._lock:
+            tokens = self._tokens.get(folder)
+            return None if tokens is None else tokens.get(relpath)
 
     def update(self, items: Iterable[tuple[str, str, str | None]]) -> None:
         """Record (folder, relpath, token or None for deleted); appends and flushes."""
-        lines = []
-        for folder, relpath, token in items:
-            self._set(folder, relpath, token)
-            lines.append(orjson.dumps([folder, relpath, token]))
-        if not lines:
+        items = list(items)
+        if not items:
             return
-        lines.append(b"")
-        self._file.write(b"\n".join(lines))
-        self._file.flush()
-        self._lines += len(lines) - 1
-        if self._lines > 2 * len(self) + COMPACT_SLACK:
-            self.compact()
+        with self._lock:
+            for folder, relpath, token in items:
+                self._set(folder, relpath, token)
+            self._file.write(b"\n".join(orjson.dumps(x) for x in items) + b"\n")
+            self._file.flush()
+            self._lines += len(items)
+            if self._lines > 2 * len(self) + COMPACT_SLACK:
+                self.compact()
 
     def compact(self) -> None:
         """Rewrite the journal with live entries only (temp file + os.replace: never torn)."""
+        with self._lock:
+            self._compact()
+
+    def _compact(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
         live = 0
         with open(tmp, "wb") as f:
@@ -127,8 +134,9 @@ class Agreed:
         return entry.get("hash")
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        with self._lock:
+            if not self._file.closed:
+                self._file.close()
 
     def __enter__(self) -> Agreed:
         return self

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import queue
 import secrets
 import signal
 import socket
@@ -88,6 +89,10 @@ class Node:
         self.final_sync: dict[str, Any] | None = None
         self.waiting_tools: list[tuple[bytes, str]] = []  # (identity, command) to answer later
         self.agreed = Agreed(self.state_dir / "agreed.jsonl")
+        self.journal_jobs: queue.Queue = queue.Queue()
+        self.journal = threading.Thread(target=self._journal_worker, name="sbs-journal",
+                                        daemon=True)
+        self.journal.start()
 
         self.notifier = Notifier(cfg.email)
         self.sentinels = Sentinels(self.state_dir, on_event=self._sentinel_event)
@@ -750,25 +755,42 @@ class Node:
                  sum(len(ix) for ix in self.index.values()))
 
     def _on_ack(self, body: dict[str, Any]) -> None:
-        """The secondary applied everything up to `applied`: that much is now agreed."""
+        """The secondary applied everything up to `applied`: that much is now agreed. The
+        journal work runs on the journal thread: after a snapshot it walks the whole index
+        (100k entries take seconds), which would silence our heartbeats past dead_after."""
         applied = body["applied"]
-        updates = []
+        acked = []
+        while self.unacked and self.unacked[0][0] <= applied:
+            acked.append(self.unacked.popleft()[1])
         if body["snapshot"]:
             later = {(f, e["path"]) for s, part in self.unacked if s > applied
                      for f, es in part.items() for e in es}
-            for folder, ix in self.index.items():
-                for path, entry in ix.items():
+            # entries are never mutated in place (a change replaces them): a shallow copy of
+            # each folder's entry list is a consistent view for the thread
+            whole = [(f, list(ix.values())) for f, ix in self.index.items()]
+            self.journal_jobs.put((whole, later, acked))
+        elif acked:
+            self.journal_jobs.put(([], set(), acked))
+        self.peer.applied = max(self.peer.applied, applied)
+
+    def _journal_worker(self) -> None:
+        while (job := self.journal_jobs.get()) is not None:
+            whole, later, acked = job
+            updates = []
+            for folder, entries in whole:
+                for entry in entries:
+                    path = entry["path"]
                     if (folder, path) not in later:
                         token = Agreed.token(entry)
                         if self.agreed.get(folder, path) != token:
                             updates.append((folder, path, token))
-        while self.unacked and self.unacked[0][0] <= applied:
-            _, part = self.unacked.popleft()
-            for folder, entries in part.items():
-                updates.extend((folder, e["path"], Agreed.token(e)) for e in entries)
-        if updates:
-            self.agreed.update(updates)
-        self.peer.applied = max(self.peer.applied, applied)
+            for part in acked:
+                for folder, entries in part.items():
+                    updates.extend((folder, e["path"], Agreed.token(e)) for e in entries)
+            try:
+                self.agreed.update(updates)
+            except OSError as exc:
+                log.error("cannot write the agreed journal: %s", exc)
 
     # ------------------------------------------------------------------ replication: secondary
     def _start_following(self) -> None:
@@ -903,6 +925,8 @@ class Node:
             self.blobs.stop()
         self.sentinels.stop_all()
         self.notifier.close(timeout=2.0)
+        self.journal_jobs.put(None)
+        self.journal.join(30)
         self.agreed.close()
         for sock in (getattr(self, "dealer", None), getattr(self, "router", None)):
             if sock is not None:
