@@ -493,3 +493,21 @@ def test_full_disk_keeps_the_old_file_and_no_temp(tmp_path, far_dir):
                                "temps": []}
     assert result["target"] == {"temp_in_state": False, "error": "ENOSPC", "intact": True,
                                 "temps": []}
+
+
+def test_big_temp_file_is_written_back_early_and_still_exact(writer, monkeypatch):
+    import node.fsops as fsops
+    calls = []
+    real_start = fsops.start_writeback
+    monkeypatch.setattr(fsops, "WRITEBACK_EVERY", 4096)
+    monkeypatch.setattr(fsops, "start_writeback",
+                        lambda fd, off, n: (calls.append((off, n)), real_start(fd, off, n)))
+    data = os.urandom(3 * 4096 + 100)
+    entry = file_entry("big.bin", data)
+    tmp = writer.new_temp("big.bin")
+    for i in range(0, len(data), 1000):
+        tmp.write(memoryview(data)[i:i + 1000])
+    writer.commit(tmp, entry)
+    assert Path(writer.root, "big.bin").read_bytes() == data
+    assert calls and calls[0][0] == 0  # contiguous ranges from the start, never overlapping
+    assert all(a[0] + a[1] == b[0] for a, b in zip(calls, calls[1:], strict=False))
