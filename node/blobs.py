@@ -173,8 +173,9 @@ class Fetcher:
 
     def fetch(
         self, batches: Iterable[list[dict[str, Any]]]
-    ) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]], list[bytes]]]:
-        """For each batch of items {f, p, o, n} yield (items, metas, blobs), in order."""
+    ) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]], list[memoryview]]]:
+        """For each batch of items {f, p, o, n} yield (items, metas, blobs), in order; the
+        blobs are read-only memoryviews of the received frames."""
         if self.sock is None:
             self.sock = self._open()
         source = iter(batches)
@@ -208,8 +209,14 @@ class Fetcher:
                 for _, _, frames in inflight:
                     self.sock.send_multipart(frames)
                 continue
-            reply = self.sock.recv_multipart()
-            msg = protocol.decode(reply[1:] if reply and reply[0] == b"" else reply,
+            # copy=False: the chunks stay in libzmq's buffers and are handed on as memoryviews
+            # (a 1 MiB chunk is not copied into a bytes object first); the header frames are
+            # small and are decoded as bytes, the blob frames only counted by decode
+            reply = self.sock.recv_multipart(copy=False)
+            if reply and len(reply[0]) == 0:
+                reply = reply[1:]
+            head, data = reply[:3], reply[3:]
+            msg = protocol.decode([f.bytes for f in head] + [b""] * len(data),
                                   expect=("DATA", "REPLY"))
             if isinstance(msg, Bad) or msg.command == "REPLY":
                 reason = msg.reason if isinstance(msg, Bad) else msg.body.get("reason")
@@ -222,4 +229,4 @@ class Fetcher:
                                  f" items for {len(items)} asked")
             inflight.popleft()
             misses = 0
-            yield items, msg.body["items"], msg.blobs
+            yield items, msg.body["items"], [f.buffer for f in data]

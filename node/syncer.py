@@ -427,6 +427,7 @@ class Syncer:
         # not asked for. Other files go on: a file too big for the space left must not keep
         # the small ones behind it from arriving.
         skip: set[str] = set()
+        chunks: _ChunkWriter | None = None  # big files' writer thread, started when needed
         free = _free_bytes(writer.root)
         for e in by_path.values():
             if free is not None and e["size"] > free:
@@ -453,6 +454,9 @@ class Syncer:
                     if meta["size"] != e["size"] or "err" in meta:
                         # changed or gone since the manifest: the next one will say more
                         if (tmp := open_big.pop(e["path"], None)) is not None:
+                            if chunks is not None:
+                                chunks.drain()
+                                chunks.error(tmp)
                             tmp.abort()
                         if e["path"] not in {x[1] for x in done}:
                             self.pending[(name, e["path"])] = e
@@ -468,9 +472,20 @@ class Syncer:
                             if item["o"] != 0:
                                 continue  # an earlier chunk failed; this file is pending
                             tmp = open_big[e["path"]] = writer.new_temp(e["path"])
-                        tmp.write(blob)
+                        if chunks is None:
+                            chunks = _ChunkWriter()
+                        if (exc := chunks.error(tmp)) is not None:
+                            raise exc  # an earlier chunk's write failed (a full disk)
+                        chunks.write(tmp, blob)
+                        if item["o"] + len(blob) >= e["size"]:
+                            chunks.drain()  # the whole file is written before it is sealed
+                            if (exc := chunks.error(tmp)) is not None:
+                                raise exc
                     except (PathError, OSError) as exc:
                         if (tmp := open_big.pop(e["path"], None)) is not None:
+                            if chunks is not None:
+                                chunks.drain()
+                                chunks.error(tmp)
                             tmp.abort()
                         skip.add(e["path"])
                         self._failed(name, e, exc)
@@ -489,6 +504,8 @@ class Syncer:
                 if e["path"] not in got:
                     self.pending[(name, e["path"])] = e
         finally:
+            if chunks is not None:
+                chunks.close()  # after the chunks queued before it: no write is left running
             for tmp in open_big.values():
                 tmp.abort()
         return done
@@ -536,6 +553,52 @@ class Syncer:
             else:
                 tmp.abort()
                 self._failed(name, e, res)
+
+
+class _ChunkWriter:
+    """Writes the chunks of big files in a thread of its own, so receiving the next chunks
+    (which keeps the fetch window full) overlaps with writing and hashing this one.
+
+    Bounded (QUEUE chunks, 1 MiB each), so memory stays flat. A failed write aborts its temp
+    file (TempFile.write does) and is kept in `errors` for the syncer to pick up; the syncer
+    touches a temp file handed to this thread again only after drain().
+    """
+
+    QUEUE = 16
+
+    def __init__(self) -> None:
+        self.q: queue.Queue[tuple[Any, Any] | None] = queue.Queue(self.QUEUE)
+        self.errors: dict[int, BaseException] = {}  # id(temp file) -> what its write raised
+        self.thread = threading.Thread(target=self._run, name="sbs-syncer-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.q.get()
+            try:
+                if job is None:
+                    return
+                tmp, blob = job
+                if id(tmp) not in self.errors:
+                    try:
+                        tmp.write(blob)
+                    except BaseException as exc:  # noqa: BLE001 -- handed to the syncer
+                        self.errors[id(tmp)] = exc
+            finally:
+                self.q.task_done()
+
+    def write(self, tmp: Any, blob: Any) -> None:
+        self.q.put((tmp, blob))
+
+    def drain(self) -> None:
+        self.q.join()
+
+    def error(self, tmp: Any) -> BaseException | None:
+        return self.errors.pop(id(tmp), None)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
 
 
 def _free_bytes(path: str) -> int | None:
