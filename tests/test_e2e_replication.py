@@ -542,8 +542,8 @@ def test_a_full_disk_keeps_the_old_copy_and_recovers(make_pair):
         v2 = os.urandom(3 * MiB)
         write(a / "keep.bin", v2)  # 2 MiB free
         write(a / "small.txt", "small files still fit")
-        wait_for(lambda: (bb / "small.txt").exists(), 10, "the small file")
-        wait_for(lambda: replication(beta).get("pending_files") == 2, 10, "two files pending")
+        wait_for(lambda: (bb / "small.txt").exists(), 30, f"the small file {beta.tail_log()}")
+        wait_for(lambda: replication(beta).get("pending_files") == 2, 30, "two files pending")
         assert (bb / "keep.bin").read_bytes() == v1
         st = beta.status(2.0)
         assert "disk full" in st["replication"]["error"] and st["state"] == "secondary"
