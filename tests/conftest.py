@@ -57,6 +57,15 @@ def make_pair(tmp_path):
         pair.stop()
 
 
+@pytest.fixture
+def mute_port():
+    """Accepts TCP connections (kernel backlog) but never says a word: a hung SMTP server."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield sock.getsockname()[1]
+
+
 @pytest.fixture(autouse=True)
 def no_thread_leak():
     """Fail a test that leaves a thread of ours running (watchdog's conftest does the same)."""

@@ -13,7 +13,6 @@ import os
 import secrets
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -180,15 +179,6 @@ def tails():
 
 
 # ---------------------------------------------------------------------------- SMTP
-@pytest.fixture
-def mute_port():
-    """Accepts TCP connections (kernel backlog) but never says a word: a hung SMTP server."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(8)
-        yield sock.getsockname()[1]
-
-
 def email_to(port: int) -> dict:
     return {"enabled": "true", "smtp_server": "127.0.0.1", "smtp_port": port,
             "sender": "sbs@example.com", "receiver": "ops@example.com"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from datetime import datetime
@@ -27,15 +26,6 @@ def wait_for(condition, timeout: float = 5.0, interval: float = 0.02):
 @pytest.fixture
 def closed_port() -> int:
     return free_port()  # nothing listens there any more: connection refused
-
-
-@pytest.fixture
-def mute_port():
-    """Accepts TCP connections (kernel backlog) but never says a word: a hung SMTP server."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(8)
-        yield sock.getsockname()[1]
 
 
 @pytest.fixture

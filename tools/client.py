@@ -13,19 +13,25 @@ from node.protocol import Bad
 from node.security import client, load_keys
 
 
+def _socket(cfg: Config, kind: int, maxmsg: int, port: int, *, peer: bool) -> zmq.Socket:
+    """A socket connected to the local node (or the peer) with the node's own key pair: our own
+    node presents our own public key, the peer presents the peer's."""
+    keys = load_keys(cfg)
+    sock = zmq.Context.instance().socket(kind)
+    sock.linger = 0
+    sock.setsockopt(zmq.MAXMSGSIZE, maxmsg)
+    client(sock, keys, None if keys is None or peer else keys.public)
+    if kind == zmq.SUB:
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.connect(f"tcp://{cfg.peer if peer else cfg.local}:{port}")
+    return sock
+
+
 def request(cfg: Config, command: str, body: dict[str, Any] | None = None, *,
             timeout: float = 2.0, peer: bool = False) -> dict[str, Any] | None:
     """Send one command to the local node (or the peer) and return its REPLY body, or None
     when nobody answers within `timeout`."""
-    keys = load_keys(cfg)
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_REPLY_IN)
-    # our own node's ROUTER presents our own key; the peer's presents the peer's key
-    client(sock, keys, None if keys is None or peer else keys.public)
-    host = cfg.peer if peer else cfg.local
-    sock.connect(f"tcp://{host}:{cfg.control_port}")
+    sock = _socket(cfg, zmq.DEALER, protocol.MAX_REPLY_IN, cfg.control_port, peer=peer)
     try:
         sock.send_multipart(protocol.encode(command, body or {}))
         deadline = time.monotonic() + timeout
@@ -42,14 +48,7 @@ def request(cfg: Config, command: str, body: dict[str, Any] | None = None, *,
 
 def subscribe(cfg: Config, *, peer: bool = False) -> Iterator[protocol.Message | Bad]:
     """Every message on a node's bus, forever (until the caller stops iterating)."""
-    keys = load_keys(cfg)
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.SUB)
-    sock.linger = 0
-    sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_BUS_IN)
-    client(sock, keys, None if keys is None or peer else keys.public)
-    sock.setsockopt(zmq.SUBSCRIBE, b"")
-    sock.connect(f"tcp://{cfg.peer if peer else cfg.local}:{cfg.bus_port}")
+    sock = _socket(cfg, zmq.SUB, protocol.MAX_BUS_IN, cfg.bus_port, peer=peer)
     try:
         while True:
             if sock.poll(500):
