@@ -333,7 +333,7 @@ def summarize_profile(path: Path, top: int = 18) -> dict[str, Any]:
         for fr in frames:
             func, _, where = fr.partition(" (")
             file = where.rsplit(":", 1)[0].rstrip(")")
-            file = file.split("site-packages/")[-1].split("/work/main/")[-1]
+            file = file.split("site-packages/")[-1].split(f"{REPO}/")[-1]
             names.append(f"{func} ({file})")
         total += n
         if names:
