@@ -33,7 +33,7 @@ import zmq
 from . import persist, protocol
 from .blobs import BlobServer
 from .config import Config, FolderConfig
-from .fsm import PRIMARY_LIKE, PUBLIC, E, S, step
+from .fsm import PRIMARY_LIKE, PUBLIC, A, E, S, step
 from .journal import Agreed
 from .notify import Notifier
 from .peer import Peer
@@ -253,7 +253,7 @@ class Node:
             self._request_snapshot()
 
     # ------------------------------------------------------------------ fsm glue
-    def feed(self, event: E, *, context: tuple[bytes, str] | None = None) -> None:
+    def feed(self, event: E, *, context: tuple[bytes, str] | None = None) -> tuple[A, ...]:
         nxt, actions = step(self.state, event)
         if nxt != self.state or actions:
             log.info("%s + %s -> %s %s", self.state, event, nxt, [a.value for a in actions])
@@ -267,6 +267,7 @@ class Node:
             self.publish_event("role", state=PUBLIC[nxt], internal=nxt.value, was=prev.value,
                                why=event.value, epoch=self.epoch)
             self._send_ping()  # tell the peer at once, not at the next heartbeat
+        return actions
 
     def me(self) -> dict[str, Any]:
         return {"name": self.cfg.name, "epoch": self.epoch, "role": self.cfg.role,
@@ -576,18 +577,16 @@ class Node:
         }
 
     def _on_promote(self, ident: bytes, force: bool) -> None:
-        if self.state == S.SECONDARY and not self.peer.alive:
-            if not force:
-                self._reply(ident, protocol.reply_error(
-                    "peer unreachable: cannot hand over gracefully; use --force"))
-                return
-            self.feed(E.PROMOTE_FORCE, context=(ident, "promote"))
-        elif self.state == S.PRIMARY and not (self.peer.alive and self.peer.state == "secondary"):
+        if self.state == S.SECONDARY and not self.peer.alive and not force:
+            self._reply(ident, protocol.reply_error(
+                "peer unreachable: cannot hand over gracefully; use --force"))
+            return
+        if self.state == S.PRIMARY and not (self.peer.alive and self.peer.state == "secondary"):
             self._reply(ident, protocol.reply_error("no live secondary to hand over to"))
             return
-        else:
-            self.feed(E.PROMOTE, context=(ident, "promote"))
-        if self.state not in (S.STOPPED,):
+        event = E.PROMOTE_FORCE if self.state == S.SECONDARY and not self.peer.alive else E.PROMOTE
+        # a refused promote was answered by the REFUSE action: one reply per request
+        if A.REFUSE not in self.feed(event, context=(ident, "promote")):
             self._reply(ident, protocol.reply_ok(state=PUBLIC[self.state]))
 
     def _on_sentinel_command(self, ident: bytes, body: dict[str, Any]) -> None:
