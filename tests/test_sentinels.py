@@ -126,14 +126,19 @@ def test_start_and_stop_one(make):
         sentinels.stop("nope")
 
 
-def test_sigterm_then_sigkill_bounded_by_grace(make, tmp_path):
-    sentinels, events = make()
+def run_stubborn(sentinels, tmp_path) -> int:
+    """Run a sentinel that ignores SIGTERM; return its pid once its handler is in place."""
     sentinels.configure({"stubborn": STUBBORN})
     sentinels.set_active(["stubborn"])
     sentinels.run()
-    pid = by_name(sentinels)["stubborn"]["pid"]
     log_file = tmp_path / "state" / "logs" / "stubborn.log"
     wait_for(lambda: log_file.exists() and "ready" in log_file.read_text().splitlines())
+    return by_name(sentinels)["stubborn"]["pid"]
+
+
+def test_sigterm_then_sigkill_bounded_by_grace(make, tmp_path):
+    sentinels, events = make()
+    pid = run_stubborn(sentinels, tmp_path)
 
     started = time.monotonic()
     sentinels.stop_all(grace=0.5)
@@ -147,12 +152,7 @@ def test_sigterm_then_sigkill_bounded_by_grace(make, tmp_path):
 
 def test_stop_escalates_to_sigkill_from_poll(make, tmp_path):
     sentinels, events = make(grace=0.3)
-    sentinels.configure({"stubborn": STUBBORN})
-    sentinels.set_active(["stubborn"])
-    sentinels.run()
-    pid = by_name(sentinels)["stubborn"]["pid"]
-    log_file = tmp_path / "state" / "logs" / "stubborn.log"
-    wait_for(lambda: log_file.exists() and "ready" in log_file.read_text().splitlines())
+    pid = run_stubborn(sentinels, tmp_path)
 
     started = time.monotonic()
     sentinels.stop("stubborn")
