@@ -45,6 +45,10 @@ from .syncer import Syncer
 
 log = logging.getLogger("sbs.node")
 
+# a ping that found no connection to the peer is tried again this soon (seconds), so a peer
+# that has just come up hears from us within milliseconds rather than at the next heartbeat
+PING_RETRY = 0.025
+
 
 class NodeError(RuntimeError):
     """A runtime failure that ends the node with exit 1 (e.g. the port is taken)."""
@@ -167,7 +171,7 @@ class Node:
         old_fd = signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
         log.info("node %s starting: epoch %d, role %s, probing %s:%d", self.cfg.name,
                  self.epoch, self.cfg.role, self.cfg.peer, self.cfg.control_port)
-        self.next_ping = 0.0
+        self.next_ping = self.ping_retry_at = 0.0
         self.probe_deadline = time.monotonic() + self.cfg.dead_after
         try:
             while self.state != S.STOPPED:
@@ -221,6 +225,8 @@ class Node:
 
     def _next_deadline(self, now: float) -> float:
         deadlines = [self.next_ping, now + 0.5]
+        if self.ping_retry_at:
+            deadlines.append(self.ping_retry_at)
         if self.state == S.STARTING:
             deadlines.append(self.probe_deadline)
         if self.peer.alive:
@@ -245,6 +251,10 @@ class Node:
         if now >= self.next_ping:
             self._send_ping()
             self.next_ping = now + self.cfg.heartbeat
+        elif self.ping_retry_at and now >= self.ping_retry_at:
+            # the last ping found no connection (the peer is starting, or down): try again
+            # soon, so a peer that just came up hears from us in milliseconds, not a heartbeat
+            self._ping_peer(now)
         if self.state in PRIMARY_LIKE and not self.restricted:
             self.sentinels.poll()
         self._check_final_sync(now)
@@ -411,7 +421,7 @@ class Node:
 
     # ------------------------------------------------------------------ peer messages
     def _send_ping(self) -> None:
-        self._send_peer("PING", self._peer_state())
+        self._ping_peer(time.monotonic())
         self.pub.send_multipart(protocol.encode_bus("HB", {
             "name": self.cfg.name, "run": self.run_id, "epoch": self.epoch,
             "state": PUBLIC[self.state], "seq": self.seq, "sv": self.sv,
@@ -428,11 +438,16 @@ class Node:
             "error": self.repl_error[:1000],
         }
 
-    def _send_peer(self, command: str, body: dict[str, Any]) -> None:
+    def _ping_peer(self, now: float) -> None:
+        delivered = self._send_peer("PING", self._peer_state())
+        self.ping_retry_at = 0.0 if delivered else now + min(self.cfg.heartbeat, PING_RETRY)
+
+    def _send_peer(self, command: str, body: dict[str, Any]) -> bool:
         try:
             self.dealer.send_multipart(protocol.encode(command, body), zmq.NOBLOCK)
+            return True
         except zmq.Again:
-            pass  # not connected: the peer is down or unreachable; silence speaks for itself
+            return False  # not connected: the peer is down or unreachable; silence speaks
 
     def _reply(self, ident: bytes, frames: list[bytes]) -> None:
         try:

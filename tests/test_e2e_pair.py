@@ -54,6 +54,19 @@ def test_alone_primary_then_second_secondary_and_status_json(make_pair):
     assert res.returncode == 0 and "secondary" in res.stdout
 
 
+def test_a_node_starting_next_to_a_primary_follows_it_within_milliseconds(make_pair):
+    """A first ping that finds no connection yet (the DEALER is still connecting) is retried
+    within milliseconds, not at the next heartbeat: a long heartbeat on both sides makes any
+    wait for one show (it would be 0.1-2 s here)."""
+    pair = make_pair(node={"heartbeat": 2.0, "dead_after": 4.0})
+    pair.alpha.start()
+    pair.alpha.wait_state("primary", timeout=15)
+    pair.beta.start()
+    st = pair.beta.wait_state("secondary")
+    to_secondary = st["uptime"] - st["in_state_for"]  # the node's own clock, not the poll's
+    assert to_secondary < 0.6, f"beta followed the primary after {to_secondary:.3f}s"
+
+
 def test_status_of_a_stopped_node_exits_3(make_pair):
     pair = make_pair()
     res = sbs_tools("status", "--config", str(pair.alpha.config))
