@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import stat
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -333,15 +334,42 @@ class FolderWriter:
         os.makedirs(self.root, exist_ok=True)
         os.makedirs(self.temp_dir, mode=0o700, exist_ok=True)
         self._temp_fd = os.open(self.temp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # lane N > 0 has a temp directory of its own (temp_dir/laneN): creating a file locks
+        # its directory, so writers sharing one directory would take turns
+        self._lane_fds: dict[int, int] = {}
+        self._lane_lock = threading.Lock()
         self.temp_in_state = self._can_rename_from_temp_dir()
         if not self.temp_in_state:
             log.info("%s: temp dir %s is on another filesystem; temp files go next to their "
                      "targets under hidden %s names", self.root, self.temp_dir, TEMP_PREFIX)
 
     def close(self) -> None:
+        self._close_lanes()
         if self._temp_fd >= 0:
             fd, self._temp_fd = self._temp_fd, -1
             os.close(fd)
+
+    def _close_lanes(self) -> None:
+        with self._lane_lock:
+            fds, self._lane_fds = list(self._lane_fds.values()), {}
+        for fd in fds:
+            os.close(fd)
+
+    def _lane_fd(self, lane: int) -> int:
+        if lane == 0:
+            return self._temp_fd
+        with self._lane_lock:
+            fd = self._lane_fds.get(lane)
+            if fd is None:
+                name = f"lane{lane}"
+                try:
+                    os.mkdir(name, 0o700, dir_fd=self._temp_fd)
+                except FileExistsError:
+                    pass
+                fd = self._lane_fds[lane] = os.open(
+                    name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    dir_fd=self._temp_fd)
+            return fd
 
     def __enter__(self) -> FolderWriter:
         return self
@@ -459,10 +487,11 @@ class FolderWriter:
 
     # -- files --
 
-    def new_temp(self, relpath: str) -> TempFile:
+    def new_temp(self, relpath: str, lane: int = 0) -> TempFile:
+        """A temp file for relpath. Threads writing at once pass different lanes."""
         parts = check_relpath(relpath)
         if self.temp_in_state:
-            return TempFile(self._temp_fd, False, relpath)
+            return TempFile(self._lane_fd(lane), False, relpath)
         dir_fd = self.open_dir(parts[:-1], create=True)
         try:
             return TempFile(dir_fd, True, relpath)
@@ -730,9 +759,19 @@ class FolderWriter:
         """Remove what a killed run left: everything in temp_dir and every TEMP_PREFIX name in
         the folder tree. Returns how many were removed."""
         count = 0
+        self._close_lanes()  # their directories go too; they come back when next used
         for name in os.listdir(self._temp_fd):
+            st = _lstat_at(self._temp_fd, name)
+            if st is not None and stat.S_ISDIR(st.st_mode) and name.startswith("lane"):
+                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=self._temp_fd)
+                try:
+                    count += len(os.listdir(fd))
+                finally:
+                    os.close(fd)
+            else:
+                count += 1
             _delete_at(self._temp_fd, name)
-            count += 1
         for _, dirnames, filenames, dir_fd in os.fwalk(self.root, follow_symlinks=False):
             for name in [d for d in dirnames if d.startswith(TEMP_PREFIX)]:
                 dirnames.remove(name)

@@ -17,7 +17,10 @@ To the loop, over an inproc PAIR:
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import errno
+import itertools
 import logging
 import os
 import queue
@@ -43,6 +46,7 @@ SMALL = 256 << 10  # files up to this size travel many to a request
 BATCH_BYTES = 1 << 20
 BATCH_ITEMS = 256
 CHUNK = 1 << 20
+LANES = 2  # threads writing small files, each with its own temp directory
 GUARD_MIN_FILES = 20
 PER_FILE_EVENTS = 100  # above this many files in one job, the bus gets progress instead
 
@@ -71,6 +75,8 @@ class Syncer:
         self.guard_errors: dict[str, str] = {}
         self.disk_full: set[str] = set()  # folders whose full disk was already logged
         self.kept: set[tuple[str, str, str | None]] = set()  # conflict copies already made
+        self._lanes: concurrent.futures.ThreadPoolExecutor | None = None  # small-file writers
+        self._lane_id = threading.local()
         self.thread = threading.Thread(target=self._run, name="sbs-syncer", daemon=True)
 
     # --- called from the node loop ---------------------------------------------------
@@ -118,6 +124,8 @@ class Syncer:
                     self.error = f"{job[0]} failed: {exc}"
                     self._report(snapshot=False)
         finally:
+            if self._lanes is not None:
+                self._lanes.shutdown(wait=True)
             self.fetcher.close()
             self.pipe.close()
 
@@ -423,6 +431,7 @@ class Syncer:
         done: list[tuple[str, str, str]] = []
         by_path = {e["path"]: e for e in files if e["size"] > 0}
         open_big: dict[str, Any] = {}
+        lanes: collections.deque[concurrent.futures.Future] = collections.deque()
         # Files that failed on our side (a full disk, a bad path): their remaining chunks are
         # not asked for. Other files go on: a file too big for the space left must not keep
         # the small ones behind it from arriving.
@@ -461,12 +470,10 @@ class Syncer:
                         if e["path"] not in {x[1] for x in done}:
                             self.pending[(name, e["path"])] = e
                         continue
+                    if e["size"] <= SMALL:
+                        small.append((e, blob))
+                        continue
                     try:
-                        if e["size"] <= SMALL:
-                            tmp = writer.new_temp(e["path"])
-                            tmp.write(blob)  # on error the temp file removes itself
-                            small.append((tmp, e))
-                            continue
                         tmp = open_big.get(e["path"])
                         if tmp is None:
                             if item["o"] != 0:
@@ -494,21 +501,70 @@ class Syncer:
                         del open_big[e["path"]]
                         self._commit(name, [(tmp, e)], done)
                 if small:
-                    self._commit(name, small, done)
+                    # written and committed on a lane thread while the next replies arrive
+                    lanes.append(self._lane_pool().submit(self._write_small, writer, small))
+                    while len(lanes) > 2 * LANES:
+                        self._settle(name, lanes.popleft(), done)
         except FetchError as exc:
             log.error("fetching from the primary failed: %s", exc)
             self.error = str(exc)
             self.fetcher.close()
+            while lanes:
+                self._settle(name, lanes.popleft(), done)
             got = {x[1] for x in done}
             for e in by_path.values():
                 if e["path"] not in got:
                     self.pending[(name, e["path"])] = e
+        except BaseException:
+            # an unexpected error: no lane may still be writing into the folder when it leaves
+            concurrent.futures.wait(lanes)
+            lanes.clear()
+            raise
         finally:
             if chunks is not None:
                 chunks.close()  # after the chunks queued before it: no write is left running
             for tmp in open_big.values():
                 tmp.abort()
+        # every batch handed to a lane is finished and accounted for before we return
+        while lanes:
+            self._settle(name, lanes.popleft(), done)
         return done
+
+    # --- small files on lane threads -------------------------------------------------
+    def _lane_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._lanes is None:
+            ids = itertools.count(1)
+
+            def name_lane() -> None:
+                self._lane_id.lane = next(ids)
+
+            self._lanes = concurrent.futures.ThreadPoolExecutor(
+                LANES, thread_name_prefix="sbs-syncer-lane", initializer=name_lane)
+        return self._lanes
+
+    def _write_small(self, writer: FolderWriter, pairs: list[tuple[dict, Any]]
+                     ) -> tuple[list[tuple[dict, BaseException]], list, list]:
+        """On a lane thread: write a batch of small files to temp files in the lane's own temp
+        directory and commit them (one syncfs). Only disk work happens here; what it means
+        for pending, events and the journal is settled on the syncer thread."""
+        lane = self._lane_id.lane
+        failed: list[tuple[dict, BaseException]] = []
+        items: list[tuple[Any, dict]] = []
+        for e, blob in pairs:
+            try:
+                tmp = writer.new_temp(e["path"], lane)
+                tmp.write(blob)  # on error the temp file removes itself
+            except (PathError, OSError) as exc:
+                failed.append((e, exc))
+                continue
+            items.append((tmp, e))
+        return failed, items, self._commit_files(writer, items)
+
+    def _settle(self, name: str, fut: concurrent.futures.Future, done: list) -> None:
+        failed, items, results = fut.result()
+        for e, exc in failed:
+            self._failed(name, e, exc)
+        self._book(name, items, results, done)
 
     def _batches(self, name: str, by_path: dict[str, dict],
                  skip: set[str]) -> Iterator[list[dict]]:
@@ -536,16 +592,22 @@ class Syncer:
             yield batch
 
     def _commit(self, name: str, items: list, done: list) -> None:
-        writer = self.writers[name]
+        self._book(name, items, self._commit_files(self.writers[name], items), done)
+
+    @staticmethod
+    def _commit_files(writer: FolderWriter, items: list) -> list[BaseException | None]:
+        if not items:
+            return []
         if len(items) == 1:
             tmp, e = items[0]
             try:
                 writer.commit(tmp, e)
-                results: list[BaseException | None] = [None]
+                return [None]
             except (HashMismatch, PathError, OSError) as exc:
-                results = [exc]
-        else:
-            results = writer.commit_many(items)
+                return [exc]
+        return writer.commit_many(items)
+
+    def _book(self, name: str, items: list, results: list, done: list) -> None:
         for (tmp, e), res in zip(items, results, strict=True):
             if res is None:
                 done.append((name, e["path"], Agreed.token(e)))

@@ -787,9 +787,11 @@ def test_a_hostile_primary_cannot_write_outside_the_folders(make_pair, tmp_path)
                       "unknown": [_entry("x", evil)], "../..": [_entry("y", evil)]})
         wait_for(lambda: (b / "good2.txt").exists() and (b / "flaky.txt").exists(), 10,
                  f"the honest files, one after a malformed answer {beta.tail_log()}")
-        st = beta.status()
-        # still following; what could not be applied waits for a better manifest
-        assert st["state"] == "secondary" and st["replication"]["pending_files"] == 2
+        # still following; what could not be applied waits for a better manifest (the status
+        # says so once the job is through, a moment after the last good file appears)
+        st = wait_for(lambda: (s := beta.status()) and s["replication"]["pending_files"] == 2
+                      and s, 10, f"huge.bin and liar.txt pending {beta.tail_log()}")
+        assert st["state"] == "secondary"
         assert "disk full" in st["replication"]["error"]  # 2**62 bytes never fit
         gets = fake.gets
         wait_for(lambda: fake.gets >= gets + 2, 20, "beta retrying liar.txt")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,7 +46,9 @@ def put(w: FolderWriter, rel: str, data: bytes, **kw) -> dict:
 
 def leftovers(w: FolderWriter) -> list[str]:
     """Temp files anywhere: in the temp dir, or hidden in the folder tree."""
-    found = [os.path.join(w.temp_dir, n) for n in os.listdir(w.temp_dir)]
+    found = []
+    for dirpath, _, filenames in os.walk(w.temp_dir):  # lane directories hold files too
+        found += [os.path.join(dirpath, n) for n in filenames]
     for dirpath, dirnames, filenames in os.walk(w.root):
         found += [os.path.join(dirpath, n) for n in dirnames + filenames
                   if n.startswith(TEMP_PREFIX)]
@@ -412,6 +415,55 @@ def test_cleanup_temps_removes_leftovers_of_a_killed_run(writer):
     assert leftovers(writer) == []
     assert Path(writer.root, "keep/me.txt").read_bytes() == b"keep"
     assert writer.cleanup_temps() == 0
+
+
+def test_lanes_write_at_once_each_in_its_own_temp_dir(writer):
+    """Small files are written by several threads; each lane creates its temp files in a
+    directory of its own (one directory would make them take turns on its lock)."""
+    seen: dict[int, set[str]] = {}
+    errors: list[BaseException] = []
+
+    def lane_work(lane: int) -> None:
+        try:
+            items = []
+            for i in range(100):
+                rel = f"d{i % 3}/lane{lane}-{i}.txt"
+                data = f"{lane}:{i}".encode() * (i + 1)
+                tmp = writer.new_temp(rel, lane)
+                tmp.write(data)
+                items.append((tmp, file_entry(rel, data)))
+            seen[lane] = set(os.listdir(Path(writer.temp_dir, f"lane{lane}")))
+            assert seen[lane] == {tmp.name for tmp, _ in items}
+            assert writer.commit_many(items) == [None] * len(items)
+        except BaseException as exc:  # noqa: BLE001 -- reported by the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=lane_work, args=(lane,)) for lane in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert set(seen) == {1, 2}
+    for lane in (1, 2):
+        for i in range(100):
+            p = Path(writer.root, f"d{i % 3}/lane{lane}-{i}.txt")
+            assert p.read_bytes() == f"{lane}:{i}".encode() * (i + 1)
+            assert p.stat().st_mtime_ns == MTIME
+    assert leftovers(writer) == []
+
+
+def test_cleanup_temps_empties_lane_dirs_and_lanes_work_after(writer):
+    tmp = writer.new_temp("a.txt", 1)
+    tmp.write(b"half")
+    tmp.close()  # a killed run: the temp file stays behind in lane 1's directory
+    Path(writer.temp_dir, TEMP_PREFIX + "x").write_bytes(b"half")
+    assert writer.cleanup_temps() == 2
+    assert leftovers(writer) == [] and os.listdir(writer.temp_dir) == []
+    put_lane = writer.new_temp("a.txt", 1)  # the lane's directory comes back when used
+    put_lane.write(b"whole")
+    writer.commit(put_lane, file_entry("a.txt", b"whole"))
+    assert Path(writer.root, "a.txt").read_bytes() == b"whole"
 
 
 def test_purge_trash_by_stamp_age(tmp_path):
