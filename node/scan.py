@@ -411,26 +411,30 @@ def _scan_dir(rel_dir: str, abs_dir: str, filt: Filter, cache: HashCache, out: d
 
 
 def _walk(rel_dir: str, abs_dir: str, filt: Filter, cache: HashCache, out: dict[str, Entry],
-          skipped: list[str] | None) -> None:
+          skipped: list[str] | None, between: Callable[[], None] | None = None) -> None:
     # An explicit stack: deep trees must not hit the recursion limit. Parents enter ``out``
     # before their children, so a delta creates folders first.
     stack = [(rel_dir, abs_dir)]
     while stack:
         rel, path = stack.pop()
         _scan_dir(rel, path, filt, cache, out, stack, skipped)
+        if between is not None:
+            between()
 
 
 def scan_folder(root: str, filt: Filter, cache: HashCache, *,
-                skipped: list[str] | None = None) -> dict[str, Entry]:
+                skipped: list[str] | None = None,
+                between: Callable[[], None] | None = None) -> dict[str, Entry]:
     """Full recursive walk of a folder. Raises FolderMissing when the root is not there.
 
     An unreadable subfolder is logged and skipped; its relpath is appended to ``skipped`` when
-    given, so a caller can keep that subtree out of deletions.
+    given, so a caller can keep that subtree out of deletions. ``between`` is called after each
+    directory (the scanner handles watch events there instead of after the whole walk).
     """
     root = os.fspath(root)
     _check_root(root)
     index: dict[str, Entry] = {}
-    _walk("", root, filt, cache, index, skipped)
+    _walk("", root, filt, cache, index, skipped, between)
     return index
 
 

@@ -102,12 +102,15 @@ class Scanner:
                 watcher.stop()
             pipe.close()
 
-    def _partial_scan(self, pipe: zmq.Socket, batches: list[dict[str, set[str]]]) -> None:
+    def _partial_scan(self, pipe: zmq.Socket, batches: list[dict[str, set[str]]],
+                      touched: dict[str, set[str]] | None = None) -> None:
         delta: dict[str, list[dict]] = {}
         for name, (root, filt) in self.folders.items():
             paths = set().union(*(b.get(name, ()) for b in batches))
             if not paths:
                 continue
+            if touched is not None:
+                touched.setdefault(name, set()).update(paths)
             try:
                 changes = scan_paths(root, filt, self.cache, self.index[name], paths)
             except FolderMissing:
@@ -117,12 +120,33 @@ class Scanner:
         if delta:
             pipe.send_multipart([b"delta", orjson.dumps(delta), b"part"])
 
+    def _waiting_batches(self) -> list[dict[str, set[str]]]:
+        """Watch batches at the head of the job queue, taken off it; not past a flush, a stop
+        or an overflow marker (those keep their place and their order)."""
+        out = []
+        while True:
+            with self.jobs.mutex:  # only this thread takes jobs off: the head stays put
+                head = self.jobs.queue[0] if self.jobs.queue else None
+            if head is None or head[0] != "batch" or head[1] is None:
+                return out
+            out.append(self.jobs.get_nowait()[1])
+
     def _full_scan(self, pipe: zmq.Socket) -> None:
+        """Walk every folder and publish what differs from the index. Watch batches that arrive
+        meanwhile are published between two directories, not after the walk (a 100,000-file
+        walk takes most of a second); the paths they touched then keep the state those batches
+        saw, since the walk may have passed them before they changed."""
         delta: dict[str, list[dict]] = {}
+        touched: dict[str, set[str]] = {}
+
+        def between() -> None:
+            if batches := self._waiting_batches():
+                self._partial_scan(pipe, batches, touched)
+
         for name, (root, filt) in self.folders.items():
             skipped: list[str] = []
             try:
-                fresh = scan_folder(root, filt, self.cache, skipped=skipped)
+                fresh = scan_folder(root, filt, self.cache, skipped=skipped, between=between)
             except FolderMissing:
                 # an unmounted or vanished folder is not "everything was deleted"
                 log.error("folder %s (%s) is missing: not replicating it", name, root)
@@ -134,11 +158,29 @@ class Scanner:
                 for path, entry in self.index[name].items():
                     if path == rel_dir or path.startswith(prefix):
                         fresh.setdefault(path, entry)
+            if paths := touched.get(name):
+                _keep_touched(fresh, self.index[name], paths)
             changes = diff(self.index[name], fresh)
             self.index[name] = fresh
             if changes:
                 delta[name] = changes
         pipe.send_multipart([b"delta", orjson.dumps(delta), b"full"])
+
+
+def _keep_touched(fresh: dict[str, dict], index: dict[str, dict], paths: set[str]) -> None:
+    """In `fresh`, replace what is at or under `paths` by what `index` has there."""
+    if "" in paths:  # the root itself: the partial scan covered everything
+        fresh.clear()
+        fresh.update(index)
+        return
+    prefixes = tuple(p + "/" for p in paths)
+
+    def under(p: str) -> bool:
+        return p in paths or p.startswith(prefixes)
+
+    for p in [p for p in fresh if under(p)]:
+        del fresh[p]
+    fresh.update((p, e) for p, e in index.items() if under(p))
 
 
 def verify_tokens(folders: dict[str, FolderConfig]) -> dict[str, dict[str, str]]:

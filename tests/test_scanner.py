@@ -1,0 +1,90 @@
+"""node.scanner: watch batches that arrive during a full rescan are published at once, and the
+rescan's own result does not undo them."""
+from __future__ import annotations
+
+import orjson
+import pytest
+import zmq
+
+from node import scanner as scanner_module
+from node.config import FolderConfig
+from node.scanner import Scanner
+
+
+@pytest.fixture
+def pipes():
+    ctx = zmq.Context()
+    reader = ctx.socket(zmq.PAIR)
+    reader.bind("inproc://scanner-test")
+    writer = ctx.socket(zmq.PAIR)
+    writer.connect("inproc://scanner-test")
+    yield ctx, reader, writer
+    reader.close(0)
+    writer.close(0)
+    ctx.term()
+
+
+def deltas(reader: zmq.Socket) -> list[tuple[str, dict[str, list[dict]]]]:
+    out = []
+    while reader.poll(0):
+        frames = reader.recv_multipart()
+        assert frames[0] == b"delta"
+        out.append((frames[2].decode(), orjson.loads(frames[1])))
+    return out
+
+
+def test_a_change_during_a_full_scan_is_published_between_directories(tmp_path, pipes,
+                                                                       monkeypatch):
+    ctx, reader, writer = pipes
+    root = tmp_path / "docs"
+    for d in range(5):
+        (root / f"d{d}").mkdir(parents=True)
+        for f in range(3):
+            (root / f"d{d}" / f"f{f}.txt").write_text(f"{d}/{f}")
+    (root / "a.txt").write_text("old")
+    (root / "gone.txt").write_text("soon deleted")
+    sc = Scanner(ctx, "inproc://unused", {"docs": FolderConfig("docs", root)}, period=60)
+    sc._full_scan(writer)
+    [(kind, first)] = deltas(reader)
+    assert kind == "full" and len(first["docs"]) == 5 + 15 + 2
+
+    real_scan_folder = scanner_module.scan_folder
+    calls = []
+
+    def scan_folder(*args, between, **kw):
+        def changing_between():
+            calls.append(1)
+            if len(calls) == 1:  # the root is walked first: its entries are in already
+                (root / "a.txt").write_text("new and longer")
+                (root / "gone.txt").unlink()
+                (root / "late.txt").write_text("created during the scan")
+                sc.jobs.put(("batch", {"docs": {"a.txt", "gone.txt", "late.txt"}}))
+            between()
+        return real_scan_folder(*args, between=changing_between, **kw)
+
+    monkeypatch.setattr(scanner_module, "scan_folder", scan_folder)
+    sc._full_scan(writer)
+    got = deltas(reader)
+    assert len(calls) == 6  # the root and five folders
+    assert [k for k, _ in got] == ["part", "full"]  # the batch went out before the walk ended
+    part = {e["path"]: e for e in got[0][1]["docs"]}
+    assert set(part) == {"a.txt", "gone.txt", "late.txt"}
+    assert part["gone.txt"].get("deleted") and part["a.txt"]["size"] == len("new and longer")
+    assert got[1][1].get("docs", []) == []  # the walk saw the old root: it must not undo that
+    index = sc.index["docs"]
+    assert index["a.txt"]["size"] == len("new and longer") and "late.txt" in index
+    assert "gone.txt" not in index
+    assert sc.jobs.empty()
+
+
+def test_a_flush_or_an_overflow_marker_keeps_its_place(tmp_path, pipes):
+    ctx, _, _ = pipes
+    sc = Scanner(ctx, "inproc://unused", {"docs": FolderConfig("docs", tmp_path)}, period=60)
+    sc.jobs.put(("batch", {"docs": {"x"}}))
+    sc.jobs.put(("flush", "t1"))
+    sc.jobs.put(("batch", {"docs": {"y"}}))
+    assert sc._waiting_batches() == [{"docs": {"x"}}]
+    assert sc.jobs.get_nowait() == ("flush", "t1")
+    sc.jobs.put(("batch", None))  # the watcher lost events: a full rescan, in its turn
+    assert sc._waiting_batches() == [{"docs": {"y"}}]
+    assert sc.jobs.get_nowait() == ("batch", None)
