@@ -449,6 +449,33 @@ def test_secondary_killed_mid_file_converges_and_never_shows_a_partial_file(make
     assert not list(temps.iterdir()), "the killed run's temp file was not cleaned up"
 
 
+def test_secondary_killed_amid_many_small_files_converges_with_no_torn_file(make_pair):
+    """Small files go through lane threads, a batch per request; a kill -9 in the middle leaves
+    only whole files at their final names, and the restarted secondary cleans every lane's
+    temp directory and converges."""
+    pair = make_pair()
+    a = pair.folder("alpha")
+    for n in range(3000):
+        write(a / f"d{n % 30:02}" / f"f{n:04}.txt", f"file {n} " * (1 + n % 50))
+    pair.alpha.start()
+    pair.alpha.wait_state("primary")
+    b = pair.folder("beta")
+    temps = pair.root / "state" / "beta" / "tmp" / "docs"
+    pair.beta.start()
+    wait_for(lambda: 100 <= len(files_under(b)) < 2900, 30, "beta to be half way", interval=0.005)
+    pair.beta.kill()
+    have = files_under(b)
+    assert 0 < len(have) < 3000
+    for rel in have:  # whatever is at a final name is whole
+        assert (b / rel).read_bytes() == (a / rel).read_bytes(), rel
+    pair.beta.start()
+    pair.beta.wait_state("secondary")
+    wait_equal(a, b, 60, "the small files after beta's restart")
+    wait_for(lambda: replication(pair.beta).get("synced"), 20, "beta synced")
+    left = [p for p in temps.rglob("*") if not p.is_dir()]
+    assert not left, f"temp files left behind: {left[:5]}"
+
+
 def test_a_file_growing_while_it_is_sent_converges(make_pair):
     pair = started(make_pair())
     a, b = pair.folder("alpha"), pair.folder("beta")
