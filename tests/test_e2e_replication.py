@@ -567,7 +567,9 @@ def test_a_full_disk_keeps_the_old_copy_and_recovers(make_pair):
                  "what fits")
         # a change that does not fit either: the old copy stays, whole
         v2 = os.urandom(3 * MiB)
-        write(a / "keep.bin", v2)  # 2 MiB free
+        # renamed in complete: written in place, the primary may catch it truncated to 0 bytes
+        # under load, and beta would rightly replicate that, freeing 1 MiB for v2 to fit
+        os.rename(write(pair.root / "keep.v2", v2), a / "keep.bin")  # 2 MiB free
         write(a / "small.txt", "small files still fit")
         wait_for(lambda: (bb / "small.txt").exists(), 30, f"the small file {beta.tail_log()}")
         wait_for(lambda: replication(beta).get("pending_files") == 2, 30, "two files pending")
