@@ -92,7 +92,7 @@ class Agreed:
         with self._lock:
             for folder, relpath, token in items:
                 self._set(folder, relpath, token)
-            self._file.write(b"\n".join(orjson.dumps(x) for x in items) + b"\n")
+            _write_lines(self._file, items)
             self._file.flush()
             self._lines += len(items)
             if self._lines > 2 * len(self) + COMPACT_SLACK:
@@ -108,10 +108,7 @@ class Agreed:
         live = 0
         with open(tmp, "wb") as f:
             for folder, tokens in self._tokens.items():
-                chunk = [orjson.dumps([folder, rel, tok]) for rel, tok in tokens.items()]
-                if chunk:
-                    f.write(b"\n".join(chunk) + b"\n")
-                    live += len(chunk)
+                live += _write_lines(f, ((folder, rel, tok) for rel, tok in tokens.items()))
             f.flush()
             os.fsync(f.fileno())
         self._file.close()
@@ -143,6 +140,23 @@ class Agreed:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _write_lines(f: Any, items: Iterable[Any], per_write: int = 2048) -> int:
+    """Write one orjson line per item, a bounded batch at a time: joining 100,000 serialised
+    lines at once cost the secondary ~380 MB at the end of a 100,000-file snapshot."""
+    n = 0
+    batch: list[bytes] = []
+    for x in items:
+        batch.append(orjson.dumps(x))
+        if len(batch) >= per_write:
+            f.write(b"\n".join(batch) + b"\n")
+            n += len(batch)
+            batch.clear()
+    if batch:
+        f.write(b"\n".join(batch) + b"\n")
+        n += len(batch)
+    return n
 
 
 def _fsync_dir(path: Path) -> None:

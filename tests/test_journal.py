@@ -87,3 +87,22 @@ def test_token_of_entries():
     assert Agreed.token({"path": "l", "kind": "link", "target": "../x"}) == "link:../x"
     assert Agreed.token({"path": "f", "kind": "file", "hash": "abc"}) == "abc"
     assert Agreed.token({"path": "f", "kind": "file", "hash": "abc", "deleted": True}) is None
+
+
+def test_a_large_update_is_written_in_batches_and_reads_back_whole(tmp_path):
+    """100,000-file snapshots are journalled in bounded batches (a single join of every line
+    cost the secondary hundreds of MB); every line, across the batch boundaries, comes back."""
+    path = tmp_path / "agreed.jsonl"
+    items = [("docs", f"d{i % 7}/f{i:05}.txt", f"{i:032x}") for i in range(5000)]
+    items[4097] = ("docs", items[4097][1], None)  # a deletion in a later batch
+    with Agreed(path) as j:
+        j.update(items)
+        j.compact()
+        j.update(items[:10])
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and all(orjson.loads(line) for line in lines[:-1])
+    with Agreed(path) as j:
+        assert len(j) == 4999
+        assert j.get("docs", items[4096][1]) == f"{4096:032x}"
+        assert j.get("docs", items[4097][1]) is None
+        assert j.get("docs", items[4999][1]) == f"{4999:032x}"
