@@ -366,9 +366,7 @@ class FolderWriter:
                     os.mkdir(name, 0o700, dir_fd=self._temp_fd)
                 except FileExistsError:
                     pass
-                fd = self._lane_fds[lane] = os.open(
-                    name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    dir_fd=self._temp_fd)
+                fd = self._lane_fds[lane] = os.open(name, _DIR_FLAGS, dir_fd=self._temp_fd)
             return fd
 
     def __enter__(self) -> FolderWriter:
@@ -763,8 +761,7 @@ class FolderWriter:
         for name in os.listdir(self._temp_fd):
             st = _lstat_at(self._temp_fd, name)
             if st is not None and stat.S_ISDIR(st.st_mode) and name.startswith("lane"):
-                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             dir_fd=self._temp_fd)
+                fd = os.open(name, _DIR_FLAGS, dir_fd=self._temp_fd)
                 try:
                     count += len(os.listdir(fd))
                 finally:

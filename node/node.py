@@ -46,7 +46,8 @@ from .syncer import Syncer
 log = logging.getLogger("sbs.node")
 
 # a ping that found no connection to the peer is tried again this soon (seconds), so a peer
-# that has just come up hears from us within milliseconds rather than at the next heartbeat
+# that has just come up hears from us within milliseconds rather than at the next heartbeat;
+# the wait doubles while the peer stays unreachable, up to the heartbeat itself
 PING_RETRY = 0.025
 
 
@@ -61,6 +62,8 @@ class Node:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = secrets.token_hex(8)
         self.n = 0
+        self.next_ping = self.ping_retry_at = 0.0
+        self.ping_retry_in = PING_RETRY
         saved = persist.load(self.state_dir / "node.json", {})
         self.epoch = int(saved.get("epoch", 0))
         self.max_seen_epoch = self.epoch
@@ -172,6 +175,7 @@ class Node:
         log.info("node %s starting: epoch %d, role %s, probing %s:%d", self.cfg.name,
                  self.epoch, self.cfg.role, self.cfg.peer, self.cfg.control_port)
         self.next_ping = self.ping_retry_at = 0.0
+        self.ping_retry_in = PING_RETRY
         self.probe_deadline = time.monotonic() + self.cfg.dead_after
         try:
             while self.state != S.STOPPED:
@@ -439,8 +443,11 @@ class Node:
         }
 
     def _ping_peer(self, now: float) -> None:
-        delivered = self._send_peer("PING", self._peer_state())
-        self.ping_retry_at = 0.0 if delivered else now + min(self.cfg.heartbeat, PING_RETRY)
+        if self._send_peer("PING", self._peer_state()):
+            self.ping_retry_at, self.ping_retry_in = 0.0, PING_RETRY
+        else:  # a peer that stays down costs no wakeups beyond the heartbeat's
+            self.ping_retry_at = now + min(self.cfg.heartbeat, self.ping_retry_in)
+            self.ping_retry_in *= 2
 
     def _send_peer(self, command: str, body: dict[str, Any]) -> bool:
         try:
