@@ -437,10 +437,14 @@ class SbsRun:
         return {"alpha_ready_s": round(time.perf_counter() - t0, 3),
                 "seq": st["replication"]["seq"]}
 
-    def sync_beta(self, seq: int, timeout: float = 900) -> dict[str, Any]:
-        """Start beta and time it to synced (applied >= seq); peak memory of both nodes."""
+    def sync_beta(self, seq: int, timeout: float = 900,
+                  warm: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Start beta and time it to synced (applied >= seq); peak memory of both nodes.
+        `warm` runs right before the clock starts (see warm_page_cache)."""
         self._profile("alpha")
         beta = self.pair.beta
+        if warm is not None:
+            warm()
         load1 = os.getloadavg()[0]
         alpha_cpu = thread_cpu(self.pair.alpha.pid)
         t0 = time.perf_counter()
@@ -515,11 +519,11 @@ class SbsRun:
 
 
 def initial_sync(root: Path, src: Path, *, curve: bool = True, profile_dir: Path | None = None,
-                 tag: str = "") -> dict[str, Any]:
+                 tag: str = "", warm: Callable[[], None] | None = None) -> dict[str, Any]:
     drop_dirty()
     with SbsRun(root, src, curve=curve, profile_dir=profile_dir, tag=tag) as run:
         ready = run.start_alpha()
-        result = run.sync_beta(ready["seq"])
+        result = run.sync_beta(ready["seq"], warm=warm)
         result["alpha_ready_s"] = ready["alpha_ready_s"]
         result["roles"] = roles = run.settle()
         if profile := run.stop_profilers():
@@ -660,7 +664,8 @@ def scenario_small(data: Path, runs: Path, daemon: RsyncDaemon, sz: Sizes,
     return out
 
 
-def live_big(root: Path, big_file: Path, *, curve: bool = True) -> dict[str, Any]:
+def live_big(root: Path, big_file: Path, *, curve: bool = True,
+             warm: Callable[[], None] | None = None) -> dict[str, Any]:
     """A running, synced pair with an empty folder; the big file appears in alpha's folder at
     once (a hard link: complete from its first instant, as a file renamed into place), and
     the clock runs until beta's copy is at its final name with its full size. This includes
@@ -675,6 +680,8 @@ def live_big(root: Path, big_file: Path, *, curve: bool = True) -> dict[str, Any
         run.settle(hold=0.5)
         size = big_file.stat().st_size
         target = run.dst / big_file.name
+        if warm is not None:
+            warm()
         cpu0 = {n: thread_cpu(node.pid) for n, node in run.pair.nodes.items()}
         t0 = time.perf_counter()
         os.link(big_file, src / big_file.name)
@@ -707,12 +714,16 @@ def scenario_big(data: Path, runs: Path, daemon: RsyncDaemon, sz: Sizes,
     rs: list[dict] = []
 
     # every run, rsync's and SBS's, starts right after writing and deleting 2 GiB: on this VM
-    # a copy into page cache that nothing touched lately runs at half speed or less
+    # a copy into page cache that nothing touched lately runs at half speed or less, and the
+    # freed pages go back to the host within seconds (see warm_page_cache), so the warm-up
+    # comes right before each clock starts, after the pair's own start-up
+    def warm() -> None:
+        warm_page_cache(runs / "warm.bin", 2 * sz.big_bytes)
 
     def rsync_once(rep: int) -> None:
         dest = runs / f"rsync-big-{rep}"
-        warm_page_cache(runs / "warm.bin", 2 * sz.big_bytes)
         drop_dirty()
+        warm()
         r = daemon.pull("big", dest)
         shutil.rmtree(dest)
         r["MBps"] = round(size_mb / r["seconds"], 1)
@@ -721,8 +732,7 @@ def scenario_big(data: Path, runs: Path, daemon: RsyncDaemon, sz: Sizes,
             f"{r['client_peak_mb']} MB, daemon peak ~{r['daemon_peak_mb_sampled']} MB")
 
     def sbs_once(rep: int) -> None:
-        warm_page_cache(runs / "warm.bin", 2 * sz.big_bytes)
-        s = initial_sync(runs / f"sbs-big-{rep}", src)
+        s = initial_sync(runs / f"sbs-big-{rep}", src, warm=warm)
         s["MBps"] = round(size_mb / s["seconds"], 1)
         s["MBps_after_secondary"] = round(size_mb / s["after_secondary_s"], 1)
         sbs.append(s)
@@ -731,8 +741,8 @@ def scenario_big(data: Path, runs: Path, daemon: RsyncDaemon, sz: Sizes,
             f"{s['alpha_mem_mb']['VmHWM']} MB, beta {s['beta_mem_mb']['VmHWM']} MB")
 
     def live_once(rep: int, curve: bool = True) -> None:
-        warm_page_cache(runs / "warm.bin", 2 * sz.big_bytes)
-        s = live_big(runs / f"sbs-live-{rep}-{curve}", next(src.iterdir()), curve=curve)
+        s = live_big(runs / f"sbs-live-{rep}-{curve}", next(src.iterdir()), curve=curve,
+                     warm=warm)
         s["MBps"] = round(size_mb / s["seconds"], 1)
         (live if curve else live_plain).append(s)
         say(f"  SBS live, {'CURVE' if curve else 'plain'}{' ' if curve else ''}  "
@@ -750,8 +760,7 @@ def scenario_big(data: Path, runs: Path, daemon: RsyncDaemon, sz: Sizes,
     out: dict[str, Any] = {"bytes": sz.big_bytes, "sbs": sbs, "sbs_live": live,
                            "sbs_live_plain": live_plain, "rsync": rs}
     if with_plain:
-        warm_page_cache(runs / "warm.bin", 2 * sz.big_bytes)
-        s = initial_sync(runs / "sbs-big-plain", src, curve=False)
+        s = initial_sync(runs / "sbs-big-plain", src, curve=False, warm=warm)
         s["MBps"] = round(size_mb / s["seconds"], 1)
         s["MBps_after_secondary"] = round(size_mb / s["after_secondary_s"], 1)
         out["sbs_plain"] = s
@@ -759,8 +768,8 @@ def scenario_big(data: Path, runs: Path, daemon: RsyncDaemon, sz: Sizes,
             f"({s['MBps_after_secondary']:.0f} MB/s once secondary)")
     if with_fsync:
         dest = runs / "rsync-big-fsync"
-        warm_page_cache(runs / "warm.bin", 2 * sz.big_bytes)
         drop_dirty()
+        warm()
         r = daemon.pull("big", dest, "--fsync")
         shutil.rmtree(dest)
         r["MBps"] = round(size_mb / r["seconds"], 1)
@@ -941,7 +950,11 @@ def warm_files(scratch: Path, count: int, size: int) -> None:
 def warm_page_cache(scratch: Path, size: int) -> None:
     """Write and delete `size` bytes. In a VM whose memory the host backs lazily, the first
     touch of a page is slow (here: 1 GiB into fresh page cache at ~0.36 GB/s, into reused
-    pages at ~2.4 GB/s); without this, whichever copy runs first pays for it."""
+    pages at ~2.4 GB/s); without this, whichever copy runs first pays for it. The effect is
+    short-lived: the guest reports free pages back to the host (virtio-balloon free page
+    reporting), so pages freed a few seconds ago are fresh again (1 GiB written right after
+    this: 4.7 GB/s; 3 s later 1.8 GB/s; 6 s later 0.43 GB/s). Call it right before a clock
+    starts."""
     buf = os.urandom(4 * MiB)
     with open(scratch, "wb") as f:
         for _ in range(max(1, size // len(buf))):
@@ -993,9 +1006,9 @@ def main(argv: list[str] | None = None) -> int:
                                                    profile_dir=profile_dir, tag="small")
                 if "big" in only:
                     say("profile: initial sync of the big file")
-                    warm_page_cache(runs / "warm.bin", 2 * sz.big_bytes)
-                    report["big"] = initial_sync(runs / "p-big", data / "big",
-                                                 profile_dir=profile_dir, tag="big")
+                    report["big"] = initial_sync(
+                        runs / "p-big", data / "big", profile_dir=profile_dir, tag="big",
+                        warm=lambda: warm_page_cache(runs / "warm.bin", 2 * sz.big_bytes))
                 if "tree" in only:
                     say("profile: the tree (initial sync, latency, idle)")
                     report["tree"] = scenario_tree(data, runs, daemon, sz, profile_dir)
