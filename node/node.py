@@ -92,6 +92,7 @@ class Node:
         self.synced = False
         self.pending = (0, 0)
         self.repl_error = ""
+        self.through, self.stuck = 0, ""  # secondary: manifests worked through; see Syncer
         self.last_sync_wall: float | None = None
         self.final_sync: dict[str, Any] | None = None
         self.waiting_tools: list[tuple[bytes, str]] = []  # (identity, command) to answer later
@@ -386,7 +387,14 @@ class Node:
         else:
             done = self.peer.applied >= fs["target"] and self.peer.synced
             why = f"peer applied manifest {self.peer.applied}"
-            if not done and now >= fs["deadline"]:
+            if not done and self.peer.stuck and self.peer.through >= fs["target"]:
+                # the peer worked through everything and what is left waits for disk space:
+                # waiting out handover_timeout would not bring it
+                done = True
+                why = (f"{self.peer.name} has manifest {fs['target']} but cannot apply "
+                       f"everything: {self.peer.stuck}")
+                log.error("final sync incomplete: %s", why)
+            elif not done and now >= fs["deadline"]:
                 done, why = True, f"timed out at {self.peer.applied}/{fs['target']}"
                 log.error("final sync incomplete: %s", why)
         if done:
@@ -440,6 +448,7 @@ class Node:
             "applied": self.applied, "synced": self.synced,
             "pending_files": self.pending[0], "pending_bytes": self.pending[1],
             "error": self.repl_error[:1000],
+            "through": self.through, "stuck": self.stuck[:1000],
         }
 
     def _ping_peer(self, now: float) -> None:
@@ -825,6 +834,7 @@ class Node:
                              self.agreed)
         self.syncer.start()
         self.applied, self.synced = 0, False
+        self.through, self.stuck = 0, ""
         self.follow = {"buffer": [], "seen": None, "run": None}
         self._request_snapshot()
 
@@ -920,6 +930,7 @@ class Node:
             self.applied = body["applied"]
             self.pending = (body["pending_files"], body["pending_bytes"])
             self.repl_error = body.get("error", "")
+            self.through, self.stuck = body["through"], body["stuck"]
             caught_up = self.applied >= (self.follow.get("seen") or 0) and not self.pending[0]
             self.synced = caught_up and not self.repl_error
             if caught_up:

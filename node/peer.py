@@ -25,6 +25,8 @@ class Peer:
     pending_files: int = 0
     pending_bytes: int = 0
     error: str = ""
+    through: int = 0
+    stuck: str = ""
     heard_at: float = -1e9  # monotonic
     alive: bool = False
     info: dict[str, Any] = field(default_factory=dict)
@@ -37,6 +39,7 @@ class Peer:
         for key in ("name", "state", "epoch", "role", "restricted", "since", "seq", "applied",
                     "synced", "pending_files", "pending_bytes", "error"):
             setattr(self, key, body[key])
+        self.through, self.stuck = body.get("through", 0), body.get("stuck", "")
         self.heard_at = now
         self.alive = True
         return True

@@ -74,6 +74,8 @@ class Syncer:
         self.held: dict[str, dict[str, dict]] = {}
         self.guard_errors: dict[str, str] = {}
         self.disk_full: set[str] = set()  # folders whose full disk was already logged
+        # pending files whose last try found no room for them: waiting does not bring them
+        self.no_room: set[tuple[str, str]] = set()
         self.kept: set[tuple[str, str, str | None]] = set()  # conflict copies already made
         self._lanes: concurrent.futures.ThreadPoolExecutor | None = None  # small-file writers
         self._lane_id = threading.local()
@@ -147,7 +149,18 @@ class Syncer:
             "pending_files": len(self.pending),
             "pending_bytes": sum(e.get("size", 0) for e in self.pending.values()),
             "error": self.error or "; ".join(self.guard_errors.values()),
+            "through": self.applied,
+            "stuck": self._stuck(),
         })])
+
+    def _stuck(self) -> str:
+        """Why nothing pending can be applied by waiting (every pending file found no room),
+        or "": a primary's final sync then stops waiting for them."""
+        if not self.pending or any(k not in self.no_room for k in self.pending):
+            return ""
+        folders = sorted({name for name, _ in self.pending})
+        return (f"{len(self.pending)} file(s) do not fit: disk full in "
+                + ", ".join(f"{n} ({self.writers[n].root})" for n in folders))[:1000]
 
     def _confirm(self, folder: str | None) -> None:
         """The operator allows the deletions the guard refused: apply the held ones now, or
@@ -209,6 +222,7 @@ class Syncer:
     def _snapshot(self, seq: int, folders: dict[str, FolderConfig], index: dict) -> None:
         self._setup(folders)
         self.pending.clear()
+        self.no_room.clear()
         self.pending_since_seq = None
         self.error = ""
         self.held.clear()  # what to delete is worked out afresh from the full index
@@ -276,6 +290,7 @@ class Syncer:
         for (name, _), e in self.pending.items():
             by_folder.setdefault(name, []).append(e)
         self.pending.clear()
+        self.no_room.clear()
         self.error = ""
         stamp = utc_stamp()
         self._progress = {"files": 0, "bytes": 0, "total": 0, "at": 0.0}
@@ -358,7 +373,9 @@ class Syncer:
 
     def _failed(self, name: str, e: dict, exc: BaseException) -> None:
         self.pending[(name, e["path"])] = e
+        self.no_room.discard((name, e["path"]))
         if _enospc(exc):
+            self.no_room.add((name, e["path"]))
             if name not in self.disk_full:
                 self.disk_full.add(name)
                 log.error("disk full in folder %s writing %s: keeping the old copy; will retry",
@@ -469,6 +486,7 @@ class Syncer:
                             tmp.abort()
                         if e["path"] not in {x[1] for x in done}:
                             self.pending[(name, e["path"])] = e
+                            self.no_room.discard((name, e["path"]))
                         continue
                     if e["size"] <= SMALL:
                         small.append((e, blob))
@@ -515,6 +533,7 @@ class Syncer:
             for e in by_path.values():
                 if e["path"] not in got:
                     self.pending[(name, e["path"])] = e
+                    self.no_room.discard((name, e["path"]))
         except BaseException:
             # an unexpected error: no lane may still be writing into the folder when it leaves
             concurrent.futures.wait(lanes)

@@ -597,6 +597,43 @@ def test_a_full_disk_keeps_the_old_copy_and_recovers(make_pair):
              == xxhash.xxh3_128_hexdigest(too_big), 5, "alpha to record what beta now has")
 
 
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and mount (root)")
+def test_a_stop_does_not_wait_for_files_the_secondary_has_no_room_for(make_pair):
+    """A graceful stop waits (bounded) for the secondary to apply everything. A file that
+    cannot fit there will not arrive by waiting: the stop goes on as soon as the secondary has
+    worked through the last manifest, says why in the log, and what fits is still carried."""
+    pair = make_pair(node={"handover_timeout": 60, "strict": "true"})
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    beta = pair.nodes["beta"] = pair.beta = TmpfsNodeProc(pair.beta.config, b, "4m")
+    too_big = write(a / "too big.bin", os.urandom(6 * MiB)).read_bytes()
+    pair.alpha.start()
+    pair.alpha.wait_state("primary")
+    beta.start()
+    beta.wait_state("secondary")
+    wait_for(lambda: replication(beta).get("pending_files") == 1, 15,
+             f"the file that does not fit, pending on beta {beta.tail_log()}")
+    write(a / "fits.txt", "written right before the stop\n")
+    t0 = time.monotonic()
+    pair.alpha.signal(signal.SIGTERM)
+    assert pair.alpha.wait_exit(30) == 0
+    took = time.monotonic() - t0
+    assert took < 20, f"the stop waited {took:.1f}s (handover_timeout is 60s)"
+    log = pair.alpha.log.read_text()
+    assert "final sync incomplete: beta has manifest" in log and "disk full in docs" in log, \
+        pair.alpha.tail_log()
+    beta.wait_state("primary", timeout=10)
+    bb = beta.inside(b)
+    assert (bb / "fits.txt").read_text() == "written right before the stop\n"
+    assert not (bb / "too big.bin").exists()
+    assert (a / "too big.bin").read_bytes() == too_big  # still on alpha, which kept it
+    # alpha rejoins as secondary: beta never had the file, so (strict) alpha deletes it as
+    # beta's folder says, but first keeps its copy under conflicts/ (never agreed on)
+    pair.alpha.start()
+    pair.alpha.wait_state("secondary")
+    wait_for(lambda: not (a / "too big.bin").exists(), 15, "alpha following beta's folder")
+    assert conflicts("alpha", pair).get("too big.bin") == too_big
+
+
 # ------------------------------------------------------------------------- hostile input
 
 def _curve_socket(ctx: zmq.Context, kind: int, keys, server_public: bytes) -> zmq.Socket:

@@ -43,6 +43,10 @@ def test_hostile_frames_are_refused_with_a_reason():
     assert "'state'" in bad(encode("PING", {**PING, "state": "king"}))
     assert "'name'" in bad(encode("PING", {**PING, "name": "x" * 1000}))
     assert "'restricted'" in bad(encode("PING", {**PING, "restricted": 1}))
+    # through/stuck are optional (a peer of the previous version sends neither), typed if sent
+    assert decode(encode("PING", {**PING, "through": 4, "stuck": "disk full"})).body["through"] == 4
+    assert "'through'" in bad(encode("PING", {**PING, "through": -4}))
+    assert "'stuck'" in bad(encode("PING", {**PING, "stuck": "x" * 1001}))
     assert "raw frames" in bad([*encode("PING", PING), b"extra"])
     assert "blobs" in bad(encode("DATA", {"id": 1, "items": [{"size": 1}]}))
     assert "'n'" in bad(encode("GET", {"id": 1, "items": [
