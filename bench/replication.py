@@ -280,13 +280,21 @@ def thread_cpu(pid: int) -> dict[str, float]:
             fields = (task / "stat").read_text().rpartition(")")[2].split()
             out[f"{comm} user"] += int(fields[11]) / tick
             out[f"{comm} sys"] += int(fields[12]) / tick
+    # the whole process, threads that have exited meanwhile included (a fetch's writer thread)
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        out["process user"], out["process sys"] = int(fields[11]) / tick, int(fields[12]) / tick
     return dict(out)
 
 
 def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Per-thread-name deltas; `total` is the whole process's (exited threads included) when
+    known, else the sum over the threads alive at the end."""
     d = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()}
     d = {k: v for k, v in d.items() if v}
-    d["total"] = round(sum(d.values()), 2)
+    proc = [v for k, v in d.items() if k.startswith("process ")]
+    threads = sum(v for k, v in d.items() if not k.startswith("process "))
+    d["total"] = round(sum(proc), 2) if proc else round(threads, 2)
     return d
 
 
@@ -701,7 +709,10 @@ def live_big(root: Path, big_file: Path, *, curve: bool = True,
         roles = run.settle()
         exact = check_exact(src, run.dst)
     shutil.rmtree(src, ignore_errors=True)
-    return {"seconds": round(seconds, 4), "cpu_s": cpu, "alpha_mem_mb": mem["alpha"],
+    # both nodes' CPU over the wall time: how busy the 2 cores were (kernel threads not counted)
+    busy = round(sum(c["total"] for c in cpu.values()) / seconds, 2)
+    return {"seconds": round(seconds, 4), "cpu_s": cpu, "cores_busy": busy,
+            "alpha_mem_mb": mem["alpha"],
             "beta_mem_mb": mem["beta"], "roles": roles, "exact": exact}
 
 
@@ -747,7 +758,7 @@ def scenario_big(data: Path, runs: Path, daemon: RsyncDaemon, sz: Sizes,
         s["MBps"] = round(size_mb / s["seconds"], 1)
         (live if curve else live_plain).append(s)
         say(f"  SBS live, {'CURVE' if curve else 'plain'}{' ' if curve else ''}  "
-            f"{s['seconds']:.3f} s  {s['MBps']:.0f} MB/s  peak alpha "
+            f"{s['seconds']:.3f} s  {s['MBps']:.0f} MB/s  {s['cores_busy']} cores busy, peak alpha "
             f"{s['alpha_mem_mb']['VmHWM']} MB, beta {s['beta_mem_mb']['VmHWM']} MB")
 
     def sbs_both(rep: int) -> None:
