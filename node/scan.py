@@ -201,13 +201,15 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
 
 
 class HashCache:
-    """abs path -> (size, mtime_ns, ino, ctime_ns, hash): an unchanged file is never re-read.
+    """abs path -> (size, mtime_ns, ino, ctime_ns, Entry): an unchanged file is never re-read,
+    and its Entry is the very object built when it was hashed, so a rescan of an unchanged tree
+    allocates nothing per file (entries are never changed in place: a change replaces them).
 
     Used by one thread. ``hashed`` counts the files whose content was actually read.
     """
 
     def __init__(self, racy_ns: int = RACY_NS):
-        self._map: dict[str, tuple[int, int, int, int, str]] = {}
+        self._map: dict[str, tuple[int, int, int, int, Entry]] = {}
         self.racy_ns = racy_ns
         self.hashed = 0
         self._warned: set[str] = set()
@@ -215,17 +217,20 @@ class HashCache:
     def __len__(self) -> int:
         return len(self._map)
 
-    def lookup(self, path: str, st: os.stat_result) -> str | None:
+    def lookup(self, path: str, st: os.stat_result) -> Entry | None:
+        """The file's Entry as last hashed, if its size, mtime, inode and ctime are unchanged
+        (a chmod changes the ctime)."""
         hit = self._map.get(path)
-        if hit is None or hit[:4] != _stat_key(st):
+        if (hit is None or hit[0] != st.st_size or hit[1] != st.st_mtime_ns
+                or hit[2] != st.st_ino or hit[3] != st.st_ctime_ns):
             return None
         return hit[4]
 
-    def store(self, path: str, st: os.stat_result, h: str) -> None:
+    def store(self, path: str, st: os.stat_result, entry: Entry) -> None:
         if time.time_ns() - max(st.st_ctime_ns, st.st_mtime_ns) < self.racy_ns:
             self._map.pop(path, None)
             return
-        self._map[path] = (*_stat_key(st), h)
+        self._map[path] = (*_stat_key(st), entry)
 
     def forget_prefix(self, path: str) -> None:
         """Forget path and everything below it."""
@@ -279,9 +284,11 @@ def hashed_file_entry(relpath: str, abspath: str, st: os.stat_result, cache: Has
     under us and is read again, so a manifest never pairs a hash with the wrong size or mtime.
     None when the file vanished, became something else, or cannot be read.
     """
-    h = cache.lookup(abspath, st)
-    if h is not None:
-        return file_entry(relpath, st, h)
+    hit = cache.lookup(abspath, st)
+    if hit is not None:
+        if hit["path"] == relpath:
+            return hit
+        return file_entry(relpath, st, hit["hash"])
     for _ in range(STABLE_TRIES):
         try:
             fd = opener()
@@ -304,8 +311,9 @@ def hashed_file_entry(relpath: str, abspath: str, st: os.stat_result, cache: Has
             os.close(fd)
         cache.hashed += 1
         if _stat_key(before) == _stat_key(after):
-            cache.store(abspath, after, h)
-            return file_entry(relpath, after, h)
+            entry = file_entry(relpath, after, h)
+            cache.store(abspath, after, entry)
+            return entry
     # Still being written: report what we have without caching it; the writer's next event (or
     # the periodic rescan) hashes it again, and the secondary verifies the content anyway.
     log.debug("%s kept changing while it was hashed", abspath)
@@ -456,9 +464,10 @@ def _deleted_in_order(entries: Iterable[Entry]) -> list[Entry]:
 
 def diff(old: dict[str, Entry], new: dict[str, Entry]) -> list[Entry]:
     """Delta from one index to another: changed or new entries, then deletions."""
-    # o == e (dict equality, in C) settles the usual case, an unchanged entry, at once
+    # the usual case, an unchanged entry, is settled at once: the same object (HashCache hands
+    # back the Entry it built) or an equal dict (compared in C)
     changed = [e for p, e in new.items()
-               if (o := old.get(p)) is None or (o != e and not same_entry(o, e))]
+               if (o := old.get(p)) is None or (o is not e and o != e and not same_entry(o, e))]
     return changed + _deleted_in_order(e for p, e in old.items() if p not in new)
 
 

@@ -351,8 +351,20 @@ def test_unchanged_rescan_reads_no_file(odd_tree):
     first = scan_folder(str(odd_tree), Filter(), cache)
     files = sum(1 for e in first.values() if e["kind"] == "file")
     assert cache.hashed == files
-    assert scan_folder(str(odd_tree), Filter(), cache) == first
+    second = scan_folder(str(odd_tree), Filter(), cache)
+    assert second == first
     assert cache.hashed == files  # nothing read again
+    # and nothing built again: an unchanged file's Entry is the very object of the last scan
+    assert all(second[p] is e for p, e in first.items() if e["kind"] == "file")
+
+    os.chmod(odd_tree / "a/b/c/deep.txt", 0o640)  # a new ctime: a new Entry, with the new mode
+    settle(odd_tree, cache)
+    chmodded = scan_folder(str(odd_tree), Filter(), cache)
+    assert chmodded["a/b/c/deep.txt"]["mode"] == 0o640 and first["a/b/c/deep.txt"]["mode"] != 0o640
+    assert diff(first, chmodded) == [chmodded["a/b/c/deep.txt"]]
+    files += 1  # the chmod made it read again (the ctime is part of the key)
+    assert cache.hashed == files
+    first = chmodded
 
     write(odd_tree / "empty.txt", b"changed")
     settle(odd_tree, cache)
