@@ -93,6 +93,7 @@ class Node:
         self.pending = (0, 0)
         self.repl_error = ""
         self.through, self.stuck = 0, ""  # secondary: manifests worked through; see Syncer
+        self.snapshots_submitted = 0  # secondary: to the current Syncer
         self.last_sync_wall: float | None = None
         self.final_sync: dict[str, Any] | None = None
         self.waiting_tools: list[tuple[bytes, str]] = []  # (identity, command) to answer later
@@ -835,6 +836,7 @@ class Node:
         self.syncer.start()
         self.applied, self.synced = 0, False
         self.through, self.stuck = 0, ""
+        self.snapshots_submitted = 0
         self.follow = {"buffer": [], "seen": None, "run": None}
         self._request_snapshot()
 
@@ -849,6 +851,7 @@ class Node:
         self.follow = {}
         self.synced = False
         self.pending = (0, 0)
+        self.through, self.stuck = 0, ""
 
     def _request_snapshot(self) -> None:
         if self.syncer is None:
@@ -869,6 +872,11 @@ class Node:
         self.folders = folders = self._pushed_folders()
         self.blobs.set_folders({n: str(f.path) for n, f in folders.items()})
         self.follow["oldest_unapplied"] = self.follow.get("oldest_unapplied") or time.monotonic()
+        # nothing of this snapshot is applied yet: what we said so far was about the previous
+        # one (perhaps a previous run of the primary, numbered from 0 again)
+        self.applied, self.synced = 0, False
+        self.through, self.stuck = 0, ""
+        self.snapshots_submitted += 1
         self.syncer.submit_snapshot(body["seq"], folders, body["index"])
         log.info("snapshot from %s at manifest %d: %d folders, %d entries", body["name"],
                  body["seq"], len(body["folders"]), sum(len(v) for v in body["index"].values()))
@@ -925,8 +933,12 @@ class Node:
         self.syncer.submit_manifest(seq, entries)
 
     def _on_syncer(self, frames: list[bytes]) -> None:
+        if self.syncer is None:
+            return  # a report the stopped syncer left in the pipe
         kind, body = frames[0], orjson.loads(frames[1])
         if kind == b"applied":
+            if body["gen"] != self.snapshots_submitted:
+                return  # about a snapshot before the latest one: its numbers mean nothing now
             self.applied = body["applied"]
             self.pending = (body["pending_files"], body["pending_bytes"])
             self.repl_error = body.get("error", "")

@@ -12,7 +12,8 @@ primary vanished) stays pending and is retried; `applied` only moves past a mani
 nothing before it is pending, so the primary's final sync never trusts a half-applied copy.
 
 To the loop, over an inproc PAIR:
-    [b"applied", json {applied, snapshot, pending_files, pending_bytes, error}]
+    [b"applied", json {applied, snapshot, pending_files, pending_bytes, error, through, stuck,
+                       gen}]
     [b"event",   json {event, ...}]   (transfers, progress, conflicts, guard, disk full)
 """
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Syncer:
         # dropped when the primary shows the path again (a disk that was only unmounted)
         self.held: dict[str, dict[str, dict]] = {}
         self.guard_errors: dict[str, str] = {}
+        self.snapshots = 0  # snapshot jobs begun: the node ignores reports from before its latest
         self.disk_full: set[str] = set()  # folders whose full disk was already logged
         # pending files whose last try found no room for them: waiting does not bring them
         self.no_room: set[tuple[str, str]] = set()
@@ -151,16 +153,27 @@ class Syncer:
             "error": self.error or "; ".join(self.guard_errors.values()),
             "through": self.applied,
             "stuck": self._stuck(),
+            "gen": self.snapshots,
         })])
 
     def _stuck(self) -> str:
-        """Why nothing pending can be applied by waiting (every pending file found no room),
-        or "": a primary's final sync then stops waiting for them."""
-        if not self.pending or any(k not in self.no_room for k in self.pending):
+        """Why nothing pending can be applied by waiting, or "": every pending file found no
+        room on its last try and is still bigger than the space free now (a deletion since may
+        have made room: the next retry tells). A primary's final sync stops waiting for them."""
+        if not self.pending or (self.error and not self.error.startswith("disk full")):
             return ""
-        folders = sorted({name for name, _ in self.pending})
+        free: dict[str, int | None] = {}
+        for key, e in self.pending.items():
+            name = key[0]
+            if key not in self.no_room or name not in self.writers:
+                return ""
+            if name not in free:
+                free[name] = _free_bytes(self.writers[name].root)
+            room = free[name]
+            if room is None or int(e.get("size", 0)) <= room:
+                return ""
         return (f"{len(self.pending)} file(s) do not fit: disk full in "
-                + ", ".join(f"{n} ({self.writers[n].root})" for n in folders))[:1000]
+                + ", ".join(f"{n} ({self.writers[n].root})" for n in sorted(free)))[:1000]
 
     def _confirm(self, folder: str | None) -> None:
         """The operator allows the deletions the guard refused: apply the held ones now, or
@@ -220,6 +233,7 @@ class Syncer:
             yield e
 
     def _snapshot(self, seq: int, folders: dict[str, FolderConfig], index: dict) -> None:
+        self.snapshots += 1
         self._setup(folders)
         self.pending.clear()
         self.no_room.clear()
@@ -266,6 +280,7 @@ class Syncer:
             held = self.held.get(name, {})
             for e in valid:
                 self.pending.pop((name, e["path"]), None)
+                self.no_room.discard((name, e["path"]))
                 if not e.get("deleted") and held.pop(e["path"], None) is not None and not held:
                     del self.held[name]  # the primary has them all again: nothing to confirm
                     self.guard_errors.pop(name, None)

@@ -634,6 +634,37 @@ def test_a_stop_does_not_wait_for_files_the_secondary_has_no_room_for(make_pair)
     assert conflicts("alpha", pair).get("too big.bin") == too_big
 
 
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and mount (root)")
+def test_a_stop_waits_for_a_file_that_fits_once_a_deletion_made_room(make_pair):
+    """Only a file that cannot fit in the space free *now* ends the wait. One manifest deletes
+    old.bin and brings new.bin (strict): beta fetches before it deletes, so new.bin first finds
+    no room, then the deletion makes room and the retry brings it. The stop must wait for it."""
+    pair = make_pair(node={"handover_timeout": 60, "strict": "true"})
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    beta = pair.nodes["beta"] = pair.beta = TmpfsNodeProc(pair.beta.config, b, "4m")
+    write(a / "old.bin", os.urandom(3 * MiB))
+    started(pair)
+    bb = beta.inside(b)
+    wait_equal(a, bb, 15, "old.bin on beta")
+    new = write(pair.root / "new.bin", os.urandom(3 * MiB)).read_bytes()
+    # both changes wait in alpha's inotify queue while it is paused (far below dead_after), so
+    # its watcher reads them at once and they travel in one manifest
+    pair.alpha.signal(signal.SIGSTOP)
+    try:
+        os.unlink(a / "old.bin")
+        os.rename(pair.root / "new.bin", a / "new.bin")
+    finally:
+        pair.alpha.signal(signal.SIGCONT)
+    wait_for(lambda: "disk full" in beta.log.read_text(), 15,
+             f"new.bin to meet the full disk on beta {beta.tail_log()}")
+    pair.alpha.signal(signal.SIGTERM)
+    assert pair.alpha.wait_exit(30) == 0
+    beta.wait_state("primary", timeout=10)
+    assert not (bb / "old.bin").exists()
+    assert (bb / "new.bin").read_bytes() == new, pair.alpha.tail_log()
+    assert "final sync incomplete" not in pair.alpha.log.read_text()
+
+
 # ------------------------------------------------------------------------- hostile input
 
 def _curve_socket(ctx: zmq.Context, kind: int, keys, server_public: bytes) -> zmq.Socket:
