@@ -265,7 +265,8 @@ class Node:
             self.sentinels.poll()
         self._check_final_sync(now)
         if self.follow.get("snapshot_deadline") and now >= self.follow["snapshot_deadline"]:
-            log.info("snapshot not answered yet; asking again")
+            if self.follow.get("snapshot_sent"):
+                log.info("snapshot not answered yet; asking again")
             self._request_snapshot()
 
     # ------------------------------------------------------------------ fsm glue
@@ -386,9 +387,12 @@ class Node:
         elif fs["target"] is None:
             done, why = now >= fs["deadline"], "flush timed out"
         else:
-            done = self.peer.applied >= fs["target"] and self.peer.synced
+            # the peer's numbers count in our manifests only once it follows this run of ours
+            # (a restarted primary numbers from 0 again; the peer may not have noticed yet)
+            ours = self.peer.following in (self.run_id, None)
+            done = ours and self.peer.applied >= fs["target"] and self.peer.synced
             why = f"peer applied manifest {self.peer.applied}"
-            if not done and self.peer.stuck and self.peer.through >= fs["target"]:
+            if not done and ours and self.peer.stuck and self.peer.through >= fs["target"]:
                 # the peer worked through everything and what is left waits for disk space:
                 # waiting out handover_timeout would not bring it
                 done = True
@@ -450,6 +454,7 @@ class Node:
             "pending_files": self.pending[0], "pending_bytes": self.pending[1],
             "error": self.repl_error[:1000],
             "through": self.through, "stuck": self.stuck[:1000],
+            "following": (self.follow.get("run") or "") if self.syncer is not None else "",
         }
 
     def _ping_peer(self, now: float) -> None:
@@ -856,8 +861,15 @@ class Node:
     def _request_snapshot(self) -> None:
         if self.syncer is None:
             return
-        self.follow.update(snapshot_deadline=time.monotonic() + 10.0, buffer=[], seen=None)
-        self._send_peer("SNAPSHOT", {"name": self.cfg.name})
+        self.follow.update(snapshot_deadline=time.monotonic() + 10.0, buffer=[], seen=None,
+                           run=None)
+        # until the snapshot is applied we have nothing of it (maybe a new run of the primary)
+        self.applied, self.synced = 0, False
+        self.through, self.stuck = 0, ""
+        # not connected yet (a primary that just restarted): try again in 0.2 s, not in 10
+        sent = self.follow["snapshot_sent"] = self._send_peer("SNAPSHOT", {"name": self.cfg.name})
+        if not sent:
+            self.follow["snapshot_deadline"] = time.monotonic() + 0.2
 
     def _on_snapshot(self, msg: Message) -> None:
         if self.syncer is None or not self.follow.get("snapshot_deadline"):
@@ -902,7 +914,8 @@ class Node:
             else:
                 self._accept_manifest(body["seq"], body["entries"])
         elif msg.command == "HB":
-            if waiting or body["state"] != "primary":
+            # "stopping" is a primary in its final sync: exactly when we must keep up with it
+            if waiting or body["state"] not in ("primary", "stopping"):
                 return
             if body["run"] != self.follow.get("run"):
                 log.info("primary run changed: new snapshot")
@@ -937,8 +950,10 @@ class Node:
             return  # a report the stopped syncer left in the pipe
         kind, body = frames[0], orjson.loads(frames[1])
         if kind == b"applied":
-            if body["gen"] != self.snapshots_submitted:
-                return  # about a snapshot before the latest one: its numbers mean nothing now
+            if body["gen"] != self.snapshots_submitted or not self.follow.get("run"):
+                # about a snapshot before the latest one (or one we asked for and have not
+                # got yet): its numbers mean nothing to the primary we follow now
+                return
             self.applied = body["applied"]
             self.pending = (body["pending_files"], body["pending_bytes"])
             self.repl_error = body.get("error", "")

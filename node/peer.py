@@ -27,6 +27,8 @@ class Peer:
     error: str = ""
     through: int = 0
     stuck: str = ""
+    following: str | None = None  # the run of ours its applied/through count in ("": none;
+    # None: a peer too old to say, trusted as before)
     heard_at: float = -1e9  # monotonic
     alive: bool = False
     info: dict[str, Any] = field(default_factory=dict)
@@ -40,6 +42,7 @@ class Peer:
                     "synced", "pending_files", "pending_bytes", "error"):
             setattr(self, key, body[key])
         self.through, self.stuck = body.get("through", 0), body.get("stuck", "")
+        self.following = body.get("following")
         self.heard_at = now
         self.alive = True
         return True

@@ -202,6 +202,7 @@ PEER_STATE: dict[str, Check] = {
     "error": s(1000),
     "through": SEQ,  # secondary: last manifest it has worked through (applied or not)
     "stuck": s(1000),  # secondary: why what is pending cannot be applied by waiting ("" if it can)
+    "following": s(32),  # secondary: the primary's run its numbers (applied, through) refer to
 }
 
 FOLDERS = dict_of(list_of(s(1024), 64), 1000)  # name -> [filters]
@@ -209,8 +210,8 @@ SENTINEL_DEFS = dict_of(s(4096), 1000)
 
 SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
     # control: peer <-> peer over DEALER -> ROUTER
-    "PING": (PEER_STATE, ("through", "stuck")),
-    "PONG": (PEER_STATE, ("through", "stuck")),
+    "PING": (PEER_STATE, ("through", "stuck", "following")),
+    "PONG": (PEER_STATE, ("through", "stuck", "following")),
     "HANDOVER": ({"name": NAME, "run": s(32), "epoch": EPOCH, "seq": SEQ}, ()),
     "ASK_HANDOVER": ({"name": NAME, "run": s(32)}, ()),
     "SNAPSHOT": ({"name": NAME}, ()),

@@ -665,6 +665,28 @@ def test_a_stop_waits_for_a_file_that_fits_once_a_deletion_made_room(make_pair):
     assert "final sync incomplete" not in pair.alpha.log.read_text()
 
 
+def test_a_restarted_primary_waits_for_its_new_snapshot_before_it_hands_over(make_pair):
+    """A primary restarted under a secondary that keeps following numbers its manifests from 0
+    again, while the secondary's `applied` still counts the old run until the new snapshot is
+    in. A stop right after the restart must wait for that snapshot, not trust old numbers."""
+    # beta is patient (it must not take over while alpha restarts); alpha starts as usual
+    pair = make_pair(node={"handover_timeout": 60}, beta={"node": {"dead_after": 6}})
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    started(pair)
+    for n in range(10):  # one manifest each: the first run gets to manifest 10 or so
+        write(a / f"early{n}.txt", f"{n}\n")
+        wait_for(lambda n=n: (b / f"early{n}.txt").exists(), 10, f"early{n}.txt on beta")
+    pair.alpha.kill()
+    for n in range(1500):  # only alpha's next run will find these
+        write(a / "later" / f"{n:04}.bin", os.urandom(2048))
+    pair.alpha.start()
+    pair.alpha.wait_state("primary", timeout=5)  # well within beta's dead_after
+    pair.alpha.signal(signal.SIGTERM)
+    assert pair.alpha.wait_exit(60) == 0
+    pair.beta.wait_state("primary", timeout=10)
+    assert tree(b) == tree(a)  # alpha is gone: what beta has now is all it will ever get
+
+
 # ------------------------------------------------------------------------- hostile input
 
 def _curve_socket(ctx: zmq.Context, kind: int, keys, server_public: bytes) -> zmq.Socket:
