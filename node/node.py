@@ -737,8 +737,10 @@ class Node:
     def _on_scanner(self, frames: list[bytes]) -> None:
         kind = frames[0]
         if kind == b"delta":
-            delta = orjson.loads(frames[1])
-            full = frames[2] == b"full" if len(frames) > 2 else False
+            if self.scanner is None or frames[1] != self.scanner.ident:
+                return  # left in the pipe by a scanner that has stopped
+            delta = self.scanner.take_delta()
+            full = frames[2] == b"full"
             self._publish_delta(delta)
             if full and not self.index_ready:
                 self.index_ready = True

@@ -24,12 +24,15 @@ def pipes():
     ctx.term()
 
 
-def deltas(reader: zmq.Socket) -> list[tuple[str, dict[str, list[dict]]]]:
+def deltas(reader: zmq.Socket, sc: Scanner) -> list[tuple[str, dict[str, list[dict]]]]:
+    """What the scanner sent, as the node loop takes it: a message, then its delta."""
     out = []
     while reader.poll(0):
         frames = reader.recv_multipart()
-        assert frames[0] == b"delta"
-        out.append((frames[2].decode(), orjson.loads(frames[1])))
+        assert frames[0] == b"delta" and frames[1] == sc.ident
+        # through orjson, as the manifests will be: only JSON may travel in an Entry
+        out.append((frames[2].decode(), orjson.loads(orjson.dumps(sc.take_delta()))))
+    assert not sc.deltas, "a delta without its message"
     return out
 
 
@@ -45,7 +48,7 @@ def test_a_change_during_a_full_scan_is_published_between_directories(tmp_path, 
     (root / "gone.txt").write_text("soon deleted")
     sc = Scanner(ctx, "inproc://unused", {"docs": FolderConfig("docs", root)}, period=60)
     sc._full_scan(writer)
-    [(kind, first)] = deltas(reader)
+    [(kind, first)] = deltas(reader, sc)
     assert kind == "full" and len(first["docs"]) == 5 + 15 + 2
 
     real_scan_folder = scanner_module.scan_folder
@@ -64,7 +67,7 @@ def test_a_change_during_a_full_scan_is_published_between_directories(tmp_path, 
 
     monkeypatch.setattr(scanner_module, "scan_folder", scan_folder)
     sc._full_scan(writer)
-    got = deltas(reader)
+    got = deltas(reader, sc)
     assert len(calls) == 6  # the root and five folders
     assert [k for k, _ in got] == ["part", "full"]  # the batch went out before the walk ended
     part = {e["path"]: e for e in got[0][1]["docs"]}
