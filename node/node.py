@@ -288,7 +288,7 @@ class Node:
 
     def me(self) -> dict[str, Any]:
         return {"name": self.cfg.name, "epoch": self.epoch, "role": self.cfg.role,
-                "restricted": self.restricted}
+                "restricted": self.restricted, "run": self.run_id}
 
     def _become_primary(self, *, restricted: bool, why: str) -> None:
         self.epoch = max(self.epoch, self.max_seen_epoch) + 1
@@ -796,6 +796,11 @@ class Node:
         """The secondary applied everything up to `applied`: that much is now agreed. The
         journal work runs on the journal thread: after a snapshot it walks the whole index
         (100k entries take seconds), which would silence our heartbeats past dead_after."""
+        if body.get("following", self.run_id) != self.run_id:
+            # counted in a previous run of ours (we restarted; the peer has not noticed yet):
+            # those numbers are not our manifests, and the journal must not say otherwise
+            log.debug("ignored an ACK for run %s", body["following"])
+            return
         applied = body["applied"]
         acked = []
         while self.unacked and self.unacked[0][0] <= applied:
@@ -894,8 +899,8 @@ class Node:
         self.syncer.submit_snapshot(body["seq"], folders, body["index"])
         log.info("snapshot from %s at manifest %d: %d folders, %d entries", body["name"],
                  body["seq"], len(body["folders"]), sum(len(v) for v in body["index"].values()))
-        for seq, entries in self.follow.pop("buffer", []):
-            if seq > body["seq"]:
+        for run, seq, entries in self.follow.pop("buffer", []):
+            if run == body["run"] and seq > body["seq"]:  # not a previous run's, numbered alike
                 self._accept_manifest(seq, entries)
         self.follow["buffer"] = []
 
@@ -910,7 +915,7 @@ class Node:
         waiting = bool(self.follow.get("snapshot_deadline"))
         if msg.command == "MANIFEST":
             if waiting:
-                self.follow["buffer"].append((body["seq"], body["entries"]))
+                self.follow["buffer"].append((body["run"], body["seq"], body["entries"]))
             elif body["run"] != self.follow.get("run"):
                 self._request_snapshot()
             else:
@@ -966,7 +971,8 @@ class Node:
                 self.follow["oldest_unapplied"] = None
                 self.last_sync_wall = time.time()
             self._send_peer("ACK", {"name": self.cfg.name, "run": self.run_id,
-                                    "applied": self.applied, "snapshot": body["snapshot"]})
+                                    "applied": self.applied, "snapshot": body["snapshot"],
+                                    "following": self.follow["run"]})
             self._send_ping()
             if self.repl_error:
                 self.publish_event("error", where="sync", error=self.repl_error)

@@ -59,7 +59,7 @@ class Peer:
             return E.PEER_STARTING_WE_WIN if we_win else E.PEER_STARTING_WE_LOSE
         if self.state == "secondary":
             if my_state == S.PRIMARY and me.get("restricted") and self.role == "main" and (
-                self.synced
+                self.synced and self.following in (me.get("run"), None)
             ):
                 return E.MAIN_PEER_READY
             # Two secondaries only count once both have been so for dead_after: right after a

@@ -224,7 +224,8 @@ SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
         },
         (),
     ),
-    "ACK": ({"name": NAME, "run": s(32), "applied": SEQ, "snapshot": b}, ()),
+    "ACK": ({"name": NAME, "run": s(32), "applied": SEQ, "snapshot": b, "following": s(32)},
+            ("following",)),
     # control: operator tool -> node, answered by REPLY
     "STATUS": ({}, ()),
     "PROMOTE": ({"force": b}, ()),

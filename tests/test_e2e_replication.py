@@ -670,7 +670,7 @@ def test_a_restarted_primary_waits_for_its_new_snapshot_before_it_hands_over(mak
     again, while the secondary's `applied` still counts the old run until the new snapshot is
     in. A stop right after the restart must wait for that snapshot, not trust old numbers."""
     # beta is patient (it must not take over while alpha restarts); alpha starts as usual
-    pair = make_pair(node={"handover_timeout": 60}, beta={"node": {"dead_after": 6}})
+    pair = make_pair(node={"handover_timeout": 30}, beta={"node": {"dead_after": 6}})
     a, b = pair.folder("alpha"), pair.folder("beta")
     started(pair)
     for n in range(10):  # one manifest each: the first run gets to manifest 10 or so
@@ -682,7 +682,8 @@ def test_a_restarted_primary_waits_for_its_new_snapshot_before_it_hands_over(mak
     pair.alpha.start()
     pair.alpha.wait_state("primary", timeout=5)  # well within beta's dead_after
     pair.alpha.signal(signal.SIGTERM)
-    assert pair.alpha.wait_exit(60) == 0
+    assert pair.alpha.wait_exit(45) == 0
+    assert "final sync incomplete" not in pair.alpha.log.read_text(), pair.alpha.tail_log()
     pair.beta.wait_state("primary", timeout=10)
     assert tree(b) == tree(a)  # alpha is gone: what beta has now is all it will ever get
 
