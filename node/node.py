@@ -595,14 +595,18 @@ class Node:
     def _replication_status(self, now: float) -> dict[str, Any]:
         if self.state in PRIMARY_LIKE:
             peer_ok = self.peer.alive and self.peer.state == "secondary"
+            # its numbers count in our manifests only once it follows this run of ours
+            ours = peer_ok and self.peer.following in (self.run_id, None)
             return {
                 "direction": "outgoing", "seq": self.seq, "ready": self.index_ready,
                 "folders": {n: len(ix) for n, ix in self.index.items()},
-                "peer_applied": self.peer.applied if peer_ok else None,
-                "lag_manifests": (self.seq - self.peer.applied) if peer_ok else None,
+                "peer_following": ours,
+                "peer_applied": self.peer.applied if ours else None,
+                "lag_manifests": (self.seq - self.peer.applied) if ours else None,
                 "pending_files": self.peer.pending_files if peer_ok else None,
                 "pending_bytes": self.peer.pending_bytes if peer_ok else None,
                 "peer_error": self.peer.error if peer_ok else "",
+                "peer_stuck": self.peer.stuck if ours else "",
             }
         oldest = self.follow.get("oldest_unapplied")
         return {
@@ -610,7 +614,7 @@ class Node:
             "synced": self.synced,
             "lag_seconds": round(now - oldest, 3) if oldest else 0.0,
             "pending_files": self.pending[0], "pending_bytes": self.pending[1],
-            "last_sync": self.last_sync_wall, "error": self.repl_error,
+            "last_sync": self.last_sync_wall, "error": self.repl_error, "stuck": self.stuck,
         }
 
     def _on_promote(self, ident: bytes, force: bool) -> None:

@@ -612,6 +612,15 @@ def test_a_stop_does_not_wait_for_files_the_secondary_has_no_room_for(make_pair)
     beta.wait_state("secondary")
     wait_for(lambda: replication(beta).get("pending_files") == 1, 15,
              f"the file that does not fit, pending on beta {beta.tail_log()}")
+    # both sides say so: the operator sees why a stop will not wait for it
+    assert "1 file(s) do not fit: disk full in docs" in replication(beta)["stuck"]
+    wait_for(lambda: "do not fit" in replication(pair.alpha).get("peer_stuck", ""), 5,
+             "beta's reason in alpha's status")
+    assert replication(pair.alpha)["peer_following"] is True
+    shown = sbs_tools("status", "--config", str(pair.alpha.config))
+    # (rich wraps at 80 columns when the output is not a terminal)
+    assert "cannot apply by waiting: 1 file(s) do not fit" in " ".join(shown.stdout.split()), \
+        shown.stdout
     write(a / "fits.txt", "written right before the stop\n")
     t0 = time.monotonic()
     pair.alpha.signal(signal.SIGTERM)

@@ -70,13 +70,18 @@ def status(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
     out.print(f"peer {peer['name']} ({peer['address']}): {st['peer_state']}, "
               f"epoch {peer['epoch']}, heard {heard}")
     r = st["replication"]
-    if r["direction"] == "outgoing" and r["peer_applied"] is None:
+    if r["direction"] == "outgoing" and r["pending_files"] is None:
         out.print(f"replication: primary, manifest {r['seq']}, folders {r['folders']}, "
                   "no secondary connected")
+    elif r["direction"] == "outgoing" and r["peer_applied"] is None:
+        out.print(f"replication: primary, manifest {r['seq']}, folders {r['folders']}, "
+                  "secondary taking a new snapshot")
     elif r["direction"] == "outgoing":
         out.print(f"replication: primary, manifest {r['seq']}, folders {r['folders']}, "
                   f"secondary applied {r['peer_applied']}, pending {r['pending_files']} files"
-                  + (f", [red]{r['peer_error']}[/red]" if r["peer_error"] else ""))
+                  + (f", [red]{r['peer_error']}[/red]" if r["peer_error"] else "")
+                  + (f" [red](cannot apply by waiting: {r['peer_stuck']})[/red]"
+                     if r.get("peer_stuck") else ""))
     else:
         last = "never" if not r["last_sync"] else time.strftime(
             "%H:%M:%S", time.localtime(r["last_sync"]))
