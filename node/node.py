@@ -389,7 +389,7 @@ class Node:
         else:
             # the peer's numbers count in our manifests only once it follows this run of ours
             # (a restarted primary numbers from 0 again; the peer may not have noticed yet)
-            ours = self.peer.following in (self.run_id, None)
+            ours = self.peer.follows(self.run_id)
             done = ours and self.peer.applied >= fs["target"] and self.peer.synced
             why = f"peer applied manifest {self.peer.applied}"
             if not done and ours and self.peer.stuck and self.peer.through >= fs["target"]:
@@ -454,7 +454,7 @@ class Node:
             "pending_files": self.pending[0], "pending_bytes": self.pending[1],
             "error": self.repl_error[:1000],
             "through": self.through, "stuck": self.stuck[:1000],
-            "following": (self.follow.get("run") or "") if self.syncer is not None else "",
+            "following": self.follow.get("run") or "",
         }
 
     def _ping_peer(self, now: float) -> None:
@@ -596,7 +596,7 @@ class Node:
         if self.state in PRIMARY_LIKE:
             peer_ok = self.peer.alive and self.peer.state == "secondary"
             # its numbers count in our manifests only once it follows this run of ours
-            ours = peer_ok and self.peer.following in (self.run_id, None)
+            ours = peer_ok and self.peer.follows(self.run_id)
             return {
                 "direction": "outgoing", "seq": self.seq, "ready": self.index_ready,
                 "folders": {n: len(ix) for n, ix in self.index.items()},
@@ -850,8 +850,6 @@ class Node:
         self.syncer = Syncer(self.ctx, f"inproc://syncer-{self.run_id}", self.cfg, self.keys,
                              self.agreed)
         self.syncer.start()
-        self.applied, self.synced = 0, False
-        self.through, self.stuck = 0, ""
         self.snapshots_submitted = 0
         self.follow = {"buffer": [], "seen": None, "run": None}
         self._request_snapshot()
@@ -865,8 +863,11 @@ class Node:
             self.sub.close()
             self.sub = None
         self.follow = {}
-        self.synced = False
-        self.pending = (0, 0)
+        self._forget_progress()
+
+    def _forget_progress(self) -> None:
+        """What we reported of applying a snapshot and its manifests: nothing yet."""
+        self.applied, self.synced, self.pending = 0, False, (0, 0)
         self.through, self.stuck = 0, ""
 
     def _request_snapshot(self) -> None:
@@ -875,8 +876,7 @@ class Node:
         self.follow.update(snapshot_deadline=time.monotonic() + 10.0, buffer=[], seen=None,
                            run=None)
         # until the snapshot is applied we have nothing of it (maybe a new run of the primary)
-        self.applied, self.synced = 0, False
-        self.through, self.stuck = 0, ""
+        self._forget_progress()
         # not connected yet (a primary that just restarted): try again in 0.2 s, not in 10
         sent = self.follow["snapshot_sent"] = self._send_peer("SNAPSHOT", {"name": self.cfg.name})
         if not sent:
@@ -895,10 +895,8 @@ class Node:
         self.folders = folders = self._pushed_folders()
         self.blobs.set_folders({n: str(f.path) for n, f in folders.items()})
         self.follow["oldest_unapplied"] = self.follow.get("oldest_unapplied") or time.monotonic()
-        # nothing of this snapshot is applied yet: what we said so far was about the previous
-        # one (perhaps a previous run of the primary, numbered from 0 again)
-        self.applied, self.synced = 0, False
-        self.through, self.stuck = 0, ""
+        # reports of jobs queued before this snapshot are about the previous one (perhaps a
+        # previous run of the primary, numbered from 0 again): _on_syncer ignores them
         self.snapshots_submitted += 1
         self.syncer.submit_snapshot(body["seq"], folders, body["index"])
         log.info("snapshot from %s at manifest %d: %d folders, %d entries", body["name"],

@@ -47,6 +47,11 @@ class Peer:
         self.alive = True
         return True
 
+    def follows(self, run: str) -> bool:
+        """Do its applied/through count in our manifests of `run` (a peer too old to say is
+        trusted as before)?"""
+        return self.following in (run, None)
+
     def silent(self, now: float) -> bool:
         return self.alive and now - self.heard_at > self.dead_after
 
@@ -59,7 +64,7 @@ class Peer:
             return E.PEER_STARTING_WE_WIN if we_win else E.PEER_STARTING_WE_LOSE
         if self.state == "secondary":
             if my_state == S.PRIMARY and me.get("restricted") and self.role == "main" and (
-                self.synced and self.following in (me.get("run"), None)
+                self.synced and self.follows(me.get("run", ""))
             ):
                 return E.MAIN_PEER_READY
             # Two secondaries only count once both have been so for dead_after: right after a

@@ -386,11 +386,18 @@ class Syncer:
         if agreed:
             self.agreed.update(agreed)
 
+    def _pend(self, name: str, e: dict, *, no_room: bool = False) -> None:
+        """Keep e to apply later, remembering whether it failed for lack of room (_stuck)."""
+        key = (name, e["path"])
+        self.pending[key] = e
+        if no_room:
+            self.no_room.add(key)
+        else:
+            self.no_room.discard(key)
+
     def _failed(self, name: str, e: dict, exc: BaseException) -> None:
-        self.pending[(name, e["path"])] = e
-        self.no_room.discard((name, e["path"]))
+        self._pend(name, e, no_room=_enospc(exc))
         if _enospc(exc):
-            self.no_room.add((name, e["path"]))
             if name not in self.disk_full:
                 self.disk_full.add(name)
                 log.error("disk full in folder %s writing %s: keeping the old copy; will retry",
@@ -500,8 +507,7 @@ class Syncer:
                                 chunks.error(tmp)
                             tmp.abort()
                         if e["path"] not in {x[1] for x in done}:
-                            self.pending[(name, e["path"])] = e
-                            self.no_room.discard((name, e["path"]))
+                            self._pend(name, e)
                         continue
                     if e["size"] <= SMALL:
                         small.append((e, blob))
@@ -547,8 +553,7 @@ class Syncer:
             got = {x[1] for x in done}
             for e in by_path.values():
                 if e["path"] not in got:
-                    self.pending[(name, e["path"])] = e
-                    self.no_room.discard((name, e["path"]))
+                    self._pend(name, e)
         except BaseException:
             # an unexpected error: no lane may still be writing into the folder when it leaves
             concurrent.futures.wait(lanes)
