@@ -965,7 +965,7 @@ def warm_page_cache(scratch: Path, size: int) -> None:
     pages at ~2.4 GB/s); without this, whichever copy runs first pays for it. The effect is
     short-lived: the guest reports free pages back to the host (virtio-balloon free page
     reporting), so pages freed a few seconds ago are fresh again (1 GiB written right after
-    this: 4.7 GB/s; 3 s later 1.8 GB/s; 6 s later 0.43 GB/s). Call it right before a clock
+    this: 4.9-5.2 GB/s; 3 s later 1.9 GB/s; 6 s later 0.45 GB/s). Call it right before a clock
     starts."""
     buf = os.urandom(4 * MiB)
     with open(scratch, "wb") as f:
