@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.transport import round_trip, throughput  # noqa: E402
+from bench.transport import cipher_floor, round_trip, throughput  # noqa: E402
 from node import protocol  # noqa: E402
 from node.security import client, load_keys  # noqa: E402
 from tests.pair import NodeProc, Pair, wait_for  # noqa: E402
@@ -213,7 +213,9 @@ class RsyncDaemon:
     def pull(self, module: str, dest: Path, *extra: str) -> dict[str, Any]:
         """`rsync -a` from the daemon into dest; seconds, and peak RSS of both rsync ends."""
         dest.mkdir(parents=True, exist_ok=True)
-        sampler = RssSampler(lambda: [c.pid for c in psutil.Process(self.proc.pid).children()])
+        daemon = psutil.Process(self.proc.pid)
+        sampler = RssSampler(lambda: [c.pid for c in daemon.children()])
+        reaped0 = daemon.cpu_times()
         load1 = os.getloadavg()[0]
         t0 = time.perf_counter()
         proc = subprocess.Popen(["rsync", "-a", *extra, self.url(module), f"{dest}/"],
@@ -225,8 +227,15 @@ class RsyncDaemon:
         if proc.returncode != 0:
             raise RuntimeError(f"rsync failed ({proc.returncode}): {proc.stderr.read()[:500]!r}")
         proc.stderr.close()
+        # the daemon's side ran in a child it forked for this connection: its CPU is in the
+        # daemon's reaped-children times once the daemon has waited for it
+        wait_for(lambda: not daemon.children(), 10, "the rsync daemon to reap its child")
+        reaped = daemon.cpu_times()
+        daemon_cpu = (reaped.children_user + reaped.children_system
+                      - reaped0.children_user - reaped0.children_system)
         return {"seconds": round(dt, 4), "load1_before": load1,
                 "client_cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+                "daemon_cpu_s": round(daemon_cpu, 2),
                 "client_sys_s": round(usage.ru_stime, 2),
                 "client_peak_mb": round(usage.ru_maxrss / 1024, 1),
                 "daemon_peak_mb_sampled": round(sampler.peak / MiB, 1)}
@@ -740,7 +749,8 @@ def scenario_big(data: Path, runs: Path, daemon: RsyncDaemon, sz: Sizes,
         shutil.rmtree(dest)
         r["MBps"] = round(size_mb / r["seconds"], 1)
         rs.append(r)
-        say(f"  rsync -a          {r['seconds']:.3f} s  {r['MBps']:.0f} MB/s  client peak "
+        say(f"  rsync -a          {r['seconds']:.3f} s  {r['MBps']:.0f} MB/s  "
+            f"{r['client_cpu_s'] + r['daemon_cpu_s']:.2f} CPU-s, client peak "
             f"{r['client_peak_mb']} MB, daemon peak ~{r['daemon_peak_mb_sampled']} MB")
 
     def sbs_once(rep: int) -> None:
@@ -758,7 +768,9 @@ def scenario_big(data: Path, runs: Path, daemon: RsyncDaemon, sz: Sizes,
         s["MBps"] = round(size_mb / s["seconds"], 1)
         (live if curve else live_plain).append(s)
         say(f"  SBS live, {'CURVE' if curve else 'plain'}{' ' if curve else ''}  "
-            f"{s['seconds']:.3f} s  {s['MBps']:.0f} MB/s  {s['cores_busy']} cores busy, peak alpha "
+            f"{s['seconds']:.3f} s  {s['MBps']:.0f} MB/s  "
+            f"{sum(c['total'] for c in s['cpu_s'].values()):.2f} CPU-s, "
+            f"{s['cores_busy']} cores busy, peak alpha "
             f"{s['alpha_mem_mb']['VmHWM']} MB, beta {s['beta_mem_mb']['VmHWM']} MB")
 
     def sbs_both(rep: int) -> None:
@@ -796,6 +808,23 @@ def scenario_big(data: Path, runs: Path, daemon: RsyncDaemon, sz: Sizes,
             limit[f"{'curve' if curve else 'plain'}{'_copying' if copy else ''}_MBps"] = t["MBps"]
     out["transport_limit"] = limit
     say(f"  transport limit (DEALER/REP, 8 x 1 MiB in flight): {limit}")
+    floor = out["cipher_floor"] = cipher_floor(min(sz.big_bytes, GiB))
+    say(f"  CURVE's cipher alone (libsodium, 1 MiB messages): {floor}")
+    # CPU per GiB: what each copier makes the machine do, whatever the cores are busy with
+    per_gib = GiB / sz.big_bytes
+    live_cpu = statistics.median(sum(c["total"] for c in x["cpu_s"].values()) for x in live)
+    rs_cpu = statistics.median(x["client_cpu_s"] + x["daemon_cpu_s"] for x in rs)
+    cipher = (floor["encrypt_cpu_s_per_GiB"] + floor["decrypt_cpu_s_per_GiB"]
+              if "error" not in floor else None)
+    out["cpu_s_per_GiB"] = {
+        "sbs_live_both_nodes": round(live_cpu * per_gib, 2),
+        "rsync_client_and_daemon": round(rs_cpu * per_gib, 2),
+        "curve_cipher_both_sides": cipher,
+        "sbs_live_without_cipher": round(live_cpu * per_gib - cipher, 2) if cipher else None,
+        # the shortest a GiB can take when every core works for the pair and nothing else
+        "sbs_live_min_seconds_on_all_cores": round(live_cpu * per_gib / (os.cpu_count() or 1), 3),
+    }
+    say(f"  CPU-s per GiB: {out['cpu_s_per_GiB']}")
     sbs_mbps = statistics.median(x["MBps"] for x in sbs)
     live_mbps = statistics.median(x["MBps"] for x in live)
     rs_mbps = statistics.median(x["MBps"] for x in rs)

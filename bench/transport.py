@@ -3,8 +3,9 @@
 A REP server in its own process answers every request with one chunk from memory (a buffer
 reused, sent without copying); the client asks with a REQ (one request in flight) or with a
 DEALER keeping `window` requests in flight, exactly the shape of node/blobs.Fetcher against
-node/blobs.BlobServer. Plain TCP and CURVE, 256 KiB and 1 MiB chunks. Plus the round trip of a
-small request, the floor under change-to-replica latency.
+node/blobs.BlobServer. Plain TCP and CURVE, 256 KiB and 1 MiB chunks. Plus the CPU time of
+CURVE's cipher alone (the floor under any CURVE transfer) and the round trip of a small request
+(the floor under change-to-replica latency).
 
     python bench/transport.py [--quick] [--out bench/out/transport.json]
 
@@ -126,6 +127,45 @@ def throughput(*, chunk: int, window: int, curve: bool, total: int = GiB,
     }
 
 
+def cipher_floor(total: int = GiB, chunk: int = MiB) -> dict[str, Any]:
+    """CPU time of CURVE's cipher alone: XSalsa20-Poly1305 (crypto_box_easy_afternm and its
+    open) over `total` bytes in `chunk`-sized messages, called directly in the libsodium that
+    libzmq itself uses (the one bundled with the pyzmq wheel). Every CURVE message costs this
+    on each side whatever the code around it does: the floor under any CURVE transfer."""
+    import ctypes
+    import glob
+
+    libs = glob.glob(os.path.join(os.path.dirname(os.path.dirname(zmq.__file__)), "pyzmq.libs",
+                                  "libsodium*.so*"))
+    if not libs:
+        return {"error": "no libsodium bundled with pyzmq (a system libzmq?)"}
+    sodium = ctypes.CDLL(libs[0])
+    if sodium.sodium_init() < 0:
+        return {"error": "sodium_init failed"}
+    pk, sk, key = (ctypes.create_string_buffer(32) for _ in range(3))
+    sodium.crypto_box_keypair(pk, sk)
+    sodium.crypto_box_beforenm(key, pk, sk)
+    plain = ctypes.create_string_buffer(os.urandom(chunk), chunk)
+    boxed = ctypes.create_string_buffer(chunk + 16)  # + crypto_box_MACBYTES
+    nonce = ctypes.create_string_buffer(24)
+    n = max(1, total // chunk)
+    out: dict[str, Any] = {"library": os.path.basename(libs[0]), "chunk_kib": chunk // KiB,
+                           "bytes": n * chunk}
+    for side, call, args in (
+            ("encrypt", sodium.crypto_box_easy_afternm,
+             (boxed, plain, ctypes.c_ulonglong(chunk), nonce, key)),
+            ("decrypt", sodium.crypto_box_open_easy_afternm,
+             (plain, boxed, ctypes.c_ulonglong(chunk + 16), nonce, key))):
+        t0 = time.thread_time()
+        for _ in range(n):
+            if call(*args) != 0:
+                return {"error": f"{side} failed"}
+        cpu = time.thread_time() - t0
+        out[f"{side}_cpu_s_per_GiB"] = round(cpu * GiB / (n * chunk), 3)
+        out[f"{side}_MBps_per_core"] = round(n * chunk / cpu / 1e6, 1)
+    return out
+
+
 def round_trip(*, curve: bool, n: int = 2000, size: int = 64) -> dict[str, Any]:
     """REQ/REP round trip of a small message: p50 and p99 in milliseconds."""
     ctx = zmq.Context()
@@ -172,6 +212,8 @@ def run(quick: bool) -> dict[str, Any]:
         results.append(r)
         print(f"  {r['pattern']:10} window 8  1024 KiB  {'curve' if curve else 'plain'}  "
               f"(copying recv) {r['MBps']:8.1f} MB/s", flush=True)
+    floor = cipher_floor(total)
+    print(f"  CURVE's cipher alone (libsodium, 1 MiB messages): {floor}", flush=True)
     rtts = [round_trip(curve=c, n=500 if quick else 2000) for c in (False, True)]
     for r in rtts:
         print(f"  round trip {r['bytes']} B {'curve' if r['curve'] else 'plain'}: "
@@ -182,7 +224,7 @@ def run(quick: bool) -> dict[str, Any]:
         "bench": "transport", "quick": quick, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
                  "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version()},
-        "throughput": results, "round_trip": rtts,
+        "throughput": results, "cipher_floor": floor, "round_trip": rtts,
         "best_MBps": {"plain": best[False]["MBps"], "curve": best[True]["MBps"]},
     }
 
