@@ -19,6 +19,7 @@ See docs/PROTOCOL.md for every message in words.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,6 +157,29 @@ def validate(schema: dict[str, Check], body: dict, optional: tuple[str, ...] = (
 
 NAME = s(64)
 EPOCH = i(0, 2**53)
+
+
+# Folder and sentinel names arrive from the peer as keys and become names on disk (a folder's
+# temp, trash and conflict directories under state_dir; a sentinel's log file), so they are held
+# to the rules sbs.ini's are (node/config.py): a pushed "../.." must never reach a path.
+SENTINEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
+
+
+def folder_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a folder name (letters, digits, '-', '_'; 1-64), or None."""
+    if not 0 < len(name) <= 64 or not name.replace("-", "").replace("_", "").isalnum():
+        return "a folder name uses 1-64 letters, digits, '-' or '_'"
+    return None
+
+
+def _folder_name(v: Any) -> str | None:
+    return "not a string" if not isinstance(v, str) else folder_name_problem(v)
+
+
+def _sentinel_name(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return "not a string"
+    return None if SENTINEL_NAME_RE.fullmatch(v) else "not a sentinel name"
 SEQ = i(0, 2**63 - 1)
 
 # An Entry: one object of a replicated folder (see node/scan.py). Paths are checked again,
@@ -181,7 +205,7 @@ def _is_list(v: Any) -> str | None:
 # folder -> [Entry]. Only the shape is checked on receipt; each entry is checked on its own by
 # the applier (entry_check, then the path on disk), so one bad entry does not hide the others
 # and a 100k-entry snapshot is not walked twice in the node loop.
-ENTRIES = dict_of(_is_list, 1000)
+ENTRIES = dict_of(_is_list, 1000, _folder_name)
 
 # Sent in both directions every heartbeat (PING) and as the answer to one (PONG): the sender's
 # view of itself, so each side knows the other's state, epoch and replication progress.
@@ -205,8 +229,9 @@ PEER_STATE: dict[str, Check] = {
     "following": s(32),  # secondary: the primary's run its numbers (applied, through) refer to
 }
 
-FOLDERS = dict_of(list_of(s(1024), 64), 1000)  # name -> [filters]
-SENTINEL_DEFS = dict_of(s(4096), 1000)
+FOLDERS = dict_of(list_of(s(1024), 64), 1000, _folder_name)  # name -> [filters]
+SENTINEL_DEFS = dict_of(s(4096), 1000, _sentinel_name)
+ACTIVE = list_of(_sentinel_name, 1000)
 
 SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
     # control: peer <-> peer over DEALER -> ROUTER
@@ -218,8 +243,8 @@ SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
     "SNAPSHOT_REP": (
         {
             "name": NAME, "run": s(32), "epoch": EPOCH, "seq": SEQ,
-            "folders": FOLDERS, "paths": dict_of(s(4096), 1000),
-            "sentinels": SENTINEL_DEFS, "active": list_of(s(255), 1000), "sv": SEQ,
+            "folders": FOLDERS, "paths": dict_of(s(4096), 1000, _folder_name),
+            "sentinels": SENTINEL_DEFS, "active": ACTIVE, "sv": SEQ,
             "index": ENTRIES,
         },
         (),
@@ -238,8 +263,8 @@ SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
             "seq": SEQ, "sv": SEQ}, ()),
     "MANIFEST": ({"name": NAME, "run": s(32), "epoch": EPOCH, "seq": SEQ, "part": i(0),
                   "parts": i(1), "entries": ENTRIES}, ()),
-    "SENTINELS": ({"name": NAME, "sv": SEQ, "sentinels": SENTINEL_DEFS,
-                   "active": list_of(s(255), 1000)}, ()),
+    "SENTINELS": ({"name": NAME, "sv": SEQ, "sentinels": SENTINEL_DEFS, "active": ACTIVE},
+                  ()),
     "EVENT": ({"name": NAME, "event": s(64)}, ()),
     # blobs: fetch client (DEALER) -> REP
     "GET": ({"id": SEQ, "items": list_of(obj({"f": s(255), "p": s(4096), "o": i(0),

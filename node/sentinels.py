@@ -19,7 +19,6 @@ import ctypes
 import json
 import logging
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -30,13 +29,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from .protocol import SENTINEL_NAME_RE
+
 log = logging.getLogger(__name__)
 
 PIDS_FILE = "sentinels.pids.json"
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-# The name becomes a log file name, so it must not be able to leave the logs folder.
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# The name becomes a log file name, so it must not be able to leave the logs folder (one rule
+# for sbs.ini and for a list pushed by the peer: node/protocol.py).
+_NAME_RE = SENTINEL_NAME_RE
 # The guard (see the module docstring), run as `python -I -S -c`. Lines on stdin: "+PGID" when
 # a sentinel starts, "-PGID" once it is reaped (its group id may be reused after that).
 _GUARD_CODE = """

@@ -893,7 +893,7 @@ def test_a_hostile_primary_cannot_write_outside_the_folders(make_pair, tmp_path)
     content = {"good.txt": good, "setuid.sh": good, "liar.txt": good, "huge.bin": evil,
                **{e["path"]: evil for e in hostile if isinstance(e, dict) and "path" in e
                   and e["path"] not in ("good.txt", "setuid.sh", "liar.txt", "huge.bin")}}
-    fake = FakePrimary(pair, {"docs": hostile, "../../../tmp": [_entry("x", evil)]}, content)
+    fake = FakePrimary(pair, {"docs": hostile}, content)
     sandbox = pair.root / "cwd"
     sandbox.mkdir()
     beta = pair.beta
@@ -911,9 +911,16 @@ def test_a_hostile_primary_cannot_write_outside_the_folders(make_pair, tmp_path)
         content["good2.txt"] = content["flaky.txt"] = good
         fake.send_raw([b"manifest", b"SBS1", b"MANIFEST", b"[]"])
         fake.send_raw([b"manifest", b"SBS1", b"MANIFEST", b"\xff" * 100])
+        # folder and sentinel names become directory and file names under state_dir: a
+        # message naming "../.." is dropped whole (it used to reach the temp dir cleanup)
+        fake.publish({"../..": [_entry("y", evil)], "docs": [_entry("y", evil)]},
+                     seq=fake.seq)
+        fake.send_raw(protocol.encode_bus("SENTINELS", {
+            "name": "alpha", "sv": 5, "sentinels": {"a b": "true", "../../x": "true"},
+            "active": ["a b"]}))
         fake.publish({"docs": [e for e in hostile if e is not None] + [
                          _entry("good2.txt", good), _entry("flaky.txt", good)],
-                      "unknown": [_entry("x", evil)], "../..": [_entry("y", evil)]})
+                      "unknown": [_entry("x", evil)]})
         wait_for(lambda: (b / "good2.txt").exists() and (b / "flaky.txt").exists(), 10,
                  f"the honest files, one after a malformed answer {beta.tail_log()}")
         # still following; what could not be applied waits for a better manifest (the status
@@ -938,6 +945,11 @@ def test_a_hostile_primary_cannot_write_outside_the_folders(make_pair, tmp_path)
     copies = list((pair.root / "state" / "beta" / "conflicts").rglob("liar.txt"))
     assert len(copies) == 1 and copies[0].read_bytes() == mine, copies
     assert not list(sandbox.iterdir()), "a pushed folder without an absolute path was written"
+    log = beta.log.read_text()
+    assert "dropped a bad bus message: MANIFEST" in log and "'../..'" in log
+    assert "dropped a bad bus message: SENTINELS" in log
+    assert beta.proc.poll() is None, "a hostile sentinel list stopped the node"
+    assert beta.config.exists() and (pair.root / "keys").exists()
     assert not Path("/nonexistent").exists()
     everything = [p for p in pair.root.rglob("*") if p.name in (
         "escape.txt", "outdir", "outlink", "through.txt", "deeper.txt", "x", "y")]

@@ -54,6 +54,31 @@ def test_hostile_frames_are_refused_with_a_reason():
     assert "unexpected command" in decode(encode("PING", PING), expect=("PONG",)).reason
 
 
+SNAPSHOT = {"name": "alpha", "run": "r", "epoch": 1, "seq": 3, "folders": {"docs": ["*"]},
+            "paths": {"docs": "/srv/docs"}, "sentinels": {"web": "httpd"}, "active": ["web"],
+            "sv": 1, "index": {"docs": []}}
+
+
+def test_pushed_folder_and_sentinel_names_are_held_to_the_config_rules():
+    """Folder names become directories under state_dir (temp, trash, conflicts), sentinel names
+    log files: a peer's "../.." must be refused with its message, never reach a path."""
+    assert decode(encode("SNAPSHOT_REP", SNAPSHOT))
+    for field, value in [("folders", {"../../..": ["*"]}), ("folders", {"": ["*"]}),
+                         ("folders", {"a/b": ["*"]}), ("folders", {"x" * 65: ["*"]}),
+                         ("paths", {"..": "/srv"}), ("index", {"../tmp": []}),
+                         ("sentinels", {"a b": "x"}), ("sentinels", {"../log": "x"}),
+                         ("sentinels", {".hidden": "x"}), ("active", ["../../x"])]:
+        assert f"'{field}'" in bad(encode("SNAPSHOT_REP", {**SNAPSHOT, field: value})), value
+    assert decode(encode("SNAPSHOT_REP", {**SNAPSHOT, "folders": {"web-data_2": ["*"]}}))
+    manifest = {"name": "alpha", "run": "r", "epoch": 1, "seq": 4, "part": 0, "parts": 1}
+    assert decode_bus(encode_bus("MANIFEST", {**manifest, "entries": {"docs": []}}))
+    assert isinstance(decode_bus(encode_bus("MANIFEST", {**manifest, "entries": {"..": []}})),
+                      Bad)
+    sentinels = {"name": "alpha", "sv": 2, "sentinels": {"web": "httpd"}, "active": ["web"]}
+    assert decode_bus(encode_bus("SENTINELS", sentinels))
+    assert isinstance(decode_bus(encode_bus("SENTINELS", {**sentinels, "active": ["a b"]})), Bad)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.binary(max_size=64), max_size=6))
 def test_random_frames_never_raise(frames):
