@@ -66,7 +66,11 @@ class Node:
         self.ping_retry_in = PING_RETRY
         saved = persist.load(self.state_dir / "node.json", {})
         self.epoch = int(saved.get("epoch", 0))
-        self.max_seen_epoch = self.epoch
+        # kept on disk: a node restarted alone must still number its next term above every
+        # primary it has seen, or an old primary coming back would win the split-brain rule
+        self.max_seen_epoch = max(self.epoch, int(saved.get("max_seen_epoch", 0)))
+        self.last_role = saved.get("last_role", "")
+        self.stopping_sentinels = False
         self.state = S.STARTING
         self.state_at = time.monotonic()
         self.started_at = self.state_at
@@ -281,6 +285,10 @@ class Node:
         for action in actions:
             getattr(self, f"_do_{action.value}")(prev=prev, event=event, context=context)
         if nxt != prev:
+            # the state counts from when its actions are done: stopping a slow sentinel before
+            # a hand-over must not make a fresh secondary look like one of long standing (two
+            # secondaries "for dead_after" would take over again at once)
+            self.state_at = time.monotonic()
             self.publish_event("role", state=PUBLIC[nxt], internal=nxt.value, was=prev.value,
                                why=event.value, epoch=self.epoch)
             self._send_ping()  # tell the peer at once, not at the next heartbeat
@@ -292,7 +300,8 @@ class Node:
 
     def _become_primary(self, *, restricted: bool, why: str) -> None:
         self.epoch = max(self.epoch, self.max_seen_epoch) + 1
-        persist.save(self.state_dir / "node.json", {"epoch": self.epoch, "last_role": "primary"})
+        self.max_seen_epoch = self.epoch
+        self._save_node("primary")
         self.restricted = restricted
         self._stop_following()
         self._start_scanner()
@@ -303,9 +312,24 @@ class Node:
         log.info("PRIMARY now (epoch %d, %s)%s", self.epoch, why,
                  " [restricted]" if restricted else "")
 
+    def _save_node(self, last_role: str | None = None) -> None:
+        self.last_role = last_role or self.last_role
+        persist.save(self.state_dir / "node.json", {"epoch": self.epoch,
+                                                    "max_seen_epoch": self.max_seen_epoch,
+                                                    "last_role": self.last_role})
+
     def _do_start_primary(self, **_: Any) -> None:
-        self._load_sentinels_for(own=True)
-        self.folders = {f.name: f for f in self.cfg.folders} or self._pushed_folders()
+        own_folders = {f.name: f for f in self.cfg.folders}
+        if self.last_role == "secondary" and self.pair.get("folders") is not None:
+            # it was following a primary when it stopped: the lists that primary pushed last
+            # (state_dir/pair.json) are the pair's, not the ones in this node's own sbs.ini
+            log.info("was secondary when it stopped: running the folder and sentinel lists "
+                     "its primary pushed last (%s)", self.state_dir / "pair.json")
+            self._load_sentinels_for(own=False)
+            self.folders = self._pushed_folders() or own_folders
+        else:
+            self._load_sentinels_for(own=True)
+            self.folders = own_folders or self._pushed_folders()
         self._become_primary(restricted=self.cfg.role == "backup", why="started without a peer")
 
     def _do_take_over(self, prev: S, event: E, **_: Any) -> None:
@@ -332,11 +356,30 @@ class Node:
     def _do_follow(self, **_: Any) -> None:
         self._stop_scanner()
         self.restricted = False
-        persist.save(self.state_dir / "node.json", {"epoch": self.epoch, "last_role": "secondary"})
+        self._save_node("secondary")
         self._start_following()
 
     def _do_stop_sentinels(self, **_: Any) -> None:
-        self.sentinels.stop_all()
+        # A sentinel may take up to the grace time to stop, longer than dead_after: the peer
+        # must keep hearing us, as "stopping" (a peer that is leaving: no takeover, a HANDOVER
+        # or silence follows), or it takes over on silence while our sentinels still run and
+        # the same service runs twice.
+        next_ping = 0.0
+
+        def keep_the_peer_waiting() -> None:
+            nonlocal next_ping
+            if (now := time.monotonic()) >= next_ping:
+                next_ping = now + self.cfg.heartbeat
+                self._send_ping()
+
+        self.stopping_sentinels = True
+        try:
+            self.sentinels.stop_all(tick=keep_the_peer_waiting)
+        finally:
+            self.stopping_sentinels = False
+
+    def _public_state(self) -> str:
+        return "stopping" if self.stopping_sentinels else PUBLIC[self.state]
 
     def _do_split_brain_lost(self, **_: Any) -> None:
         log.error("SPLIT BRAIN: peer %s is primary too and wins by the rule (epoch %d vs %d);"
@@ -441,13 +484,14 @@ class Node:
         self._ping_peer(time.monotonic())
         self.pub.send_multipart(protocol.encode_bus("HB", {
             "name": self.cfg.name, "run": self.run_id, "epoch": self.epoch,
-            "state": PUBLIC[self.state], "seq": self.seq, "sv": self.sv,
+            "state": self._public_state(), "seq": self.seq, "sv": self.sv,
         }))
 
     def _peer_state(self) -> dict[str, Any]:
         self.n += 1
         return {
-            "name": self.cfg.name, "run": self.run_id, "n": self.n, "state": PUBLIC[self.state],
+            "name": self.cfg.name, "run": self.run_id, "n": self.n,
+            "state": self._public_state(),
             "epoch": self.epoch, "role": self.cfg.role, "restricted": self.restricted,
             "since": round(time.monotonic() - self.state_at, 3), "seq": self.seq,
             "applied": self.applied, "synced": self.synced,
@@ -494,7 +538,9 @@ class Node:
                      body["state"], body["epoch"])
             if self.state == S.SECONDARY and body["state"] == "primary":
                 self._request_snapshot()
-        self.max_seen_epoch = max(self.max_seen_epoch, body["epoch"])
+        if body["epoch"] > self.max_seen_epoch:
+            self.max_seen_epoch = body["epoch"]
+            self._save_node()
         event = self.peer.event(self.me(), self.state, now - self.state_at)
         if event is not None:
             self.feed(event)
@@ -709,6 +755,9 @@ class Node:
         paths = self.pair.get("paths", {})
         table = {}
         for name, filters in self.pair.get("folders", {}).items():
+            if (why := protocol.folder_name_problem(name)) is not None:
+                log.error("folder %r from the primary: %s: not replicated", name[:64], why)
+                continue
             path = own[name].path if name in own else Path(paths.get(name) or "")
             if not path.is_absolute():
                 # Path("") is ".": a folder pushed without a usable path would land in

@@ -405,3 +405,79 @@ def test_test_email_says_whether_it_was_delivered(make_pair, smtp):
     assert "not delivered" in said and "connect" in said, said
     assert time.monotonic() - started < 15
     assert len(collector.messages) == 1
+
+
+# -------------------------------------------------------------------- slow stop, restart alone
+def slow_to_stop(script: Path, record: Path, token: str) -> str:
+    """A sentinel that writes when it starts and when it has stopped, and takes 2.5 s to stop
+    on SIGTERM (a server draining its connections): longer than the pair's dead_after."""
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "def rec(what):\n"
+        f"    with open({str(record)!r}, 'a') as f:\n"
+        "        f.write(f'{what} {os.getpid()} {time.time()}\\n')\n"
+        "def stop(*_):\n"
+        "    time.sleep(2.5)\n"
+        "    rec('stop')\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "rec('start')\n"
+        "while True:\n"
+        "    time.sleep(60)\n")
+    return f"{sys.executable} {script} {token}"
+
+
+@pytest.mark.parametrize("how", ["promote", "sigterm"])
+def test_a_slow_stopping_sentinel_never_runs_twice_and_the_peer_waits_for_it(make_pair,
+                                                                              tmp_path, how):
+    """The old primary stops its sentinels before it hands over; while one takes longer than
+    dead_after to stop, the peer must keep hearing it (as stopping), not take over on silence
+    with the service still running on the old primary."""
+    record = tmp_path / "record.txt"
+    token = f"sbs-e2e-slow-{secrets.token_hex(4)}"
+    pair = make_pair(node={"heartbeat": 0.2, "dead_after": 1.0},
+                     sentinels={"slow": slow_to_stop(tmp_path / "slow.py", record, token)})
+    start_pair(pair, ("slow",))
+    wait_for(lambda: running_pid(pair.alpha, "slow") and record.exists(), 5, "slow on alpha")
+    if how == "promote":
+        res = sbs_tools("promote", "--config", str(pair.beta.config))
+        assert res.returncode == 0, res
+    else:
+        pair.alpha.signal(signal.SIGTERM)
+
+    def events() -> list[tuple[str, str, float]]:
+        return [(what, pid, float(t)) for what, pid, t in
+                (line.split() for line in record.read_text().splitlines())]
+
+    wait_for(lambda: running_pid(pair.beta, "slow")
+             and sum(what == "start" for what, _, _ in events()) == 2, 15,
+             f"slow started on beta{pair.beta.tail_log()}")
+    seen = events()
+    first, second = [pid for what, pid, _ in seen if what == "start"][:2]
+    stopped_at = next(t for what, pid, t in seen if what == "stop" and pid == first)
+    started_at = next(t for what, pid, t in seen if what == "start" and pid == second)
+    assert started_at >= stopped_at, f"the service ran on both nodes at once: {seen}"
+    log = pair.beta.log.read_text()
+    assert "no heartbeat" not in log, "beta took over on silence"
+    assert "PRIMARY now" in log
+    if how == "sigterm":
+        assert pair.alpha.wait_exit(10) == 0
+    pair.stop()
+    wait_for(lambda: not marked(token), 10, "the slow sentinel to end")
+
+
+def test_a_secondary_restarted_alone_runs_what_its_primary_pushed_above_its_epoch(sentinelled):
+    """SPEC: the secondary keeps the last pushed folder and sentinel lists in state_dir "so a
+    restart or a takeover uses it", and its next epoch is above every one it has seen."""
+    pair = sentinelled.pair("web", beta={"sentinels": {"own": sentinelled.command("own")}})
+    start_pair(pair, ("web",))  # beta holds alpha's list: web only
+    wait_for(lambda: running_pid(pair.alpha, "web"), 5, "web running on alpha")
+    pair.beta.stop()  # a secondary, stopped
+    pair.alpha.stop()
+    pair.beta.start()
+    st = pair.beta.wait_state("primary")
+    assert {s["name"] for s in st["sentinels"]} == {"web"}, st["sentinels"]
+    wait_for(lambda: running_pid(pair.beta, "web"), 5, "web running on beta")
+    assert not sentinelled.running("own")
+    assert st["epoch"] == 2, "a primary alone must number its term above the one it followed"
+    assert "was secondary when it stopped" in pair.beta.log.read_text()
