@@ -6,10 +6,15 @@ working directory (systemd starts in /).
 from __future__ import annotations
 
 import configparser
+import re
 import shlex
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# one rule for names from sbs.ini and names pushed by the peer (they become names on disk)
+from .protocol import SENTINEL_NAME_RE, folder_name_problem
+from .scan import Filter
 
 ROLES = ("main", "backup")
 
@@ -134,8 +139,15 @@ class _Section:
         raw = self.text(key, default or "")
         if not raw:
             return None
-        p = Path(raw).expanduser()
+        p = _expand(self, key, raw)
         return p if p.is_absolute() else (base / p)
+
+
+def _expand(sec: _Section, key: str, raw: str) -> Path:
+    try:
+        return Path(raw).expanduser()
+    except RuntimeError as exc:  # "~nosuchuser/...", or "~" with no home directory
+        raise sec.error(key, f"cannot expand {raw!r}: {exc}") from None
 
 
 def _address(sec: _Section, key: str, *, required: bool) -> str:
@@ -267,19 +279,24 @@ def _folders(parser: configparser.ConfigParser, file: Path, base: Path) -> tuple
     sec = _Section(parser, file, "folders")
     folders = []
     for name, raw in sec.items.items():
-        if not name.replace("-", "").replace("_", "").isalnum():
-            raise sec.error(name, "a folder name uses letters, digits, '-' or '_'")
+        if problem := folder_name_problem(name):
+            raise sec.error(name, problem)
         try:
             words = shlex.split(raw)
         except ValueError as exc:
             raise sec.error(name, f"cannot parse {raw!r}: {exc}") from None
         if not words:
             raise sec.error(name, "needs a path")
-        path = Path(words[0]).expanduser()
+        path = _expand(sec, name, words[0])
+        filters = tuple(words[1:]) or ("*",)
+        try:
+            Filter(filters)  # what the scanner builds once this node is primary
+        except (ValueError, re.error) as exc:
+            raise sec.error(name, f"bad filter: {exc}") from None
         folders.append(FolderConfig(
             name=name,
             path=path if path.is_absolute() else base / path,
-            filters=tuple(words[1:]) or ("*",),
+            filters=filters,
         ))
     paths = [f.path.resolve() for f in folders]
     for i, p in enumerate(paths):
@@ -293,6 +310,9 @@ def _sentinels(parser: configparser.ConfigParser, file: Path) -> tuple[tuple[str
     sec = _Section(parser, file, "sentinels")
     out = []
     for name, command in sec.items.items():
+        if not SENTINEL_NAME_RE.fullmatch(name):
+            raise sec.error(name, "a sentinel name is 1-255 letters, digits, '_', '.' or '-', "
+                                  "starting with a letter or digit")
         try:
             argv = shlex.split(command)
         except ValueError as exc:

@@ -77,6 +77,16 @@ BAD = [
     ("docs = data/docs", "docs = data/docs\nsub = data/docs/sub", "[folders] "),
     ("web = python3", "web = 'unclosed", "[sentinels] web: cannot parse command"),
     ("[folders]", "[mystery]\n[folders]", "[mystery]: unknown section"),
+    ("web = python3", "web server = python3", "[sentinels] web server: a sentinel name"),
+    ("web = python3", "../web = python3", "[sentinels] ../web: a sentinel name"),
+    ("web = python3", ".web = python3", "[sentinels] .web: a sentinel name"),
+    ("web = python3", "w" * 256 + " = python3", "w" * 256 + ": a sentinel name is 1-255"),
+    ("docs = data/docs", "docs = d *.[z-a]", "[folders] docs: bad filter"),
+    ("docs = data/docs", "docs = d *.lab [b-a]/x", "[folders] docs: bad filter"),
+    ("docs = data/docs", "my.docs = data/docs", "[folders] my.docs: a folder name uses"),
+    ("docs = data/docs", "x" * 65 + " = data/docs", "x" * 65 + ": a folder name uses 1-64"),
+    ("docs = data/docs", "docs = ~nosuchuser-sbs/docs", "[folders] docs: cannot expand"),
+    ("state_dir = st", "state_dir = ~nosuchuser-sbs/st", "[node] state_dir: cannot expand"),
 ]
 
 
@@ -89,12 +99,21 @@ def test_bad_values_name_file_section_and_key(ini, old, new, message):
     assert message in str(info.value)
 
 
+def test_names_and_filters_that_are_accepted(ini, tmp_path):
+    text = BASE.replace("web = python3", "Web_1.a-b = python3", 1).replace(
+        "docs = data/docs", "Docs_2-x = data/docs *.[a-z] [!.]*", 1)
+    cfg = load(ini(text))
+    assert cfg.sentinels[0][0] == "Web_1.a-b"
+    assert (cfg.folders[0].name, cfg.folders[0].filters) == ("Docs_2-x", ("*.[a-z]", "[!.]*"))
+
+
 def test_missing_file():
     with pytest.raises(ConfigError, match="configuration file not found"):
         load("/nonexistent/sbs.ini")
 
 
-@pytest.mark.parametrize(("old", "new", "message"), [BAD[0], BAD[1], BAD[3], BAD[7]])
+@pytest.mark.parametrize(("old", "new", "message"),
+                         [BAD[0], BAD[1], BAD[3], BAD[7], BAD[13], BAD[17]])
 def test_sbs_node_start_exits_2_with_one_line(ini, old, new, message):
     path = ini(BASE.replace(old, new, 1))
     res = subprocess.run([sys.executable, "-m", "node.cli", "start", "--config", path],

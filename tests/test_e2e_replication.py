@@ -1021,6 +1021,26 @@ def test_verify_lists_every_difference(make_pair):
     assert "3 difference(s)" in res.stdout
 
 
+def test_verify_that_cannot_compare_exits_3_not_1(make_pair):
+    """"Could not verify" is neither "identical" (0) nor "differs" (1): exit 3, the code every
+    sbs-tools command uses for a node that does not answer, with one line saying which node."""
+    pair = make_pair()
+    port = pair.alpha.cfg.port
+    res = sbs_tools("verify", "--config", str(pair.alpha.config))  # neither node running
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"cannot verify: no answer from the local node at 127.0.0.1:{port} (stopped or "
+        "unreachable)"], res.stderr
+    assert res.stdout == "" and "Traceback" not in res.stderr
+    pair.alpha.start()
+    pair.alpha.wait_state("primary")  # alone: its peer beta is not running
+    res = sbs_tools("verify", "--json", "--config", str(pair.alpha.config))
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"cannot verify: no answer from the peer at 127.0.0.2:{port} (stopped or unreachable)"]
+    assert res.stdout == ""
+
+
 # -------------------------------------------------------------- rejoin and split brain
 
 def conflicts(node: str, pair: Pair) -> dict[str, bytes]:

@@ -172,7 +172,7 @@ def keygen(directory: Path = typer.Option(..., "--dir", help="where to write the
 
 @app.command("test-email")
 def test_email(config: Path = ConfigOpt) -> None:
-    """Send a test notification with the [email] settings and say whether it was delivered."""
+    """Send a test notification with the \\[email] settings and say whether it was delivered."""
     from node.notify import Notifier
 
     cfg = _cfg(config)
@@ -220,12 +220,43 @@ def _sentinel(config: Path, action: str, name: str | None, as_json: bool) -> Non
     out.print(table)
 
 
+# verify: 0 identical, 1 differs, 2 bad config, and this when it could not compare at all (a
+# node that does not answer or refuses), the code every sbs-tools command uses for "not reachable"
+CANNOT_VERIFY = 3
+VERIFY_TIMEOUT = 600.0  # hashing every folder afresh takes time on a big tree
+
+
+def _verify_tokens(cfg: Config, *, peer: bool) -> dict[str, dict[str, Any]]:
+    """One node's {folder: {path: token}}, or exit CANNOT_VERIFY with a one-line reason."""
+    where = (f"peer at {cfg.peer}:{cfg.port}" if peer else f"local node at {cfg.local}:{cfg.port}")
+
+    def cannot(reason: str) -> typer.Exit:
+        err.print(f"cannot verify: {reason}", markup=False, highlight=False, soft_wrap=True)
+        return typer.Exit(CANNOT_VERIFY)
+
+    # a quick STATUS first: a stopped node must not keep the operator waiting VERIFY_TIMEOUT
+    if request(cfg, "STATUS", timeout=3.0, peer=peer) is None:
+        raise cannot(f"no answer from the {where} (stopped or unreachable)")
+    reply = request(cfg, "VERIFY", timeout=VERIFY_TIMEOUT, peer=peer)
+    if reply is None:
+        raise cannot(f"the {where} did not answer VERIFY within {VERIFY_TIMEOUT:.0f}s")
+    if reply.get("status") != "ok":
+        raise cannot(f"the {where} refused VERIFY: {reply.get('reason')}")
+    folders = reply.get("folders")
+    if not isinstance(folders, dict):
+        raise cannot(f"the {where} sent a VERIFY reply without folders")
+    return folders
+
+
 @app.command()
 def verify(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
-    """Compare content hashes of both nodes' folders; exit 0 when identical, 1 when not."""
+    """Compare content hashes of both nodes' folders; exit 0 when identical, 1 when not.
+
+    Exit 2 on a bad config, 3 when either node cannot be asked (nothing was compared).
+    """
     cfg = _cfg(config)
-    mine = _ask(cfg, "VERIFY", timeout=600)["folders"]
-    theirs = _ask(cfg, "VERIFY", timeout=600, peer=True)["folders"]
+    mine = _verify_tokens(cfg, peer=False)
+    theirs = _verify_tokens(cfg, peer=True)
     diffs = []
     for folder in sorted(set(mine) | set(theirs)):
         a, b = mine.get(folder, {}), theirs.get(folder, {})
