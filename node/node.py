@@ -71,6 +71,7 @@ class Node:
         self.max_seen_epoch = max(self.epoch, int(saved.get("max_seen_epoch", 0)))
         self.last_role = saved.get("last_role", "")
         self.stopping_sentinels = False
+        self.peer_last_sync: float | None = None  # primary: wall time the secondary was in sync
         self.state = S.STARTING
         self.state_at = time.monotonic()
         self.started_at = self.state_at
@@ -541,6 +542,9 @@ class Node:
         if body["epoch"] > self.max_seen_epoch:
             self.max_seen_epoch = body["epoch"]
             self._save_node()
+        if (self.state in PRIMARY_LIKE and self.peer.state == "secondary" and self.peer.synced
+                and self.peer.follows(self.run_id) and self.peer.applied >= self.seq):
+            self.peer_last_sync = time.time()  # the secondary had everything we had published
         event = self.peer.event(self.me(), self.state, now - self.state_at)
         if event is not None:
             self.feed(event)
@@ -653,6 +657,7 @@ class Node:
                 "pending_bytes": self.peer.pending_bytes if peer_ok else None,
                 "peer_error": self.peer.error if peer_ok else "",
                 "peer_stuck": self.peer.stuck if ours else "",
+                "peer_last_sync": self.peer_last_sync,
             }
         oldest = self.follow.get("oldest_unapplied")
         return {

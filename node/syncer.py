@@ -106,13 +106,24 @@ class Syncer:
     def _run(self) -> None:
         self.pipe = self.ctx.socket(zmq.PAIR)
         self.pipe.connect(self.endpoint)
+        # strict mode's trash is kept trash_days: purged at setup and then every
+        # trash_days / 24 (at most hourly, at least every second), for a secondary that
+        # follows for months without a new snapshot
+        purge_every = min(3600.0, max(1.0, self.cfg.trash_days * 86400 / 24))
+        next_purge = time.monotonic() + purge_every
         try:
             while True:
+                now = time.monotonic()
+                if now >= next_purge:
+                    next_purge = now + purge_every
+                    self._purge_trash()
                 retry_in = (2.0 if self.error else 0.3) if self.pending else None
                 try:
-                    job = self.jobs.get(timeout=retry_in)
+                    job = self.jobs.get(timeout=min(retry_in or purge_every,
+                                                    next_purge - now))
                 except queue.Empty:
-                    self._retry_pending()
+                    if self.pending:
+                        self._retry_pending()
                     continue
                 if job[0] == "stop" or self.fetcher.cancelled.is_set():
                     return
@@ -202,7 +213,10 @@ class Syncer:
         for name, f in folders.items():
             w = self.writers.get(name)
             if w is None or str(w.root) != str(f.path):
-                w = FolderWriter(f.path, sd / "tmp" / name, sd / "trash", sd / "conflicts")
+                # trash and conflict copies go under <stamp>/<folder>/: two folders may both
+                # hold a config.ini, and the operator must see which one a copy came from
+                w = FolderWriter(f.path, sd / "tmp" / name, sd / "trash", sd / "conflicts",
+                                 name=name)
                 removed = w.cleanup_temps()
                 if removed:
                     log.info("removed %d temp file(s) left by an interrupted sync in %s",
@@ -212,7 +226,13 @@ class Syncer:
         for name in list(self.writers):
             if name not in folders:
                 del self.writers[name]
-        purge_trash(sd / "trash", self.cfg.trash_days)
+        self._purge_trash()
+
+    def _purge_trash(self) -> None:
+        try:
+            purge_trash(self.cfg.state_dir / "trash", self.cfg.trash_days)
+        except OSError as exc:  # a trash folder we cannot remove must not stop the sync
+            log.warning("cannot purge %s: %s", self.cfg.state_dir / "trash", exc)
 
     def _valid(self, folder: str, entries: list) -> Iterator[dict]:
         for e in entries:

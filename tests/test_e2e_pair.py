@@ -52,6 +52,14 @@ def test_alone_primary_then_second_secondary_and_status_json(make_pair):
     assert js["state"] == "primary"
     res = sbs_tools("status", "--config", str(pair.beta.config))
     assert res.returncode == 0 and "secondary" in res.stdout
+    # the primary's view of replication: the secondary's lag, what it has pending, and when
+    # it last had everything
+    wait_for(lambda: pair.alpha.status()["replication"]["peer_last_sync"], 5,
+             "alpha to see beta in sync")
+    res = sbs_tools("status", "--config", str(pair.alpha.config))
+    shown = " ".join(res.stdout.split())  # rich wraps at 80 columns without a terminal
+    assert res.returncode == 0 and "secondary applied 0 (lag 0 manifests)" in shown, shown
+    assert "pending 0 files / 0 bytes, last in sync " in shown and "in sync never" not in shown
 
 
 def test_a_node_starting_next_to_a_primary_follows_it_within_milliseconds(make_pair):

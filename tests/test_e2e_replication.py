@@ -326,6 +326,22 @@ def test_live_changes_without_strict_keep_old_files(make_pair):
         (pair.root / "state" / "beta" / "trash").iterdir())
 
 
+def test_strict_trash_is_purged_after_trash_days_by_a_running_secondary(make_pair):
+    """The trash is kept trash_days, also on a secondary that follows for months without a
+    new snapshot (it was purged only when a snapshot was applied)."""
+    pair = started(make_pair(node={"strict": "true", "trash_days": "0.00003"}))  # 2.6 s
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    write(a / "doomed.txt", "doomed content")
+    wait_equal(a, b, 10, "create")
+    (a / "doomed.txt").unlink()
+    trash = pair.root / "state" / "beta" / "trash"
+    kept = wait_for(lambda: [p for p in trash.rglob("doomed.txt")], 10, "doomed.txt in trash")
+    stamp, folder, name = kept[0].relative_to(trash).parts
+    assert (folder, name) == ("docs", "doomed.txt")  # <UTC time>/<folder>/<path>
+    wait_for(lambda: not any(trash.iterdir()), 10, f"the trash purged{pair.beta.tail_log()}")
+    assert "purged 1 trash folders" in pair.beta.log.read_text()
+
+
 def test_live_changes_with_strict_delete_into_trash(make_pair):
     pair = started(make_pair(node={"strict": "true"}))
     a, b = pair.folder("alpha"), pair.folder("beta")
@@ -1048,7 +1064,8 @@ def conflicts(node: str, pair: Pair) -> dict[str, bytes]:
     out = {}
     for p in root.rglob("*") if root.exists() else ():
         if p.is_file():
-            stamp, *rest = p.relative_to(root).parts
+            stamp, folder, *rest = p.relative_to(root).parts
+            assert folder == "docs", p  # <UTC time>/<folder>/<path>
             out["/".join(rest)] = p.read_bytes()
     return out
 

@@ -91,3 +91,45 @@ def test_a_flush_or_an_overflow_marker_keeps_its_place(tmp_path, pipes):
     sc.jobs.put(("batch", None))  # the watcher lost events: a full rescan, in its turn
     assert sc._waiting_batches() == [{"docs": {"y"}}]
     assert sc.jobs.get_nowait() == ("batch", None)
+
+
+def test_without_a_watcher_the_periodic_rescan_still_publishes_every_change(tmp_path, pipes,
+                                                                            monkeypatch, caplog):
+    """The rescan every `period` is the safety net: with no watcher at all (inotify's watch
+    limit reached, say) a change is still published, within a period, by the running thread."""
+    import errno
+    import time
+
+    ctx = pipes[0]
+    reader = ctx.socket(zmq.PAIR)  # the fixture's pair is taken: a PAIR has one peer
+    reader.bind("inproc://scanner-alone")
+    root = tmp_path / "docs"
+    root.mkdir()
+    (root / "old.txt").write_text("there before")
+
+    def no_inotify(self):
+        raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+    monkeypatch.setattr(scanner_module.Watcher, "start", no_inotify)
+    sc = Scanner(ctx, "inproc://scanner-alone", {"docs": FolderConfig("docs", root)},
+                 period=0.2)
+    sc.start()
+    try:
+        assert reader.poll(10_000), "no first scan"
+        frames = reader.recv_multipart()
+        assert frames[2] == b"full" and [e["path"] for e in sc.take_delta()["docs"]] == [
+            "old.txt"]
+        (root / "new.txt").write_text("written with nobody watching")
+        (root / "old.txt").unlink()
+        seen: dict[str, dict] = {}
+        deadline = time.monotonic() + 10
+        while not ({"new.txt", "old.txt"} <= set(seen)) and time.monotonic() < deadline:
+            if reader.poll(100):
+                reader.recv_multipart()
+                seen.update({e["path"]: e for e in sc.take_delta().get("docs", [])})
+        assert seen["new.txt"]["size"] == len("written with nobody watching")
+        assert seen["old.txt"].get("deleted")
+    finally:
+        sc.stop()
+        reader.close(0)
+    assert "relying on the 0.2s rescan" in caplog.text

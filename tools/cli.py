@@ -78,16 +78,16 @@ def status(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
                   "secondary taking a new snapshot")
     elif r["direction"] == "outgoing":
         out.print(f"replication: primary, manifest {r['seq']}, folders {r['folders']}, "
-                  f"secondary applied {r['peer_applied']}, pending {r['pending_files']} files"
+                  f"secondary applied {r['peer_applied']} (lag {r['lag_manifests']} manifests), "
+                  f"pending {r['pending_files']} files / {r['pending_bytes']} bytes, "
+                  f"last in sync {_clock(r.get('peer_last_sync'))}"
                   + (f", [red]{r['peer_error']}[/red]" if r["peer_error"] else "")
                   + (f" [red](cannot apply by waiting: {r['peer_stuck']})[/red]"
                      if r.get("peer_stuck") else ""))
     else:
-        last = "never" if not r["last_sync"] else time.strftime(
-            "%H:%M:%S", time.localtime(r["last_sync"]))
         out.print(f"replication: applied {r['applied']}/{r['primary_seq']}, "
                   f"lag {r['lag_seconds']}s, pending {r['pending_files']} files / "
-                  f"{r['pending_bytes']} bytes, last sync {last}"
+                  f"{r['pending_bytes']} bytes, last sync {_clock(r['last_sync'])}"
                   + (f", [red]{r['error']}[/red]" if r["error"] else ""))
     table = Table("sentinel", "active", "state", "pid", "restarts", "command")
     for s in st["sentinels"]:
@@ -98,6 +98,10 @@ def status(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
     mail = st["email"]
     if mail.get("last_error"):
         out.print(f"[red]email: last error: {mail['last_error']}[/red]")
+
+
+def _clock(wall: float | None) -> str:
+    return "never" if not wall else time.strftime("%H:%M:%S", time.localtime(wall))
 
 
 @app.command()
