@@ -882,6 +882,28 @@ def _entry(path: str, data: bytes = b"", **kw) -> dict:
             "mode": 0o644, "hash": xxhash.xxh3_128_hexdigest(data), **kw}
 
 
+def test_a_gap_in_the_manifest_numbers_means_a_new_snapshot(make_pair):
+    """Clone pattern: a secondary that misses a manifest (the PUB dropped it) does not apply
+    the next one on top of a hole; it asks for a new snapshot."""
+    pair = make_pair(node={"dead_after": 3.0})
+    one, two = b"manifest one\n", b"manifest three\n"
+    fake = FakePrimary(pair, {"docs": []}, {"one.txt": one, "three.txt": two})
+    b = pair.folder("beta")
+    try:
+        pair.beta.start()
+        pair.beta.wait_state("secondary")
+        wait_for(lambda: fake.snapshots == 1 and replication(pair.beta).get("synced"), 10,
+                 f"the first snapshot applied {pair.beta.tail_log()}")
+        fake.publish({"docs": [_entry("one.txt", one)]})  # seq 1
+        wait_for(lambda: (b / "one.txt").exists(), 10, "manifest 1 applied")
+        fake.publish({"docs": [_entry("three.txt", two)]}, seq=3)  # 2 never arrives
+        wait_for(lambda: fake.snapshots == 2, 10, f"a new snapshot asked {pair.beta.tail_log()}")
+    finally:
+        fake.stop()
+    assert not (b / "three.txt").exists(), "a manifest after a hole was applied"
+    assert "manifest gap: expected 2, got 3: new snapshot" in pair.beta.log.read_text()
+
+
 def test_a_hostile_primary_cannot_write_outside_the_folders(make_pair, tmp_path):
     pair = make_pair(node={"dead_after": 3.0})
     outside = pair.root / "outside"
@@ -1106,13 +1128,19 @@ def test_an_old_primary_rejoins_catches_up_and_keeps_what_it_never_sent(make_pai
     assert not conflicts("beta", pair)
 
 
-def test_split_brain_loser_keeps_its_changes_under_conflicts(make_pair):
-    pair = make_pair(node={"strict": "true"})
+def test_split_brain_loser_keeps_its_changes_under_conflicts(make_pair, smtp):
+    from tests.test_e2e_sentinels import Tail
+
+    port, inbox = smtp
+    pair = make_pair(node={"strict": "true"}, email={
+        "enabled": "true", "smtp_server": "127.0.0.1", "smtp_port": port,
+        "sender": "sbs@example.com", "receiver": "ops@example.com"})
     a, b = pair.folder("alpha"), pair.folder("beta")
     write(a / "shared.txt", "v1\n")
     write(a / "stable.txt", "never changes\n")
     started(pair)
     wait_equal(a, b, 10)
+    tail = Tail(pair.beta.config)  # the winner's bus
     pair.alpha.signal(signal.SIGSTOP)  # a paused primary: beta takes over
     try:
         pair.beta.wait_state("primary", timeout=10)
@@ -1133,3 +1161,14 @@ def test_split_brain_loser_keeps_its_changes_under_conflicts(make_pair):
     assert "stable.txt" not in kept
     assert (a / "beta new.txt").exists()
     assert (a / "shared.txt").read_text() == "v3 on beta, the winner\n"
+    # the operator hears of it: on the bus and by email, from the winner
+    try:
+        event = tail.wait(lambda m: m.get("event") == "split_brain", 10, "the split_brain event")
+    finally:
+        tail.close()
+    assert (event["winner"], event["loser"]) == ("beta", "alpha")
+    assert event["winner_epoch"] > event["loser_epoch"]
+    mail = wait_for(lambda: [m for m in inbox.messages if "split brain" in m["subject"]], 10,
+                    "the split-brain email")
+    assert mail[0]["subject"] == "SBS split brain resolved: beta stays primary"
+    assert "alpha" in mail[0].get_content() and "conflicts" in mail[0].get_content()
