@@ -816,8 +816,14 @@ def scenario_big(data: Path, runs: Path, daemon: RsyncDaemon, sz: Sizes,
     rs_cpu = statistics.median(x["client_cpu_s"] + x["daemon_cpu_s"] for x in rs)
     cipher = (floor["encrypt_cpu_s_per_GiB"] + floor["decrypt_cpu_s_per_GiB"]
               if "error" not in floor else None)
+    plain_cpu = (statistics.median(sum(c["total"] for c in x["cpu_s"].values())
+                                   for x in live_plain) if live_plain else None)
     out["cpu_s_per_GiB"] = {
         "sbs_live_both_nodes": round(live_cpu * per_gib, 2),
+        # the same transfer over plain TCP: what CURVE adds is the difference (the cipher
+        # itself, and the copies libzmq makes around it)
+        "sbs_live_plain_both_nodes": round(plain_cpu * per_gib, 2) if plain_cpu else None,
+        "curve_adds": round((live_cpu - plain_cpu) * per_gib, 2) if plain_cpu else None,
         "rsync_client_and_daemon": round(rs_cpu * per_gib, 2),
         "curve_cipher_both_sides": cipher,
         "sbs_live_without_cipher": round(live_cpu * per_gib - cipher, 2) if cipher else None,
