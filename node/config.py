@@ -311,7 +311,7 @@ def _sentinels(parser: configparser.ConfigParser, file: Path) -> tuple[tuple[str
     out = []
     for name, command in sec.items.items():
         if not SENTINEL_NAME_RE.fullmatch(name):
-            raise sec.error(name, "a sentinel name is 1-255 letters, digits, '_', '.' or '-', "
+            raise sec.error(name, "a sentinel name is 1-251 letters, digits, '_', '.' or '-', "
                                   "starting with a letter or digit")
         try:
             argv = shlex.split(command)

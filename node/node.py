@@ -315,9 +315,13 @@ class Node:
 
     def _save_node(self, last_role: str | None = None) -> None:
         self.last_role = last_role or self.last_role
-        persist.save(self.state_dir / "node.json", {"epoch": self.epoch,
-                                                    "max_seen_epoch": self.max_seen_epoch,
-                                                    "last_role": self.last_role})
+        try:
+            persist.save(self.state_dir / "node.json", {"epoch": self.epoch,
+                                                        "max_seen_epoch": self.max_seen_epoch,
+                                                        "last_role": self.last_role})
+        except OSError as exc:  # a full state disk: keep going, the next save writes it all
+            log.error("cannot save %s: %s (epoch %d kept in memory)",
+                      self.state_dir / "node.json", exc, self.epoch)
 
     def _do_start_primary(self, **_: Any) -> None:
         own_folders = {f.name: f for f in self.cfg.folders}

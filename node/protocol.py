@@ -162,7 +162,8 @@ EPOCH = i(0, 2**53)
 # Folder and sentinel names arrive from the peer as keys and become names on disk (a folder's
 # temp, trash and conflict directories under state_dir; a sentinel's log file), so they are held
 # to the rules sbs.ini's are (node/config.py): a pushed "../.." must never reach a path.
-SENTINEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
+# (at most 251 characters: the log file <name>.log must fit in a 255-byte file name)
+SENTINEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,250}")
 
 
 def folder_name_problem(name: str) -> str | None:

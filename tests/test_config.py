@@ -80,7 +80,7 @@ BAD = [
     ("web = python3", "web server = python3", "[sentinels] web server: a sentinel name"),
     ("web = python3", "../web = python3", "[sentinels] ../web: a sentinel name"),
     ("web = python3", ".web = python3", "[sentinels] .web: a sentinel name"),
-    ("web = python3", "w" * 256 + " = python3", "w" * 256 + ": a sentinel name is 1-255"),
+    ("web = python3", "w" * 252 + " = python3", "w" * 252 + ": a sentinel name is 1-251"),
     ("docs = data/docs", "docs = d *.[z-a]", "[folders] docs: bad filter"),
     ("docs = data/docs", "docs = d *.lab [b-a]/x", "[folders] docs: bad filter"),
     ("docs = data/docs", "my.docs = data/docs", "[folders] my.docs: a folder name uses"),
@@ -105,6 +105,11 @@ def test_names_and_filters_that_are_accepted(ini, tmp_path):
     cfg = load(ini(text))
     assert cfg.sentinels[0][0] == "Web_1.a-b"
     assert (cfg.folders[0].name, cfg.folders[0].filters) == ("Docs_2-x", ("*.[a-z]", "[!.]*"))
+    # the longest sentinel name whose log file, <name>.log, still fits in a file name
+    longest = "w" * 251
+    assert load(ini(BASE.replace("web = python3", f"{longest} = python3", 1))).sentinels[0][0] \
+        == longest
+    (tmp_path / f"{longest}.log").write_text("fits\n")
 
 
 def test_missing_file():
