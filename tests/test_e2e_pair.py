@@ -75,6 +75,22 @@ def test_a_node_starting_next_to_a_primary_follows_it_within_milliseconds(make_p
     assert to_secondary < 0.6, f"beta followed the primary after {to_secondary:.3f}s"
 
 
+@pytest.mark.parametrize("offset", [0, 1, 2])
+def test_a_taken_port_ends_the_node_with_exit_1_and_names_it(make_pair, offset):
+    """A runtime failure, not a config error: exit 1 and one line naming the address."""
+    pair = make_pair()
+    port = pair.alpha.cfg.port + offset
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        pair.alpha.start()
+        code = pair.alpha.wait_exit(20)
+    log = pair.alpha.log.read_text()
+    assert code == 1, log
+    assert "cannot bind 127.0.0.1:" in log and str(port) in log, log
+    assert "Traceback" not in log
+
+
 def test_status_of_a_stopped_node_exits_3(make_pair):
     pair = make_pair()
     res = sbs_tools("status", "--config", str(pair.alpha.config))

@@ -481,3 +481,57 @@ def test_a_secondary_restarted_alone_runs_what_its_primary_pushed_above_its_epoc
     assert not sentinelled.running("own")
     assert st["epoch"] == 2, "a primary alone must number its term above the one it followed"
     assert "was secondary when it stopped" in pair.beta.log.read_text()
+
+
+def test_the_loser_of_a_split_brain_stops_its_sentinels(sentinelled):
+    """A paused primary (SIGSTOP: its sentinel keeps running) loses the split brain when it
+    wakes up: it stops its own copy of the service and leaves the winner's running."""
+    pair = sentinelled.pair("web")
+    start_pair(pair, ("web",))
+    old = wait_for(lambda: running_pid(pair.alpha, "web"), 5, "web running on alpha")
+    pair.alpha.signal(signal.SIGSTOP)
+    try:
+        new = wait_for(lambda: running_pid(pair.beta, "web"), pair.beta.cfg.dead_after + 5,
+                       "web running on beta")
+        assert sorted(sentinelled.running("web")) == sorted([old, new])  # the split brain
+    finally:
+        pair.alpha.signal(signal.SIGCONT)
+    wait_dead(old, timeout=10)
+    assert pair.alpha.wait_state("secondary")["epoch"] < pair.beta.status()["epoch"]
+    assert sentinelled.running("web") == [new]
+    assert "SPLIT BRAIN" in pair.alpha.log.read_text()
+
+
+def test_tail_prints_one_readable_line_per_bus_message(make_pair):
+    pair = make_pair()
+    pair.alpha.start()
+    pair.alpha.wait_state("primary")
+    proc = subprocess.Popen([*SBS_TOOLS, "tail", "--config", str(pair.alpha.config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+
+    def read_until(pred, what: str, timeout: float = 10) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            hit = next((line for line in lines if pred(line)), None)
+            if hit:
+                return hit
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {what} from tail within {timeout}s: {lines[-5:]}"
+            if select.select([proc.stdout], [], [], left)[0]:
+                line = proc.stdout.readline()
+                assert line, f"tail ended: {proc.stderr.read()}"
+                lines.append(line.rstrip("\n"))
+
+    try:
+        hb = read_until(lambda line: " hb " in line, "heartbeat")
+        assert "alpha" in hb and "heartbeat primary epoch 1 manifest" in hb, hb
+        (pair.folder("alpha") / "hello.txt").write_text("hello\n")
+        manifest = read_until(lambda line: " manifest " in line and "'docs': 1" in line,
+                              "manifest line")
+        assert "(0 deleted)" in manifest, manifest
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+        proc.stdout.close()
+        proc.stderr.close()
