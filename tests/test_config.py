@@ -129,6 +129,24 @@ def test_sbs_node_start_exits_2_with_one_line(ini, old, new, message):
     assert "Traceback" not in res.stderr
 
 
+def test_name_and_state_dir_default_to_the_host_name(ini, tmp_path):
+    import socket
+
+    cfg = load(ini(BASE.replace("name = alpha\n", "", 1).replace("state_dir = st\n", "", 1)))
+    assert cfg.name == socket.gethostname()
+    assert cfg.state_dir == tmp_path / ".sbs" / socket.gethostname()
+
+
+def test_the_commands_read_sbs_ini_in_the_working_directory_by_default(ini, tmp_path):
+    """Without --config both commands read ./sbs.ini: here one whose peer is missing."""
+    ini(BASE.replace("peer = 127.0.0.2\n", "", 1))
+    for argv in (["-m", "node.cli", "start"], ["-m", "tools.cli", "status"]):
+        res = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                             timeout=30, cwd=tmp_path)
+        assert res.returncode == 2, (argv, res.stderr)
+        assert "sbs.ini" in res.stderr and "[node] peer" in res.stderr, res.stderr
+
+
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_sbs_node_keeps_freed_chunk_buffers_in_the_heap():
     """The node tunes glibc's malloc before it starts (node/cli.py: tune_malloc); checked in a

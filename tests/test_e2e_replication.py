@@ -1050,13 +1050,15 @@ def test_verify_lists_every_difference(make_pair):
     assert res.returncode == 0 and "identical" in res.stdout, res.stdout + res.stderr
     write(b / "sub" / "2.txt", "changed on the secondary only")
     write(b / "stray.txt", "only on the secondary")
+    write(b / "[red]odd.txt", "a name rich would take for markup")
     (b / "sub" / "4.txt").unlink()
     res = sbs_tools("verify", "--config", str(pair.alpha.config))
     assert res.returncode == 1, res.stdout + res.stderr
     lines = {line.strip() for line in res.stdout.splitlines()}
     assert {"docs/sub/2.txt: content differs", "docs/stray.txt: only on peer",
-            "docs/sub/4.txt: only here"} <= lines, res.stdout
-    assert "3 difference(s)" in res.stdout
+            "docs/sub/4.txt: only here", "docs/[red]odd.txt: only on peer"} <= lines, \
+        res.stdout
+    assert "4 difference(s)" in res.stdout
 
 
 def test_verify_that_cannot_compare_exits_3_not_1(make_pair):

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from node.config import Config, ConfigError, load
@@ -29,7 +30,7 @@ def _cfg(path: Path) -> Config:
     try:
         return load(path)
     except ConfigError as exc:
-        err.print(f"[red]configuration error:[/red] {exc}", highlight=False)
+        err.print(f"[red]configuration error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -41,7 +42,7 @@ def _ask(cfg: Config, command: str, body: dict[str, Any] | None = None, *,
         err.print(f"no answer from the node at {where}: stopped", highlight=False)
         raise typer.Exit(3)
     if reply["status"] != "ok":
-        err.print(f"[red]refused:[/red] {reply.get('reason')}", highlight=False)
+        err.print(f"[red]refused:[/red] {escape(str(reply.get('reason')))}", highlight=False)
         raise typer.Exit(1)
     return reply
 
@@ -81,23 +82,23 @@ def status(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
                   f"secondary applied {r['peer_applied']} (lag {r['lag_manifests']} manifests), "
                   f"pending {r['pending_files']} files / {r['pending_bytes']} bytes, "
                   f"last in sync {_clock(r.get('peer_last_sync'))}"
-                  + (f", [red]{r['peer_error']}[/red]" if r["peer_error"] else "")
-                  + (f" [red](cannot apply by waiting: {r['peer_stuck']})[/red]"
+                  + (f", [red]{escape(r['peer_error'])}[/red]" if r["peer_error"] else "")
+                  + (f" [red](cannot apply by waiting: {escape(r['peer_stuck'])})[/red]"
                      if r.get("peer_stuck") else ""))
     else:
         out.print(f"replication: applied {r['applied']}/{r['primary_seq']}, "
                   f"lag {r['lag_seconds']}s, pending {r['pending_files']} files / "
                   f"{r['pending_bytes']} bytes, last sync {_clock(r['last_sync'])}"
-                  + (f", [red]{r['error']}[/red]" if r["error"] else ""))
+                  + (f", [red]{escape(r['error'])}[/red]" if r["error"] else ""))
     table = Table("sentinel", "active", "state", "pid", "restarts", "command")
     for s in st["sentinels"]:
         table.add_row(s["name"], "yes" if s["active"] else "no", s["state"],
-                      str(s["pid"] or "-"), str(s["restarts"]), s["command"])
+                      str(s["pid"] or "-"), str(s["restarts"]), escape(s["command"]))
     if st["sentinels"]:
         out.print(table)
     mail = st["email"]
     if mail.get("last_error"):
-        out.print(f"[red]email: last error: {mail['last_error']}[/red]")
+        out.print(f"[red]email: last error: {escape(mail['last_error'])}[/red]")
 
 
 def _clock(wall: float | None) -> str:
@@ -111,7 +112,7 @@ def tail(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
     try:
         for msg in subscribe(cfg):
             if not msg:
-                err.print(f"bad bus message: {msg.reason}")
+                err.print(f"bad bus message: {msg.reason}", markup=False, highlight=False)
                 continue
             if as_json:
                 print(orjson.dumps({"type": msg.command.lower(), **msg.body}).decode(), flush=True)
@@ -273,7 +274,8 @@ def verify(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
         print(orjson.dumps({"identical": not diffs, "differences": diffs}).decode())
     else:
         for d in diffs:
-            out.print(f"{d['folder']}/{d['path']}: {d['difference']}", highlight=False)
+            out.print(f"{d['folder']}/{d['path']}: {d['difference']}", markup=False,
+                      highlight=False)
         files = sum(len(v) for v in mine.values())
         out.print("identical" if not diffs else f"{len(diffs)} difference(s)",
                   f"({files} objects here)")
