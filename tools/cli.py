@@ -172,7 +172,7 @@ def keygen(directory: Path = typer.Option(..., "--dir", help="where to write the
     from node.security import keygen as make
 
     public, secret = make(directory, name)
-    out.print(f"wrote {public} and {secret}")
+    out.print(f"wrote {public} and {secret}", markup=False)
 
 
 @app.command("test-email")
@@ -289,7 +289,7 @@ def confirm_deletions(folder: str = typer.Argument(None, help="folder name (defa
     cfg = _cfg(config)
     _ask(cfg, "CONFIRM", {"folder": folder} if folder else {})
     out.print("confirmed: the next strict sync may delete" +
-              (f" in {folder}" if folder else " in every folder"))
+              (f" in {folder}" if folder else " in every folder"), markup=False)
 
 
 def main() -> None:
