@@ -18,6 +18,7 @@ import shutil
 import stat
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -783,15 +784,19 @@ class FolderWriter:
         return count
 
 
-def purge_trash(trash_dir: str | os.PathLike[str], days: float) -> int:
+def purge_trash(trash_dir: str | os.PathLike[str], days: float,
+                stop: Callable[[], bool] = lambda: False) -> int:
     """Delete trash/<stamp> folders older than ``days`` (by the stamp: the time of deletion).
-    Returns how many were removed."""
+    Returns how many were removed. `stop()` is asked between folders: a node taking over must
+    not wait for a large trash to be removed (the rest goes at the next purge)."""
     trash = Path(trash_dir)
     if not trash.is_dir():
         return 0
     cutoff = datetime.now(UTC) - timedelta(days=days)
     count = 0
     for child in trash.iterdir():
+        if stop():
+            break
         when = _parse_stamp(child.name)
         if when is None or when >= cutoff or child.is_symlink():
             continue

@@ -230,7 +230,8 @@ class Syncer:
 
     def _purge_trash(self) -> None:
         try:
-            purge_trash(self.cfg.state_dir / "trash", self.cfg.trash_days)
+            purge_trash(self.cfg.state_dir / "trash", self.cfg.trash_days,
+                        stop=self.fetcher.cancelled.is_set)
         except OSError as exc:  # a trash folder we cannot remove must not stop the sync
             log.warning("cannot purge %s: %s", self.cfg.state_dir / "trash", exc)
 

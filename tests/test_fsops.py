@@ -477,6 +477,14 @@ def test_purge_trash_by_stamp_age(tmp_path):
     assert purge_trash(trash, 7) == 1
     assert sorted(p.name for p in trash.iterdir()) == sorted([new, "not-a-stamp"])
     assert purge_trash(tmp_path / "missing", 7) == 0
+    # a stop asked for between folders leaves the rest for the next purge
+    big = tmp_path / "big trash"
+    for n in range(3):
+        stamp = (datetime.now(UTC) - timedelta(days=9, seconds=n)).strftime("%Y%m%dT%H%M%S.000Z")
+        (big / stamp).mkdir(parents=True)
+    asked = []
+    assert purge_trash(big, 7, stop=lambda: len(asked) > 1 or asked.append(1)) == 2
+    assert purge_trash(big, 7) == 1 and not any(big.iterdir())
 
 
 def test_utc_stamp_is_sortable_and_safe():
