@@ -324,17 +324,16 @@ class Node:
                       self.state_dir / "node.json", exc, self.epoch)
 
     def _do_start_primary(self, **_: Any) -> None:
-        own_folders = {f.name: f for f in self.cfg.folders}
-        if self.last_role == "secondary" and self.pair.get("folders") is not None:
-            # it was following a primary when it stopped: the lists that primary pushed last
-            # (state_dir/pair.json) are the pair's, not the ones in this node's own sbs.ini
+        # a node that was following a primary when it stopped runs the lists that primary
+        # pushed last (state_dir/pair.json): they are the pair's, not its own sbs.ini's
+        pushed = self.last_role == "secondary" and self.pair.get("folders") is not None
+        if pushed:
             log.info("was secondary when it stopped: running the folder and sentinel lists "
                      "its primary pushed last (%s)", self.state_dir / "pair.json")
-            self._load_sentinels_for(own=False)
-            self.folders = self._pushed_folders() or own_folders
-        else:
-            self._load_sentinels_for(own=True)
-            self.folders = own_folders or self._pushed_folders()
+        self._load_sentinels_for(own=not pushed)
+        own = {f.name: f for f in self.cfg.folders}
+        self.folders = ((self._pushed_folders() or own) if pushed
+                        else (own or self._pushed_folders()))
         self._become_primary(restricted=self.cfg.role == "backup", why="started without a peer")
 
     def _do_take_over(self, prev: S, event: E, **_: Any) -> None:

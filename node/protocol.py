@@ -157,6 +157,7 @@ def validate(schema: dict[str, Check], body: dict, optional: tuple[str, ...] = (
 
 NAME = s(64)
 EPOCH = i(0, 2**53)
+SEQ = i(0, 2**63 - 1)
 
 
 # Folder and sentinel names arrive from the peer as keys and become names on disk (a folder's
@@ -181,7 +182,7 @@ def _sentinel_name(v: Any) -> str | None:
     if not isinstance(v, str):
         return "not a string"
     return None if SENTINEL_NAME_RE.fullmatch(v) else "not a sentinel name"
-SEQ = i(0, 2**63 - 1)
+
 
 # An Entry: one object of a replicated folder (see node/scan.py). Paths are checked again,
 # component by component, where they touch the disk (node/fsops.py).

@@ -36,9 +36,6 @@ log = logging.getLogger(__name__)
 PIDS_FILE = "sentinels.pids.json"
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-# The name becomes a log file name, so it must not be able to leave the logs folder (one rule
-# for sbs.ini and for a list pushed by the peer: node/protocol.py).
-_NAME_RE = SENTINEL_NAME_RE
 # The guard (see the module docstring), run as `python -I -S -c`. Lines on stdin: "+PGID" when
 # a sentinel starts, "-PGID" once it is reaped (its group id may be reused after that).
 _GUARD_CODE = """
@@ -118,7 +115,7 @@ class Sentinels:
         """Set the name -> command line table. A removed or changed running sentinel is stopped;
         a changed one is started again with its new command once the old process is gone."""
         for name in definitions:
-            if not _NAME_RE.fullmatch(name):
+            if not SENTINEL_NAME_RE.fullmatch(name):  # a log file name: it must stay in logs/
                 raise ValueError(f"invalid sentinel name {name!r}: use letters, digits, _ . -")
         for name in list(self._sentinels):
             if name not in definitions:
