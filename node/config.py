@@ -41,6 +41,29 @@ class EmailConfig:
     urls: tuple[str, ...] = field(default_factory=tuple)
 
 
+# every kind of notification; [notify] kinds chooses which go out (default: all)
+NOTIFY_KINDS = (
+    "failover", "handover", "standby", "lag", "disk", "guard", "sentinel", "conflicts",
+    "split_brain", "restricted", "config", "maintenance",
+)
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    kinds: frozenset[str] = frozenset(NOTIFY_KINDS)
+    lag_after: float = 60.0  # seconds the standby may be out of sync before an alert
+    rate_limit: float = 300.0  # seconds between two mails about one condition
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    restarts: int = 0  # hand over when a sentinel restarts more than this in `window` (0: never)
+    window: float = 300.0
+    check_interval: float = 10.0
+    check_timeout: float = 5.0
+    checks: tuple[tuple[str, str], ...] = ()  # sentinel name -> check command line
+
+
 @dataclass(frozen=True)
 class FolderConfig:
     name: str
@@ -67,6 +90,8 @@ class Config:
     secret_key: Path | None = None
     peer_public_key: Path | None = None
     email: EmailConfig = field(default_factory=EmailConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     folders: tuple[FolderConfig, ...] = ()
     sentinels: tuple[tuple[str, str], ...] = ()
 
@@ -173,7 +198,7 @@ def load(file: Path | str) -> Config:
         first = str(exc).splitlines()[0]
         raise ConfigError(file, "node", None, f"cannot parse: {first}") from None
     base = file.resolve().parent
-    known = {"node", "security", "email", "folders", "sentinels"}
+    known = {"node", "security", "email", "notify", "health", "checks", "folders", "sentinels"}
     for section in parser.sections():
         if section not in known:
             raise ConfigError(file, section, None, f"unknown section (known: {sorted(known)})")
@@ -229,6 +254,8 @@ def load(file: Path | str) -> Config:
         secret_key=secret_key,
         peer_public_key=peer_public_key,
         email=_email(parser, file),
+        notify=_notify(parser, file),
+        health=_health(parser, file),
         folders=_folders(parser, file, base),
         sentinels=_sentinels(parser, file),
     )
@@ -273,6 +300,42 @@ def _email(parser: configparser.ConfigParser, file: Path) -> EmailConfig:
         if cfg.enabled and "@" not in getattr(cfg, key):
             raise sec.error(key, f"{getattr(cfg, key)!r} is not an email address")
     return cfg
+
+
+def _notify(parser: configparser.ConfigParser, file: Path) -> NotifyConfig:
+    sec = _Section(parser, file, "notify")
+    _reject_unknown(sec, {"kinds", "lag_after", "rate_limit"})
+    words = sec.text("kinds", "all").replace(",", " ").split()
+    kinds = set(NOTIFY_KINDS) if words == ["all"] else set(words)
+    if words != ["all"] and (unknown := kinds - set(NOTIFY_KINDS)):
+        raise sec.error("kinds", f"unknown kind(s) {', '.join(sorted(unknown))} "
+                                 f"(known: all, {', '.join(NOTIFY_KINDS)})")
+    return NotifyConfig(
+        kinds=frozenset(kinds),
+        lag_after=sec.number("lag_after", 60.0, 1, 86400),
+        rate_limit=sec.number("rate_limit", 300.0, 0, 86400),
+    )
+
+
+def _health(parser: configparser.ConfigParser, file: Path) -> HealthConfig:
+    sec = _Section(parser, file, "health")
+    _reject_unknown(sec, {"restarts", "window", "check_interval", "check_timeout"})
+    checks = _Section(parser, file, "checks")
+    for name, command in checks.items.items():
+        if not SENTINEL_NAME_RE.fullmatch(name):
+            raise checks.error(name, "not a sentinel name")
+        try:
+            if not shlex.split(command):
+                raise checks.error(name, "needs a command line")
+        except ValueError as exc:
+            raise checks.error(name, f"cannot parse command: {exc}") from None
+    return HealthConfig(
+        restarts=sec.integer("restarts", 0, 0, 10_000),
+        window=sec.number("window", 300.0, 1, 86400),
+        check_interval=sec.number("check_interval", 10.0, 0.1, 86400),
+        check_timeout=sec.number("check_timeout", 5.0, 0.1, 3600),
+        checks=tuple(checks.items.items()),
+    )
 
 
 def _folders(parser: configparser.ConfigParser, file: Path, base: Path) -> tuple[FolderConfig, ...]:

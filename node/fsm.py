@@ -32,6 +32,11 @@ role main over backup, then the smaller name)
     PROMOTE_FORCE           operator: promote even though the peer cannot be reached.
     STOP                    SIGTERM/SIGINT.
     SYNC_DONE               the last sync of a hand-over finished (or hit its time bound).
+    SENTINEL_UNHEALTHY      a sentinel crash-loops here (or fails its check) and the peer is
+                            a synced secondary where it has not failed: hand it over.
+
+Maintenance mode (node/maintenance.py) is a second, smaller table, MAINTENANCE, consulted
+first while it is on: it holds back every move the pair would make by itself.
 """
 from __future__ import annotations
 
@@ -64,6 +69,7 @@ class E(StrEnum):
     PROMOTE_FORCE = "promote_force"
     STOP = "stop"
     SYNC_DONE = "sync_done"
+    SENTINEL_UNHEALTHY = "sentinel_unhealthy"
 
 
 class A(StrEnum):
@@ -79,6 +85,7 @@ class A(StrEnum):
     ASK_HANDOVER = "ask_handover"  # ask the primary peer to hand over to us
     REFUSE = "refuse"  # answer the operator's command with an error
     PEER_LOST = "peer_lost"  # log/bus: the secondary went silent
+    HOLD = "hold"  # log: maintenance mode holds back what this event would do
     EXIT = "exit"
 
 
@@ -118,6 +125,8 @@ TABLE: dict[tuple[S, E], Row] = {
     (S.PRIMARY, E.PROMOTE):                 (S.HANDOVER, (A.FINAL_SYNC,)),
     (S.PRIMARY, E.PROMOTE_FORCE):           (S.PRIMARY, (A.REFUSE,)),
     (S.PRIMARY, E.STOP):                    (S.LEAVING, (A.FINAL_SYNC,)),
+    # Health: a crash-looping sentinel moves to a healthy secondary by the graceful hand-over.
+    (S.PRIMARY, E.SENTINEL_UNHEALTHY):      (S.HANDOVER, (A.FINAL_SYNC,)),
 
     # Hand-over for a switchover: sentinels stop only after the last sync, then the peer is
     # told at once so it does not wait for dead_after.
@@ -152,6 +161,20 @@ TABLE: dict[tuple[S, E], Row] = {
 }
 # fmt: on
 
+# fmt: off
+# Maintenance: nothing moves by itself. No takeover (on silence, or from two secondaries), no
+# automatic hand-over (a stop leaves the peer waiting, a restricted backup keeps the primary
+# role, a sick sentinel stays). The operator's promote and hand-overs already under way go on;
+# split brain is still resolved (two primaries are never left running).
+MAINTENANCE: dict[tuple[S, E], Row] = {
+    (S.SECONDARY, E.PEER_SILENT):           (S.SECONDARY, (A.HOLD,)),
+    (S.SECONDARY, E.DUAL_SECONDARY_WE_WIN): (S.SECONDARY, (A.HOLD,)),
+    (S.PRIMARY, E.MAIN_PEER_READY):         (S.PRIMARY, (A.HOLD,)),
+    (S.PRIMARY, E.SENTINEL_UNHEALTHY):      (S.PRIMARY, (A.HOLD,)),
+    (S.PRIMARY, E.STOP):                    (S.STOPPED, (A.HOLD, A.STOP_SENTINELS, A.EXIT)),
+}
+# fmt: on
+
 # What status shows to the operator: the SPEC's four states (a hand-over is still primary).
 PUBLIC = {
     S.STARTING: "starting",
@@ -165,6 +188,8 @@ PUBLIC = {
 PRIMARY_LIKE = frozenset({S.PRIMARY, S.HANDOVER, S.LEAVING})
 
 
-def step(state: S, event: E) -> Row:
+def step(state: S, event: E, *, maintenance: bool = False) -> Row:
     """The next state and the actions for `event` in `state`; unlisted pairs change nothing."""
+    if maintenance and (state, event) in MAINTENANCE:
+        return MAINTENANCE[(state, event)]
     return TABLE.get((state, event), (state, ()))

@@ -36,6 +36,7 @@ from .config import Config, FolderConfig
 from .fsm import PRIMARY_LIKE, PUBLIC, A, E, S, step
 from .journal import Agreed
 from .notify import Notifier
+from .operator import Operator, lists_at_start
 from .peer import Peer
 from .protocol import Bad, Message
 from .scanner import Scanner, verify_tokens
@@ -82,7 +83,8 @@ class Node:
         self.keys = load_keys(cfg)
 
         # replication state
-        self.pair = persist.load(self.state_dir / "pair.json", {})  # last pushed folders/sentinels
+        self.pair = persist.load(self.state_dir / "pair.json", {})  # the pair's folders/sentinels
+        lists_at_start(self)
         self.folders: dict[str, FolderConfig] = self._pushed_folders()
         self.seq = 0  # primary: last manifest seq published
         self.index: dict[str, dict[str, dict]] = {}  # primary: mirror of the scanner's index
@@ -109,6 +111,8 @@ class Node:
         self.journal.start()
 
         self.notifier = Notifier(cfg.email)
+        self.ops = Operator(self)
+        self.reload_requested = 0
         self.sentinels = Sentinels(self.state_dir, on_event=self._sentinel_event)
         self._load_sentinels_for(own=True)
         killed = self.sentinels.cleanup_leftovers()
@@ -178,6 +182,7 @@ class Node:
     def run(self) -> int:
         self.stop_requested = 0
         old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_sighup)
         old_fd = signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
         log.info("node %s starting: epoch %d, role %s, probing %s:%d", self.cfg.name,
                  self.epoch, self.cfg.role, self.cfg.peer, self.cfg.control_port)
@@ -197,6 +202,9 @@ class Node:
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stop_requested += 1
 
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self.reload_requested += 1
+
     def _loop_once(self) -> None:
         now = time.monotonic()
         timeout = max(0.0, self._next_deadline(now) - now)
@@ -211,6 +219,9 @@ class Node:
             self.stop_requested -= 1
             log.info("stop requested (signal) in state %s", self.state)
             self.feed(E.STOP)
+        if self.reload_requested:
+            self.reload_requested = 0
+            self.ops.reload("SIGHUP")
         for name, handler in (
             ("router", self._on_router),
             ("dealer", self._on_dealer),
@@ -269,6 +280,7 @@ class Node:
         if self.state in PRIMARY_LIKE and not self.restricted:
             self.sentinels.poll()
         self._check_final_sync(now)
+        self.ops.tick(now)
         if self.follow.get("snapshot_deadline") and now >= self.follow["snapshot_deadline"]:
             if self.follow.get("snapshot_sent"):
                 log.info("snapshot not answered yet; asking again")
@@ -276,7 +288,7 @@ class Node:
 
     # ------------------------------------------------------------------ fsm glue
     def feed(self, event: E, *, context: tuple[bytes, str] | None = None) -> tuple[A, ...]:
-        nxt, actions = step(self.state, event)
+        nxt, actions = step(self.state, event, maintenance=self.ops.maintenance.on)
         if nxt != self.state or actions:
             log.info("%s + %s -> %s %s", self.state, event, nxt, [a.value for a in actions])
         prev = self.state
@@ -310,6 +322,7 @@ class Node:
             log.warning("role = backup and started without a peer: restricted, no sentinels")
         else:
             self.sentinels.run()
+        self.ops.became_primary()
         log.info("PRIMARY now (epoch %d, %s)%s", self.epoch, why,
                  " [restricted]" if restricted else "")
 
@@ -324,16 +337,12 @@ class Node:
                       self.state_dir / "node.json", exc, self.epoch)
 
     def _do_start_primary(self, **_: Any) -> None:
-        # a node that was following a primary when it stopped runs the lists that primary
-        # pushed last (state_dir/pair.json): they are the pair's, not its own sbs.ini's
-        pushed = self.last_role == "secondary" and self.pair.get("folders") is not None
-        if pushed:
-            log.info("was secondary when it stopped: running the folder and sentinel lists "
-                     "its primary pushed last (%s)", self.state_dir / "pair.json")
-        self._load_sentinels_for(own=not pushed)
-        own = {f.name: f for f in self.cfg.folders}
-        self.folders = ((self._pushed_folders() or own) if pushed
-                        else (own or self._pushed_folders()))
+        # the pair's lists (state_dir/pair.json, node/pairlists.py): an edit of this node's
+        # sbs.ini made while it was stopped is in them already; a node that was following a
+        # primary runs what that primary pushed last
+        log.info("running the pair's folder and sentinel lists, %s", self.ops.stamp.describe())
+        self._load_sentinels_for(own=False)
+        self.folders = self._pushed_folders() or {f.name: f for f in self.cfg.folders}
         self._become_primary(restricted=self.cfg.role == "backup", why="started without a peer")
 
     def _do_take_over(self, prev: S, event: E, **_: Any) -> None:
@@ -347,13 +356,7 @@ class Node:
             E.DUAL_SECONDARY_WE_WIN: "two secondaries; the rule picked this node",
         }.get(event, event.value)
         self._become_primary(restricted=False, why=why)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        self.notifier.send(
-            f"SBS failover: {self.cfg.name} is now primary",
-            f"Node {self.cfg.name} took over from {old} at {stamp}.\n"
-            f"Old primary: {old}\nNew primary: {self.cfg.name}\nEpoch: {self.epoch}\n"
-            f"Why: {why}\nSentinels started: {', '.join(self.sentinels.active) or 'none'}\n",
-        )
+        self.ops.takeover_notice(old, why, event)
         self.publish_event("takeover", old_primary=old, new_primary=self.cfg.name,
                            epoch=self.epoch, why=why)
 
@@ -381,6 +384,7 @@ class Node:
             self.sentinels.stop_all(tick=keep_the_peer_waiting)
         finally:
             self.stopping_sentinels = False
+        self.ops.watch_checks()
 
     def _public_state(self) -> str:
         return "stopping" if self.stopping_sentinels else PUBLIC[self.state]
@@ -401,12 +405,12 @@ class Node:
                   " (epoch %d vs %d); the peer yields", self.peer.name, self.epoch, self.peer.epoch)
         self.publish_event("split_brain", winner=self.cfg.name, loser=self.peer.name,
                            winner_epoch=self.epoch, loser_epoch=self.peer.epoch)
-        self.notifier.send(
-            f"SBS split brain resolved: {self.cfg.name} stays primary",
+        self.ops.alerts.notice(
+            "split_brain", f"SBS split brain resolved: {self.cfg.name} stays primary",
             f"Both {self.cfg.name} (epoch {self.epoch}) and {self.peer.name} (epoch "
             f"{self.peer.epoch}) were primary. By the rule {self.cfg.name} stays primary; "
             f"{self.peer.name} stops its sentinels, becomes secondary and keeps the files it "
-            f"changed meanwhile under its state_dir/conflicts/.\n",
+            f"changed meanwhile under its state_dir/conflicts/.\n", key=f"split_brain:{key}",
         )
 
     def _do_final_sync(self, event: E, **_: Any) -> None:
@@ -414,7 +418,7 @@ class Node:
             "deadline": time.monotonic() + self.cfg.handover_timeout,
             "target": None,
             "token": secrets.token_hex(4),
-            "why": event.value,
+            "why": self.ops.handover_reason(event),
         }
         if self.scanner is not None:
             # everything closed before now must be in a manifest: flush the watcher + rescan
@@ -451,6 +455,7 @@ class Node:
                 log.error("final sync incomplete: %s", why)
         if done:
             log.info("final sync done: %s", why)
+            self.ops.handover_why = fs["why"]
             self.final_sync = None
             self.feed(E.SYNC_DONE)
 
@@ -459,7 +464,8 @@ class Node:
         log.warning("hand-over aborted: the peer went silent; staying primary")
 
     def _do_send_handover(self, **_: Any) -> None:
-        body = {"name": self.cfg.name, "run": self.run_id, "epoch": self.epoch, "seq": self.seq}
+        body = {"name": self.cfg.name, "run": self.run_id, "epoch": self.epoch, "seq": self.seq,
+                "why": self.ops.handover_why[:300]}
         self._send_peer("HANDOVER", body)
         # Also back along the peer's own connection (its pings reach our ROUTER): our DEALER
         # may still be reconnecting to a peer that started a moment ago, and a lost HANDOVER
@@ -479,6 +485,12 @@ class Node:
 
     def _do_peer_lost(self, **_: Any) -> None:
         self.publish_event("peer_lost", peer=self.peer.name)
+        self.ops.standby_lost(f"silent for more than dead_after = {self.cfg.dead_after:g}s")
+
+    def _do_hold(self, event: E, **_: Any) -> None:
+        log.warning("maintenance mode: %s held back (no takeover, no automatic hand-over)",
+                    event.value)
+        self.publish_event("maintenance_hold", held=event.value)
 
     def _do_exit(self, **_: Any) -> None:
         log.info("node %s stopped", self.cfg.name)
@@ -489,6 +501,7 @@ class Node:
         self.pub.send_multipart(protocol.encode_bus("HB", {
             "name": self.cfg.name, "run": self.run_id, "epoch": self.epoch,
             "state": self._public_state(), "seq": self.seq, "sv": self.sv,
+            "maintenance": self.ops.maintenance.on,
         }))
 
     def _peer_state(self) -> dict[str, Any]:
@@ -503,6 +516,7 @@ class Node:
             "error": self.repl_error[:1000],
             "through": self.through, "stuck": self.stuck[:1000],
             "following": self.follow.get("run") or "",
+            **self.ops.peer_fields(),
         }
 
     def _ping_peer(self, now: float) -> None:
@@ -542,6 +556,7 @@ class Node:
                      body["state"], body["epoch"])
             if self.state == S.SECONDARY and body["state"] == "primary":
                 self._request_snapshot()
+        self.ops.on_peer(body)
         if body["epoch"] > self.max_seen_epoch:
             self.max_seen_epoch = body["epoch"]
             self._save_node()
@@ -569,6 +584,7 @@ class Node:
             self._reply(ident, protocol.encode("PONG", self._peer_state()))
         elif c == "HANDOVER":
             if self._from_peer(msg):
+                self.ops.peer_handover_why = msg.body.get("why", "")
                 self.feed(E.PEER_HANDOVER)
         elif c == "ASK_HANDOVER":
             if self._from_peer(msg):
@@ -591,7 +607,7 @@ class Node:
             else:
                 self.syncer.confirm_deletions(msg.body.get("folder"))
                 self._reply(ident, protocol.reply_ok())
-        else:
+        elif not self.ops.on_command(ident, msg):
             log.warning("dropped control message %s: not accepted on this port", c)
 
     def _from_peer(self, msg: Message) -> bool:
@@ -612,6 +628,7 @@ class Node:
             self._on_snapshot(msg)
         elif msg.command == "HANDOVER":
             if self._from_peer(msg):
+                self.ops.peer_handover_why = msg.body.get("why", "")
                 self.feed(E.PEER_HANDOVER)
         elif msg.command == "REPLY" and msg.body["status"] == "error":
             log.warning("peer answered: %s", msg.body.get("reason"))
@@ -643,6 +660,7 @@ class Node:
             "sentinels": self.sentinels.status(),
             "active_sentinels": self.sentinels.active,
             "email": self.notifier.status(),
+            **self.ops.status(),
         }
 
     def _replication_status(self, now: float) -> dict[str, Any]:
@@ -725,12 +743,15 @@ class Node:
     def _sentinel_event(self, event: dict[str, Any]) -> None:
         # Sentinels reports {"event", "name", ...}: both keys are taken on the bus (the event
         # kind and the node name), so they travel as `action` and `sentinel`.
+        self.ops.on_sentinel_event(event)
         fields = dict(event)
         self.publish_event("sentinel", action=fields.pop("event"), sentinel=fields.pop("name"),
                            **fields)
 
-    def _load_sentinels_for(self, *, own: bool) -> None:
-        """Own config's [sentinels] when starting as primary; the pushed copy on takeover."""
+    def _load_sentinels_for(self, *, own: bool, new_active: bool = False) -> None:
+        """Own config's [sentinels] (before the role is known); the pair's copy as primary.
+        `new_active`: a name the sentinels did not have before starts active (an edit)."""
+        before = set(self._sentinel_defs())
         pushed = self.pair.get("sentinels")
         if own or pushed is None:
             defs = dict(self.cfg.sentinels)
@@ -739,6 +760,8 @@ class Node:
         else:
             defs = dict(pushed)
         active = self.pair.get("active")
+        if new_active and active is not None:
+            active = [*active, *(n for n in defs if n not in before)]
         self.sentinels.configure(defs)
         self.sentinels.set_active([n for n in active if n in defs] if active is not None
                                   else list(defs))
@@ -756,13 +779,14 @@ class Node:
         return {s["name"]: s["command"] for s in self.sentinels.status()}
 
     # ------------------------------------------------------------------ replication: primary
-    def _pushed_folders(self) -> dict[str, FolderConfig]:
-        """The folder list the primary pushed, with this node's own path for a name it knows
-        and the primary's path otherwise (the manual's same-paths-on-both-servers case)."""
+    def _pushed_folders(self, lists: dict[str, Any] | None = None) -> dict[str, FolderConfig]:
+        """The pair's folder list (or `lists`), with this node's own path for a name it knows
+        and the editing node's path otherwise (the manual's same-paths-on-both-servers case)."""
+        lists = self.pair if lists is None else lists
         own = {f.name: f for f in self.cfg.folders}
-        paths = self.pair.get("paths", {})
+        paths = lists.get("paths", {})
         table = {}
-        for name, filters in self.pair.get("folders", {}).items():
+        for name, filters in lists.get("folders", {}).items():
             if (why := protocol.folder_name_problem(name)) is not None:
                 log.error("folder %r from the primary: %s: not replicated", name[:64], why)
                 continue
@@ -848,6 +872,7 @@ class Node:
             "paths": {n: str(f.path) for n, f in folders.items()},
             "sentinels": self._sentinel_defs(), "active": self.sentinels.active, "sv": self.sv,
             "index": {n: list(ix.values()) for n, ix in self.index.items()},
+            "lists": self.ops.stamp.wire(),
         }
         self._reply(ident, protocol.encode("SNAPSHOT_REP", body))
         log.info("sent snapshot at manifest %d (%d entries)", self.seq,
@@ -944,12 +969,16 @@ class Node:
             return
         body = msg.body
         self.follow.update(snapshot_deadline=None, seen=body["seq"], run=body["run"])
-        self.pair.update(folders=body["folders"], paths=body["paths"],
-                         sentinels=body["sentinels"], active=body["active"], sv=body["sv"])
         self.sv = body["sv"]
-        persist.save(self.state_dir / "pair.json", self.pair)
-        self._load_sentinels_for(own=False)
-        self.folders = folders = self._pushed_folders()
+        if self.ops.snapshot_lists(body):
+            self.pair.update(folders=body["folders"], paths=body["paths"],
+                             sentinels=body["sentinels"], active=body["active"], sv=body["sv"])
+            persist.save(self.state_dir / "pair.json", self.pair)
+            self._load_sentinels_for(own=False)
+            self.folders = folders = self._pushed_folders()
+        else:  # ours are newer and on their way to the primary: follow what it has meanwhile
+            self.folders = folders = self._pushed_folders(
+                {"folders": body["folders"], "paths": body["paths"]})
         self.blobs.set_folders({n: str(f.path) for n, f in folders.items()})
         self.follow["oldest_unapplied"] = self.follow.get("oldest_unapplied") or time.monotonic()
         # reports of jobs queued before this snapshot are about the previous one (perhaps a
@@ -994,7 +1023,9 @@ class Node:
                 self._request_snapshot()
         elif msg.command == "SENTINELS":
             self.sv = body["sv"]
-            self.pair.update(sentinels=body["sentinels"], active=body["active"], sv=body["sv"])
+            if not self.ops.lists_newer_than_peer():  # else ours are on their way to it
+                self.pair["sentinels"] = body["sentinels"]
+            self.pair.update(active=body["active"], sv=body["sv"])
             persist.save(self.state_dir / "pair.json", self.pair)
             self._load_sentinels_for(own=False)
             log.info("sentinel list from primary: active %s", body["active"])
@@ -1050,6 +1081,8 @@ class Node:
         if getattr(self, "blobs", None) is not None:
             self.blobs.stop()
         self.sentinels.stop_all()
+        if getattr(self, "ops", None) is not None:
+            self.ops.close()
         self.notifier.close(timeout=2.0)
         self.journal_jobs.put(None)
         self.journal.join(30)

@@ -229,7 +229,13 @@ PEER_STATE: dict[str, Check] = {
     "through": SEQ,  # secondary: last manifest it has worked through (applied or not)
     "stuck": s(1000),  # secondary: why what is pending cannot be applied by waiting ("" if it can)
     "following": s(32),  # secondary: the primary's run its numbers (applied, through) refer to
+    # pair-wide settings (node/maintenance.py, node/pairlists.py): the sender's copy; the
+    # newer one wins
+    "maint": obj({"on": b, "at": num(0, 1e11), "by": NAME}),
+    "lists": obj({"gen": i(0, 2**53), "at": num(0, 1e11), "by": NAME}),
+    "sick": list_of(s(255), 100),  # sentinels that crash-looped here lately (node/health.py)
 }
+PEER_STATE_OPTIONAL = ("through", "stuck", "following", "maint", "lists", "sick")
 
 FOLDERS = dict_of(list_of(s(1024), 64), 1000, _folder_name)  # name -> [filters]
 SENTINEL_DEFS = dict_of(s(4096), 1000, _sentinel_name)
@@ -237,9 +243,16 @@ ACTIVE = list_of(_sentinel_name, 1000)
 
 SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
     # control: peer <-> peer over DEALER -> ROUTER
-    "PING": (PEER_STATE, ("through", "stuck", "following")),
-    "PONG": (PEER_STATE, ("through", "stuck", "following")),
-    "HANDOVER": ({"name": NAME, "run": s(32), "epoch": EPOCH, "seq": SEQ}, ()),
+    "PING": (PEER_STATE, PEER_STATE_OPTIONAL),
+    "PONG": (PEER_STATE, PEER_STATE_OPTIONAL),
+    # why: "stop", "promote", "restricted", "health" (a planned hand-over, told apart from a
+    # failover in the new primary's mail)
+    "HANDOVER": ({"name": NAME, "run": s(32), "epoch": EPOCH, "seq": SEQ, "why": s(300)},
+                 ("why",)),
+    # the pair's lists, sent to a peer whose PING shows an older stamp (node/pairlists.py)
+    "LISTS": ({"name": NAME, "run": s(32), "gen": i(0, 2**53), "at": num(0, 1e11), "by": NAME,
+               "folders": FOLDERS, "paths": dict_of(s(4096), 1000, _folder_name),
+               "sentinels": SENTINEL_DEFS}, ()),
     "ASK_HANDOVER": ({"name": NAME, "run": s(32)}, ()),
     "SNAPSHOT": ({"name": NAME}, ()),
     "SNAPSHOT_REP": (
@@ -248,8 +261,9 @@ SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
             "folders": FOLDERS, "paths": dict_of(s(4096), 1000, _folder_name),
             "sentinels": SENTINEL_DEFS, "active": ACTIVE, "sv": SEQ,
             "index": ENTRIES,
+            "lists": obj({"gen": i(0, 2**53), "at": num(0, 1e11), "by": NAME}),
         },
-        (),
+        ("lists",),
     ),
     "ACK": ({"name": NAME, "run": s(32), "applied": SEQ, "snapshot": b, "following": s(32)},
             ("following",)),
@@ -259,10 +273,12 @@ SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
     "SENTINEL": ({"action": one_of("list", "start", "stop"), "name": s(255)}, ("name",)),
     "VERIFY": ({}, ()),
     "CONFIRM": ({"folder": s(255)}, ("folder",)),
+    "RELOAD": ({}, ()),
+    "MAINTENANCE": ({"on": b}, ("on",)),  # without "on": only ask
     "REPLY": ({"status": one_of("ok", "error"), "reason": s(4000)}, ("reason",)),
     # bus: PUB -> SUB
     "HB": ({"name": NAME, "run": s(32), "epoch": EPOCH, "state": one_of(*STATES),
-            "seq": SEQ, "sv": SEQ}, ()),
+            "seq": SEQ, "sv": SEQ, "maintenance": b}, ("maintenance",)),
     "MANIFEST": ({"name": NAME, "run": s(32), "epoch": EPOCH, "seq": SEQ, "part": i(0),
                   "parts": i(1), "entries": ENTRIES}, ()),
     "SENTINELS": ({"name": NAME, "sv": SEQ, "sentinels": SENTINEL_DEFS, "active": ACTIVE},

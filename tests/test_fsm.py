@@ -15,14 +15,14 @@ from node.protocol import wins
 EVENTS = list(E)
 LETTER = {"s": S.STARTING, "p": S.PRIMARY, "y": S.SECONDARY, "h": S.HANDOVER, "l": S.LEAVING,
           "x": S.STOPPED}
-#                 probe  pw pl sw sl sec dw dl main silent hand ask prom force stop sync
+#                 probe  pw pl sw sl sec dw dl main silent hand ask prom force stop sync sick
 EXPECTED = {
-    S.STARTING:  "p      y  y  p  y  p   s  s  s    s      p    s   s    s     x    s",
-    S.PRIMARY:   "p      p  y  p  p  p   p  p  h    p      p    h   h    p     l    p",
-    S.HANDOVER:  "h      h  y  h  h  h   h  h  h    p      h    h   h    h     l    y",
-    S.LEAVING:   "l      l  x  l  l  l   l  l  l    l      l    l   l    l     x    x",
-    S.SECONDARY: "y      y  y  y  y  y   p  y  y    p      p    y   y    p     x    y",
-    S.STOPPED:   "x      x  x  x  x  x   x  x  x    x      x    x   x    x     x    x",
+    S.STARTING:  "p      y  y  p  y  p   s  s  s    s      p    s   s    s     x    s    s",
+    S.PRIMARY:   "p      p  y  p  p  p   p  p  h    p      p    h   h    p     l    p    h",
+    S.HANDOVER:  "h      h  y  h  h  h   h  h  h    p      h    h   h    h     l    y    h",
+    S.LEAVING:   "l      l  x  l  l  l   l  l  l    l      l    l   l    l     x    x    l",
+    S.SECONDARY: "y      y  y  y  y  y   p  y  y    p      p    y   y    p     x    y    y",
+    S.STOPPED:   "x      x  x  x  x  x   x  x  x    x      x    x   x    x     x    x    x",
 }
 
 
@@ -32,6 +32,7 @@ def test_expected_grid_names_every_event_once():
         "peer_starting_we_lose", "peer_secondary", "dual_secondary_we_win",
         "dual_secondary_we_lose", "main_peer_ready", "peer_silent", "peer_handover",
         "peer_asks_handover", "promote", "promote_force", "stop", "sync_done",
+        "sentinel_unhealthy",
     ]
     for row in EXPECTED.values():
         assert len(row.split()) == len(EVENTS)
@@ -165,3 +166,24 @@ def test_stale_peer_messages_are_ignored():
     assert peer.state == "primary"
     assert peer.update({**body, "run": "new", "n": 1, "state": "starting"}, now=3.0)
     assert peer.silent(4.5) and not peer.silent(3.5)
+
+
+# Maintenance: what the pair would do by itself is held; everything else is the ordinary table.
+HELD = {
+    (S.SECONDARY, E.PEER_SILENT), (S.SECONDARY, E.DUAL_SECONDARY_WE_WIN),
+    (S.PRIMARY, E.MAIN_PEER_READY), (S.PRIMARY, E.SENTINEL_UNHEALTHY),
+}
+
+
+@pytest.mark.parametrize(("state", "event"), list(itertools.product(S, E)))
+def test_maintenance(state, event):
+    nxt, actions = step(state, event, maintenance=True)
+    if (state, event) in HELD:
+        assert (nxt, actions) == (state, (A.HOLD,)), "nothing moves by itself"
+    elif (state, event) == (S.PRIMARY, E.STOP):
+        # a stopping primary does not hand over: the peer waits, it does not take over
+        assert nxt == S.STOPPED and A.SEND_HANDOVER not in actions
+        assert actions[-2:] == (A.STOP_SENTINELS, A.EXIT)
+    else:
+        assert (nxt, actions) == step(state, event), "the rest is the ordinary table"
+    assert A.TAKE_OVER not in actions or event in (E.PEER_HANDOVER, E.PROMOTE_FORCE)

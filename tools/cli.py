@@ -63,22 +63,43 @@ def status(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
         print(orjson.dumps(reply).decode())
         return
     st = reply
+    say = out.print
+    if st.get("maintenance"):
+        # every line says so: an operator who reads one line must not miss it
+        def say(text: Any, **kw: Any) -> None:
+            tag = "[reverse yellow]MAINTENANCE[/reverse yellow]"
+            if isinstance(text, str):
+                out.print(f"{tag} {text}", **kw)
+            else:  # a table: each of its lines too
+                with out.capture() as cap:
+                    out.print(text, **kw)
+                for line in cap.get().splitlines():
+                    out.print(f"{tag} {escape(line)}", highlight=False)
+
+    _print_status(st, say)
+
+
+def _print_status(st: dict[str, Any], say: Any) -> None:
     flag = " [yellow](restricted: backup role started alone)[/yellow]" if st["restricted"] else ""
-    out.print(f"[bold]{st['name']}[/bold] is [bold]{st['state']}[/bold]{flag}  "
+    say(f"[bold]{st['name']}[/bold] is [bold]{st['state']}[/bold]{flag}  "
               f"epoch {st['epoch']}  role {st['role']}  pid {st['pid']}")
+    if st.get("maintenance"):
+        m = st.get("maintenance_switch") or {}
+        say(f"maintenance mode ON (switched on {escape(str(m.get('by')))} at "
+                  f"{_clock(m.get('at'))}): no takeover, no automatic hand-over")
     peer = st["peer"]
     heard = "never" if peer["last_heard"] is None else f"{peer['last_heard']:.1f}s ago"
-    out.print(f"peer {peer['name']} ({peer['address']}): {st['peer_state']}, "
+    say(f"peer {peer['name']} ({peer['address']}): {st['peer_state']}, "
               f"epoch {peer['epoch']}, heard {heard}")
     r = st["replication"]
     if r["direction"] == "outgoing" and r["pending_files"] is None:
-        out.print(f"replication: primary, manifest {r['seq']}, folders {r['folders']}, "
+        say(f"replication: primary, manifest {r['seq']}, folders {r['folders']}, "
                   "no secondary connected")
     elif r["direction"] == "outgoing" and r["peer_applied"] is None:
-        out.print(f"replication: primary, manifest {r['seq']}, folders {r['folders']}, "
+        say(f"replication: primary, manifest {r['seq']}, folders {r['folders']}, "
                   "secondary taking a new snapshot")
     elif r["direction"] == "outgoing":
-        out.print(f"replication: primary, manifest {r['seq']}, folders {r['folders']}, "
+        say(f"replication: primary, manifest {r['seq']}, folders {r['folders']}, "
                   f"secondary applied {r['peer_applied']} (lag {r['lag_manifests']} manifests), "
                   f"pending {r['pending_files']} files / {r['pending_bytes']} bytes, "
                   f"last in sync {_clock(r.get('peer_last_sync'))}"
@@ -86,7 +107,7 @@ def status(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
                   + (f" [red](cannot apply by waiting: {escape(r['peer_stuck'])})[/red]"
                      if r.get("peer_stuck") else ""))
     else:
-        out.print(f"replication: applied {r['applied']}/{r['primary_seq']}, "
+        say(f"replication: applied {r['applied']}/{r['primary_seq']}, "
                   f"lag {r['lag_seconds']}s, pending {r['pending_files']} files / "
                   f"{r['pending_bytes']} bytes, last sync {_clock(r['last_sync'])}"
                   + (f", [red]{escape(r['error'])}[/red]" if r["error"] else ""))
@@ -95,10 +116,17 @@ def status(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
         table.add_row(s["name"], "yes" if s["active"] else "no", s["state"],
                       str(s["pid"] or "-"), str(s["restarts"]), escape(s["command"]))
     if st["sentinels"]:
-        out.print(table)
+        say(table)
+    lists = st.get("lists")
+    if lists:
+        origin = (f"edited on {escape(lists['by'])} at {_clock(lists['at'])}" if lists["by"]
+                  else "as first configured")
+        say(f"lists: generation {lists['gen']}, {origin}")
+    for alert in st.get("alerts", []):
+        say(f"[red]alert:[/red] {escape(alert['subject'])} (since {_clock(alert['since'])})")
     mail = st["email"]
     if mail.get("last_error"):
-        out.print(f"[red]email: last error: {escape(mail['last_error'])}[/red]")
+        say(f"[red]email: last error: {escape(mail['last_error'])}[/red]")
 
 
 def _clock(wall: float | None) -> str:
@@ -128,6 +156,8 @@ def describe(command: str, b: dict[str, Any]) -> str:
     who = b.get("name", "?")
     if command == "HB":
         text = f"heartbeat {b['state']} epoch {b['epoch']} manifest {b['seq']}"
+        if b.get("maintenance"):
+            text += " MAINTENANCE"
     elif command == "MANIFEST":
         counts = {f: len(es) for f, es in b["entries"].items()}
         dels = sum(1 for es in b["entries"].values() for e in es if e.get("deleted"))
@@ -163,6 +193,33 @@ def promote(config: Path = ConfigOpt,
     err.print(f"[red]roles not confirmed within the deadline[/red] (local: "
               f"{(now or {}).get('state', 'no answer')})")
     raise typer.Exit(1)
+
+
+@app.command()
+def reload(config: Path = ConfigOpt) -> None:
+    """Re-read sbs.ini on the running node (as SIGHUP does): an edit of \\[folders] or
+    \\[sentinels] becomes the pair's lists; a key that needs a restart is refused by name."""
+    cfg = _cfg(config)
+    reply = _ask(cfg, "RELOAD", timeout=10.0)
+    out.print(reply.get("result", "reloaded"), markup=False, highlight=False)
+
+
+@app.command()
+def maintenance(state: str = typer.Argument(None, help="on | off (none: show)"),
+                config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
+    """Pair-wide maintenance mode: no takeover, no automatic hand-over; replication goes on."""
+    if state not in (None, "on", "off"):
+        err.print("maintenance: say on or off", highlight=False)
+        raise typer.Exit(2)
+    cfg = _cfg(config)
+    reply = _ask(cfg, "MAINTENANCE", {} if state is None else {"on": state == "on"})
+    m = reply["maintenance"]
+    if as_json:
+        print(orjson.dumps(m).decode())
+        return
+    out.print(f"maintenance {'ON' if m['on'] else 'off'}"
+              + (f" (switched by {m['by']} at {_clock(m['at'])})" if m["by"] else ""),
+              markup=False, highlight=False)
 
 
 @app.command()
