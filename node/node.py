@@ -809,7 +809,8 @@ class Node:
                          paths={n: str(f.path) for n, f in folders.items()})
         self.pair.update(sentinels=self._sentinel_defs(), active=self.sentinels.active, sv=self.sv)
         persist.save(self.state_dir / "pair.json", self.pair)
-        self.scanner = Scanner(self.ctx, f"inproc://scanner-{self.run_id}", folders,
+        endpoint = self.scanner_pipe.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.scanner = Scanner(self.ctx, endpoint, folders,
                                period=self.cfg.period)
         self.scanner.start()
 
@@ -818,6 +819,17 @@ class Node:
             self.scanner.stop()
             self.scanner = None
         self.index_ready = False
+
+    def _restart_scanner(self) -> None:
+        """A new folder list while primary: a new scanner on a new pipe (an inproc PAIR takes
+        one peer, and the old one's goodbye is only processed on a later turn of the loop)."""
+        self._stop_scanner()
+        self.poller.unregister(self.scanner_pipe)
+        self.scanner_pipe.close()
+        self.scanner_pipe = self.ctx.socket(zmq.PAIR)
+        self.scanner_pipe.bind(f"inproc://scanner-{self.run_id}-{self.seq}")
+        self.poller.register(self.scanner_pipe, zmq.POLLIN)
+        self._start_scanner()
 
     def _on_scanner(self, frames: list[bytes]) -> None:
         kind = frames[0]

@@ -88,6 +88,7 @@ class Operator:
         self.unhealthy = ""  # the sentinel our current hand-over moves, for the log and mail
         self.peer_sick: list[str] = []
         self.peer_stamp: Stamp | None = None
+        self.snapshot_stamp: Stamp | None = None  # secondary: the lists of the last snapshot
         self.last_failure: dict[str, float] = {}
         self.primary_since: float | None = None
 
@@ -114,6 +115,11 @@ class Operator:
         if theirs is None:
             return
         self.peer_stamp = theirs
+        if (node.state == S.SECONDARY and body["state"] == "primary" and node.syncer is not None
+                and self.snapshot_stamp is not None and theirs != self.snapshot_stamp
+                and not node.follow.get("snapshot_deadline")):
+            log.info("the primary runs lists %s: new snapshot", theirs.describe())
+            node._request_snapshot()
         if theirs.gen > int(node.pair.get("peer_gen", 0)):
             node.pair["peer_gen"] = theirs.gen  # the next edit here numbers above it
         mine = self.stamp
@@ -224,7 +230,7 @@ class Operator:
     def snapshot_lists(self, body: dict[str, Any]) -> bool:
         """A snapshot from the primary: may its lists replace ours? (Not when ours are newer:
         they are on their way to it.)"""
-        theirs = stamp_from(body.get("lists")) or Stamp()
+        theirs = self.snapshot_stamp = stamp_from(body.get("lists")) or Stamp()
         if self.stamp > theirs:
             log.info("snapshot carries lists %s; keeping ours, %s, for the primary to adopt",
                      theirs.describe(), self.stamp.describe())
@@ -266,8 +272,7 @@ class Operator:
             return
         node._load_sentinels_for(own=False, new_active=True)
         node.folders = node._pushed_folders()
-        node._stop_scanner()
-        node._start_scanner()
+        node._restart_scanner()
         node._sentinels_changed()  # sv + 1: the secondary takes a new snapshot
         self.watch_checks()
 

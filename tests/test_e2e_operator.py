@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.pair import Pair, wait_for
 from tools.cli import describe
 from tools.client import request, subscribe
@@ -112,3 +110,122 @@ def test_promote_still_works_in_maintenance(make_pair):
 def test_maintenance_refuses_a_bad_word():
     done = sbs_tools("maintenance", "maybe", "--config", "/nonexistent/sbs.ini")
     assert done.returncode == 2 and "on or off" in done.stderr
+
+
+# ---------------------------------------------------------------------------- the pair's lists
+def add_line(config: Path, section: str, line: str) -> None:
+    """Add `line` at the end of [section] in an ini written by tests.pair.write_config."""
+    text = config.read_text()
+    head = f"[{section}]\n"
+    start = text.index(head) + len(head)
+    end = text.find("\n[", start)
+    end = len(text) if end < 0 else end + 1
+    config.write_text(text[:end].rstrip("\n") + f"\n{line}\n\n" + text[end:].lstrip("\n"))
+
+
+def add_folder(pair: Pair, folder: str, *names: str) -> None:
+    """The operator adds `folder` to these nodes' sbs.ini, each with its own path."""
+    for name in names:
+        pair.folder(name, folder)
+        add_line(pair.nodes[name].config, "folders", f"{folder} = data/{name}/{folder}")
+
+
+def lists(node) -> dict:
+    return node.status()["lists"]
+
+
+def test_a_folder_added_on_the_primary_then_reload(make_pair):
+    pair: Pair = make_pair()
+    pair.start_both()
+    (pair.folder("alpha", "extra") / "new.txt").write_text("from the new folder")
+    add_folder(pair, "extra", "alpha", "beta")
+
+    done = sbs_tools("reload", "--config", str(pair.alpha.config))
+    assert done.returncode == 0, done.stderr
+    assert "lists generation 1" in done.stdout and "folders +extra" in done.stdout
+    wait_for(lambda: (pair.folder("beta", "extra") / "new.txt").exists(), 20,
+             "the new folder's file on beta")
+    assert lists(pair.alpha)["gen"] == 1 and lists(pair.alpha)["by"] == "alpha"
+    wait_for(lambda: lists(pair.beta)["gen"] == 1, 10, "beta to hold generation 1")
+    assert lists(pair.beta)["by"] == "alpha"
+    saved = (pair.root / "state" / "beta" / "pair.json").read_text()
+    assert '"extra"' in saved and '"gen": 1' in saved
+    shown = sbs_tools("status", "--config", str(pair.beta.config))
+    assert "lists: generation 1, edited on alpha" in shown.stdout
+
+
+def test_a_folder_added_on_the_secondary_then_sighup(make_pair):
+    pair: Pair = make_pair()
+    pair.start_both()
+    (pair.folder("alpha", "extra") / "new.txt").write_text("on the primary")
+    add_folder(pair, "extra", "alpha", "beta")
+
+    pair.beta.signal(signal.SIGHUP)  # it used to end the node without a word
+    wait_for(lambda: logged(pair.alpha, "adopted from beta: folders +extra"), 15,
+             "alpha to adopt beta's edit")
+    assert pair.beta.proc.poll() is None and pair.beta.state() == "secondary"
+    assert lists(pair.alpha) == lists(pair.beta)
+    assert lists(pair.alpha)["by"] == "beta" and lists(pair.alpha)["gen"] == 1
+    wait_for(lambda: (pair.folder("beta", "extra") / "new.txt").exists(), 20,
+             "the new folder replicated")
+    # the adopting node re-read its own sbs.ini for its path: no edit when it reloads later
+    assert request(pair.alpha.cfg, "RELOAD")["lists"]["gen"] == 1
+
+
+def test_the_primary_restarted_with_an_edited_list(make_pair):
+    pair: Pair = make_pair()
+    pair.start_both()
+    add_folder(pair, "extra", "alpha", "beta")
+    pair.alpha.stop()  # hands over to beta, which runs the lists it has (generation 0)
+    pair.beta.wait_state("primary")
+    (pair.folder("beta", "extra") / "made-on-beta.txt").write_text("beta is primary now")
+
+    pair.alpha.start()  # the edit counts from now; alpha rejoins as secondary
+    pair.alpha.wait_state("secondary")
+    wait_for(lambda: logged(pair.beta, "adopted from alpha: folders +extra"), 15,
+             "beta to adopt alpha's edit once the pair settles")
+    wait_for(lambda: (pair.folder("alpha", "extra") / "made-on-beta.txt").exists(), 20,
+             "the new folder followed by alpha")
+    assert lists(pair.beta)["by"] == "alpha" and lists(pair.alpha)["gen"] == 1
+
+
+def test_two_edits_the_newest_wins_and_is_logged(make_pair):
+    pair: Pair = make_pair()
+    pair.start_both()
+    pair.beta.stop()
+    add_folder(pair, "one", "alpha")
+    assert request(pair.alpha.cfg, "RELOAD")["lists"]["gen"] == 1
+    # meanwhile beta's sbs.ini gets another edit; beta starts later: its edit is the newer
+    add_folder(pair, "two", "alpha", "beta")
+    (pair.folder("alpha", "two") / "t.txt").write_text("two")
+
+    pair.beta.start()
+    pair.beta.wait_state("secondary")
+    wait_for(lambda: logged(pair.alpha, "adopted from beta: folders +two -one"), 15,
+             "alpha to adopt the newer edit")
+    assert lists(pair.alpha)["by"] == "beta"
+    wait_for(lambda: lists(pair.beta) == lists(pair.alpha), 10, "one generation on both")
+    wait_for(lambda: (pair.folder("beta", "two") / "t.txt").exists(), 20, "folder two followed")
+    assert "one" not in pair.alpha.status()["replication"]["folders"]
+
+
+def test_a_bad_edit_is_refused_and_changes_nothing(make_pair):
+    pair: Pair = make_pair()
+    pair.start_both()
+    a = pair.alpha
+    good = a.config.read_text()
+
+    add_line(a.config, "folders", "bad/name = data/alpha/extra")  # not a folder name
+    a.signal(signal.SIGHUP)
+    wait_for(lambda: logged(a, "reload (SIGHUP) refused, nothing changed"), 10, "the refusal")
+    assert a.proc.poll() is None and a.state() == "primary"
+    assert lists(a)["gen"] == 0 and "extra" not in a.status()["replication"]["folders"]
+
+    # a key that needs a restart is named, and the folder added beside it is not taken
+    a.config.write_text(good.replace("heartbeat = 0.2", "heartbeat = 0.3"))
+    add_folder(pair, "extra", "alpha")
+    done = sbs_tools("reload", "--config", str(a.config))
+    assert done.returncode == 1
+    assert "[node] heartbeat" in done.stderr and "need a restart" in done.stderr
+    assert lists(a)["gen"] == 0 and "extra" not in a.status()["replication"]["folders"]
+    assert a.state() == "primary" and pair.beta.state() == "secondary"
