@@ -340,6 +340,9 @@ class Node:
         # the pair's lists (state_dir/pair.json, node/pairlists.py): an edit of this node's
         # sbs.ini made while it was stopped is in them already; a node that was following a
         # primary runs what that primary pushed last
+        if self.last_role == "secondary":
+            log.info("was secondary when it stopped: running the folder and sentinel lists "
+                     "its primary pushed last (%s)", self.state_dir / "pair.json")
         log.info("running the pair's folder and sentinel lists, %s", self.ops.stamp.describe())
         self._load_sentinels_for(own=False)
         self.folders = self._pushed_folders() or {f.name: f for f in self.cfg.folders}
@@ -1079,6 +1082,7 @@ class Node:
             if self.repl_error:
                 self.publish_event("error", where="sync", error=self.repl_error)
         elif kind == b"event":
+            self.ops.on_sync_event(body)
             self.publish_event(body.pop("event"), **body)
 
     # ------------------------------------------------------------------ bus

@@ -220,9 +220,15 @@ class Operator:
         what = changes(self.node.pair, lists)
         self._refresh_own_paths(lists)
         self._take_lists(lists, stamp, f"adopted from {body['name']}: {what}")
+        self._adopted(stamp, body["name"], what)
+
+    def _adopted(self, stamp: Stamp, peer: str, what: str) -> None:
+        if not stamp.by:
+            return  # generation 0: the lists as first configured, nothing was edited
         self.alerts.notice("config", f"SBS configuration adopted by {self.node.cfg.name}",
                            f"{self.node.cfg.name} adopted the pair's folder and sentinel lists"
-                           f" {stamp.describe()}: {what}.\n", key=f"config:{stamp.gen}")
+                           f" {stamp.describe()} from {peer}: {what}.\n",
+                           key=f"config:{stamp.gen}:{stamp.by}")
 
     def lists_newer_than_peer(self) -> bool:
         return self.peer_stamp is not None and self.stamp > self.peer_stamp
@@ -235,8 +241,13 @@ class Operator:
             log.info("snapshot carries lists %s; keeping ours, %s, for the primary to adopt",
                      theirs.describe(), self.stamp.describe())
             return False
-        if theirs != self.stamp:
-            log.info("lists from the primary: %s", theirs.describe())
+        if theirs > self.stamp:
+            what = changes(self.node.pair, body)
+            self._refresh_own_paths(body)
+            how = f"adopted from {body['name']}: {what}"
+            log.warning("pair lists now %s, %s", theirs.describe(), how)
+            self.node.publish_event("lists", gen=theirs.gen, by=theirs.by, at=theirs.at, how=how)
+            self._adopted(theirs, body["name"], what)
         self.node.pair["lists"] = theirs.wire()
         return True
 

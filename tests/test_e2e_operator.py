@@ -229,3 +229,73 @@ def test_a_bad_edit_is_refused_and_changes_nothing(make_pair):
     assert "[node] heartbeat" in done.stderr and "need a restart" in done.stderr
     assert lists(a)["gen"] == 0 and "extra" not in a.status()["replication"]["folders"]
     assert a.state() == "primary" and pair.beta.state() == "secondary"
+
+
+# ---------------------------------------------------------------------------- alerts by mail
+def test_standby_lost_and_back_and_hand_over_told_from_failover(make_pair, smtp):
+    port, inbox = smtp
+    pair: Pair = make_pair(email=email_to(port))
+    pair.start_both()
+
+    pair.beta.kill()
+    wait_for(lambda: "SBS ALERT alpha: no standby" in subjects(inbox), 15, "standby lost")
+    pair.beta.start()
+    pair.beta.wait_state("secondary")
+    wait_for(lambda: "SBS resolved alpha: no standby" in subjects(inbox), 15, "standby back")
+
+    done = sbs_tools("promote", "--config", str(pair.beta.config))
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: "SBS hand-over (promote): beta is now primary" in subjects(inbox), 15,
+             "the planned hand-over's mail")
+    pair.alpha.wait_state("secondary")
+    pair.beta.kill()
+    wait_for(lambda: "SBS failover: alpha is now primary" in subjects(inbox), 15,
+             "the failover mail")
+    assert subjects(inbox).count("SBS ALERT alpha: no standby") == 1
+    assert not [s for s in subjects(inbox) if "failover: beta" in s]
+
+
+def test_a_configuration_adopted_is_mailed(make_pair, smtp):
+    port, inbox = smtp
+    pair: Pair = make_pair(beta={"email": email_to(port)})
+    pair.start_both()
+    add_folder(pair, "extra", "alpha", "beta")
+    assert request(pair.alpha.cfg, "RELOAD")["status"] == "ok"
+    wait_for(lambda: "SBS configuration adopted by beta" in subjects(inbox), 15, "the mail")
+    body = inbox.messages[-1].get_body(("plain",)).get_content()
+    assert "folders +extra" in body and "edited on alpha" in body
+
+
+def test_the_strict_guard_is_an_alert_until_confirmed(make_pair, smtp):
+    port, inbox = smtp
+    pair: Pair = make_pair(node={"strict": "true"}, beta={"email": email_to(port)})
+    a = pair.folder("alpha")
+    for n in range(24):
+        (a / f"f{n:02}.txt").write_text(f"file {n}")
+    pair.start_both()
+    b = pair.folder("beta")
+    wait_for(lambda: len(list(b.iterdir())) == 24, 15, "the copy")
+    for n in range(14):  # more than half vanish at once, as when a disk is unmounted
+        (a / f"f{n:02}.txt").unlink()
+    wait_for(lambda: "SBS ALERT beta: strict guard holds deletions in docs" in subjects(inbox),
+             15, "the guard's alert")
+    body = inbox.messages[-1].get_body(("plain",)).get_content()
+    assert "sbs-tools confirm-deletions docs" in body
+    assert sbs_tools("confirm-deletions", "--config", str(pair.beta.config)).returncode == 0
+    wait_for(lambda: "SBS resolved beta: strict guard holds deletions in docs"
+             in subjects(inbox), 15, "the guard resolved")
+
+
+def test_a_restricted_backup_running_no_sentinel_is_an_alert(make_pair, smtp):
+    port, inbox = smtp
+    pair: Pair = make_pair(beta={"node": {"role": "backup"}, "email": email_to(port)},
+                           sentinels={"web": f"{sys.executable} -c 'import time; time.sleep(60)'"})
+    pair.beta.start()
+    st = pair.beta.wait_state("primary")
+    assert st["restricted"]
+    subject = "SBS ALERT beta: beta is a restricted backup: no sentinel runs"
+    wait_for(lambda: subject in subjects(inbox), 15, "the restricted alert")
+    assert "web are down" in inbox.messages[0].get_body(("plain",)).get_content()
+    pair.alpha.start()  # the main node joins; the backup gives way once it has caught up
+    pair.alpha.wait_state("primary", 20)
+    wait_for(lambda: subject.replace("ALERT", "resolved") in subjects(inbox), 15, "resolved")
