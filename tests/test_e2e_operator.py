@@ -299,3 +299,68 @@ def test_a_restricted_backup_running_no_sentinel_is_an_alert(make_pair, smtp):
     pair.alpha.start()  # the main node joins; the backup gives way once it has caught up
     pair.alpha.wait_state("primary", 20)
     wait_for(lambda: subject.replace("ALERT", "resolved") in subjects(inbox), 15, "resolved")
+
+
+# ---------------------------------------------------------------------------- health
+# A sentinel (or its check) that fails on the nodes named in a flag file: it tells which node
+# runs it by its parent's command line (the node's --config NAME.ini).
+FLAKY = """
+import os, sys, time
+me = open(f"/proc/{os.getppid()}/cmdline", "rb").read()
+try:
+    broken = open(sys.argv[1]).read().split()
+except FileNotFoundError:
+    broken = []
+if any(f"{name}.ini".encode() in me for name in broken):
+    sys.exit(1)
+if sys.argv[2:] != ["check"]:
+    time.sleep(600)
+"""
+
+
+def health_pair(make_pair, tmp_path: Path, broken: str, *, check: bool = False):
+    script, flag = tmp_path / "flaky.py", tmp_path / "broken"
+    script.write_text(FLAKY)
+    flag.write_text(broken)
+    command = f"{sys.executable} {script} {flag}"
+    pair: Pair = make_pair(sentinels={"web": f"{sys.executable} -c 'import time; time.sleep(600)'"
+                                      if check else command})
+    for node in pair.nodes.values():
+        text = "\n[health]\nrestarts = 2\nwindow = 60\ncheck_interval = 0.3\n"
+        if check:
+            text += f"\n[checks]\nweb = {command} check\n"
+        node.config.write_text(node.config.read_text() + text)
+    pair.start_both()
+    return pair
+
+
+def sentinel(node, name: str) -> dict:
+    return next(s for s in node.status()["sentinels"] if s["name"] == name)
+
+
+def test_a_crash_looping_sentinel_moves_to_the_healthy_secondary(make_pair, tmp_path):
+    pair = health_pair(make_pair, tmp_path, "alpha")
+    pair.beta.wait_state("primary", 30)
+    assert logged(pair.alpha, "sentinel web is unhealthy here")
+    pair.alpha.wait_state("secondary")
+    wait_for(lambda: sentinel(pair.beta, "web")["state"] == "running", 15, "web on beta")
+    assert logged(pair.beta, "SBS hand-over (health: sentinel web crash-looping on alpha)")
+    assert pair.alpha.status()["health"]["sick_here"] == ["web"]
+
+
+def test_a_failing_check_moves_the_sentinel_too(make_pair, tmp_path):
+    pair = health_pair(make_pair, tmp_path, "alpha", check=True)
+    pair.beta.wait_state("primary", 30)
+    pair.alpha.wait_state("secondary")
+    assert logged(pair.alpha, "check of sentinel web failed: exit 1")
+    assert sentinel(pair.beta, "web")["restarts"] == 0  # its check passes here
+
+
+def test_a_sentinel_failing_on_both_nodes_is_not_moved_back(make_pair, tmp_path):
+    pair = health_pair(make_pair, tmp_path, "alpha beta")
+    pair.beta.wait_state("primary", 30)
+    wait_for(lambda: any(a["key"] == "sentinel_stuck:web" for a in pair.beta.status()["alerts"]),
+             30, "beta's alert that web fails on both nodes")
+    assert logged(pair.beta, "sentinel web fails on both nodes: not moved again")
+    assert pair.beta.state() == "primary" and pair.alpha.state() == "secondary"
+    assert not logged(pair.beta, "sentinel web is unhealthy here")
