@@ -10,6 +10,7 @@ the node's pair.json, stamped as node/pairlists.py describes.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -183,7 +184,9 @@ class Operator:
         node.cfg = new
         done = []
         if new.email != old.email:
-            node.notifier.close(timeout=2.0)
+            # the old one may be delivering (seconds): it finishes on a thread of its own
+            threading.Thread(target=node.notifier.close, name="sbs-notify-close",
+                             daemon=True).start()
             node.notifier = Notifier(new.email)
             done.append("[email]")
         if new.email != old.email or new.notify != old.notify:
@@ -205,7 +208,10 @@ class Operator:
             else:
                 _save_pair(node)
         if [f.path for f in new.folders] != [f.path for f in old.folders]:
-            self._apply()  # a path of ours changed
+            # a path of ours changed: the primary rescans, the secondary follows anew
+            if node.state == S.SECONDARY:
+                node._request_snapshot()
+            self._apply()
         text = "reloaded: " + ("; ".join(done) if done else "nothing changed")
         log.info("reload (%s): %s", source, text)
         return True, text
@@ -343,12 +349,13 @@ class Operator:
 
     def _secondary_conditions(self) -> None:
         node, alerts = self.node, self.alerts
-        if node.stuck and "disk full" in node.stuck or node.repl_error.startswith("disk full"):
+        pending = node.pending[0]
+        if pending and ("disk full" in node.stuck or node.repl_error.startswith("disk full")):
             alerts.raise_("disk_full", "disk", f"disk full on {node.cfg.name}",
                           f"The secondary cannot apply what the primary sent: "
                           f"{node.stuck or node.repl_error}.\nThe previous copy is kept; "
                           f"free space and it catches up by itself.\n")
-        elif node.synced:
+        elif not pending:  # everything that was sent is written (or no longer wanted)
             alerts.resolve("disk_full")
         if "strict guard" not in node.repl_error:
             alerts.resolve_prefix("guard:")

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.pair import Pair, wait_for
+from tests.test_e2e_replication import TmpfsNodeProc, _unshare_works
 from tools.cli import describe
 from tools.client import request, subscribe
 
@@ -364,3 +367,19 @@ def test_a_sentinel_failing_on_both_nodes_is_not_moved_back(make_pair, tmp_path)
     assert logged(pair.beta, "sentinel web fails on both nodes: not moved again")
     assert pair.beta.state() == "primary" and pair.alpha.state() == "secondary"
     assert not logged(pair.beta, "sentinel web is unhealthy here")
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and mount (root)")
+def test_a_full_disk_on_the_secondary_is_an_alert_until_space_returns(make_pair, smtp):
+    port, inbox = smtp
+    pair: Pair = make_pair(beta={"email": email_to(port)})
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    beta = pair.nodes["beta"] = pair.beta = TmpfsNodeProc(pair.beta.config, b, "2m")
+    (a / "big.bin").write_bytes(os.urandom(3 << 20))
+    (a / "small.txt").write_text("fits")
+    pair.start_both()
+    wait_for(lambda: "SBS ALERT beta: disk full on beta" in subjects(inbox), 20, "the alert")
+    assert any(x["key"] == "disk_full" for x in beta.status()["alerts"])
+    (a / "big.bin").unlink()  # the primary no longer has it: nothing left that does not fit
+    wait_for(lambda: "SBS resolved beta: disk full on beta" in subjects(inbox), 20, "resolved")
+    assert (beta.inside(b) / "small.txt").read_text() == "fits"
