@@ -152,6 +152,8 @@ class Syncer:
         snapshot = self.snapshot_ack_due and not self.pending
         if snapshot:
             self.snapshot_ack_due = False
+        if self.error.startswith("disk full") and not self.pending:
+            self.error = ""  # what did not fit is no longer wanted (deleted or replaced)
         if not self.error.startswith("disk full"):
             if self.disk_full:
                 log.info("space is back in %s", sorted(self.disk_full))

@@ -372,7 +372,8 @@ def test_a_sentinel_failing_on_both_nodes_is_not_moved_back(make_pair, tmp_path)
 @pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and mount (root)")
 def test_a_full_disk_on_the_secondary_is_an_alert_until_space_returns(make_pair, smtp):
     port, inbox = smtp
-    pair: Pair = make_pair(beta={"email": email_to(port)})
+    pair: Pair = make_pair(email=email_to(port))
+    pair.alpha.config.write_text(pair.alpha.config.read_text() + "\n[notify]\nlag_after = 2\n")
     a, b = pair.folder("alpha"), pair.folder("beta")
     beta = pair.nodes["beta"] = pair.beta = TmpfsNodeProc(pair.beta.config, b, "2m")
     (a / "big.bin").write_bytes(os.urandom(3 << 20))
@@ -380,6 +381,11 @@ def test_a_full_disk_on_the_secondary_is_an_alert_until_space_returns(make_pair,
     pair.start_both()
     wait_for(lambda: "SBS ALERT beta: disk full on beta" in subjects(inbox), 20, "the alert")
     assert any(x["key"] == "disk_full" for x in beta.status()["alerts"])
+    # the primary sees its standby out of sync for longer than lag_after
+    wait_for(lambda: "SBS ALERT alpha: standby beta lags behind" in subjects(inbox), 20, "lag")
     (a / "big.bin").unlink()  # the primary no longer has it: nothing left that does not fit
     wait_for(lambda: "SBS resolved beta: disk full on beta" in subjects(inbox), 20, "resolved")
+    wait_for(lambda: "SBS resolved alpha: standby beta lags behind" in subjects(inbox), 20,
+             "the standby in sync again")
+    assert not beta.status()["replication"]["error"]
     assert (beta.inside(b) / "small.txt").read_text() == "fits"
