@@ -321,12 +321,14 @@ if sys.argv[2:] != ["check"]:
 """
 
 
-def health_pair(make_pair, tmp_path: Path, broken: str, *, check: bool = False):
+def health_pair(make_pair, tmp_path: Path, broken: str, *, check: bool = False,
+                email: dict | None = None):
     script, flag = tmp_path / "flaky.py", tmp_path / "broken"
     script.write_text(FLAKY)
     flag.write_text(broken)
     command = f"{sys.executable} {script} {flag}"
-    pair: Pair = make_pair(sentinels={"web": f"{sys.executable} -c 'import time; time.sleep(600)'"
+    pair: Pair = make_pair(email=email or {},
+                           sentinels={"web": f"{sys.executable} -c 'import time; time.sleep(600)'"
                                       if check else command})
     for node in pair.nodes.values():
         text = "\n[health]\nrestarts = 2\nwindow = 60\ncheck_interval = 0.3\n"
@@ -359,14 +361,18 @@ def test_a_failing_check_moves_the_sentinel_too(make_pair, tmp_path):
     assert sentinel(pair.beta, "web")["restarts"] == 0  # its check passes here
 
 
-def test_a_sentinel_failing_on_both_nodes_is_not_moved_back(make_pair, tmp_path):
-    pair = health_pair(make_pair, tmp_path, "alpha beta")
+def test_a_sentinel_failing_on_both_nodes_is_not_moved_back(make_pair, tmp_path, smtp):
+    port, inbox = smtp
+    pair = health_pair(make_pair, tmp_path, "alpha beta", email=email_to(port))
     pair.beta.wait_state("primary", 30)
     wait_for(lambda: any(a["key"] == "sentinel_stuck:web" for a in pair.beta.status()["alerts"]),
              30, "beta's alert that web fails on both nodes")
     assert logged(pair.beta, "sentinel web fails on both nodes: not moved again")
     assert pair.beta.state() == "primary" and pair.alpha.state() == "secondary"
     assert not logged(pair.beta, "sentinel web is unhealthy here")
+    wait_for(lambda: "SBS ALERT beta: sentinel web fails on both nodes: not moved again"
+             in subjects(inbox), 15, "the mail")
+    assert "SBS ALERT alpha: sentinel web is crash-looping" in subjects(inbox)
 
 
 @pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and mount (root)")
@@ -389,3 +395,32 @@ def test_a_full_disk_on_the_secondary_is_an_alert_until_space_returns(make_pair,
              "the standby in sync again")
     assert not beta.status()["replication"]["error"]
     assert (beta.inside(b) / "small.txt").read_text() == "fits"
+
+
+def test_conflicts_kept_by_a_rejoining_primary_are_mailed_once(make_pair, smtp):
+    port, inbox = smtp
+    # strict: the file only alpha has is deleted on rejoin, so it is kept too: two conflicts
+    pair: Pair = make_pair(node={"strict": "true"}, alpha={"email": email_to(port)})
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    (a / "shared.txt").write_text("v1\n")
+    pair.start_both()
+    wait_for(lambda: (b / "shared.txt").exists(), 15, "the first copy")
+    # alpha changes two files that never reach beta: beta is paused, then alpha crashes
+    pair.beta.signal(signal.SIGSTOP)
+    seq = pair.alpha.status()["replication"]["seq"]
+    (a / "shared.txt").write_text("v2 on alpha only\n")
+    (a / "alpha only.txt").write_text("created on alpha only\n")
+    wait_for(lambda: pair.alpha.status()["replication"]["seq"] > seq, 10, "alpha's manifest")
+    pair.alpha.kill()
+    pair.beta.signal(signal.SIGCONT)
+    pair.beta.wait_state("primary")
+    pair.alpha.start()
+    pair.alpha.wait_state("secondary")
+    wait_for(lambda: (a / "shared.txt").read_text() == "v1\n", 15, "alpha catching up")
+    mail = wait_for(lambda: [m for m in inbox.messages if "conflicts kept" in m["subject"]], 15,
+                    "the conflicts mail")
+    assert mail[0]["subject"] == "SBS conflicts kept on alpha"
+    assert "state_dir/conflicts/" in mail[0].get_body(("plain",)).get_content()
+    wait_for(lambda: logged(pair.alpha, "not mailed (last mail about conflicts"), 10,
+             "the second conflict counted, not mailed")
+    assert len([m for m in inbox.messages if "conflicts kept" in m["subject"]]) == 1
