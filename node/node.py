@@ -36,7 +36,7 @@ from .config import Config, FolderConfig
 from .fsm import PRIMARY_LIKE, PUBLIC, A, E, S, step
 from .journal import Agreed
 from .notify import Notifier
-from .operator import Operator, lists_at_start
+from .ops import Operator, lists_at_start
 from .peer import Peer
 from .protocol import Bad, Message
 from .scanner import Scanner, verify_tokens
@@ -337,7 +337,7 @@ class Node:
                       self.state_dir / "node.json", exc, self.epoch)
 
     def _do_start_primary(self, **_: Any) -> None:
-        # the pair's lists (state_dir/pair.json, node/pairlists.py): an edit of this node's
+        # the pair's lists (state_dir/pair.json, node/listedits.py): an edit of this node's
         # sbs.ini made while it was stopped is in them already; a node that was following a
         # primary runs what that primary pushed last
         if self.last_role == "secondary":

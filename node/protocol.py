@@ -229,7 +229,7 @@ PEER_STATE: dict[str, Check] = {
     "through": SEQ,  # secondary: last manifest it has worked through (applied or not)
     "stuck": s(1000),  # secondary: why what is pending cannot be applied by waiting ("" if it can)
     "following": s(32),  # secondary: the primary's run its numbers (applied, through) refer to
-    # pair-wide settings (node/maintenance.py, node/pairlists.py): the sender's copy; the
+    # pair-wide settings (node/maintenance.py, node/listedits.py): the sender's copy; the
     # newer one wins
     "maint": obj({"on": b, "at": num(0, 1e11), "by": NAME}),
     "lists": obj({"gen": i(0, 2**53), "at": num(0, 1e11), "by": NAME}),
@@ -249,7 +249,7 @@ SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
     # failover in the new primary's mail)
     "HANDOVER": ({"name": NAME, "run": s(32), "epoch": EPOCH, "seq": SEQ, "why": s(300)},
                  ("why",)),
-    # the pair's lists, sent to a peer whose PING shows an older stamp (node/pairlists.py)
+    # the pair's lists, sent to a peer whose PING shows an older stamp (node/listedits.py)
     "LISTS": ({"name": NAME, "run": s(32), "gen": i(0, 2**53), "at": num(0, 1e11), "by": NAME,
                "folders": FOLDERS, "paths": dict_of(s(4096), 1000, _folder_name),
                "sentinels": SENTINEL_DEFS}, ()),

@@ -5,7 +5,7 @@ One object beside the node loop, called from a few hooks: what the node adds to 
 MAINTENANCE and the peer's LISTS (`on_command`), a `tick`, the sentinel and sync events, and
 its part of status. It owns the alert registry (node/alerts.py), the maintenance record
 (node/maintenance.py) and the sentinel health counts (node/health.py); the pair's lists are
-the node's pair.json, stamped as node/pairlists.py describes.
+the node's pair.json, stamped as node/listedits.py describes.
 """
 from __future__ import annotations
 
@@ -19,10 +19,7 @@ from .alerts import Alerts
 from .config import Config, ConfigError, load
 from .fsm import PRIMARY_LIKE, E, S
 from .health import Health
-from .maintenance import Maintenance
-from .maintenance import from_wire as maint_from_wire
-from .notify import Notifier
-from .pairlists import (
+from .listedits import (
     Stamp,
     changes,
     own_fingerprint,
@@ -31,12 +28,15 @@ from .pairlists import (
     restart_keys,
     stamp_from,
 )
+from .maintenance import Maintenance
+from .maintenance import from_wire as maint_from_wire
+from .notify import Notifier
 from .protocol import Message
 
 if TYPE_CHECKING:
     from .node import Node
 
-log = logging.getLogger("sbs.operator")
+log = logging.getLogger("sbs.ops")
 
 # a peer with an older stamp is sent the lists at most this often (seconds)
 LISTS_RESEND = 1.0

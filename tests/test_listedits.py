@@ -5,8 +5,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from node.config import load
+from node.listedits import Stamp, changes, fingerprint, own_fingerprint, restart_keys, stamp_from
 from node.maintenance import Maintenance, Record, from_wire
-from node.pairlists import Stamp, changes, fingerprint, own_fingerprint, restart_keys, stamp_from
 
 INI = """[node]
 name = alpha
