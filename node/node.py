@@ -830,7 +830,8 @@ class Node:
         self.poller.unregister(self.scanner_pipe)
         self.scanner_pipe.close()
         self.scanner_pipe = self.ctx.socket(zmq.PAIR)
-        self.scanner_pipe.bind(f"inproc://scanner-{self.run_id}-{self.seq}")
+        self.scanner_pipes = getattr(self, "scanner_pipes", 0) + 1
+        self.scanner_pipe.bind(f"inproc://scanner-{self.run_id}-{self.scanner_pipes}")
         self.poller.register(self.scanner_pipe, zmq.POLLIN)
         self._start_scanner()
 
