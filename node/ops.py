@@ -44,7 +44,7 @@ LISTS_RESEND = 1.0
 SENTINEL_STABLE = 10.0
 # a primary without a live secondary for this long (seconds) raises "standby lost" even if it
 # never had one this run (started alone)
-ALONE_AFTER = 10.0
+ALONE_AFTER = 60.0
 
 
 def lists_at_start(node: Node) -> None:
