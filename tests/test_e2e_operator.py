@@ -273,13 +273,14 @@ def test_the_strict_guard_is_an_alert_until_confirmed(make_pair, smtp):
     port, inbox = smtp
     pair: Pair = make_pair(node={"strict": "true"}, beta={"email": email_to(port)})
     a = pair.folder("alpha")
+    (a / "mount").mkdir()
     for n in range(24):
-        (a / f"f{n:02}.txt").write_text(f"file {n}")
+        (a / ("mount" if n < 14 else ".") / f"f{n:02}.txt").write_text(f"file {n}")
     pair.start_both()
     b = pair.folder("beta")
-    wait_for(lambda: len(list(b.iterdir())) == 24, 15, "the copy")
-    for n in range(14):  # more than half vanish at once, as when a disk is unmounted
-        (a / f"f{n:02}.txt").unlink()
+    wait_for(lambda: len([p for p in b.rglob("*") if p.is_file()]) == 24, 15, "the copy")
+    # 14 of 24 files vanish in one go, as when a disk is unmounted on the primary
+    os.rename(a / "mount", pair.root / "unmounted")
     wait_for(lambda: "SBS ALERT beta: strict guard holds deletions in docs" in subjects(inbox),
              15, "the guard's alert")
     body = inbox.messages[-1].get_body(("plain",)).get_content()
