@@ -36,7 +36,8 @@ def _git(*args: str) -> str | None:
                               timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return done.stdout.strip() if done.returncode == 0 else None
+    # rstrip only: a porcelain status line starts with a meaningful space
+    return done.stdout.rstrip() if done.returncode == 0 else None
 
 
 def git_state() -> dict[str, Any]:
