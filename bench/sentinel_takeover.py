@@ -10,13 +10,15 @@ kills the current primary with SIGKILL, polls the port every few milliseconds un
 primary's sentinel answers, then restarts the killed node (it rejoins as secondary).
 
 The same with SIGTERM (`--how term`): the primary finishes its last sync, stops its sentinel
-and tells the peer to take over at once (a hand-over, no dead_after). Measured from the signal:
+and tells the peer to take over at once (a hand-over, no dead_after); and with `promote` sent to
+the secondary (`--how promote`: the same hand-over, asked by the secondary; the old primary
+stays up as secondary). Measured from the signal:
 the old sentinel gone (the port stops answering from the old node), the peer primary (its own
 clock: `in_state_for` in its status), and the new sentinel answering; the figure of interest is
 "old sentinel gone -> peer primary", the hand-over itself.
 
-    python bench/sentinel_takeover.py                 # 10 runs each: kill and term, default
-                                                      # and aggressive timing (~2-3 minutes)
+    python bench/sentinel_takeover.py                 # 10 runs each: kill, term and promote,
+                                                      # default and aggressive timing (~4 min)
     python bench/sentinel_takeover.py --quick         # 3 runs each
     python bench/sentinel_takeover.py --runs 30 --setting 0.2:1.0 --how kill
 
@@ -33,6 +35,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,8 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
 from tests.pair import Pair, wait_for  # noqa: E402
+from tools.client import request  # noqa: E402
 
-HOWS = {"kill": signal.SIGKILL, "term": signal.SIGTERM}
+HOWS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "promote": None}
 
 SENTINEL = """\
 import os, socket, sys
@@ -132,7 +136,12 @@ def bench(root: Path, heartbeat: float, dead_after: float, runs: int,
             if before[1] != primary.pid:
                 raise RuntimeError(f"sentinel answers from pid {before[1]}, not the primary")
             sent = time.monotonic()
-            os.kill(primary.pid, HOWS[how])
+            if how == "promote":
+                # in a thread: the reply may wait for the hand-over, the port is watched now
+                threading.Thread(target=request, daemon=True, kwargs={"timeout": 30},
+                                 args=(secondary.cfg, "PROMOTE", {"force": False})).start()
+            else:
+                os.kill(primary.pid, HOWS[how])
             seen = watch(port, primary.pid, secondary.pid, sent + dead_after + 15)
             if "new_answers" not in seen:
                 raise RuntimeError(f"run {run}: no sentinel on {secondary.name} within "
@@ -145,7 +154,11 @@ def bench(root: Path, heartbeat: float, dead_after: float, runs: int,
             # from the node's own clock: in_state_for is rounded to 1 ms, the reply's trip
             # adds its latency (under 1 ms here)
             became_primary = asked - st["in_state_for"]
-            code = primary.wait_exit(20)
+            if how == "promote":  # the old primary stays up, as secondary
+                code = None
+                wait_for(lambda pid=before[0]: not alive(pid), 10, "the old sentinel to be reaped")
+            else:
+                code = primary.wait_exit(20)
             if alive(before[0]):
                 raise RuntimeError(f"run {run}: the old sentinel {before[0]} outlived its node")
             r = {"run": run, "stopped": primary.name, "exit_code": code,
@@ -161,7 +174,8 @@ def bench(root: Path, heartbeat: float, dead_after: float, runs: int,
                   f"{r['to_old_sentinel_gone_ms']:7.1f} ms, {secondary.name} primary after "
                   f"{r['to_peer_primary_ms']:7.1f} ms, its sentinel answers after "
                   f"{r['to_new_sentinel_ms']:7.1f} ms", flush=True)
-            primary.start()  # rejoins as secondary
+            if how != "promote":
+                primary.start()  # rejoins as secondary
             primary, secondary = secondary, primary
     finally:
         pair.stop()
@@ -178,10 +192,10 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, dict]:
 
 def summary_line(name: str, how: str, heartbeat: float, dead_after: float,
                  figures: dict[str, dict]) -> str:
-    what = {"kill": "kill -9", "term": "SIGTERM"}[how]
+    what = {"kill": "kill -9", "term": "SIGTERM", "promote": "promote"}[how]
     line = (f"{name:10} {what:7} heartbeat {heartbeat:g}s dead_after {dead_after:g}s: "
             f"-> new sentinel {common.fmt_spread(figures['to_new_sentinel_ms'], ' ms', 0)}")
-    if how == "term":
+    if how != "kill":
         line += ("; old sentinel gone -> peer primary "
                  f"{common.fmt_spread(figures['old_sentinel_gone_to_peer_primary_ms'], ' ms', 1)}")
     return line
@@ -201,7 +215,8 @@ def parse_setting(text: str) -> tuple[str, float, float]:
 def parse_hows(text: str) -> list[str]:
     hows = text.split(",")
     if not hows or any(h not in HOWS for h in hows):
-        raise argparse.ArgumentTypeError(f"{text!r}: use kill, term or kill,term")
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of kill, term, "
+                                         "promote")
     return hows
 
 
@@ -212,8 +227,9 @@ def main() -> int:
     parser.add_argument("--setting", type=parse_setting, action="append",
                         help="default, aggressive or HEARTBEAT:DEAD_AFTER (repeatable; "
                              "default: default and aggressive)")
-    parser.add_argument("--how", type=parse_hows, default=["kill", "term"],
-                        help="kill, term or kill,term (default): how the primary is stopped")
+    parser.add_argument("--how", type=parse_hows, default=["kill", "term", "promote"],
+                        help="kill, term, promote, comma-separated (default: all three): kill -9 "
+                             "or SIGTERM of the primary, or `promote` of the secondary")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (node logs)")
     parser.add_argument("--out", type=Path, default=common.OUT / "sentinel_takeover.json")
     common.add_common_args(parser)
