@@ -25,7 +25,7 @@ Every rep runs each copier once, each warmed the same way right before its clock
 read, then scratch files or pages written and freed); the order rotates from rep to rep. Every
 figure is reported as median and range with the per-rep ratios.
 
-    python bench/replication.py            # full: about 15-20 minutes
+    python bench/replication.py            # full: about 11-15 minutes
     python bench/replication.py --quick    # small sizes, a smoke run of a minute or two
     python bench/replication.py --profile  # SBS only, under py-spy: where the time goes
 
