@@ -322,9 +322,10 @@ class SshPeer:
                 "LogLevel ERROR"]
         (workdir / "sshd_config").write_text("\n".join(conf) + "\n")
         self.log = workdir / "sshd.log"
-        self.proc = subprocess.Popen(
-            [str(self.sshd()), "-D", "-e", "-f", str(workdir / "sshd_config")],
-            stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
+        with open(self.log, "wb") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [str(self.sshd()), "-D", "-e", "-f", str(workdir / "sshd_config")],
+                stdout=subprocess.DEVNULL, stderr=log)
         wait_for(self._listening, 10, f"sshd to listen ({self.log})")
         self.user = pwd.getpwuid(os.getuid()).pw_name
 
