@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import itertools
 import os
 import platform
 import pwd
@@ -1035,22 +1036,26 @@ def scenario_big(data: Path, runs: Path, daemon: RsyncDaemon | None, ssh: SshPee
             return s
         return once
 
-    copiers = {"sbs_initial": sbs_copier(runs, "sbs-big", src, warm, size_mb=size_mb),
-               "sbs_live": live(True)}
+    ours = {"sbs_initial": sbs_copier(runs, "sbs-big", src, warm, size_mb=size_mb),
+            "sbs_live": live(True)}
     if extras:
-        copiers["sbs_live_plain"] = live(False)
-        copiers["sbs_initial_plain"] = sbs_copier(runs, "sbs-big-plain", src, warm,
-                                                  curve=False, size_mb=size_mb)
+        ours["sbs_live_plain"] = live(False)
+        ours["sbs_initial_plain"] = sbs_copier(runs, "sbs-big-plain", src, warm, curve=False,
+                                               size_mb=size_mb)
+    theirs = {}
     if daemon is not None:
-        copiers["rsync"] = rsync_copier(daemon, "big", src, runs / "rsync-big", warm,
-                                        size_mb=size_mb)
-        if extras:
-            copiers["rsync_fsync"] = rsync_copier(daemon, "big", src, runs / "rsync-big-f",
-                                                  warm, "--fsync", size_mb=size_mb)
+        theirs["rsync"] = rsync_copier(daemon, "big", src, runs / "rsync-big", warm,
+                                       size_mb=size_mb)
     if ssh is not None:
         for cipher in ciphers:
-            copiers[f"rsync_ssh_{cipher.split('@')[0]}"] = ssh_copier(
+            theirs[f"rsync_ssh_{cipher.split('@')[0]}"] = ssh_copier(
                 ssh, src, runs / "rsync-ssh", warm, cipher, size_mb)
+    if daemon is not None and extras:
+        theirs["rsync_fsync"] = rsync_copier(daemon, "big", src, runs / "rsync-big-f", warm,
+                                             "--fsync", size_mb=size_mb)
+    # SBS, rsync, SBS, rsync, ...: each SBS copy has an rsync copy beside it in every rep
+    names = [n for pair in itertools.zip_longest(ours, theirs) for n in pair if n]
+    copiers = {n: ours.get(n) or theirs[n] for n in names}
     res = run_reps(sz.reps_big, {k: _told(k, f) for k, f in copiers.items()})
     out: dict[str, Any] = {"bytes": sz.big_bytes, "order": "rotating", **res}
     peers = [k for k in res if k.startswith("rsync")]
