@@ -7,7 +7,10 @@ tools would). Everything else is refused by the ZAP handler before a single mess
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import zmq
@@ -34,12 +37,49 @@ def load_keys(cfg: Config) -> Keys | None:
     return Keys(public=public, secret=secret, peer_public=peer_public)
 
 
+_CERT = """#   ****  Generated {when} by sbs-tools keygen  ****
+#   ZeroMQ CURVE {kind}
+#   Edit this file only with care: zmq.auth.load_certificate reads it.
+
+metadata
+curve
+    public-key = "{public}"
+"""
+
+
+def _write_new(path: Path, text: str, mode: int) -> None:
+    """Write `path` as a new file created with `mode` and renamed into place: a process holding
+    the old file open keeps reading the old content, and the new one is never readable by
+    anyone `mode` excludes, not even for a moment (no write-then-chmod)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may only have narrowed it; make it exactly `mode`
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def keygen(directory: Path, name: str) -> tuple[Path, Path]:
-    """NAME.key and NAME.key_secret in zmq.auth's certificate format."""
+    """NAME.key and NAME.key_secret in zmq.auth's certificate format (the secret one 0600)."""
     directory.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(str(directory), name)
-    Path(secret).chmod(0o600)
-    return Path(public), Path(secret)
+    public, secret = zmq.curve_keypair()
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    pub_path, sec_path = directory / f"{name}.key", directory / f"{name}.key_secret"
+    text = _CERT.format(when=when, kind="public certificate", public=public.decode())
+    _write_new(pub_path, text, 0o644)
+    text = _CERT.format(when=when, kind="**secret** certificate", public=public.decode())
+    _write_new(sec_path, text + f'    secret-key = "{secret.decode()}"\n', 0o600)
+    return pub_path, sec_path
 
 
 class _Allowed:
