@@ -778,7 +778,7 @@ class Node:
 
     def _start_scanner(self) -> None:
         folders = self.folders
-        self.blobs.set_folders({n: str(f.path) for n, f in folders.items()})
+        self.blobs.set_folders(folders)
         self.index = {n: {} for n in folders}
         self.index_ready = False
         self.pair.update(folders={n: list(f.filters) for n, f in folders.items()},
@@ -950,7 +950,7 @@ class Node:
         persist.save(self.state_dir / "pair.json", self.pair)
         self._load_sentinels_for(own=False)
         self.folders = folders = self._pushed_folders()
-        self.blobs.set_folders({n: str(f.path) for n, f in folders.items()})
+        self.blobs.set_folders(folders)
         self.follow["oldest_unapplied"] = self.follow.get("oldest_unapplied") or time.monotonic()
         # reports of jobs queued before this snapshot are about the previous one (perhaps a
         # previous run of the primary, numbered from 0 again): _on_syncer ignores them

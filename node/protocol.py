@@ -36,6 +36,10 @@ MAX_BUS_IN = 64 << 20  # SUB: manifests are split into parts of at most MANIFEST
 MAX_BLOB_REQUEST_IN = 1 << 20  # REP: fetch requests are small
 MAX_BLOB_REPLY_IN = 64 << 20  # fetch client: DATA with chunks
 MAX_CHUNK = 4 << 20  # largest chunk a fetch may ask for
+# bytes one GET may ask for in all (the sum of its items' n): the server builds a reply in
+# memory, so this bounds what one request costs it; an honest batch asks for about 1 MiB
+MAX_GET_BYTES = 4 << 20
+FETCH_WINDOW = 8  # GETs in flight per client; the server queues at most this many replies
 MANIFEST_PART = 5000  # entries per bus manifest message
 
 STATES = ("starting", "primary", "secondary", "stopping", "stopped")
@@ -320,6 +324,10 @@ def decode(frames: list[bytes], expect: tuple[str, ...] | None = None) -> Messag
         schema, optional = SCHEMAS[command]
         if (why := validate(schema, body, optional)) is not None:
             return Bad(f"{command}: {why}")
+        if command == "GET":
+            asked = sum(item["n"] for item in body["items"])
+            if asked > MAX_GET_BYTES:
+                return Bad(f"GET: {asked} bytes asked, at most {MAX_GET_BYTES} per request")
         if command == "DATA":
             if len(blobs) != len(body["items"]):
                 return Bad(f"DATA: {len(blobs)} blobs for {len(body['items'])} items")

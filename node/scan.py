@@ -19,7 +19,7 @@ import stat
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import xxhash
@@ -38,12 +38,13 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 
+from .tree import TEMP_PREFIX, walk
+
 log = logging.getLogger(__name__)
 
 Entry = dict[str, Any]
 Batch = dict[str, set[str]]
 
-TEMP_PREFIX = ".sbs-tmp-"
 CHUNK = 1 << 20
 STABLE_TRIES = 3
 # A write that lands in the same timestamp tick as our hash leaves size, mtime and ctime
@@ -478,22 +479,25 @@ def _parent(relpath: str) -> str:
 def _is_real_dir(root: str, rel_dir: str, real: dict[str, os.stat_result | None],
                  not_real: set[str]) -> bool:
     """Is root/rel_dir a directory reached through directories only (no symlink on the way)?"""
-    if rel_dir in real:
-        return True
-    if rel_dir in not_real:
-        return False
-    ok = _is_real_dir(root, _parent(rel_dir), real, not_real)
-    if ok:
-        try:
-            st = os.lstat(os.path.join(root, rel_dir))
-        except OSError:
-            ok = False
+    # from the nearest ancestor already known down to rel_dir, without recursion (deep trees)
+    chain = []
+    d = rel_dir
+    while d not in real and d not in not_real:
+        chain.append(d)
+        d = _parent(d)
+    ok = d in real
+    for d in reversed(chain):
+        if ok:
+            try:
+                st = os.lstat(os.path.join(root, d))
+            except OSError:
+                ok = False
+            else:
+                ok = stat.S_ISDIR(st.st_mode)
+        if ok:
+            real[d] = st
         else:
-            ok = stat.S_ISDIR(st.st_mode)
-    if ok:
-        real[rel_dir] = st
-    else:
-        not_real.add(rel_dir)
+            not_real.add(d)
     return ok
 
 
@@ -598,8 +602,8 @@ def _add_missing_parents(rel_dir: str, index: dict[str, Entry], fresh: dict[str,
 
 try:  # watchdog >= 7 on Linux: the inotify reader thread is a class we can extend
     from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
-    from watchdog.observers.inotify import InotifyEmitter
-    from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
+    from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
+    from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, InotifyFD, Mask
 except Exception:  # older watchdog, or not Linux: fall back to the default observer
     InotifyFD = None  # type: ignore[assignment,misc]
 
@@ -619,13 +623,60 @@ if InotifyFD is not None:
             if event.is_queue_overflow:
                 self._on_overflow()
 
+    def _tree(path: bytes) -> Iterator[tuple[bytes, list[str], list[str]]]:
+        try:
+            top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            for rel, _, dirs, others in walk(top):
+                yield (os.path.join(path, os.fsencode(rel)) if rel else path), dirs, others
+        finally:
+            os.close(top)
+
+    class _WatchGroup(InotifyWatchGroup):  # type: ignore[misc,valid-type]
+        """watchdog's recursive registration and its synthetic events walk with os.walk, which
+        recurses (RecursionError on a tree deeper than about 1,000 levels, and the watcher dies):
+        the same work on node.tree's walk."""
+
+        def _add_all_callbacks(self, path: bytes) -> None:
+            is_dir = os.path.isdir(path)
+            self._add_callback(path)
+            if is_dir and self.is_recursive:
+                for root, dirs, _ in _tree(path):
+                    for name in dirs:
+                        self._add_callback(os.path.join(root, os.fsencode(name)))
+
+        def _recursive_simulate(self, src_path: bytes) -> list[InotifyEvent]:
+            events = []
+            for root, dirs, others in _tree(src_path):
+                if not (node := self._find_node_by_path(root)):
+                    continue  # not watched (yet): its own IN_CREATE reports its content
+                for name in dirs:
+                    events.append(InotifyEvent(node.wd, Mask(InotifyConstants.IN_CREATE
+                                                             | InotifyConstants.IN_ISDIR), 0,
+                                               os.fsencode(name)))
+                for name in others:
+                    events.append(InotifyEvent(node.wd, InotifyConstants.IN_CREATE, 0,
+                                               os.fsencode(name)))
+            return events
+
+    class _Emitter(InotifyEmitter):  # type: ignore[misc,valid-type]
+        def on_thread_start(self) -> None:
+            self._inotify = _WatchGroup(
+                self._inotify_fd, os.fsencode(self.watch.path),
+                is_recursive=self.watch.is_recursive,
+                event_mask=self.get_event_mask_from_filter(),
+                follow_symlink=self.watch.follow_symlink,
+            )
+
     class _InotifyObserver(BaseObserver):  # type: ignore[misc,valid-type]
         """watchdog's InotifyObserver, with an inotify reader that reports queue overflows."""
 
         def __init__(self, on_overflow: Callable[[], None]):
             self.inotify_fd = _OverflowAwareFD(on_overflow)
             self.inotify_fd.start()
-            super().__init__(InotifyEmitter, timeout=DEFAULT_OBSERVER_TIMEOUT,
+            super().__init__(_Emitter, timeout=DEFAULT_OBSERVER_TIMEOUT,
                              inotify_fd=self.inotify_fd)
 
         def healthy(self) -> bool:

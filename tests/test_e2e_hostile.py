@@ -1,0 +1,187 @@
+"""Hostile peers and hostile trees (issue 12), with real node processes on 127.0.0.1 (alpha)
+and 127.0.0.2 (beta). Every wait polls a condition with a deadline."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import psutil
+import zmq
+
+from node import protocol
+from node.security import load_keys
+from tests.pair import HOSTS, wait_for
+from tests.test_e2e_replication import (
+    MiB,
+    _curve_socket,
+    replication,
+    sbs_tools,
+    started,
+    write,
+)
+
+DEPTH = 2000  # levels: far past Python's recursion limit (about 1,000)
+
+
+def _deep(root: Path, depth: int) -> tuple[str, str]:
+    """deep/d/d/... `depth` levels made one openat at a time (no long paths, no recursion);
+    returns the relpaths of the deepest folder and of a file halfway down."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    names = ["deep"] + ["d"] * (depth - 1)
+    for n, name in enumerate(names):
+        os.mkdir(name, dir_fd=fd)
+        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = sub
+        if n == depth // 2:
+            f = os.open("half.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+            os.write(f, b"half way down\n")
+            os.close(f)
+    os.close(fd)
+    return "/".join(names), "/".join(names[:depth // 2 + 1] + ["half.txt"])
+
+
+def test_a_tree_2000_levels_deep_replicates_restarts_takes_over_and_deletes(make_pair):
+    pair = make_pair(node={"strict": "true"})
+    try:
+        a, b = pair.folder("alpha"), pair.folder("beta")
+        # the deepest folder's absolute path must fit PATH_MAX (4096 with its NUL) on both nodes
+        assert len(str(a)) + 2 * DEPTH + 4 < 4095, "the test folder's path leaves no room"
+        for n in range(6):  # the one deep file is then no mass deletion for the strict guard
+            write(a / f"top{n}.txt", f"top {n}\n")
+        deepest, half = _deep(a, DEPTH)
+        started(pair)
+        wait_for(lambda: (b / deepest).is_dir() and (b / half).is_file(), 60,
+                 f"beta to copy the deep tree (log: {pair.beta.tail_log()})")
+
+        # a restarted secondary cleans its temp files over the whole tree, then takes a snapshot
+        pair.beta.stop()
+        pair.beta.start()
+        pair.beta.wait_state("secondary", 30)
+        wait_for(lambda: replication(pair.beta).get("synced"), 60,
+                 f"the restarted beta to sync (log: {pair.beta.tail_log()})")
+        res = sbs_tools("verify", "--config", str(pair.alpha.config), timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+
+        # a takeover watches the whole tree before it scans it
+        pair.alpha.kill()
+        pair.beta.wait_state("primary", 30)
+        wait_for(lambda: replication(pair.beta).get("ready"), 60,
+                 f"the new primary's first scan (log: {pair.beta.tail_log()})")
+        pair.alpha.start()
+        pair.alpha.wait_state("secondary", 30)
+        wait_for(lambda: replication(pair.alpha).get("synced"), 60,
+                 f"alpha to follow beta (log: {pair.alpha.tail_log()})")
+
+        # strict: the deep tree deleted on the primary goes to the secondary's trash
+        subprocess.run(["rm", "-rf", str(b / "deep")], check=True, timeout=60)
+        wait_for(lambda: not (a / "deep").exists(), 120,
+                 f"alpha to delete the deep tree (log: {pair.alpha.tail_log()})")
+        trash = pair.alpha.cfg.state_dir / "trash"
+        assert any(p.name == "deep" for stamp in trash.iterdir() for p in stamp.rglob("deep"))
+        res = sbs_tools("verify", "--config", str(pair.beta.config), timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert pair.alpha.state() == "secondary" and pair.beta.state() == "primary"
+    finally:
+        # pytest removes old temp folders with shutil.rmtree, which recurses: a tree this deep
+        # left behind would end a later test session with a RecursionError
+        pair.stop()
+        subprocess.run(["rm", "-rf", str(pair.root / "data"), str(pair.root / "state")],
+                       check=False, timeout=120)
+
+
+# ------------------------------------------------------------------------ the file server
+
+class Fetch:
+    """A REQ to a node's file server with the peer's key (what a hostile peer holds)."""
+
+    def __init__(self, pair, node: str = "alpha", timeout_ms: int = 5000):
+        other = pair.beta if node == "alpha" else pair.alpha
+        keys = load_keys(other.cfg)
+        self.ctx = zmq.Context()
+        self.sock = _curve_socket(self.ctx, zmq.REQ, keys, keys.peer_public)
+        self.sock.rcvtimeo = self.sock.sndtimeo = timeout_ms
+        self.sock.connect(f"tcp://{HOSTS[node]}:{pair.port + 2}")
+
+    def get(self, items: list[dict]) -> protocol.Message:
+        self.sock.send_multipart(protocol.encode("GET", {"id": 1, "items": items}))
+        msg = protocol.decode(self.sock.recv_multipart())  # zmq.Again when nobody answers
+        assert msg, msg
+        return msg
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+def _primary_alone(pair):
+    pair.alpha.start()
+    pair.alpha.wait_state("primary")
+    wait_for(lambda: replication(pair.alpha).get("ready"), 20, "alpha's first scan")
+
+
+def test_one_get_cannot_make_the_file_server_hold_more_than_its_bound(make_pair):
+    pair = make_pair()
+    a = pair.folder("alpha")
+    write(a / "big.bin", os.urandom(4 * MiB))
+    write(a / "small.txt", "small\n")
+    _primary_alone(pair)
+    server = psutil.Process(pair.alpha.pid)
+    fetch = Fetch(pair)
+    try:
+        before = server.memory_info().rss
+        # 128 items of 4 MiB each: half a GiB in one reply if the server built it
+        msg = fetch.get([{"f": "docs", "p": "big.bin", "o": 0, "n": 4 * MiB}] * 128)
+        grew = server.memory_info().rss - before
+        assert msg.command == "REPLY" and msg.body["status"] == "error", msg.command
+        assert str(protocol.MAX_GET_BYTES) in msg.body["reason"]
+        assert grew < 64 * MiB, f"the file server grew by {grew / MiB:.0f} MiB"
+        # right at the bound is served; the server keeps answering
+        msg = fetch.get([{"f": "docs", "p": "big.bin", "o": n * MiB, "n": MiB} for n in range(4)])
+        assert msg.command == "DATA" and [len(b) for b in msg.blobs] == [MiB] * 4
+        msg = fetch.get([{"f": "docs", "p": "small.txt", "o": 0, "n": 100}])
+        assert msg.blobs == [b"small\n"]
+    finally:
+        fetch.close()
+    assert pair.alpha.state() == "primary"
+
+
+def test_a_fifo_is_refused_and_the_server_keeps_serving_the_secondary(make_pair):
+    pair = make_pair()
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    write(a / "first.txt", "first\n")
+    os.mkfifo(a / "pipe")
+    os.mkdir(a / "sub")
+    started(pair)
+    fetch = Fetch(pair)
+    try:
+        for path in ("pipe", "sub"):  # no writer ever opens the FIFO: a blocking open hangs
+            msg = fetch.get([{"f": "docs", "p": path, "o": 0, "n": 100}])
+            assert msg.command == "DATA" and msg.body["items"][0]["size"] == -1, path
+            assert "regular" in msg.body["items"][0]["err"] and msg.blobs == [b""]
+    finally:
+        fetch.close()
+    write(a / "after.txt", "after the fifo\n")
+    wait_for(lambda: (b / "after.txt").is_file(), 20,
+             f"the real secondary's next fetch (log: {pair.beta.tail_log()})")
+    assert (b / "after.txt").read_text() == "after the fifo\n"
+    assert not (b / "pipe").exists()
+
+
+def test_the_file_server_serves_only_what_the_filters_replicate(make_pair):
+    pair = make_pair(alpha={"folders": {"labels": "data/alpha/labels *.lab"}})
+    lab = pair.folder("alpha", "labels")
+    write(lab / "secret.txt", "CANARY not replicated\n")
+    write(lab / "a.lab", "label\n")
+    write(lab / "deep" / "b.lab", "deep label\n")
+    _primary_alone(pair)
+    fetch = Fetch(pair)
+    try:
+        msg = fetch.get([{"f": "labels", "p": p, "o": 0, "n": 100}
+                         for p in ("secret.txt", "a.lab", "deep/b.lab")])
+        metas = msg.body["items"]
+        assert metas[0]["size"] == -1 and "filter" in metas[0]["err"]
+        assert msg.blobs == [b"", b"label\n", b"deep label\n"]
+    finally:
+        fetch.close()
