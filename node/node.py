@@ -42,6 +42,7 @@ from .scanner import Scanner, verify_tokens
 from .security import client, load_keys, serve, start_authenticator
 from .sentinels import Sentinels
 from .syncer import Syncer
+from .tree import PathError, check_abspath
 
 log = logging.getLogger("sbs.node")
 
@@ -766,12 +767,11 @@ class Node:
             if (why := protocol.folder_name_problem(name)) is not None:
                 log.error("folder %r from the primary: %s: not replicated", name[:64], why)
                 continue
-            path = own[name].path if name in own else Path(paths.get(name) or "")
-            if not path.is_absolute():
-                # Path("") is ".": a folder pushed without a usable path would land in
-                # whatever the working directory is (/ under systemd)
-                log.error("folder %r: no path here and no absolute path from the primary"
-                          " (%r): not replicated", name[:64], str(paths.get(name))[:200])
+            try:  # a pushed path is held to the rules a path from the wire is (node/tree.py)
+                path = own[name].path if name in own else Path(check_abspath(paths.get(name)))
+            except PathError as exc:
+                log.error("folder %r: no path here and no usable path from the primary (%s):"
+                          " not replicated", name[:64], exc)
                 continue
             table[name] = FolderConfig(name=name, path=path, filters=tuple(filters))
         return table

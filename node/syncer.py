@@ -215,9 +215,15 @@ class Syncer:
             if w is None or str(w.root) != str(f.path):
                 # trash and conflict copies go under <stamp>/<folder>/: two folders may both
                 # hold a config.ini, and the operator must see which one a copy came from
-                w = FolderWriter(f.path, sd / "tmp" / name, sd / "trash", sd / "conflicts",
-                                 name=name)
-                removed = w.cleanup_temps()
+                try:
+                    w = FolderWriter(f.path, sd / "tmp" / name, sd / "trash", sd / "conflicts",
+                                     name=name)
+                    removed = w.cleanup_temps()
+                except (OSError, ValueError) as exc:  # that folder is refused, not all of them
+                    log.error("folder %s (%s) cannot be replicated here: %s", name,
+                              str(f.path)[:200], exc)
+                    self.writers.pop(name, None)
+                    continue
                 if removed:
                     log.info("removed %d temp file(s) left by an interrupted sync in %s",
                              removed, name)

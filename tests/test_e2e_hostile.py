@@ -13,8 +13,10 @@ from node import protocol
 from node.security import load_keys
 from tests.pair import HOSTS, wait_for
 from tests.test_e2e_replication import (
+    FakePrimary,
     MiB,
     _curve_socket,
+    _entry,
     replication,
     sbs_tools,
     started,
@@ -185,3 +187,31 @@ def test_the_file_server_serves_only_what_the_filters_replicate(make_pair):
         assert msg.blobs == [b"", b"label\n", b"deep label\n"]
     finally:
         fetch.close()
+
+
+# ------------------------------------------------------------------------ pushed folder paths
+
+def test_a_bad_pushed_folder_path_refuses_that_folder_and_the_others_replicate(make_pair):
+    pair = make_pair(node={"dead_after": 3.0})
+    b = pair.folder("beta")
+    other = pair.root / "other"  # a folder beta does not configure: the pushed path is used
+    data = b"an honest file\n"
+    fake = FakePrimary(pair, {n: [_entry("f.txt", data)] for n in
+                              ("docs", "other", "nul", "dots", "long", "rel")}, {"f.txt": data})
+    fake.folders = {n: ["*"] for n in ("docs", "other", "nul", "dots", "long", "rel")}
+    fake.paths = {"other": str(other), "nul": str(pair.root / "a\x00b"),
+                  "dots": str(pair.root / "x" / ".." / "dots"), "rel": "rel/dir",
+                  "long": "/tmp/" + "x" * 300}
+    try:
+        pair.beta.start()
+        pair.beta.wait_state("secondary")
+        wait_for(lambda: (b / "f.txt").is_file() and (other / "f.txt").is_file(), 20,
+                 f"the good folders to replicate (log: {pair.beta.tail_log()})")
+    finally:
+        fake.stop()
+    log = pair.beta.log.read_text()
+    for name, why in (("nul", "NUL"), ("dots", "'..'"), ("long", "longer"),
+                      ("rel", "not an absolute")):
+        assert f"folder '{name}': no path here and no usable path" in log and why in log, name
+    assert not (pair.root / "dots").exists() and not (pair.root / "x").exists()
+    assert pair.beta.proc.poll() is None
