@@ -470,7 +470,8 @@ class Node:
         log.info("handed over to %s", self.peer.name or self.cfg.peer)
 
     def _do_ask_handover(self, **_: Any) -> None:
-        self._send_peer("ASK_HANDOVER", {"name": self.cfg.name, "run": self.run_id})
+        self._send_peer("ASK_HANDOVER", {"name": self.cfg.name, "run": self.run_id,
+                                         "epoch": self.epoch})
         log.info("asked primary %s to hand over", self.peer.name)
 
     def _do_refuse(self, context: tuple[bytes, str] | None, **_: Any) -> None:
@@ -596,9 +597,8 @@ class Node:
             log.warning("dropped control message %s: not accepted on this port", c)
 
     def _from_peer(self, msg: Message) -> bool:
-        if msg.body["run"] != self.peer.run:
-            log.warning("ignored %s from run %s: the peer is run %s", msg.command,
-                        msg.body["run"], self.peer.run or "unknown")
+        if (why := protocol.stale(msg.body, self.peer.run, self.peer.epoch)) is not None:
+            log.warning("ignored %s %s", msg.command, why)
             return False
         return True
 
@@ -610,7 +610,8 @@ class Node:
         if msg.command == "PONG":
             self._on_peer_state(msg)
         elif msg.command == "SNAPSHOT_REP":
-            self._on_snapshot(msg)
+            if self._from_peer(msg):
+                self._on_snapshot(msg)
         elif msg.command == "HANDOVER":
             if self._from_peer(msg):
                 self.feed(E.PEER_HANDOVER)

@@ -244,7 +244,7 @@ SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
     "PING": (PEER_STATE, ("through", "stuck", "following")),
     "PONG": (PEER_STATE, ("through", "stuck", "following")),
     "HANDOVER": ({"name": NAME, "run": s(32), "epoch": EPOCH, "seq": SEQ}, ()),
-    "ASK_HANDOVER": ({"name": NAME, "run": s(32)}, ()),
+    "ASK_HANDOVER": ({"name": NAME, "run": s(32), "epoch": EPOCH}, ()),
     "SNAPSHOT": ({"name": NAME}, ()),
     "SNAPSHOT_REP": (
         {
@@ -345,6 +345,17 @@ def decode_bus(frames: list[bytes]) -> Message | Bad:
     if msg and bytes(frames[0]) != msg.command.lower().encode():
         return Bad("bus topic does not match the command")
     return msg
+
+
+def stale(body: dict[str, Any], run: str, epoch: int) -> str | None:
+    """Why a peer command (HANDOVER, ASK_HANDOVER, SNAPSHOT_REP) is not from the peer as we
+    know it now, or None: it must carry the run of the peer's latest heartbeat and an epoch no
+    lower than the one that heartbeat said (an older message, replayed or late, is dropped)."""
+    if body["run"] != run:
+        return f"from run {body['run'][:32]}: the peer is run {run or 'unknown'}"
+    if body["epoch"] < epoch:
+        return f"stale epoch {body['epoch']}: the peer is at epoch {epoch}"
+    return None
 
 
 def wins(a: dict[str, Any], b_: dict[str, Any]) -> bool:

@@ -10,7 +10,7 @@ import psutil
 import zmq
 
 from node import protocol
-from node.security import load_keys
+from node.security import client, load_keys
 from tests.pair import HOSTS, wait_for
 from tests.test_e2e_replication import (
     FakePrimary,
@@ -22,6 +22,7 @@ from tests.test_e2e_replication import (
     started,
     write,
 )
+from tools.client import subscribe
 
 DEPTH = 2000  # levels: far past Python's recursion limit (about 1,000)
 
@@ -215,3 +216,66 @@ def test_a_bad_pushed_folder_path_refuses_that_folder_and_the_others_replicate(m
         assert f"folder '{name}': no path here and no usable path" in log and why in log, name
     assert not (pair.root / "dots").exists() and not (pair.root / "x").exists()
     assert pair.beta.proc.poll() is None
+
+
+# ------------------------------------------------------------------------ peer commands
+
+def _control(pair, key_of: str, to: str) -> zmq.Socket:
+    """A DEALER to `to`'s control port holding `key_of`'s key pair (the peer's key when they
+    differ: what a hostile peer holds; the node's own key: what its operator's tools hold)."""
+    keys = load_keys(pair.nodes[key_of].cfg)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.rcvtimeo = 5000
+    client(sock, keys, keys.public if key_of == to else keys.peer_public)
+    sock.connect(f"tcp://{HOSTS[to]}:{pair.port}")
+    return sock
+
+
+def _heartbeat(pair, of: str) -> dict:
+    """The latest HB body on `of`'s bus, as its peer sees it."""
+    other = "beta" if of == "alpha" else "alpha"
+    messages = subscribe(pair.nodes[other].cfg, peer=True)
+    try:
+        for msg in messages:
+            if msg and msg.command == "HB":
+                return msg.body
+    finally:
+        messages.close()
+    raise AssertionError("no heartbeat")
+
+
+def test_a_handover_with_a_stale_epoch_is_logged_and_dropped(make_pair):
+    pair = make_pair()
+    pair.start_both()
+    pair.alpha.stop()  # alpha again, so its epoch is 2 and epoch 1 is a real, older one
+    pair.beta.wait_state("primary")
+    pair.alpha.start()
+    pair.alpha.wait_state("secondary")
+    pair.beta.stop()
+    pair.alpha.wait_state("primary")
+    pair.beta.start()
+    pair.beta.wait_state("secondary")
+    hb = _heartbeat(pair, "alpha")
+    assert hb["state"] == "primary" and hb["epoch"] >= 2
+    sock = _control(pair, "alpha", "beta")  # the primary's key, as a peer-key holder has it
+    try:
+        for epoch in (hb["epoch"] - 1, 0):
+            sock.send_multipart(protocol.encode("HANDOVER", {
+                "name": "alpha", "run": hb["run"], "epoch": epoch, "seq": hb["seq"]}))
+            wait_for(lambda e=epoch: f"ignored HANDOVER stale epoch {e}" in
+                     pair.beta.log.read_text(), 10, f"beta to drop the HANDOVER of epoch {epoch}")
+        # and a replayed ASK_HANDOVER of an older epoch reaches the primary no better
+        sock_a = _control(pair, "beta", "alpha")
+        hb_b = _heartbeat(pair, "beta")
+        sock_a.send_multipart(protocol.encode("ASK_HANDOVER", {
+            "name": "beta", "run": hb_b["run"], "epoch": hb_b["epoch"] - 1}))
+        wait_for(lambda: "ignored ASK_HANDOVER stale epoch" in pair.alpha.log.read_text(), 10,
+                 "alpha to drop the stale ASK_HANDOVER")
+        sock_a.close()
+    finally:
+        sock.close()
+    # the dropped commands moved nobody: a pong round later the roles are as they were
+    assert pair.beta.status()["state"] == "secondary"
+    assert pair.alpha.status()["state"] == "primary"
+    assert "took over" not in pair.beta.log.read_text().split("ignored HANDOVER")[-1]
