@@ -39,7 +39,15 @@ from .notify import Notifier
 from .peer import Peer
 from .protocol import Bad, Message
 from .scanner import Scanner, verify_tokens
-from .security import client, load_keys, serve, start_authenticator
+from .security import (
+    PEER_COMMANDS,
+    client,
+    load_keys,
+    refusal,
+    sender_key,
+    serve,
+    start_authenticator,
+)
 from .sentinels import Sentinels
 from .syncer import Syncer
 from .tree import PathError, check_abspath
@@ -226,8 +234,8 @@ class Node:
                 sock = getattr(self, name)
                 if sock is None or sock.closed or sock not in ready:
                     break
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                try:  # the ROUTER's frames carry the sender's key (ZAP User-Id)
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=name != "router")
                 except zmq.Again:
                     break
                 handler(frames)
@@ -554,7 +562,9 @@ class Node:
         if event is not None:
             self.feed(event)
 
-    def _on_router(self, frames: list[bytes]) -> None:
+    def _on_router(self, raw: list[zmq.Frame]) -> None:
+        key = sender_key(raw[-1])
+        frames = [f.bytes for f in raw]
         if len(frames) < 2:
             log.warning("dropped a control message without identity")
             return
@@ -564,6 +574,11 @@ class Node:
             log.warning("dropped a bad control message: %s", msg.reason)
             return
         c = msg.command
+        if (why := refusal(c, key, self.keys)) is not None:
+            log.warning("refused %s from key %s: %s", c, (key or "?")[:8], why)
+            if c not in PEER_COMMANDS:
+                self._reply(ident, protocol.reply_error(f"refused: {why}"))
+            return
         if c == "PING":
             if msg.body["run"] != self.run_id:
                 self.peer_ident = ident
@@ -586,6 +601,8 @@ class Node:
         elif c == "SENTINEL":
             self._on_sentinel_command(ident, msg.body)
         elif c == "VERIFY":
+            self._on_verify(ident, peer=msg.body.get("peer", False))
+        elif c == "TOKENS":
             self._on_verify(ident)
         elif c == "CONFIRM":
             if self.syncer is None:
@@ -703,7 +720,9 @@ class Node:
                                              active=self.sentinels.active,
                                              restricted=self.restricted))
 
-    def _on_verify(self, ident: bytes) -> None:
+    def _on_verify(self, ident: bytes, *, peer: bool = False) -> None:
+        """Hash every folder afresh on a worker thread; with `peer`, ask the peer for its own
+        tokens (TOKENS, a peer command: the operator's key is not the peer's operator key)."""
         folders = dict(self.folders)
 
         def work() -> None:
@@ -711,6 +730,9 @@ class Node:
             push.linger = 1000
             push.connect(self.results_addr)
             try:
+                if peer:
+                    push.send_multipart([ident, *self._peer_tokens()])
+                    return
                 tokens = verify_tokens(folders)
                 push.send_multipart([ident, *protocol.reply_ok(folders=tokens)])
             except Exception as exc:
@@ -719,6 +741,21 @@ class Node:
                 push.close()
 
         threading.Thread(target=work, name="sbs-verify", daemon=True).start()
+
+    def _peer_tokens(self, timeout: float = 600.0) -> list[bytes]:
+        """The peer's REPLY to TOKENS, on a socket of the calling (worker) thread."""
+        if not self.peer.alive:
+            return protocol.reply_error(f"no answer from the peer {self.cfg.peer}")
+        sock = self._socket(zmq.DEALER, maxmsg=protocol.MAX_REPLY_IN)
+        try:
+            client(sock, self.keys)
+            sock.connect(f"tcp://{self.cfg.peer}:{self.cfg.control_port}")
+            sock.send_multipart(protocol.encode("TOKENS", {"name": self.cfg.name}))
+            if not sock.poll(timeout * 1000):
+                return protocol.reply_error(f"the peer did not answer within {timeout:.0f}s")
+            return sock.recv_multipart()
+        finally:
+            sock.close()
 
     def _on_result(self, frames: list[bytes]) -> None:
         self._reply(frames[0], frames[1:])

@@ -261,7 +261,8 @@ SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
     "STATUS": ({}, ()),
     "PROMOTE": ({"force": b}, ()),
     "SENTINEL": ({"action": one_of("list", "start", "stop"), "name": s(255)}, ("name",)),
-    "VERIFY": ({}, ()),
+    "VERIFY": ({"peer": b}, ("peer",)),  # peer: the peer's tokens, asked for by this node
+    "TOKENS": ({"name": NAME}, ()),  # node -> peer: what VERIFY answers, for the peer's VERIFY
     "CONFIRM": ({"folder": s(255)}, ("folder",)),
     "REPLY": ({"status": one_of("ok", "error"), "reason": s(4000)}, ("reason",)),
     # bus: PUB -> SUB

@@ -1,8 +1,12 @@
-"""CURVE on every socket: who may connect, and how our sockets present themselves.
+"""CURVE on every socket: who may connect, how our sockets present themselves, and which key
+may send which command.
 
 A node accepts exactly two client keys: the peer's public key and its own (the operator's
 tools on the same host read the node's secret key file, as a root-owned systemd service's
 tools would). Everything else is refused by the ZAP handler before a single message arrives.
+Each message then carries the key that sent it (ZAP's User-Id): peer commands are obeyed only
+from the peer's key, operator commands only from the node's own (least privilege: holding the
+peer's key is not holding the operator's).
 """
 from __future__ import annotations
 
@@ -93,6 +97,28 @@ class _Allowed:
         if not allowed:
             log.warning("refused a CURVE client with an unknown key")
         return allowed
+
+
+# what the peer sends a node; every other control command is the operator's (sbs-tools)
+PEER_COMMANDS = frozenset({"PING", "HANDOVER", "ASK_HANDOVER", "SNAPSHOT", "ACK", "TOKENS"})
+
+
+def sender_key(frame: zmq.Frame) -> str | None:
+    """The z85 public key a message came with (ZAP's User-Id), None without CURVE."""
+    try:
+        return frame.get("User-Id")
+    except (zmq.ZMQError, UnicodeDecodeError):
+        return None
+
+
+def refusal(command: str, key: str | None, keys: Keys | None) -> str | None:
+    """Why `key` may not send `command`, or None when it may. Without CURVE there are no keys
+    to tell apart: whoever reaches the port may send anything (see the README)."""
+    if keys is None:
+        return None
+    if command in PEER_COMMANDS:
+        return None if key == keys.peer_public.decode() else f"{command} needs the peer's key"
+    return None if key == keys.public.decode() else f"{command} needs this node's own key"
 
 
 def start_authenticator(ctx: zmq.Context, keys: Keys | None) -> ThreadAuthenticator | None:

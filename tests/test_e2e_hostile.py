@@ -279,3 +279,54 @@ def test_a_handover_with_a_stale_epoch_is_logged_and_dropped(make_pair):
     assert pair.beta.status()["state"] == "secondary"
     assert pair.alpha.status()["state"] == "primary"
     assert "took over" not in pair.beta.log.read_text().split("ignored HANDOVER")[-1]
+
+
+def _ask(sock: zmq.Socket, command: str, body: dict | None = None) -> dict:
+    sock.send_multipart(protocol.encode(command, body or {}))
+    msg = protocol.decode(sock.recv_multipart())
+    assert msg and msg.command == "REPLY", msg
+    return msg.body
+
+
+OPERATOR = [("PROMOTE", {"force": True}), ("PROMOTE", {"force": False}),
+            ("SENTINEL", {"action": "stop", "name": "svc"}),
+            ("SENTINEL", {"action": "start", "name": "svc"}), ("SENTINEL", {"action": "list"}),
+            ("CONFIRM", {}), ("VERIFY", {}), ("VERIFY", {"peer": True}), ("STATUS", {})]
+
+
+def test_operator_commands_need_the_nodes_own_key_not_the_peers(make_pair):
+    pair = make_pair(node={"strict": "true"}, sentinels={"svc": "sleep 600"})
+    pair.start_both()
+    for node, peer in (("alpha", "beta"), ("beta", "alpha")):
+        sock = _control(pair, peer, node)  # the peer's key, speaking to `node`
+        try:
+            for command, body in OPERATOR:
+                reply = _ask(sock, command, body)
+                assert reply["status"] == "error", (node, command, reply)
+                assert reply["reason"] == f"refused: {command} needs this node's own key"
+        finally:
+            sock.close()
+    assert pair.alpha.status()["state"] == "primary"
+    assert pair.beta.status()["state"] == "secondary"
+    sentinels = {s["name"]: s for s in pair.alpha.status()["sentinels"]}
+    assert sentinels["svc"]["state"] == "running" and sentinels["svc"]["active"]
+    # the node's own key (its operator's tools) may; a peer command from it is dropped
+    own = _control(pair, "beta", "beta")
+    try:
+        assert _ask(own, "STATUS")["state"] == "secondary"
+        assert _ask(own, "CONFIRM")["status"] == "ok"
+        assert set(_ask(own, "VERIFY")["folders"]) == {"docs"}
+        assert set(_ask(own, "VERIFY", {"peer": True})["folders"]) == {"docs"}
+        own.send_multipart(protocol.encode("HANDOVER", {
+            "name": "alpha", "run": _heartbeat(pair, "alpha")["run"],
+            "epoch": 99, "seq": 0}))
+        wait_for(lambda: "refused HANDOVER" in pair.beta.log.read_text(), 10,
+                 "beta to refuse a HANDOVER sent with its own key")
+    finally:
+        own.close()
+    res = sbs_tools("verify", "--config", str(pair.beta.config), timeout=120)
+    assert res.returncode == 0 and "identical" in res.stdout, res.stdout + res.stderr
+    res = sbs_tools("promote", "--config", str(pair.beta.config), timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    pair.beta.wait_state("primary")
+    assert pair.alpha.status()["state"] == "secondary"
