@@ -43,6 +43,7 @@ from .security import (
     PEER_COMMANDS,
     client,
     load_keys,
+    pinned_sentinels,
     refusal,
     sender_key,
     serve,
@@ -771,6 +772,8 @@ class Node:
     def _load_sentinels_for(self, *, own: bool) -> None:
         """Own config's [sentinels] when starting as primary; the pushed copy on takeover."""
         pushed = self.pair.get("sentinels")
+        if pushed is not None and self.cfg.pin_sentinels:
+            pushed = pinned_sentinels(pushed, dict(self.cfg.sentinels))
         if own or pushed is None:
             defs = dict(self.cfg.sentinels)
             if not defs and pushed:

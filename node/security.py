@@ -121,6 +121,21 @@ def refusal(command: str, key: str | None, keys: Keys | None) -> str | None:
     return None if key == keys.public.decode() else f"{command} needs this node's own key"
 
 
+def pinned_sentinels(pushed: dict[str, str], own: dict[str, str]) -> dict[str, str]:
+    """With [security] pin_sentinels: of the sentinels the peer pushed, only those this node's
+    sbs.ini defines with the same command; every other one is logged and refused (a peer-key
+    holder chooses the commands a takeover runs, unless they are pinned here)."""
+    kept = {}
+    for name, command in pushed.items():
+        if own.get(name) == command:
+            kept[name] = command
+        else:
+            log.error("refused sentinel %r pushed by the peer: %s (pin_sentinels = true)",
+                      name[:64], "not in this node's sbs.ini" if name not in own
+                      else "its command differs from this node's sbs.ini")
+    return kept
+
+
 def start_authenticator(ctx: zmq.Context, keys: Keys | None) -> ThreadAuthenticator | None:
     if keys is None:
         return None

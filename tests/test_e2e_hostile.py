@@ -330,3 +330,23 @@ def test_operator_commands_need_the_nodes_own_key_not_the_peers(make_pair):
     assert res.returncode == 0, res.stdout + res.stderr
     pair.beta.wait_state("primary")
     assert pair.alpha.status()["state"] == "secondary"
+
+
+def test_pinned_sentinels_refuse_commands_the_secondarys_own_config_does_not_name(make_pair):
+    """The primary (a peer-key holder) chooses the sentinel commands a takeover runs, unless
+    the secondary pins them: [security] pin_sentinels = true."""
+    pair = make_pair(
+        alpha={"sentinels": {"svc": "sleep 600", "planted": "sleep 601",
+                             "changed": "sleep 602"}},
+        beta={"sentinels": {"svc": "sleep 600", "changed": "sleep 603"},
+              "security": {"pin_sentinels": "true"}})
+    pair.start_both()
+    pair.alpha.kill()
+    st = pair.beta.wait_state("primary", 20)
+    running = {s["name"]: s for s in st["sentinels"]}
+    assert set(running) == {"svc"}, running  # "changed" runs neither alpha's nor its own
+    wait_for(lambda: [s for s in pair.beta.status()["sentinels"] if s["state"] == "running"],
+             10, "svc to run on beta")
+    log = pair.beta.log.read_text()
+    assert "refused sentinel 'planted' pushed by the peer: not in this node's sbs.ini" in log
+    assert "refused sentinel 'changed' pushed by the peer: its command differs" in log
