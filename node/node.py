@@ -630,6 +630,10 @@ class Node:
         elif msg.command == "SNAPSHOT_REP":
             if self._from_peer(msg):
                 self._on_snapshot(msg)
+            elif self.follow.get("snapshot_deadline"):
+                # perhaps the peer's first heartbeat of a new run has not arrived yet: ask again
+                # soon rather than in 10 s
+                self.follow["snapshot_deadline"] = time.monotonic() + 0.2
         elif msg.command == "HANDOVER":
             if self._from_peer(msg):
                 self.feed(E.PEER_HANDOVER)
