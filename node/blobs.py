@@ -74,9 +74,10 @@ class BlobServer:
         rep = self.ctx.socket(zmq.REP)
         rep.linger = 0
         rep.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_BLOB_REQUEST_IN)
-        # replies a client has not read yet wait in its pipe: at most the fetch window of them
-        # (each at most MAX_GET_BYTES), so one client cannot make us hold more than that
-        rep.sndhwm = protocol.FETCH_WINDOW
+        # replies a client has not read yet wait in its pipe, each at most MAX_GET_BYTES. Not
+        # lower: an HWM of the fetch window itself drops replies after a client reconnects
+        # (its resent requests meet the old ones' replies) and the fetch crawls on timeouts
+        rep.sndhwm = 64
         serve(rep, self.keys)
         try:
             rep.bind(self.endpoint)  # here, so a taken port is an error of the caller

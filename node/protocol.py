@@ -37,9 +37,10 @@ MAX_BLOB_REQUEST_IN = 1 << 20  # REP: fetch requests are small
 MAX_BLOB_REPLY_IN = 64 << 20  # fetch client: DATA with chunks
 MAX_CHUNK = 4 << 20  # largest chunk a fetch may ask for
 # bytes one GET may ask for in all (the sum of its items' n): the server builds a reply in
-# memory, so this bounds what one request costs it; an honest batch asks for about 1 MiB
-MAX_GET_BYTES = 4 << 20
-FETCH_WINDOW = 8  # GETs in flight per client; the server queues at most this many replies
+# memory, so this bounds what one request costs it; an honest batch asks for at most 1.25 MiB
+# (small files up to 1 MiB plus one of 256 KiB, or one 1 MiB chunk of a large file)
+MAX_GET_BYTES = 2 << 20
+FETCH_WINDOW = 8  # GETs in flight per fetch client
 MANIFEST_PART = 5000  # entries per bus manifest message
 
 STATES = ("starting", "primary", "secondary", "stopping", "stopped")
