@@ -35,11 +35,11 @@ MAX_REPLY_IN = 256 << 20  # DEALER to the peer/tool: a full snapshot of a 100k-f
 MAX_BUS_IN = 64 << 20  # SUB: manifests are split into parts of at most MANIFEST_PART entries
 MAX_BLOB_REQUEST_IN = 1 << 20  # REP: fetch requests are small
 MAX_BLOB_REPLY_IN = 64 << 20  # fetch client: DATA with chunks
-MAX_CHUNK = 4 << 20  # largest chunk a fetch may ask for
 # bytes one GET may ask for in all (the sum of its items' n): the server builds a reply in
 # memory, so this bounds what one request costs it; an honest batch asks for at most 1.25 MiB
 # (small files up to 1 MiB plus one of 256 KiB, or one 1 MiB chunk of a large file)
 MAX_GET_BYTES = 2 << 20
+MAX_CHUNK = MAX_GET_BYTES  # largest chunk one item may ask for
 FETCH_WINDOW = 8  # GETs in flight per fetch client
 MANIFEST_PART = 5000  # entries per bus manifest message
 

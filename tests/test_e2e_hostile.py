@@ -134,8 +134,8 @@ def test_one_get_cannot_make_the_file_server_hold_more_than_its_bound(make_pair)
     fetch = Fetch(pair)
     try:
         before = server.memory_info().rss
-        # 128 items of 4 MiB each: half a GiB in one reply if the server built it
-        msg = fetch.get([{"f": "docs", "p": "big.bin", "o": 0, "n": 4 * MiB}] * 128)
+        # 128 items of the largest chunk: 256 MiB in one reply if the server built it
+        msg = fetch.get([{"f": "docs", "p": "big.bin", "o": 0, "n": protocol.MAX_CHUNK}] * 128)
         grew = server.memory_info().rss - before
         assert msg.command == "REPLY" and msg.body["status"] == "error", msg.command
         assert str(protocol.MAX_GET_BYTES) in msg.body["reason"]
