@@ -462,8 +462,14 @@ class Syncer:
             return []
         self.confirmed.discard(name)
         done = []
-        # children before parents, so a deleted folder is empty when its turn comes
+        # children before parents, so a deleted folder is empty when its turn comes; a folder
+        # inside a folder deleted too goes to the trash with it, in one rename (a tree 2,000
+        # levels deep is not walked down from the root once per level)
+        doomed_dirs = {e["path"] for e in deletions if e["kind"] == "dir"}
         for e in sorted(deletions, key=lambda x: x["path"], reverse=True):
+            if e["kind"] == "dir" and e["path"].rpartition("/")[0] in doomed_dirs:
+                done.append((name, e["path"], None))
+                continue
             have = local.get(e["path"])
             if have is None and e["path"] not in local:
                 have = self._local(name, [e["path"]]).get(e["path"])

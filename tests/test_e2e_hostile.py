@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import psutil
+import pytest
 import zmq
 
 from node import protocol
@@ -45,6 +46,7 @@ def _deep(root: Path, depth: int) -> tuple[str, str]:
     return "/".join(names), "/".join(names[:depth // 2 + 1] + ["half.txt"])
 
 
+@pytest.mark.timeout(600)  # several phases over 2,000 levels, each with its own deadline
 def test_a_tree_2000_levels_deep_replicates_restarts_takes_over_and_deletes(make_pair):
     pair = make_pair(node={"strict": "true"})
     try:
@@ -54,32 +56,34 @@ def test_a_tree_2000_levels_deep_replicates_restarts_takes_over_and_deletes(make
         for n in range(6):  # the one deep file is then no mass deletion for the strict guard
             write(a / f"top{n}.txt", f"top {n}\n")
         deepest, half = _deep(a, DEPTH)
-        started(pair)
+        pair.start_both()  # generous deadlines: 2,000 watches and levels on a loaded machine
+        wait_for(lambda: replication(pair.beta).get("synced"), 120,
+                 f"beta's first sync (log: {pair.beta.tail_log()})")
         wait_for(lambda: (b / deepest).is_dir() and (b / half).is_file(), 60,
                  f"beta to copy the deep tree (log: {pair.beta.tail_log()})")
 
         # a restarted secondary cleans its temp files over the whole tree, then takes a snapshot
         pair.beta.stop()
         pair.beta.start()
-        pair.beta.wait_state("secondary", 30)
-        wait_for(lambda: replication(pair.beta).get("synced"), 60,
+        pair.beta.wait_state("secondary", 60)
+        wait_for(lambda: replication(pair.beta).get("synced"), 120,
                  f"the restarted beta to sync (log: {pair.beta.tail_log()})")
         res = sbs_tools("verify", "--config", str(pair.alpha.config), timeout=120)
         assert res.returncode == 0, res.stdout + res.stderr
 
         # a takeover watches the whole tree before it scans it
         pair.alpha.kill()
-        pair.beta.wait_state("primary", 30)
-        wait_for(lambda: replication(pair.beta).get("ready"), 60,
+        pair.beta.wait_state("primary", 60)
+        wait_for(lambda: replication(pair.beta).get("ready"), 120,
                  f"the new primary's first scan (log: {pair.beta.tail_log()})")
         pair.alpha.start()
-        pair.alpha.wait_state("secondary", 30)
-        wait_for(lambda: replication(pair.alpha).get("synced"), 60,
+        pair.alpha.wait_state("secondary", 60)
+        wait_for(lambda: replication(pair.alpha).get("synced"), 120,
                  f"alpha to follow beta (log: {pair.alpha.tail_log()})")
 
         # strict: the deep tree deleted on the primary goes to the secondary's trash
         subprocess.run(["rm", "-rf", str(b / "deep")], check=True, timeout=60)
-        wait_for(lambda: not (a / "deep").exists(), 120,
+        wait_for(lambda: not (a / "deep").exists(), 180,
                  f"alpha to delete the deep tree (log: {pair.alpha.tail_log()})")
         trash = pair.alpha.cfg.state_dir / "trash"
         assert any(p.name == "deep" for stamp in trash.iterdir() for p in stamp.rglob("deep"))
