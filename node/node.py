@@ -35,6 +35,7 @@ from .blobs import BlobServer
 from .config import Config, FolderConfig
 from .fsm import PRIMARY_LIKE, PUBLIC, A, E, S, step
 from .journal import Agreed
+from .liveness import Watch, set_heartbeats
 from .notify import Notifier
 from .peer import Peer
 from .protocol import Bad, Message
@@ -71,6 +72,9 @@ class Node:
         self.max_seen_epoch = max(self.epoch, int(saved.get("max_seen_epoch", 0)))
         self.last_role = saved.get("last_role", "")
         self.stopping_sentinels = False
+        # while sentinels stop: the actions still to do after them, and the events that
+        # arrived meanwhile (fed once the stop is done)
+        self.sentinel_stop: dict[str, Any] | None = None
         self.peer_last_sync: float | None = None  # primary: wall time the secondary was in sync
         self.state = S.STARTING
         self.state_at = time.monotonic()
@@ -117,6 +121,8 @@ class Node:
                         len(killed), killed)
 
         self.ctx = zmq.Context()
+        set_heartbeats(self.ctx, cfg.heartbeat, cfg.dead_after)  # a dead link is dropped, remade
+        self.watch = Watch(cfg.dead_after)
         self.auth = start_authenticator(self.ctx, self.keys)
         self._open_sockets()
 
@@ -185,7 +191,7 @@ class Node:
         self.ping_retry_in = PING_RETRY
         self.probe_deadline = time.monotonic() + self.cfg.dead_after
         try:
-            while self.state != S.STOPPED:
+            while self.state != S.STOPPED or self.sentinel_stop is not None:
                 self._loop_once()
         finally:
             signal.set_wakeup_fd(old_fd)
@@ -230,7 +236,7 @@ class Node:
                 except zmq.Again:
                     break
                 handler(frames)
-                if self.state == S.STOPPED:
+                if self.state == S.STOPPED and self.sentinel_stop is None:
                     return
         self._tick(time.monotonic())
 
@@ -251,6 +257,8 @@ class Node:
         return min(deadlines)
 
     def _tick(self, now: float) -> None:
+        if self.sentinel_stop is not None:
+            self._check_sentinel_stop(now)
         if self.state == S.STARTING and now >= self.probe_deadline:
             log.info("no answer from peer %s within %.1fs", self.cfg.peer, self.cfg.dead_after)
             self.feed(E.PROBE_TIMEOUT)
@@ -269,6 +277,8 @@ class Node:
         if self.state in PRIMARY_LIKE and not self.restricted:
             self.sentinels.poll()
         self._check_final_sync(now)
+        if self.state == S.SECONDARY and self.syncer is not None:
+            self._watch_link(now)
         if self.follow.get("snapshot_deadline") and now >= self.follow["snapshot_deadline"]:
             if self.follow.get("snapshot_sent"):
                 log.info("snapshot not answered yet; asking again")
@@ -276,6 +286,15 @@ class Node:
 
     # ------------------------------------------------------------------ fsm glue
     def feed(self, event: E, *, context: tuple[bytes, str] | None = None) -> tuple[A, ...]:
+        if self.sentinel_stop is not None:
+            # the actions of the last transition are not done yet: this event is for the
+            # state they leave us in. What the peer's state says is said again by its next
+            # ping (and would be stale by then); silence, a hand-over and a stop are not.
+            if event in (E.STOP, E.PEER_SILENT, E.PEER_HANDOVER):
+                queued = self.sentinel_stop["queued"]
+                if (event, context) not in queued:
+                    queued.append((event, context))
+            return ()
         nxt, actions = step(self.state, event)
         if nxt != self.state or actions:
             log.info("%s + %s -> %s %s", self.state, event, nxt, [a.value for a in actions])
@@ -283,7 +302,10 @@ class Node:
         if nxt != self.state:
             self.state = nxt
             self.state_at = time.monotonic()
-        for action in actions:
+        for i, action in enumerate(actions):
+            if action == A.STOP_SENTINELS and self._begin_sentinel_stop(
+                    actions[i + 1:], prev=prev, event=event, context=context):
+                break  # the rest runs once they have stopped: _check_sentinel_stop
             getattr(self, f"_do_{action.value}")(prev=prev, event=event, context=context)
         if nxt != prev:
             # the state counts from when its actions are done: stopping a slow sentinel before
@@ -362,6 +384,36 @@ class Node:
         self.restricted = False
         self._save_node("secondary")
         self._start_following()
+
+    def _begin_sentinel_stop(self, rest: tuple[A, ...], **how: Any) -> bool:
+        """Stopping sentinels is a state with a deadline, not a wait: SIGTERM now, and the
+        actions after it (hand-over, follow, exit) once they are gone. Meanwhile the loop runs:
+        STATUS is answered and the peer keeps hearing "stopping" (a peer that is leaving: no
+        takeover, a HANDOVER or silence follows), so the service never runs on both nodes.
+        False when nothing was running (the rest runs at once)."""
+        self.sentinels.begin_stop_all()
+        if self.sentinels.stop_done():
+            return False
+        self.stopping_sentinels = True
+        self.sentinel_stop = {"rest": rest, "how": how, "queued": [],
+                              "since": time.monotonic()}
+        log.info("stopping sentinels; then %s", [a.value for a in rest] or "nothing")
+        return True
+
+    def _check_sentinel_stop(self, now: float) -> None:
+        stop = self.sentinel_stop
+        if stop is None or not self.sentinels.stop_done():
+            return
+        self.sentinel_stop = None
+        self.stopping_sentinels = False
+        log.info("sentinels stopped in %.1fs", now - stop["since"])
+        for action in stop["rest"]:
+            getattr(self, f"_do_{action.value}")(**stop["how"])
+        self.state_at = time.monotonic()  # the state counts from when its actions are done
+        self._send_ping()
+        for event, context in stop["queued"]:
+            if self.sentinel_stop is None and self.state != S.STOPPED:
+                self.feed(event, context=context)
 
     def _do_stop_sentinels(self, **_: Any) -> None:
         # A sentinel may take up to the grace time to stop, longer than dead_after: the peer
@@ -624,7 +676,7 @@ class Node:
         peer = self.peer
         return {
             "name": self.cfg.name,
-            "state": PUBLIC[self.state],
+            "state": self._public_state(),
             "internal_state": self.state.value,
             "epoch": self.epoch,
             "role": self.cfg.role,
@@ -669,9 +721,14 @@ class Node:
             "lag_seconds": round(now - oldest, 3) if oldest else 0.0,
             "pending_files": self.pending[0], "pending_bytes": self.pending[1],
             "last_sync": self.last_sync_wall, "error": self.repl_error, "stuck": self.stuck,
+            "stalled": self.watch.stalled,
+            "stalled_for": round(now - self.watch.stalled_at, 3) if self.watch.stalled else 0.0,
         }
 
     def _on_promote(self, ident: bytes, force: bool) -> None:
+        if self.sentinel_stop is not None:
+            self._reply(ident, protocol.reply_error("stopping sentinels; try again shortly"))
+            return
         if self.state == S.SECONDARY and not self.peer.alive and not force:
             self._reply(ident, protocol.reply_error(
                 "peer unreachable: cannot hand over gracefully; use --force"))
@@ -897,19 +954,69 @@ class Node:
                 log.error("cannot write the agreed journal: %s", exc)
 
     # ------------------------------------------------------------------ replication: secondary
-    def _start_following(self) -> None:
+    def _open_sub(self) -> None:
+        if self.sub is not None:
+            self.poller.unregister(self.sub)
+            self.sub.close()
         self.sub = self._socket(zmq.SUB, maxmsg=protocol.MAX_BUS_IN)
         self.sub.rcvhwm = 100_000
         client(self.sub, self.keys)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(f"tcp://{self.cfg.peer}:{self.cfg.bus_port}")
         self.poller.register(self.sub, zmq.POLLIN)
+
+    def _start_following(self) -> None:
+        self._open_sub()
+        self.watch.reset(time.monotonic())
+        self.watch.stalled = ""
         self.syncer = Syncer(self.ctx, f"inproc://syncer-{self.run_id}", self.cfg, self.keys,
                              self.agreed)
         self.syncer.start()
         self.snapshots_submitted = 0
         self.follow = {"buffer": [], "seen": None, "run": None}
         self._request_snapshot()
+
+    def _primary_seq(self) -> int:
+        """The seq the primary we follow says it has published (0: not known yet)."""
+        run = self.follow.get("run")
+        alive = self.peer.alive and self.peer.state in ("primary", "stopping")
+        return self.peer.seq if alive and run and self.peer.run == run else 0
+
+    def _watch_link(self, now: float) -> None:
+        """Secondary: is what the primary publishes reaching us? See liveness.py."""
+        primary = self.peer.alive and self.peer.state in ("primary", "stopping")
+        # waiting for a snapshot counts as having nothing of what the primary has
+        seq = self._primary_seq() or (self.peer.seq if primary else 0)
+        why = self.watch.check(now, pings_arrive=primary, pinged_at=self.peer.heard_at,
+                               primary_seq=seq,
+                               applied=self.applied,
+                               progress=(self.applied, self.through, self.snapshots_submitted))
+        w = self.watch
+        if why:
+            self.synced = False
+            if not w.stalled:
+                w.stalled, w.stalled_at = why, now
+                log.error("replication stalled: %s", why)
+                self.publish_event("stall", reason=why, applied=self.applied, primary_seq=seq)
+                self.notifier.send(
+                    f"SBS replication stalled on {self.cfg.name}",
+                    f"Secondary {self.cfg.name} is not receiving what primary "
+                    f"{self.peer.name or self.cfg.peer} publishes: {why}.\n"
+                    f"Its pings arrive, so there is no takeover; were the primary to fail now, "
+                    f"changes after manifest {self.applied} would be missing here.\n")
+            if now - w.remedied_at >= max(5.0, 3 * self.cfg.dead_after):
+                w.remedied_at = now
+                log.warning("re-subscribing to %s and asking for a new snapshot", self.cfg.peer)
+                self._open_sub()
+                w.heard_bus(now)
+                self._request_snapshot()
+        elif w.stalled and self.applied >= seq and self.follow.get("run"):
+            log.warning("replication flows again (stalled for %.1fs: %s)", now - w.stalled_at,
+                        w.stalled)
+            self.publish_event("stall_over", reason=w.stalled, seconds=round(now - w.stalled_at, 3))
+            w.stalled = ""
+            self.synced = (not self.pending[0] and not self.repl_error
+                           and self.applied >= (self.follow.get("seen") or 0))
 
     def _stop_following(self) -> None:
         if self.syncer is not None:
@@ -980,6 +1087,8 @@ class Node:
             else:
                 self._accept_manifest(body["seq"], body["entries"])
         elif msg.command == "HB":
+            if body["state"] in ("primary", "stopping"):
+                self.watch.heard_bus(time.monotonic())
             # "stopping" is a primary in its final sync: exactly when we must keep up with it
             if waiting or body["state"] not in ("primary", "stopping"):
                 return
@@ -1025,7 +1134,9 @@ class Node:
             self.repl_error = body.get("error", "")
             self.through, self.stuck = body["through"], body["stuck"]
             caught_up = self.applied >= (self.follow.get("seen") or 0) and not self.pending[0]
-            self.synced = caught_up and not self.repl_error
+            # in sync only with everything the primary says it has published
+            self.synced = (caught_up and not self.repl_error and not self.watch.stalled
+                           and self.applied >= self._primary_seq())
             if caught_up:
                 self.follow["oldest_unapplied"] = None
                 self.last_sync_wall = time.time()

@@ -1,7 +1,8 @@
 """The sentinels: the services the primary runs, each a child process of the node.
 
 One Sentinels object belongs to the node loop (a single thread) and is only ever called from it.
-Nothing here blocks for long except stop_all(), which is bounded by the grace time: stop() and
+Nothing here blocks for long except stop_all(), which is bounded by the grace time (the node's
+loop uses begin_stop_all() and stop_done(), which do not block): stop() and
 configure() only send SIGTERM, and poll() escalates to SIGKILL once the grace time is over.
 
 A sentinel never outlives its node (SPEC 9): the kernel SIGKILLs it when the node dies
@@ -105,6 +106,7 @@ class Sentinels:
         self._running = False
         self._written_pids: list[dict] | None = None
         self._guard: subprocess.Popen | None = None
+        self._reap_deadline: float | None = None  # stop_done(): how long SIGKILL may take
         # Resolved here, before any fork: the child between fork and exec must do as little as
         # possible (the node has other threads, whose locks a forked child may find held).
         self._prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -159,9 +161,18 @@ class Sentinels:
                  tick: Callable[[], None] | None = None) -> None:
         """Leave running mode and stop every sentinel: SIGTERM to each process group, SIGKILL to
         what is left after `grace` seconds. Blocks, but never much longer than `grace`; calls
-        `tick` about every 20 ms meanwhile (the node keeps its heartbeats going)."""
-        grace = self._grace if grace is None else grace
+        `tick` about every 20 ms meanwhile. The node's loop uses begin_stop_all() and
+        stop_done() instead, so that it keeps answering while a sentinel drains."""
         tick = tick or (lambda: None)
+        self.begin_stop_all(grace)
+        while not self.stop_done():
+            tick()
+            time.sleep(0.02)  # polling the children, bounded by the grace and reap deadlines
+
+    def begin_stop_all(self, grace: float | None = None) -> None:
+        """Leave running mode and send SIGTERM to every sentinel; returns at once. stop_done()
+        finishes the job (SIGKILL after `grace`)."""
+        grace = self._grace if grace is None else grace
         self._running = False
         for name, sentinel in self._sentinels.items():
             sentinel.due = None
@@ -169,22 +180,28 @@ class Sentinels:
         deadline = time.monotonic() + grace
         for child in self._stopping:
             child.kill_at = deadline if child.kill_at is None else min(child.kill_at, deadline)
-        while self._stopping and time.monotonic() < deadline:
-            tick()
-            self._reap_stopping()
-            if self._stopping:
-                time.sleep(0.02)  # polling the children, bounded by the deadline above
-        self._reap_stopping(kill_all=True)
-        reap_deadline = time.monotonic() + _REAP_TIMEOUT
-        while self._stopping and time.monotonic() < reap_deadline:
-            tick()
-            time.sleep(0.02)  # SIGKILL is sent: the kernel ends them, bounded as above
-            self._reap_stopping()
-        for child in self._stopping:
-            log.error("sentinel %s (pid %d) survives SIGKILL", child.name, child.popen.pid)
+        self._reap_deadline = None
+        self._sync_pids_file()
+
+    def stop_done(self) -> bool:
+        """Non-blocking, after begin_stop_all(): reap what has exited, SIGKILL what outlived
+        its grace; True once nothing is left (or what is left survived SIGKILL for a while)."""
+        self._reap_stopping()
+        if self._stopping:
+            if any(c.kill_at is not None for c in self._stopping):
+                return False  # still within its grace
+            now = time.monotonic()
+            if self._reap_deadline is None:
+                self._reap_deadline = now + _REAP_TIMEOUT
+            if now < self._reap_deadline:
+                return False  # SIGKILL is sent: the kernel ends them
+            for child in self._stopping:
+                log.error("sentinel %s (pid %d) survives SIGKILL", child.name, child.popen.pid)
+        self._reap_deadline = None
         self._sync_pids_file()
         if not self._stopping:
             self._close_guard()
+        return True
 
     def start(self, name: str) -> None:
         """Activate `name`, and start it now when in running mode."""
