@@ -27,6 +27,9 @@ def set_heartbeats(ctx: zmq.Context, heartbeat: float, dead_after: float) -> Non
     ctx.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout)
     # what the other side waits without hearing from us before it drops the connection
     ctx.setsockopt(zmq.HEARTBEAT_TTL, timeout)
+    # a handshake whose bytes were lost (a link cut while connecting) is given up and made
+    # again, not waited on for libzmq's default 30 s
+    ctx.setsockopt(zmq.HANDSHAKE_IVL, max(2000, 2 * timeout))
     ctx.setsockopt(zmq.TCP_KEEPALIVE, 1)
     ctx.setsockopt(zmq.TCP_KEEPALIVE_IDLE, max(1, int(dead_after)))
     ctx.setsockopt(zmq.TCP_KEEPALIVE_INTVL, max(1, int(heartbeat) or 1))

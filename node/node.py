@@ -83,6 +83,8 @@ class Node:
         self.peer = Peer(dead_after=cfg.dead_after)
         self.peer_ident: bytes | None = None  # ROUTER identity of the peer's DEALER
         self.split_reported: str | None = None
+        # after yielding in a split brain: told in every ping, so the winner learns of it
+        self.yielded: dict[str, Any] | None = None
         self.keys = load_keys(cfg)
 
         # replication state
@@ -322,6 +324,7 @@ class Node:
                 "restricted": self.restricted, "run": self.run_id}
 
     def _become_primary(self, *, restricted: bool, why: str) -> None:
+        self.yielded = None
         self.epoch = max(self.epoch, self.max_seen_epoch) + 1
         self.max_seen_epoch = self.epoch
         self._save_node("primary")
@@ -438,28 +441,38 @@ class Node:
         return "stopping" if self.stopping_sentinels else PUBLIC[self.state]
 
     def _do_split_brain_lost(self, **_: Any) -> None:
+        # The loser always knows (it yields); the winner may not have seen two primaries (the
+        # loser heard it first). So the loser sends the one email, and tells the winner in its
+        # pings, which report it on their side too.
+        self.yielded = {"run": self.peer.run, "epoch": self.peer.epoch,
+                        "loser_epoch": self.epoch}
         log.error("SPLIT BRAIN: peer %s is primary too and wins by the rule (epoch %d vs %d);"
                   " yielding: files changed here are kept under %s/conflicts/",
                   self.peer.name, self.peer.epoch, self.epoch, self.state_dir)
         self.publish_event("split_brain", winner=self.peer.name, loser=self.cfg.name,
-                           winner_epoch=self.peer.epoch, loser_epoch=self.epoch)
+                           winner_epoch=self.peer.epoch, loser_epoch=self.epoch, seen_by="loser")
+        self.notifier.send(
+            f"SBS split brain resolved: {self.peer.name} stays primary",
+            f"Both {self.peer.name} (epoch {self.peer.epoch}) and {self.cfg.name} (epoch "
+            f"{self.epoch}) were primary. By the rule {self.peer.name} stays primary; "
+            f"{self.cfg.name} (this node) yielded: it stops its sentinels, becomes secondary and "
+            f"keeps the files it changed meanwhile under its state_dir/conflicts/ "
+            f"({self.state_dir}/conflicts/).\n",
+        )
 
     def _do_split_brain_won(self, **_: Any) -> None:
-        key = f"{self.peer.run}:{self.peer.epoch}"
+        self._report_split_won(self.peer.epoch, how="this node wins by the rule")
+
+    def _report_split_won(self, loser_epoch: int, *, how: str) -> None:
+        """Log and publish the split brain once per term of the loser (the loser emails)."""
+        key = f"{self.peer.run}:{loser_epoch}"
         if self.split_reported == key:
             return
         self.split_reported = key
-        log.error("SPLIT BRAIN: peer %s is primary too; this node wins by the rule"
-                  " (epoch %d vs %d); the peer yields", self.peer.name, self.epoch, self.peer.epoch)
+        log.error("SPLIT BRAIN: peer %s was primary too; %s (epoch %d vs %d); the peer yields",
+                  self.peer.name, how, self.epoch, loser_epoch)
         self.publish_event("split_brain", winner=self.cfg.name, loser=self.peer.name,
-                           winner_epoch=self.epoch, loser_epoch=self.peer.epoch)
-        self.notifier.send(
-            f"SBS split brain resolved: {self.cfg.name} stays primary",
-            f"Both {self.cfg.name} (epoch {self.epoch}) and {self.peer.name} (epoch "
-            f"{self.peer.epoch}) were primary. By the rule {self.cfg.name} stays primary; "
-            f"{self.peer.name} stops its sentinels, becomes secondary and keeps the files it "
-            f"changed meanwhile under its state_dir/conflicts/.\n",
-        )
+                           winner_epoch=self.epoch, loser_epoch=loser_epoch, seen_by="winner")
 
     def _do_final_sync(self, event: E, **_: Any) -> None:
         self.final_sync = {
@@ -555,6 +568,7 @@ class Node:
             "error": self.repl_error[:1000],
             "through": self.through, "stuck": self.stuck[:1000],
             "following": self.follow.get("run") or "",
+            **({"yielded": self.yielded} if self.yielded else {}),
         }
 
     def _ping_peer(self, now: float) -> None:
@@ -600,6 +614,9 @@ class Node:
         if (self.state in PRIMARY_LIKE and self.peer.state == "secondary" and self.peer.synced
                 and self.peer.follows(self.run_id) and self.peer.applied >= self.seq):
             self.peer_last_sync = time.time()  # the secondary had everything we had published
+        yielded = body.get("yielded")
+        if yielded and yielded["run"] == self.run_id and self.state in PRIMARY_LIKE:
+            self._report_split_won(yielded["loser_epoch"], how="it yielded to this node")
         event = self.peer.event(self.me(), self.state, now - self.state_at)
         if event is not None:
             self.feed(event)

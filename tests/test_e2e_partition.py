@@ -2,6 +2,7 @@
 half-open links, split brains, and what each node tells the operator (issue 11)."""
 from __future__ import annotations
 
+import os
 import time
 
 from tests.pair import wait_for
@@ -45,3 +46,39 @@ def test_one_way_cut_shows_a_stall_and_heals_without_a_restart(make_pair, smtp):
     pair.alpha.kill()
     pair.beta.wait_state("primary", 15)
     assert tree(dst) == want  # nothing lost when the primary dies right after the heal
+
+
+# the issue asks for 10 rounds; SBS_SPLIT_ROUNDS makes it fewer (or more) on a slow machine
+SPLIT_ROUNDS = int(os.environ.get("SBS_SPLIT_ROUNDS", "10"))
+
+
+def test_every_split_brain_is_reported_once_by_email_and_by_both_nodes(make_pair, smtp):
+    """Symmetric cuts (both directions swallowed) long enough for both to be primary; after
+    each heal exactly one split-brain email (from the loser, whoever saw it first), and a
+    SPLIT BRAIN line in the log of each node."""
+    port, mail = smtp
+    pair = make_pair(proxy=True, email=smtp_email(port))
+    pair.start_both()
+
+    def split_mails() -> list:
+        return [m for m in mail.messages if "split brain" in m["Subject"]]
+
+    def split_lines(name: str) -> int:
+        return pair.nodes[name].log.read_text(errors="replace").count("SPLIT BRAIN")
+
+    for round_ in range(1, SPLIT_ROUNDS + 1):
+        was = pair.primaries()
+        assert len(was) == 1, was
+        pair.cut("alpha", "beta")
+        pair.cut("beta", "alpha")
+        wait_for(lambda: pair.primaries() == ["alpha", "beta"], 15,
+                 f"both to be primary in round {round_}")
+        pair.heal()
+        wait_for(lambda: len(pair.primaries()) == 1
+                 and {n.state() for n in pair.nodes.values()} == {"primary", "secondary"}, 20,
+                 f"one primary again in round {round_}")
+        wait_for(lambda r=round_: len(split_mails()) >= r, 15, f"the email of round {round_}")
+        wait_for(lambda r=round_: split_lines("alpha") + split_lines("beta") >= 2 * r, 10,
+                 f"both nodes to log the split brain of round {round_}")
+    assert len(split_mails()) == SPLIT_ROUNDS, [m["Subject"] for m in split_mails()]
+    assert split_lines("alpha") + split_lines("beta") == 2 * SPLIT_ROUNDS
