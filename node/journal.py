@@ -106,15 +106,24 @@ class Agreed:
     def _compact(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
         live = 0
-        with open(tmp, "wb") as f:
-            for folder, tokens in self._tokens.items():
-                live += _write_lines(f, ((folder, rel, tok) for rel, tok in tokens.items()))
-            f.flush()
-            os.fsync(f.fileno())
-        self._file.close()
-        os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
-        self._file = open(self.path, "ab")
+        try:
+            with open(tmp, "wb") as f:
+                for folder, tokens in self._tokens.items():
+                    live += _write_lines(f, ((folder, rel, tok) for rel, tok in tokens.items()))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk: give the room back, the caller retries
+            raise
+        try:
+            self._file.close()
+        except OSError:
+            pass  # what a failed append left in its buffer: the rewrite replaces it all
+        try:
+            os.replace(tmp, self.path)
+            _fsync_dir(self.path.parent)
+        finally:
+            self._file = open(self.path, "ab")  # appends go on whatever happened
         log.debug("%s: compacted %d lines to %d", self.path, self._lines, live)
         self._lines = live
 

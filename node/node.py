@@ -66,6 +66,10 @@ class Node:
         self.next_ping = self.ping_retry_at = 0.0
         self.ping_retry_in = PING_RETRY
         saved = persist.load(self.state_dir / "node.json", {})
+        # every state_dir write goes through this: a full state disk is logged, shown in
+        # status and retried, never the end of the node
+        self.writes = persist.Guarded()
+        self.journal_error = ""  # the agreed journal's last write error ("" when written)
         self.epoch = int(saved.get("epoch", 0))
         # kept on disk: a node restarted alone must still number its next term above every
         # primary it has seen, or an old primary coming back would win the split-brain rule
@@ -116,6 +120,8 @@ class Node:
 
         self.notifier = Notifier(cfg.email)
         self.sentinels = Sentinels(self.state_dir, on_event=self._sentinel_event)
+        self.writes.extra["sentinels.pids.json"] = lambda: self.sentinels.pids_error
+        self.writes.extra["agreed.jsonl"] = lambda: self.journal_error
         self._load_sentinels_for(own=True)
         killed = self.sentinels.cleanup_leftovers()
         if killed:
@@ -250,6 +256,8 @@ class Node:
             deadlines.append(self.probe_deadline)
         if self.peer.alive:
             deadlines.append(self.peer.heard_at + self.cfg.dead_after + 0.001)
+        if self.writes.failing:
+            deadlines.append(self.writes.next_retry)
         if (w := self.sentinels.next_wakeup()) is not None:
             deadlines.append(w)
         if self.final_sync is not None:
@@ -261,6 +269,8 @@ class Node:
     def _tick(self, now: float) -> None:
         if self.sentinel_stop is not None:
             self._check_sentinel_stop(now)
+        if self.writes.failing or self.journal_error:
+            self._retry_writes(now)
         if self.state == S.STARTING and now >= self.probe_deadline:
             log.info("no answer from peer %s within %.1fs", self.cfg.peer, self.cfg.dead_after)
             self.feed(E.PROBE_TIMEOUT)
@@ -340,13 +350,10 @@ class Node:
 
     def _save_node(self, last_role: str | None = None) -> None:
         self.last_role = last_role or self.last_role
-        try:
-            persist.save(self.state_dir / "node.json", {"epoch": self.epoch,
+        # a full state disk: kept in memory and written again by the loop (self.writes)
+        self.writes.save(self.state_dir / "node.json", {"epoch": self.epoch,
                                                         "max_seen_epoch": self.max_seen_epoch,
                                                         "last_role": self.last_role})
-        except OSError as exc:  # a full state disk: keep going, the next save writes it all
-            log.error("cannot save %s: %s (epoch %d kept in memory)",
-                      self.state_dir / "node.json", exc, self.epoch)
 
     def _do_start_primary(self, **_: Any) -> None:
         # a node that was following a primary when it stopped runs the lists that primary
@@ -712,6 +719,8 @@ class Node:
             "sentinels": self.sentinels.status(),
             "active_sentinels": self.sentinels.active,
             "email": self.notifier.status(),
+            # state_dir writes that failed (a full disk) and are being retried: {file: error}
+            "state_writes": self.writes.status(),
         }
 
     def _replication_status(self, now: float) -> dict[str, Any]:
@@ -820,7 +829,7 @@ class Node:
     def _sentinels_changed(self) -> None:
         self.sv += 1
         self.pair.update(sentinels=self._sentinel_defs(), active=self.sentinels.active, sv=self.sv)
-        persist.save(self.state_dir / "pair.json", self.pair)
+        self.writes.save(self.state_dir / "pair.json", self.pair)
         self.pub.send_multipart(protocol.encode_bus("SENTINELS", {
             "name": self.cfg.name, "sv": self.sv, "sentinels": self._sentinel_defs(),
             "active": self.sentinels.active,
@@ -858,7 +867,7 @@ class Node:
         self.pair.update(folders={n: list(f.filters) for n, f in folders.items()},
                          paths={n: str(f.path) for n, f in folders.items()})
         self.pair.update(sentinels=self._sentinel_defs(), active=self.sentinels.active, sv=self.sv)
-        persist.save(self.state_dir / "pair.json", self.pair)
+        self.writes.save(self.state_dir / "pair.json", self.pair)
         self.scanner = Scanner(self.ctx, f"inproc://scanner-{self.run_id}", folders,
                                period=self.cfg.period)
         self.scanner.start()
@@ -951,8 +960,25 @@ class Node:
             self.journal_jobs.put(([], set(), acked))
         self.peer.applied = max(self.peer.applied, applied)
 
+    def _retry_writes(self, now: float) -> None:
+        retry_journal = self.journal_error and now >= self.writes.next_retry
+        self.writes.retry(now)
+        if retry_journal:
+            self.writes.next_retry = now + self.writes.retry_every
+            self.journal_jobs.put(([], set(), []))  # nothing new: the worker rewrites it
+
     def _journal_worker(self) -> None:
         while (job := self.journal_jobs.get()) is not None:
+            if self.journal_error:
+                # a write failed (full state disk): the journal in memory is whole; write it
+                # all out again (temp file + rename), then go on
+                try:
+                    self.agreed.compact()
+                except OSError as exc:
+                    self.journal_error = f"{self.agreed.path}: {exc}"
+                else:
+                    log.warning("agreed journal written again")
+                    self.journal_error = ""
             whole, later, acked = job
             updates = []
             for folder, entries in whole:
@@ -968,7 +994,9 @@ class Node:
             try:
                 self.agreed.update(updates)
             except OSError as exc:
-                log.error("cannot write the agreed journal: %s", exc)
+                if not self.journal_error:
+                    log.error("cannot write the agreed journal: %s", exc)
+                self.journal_error = f"{self.agreed.path}: {exc}"
 
     # ------------------------------------------------------------------ replication: secondary
     def _open_sub(self) -> None:
@@ -1071,7 +1099,7 @@ class Node:
         self.pair.update(folders=body["folders"], paths=body["paths"],
                          sentinels=body["sentinels"], active=body["active"], sv=body["sv"])
         self.sv = body["sv"]
-        persist.save(self.state_dir / "pair.json", self.pair)
+        self.writes.save(self.state_dir / "pair.json", self.pair)
         self._load_sentinels_for(own=False)
         self.folders = folders = self._pushed_folders()
         self.blobs.set_folders({n: str(f.path) for n, f in folders.items()})
@@ -1121,7 +1149,7 @@ class Node:
         elif msg.command == "SENTINELS":
             self.sv = body["sv"]
             self.pair.update(sentinels=body["sentinels"], active=body["active"], sv=body["sv"])
-            persist.save(self.state_dir / "pair.json", self.pair)
+            self.writes.save(self.state_dir / "pair.json", self.pair)
             self._load_sentinels_for(own=False)
             log.info("sentinel list from primary: active %s", body["active"])
 

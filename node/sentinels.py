@@ -16,6 +16,7 @@ kept in state_dir so the next run can clean up leftovers.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -25,10 +26,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from .protocol import SENTINEL_NAME_RE
 
@@ -107,6 +109,7 @@ class Sentinels:
         self._written_pids: list[dict] | None = None
         self._guard: subprocess.Popen | None = None
         self._reap_deadline: float | None = None  # stop_done(): how long SIGKILL may take
+        self.pids_error = ""  # why the pid file could not be written last time ("" if it was)
         # Resolved here, before any fork: the child between fork and exec must do as little as
         # possible (the node has other threads, whose locks a forked child may find held).
         self._prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -224,6 +227,8 @@ class Sentinels:
 
     def poll(self) -> None:
         """Non-blocking: reap exited children, schedule restarts, start the due ones."""
+        if self.pids_error:
+            self._written_pids = None  # write it again
         self._reap_stopping()
         now = time.monotonic()
         for name, sentinel in self._sentinels.items():
@@ -353,11 +358,7 @@ class Sentinels:
             argv = shlex.split(sentinel.command)
             if not argv:
                 raise ValueError("empty command line")
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "ab") as out:
-                stamp = datetime.now(UTC).isoformat(timespec="seconds")
-                out.write(f"--- {stamp} sbs starts: {sentinel.command}\n".encode())
-                out.flush()
+            with _open_log(log_path, sentinel.command) as out:
                 # PR_SET_PDEATHSIG fires when the *thread* that forked the child dies, not the
                 # process: spawn only from the node's main thread (the loop), never a worker.
                 popen = subprocess.Popen(
@@ -500,9 +501,39 @@ class Sentinels:
             tmp.write_text(json.dumps(record, indent=1))
             os.replace(tmp, path)  # atomic: a reader sees the old or the new list, never half
         except OSError as exc:
-            log.error("cannot record sentinel pids in %s: %s", path, exc)
+            # (a full state disk) tried again at the next change or poll(): the loop's turn
+            if not self.pids_error:
+                log.error("cannot record sentinel pids in %s: %s", path, exc)
+            self.pids_error = f"{path}: {exc}"
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
             return
+        if self.pids_error:
+            log.warning("sentinel pids recorded in %s again", path)
+            self.pids_error = ""
         self._written_pids = pids
+
+
+@contextlib.contextmanager
+def _open_log(path: Path, command: str) -> Iterator[Any]:
+    """The sentinel's log file, opened for its output; DEVNULL when the state disk cannot take
+    it (full): the service must start anyway, its output is what is lost."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = open(path, "ab", buffering=0)  # unbuffered: a failed write leaves nothing behind
+    except OSError as exc:
+        log.error("cannot open %s: %s: the sentinel's output is discarded", path, exc)
+        yield subprocess.DEVNULL
+        return
+    with out:
+        try:
+            stamp = datetime.now(UTC).isoformat(timespec="seconds")
+            out.write(f"--- {stamp} sbs starts: {command}\n".encode())
+        except OSError as exc:
+            log.error("cannot write to %s: %s", path, exc)
+        yield out
 
 
 def _die_with_parent(prctl: Callable[..., int], parent_pid: int) -> Callable[[], None]:
