@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 import zmq
 
-from . import persist, protocol
+from . import conflicts, persist, protocol
 from .blobs import BlobServer
 from .config import Config, FolderConfig
 from .fsm import PRIMARY_LIKE, PUBLIC, A, E, S, step
@@ -87,6 +87,7 @@ class Node:
         self.peer = Peer(dead_after=cfg.dead_after)
         self.peer_ident: bytes | None = None  # ROUTER identity of the peer's DEALER
         self.split_reported: str | None = None
+        self.kept_new: list[dict[str, Any]] = []  # conflict copies made, not yet announced
         # after yielding in a split brain: told in every ping, so the winner learns of it
         self.yielded: dict[str, Any] | None = None
         self.keys = load_keys(cfg)
@@ -392,8 +393,13 @@ class Node:
     def _do_follow(self, **_: Any) -> None:
         self._stop_scanner()
         self.restricted = False
+        # a node that was primary (a split-brain loser, a crashed primary back, an old
+        # primary after a hand-over) may hold changes of its own term the peer lacks
+        own_term = self.last_role == "primary"
         self._save_node("secondary")
         self._start_following()
+        if self.syncer is not None:
+            self.syncer.own_term = own_term
 
     def _begin_sentinel_stop(self, rest: tuple[A, ...], **how: Any) -> bool:
         """Stopping sentinels is a state with a deadline, not a wait: SIGTERM now, and the
@@ -721,7 +727,14 @@ class Node:
             "email": self.notifier.status(),
             # state_dir writes that failed (a full disk) and are being retried: {file: error}
             "state_writes": self.writes.status(),
+            "conflicts": self._conflicts_status(),
         }
+
+    def _conflicts_status(self) -> dict[str, Any]:
+        # a directory walk, bounded: status stays cheap with a large conflicts/ folder
+        kept = conflicts.listing(self.state_dir, limit=1000)
+        return {"count": len(kept), "latest": kept[0]["time"] if kept else None,
+                "files": kept[:50], "where": str(self.state_dir / "conflicts")}
 
     def _replication_status(self, now: float) -> dict[str, Any]:
         if self.state in PRIMARY_LIKE:
@@ -1017,6 +1030,7 @@ class Node:
         self.syncer = Syncer(self.ctx, f"inproc://syncer-{self.run_id}", self.cfg, self.keys,
                              self.agreed)
         self.syncer.start()
+        self.kept_new: list[dict[str, Any]] = []  # conflict copies made, not yet announced
         self.snapshots_submitted = 0
         self.follow = {"buffer": [], "seen": None, "run": None}
         self._request_snapshot()
@@ -1062,6 +1076,24 @@ class Node:
             w.stalled = ""
             self.synced = (not self.pending[0] and not self.repl_error
                            and self.applied >= (self.follow.get("seen") or 0))
+
+    def _announce_conflicts(self) -> None:
+        """One log line, bus event and email for the copies kept since the last one."""
+        kept, self.kept_new = self.kept_new, []
+        names = [f"{k.get('folder')}/{k.get('path')}" for k in kept]
+        where = f"{self.state_dir}/conflicts/"
+        log.warning("kept %d file(s) of this node under %s before following %s: %s",
+                    len(kept), where, self.peer.name or self.cfg.peer, ", ".join(names[:20]))
+        self.publish_event("conflicts", count=len(kept), files=names[:100], where=where)
+        self.notifier.send(
+            f"SBS conflicts: {self.cfg.name} kept {len(kept)} file(s) of its own",
+            f"Node {self.cfg.name} is secondary of {self.peer.name or self.cfg.peer} now. These "
+            f"files differed from what the pair had agreed on (changed or made here, never "
+            f"replicated) and were kept under {where} before they were replaced or removed:\n"
+            + "".join(f"  {k.get('folder')}/{k.get('path')} -> {k.get('kept')}\n"
+                      for k in kept[:200])
+            + ("  ...\n" if len(kept) > 200 else "")
+            + "See 'sbs-tools conflicts'.\n")
 
     def _stop_following(self) -> None:
         if self.syncer is not None:
@@ -1191,7 +1223,11 @@ class Node:
             self._send_ping()
             if self.repl_error:
                 self.publish_event("error", where="sync", error=self.repl_error)
+            if self.kept_new:
+                self._announce_conflicts()
         elif kind == b"event":
+            if body.get("event") == "conflict":
+                self.kept_new.append(body)
             self.publish_event(body.pop("event"), **body)
 
     # ------------------------------------------------------------------ bus

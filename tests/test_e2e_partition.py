@@ -5,8 +5,19 @@ from __future__ import annotations
 import os
 import time
 
+import orjson
+
 from tests.pair import wait_for
-from tests.test_e2e_replication import Bus, replication, started, tree, wait_equal, write
+from tests.test_e2e_replication import (
+    Bus,
+    conflicts,
+    replication,
+    sbs_tools,
+    started,
+    tree,
+    wait_equal,
+    write,
+)
 
 
 def smtp_email(port: int) -> dict:
@@ -82,3 +93,56 @@ def test_every_split_brain_is_reported_once_by_email_and_by_both_nodes(make_pair
                  f"both nodes to log the split brain of round {round_}")
     assert len(split_mails()) == SPLIT_ROUNDS, [m["Subject"] for m in split_mails()]
     assert split_lines("alpha") + split_lines("beta") == 2 * SPLIT_ROUNDS
+
+
+def test_a_split_brain_losers_own_files_are_kept_listed_and_announced(make_pair, smtp):
+    """Both sides write during a symmetric cut. The loser keeps every file of its term that
+    the winner lacks or has otherwise under conflicts/<UTC time>/docs/ before it follows;
+    status, `sbs-tools conflicts`, the bus and an email say so; then verify finds no
+    difference."""
+    port, mail = smtp
+    pair = make_pair(proxy=True, email=smtp_email(port))
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    write(a / "shared.txt", "v1\n")
+    write(a / "stable.txt", "never changes\n")
+    write(a / "doomed.txt", "deleted on the loser during the cut\n")
+    started(pair)
+    wait_equal(a, b)
+    pair.cut("alpha", "beta")
+    pair.cut("beta", "alpha")
+    wait_for(lambda: pair.primaries() == ["alpha", "beta"], 15, "both to be primary")
+    # beta took over with a higher epoch: it wins when they meet again
+    write(b / "beta new.txt", "written on the winner\n")
+    write(b / "shared.txt", "v3 on beta, the winner\n")
+    mine = {f"alpha new {i}.txt": f"created on the loser {i}\n" for i in range(20)}
+    mine["alpha dir/inner.txt"] = "in a folder made on the loser\n"
+    for path, text in mine.items():
+        write(a / path, text)
+    write(a / "shared.txt", "v2 on alpha, the loser\n")
+    (a / "doomed.txt").unlink()
+    bus = Bus(pair.alpha)
+    try:
+        pair.heal()
+        pair.alpha.wait_state("secondary", 20)
+        assert pair.beta.state() == "primary"
+        wait_equal(b, a, 20, "the loser converging on the winner")
+        res = sbs_tools("verify", "--config", str(pair.alpha.config))
+        assert res.returncode == 0, res.stdout + res.stderr
+        kept = conflicts("alpha", pair)
+        assert kept == {**{p: t.encode() for p, t in mine.items()},
+                        "shared.txt": b"v2 on alpha, the loser\n"}, kept
+        assert not conflicts("beta", pair)
+        st = pair.alpha.status(2.0)
+        assert st["conflicts"]["count"] == len(kept)
+        assert {f["path"] for f in st["conflicts"]["files"]} == set(kept)
+        listed = orjson.loads(sbs_tools("conflicts", "--json", "--config",
+                                        str(pair.alpha.config)).stdout)
+        assert {(f["folder"], f["path"]) for f in listed["files"]} == {("docs", p) for p in kept}
+        wait_for(lambda: bus.seen("conflicts"), 10, "the conflicts event on alpha's bus")
+        assert bus.seen("conflicts")["count"] == len(kept)
+        note = wait_for(lambda: [m for m in mail.messages if "conflicts" in m["Subject"]], 15,
+                        "the conflicts email")
+        text = note[0].get_content()
+        assert all(p in text for p in kept), text
+    finally:
+        bus.stop()

@@ -282,6 +282,25 @@ def verify(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
     raise typer.Exit(0 if not diffs else 1)
 
 
+@app.command()
+def conflicts(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
+    """List what this node kept under state_dir/conflicts/ (its own changes that were replaced
+    or set aside when it fell in line with its peer), newest first. Read from disk: works with
+    the node stopped too."""
+    from node.conflicts import listing
+
+    cfg = _cfg(config)
+    kept = listing(cfg.state_dir)
+    if as_json:
+        print(orjson.dumps({"where": str(cfg.state_dir / "conflicts"), "files": kept}).decode())
+        return
+    for k in kept:
+        out.print(f"{k['time']}  {k['folder']}/{k['path']}  ({k['size']} bytes)  {k['kept']}",
+                  markup=False, highlight=False)
+    out.print(f"{len(kept)} file(s) kept under {cfg.state_dir / 'conflicts'}", markup=False,
+              highlight=False)
+
+
 @app.command("confirm-deletions")
 def confirm_deletions(folder: str = typer.Argument(None, help="folder name (default: all)"),
                       config: Path = ConfigOpt) -> None:
