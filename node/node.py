@@ -163,15 +163,8 @@ class Node:
         except zmq.ZMQError as exc:
             self.close()
             raise NodeError(f"cannot bind {cfg.local}:{cfg.blob_port}: {exc}") from None
-        self.dealer = self._socket(zmq.DEALER, maxmsg=protocol.MAX_REPLY_IN)
-        # IMMEDIATE: a ping to a peer that is not connected is dropped, not queued; a queued
-        # ping delivered seconds later would describe a state long gone.
-        self.dealer.setsockopt(zmq.IMMEDIATE, 1)
-        self.dealer.sndhwm = 1000
-        self.dealer.reconnect_ivl = 100
-        self.dealer.reconnect_ivl_max = 500
-        client(self.dealer, self.keys)
-        self.dealer.connect(f"tcp://{cfg.peer}:{cfg.control_port}")
+        self.dealer = None
+        self._open_dealer()
 
         self.results = self.ctx.socket(zmq.PULL)
         self.results_addr = f"inproc://results-{self.run_id}"
@@ -185,9 +178,33 @@ class Node:
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
         self.poller = zmq.Poller()
-        for sock in (self.router, self.dealer, self.results, self.scanner_pipe, self.syncer_pipe):
+        for sock in (self.router, self.results, self.scanner_pipe, self.syncer_pipe):
             self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self.dealer, zmq.POLLIN)
         self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
+
+    def _open_dealer(self) -> None:
+        """The connection our pings and requests take to the peer (made again by the
+        secondary's link watch when what it sends does not get through)."""
+        if self.dealer is not None:
+            self.poller.unregister(self.dealer)
+            self.dealer.close()
+        self.dealer = self._socket(zmq.DEALER, maxmsg=protocol.MAX_REPLY_IN)
+        # IMMEDIATE: a ping to a peer that is not connected is dropped, not queued; a queued
+        # ping delivered seconds later would describe a state long gone.
+        self.dealer.setsockopt(zmq.IMMEDIATE, 1)
+        # No ZeroMQ heartbeat timeout here: with only the way back cut, our pings still reach
+        # the peer, and dropping this connection for want of answers would stop them and make
+        # a secondary take over while this primary runs (two primaries). Silence is the pings'
+        # business; the secondary remakes its own connection when its link stalls.
+        self.dealer.setsockopt(zmq.HEARTBEAT_IVL, 0)
+        self.dealer.sndhwm = 1000
+        self.dealer.reconnect_ivl = 100
+        self.dealer.reconnect_ivl_max = 500
+        client(self.dealer, self.keys)
+        self.dealer.connect(f"tcp://{self.cfg.peer}:{self.cfg.control_port}")
+        if hasattr(self, "poller"):
+            self.poller.register(self.dealer, zmq.POLLIN)
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
@@ -1065,7 +1082,9 @@ class Node:
                     f"changes after manifest {self.applied} would be missing here.\n")
             if now - w.remedied_at >= max(5.0, 3 * self.cfg.dead_after):
                 w.remedied_at = now
-                log.warning("re-subscribing to %s and asking for a new snapshot", self.cfg.peer)
+                log.warning("reconnecting to %s (control and bus) and asking for a new snapshot",
+                            self.cfg.peer)
+                self._open_dealer()
                 self._open_sub()
                 w.heard_bus(now)
                 self._request_snapshot()

@@ -43,6 +43,8 @@ def test_one_way_cut_shows_a_stall_and_heals_without_a_restart(make_pair, smtp):
         # within 2 x dead_after of the cut (what the status poll itself takes is allowed for)
         assert time.monotonic() - cut_at < 2 * dead_after + 2.0
         assert rep["synced"] is False and pair.beta.state() == "secondary"
+        shown = " ".join(sbs_tools("status", "--config", str(pair.beta.config)).stdout.split())
+        assert "replication stalled" in shown, shown
         wait_for(lambda: bus.seen("stall"), 10, "a stall event on beta's bus")
         wait_for(lambda: any("stalled" in m["Subject"] for m in mail.messages), 15,
                  "an email about the stall")
@@ -138,6 +140,8 @@ def test_a_split_brain_losers_own_files_are_kept_listed_and_announced(make_pair,
         listed = orjson.loads(sbs_tools("conflicts", "--json", "--config",
                                         str(pair.alpha.config)).stdout)
         assert {(f["folder"], f["path"]) for f in listed["files"]} == {("docs", p) for p in kept}
+        shown = " ".join(sbs_tools("status", "--config", str(pair.alpha.config)).stdout.split())
+        assert f"{len(kept)} conflict copies" in shown, shown
         wait_for(lambda: bus.seen("conflicts"), 10, "the conflicts event on alpha's bus")
         assert bus.seen("conflicts")["count"] == len(kept)
         note = wait_for(lambda: [m for m in mail.messages if "conflicts" in m["Subject"]], 15,

@@ -14,6 +14,7 @@ from tests.test_e2e_replication import (
     TmpfsNodeProc,
     _unshare_works,
     replication,
+    sbs_tools,
     started,
     wait_equal,
     write,
@@ -54,6 +55,8 @@ def test_a_full_state_disk_is_reported_and_retried_and_the_secondary_goes_on(mak
     failed = next(v for k, v in st["state_writes"].items() if k.endswith("pair.json"))
     assert "No space left" in failed["error"], failed
     assert "cannot write" in beta.log.read_text() and "pair.json" in beta.log.read_text()
+    shown = " ".join(sbs_tools("status", "--config", str(beta.config)).stdout.split())
+    assert "cannot write" in shown and "pair.json" in shown, shown
     # still secondary, still replicating
     write(a / "during.txt", "written while beta's state disk is full")
     wait_equal(a, b, 20, "replication with a full state disk")

@@ -90,12 +90,22 @@ def status(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
                   f"lag {r['lag_seconds']}s, pending {r['pending_files']} files / "
                   f"{r['pending_bytes']} bytes, last sync {_clock(r['last_sync'])}"
                   + (f", [red]{escape(r['error'])}[/red]" if r["error"] else ""))
+        if r.get("stalled"):
+            out.print(f"[red]replication stalled for {r['stalled_for']:.1f}s: "
+                      f"{escape(r['stalled'])}[/red]")
     table = Table("sentinel", "active", "state", "pid", "restarts", "command")
     for s in st["sentinels"]:
         table.add_row(s["name"], "yes" if s["active"] else "no", s["state"],
                       str(s["pid"] or "-"), str(s["restarts"]), escape(s["command"]))
     if st["sentinels"]:
         out.print(table)
+    for path, failed in (st.get("state_writes") or {}).items():
+        out.print(f"[red]cannot write {escape(path)}: {escape(failed['error'])} "
+                  "(kept in memory, retried)[/red]")
+    kept = st.get("conflicts") or {}
+    if kept.get("count"):
+        out.print(f"[yellow]{kept['count']} conflict copies under {escape(kept['where'])} "
+                  f"(latest {kept['latest']}): see 'sbs-tools conflicts'[/yellow]")
     mail = st["email"]
     if mail.get("last_error"):
         out.print(f"[red]email: last error: {escape(mail['last_error'])}[/red]")
