@@ -8,9 +8,11 @@ no error on any socket. Two things make that visible:
   `heartbeat`/`dead_after`: a connection whose peer stopped answering is dropped and made again
   instead of waiting forever;
 - the secondary checks, while the primary's pings arrive, that the primary's bus heartbeat
-  arrives too and that what it applied reaches the primary's `seq` (or at least moves). When
-  either fails for `dead_after` it is a stall: the loop reports it (status, log, bus, email) and
-  re-subscribes and asks for a snapshot; when it clears, that is reported too.
+  arrives too and that what it applied reaches the primary's `seq` (or at least moves: a
+  manifest applied, a file answered). When either fails for `dead_after` it is a stall: the
+  loop reports it (status, log, bus, email) and makes its connections to the primary again; a
+  dead bus also means a new snapshot (manifests were missed). A slow transfer that moves is no
+  stall, and a snapshot in progress is never restarted for being slow. Its end is reported.
 """
 from __future__ import annotations
 
@@ -57,21 +59,26 @@ class Watch:
         self.bus_heard_at = now
 
     def check(self, now: float, *, pings_arrive: bool, pinged_at: float, primary_seq: int,
-              applied: int, progress: tuple) -> str:
-        """Why the link is stalled now, or "" (call on every turn of the loop). `pinged_at`:
-        when the primary's last ping arrived."""
+              applied: int, progress: tuple, apply_window: float | None = None
+              ) -> tuple[str, str]:
+        """(kind, why) of a stall now, or ("", ""); kind is "bus" (the primary's bus heartbeat
+        does not arrive) or "apply" (behind the primary's seq, and nothing moves: no manifest
+        applied, no file answered). Call on every turn of the loop. `pinged_at`: when the
+        primary's last ping arrived; `apply_window`: how long nothing may move before it is
+        an "apply" stall (dead_after unless given)."""
         if progress != self.progress:
             self.progress, self.progress_at = progress, now
         if not pings_arrive:
             # the primary is silent altogether: the failover rules deal with that
             self.bus_heard_at = self.progress_at = now
-            return ""
+            return "", ""
         # measured to the last ping, not to now: a primary that dies stops both at once,
         # which is silence (a takeover), not a stall
         if pinged_at - self.bus_heard_at > self.dead_after:
-            return (f"no bus heartbeat from the primary for {now - self.bus_heard_at:.1f}s"
-                    " while its pings arrive")
-        if applied < primary_seq and now - self.progress_at > self.dead_after:
-            return (f"applied {applied} of the primary's {primary_seq} manifests, no progress"
-                    f" for {now - self.progress_at:.1f}s")
-        return ""
+            return "bus", (f"no bus heartbeat from the primary for "
+                           f"{now - self.bus_heard_at:.1f}s while its pings arrive")
+        window = self.dead_after if apply_window is None else apply_window
+        if applied < primary_seq and now - self.progress_at > window:
+            return "apply", (f"applied {applied} of the primary's {primary_seq} manifests, "
+                             f"nothing received or applied for {now - self.progress_at:.1f}s")
+        return "", ""

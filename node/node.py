@@ -88,6 +88,7 @@ class Node:
         self.peer_ident: bytes | None = None  # ROUTER identity of the peer's DEALER
         self.split_reported: str | None = None
         self.kept_new: list[dict[str, Any]] = []  # conflict copies made, not yet announced
+        self.syncer_events = 0  # events from the current Syncer (transfers, progress, ...)
         # after yielding in a split brain: told in every ping, so the winner learns of it
         self.yielded: dict[str, Any] | None = None
         self.keys = load_keys(cfg)
@@ -145,6 +146,9 @@ class Node:
     def _open_sockets(self) -> None:
         cfg = self.cfg
         self.router = self._socket(zmq.ROUTER, maxmsg=protocol.MAX_CONTROL_IN)
+        # no TTL in its heartbeats: a TTL would make the peer's DEALER drop its connection
+        # when our answers stop arriving, and so stop its pings (see _open_dealer)
+        self.router.setsockopt(zmq.HEARTBEAT_TTL, 0)
         serve(self.router, self.keys)
         self.pub = self._socket(zmq.PUB, maxmsg=protocol.MAX_CONTROL_IN)
         self.pub.sndhwm = 100_000
@@ -1048,6 +1052,7 @@ class Node:
                              self.agreed)
         self.syncer.start()
         self.kept_new: list[dict[str, Any]] = []  # conflict copies made, not yet announced
+        self.syncer_events = 0
         self.snapshots_submitted = 0
         self.follow = {"buffer": [], "seen": None, "run": None}
         self._request_snapshot()
@@ -1063,10 +1068,14 @@ class Node:
         primary = self.peer.alive and self.peer.state in ("primary", "stopping")
         # waiting for a snapshot counts as having nothing of what the primary has
         seq = self._primary_seq() or (self.peer.seq if primary else 0)
-        why = self.watch.check(now, pings_arrive=primary, pinged_at=self.peer.heard_at,
-                               primary_seq=seq,
-                               applied=self.applied,
-                               progress=(self.applied, self.through, self.snapshots_submitted))
+        kind, why = self.watch.check(
+            now, pings_arrive=primary, pinged_at=self.peer.heard_at, primary_seq=seq,
+            applied=self.applied,
+            progress=(self.applied, self.through, self.snapshots_submitted,
+                      self.syncer_events, self.syncer.fetcher.answers),
+            # a snapshot begins with a scan of the local folders, which reports nothing
+            # while it hashes: a large one is given longer before it counts as a stall
+            apply_window=None if self.applied else max(30.0, 10 * self.cfg.dead_after))
         w = self.watch
         if why:
             self.synced = False
@@ -1082,12 +1091,15 @@ class Node:
                     f"changes after manifest {self.applied} would be missing here.\n")
             if now - w.remedied_at >= max(5.0, 3 * self.cfg.dead_after):
                 w.remedied_at = now
-                log.warning("reconnecting to %s (control and bus) and asking for a new snapshot",
-                            self.cfg.peer)
                 self._open_dealer()
-                self._open_sub()
-                w.heard_bus(now)
-                self._request_snapshot()
+                if kind == "bus":  # manifests went missing with it
+                    log.warning("reconnecting to %s (control and bus), asking for a new "
+                                "snapshot", self.cfg.peer)
+                    self._open_sub()
+                    w.heard_bus(now)
+                    self._request_snapshot()
+                else:  # the bus works: a new one would lose manifests in flight
+                    log.warning("reconnecting to %s (control)", self.cfg.peer)
         elif w.stalled and self.applied >= seq and self.follow.get("run"):
             log.warning("replication flows again (stalled for %.1fs: %s)", now - w.stalled_at,
                         w.stalled)
@@ -1245,6 +1257,7 @@ class Node:
             if self.kept_new:
                 self._announce_conflicts()
         elif kind == b"event":
+            self.syncer_events += 1  # a file moved: progress for the link watch
             if body.get("event") == "conflict":
                 self.kept_new.append(body)
             self.publish_event(body.pop("event"), **body)

@@ -25,8 +25,9 @@ _CHUNK = 65536
 class _Conn:
     """One proxied connection: the client side (accepted) and the target side (connecting)."""
 
-    def __init__(self, client: socket.socket, target: socket.socket):
-        self.client, self.target = client, target
+    def __init__(self, client: socket.socket, target: socket.socket, port: int):
+        self.client, self.target, self.port = client, target, port
+        self.passed = {"up": 0, "down": 0}  # bytes forwarded each way
         self.out = {client: bytearray(), target: bytearray()}  # bytes waiting to go to that socket
         self.connected = False
 
@@ -74,6 +75,11 @@ class Proxy:
             if down is not None:
                 self.modes["down"] = down
         self._wake()
+
+    def passed(self, port: int) -> tuple[int, int]:
+        """Bytes forwarded (up, down) by the busiest open connection to `port`."""
+        counts = [(c.passed["up"], c.passed["down"]) for c in list(self.conns) if c.port == port]
+        return max(counts, default=(0, 0))
 
     def heal(self) -> None:
         self.set(up="pass", down="pass")
@@ -136,7 +142,7 @@ class Proxy:
             _reset(client)
             target.close()
             return
-        conn = _Conn(client, target)
+        conn = _Conn(client, target, port)
         self.conns.add(conn)
         self.sel.register(client, selectors.EVENT_READ, ("conn", conn))
         self.sel.register(target, selectors.EVENT_WRITE, ("conn", conn))
@@ -166,8 +172,10 @@ class Proxy:
                 return
             # the mode as of now, not of the loop's turn: bytes sent after set() returned
             # must meet the new mode
-            if data and self.modes[self._direction(conn, sock)] == "pass":
+            direction = self._direction(conn, sock)
+            if data and self.modes[direction] == "pass":
                 conn.out[conn.other(sock)] += data
+                conn.passed[direction] += len(data)
             # "swallow": read and dropped, the sender sees its bytes leave as on a live link
         if events & selectors.EVENT_WRITE:
             buf = conn.out[sock]

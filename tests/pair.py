@@ -203,6 +203,11 @@ class Pair:
         self.beta.wait_state("secondary")
         wait_for(lambda: (st := self.alpha.status(0.5)) and st["peer_state"] == "secondary", 10,
                  "alpha to see beta as secondary")
+        for name, proxy in self.proxies.items():
+            # each node's own control connection is up (its pings pass both ways): a cut
+            # made before would find a handshake half done and say nothing of the link
+            wait_for(lambda p=proxy: min(p.passed(self.port)) > 2000, 10,
+                     f"pings through the proxy before {name}")
         return self
 
     def cut(self, src: str, dst: str, mode: str = "swallow") -> None:
