@@ -69,7 +69,6 @@ class Node:
         # every state_dir write goes through this: a full state disk is logged, shown in
         # status and retried, never the end of the node
         self.writes = persist.Guarded()
-        self.journal_error = ""  # the agreed journal's last write error ("" when written)
         self.epoch = int(saved.get("epoch", 0))
         # kept on disk: a node restarted alone must still number its next term above every
         # primary it has seen, or an old primary coming back would win the split-brain rule
@@ -123,7 +122,7 @@ class Node:
         self.notifier = Notifier(cfg.email)
         self.sentinels = Sentinels(self.state_dir, on_event=self._sentinel_event)
         self.writes.extra["sentinels.pids.json"] = lambda: self.sentinels.pids_error
-        self.writes.extra["agreed.jsonl"] = lambda: self.journal_error
+        self.writes.extra["agreed.jsonl"] = lambda: self.agreed.write_error
         self._load_sentinels_for(own=True)
         killed = self.sentinels.cleanup_leftovers()
         if killed:
@@ -291,7 +290,7 @@ class Node:
     def _tick(self, now: float) -> None:
         if self.sentinel_stop is not None:
             self._check_sentinel_stop(now)
-        if self.writes.failing or self.journal_error:
+        if self.writes.failing or self.agreed.write_error:
             self._retry_writes(now)
         if self.state == S.STARTING and now >= self.probe_deadline:
             log.info("no answer from peer %s within %.1fs", self.cfg.peer, self.cfg.dead_after)
@@ -995,7 +994,7 @@ class Node:
         self.peer.applied = max(self.peer.applied, applied)
 
     def _retry_writes(self, now: float) -> None:
-        retry_journal = self.journal_error and now >= self.writes.next_retry
+        retry_journal = self.agreed.write_error and now >= self.writes.next_retry
         self.writes.retry(now)
         if retry_journal:
             self.writes.next_retry = now + self.writes.retry_every
@@ -1003,16 +1002,9 @@ class Node:
 
     def _journal_worker(self) -> None:
         while (job := self.journal_jobs.get()) is not None:
-            if self.journal_error:
-                # a write failed (full state disk): the journal in memory is whole; write it
-                # all out again (temp file + rename), then go on
-                try:
-                    self.agreed.compact()
-                except OSError as exc:
-                    self.journal_error = f"{self.agreed.path}: {exc}"
-                else:
-                    log.warning("agreed journal written again")
-                    self.journal_error = ""
+            # a write failed (full state disk): the journal in memory is whole; it is written
+            # out again here, off the loop (a large one takes a while)
+            self.agreed.rewrite()
             whole, later, acked = job
             updates = []
             for folder, entries in whole:
@@ -1025,12 +1017,7 @@ class Node:
             for part in acked:
                 for folder, entries in part.items():
                     updates.extend((folder, e["path"], Agreed.token(e)) for e in entries)
-            try:
-                self.agreed.update(updates)
-            except OSError as exc:
-                if not self.journal_error:
-                    log.error("cannot write the agreed journal: %s", exc)
-                self.journal_error = f"{self.agreed.path}: {exc}"
+            self.agreed.update(updates)  # a failed write is kept in memory and retried
 
     # ------------------------------------------------------------------ replication: secondary
     def _open_sub(self) -> None:
