@@ -3,6 +3,7 @@ half-open links, split brains, and what each node tells the operator (issue 11).
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import orjson
@@ -150,3 +151,27 @@ def test_a_split_brain_losers_own_files_are_kept_listed_and_announced(make_pair,
         assert all(p in text for p in kept), text
     finally:
         bus.stop()
+
+
+def test_a_crashed_primary_rejoining_sets_aside_what_it_never_sent(make_pair):
+    """Without strict deletions too: the old primary's files that never reached the peer are
+    kept under conflicts/ and leave its live folder, so the pair is identical after."""
+    pair = make_pair()
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    write(a / "shared.txt", "v1\n")
+    started(pair)
+    wait_equal(a, b)
+    pair.beta.signal(signal.SIGSTOP)  # beta hears nothing of what follows
+    seq = replication(pair.alpha)["seq"]
+    write(a / "alpha only.txt", "created on alpha only\n")
+    wait_for(lambda: replication(pair.alpha).get("seq", 0) > seq, 10, "alpha's manifest")
+    pair.alpha.kill()
+    pair.beta.signal(signal.SIGCONT)
+    pair.beta.wait_state("primary", timeout=10)
+    write(b / "while alpha was away.txt", "written on the new primary\n")
+    pair.alpha.start()
+    pair.alpha.wait_state("secondary")
+    wait_equal(b, a, 15, "alpha catching up with beta")
+    assert conflicts("alpha", pair) == {"alpha only.txt": b"created on alpha only\n"}
+    res = sbs_tools("verify", "--config", str(pair.alpha.config))
+    assert res.returncode == 0, res.stdout + res.stderr
