@@ -43,7 +43,7 @@ class EmailConfig:
 
 # every kind of notification; [notify] kinds chooses which go out (default: all)
 NOTIFY_KINDS = (
-    "failover", "handover", "standby", "lag", "disk", "guard", "sentinel", "conflicts",
+    "failover", "handover", "standby", "lag", "stall", "disk", "guard", "sentinel", "conflicts",
     "split_brain", "restricted", "config", "maintenance",
 )
 
@@ -89,6 +89,8 @@ class Config:
     curve: bool = True
     secret_key: Path | None = None
     peer_public_key: Path | None = None
+    # a secondary runs on takeover only the sentinel commands its own sbs.ini names
+    pin_sentinels: bool = False
     email: EmailConfig = field(default_factory=EmailConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
@@ -223,7 +225,7 @@ def load(file: Path | str) -> Config:
     state_dir = node.path("state_dir", base, f".sbs/{name}")
 
     sec = _Section(parser, file, "security")
-    _reject_unknown(sec, {"curve", "secret_key", "peer_public_key"})
+    _reject_unknown(sec, {"curve", "secret_key", "peer_public_key", "pin_sentinels"})
     curve = sec.boolean("curve", True)
     secret_key = sec.path("secret_key", base)
     peer_public_key = sec.path("peer_public_key", base)
@@ -253,6 +255,7 @@ def load(file: Path | str) -> Config:
         curve=curve,
         secret_key=secret_key,
         peer_public_key=peer_public_key,
+        pin_sentinels=sec.boolean("pin_sentinels", False),
         email=_email(parser, file),
         notify=_notify(parser, file),
         health=_health(parser, file),

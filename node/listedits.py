@@ -27,7 +27,7 @@ from .config import Config
 HOT = frozenset({"folders", "sentinels", "email", "notify", "health"})
 # Config field -> the ini section and key it comes from, for the refusal
 _WHERE = {"curve": "security", "secret_key": "security", "peer_public_key": "security",
-          "file": None}
+          "pin_sentinels": "security"}
 
 
 @dataclass(frozen=True, order=True)

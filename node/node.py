@@ -30,19 +30,30 @@ from typing import Any
 import orjson
 import zmq
 
-from . import persist, protocol
+from . import conflicts, persist, protocol
 from .blobs import BlobServer
 from .config import Config, FolderConfig
 from .fsm import PRIMARY_LIKE, PUBLIC, A, E, S, step
 from .journal import Agreed
+from .liveness import Watch, set_heartbeats
 from .notify import Notifier
 from .ops import Operator, lists_at_start
 from .peer import Peer
 from .protocol import Bad, Message
 from .scanner import Scanner, verify_tokens
-from .security import client, load_keys, serve, start_authenticator
+from .security import (
+    PEER_COMMANDS,
+    client,
+    load_keys,
+    pinned_sentinels,
+    refusal,
+    sender_key,
+    serve,
+    start_authenticator,
+)
 from .sentinels import Sentinels
 from .syncer import Syncer
+from .tree import PathError, check_abspath
 
 log = logging.getLogger("sbs.node")
 
@@ -66,12 +77,18 @@ class Node:
         self.next_ping = self.ping_retry_at = 0.0
         self.ping_retry_in = PING_RETRY
         saved = persist.load(self.state_dir / "node.json", {})
+        # every state_dir write goes through this: a full state disk is logged, shown in
+        # status and retried, never the end of the node
+        self.writes = persist.Guarded()
         self.epoch = int(saved.get("epoch", 0))
         # kept on disk: a node restarted alone must still number its next term above every
         # primary it has seen, or an old primary coming back would win the split-brain rule
         self.max_seen_epoch = max(self.epoch, int(saved.get("max_seen_epoch", 0)))
         self.last_role = saved.get("last_role", "")
         self.stopping_sentinels = False
+        # while sentinels stop: the actions still to do after them, and the events that
+        # arrived meanwhile (fed once the stop is done)
+        self.sentinel_stop: dict[str, Any] | None = None
         self.peer_last_sync: float | None = None  # primary: wall time the secondary was in sync
         self.state = S.STARTING
         self.state_at = time.monotonic()
@@ -80,6 +97,10 @@ class Node:
         self.peer = Peer(dead_after=cfg.dead_after)
         self.peer_ident: bytes | None = None  # ROUTER identity of the peer's DEALER
         self.split_reported: str | None = None
+        self.kept_new: list[dict[str, Any]] = []  # conflict copies made, not yet announced
+        self.syncer_events = 0  # events from the current Syncer (transfers, progress, ...)
+        # after yielding in a split brain: told in every ping, so the winner learns of it
+        self.yielded: dict[str, Any] | None = None
         self.keys = load_keys(cfg)
 
         # replication state
@@ -114,6 +135,8 @@ class Node:
         self.ops = Operator(self)
         self.reload_requested = 0
         self.sentinels = Sentinels(self.state_dir, on_event=self._sentinel_event)
+        self.writes.extra["sentinels.pids.json"] = lambda: self.sentinels.pids_error
+        self.writes.extra["agreed.jsonl"] = lambda: self.agreed.write_error
         self._load_sentinels_for(own=True)
         killed = self.sentinels.cleanup_leftovers()
         if killed:
@@ -121,6 +144,8 @@ class Node:
                         len(killed), killed)
 
         self.ctx = zmq.Context()
+        set_heartbeats(self.ctx, cfg.heartbeat, cfg.dead_after)  # a dead link is dropped, remade
+        self.watch = Watch(cfg.dead_after)
         self.auth = start_authenticator(self.ctx, self.keys)
         self._open_sockets()
 
@@ -134,6 +159,9 @@ class Node:
     def _open_sockets(self) -> None:
         cfg = self.cfg
         self.router = self._socket(zmq.ROUTER, maxmsg=protocol.MAX_CONTROL_IN)
+        # no TTL in its heartbeats: a TTL would make the peer's DEALER drop its connection
+        # when our answers stop arriving, and so stop its pings (see _open_dealer)
+        self.router.setsockopt(zmq.HEARTBEAT_TTL, 0)
         serve(self.router, self.keys)
         self.pub = self._socket(zmq.PUB, maxmsg=protocol.MAX_CONTROL_IN)
         self.pub.sndhwm = 100_000
@@ -152,15 +180,8 @@ class Node:
         except zmq.ZMQError as exc:
             self.close()
             raise NodeError(f"cannot bind {cfg.local}:{cfg.blob_port}: {exc}") from None
-        self.dealer = self._socket(zmq.DEALER, maxmsg=protocol.MAX_REPLY_IN)
-        # IMMEDIATE: a ping to a peer that is not connected is dropped, not queued; a queued
-        # ping delivered seconds later would describe a state long gone.
-        self.dealer.setsockopt(zmq.IMMEDIATE, 1)
-        self.dealer.sndhwm = 1000
-        self.dealer.reconnect_ivl = 100
-        self.dealer.reconnect_ivl_max = 500
-        client(self.dealer, self.keys)
-        self.dealer.connect(f"tcp://{cfg.peer}:{cfg.control_port}")
+        self.dealer = None
+        self._open_dealer()
 
         self.results = self.ctx.socket(zmq.PULL)
         self.results_addr = f"inproc://results-{self.run_id}"
@@ -174,9 +195,33 @@ class Node:
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
         self.poller = zmq.Poller()
-        for sock in (self.router, self.dealer, self.results, self.scanner_pipe, self.syncer_pipe):
+        for sock in (self.router, self.results, self.scanner_pipe, self.syncer_pipe):
             self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self.dealer, zmq.POLLIN)
         self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
+
+    def _open_dealer(self) -> None:
+        """The connection our pings and requests take to the peer (made again by the
+        secondary's link watch when what it sends does not get through)."""
+        if self.dealer is not None:
+            self.poller.unregister(self.dealer)
+            self.dealer.close()
+        self.dealer = self._socket(zmq.DEALER, maxmsg=protocol.MAX_REPLY_IN)
+        # IMMEDIATE: a ping to a peer that is not connected is dropped, not queued; a queued
+        # ping delivered seconds later would describe a state long gone.
+        self.dealer.setsockopt(zmq.IMMEDIATE, 1)
+        # No ZeroMQ heartbeat timeout here: with only the way back cut, our pings still reach
+        # the peer, and dropping this connection for want of answers would stop them and make
+        # a secondary take over while this primary runs (two primaries). Silence is the pings'
+        # business; the secondary remakes its own connection when its link stalls.
+        self.dealer.setsockopt(zmq.HEARTBEAT_IVL, 0)
+        self.dealer.sndhwm = 1000
+        self.dealer.reconnect_ivl = 100
+        self.dealer.reconnect_ivl_max = 500
+        client(self.dealer, self.keys)
+        self.dealer.connect(f"tcp://{self.cfg.peer}:{self.cfg.control_port}")
+        if hasattr(self, "poller"):
+            self.poller.register(self.dealer, zmq.POLLIN)
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
@@ -190,7 +235,7 @@ class Node:
         self.ping_retry_in = PING_RETRY
         self.probe_deadline = time.monotonic() + self.cfg.dead_after
         try:
-            while self.state != S.STOPPED:
+            while self.state != S.STOPPED or self.sentinel_stop is not None:
                 self._loop_once()
         finally:
             signal.set_wakeup_fd(old_fd)
@@ -236,12 +281,12 @@ class Node:
                 sock = getattr(self, name)
                 if sock is None or sock.closed or sock not in ready:
                     break
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                try:  # the ROUTER's frames carry the sender's key (ZAP User-Id)
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=name != "router")
                 except zmq.Again:
                     break
                 handler(frames)
-                if self.state == S.STOPPED:
+                if self.state == S.STOPPED and self.sentinel_stop is None:
                     return
         self._tick(time.monotonic())
 
@@ -253,6 +298,8 @@ class Node:
             deadlines.append(self.probe_deadline)
         if self.peer.alive:
             deadlines.append(self.peer.heard_at + self.cfg.dead_after + 0.001)
+        if self.writes.failing:
+            deadlines.append(self.writes.next_retry)
         if (w := self.sentinels.next_wakeup()) is not None:
             deadlines.append(w)
         if self.final_sync is not None:
@@ -262,6 +309,10 @@ class Node:
         return min(deadlines)
 
     def _tick(self, now: float) -> None:
+        if self.sentinel_stop is not None:
+            self._check_sentinel_stop(now)
+        if self.writes.failing or self.agreed.write_error:
+            self._retry_writes(now)
         if self.state == S.STARTING and now >= self.probe_deadline:
             log.info("no answer from peer %s within %.1fs", self.cfg.peer, self.cfg.dead_after)
             self.feed(E.PROBE_TIMEOUT)
@@ -281,6 +332,8 @@ class Node:
             self.sentinels.poll()
         self._check_final_sync(now)
         self.ops.tick(now)
+        if self.state == S.SECONDARY and self.syncer is not None:
+            self._watch_link(now)
         if self.follow.get("snapshot_deadline") and now >= self.follow["snapshot_deadline"]:
             if self.follow.get("snapshot_sent"):
                 log.info("snapshot not answered yet; asking again")
@@ -288,6 +341,15 @@ class Node:
 
     # ------------------------------------------------------------------ fsm glue
     def feed(self, event: E, *, context: tuple[bytes, str] | None = None) -> tuple[A, ...]:
+        if self.sentinel_stop is not None:
+            # the actions of the last transition are not done yet: this event is for the
+            # state they leave us in. What the peer's state says is said again by its next
+            # ping (and would be stale by then); silence, a hand-over and a stop are not.
+            if event in (E.STOP, E.PEER_SILENT, E.PEER_HANDOVER):
+                queued = self.sentinel_stop["queued"]
+                if (event, context) not in queued:
+                    queued.append((event, context))
+            return ()
         nxt, actions = step(self.state, event, maintenance=self.ops.maintenance.on)
         if nxt != self.state or actions:
             log.info("%s + %s -> %s %s", self.state, event, nxt, [a.value for a in actions])
@@ -295,7 +357,10 @@ class Node:
         if nxt != self.state:
             self.state = nxt
             self.state_at = time.monotonic()
-        for action in actions:
+        for i, action in enumerate(actions):
+            if action == A.STOP_SENTINELS and self._begin_sentinel_stop(
+                    actions[i + 1:], prev=prev, event=event, context=context):
+                break  # the rest runs once they have stopped: _check_sentinel_stop
             getattr(self, f"_do_{action.value}")(prev=prev, event=event, context=context)
         if nxt != prev:
             # the state counts from when its actions are done: stopping a slow sentinel before
@@ -312,6 +377,7 @@ class Node:
                 "restricted": self.restricted, "run": self.run_id}
 
     def _become_primary(self, *, restricted: bool, why: str) -> None:
+        self.yielded = None
         self.epoch = max(self.epoch, self.max_seen_epoch) + 1
         self.max_seen_epoch = self.epoch
         self._save_node("primary")
@@ -328,13 +394,10 @@ class Node:
 
     def _save_node(self, last_role: str | None = None) -> None:
         self.last_role = last_role or self.last_role
-        try:
-            persist.save(self.state_dir / "node.json", {"epoch": self.epoch,
+        # a full state disk: kept in memory and written again by the loop (self.writes)
+        self.writes.save(self.state_dir / "node.json", {"epoch": self.epoch,
                                                         "max_seen_epoch": self.max_seen_epoch,
                                                         "last_role": self.last_role})
-        except OSError as exc:  # a full state disk: keep going, the next save writes it all
-            log.error("cannot save %s: %s (epoch %d kept in memory)",
-                      self.state_dir / "node.json", exc, self.epoch)
 
     def _do_start_primary(self, **_: Any) -> None:
         # the pair's lists (state_dir/pair.json, node/listedits.py): an edit of this node's
@@ -366,8 +429,43 @@ class Node:
     def _do_follow(self, **_: Any) -> None:
         self._stop_scanner()
         self.restricted = False
+        # a node that was primary (a split-brain loser, a crashed primary back, an old
+        # primary after a hand-over) may hold changes of its own term the peer lacks
+        own_term = self.last_role == "primary"
         self._save_node("secondary")
         self._start_following()
+        if self.syncer is not None:
+            self.syncer.own_term = own_term
+
+    def _begin_sentinel_stop(self, rest: tuple[A, ...], **how: Any) -> bool:
+        """Stopping sentinels is a state with a deadline, not a wait: SIGTERM now, and the
+        actions after it (hand-over, follow, exit) once they are gone. Meanwhile the loop runs:
+        STATUS is answered and the peer keeps hearing "stopping" (a peer that is leaving: no
+        takeover, a HANDOVER or silence follows), so the service never runs on both nodes.
+        False when nothing was running (the rest runs at once)."""
+        self.sentinels.begin_stop_all()
+        if self.sentinels.stop_done():
+            return False
+        self.stopping_sentinels = True
+        self.sentinel_stop = {"rest": rest, "how": how, "queued": [],
+                              "since": time.monotonic()}
+        log.info("stopping sentinels; then %s", [a.value for a in rest] or "nothing")
+        return True
+
+    def _check_sentinel_stop(self, now: float) -> None:
+        stop = self.sentinel_stop
+        if stop is None or not self.sentinels.stop_done():
+            return
+        self.sentinel_stop = None
+        self.stopping_sentinels = False
+        log.info("sentinels stopped in %.1fs", now - stop["since"])
+        for action in stop["rest"]:
+            getattr(self, f"_do_{action.value}")(**stop["how"])
+        self.state_at = time.monotonic()  # the state counts from when its actions are done
+        self._send_ping()
+        for event, context in stop["queued"]:
+            if self.sentinel_stop is None and self.state != S.STOPPED:
+                self.feed(event, context=context)
 
     def _do_stop_sentinels(self, **_: Any) -> None:
         # A sentinel may take up to the grace time to stop, longer than dead_after: the peer
@@ -393,28 +491,39 @@ class Node:
         return "stopping" if self.stopping_sentinels else PUBLIC[self.state]
 
     def _do_split_brain_lost(self, **_: Any) -> None:
+        # The loser always knows (it yields); the winner may not have seen two primaries (the
+        # loser heard it first). So the loser sends the one email, and tells the winner in its
+        # pings, which report it on their side too.
+        self.yielded = {"run": self.peer.run, "epoch": self.peer.epoch,
+                        "loser_epoch": self.epoch}
         log.error("SPLIT BRAIN: peer %s is primary too and wins by the rule (epoch %d vs %d);"
                   " yielding: files changed here are kept under %s/conflicts/",
                   self.peer.name, self.peer.epoch, self.epoch, self.state_dir)
         self.publish_event("split_brain", winner=self.peer.name, loser=self.cfg.name,
-                           winner_epoch=self.peer.epoch, loser_epoch=self.epoch)
+                           winner_epoch=self.peer.epoch, loser_epoch=self.epoch, seen_by="loser")
+        self.ops.alerts.notice(
+            "split_brain", f"SBS split brain resolved: {self.peer.name} stays primary",
+            f"Both {self.peer.name} (epoch {self.peer.epoch}) and {self.cfg.name} (epoch "
+            f"{self.epoch}) were primary. By the rule {self.peer.name} stays primary; "
+            f"{self.cfg.name} (this node) yielded: it stops its sentinels, becomes secondary and "
+            f"keeps the files it changed meanwhile under its state_dir/conflicts/ "
+            f"({self.state_dir}/conflicts/).\n",
+            key=f"split_brain:{self.peer.run}:{self.epoch}",  # each split brain: one mail
+        )
 
     def _do_split_brain_won(self, **_: Any) -> None:
-        key = f"{self.peer.run}:{self.peer.epoch}"
+        self._report_split_won(self.peer.epoch, how="this node wins by the rule")
+
+    def _report_split_won(self, loser_epoch: int, *, how: str) -> None:
+        """Log and publish the split brain once per term of the loser (the loser emails)."""
+        key = f"{self.peer.run}:{loser_epoch}"
         if self.split_reported == key:
             return
         self.split_reported = key
-        log.error("SPLIT BRAIN: peer %s is primary too; this node wins by the rule"
-                  " (epoch %d vs %d); the peer yields", self.peer.name, self.epoch, self.peer.epoch)
+        log.error("SPLIT BRAIN: peer %s was primary too; %s (epoch %d vs %d); the peer yields",
+                  self.peer.name, how, self.epoch, loser_epoch)
         self.publish_event("split_brain", winner=self.cfg.name, loser=self.peer.name,
-                           winner_epoch=self.epoch, loser_epoch=self.peer.epoch)
-        self.ops.alerts.notice(
-            "split_brain", f"SBS split brain resolved: {self.cfg.name} stays primary",
-            f"Both {self.cfg.name} (epoch {self.epoch}) and {self.peer.name} (epoch "
-            f"{self.peer.epoch}) were primary. By the rule {self.cfg.name} stays primary; "
-            f"{self.peer.name} stops its sentinels, becomes secondary and keeps the files it "
-            f"changed meanwhile under its state_dir/conflicts/.\n", key=f"split_brain:{key}",
-        )
+                           winner_epoch=self.epoch, loser_epoch=loser_epoch, seen_by="winner")
 
     def _do_final_sync(self, event: E, **_: Any) -> None:
         self.final_sync = {
@@ -478,7 +587,8 @@ class Node:
         log.info("handed over to %s", self.peer.name or self.cfg.peer)
 
     def _do_ask_handover(self, **_: Any) -> None:
-        self._send_peer("ASK_HANDOVER", {"name": self.cfg.name, "run": self.run_id})
+        self._send_peer("ASK_HANDOVER", {"name": self.cfg.name, "run": self.run_id,
+                                         "epoch": self.epoch})
         log.info("asked primary %s to hand over", self.peer.name)
 
     def _do_refuse(self, context: tuple[bytes, str] | None, **_: Any) -> None:
@@ -519,7 +629,8 @@ class Node:
             "error": self.repl_error[:1000],
             "through": self.through, "stuck": self.stuck[:1000],
             "following": self.follow.get("run") or "",
-            **self.ops.peer_fields(),
+            **({"yielded": self.yielded} if self.yielded else {}),
+            **self.ops.peer_fields(),  # maintenance, the lists' stamp, sick sentinels
         }
 
     def _ping_peer(self, now: float) -> None:
@@ -566,11 +677,16 @@ class Node:
         if (self.state in PRIMARY_LIKE and self.peer.state == "secondary" and self.peer.synced
                 and self.peer.follows(self.run_id) and self.peer.applied >= self.seq):
             self.peer_last_sync = time.time()  # the secondary had everything we had published
+        yielded = body.get("yielded")
+        if yielded and yielded["run"] == self.run_id and self.state in PRIMARY_LIKE:
+            self._report_split_won(yielded["loser_epoch"], how="it yielded to this node")
         event = self.peer.event(self.me(), self.state, now - self.state_at)
         if event is not None:
             self.feed(event)
 
-    def _on_router(self, frames: list[bytes]) -> None:
+    def _on_router(self, raw: list[zmq.Frame]) -> None:
+        key = sender_key(raw[-1])
+        frames = [f.bytes for f in raw]
         if len(frames) < 2:
             log.warning("dropped a control message without identity")
             return
@@ -580,6 +696,11 @@ class Node:
             log.warning("dropped a bad control message: %s", msg.reason)
             return
         c = msg.command
+        if (why := refusal(c, key, self.keys)) is not None:
+            log.warning("refused %s from key %s: %s", c, (key or "?")[:8], why)
+            if c not in PEER_COMMANDS:
+                self._reply(ident, protocol.reply_error(f"refused: {why}"))
+            return
         if c == "PING":
             if msg.body["run"] != self.run_id:
                 self.peer_ident = ident
@@ -603,6 +724,8 @@ class Node:
         elif c == "SENTINEL":
             self._on_sentinel_command(ident, msg.body)
         elif c == "VERIFY":
+            self._on_verify(ident, peer=msg.body.get("peer", False))
+        elif c == "TOKENS":
             self._on_verify(ident)
         elif c == "CONFIRM":
             if self.syncer is None:
@@ -614,9 +737,8 @@ class Node:
             log.warning("dropped control message %s: not accepted on this port", c)
 
     def _from_peer(self, msg: Message) -> bool:
-        if msg.body["run"] != self.peer.run:
-            log.warning("ignored %s from run %s: the peer is run %s", msg.command,
-                        msg.body["run"], self.peer.run or "unknown")
+        if (why := protocol.stale(msg.body, self.peer.run, self.peer.epoch)) is not None:
+            log.warning("ignored %s %s", msg.command, why)
             return False
         return True
 
@@ -628,7 +750,12 @@ class Node:
         if msg.command == "PONG":
             self._on_peer_state(msg)
         elif msg.command == "SNAPSHOT_REP":
-            self._on_snapshot(msg)
+            if self._from_peer(msg):
+                self._on_snapshot(msg)
+            elif self.follow.get("snapshot_deadline"):
+                # perhaps the peer's first heartbeat of a new run has not arrived yet: ask again
+                # soon rather than in 10 s
+                self.follow["snapshot_deadline"] = time.monotonic() + 0.2
         elif msg.command == "HANDOVER":
             if self._from_peer(msg):
                 self.ops.peer_handover_why = msg.body.get("why", "")
@@ -644,7 +771,7 @@ class Node:
         peer = self.peer
         return {
             "name": self.cfg.name,
-            "state": PUBLIC[self.state],
+            "state": self._public_state(),
             "internal_state": self.state.value,
             "epoch": self.epoch,
             "role": self.cfg.role,
@@ -663,8 +790,17 @@ class Node:
             "sentinels": self.sentinels.status(),
             "active_sentinels": self.sentinels.active,
             "email": self.notifier.status(),
-            **self.ops.status(),
+            # state_dir writes that failed (a full disk) and are being retried: {file: error}
+            "state_writes": self.writes.status(),
+            "conflicts": self._conflicts_status(),
+            **self.ops.status(),  # maintenance, the lists' stamp, open alerts, health
         }
+
+    def _conflicts_status(self) -> dict[str, Any]:
+        # a directory walk, bounded: status stays cheap with a large conflicts/ folder
+        kept = conflicts.listing(self.state_dir, limit=1000)
+        return {"count": len(kept), "latest": kept[0]["time"] if kept else None,
+                "files": kept[:50], "where": str(self.state_dir / "conflicts")}
 
     def _replication_status(self, now: float) -> dict[str, Any]:
         if self.state in PRIMARY_LIKE:
@@ -690,9 +826,14 @@ class Node:
             "lag_seconds": round(now - oldest, 3) if oldest else 0.0,
             "pending_files": self.pending[0], "pending_bytes": self.pending[1],
             "last_sync": self.last_sync_wall, "error": self.repl_error, "stuck": self.stuck,
+            "stalled": self.watch.stalled,
+            "stalled_for": round(now - self.watch.stalled_at, 3) if self.watch.stalled else 0.0,
         }
 
     def _on_promote(self, ident: bytes, force: bool) -> None:
+        if self.sentinel_stop is not None:
+            self._reply(ident, protocol.reply_error("stopping sentinels; try again shortly"))
+            return
         if self.state == S.SECONDARY and not self.peer.alive and not force:
             self._reply(ident, protocol.reply_error(
                 "peer unreachable: cannot hand over gracefully; use --force"))
@@ -722,7 +863,9 @@ class Node:
                                              active=self.sentinels.active,
                                              restricted=self.restricted))
 
-    def _on_verify(self, ident: bytes) -> None:
+    def _on_verify(self, ident: bytes, *, peer: bool = False) -> None:
+        """Hash every folder afresh on a worker thread; with `peer`, ask the peer for its own
+        tokens (TOKENS, a peer command: the operator's key is not the peer's operator key)."""
         folders = dict(self.folders)
 
         def work() -> None:
@@ -730,6 +873,9 @@ class Node:
             push.linger = 1000
             push.connect(self.results_addr)
             try:
+                if peer:
+                    push.send_multipart([ident, *self._peer_tokens()])
+                    return
                 tokens = verify_tokens(folders)
                 push.send_multipart([ident, *protocol.reply_ok(folders=tokens)])
             except Exception as exc:
@@ -738,6 +884,21 @@ class Node:
                 push.close()
 
         threading.Thread(target=work, name="sbs-verify", daemon=True).start()
+
+    def _peer_tokens(self, timeout: float = 600.0) -> list[bytes]:
+        """The peer's REPLY to TOKENS, on a socket of the calling (worker) thread."""
+        if not self.peer.alive:
+            return protocol.reply_error(f"no answer from the peer {self.cfg.peer}")
+        sock = self._socket(zmq.DEALER, maxmsg=protocol.MAX_REPLY_IN)
+        try:
+            client(sock, self.keys)
+            sock.connect(f"tcp://{self.cfg.peer}:{self.cfg.control_port}")
+            sock.send_multipart(protocol.encode("TOKENS", {"name": self.cfg.name}))
+            if not sock.poll(timeout * 1000):
+                return protocol.reply_error(f"the peer did not answer within {timeout:.0f}s")
+            return sock.recv_multipart()
+        finally:
+            sock.close()
 
     def _on_result(self, frames: list[bytes]) -> None:
         self._reply(frames[0], frames[1:])
@@ -756,6 +917,8 @@ class Node:
         `new_active`: a name the sentinels did not have before starts active (an edit)."""
         before = set(self._sentinel_defs())
         pushed = self.pair.get("sentinels")
+        if pushed is not None and self.cfg.pin_sentinels:
+            pushed = pinned_sentinels(pushed, dict(self.cfg.sentinels))
         if own or pushed is None:
             defs = dict(self.cfg.sentinels)
             if not defs and pushed:
@@ -772,7 +935,7 @@ class Node:
     def _sentinels_changed(self) -> None:
         self.sv += 1
         self.pair.update(sentinels=self._sentinel_defs(), active=self.sentinels.active, sv=self.sv)
-        persist.save(self.state_dir / "pair.json", self.pair)
+        self.writes.save(self.state_dir / "pair.json", self.pair)
         self.pub.send_multipart(protocol.encode_bus("SENTINELS", {
             "name": self.cfg.name, "sv": self.sv, "sentinels": self._sentinel_defs(),
             "active": self.sentinels.active,
@@ -793,25 +956,24 @@ class Node:
             if (why := protocol.folder_name_problem(name)) is not None:
                 log.error("folder %r from the primary: %s: not replicated", name[:64], why)
                 continue
-            path = own[name].path if name in own else Path(paths.get(name) or "")
-            if not path.is_absolute():
-                # Path("") is ".": a folder pushed without a usable path would land in
-                # whatever the working directory is (/ under systemd)
-                log.error("folder %r: no path here and no absolute path from the primary"
-                          " (%r): not replicated", name[:64], str(paths.get(name))[:200])
+            try:  # a pushed path is held to the rules a path from the wire is (node/tree.py)
+                path = own[name].path if name in own else Path(check_abspath(paths.get(name)))
+            except PathError as exc:
+                log.error("folder %r: no path here and no usable path from the primary (%s):"
+                          " not replicated", name[:64], exc)
                 continue
             table[name] = FolderConfig(name=name, path=path, filters=tuple(filters))
         return table
 
     def _start_scanner(self) -> None:
         folders = self.folders
-        self.blobs.set_folders({n: str(f.path) for n, f in folders.items()})
+        self.blobs.set_folders(folders)
         self.index = {n: {} for n in folders}
         self.index_ready = False
         self.pair.update(folders={n: list(f.filters) for n, f in folders.items()},
                          paths={n: str(f.path) for n, f in folders.items()})
         self.pair.update(sentinels=self._sentinel_defs(), active=self.sentinels.active, sv=self.sv)
-        persist.save(self.state_dir / "pair.json", self.pair)
+        self.writes.save(self.state_dir / "pair.json", self.pair)
         endpoint = self.scanner_pipe.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.scanner = Scanner(self.ctx, endpoint, folders,
                                period=self.cfg.period)
@@ -918,8 +1080,18 @@ class Node:
             self.journal_jobs.put(([], set(), acked))
         self.peer.applied = max(self.peer.applied, applied)
 
+    def _retry_writes(self, now: float) -> None:
+        retry_journal = self.agreed.write_error and now >= self.writes.next_retry
+        self.writes.retry(now)
+        if retry_journal:
+            self.writes.next_retry = now + self.writes.retry_every
+            self.journal_jobs.put(([], set(), []))  # nothing new: the worker rewrites it
+
     def _journal_worker(self) -> None:
         while (job := self.journal_jobs.get()) is not None:
+            # a write failed (full state disk): the journal in memory is whole; it is written
+            # out again here, off the loop (a large one takes a while)
+            self.agreed.rewrite()
             whole, later, acked = job
             updates = []
             for folder, entries in whole:
@@ -932,25 +1104,102 @@ class Node:
             for part in acked:
                 for folder, entries in part.items():
                     updates.extend((folder, e["path"], Agreed.token(e)) for e in entries)
-            try:
-                self.agreed.update(updates)
-            except OSError as exc:
-                log.error("cannot write the agreed journal: %s", exc)
+            self.agreed.update(updates)  # a failed write is kept in memory and retried
 
     # ------------------------------------------------------------------ replication: secondary
-    def _start_following(self) -> None:
+    def _open_sub(self) -> None:
+        if self.sub is not None:
+            self.poller.unregister(self.sub)
+            self.sub.close()
         self.sub = self._socket(zmq.SUB, maxmsg=protocol.MAX_BUS_IN)
         self.sub.rcvhwm = 100_000
         client(self.sub, self.keys)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(f"tcp://{self.cfg.peer}:{self.cfg.bus_port}")
         self.poller.register(self.sub, zmq.POLLIN)
+
+    def _start_following(self) -> None:
+        self._open_sub()
+        self.watch.reset(time.monotonic())
+        self.watch.stalled = ""
         self.syncer = Syncer(self.ctx, f"inproc://syncer-{self.run_id}", self.cfg, self.keys,
                              self.agreed)
         self.syncer.start()
+        self.kept_new: list[dict[str, Any]] = []  # conflict copies made, not yet announced
+        self.syncer_events = 0
         self.snapshots_submitted = 0
         self.follow = {"buffer": [], "seen": None, "run": None}
         self._request_snapshot()
+
+    def _primary_seq(self) -> int:
+        """The seq the primary we follow says it has published (0: not known yet)."""
+        run = self.follow.get("run")
+        alive = self.peer.alive and self.peer.state in ("primary", "stopping")
+        return self.peer.seq if alive and run and self.peer.run == run else 0
+
+    def _watch_link(self, now: float) -> None:
+        """Secondary: is what the primary publishes reaching us? See liveness.py."""
+        primary = self.peer.alive and self.peer.state in ("primary", "stopping")
+        # waiting for a snapshot counts as having nothing of what the primary has
+        seq = self._primary_seq() or (self.peer.seq if primary else 0)
+        kind, why = self.watch.check(
+            now, pings_arrive=primary, pinged_at=self.peer.heard_at, primary_seq=seq,
+            applied=self.applied,
+            progress=(self.applied, self.through, self.snapshots_submitted,
+                      self.syncer_events, self.syncer.fetcher.answers),
+            # a snapshot begins with a scan of the local folders, which reports nothing
+            # while it hashes: a large one is given longer before it counts as a stall
+            apply_window=None if self.applied else max(30.0, 10 * self.cfg.dead_after))
+        w = self.watch
+        if why:
+            self.synced = False
+            if not w.stalled:
+                w.stalled, w.stalled_at = why, now
+                log.error("replication stalled: %s", why)
+                self.publish_event("stall", reason=why, applied=self.applied, primary_seq=seq)
+                self.ops.alerts.raise_(
+                    "stall", "stall", f"replication stalled on {self.cfg.name}",
+                    f"Secondary {self.cfg.name} is not receiving what primary "
+                    f"{self.peer.name or self.cfg.peer} publishes: {why}.\n"
+                    f"Its pings arrive, so there is no takeover; were the primary to fail now, "
+                    f"changes after manifest {self.applied} would be missing here.\n")
+            if now - w.remedied_at >= max(5.0, 3 * self.cfg.dead_after):
+                w.remedied_at = now
+                self._open_dealer()
+                if kind == "bus":  # manifests went missing with it
+                    log.warning("reconnecting to %s (control and bus), asking for a new "
+                                "snapshot", self.cfg.peer)
+                    self._open_sub()
+                    w.heard_bus(now)
+                    self._request_snapshot()
+                else:  # the bus works: a new one would lose manifests in flight
+                    log.warning("reconnecting to %s (control)", self.cfg.peer)
+        elif w.stalled and self.applied >= seq and self.follow.get("run"):
+            log.warning("replication flows again (stalled for %.1fs: %s)", now - w.stalled_at,
+                        w.stalled)
+            self.publish_event("stall_over", reason=w.stalled, seconds=round(now - w.stalled_at, 3))
+            self.ops.alerts.resolve("stall")
+            w.stalled = ""
+            self.synced = (not self.pending[0] and not self.repl_error
+                           and self.applied >= (self.follow.get("seen") or 0))
+
+    def _announce_conflicts(self) -> None:
+        """One log line, bus event and email for the copies kept since the last one."""
+        kept, self.kept_new = self.kept_new, []
+        names = [f"{k.get('folder')}/{k.get('path')}" for k in kept]
+        where = f"{self.state_dir}/conflicts/"
+        log.warning("kept %d file(s) of this node under %s before following %s: %s",
+                    len(kept), where, self.peer.name or self.cfg.peer, ", ".join(names[:20]))
+        self.publish_event("conflicts", count=len(kept), files=names[:100], where=where)
+        self.ops.alerts.notice(
+            "conflicts", f"SBS conflicts: {self.cfg.name} kept {len(kept)} file(s) of its own",
+            f"Node {self.cfg.name} is secondary of {self.peer.name or self.cfg.peer} now. These "
+            f"files differed from what the pair had agreed on (changed or made here, never "
+            f"replicated) and were kept under {where} before they were replaced or removed:\n"
+            + "".join(f"  {k.get('folder')}/{k.get('path')} -> {k.get('kept')}\n"
+                      for k in kept[:200])
+            + ("  ...\n" if len(kept) > 200 else "")
+            + "See 'sbs-tools conflicts'.\n")
 
     def _stop_following(self) -> None:
         if self.syncer is not None:
@@ -989,13 +1238,13 @@ class Node:
         if self.ops.snapshot_lists(body):
             self.pair.update(folders=body["folders"], paths=body["paths"],
                              sentinels=body["sentinels"], active=body["active"], sv=body["sv"])
-            persist.save(self.state_dir / "pair.json", self.pair)
+            self.writes.save(self.state_dir / "pair.json", self.pair)
             self._load_sentinels_for(own=False)
             self.folders = folders = self._pushed_folders()
         else:  # ours are newer and on their way to the primary: follow what it has meanwhile
             self.folders = folders = self._pushed_folders(
                 {"folders": body["folders"], "paths": body["paths"]})
-        self.blobs.set_folders({n: str(f.path) for n, f in folders.items()})
+        self.blobs.set_folders(folders)
         self.follow["oldest_unapplied"] = self.follow.get("oldest_unapplied") or time.monotonic()
         # reports of jobs queued before this snapshot are about the previous one (perhaps a
         # previous run of the primary, numbered from 0 again): _on_syncer ignores them
@@ -1025,6 +1274,8 @@ class Node:
             else:
                 self._accept_manifest(body["seq"], body["entries"])
         elif msg.command == "HB":
+            if body["state"] in ("primary", "stopping"):
+                self.watch.heard_bus(time.monotonic())
             # "stopping" is a primary in its final sync: exactly when we must keep up with it
             if waiting or body["state"] not in ("primary", "stopping"):
                 return
@@ -1042,7 +1293,7 @@ class Node:
             if not self.ops.lists_newer_than_peer():  # else ours are on their way to it
                 self.pair["sentinels"] = body["sentinels"]
             self.pair.update(active=body["active"], sv=body["sv"])
-            persist.save(self.state_dir / "pair.json", self.pair)
+            self.writes.save(self.state_dir / "pair.json", self.pair)
             self._load_sentinels_for(own=False)
             log.info("sentinel list from primary: active %s", body["active"])
 
@@ -1072,7 +1323,9 @@ class Node:
             self.repl_error = body.get("error", "")
             self.through, self.stuck = body["through"], body["stuck"]
             caught_up = self.applied >= (self.follow.get("seen") or 0) and not self.pending[0]
-            self.synced = caught_up and not self.repl_error
+            # in sync only with everything the primary says it has published
+            self.synced = (caught_up and not self.repl_error and not self.watch.stalled
+                           and self.applied >= self._primary_seq())
             if caught_up:
                 self.follow["oldest_unapplied"] = None
                 self.last_sync_wall = time.time()
@@ -1082,8 +1335,13 @@ class Node:
             self._send_ping()
             if self.repl_error:
                 self.publish_event("error", where="sync", error=self.repl_error)
+            if self.kept_new:
+                self._announce_conflicts()
         elif kind == b"event":
             self.ops.on_sync_event(body)
+            self.syncer_events += 1  # a file moved: progress for the link watch
+            if body.get("event") == "conflict":
+                self.kept_new.append(body)
             self.publish_event(body.pop("event"), **body)
 
     # ------------------------------------------------------------------ bus

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import persist, protocol
+from . import protocol
 from .alerts import Alerts
 from .config import Config, ConfigError, load
 from .fsm import PRIMARY_LIKE, E, S
@@ -70,10 +70,7 @@ def lists_at_start(node: Node) -> None:
 
 
 def _save_pair(node: Node) -> None:
-    try:
-        persist.save(node.state_dir / "pair.json", node.pair)
-    except OSError as exc:
-        log.error("cannot save %s: %s", node.state_dir / "pair.json", exc)
+    node.writes.save(node.state_dir / "pair.json", node.pair)  # a full disk: retried
 
 
 class Operator:
@@ -129,7 +126,7 @@ class Operator:
             self.lists_sent_at = now
             pair = node.pair
             node._send_peer("LISTS", {
-                "name": node.cfg.name, "run": node.run_id, **mine.wire(),
+                "name": node.cfg.name, "run": node.run_id, "epoch": node.epoch, **mine.wire(),
                 "folders": pair.get("folders") or {}, "paths": pair.get("paths") or {},
                 "sentinels": pair.get("sentinels") or {},
             })
@@ -307,6 +304,8 @@ class Operator:
             self.alerts.resolve_prefix("sentinel:")
         if node.state == S.SECONDARY:
             self._secondary_conditions()
+        else:
+            self.alerts.resolve("stall")  # only a secondary follows a link that can stall
 
     def _primary_conditions(self, now: float) -> None:
         node, peer, alerts = self.node, self.node.peer, self.alerts
@@ -372,13 +371,6 @@ class Operator:
                                f"guard holds that back (an unmounted disk on the primary looks "
                                f"like this). If the deletions are meant, run `sbs-tools "
                                f"confirm-deletions {folder}` on {self.node.cfg.name}.\n")
-        elif event == "conflict":
-            self.alerts.notice("conflicts", f"SBS conflicts kept on {self.node.cfg.name}",
-                               f"{self.node.cfg.name} kept a file it changed that the pair "
-                               f"had not agreed on: {body.get('folder')}/{body.get('path')} "
-                               f"is kept at {body.get('kept')}. Later ones within "
-                               f"rate_limit are counted, not mailed; see state_dir/conflicts/."
-                               f"\n", key="conflicts")
 
     # -- sentinel health ------------------------------------------------------------------------
 

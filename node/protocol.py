@@ -35,7 +35,12 @@ MAX_REPLY_IN = 256 << 20  # DEALER to the peer/tool: a full snapshot of a 100k-f
 MAX_BUS_IN = 64 << 20  # SUB: manifests are split into parts of at most MANIFEST_PART entries
 MAX_BLOB_REQUEST_IN = 1 << 20  # REP: fetch requests are small
 MAX_BLOB_REPLY_IN = 64 << 20  # fetch client: DATA with chunks
-MAX_CHUNK = 4 << 20  # largest chunk a fetch may ask for
+# bytes one GET may ask for in all (the sum of its items' n): the server builds a reply in
+# memory, so this bounds what one request costs it; an honest batch asks for at most 1.25 MiB
+# (small files up to 1 MiB plus one of 256 KiB, or one 1 MiB chunk of a large file)
+MAX_GET_BYTES = 2 << 20
+MAX_CHUNK = MAX_GET_BYTES  # largest chunk one item may ask for
+FETCH_WINDOW = 8  # GETs in flight per fetch client
 MANIFEST_PART = 5000  # entries per bus manifest message
 
 STATES = ("starting", "primary", "secondary", "stopping", "stopped")
@@ -229,13 +234,16 @@ PEER_STATE: dict[str, Check] = {
     "through": SEQ,  # secondary: last manifest it has worked through (applied or not)
     "stuck": s(1000),  # secondary: why what is pending cannot be applied by waiting ("" if it can)
     "following": s(32),  # secondary: the primary's run its numbers (applied, through) refer to
+    # a split-brain loser: it yielded to that run of the peer, from its term of `loser_epoch`
+    # (the winner learns of the split brain from this when it did not see two primaries)
+    "yielded": obj({"run": s(32), "epoch": EPOCH, "loser_epoch": EPOCH}),
     # pair-wide settings (node/maintenance.py, node/listedits.py): the sender's copy; the
     # newer one wins
     "maint": obj({"on": b, "at": num(0, 1e11), "by": NAME}),
     "lists": obj({"gen": i(0, 2**53), "at": num(0, 1e11), "by": NAME}),
     "sick": list_of(s(255), 100),  # sentinels that crash-looped here lately (node/health.py)
 }
-PEER_STATE_OPTIONAL = ("through", "stuck", "following", "maint", "lists", "sick")
+PEER_STATE_OPTIONAL = ("through", "stuck", "following", "yielded", "maint", "lists", "sick")
 
 FOLDERS = dict_of(list_of(s(1024), 64), 1000, _folder_name)  # name -> [filters]
 SENTINEL_DEFS = dict_of(s(4096), 1000, _sentinel_name)
@@ -250,10 +258,11 @@ SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
     "HANDOVER": ({"name": NAME, "run": s(32), "epoch": EPOCH, "seq": SEQ, "why": s(300)},
                  ("why",)),
     # the pair's lists, sent to a peer whose PING shows an older stamp (node/listedits.py)
-    "LISTS": ({"name": NAME, "run": s(32), "gen": i(0, 2**53), "at": num(0, 1e11), "by": NAME,
+    "LISTS": ({"name": NAME, "run": s(32), "epoch": EPOCH, "gen": i(0, 2**53),
+               "at": num(0, 1e11), "by": NAME,
                "folders": FOLDERS, "paths": dict_of(s(4096), 1000, _folder_name),
                "sentinels": SENTINEL_DEFS}, ()),
-    "ASK_HANDOVER": ({"name": NAME, "run": s(32)}, ()),
+    "ASK_HANDOVER": ({"name": NAME, "run": s(32), "epoch": EPOCH}, ()),
     "SNAPSHOT": ({"name": NAME}, ()),
     "SNAPSHOT_REP": (
         {
@@ -271,7 +280,8 @@ SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
     "STATUS": ({}, ()),
     "PROMOTE": ({"force": b}, ()),
     "SENTINEL": ({"action": one_of("list", "start", "stop"), "name": s(255)}, ("name",)),
-    "VERIFY": ({}, ()),
+    "VERIFY": ({"peer": b}, ("peer",)),  # peer: the peer's tokens, asked for by this node
+    "TOKENS": ({"name": NAME}, ()),  # node -> peer: what VERIFY answers, for the peer's VERIFY
     "CONFIRM": ({"folder": s(255)}, ("folder",)),
     "RELOAD": ({}, ()),
     "MAINTENANCE": ({"on": b}, ("on",)),  # without "on": only ask
@@ -336,6 +346,10 @@ def decode(frames: list[bytes], expect: tuple[str, ...] | None = None) -> Messag
         schema, optional = SCHEMAS[command]
         if (why := validate(schema, body, optional)) is not None:
             return Bad(f"{command}: {why}")
+        if command == "GET":
+            asked = sum(item["n"] for item in body["items"])
+            if asked > MAX_GET_BYTES:
+                return Bad(f"GET: {asked} bytes asked, at most {MAX_GET_BYTES} per request")
         if command == "DATA":
             if len(blobs) != len(body["items"]):
                 return Bad(f"DATA: {len(blobs)} blobs for {len(body['items'])} items")
@@ -353,6 +367,17 @@ def decode_bus(frames: list[bytes]) -> Message | Bad:
     if msg and bytes(frames[0]) != msg.command.lower().encode():
         return Bad("bus topic does not match the command")
     return msg
+
+
+def stale(body: dict[str, Any], run: str, epoch: int) -> str | None:
+    """Why a peer command (HANDOVER, ASK_HANDOVER, SNAPSHOT_REP) is not from the peer as we
+    know it now, or None: it must carry the run of the peer's latest heartbeat and an epoch no
+    lower than the one that heartbeat said (an older message, replayed or late, is dropped)."""
+    if body["run"] != run:
+        return f"from run {body['run'][:32]}: the peer is run {run or 'unknown'}"
+    if body["epoch"] < epoch:
+        return f"stale epoch {body['epoch']}: the peer is at epoch {epoch}"
+    return None
 
 
 def wins(a: dict[str, Any], b_: dict[str, Any]) -> bool:

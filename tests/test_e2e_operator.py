@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from node import protocol
 from tests.pair import Pair, wait_for
 from tests.test_e2e_replication import TmpfsNodeProc, _unshare_works
 from tools.cli import describe
@@ -398,7 +399,7 @@ def test_a_full_disk_on_the_secondary_is_an_alert_until_space_returns(make_pair,
     assert (beta.inside(b) / "small.txt").read_text() == "fits"
 
 
-def test_conflicts_kept_by_a_rejoining_primary_are_mailed_once(make_pair, smtp):
+def test_conflicts_kept_by_a_rejoining_primary_are_one_rate_limited_notice(make_pair, smtp):
     port, inbox = smtp
     # strict: the file only alpha has is deleted on rejoin, so it is kept too: two conflicts
     pair: Pair = make_pair(node={"strict": "true"}, alpha={"email": email_to(port)})
@@ -418,10 +419,41 @@ def test_conflicts_kept_by_a_rejoining_primary_are_mailed_once(make_pair, smtp):
     pair.alpha.start()
     pair.alpha.wait_state("secondary")
     wait_for(lambda: (a / "shared.txt").read_text() == "v1\n", 15, "alpha catching up")
-    mail = wait_for(lambda: [m for m in inbox.messages if "conflicts kept" in m["subject"]], 15,
+    mail = wait_for(lambda: [m for m in inbox.messages if "conflicts" in m["subject"]], 15,
                     "the conflicts mail")
-    assert mail[0]["subject"] == "SBS conflicts kept on alpha"
-    assert "state_dir/conflicts/" in mail[0].get_body(("plain",)).get_content()
-    wait_for(lambda: logged(pair.alpha, "not mailed (last mail about conflicts"), 10,
-             "the second conflict counted, not mailed")
-    assert len([m for m in inbox.messages if "conflicts kept" in m["subject"]]) == 1
+    assert mail[0]["subject"] == "SBS conflicts: alpha kept 2 file(s) of its own"
+    text = mail[0].get_body(("plain",)).get_content()
+    assert "shared.txt" in text and "alpha only.txt" in text and "Kind: conflicts" in text
+
+
+# ---------------------------------------------------------------------------- who may say it
+def test_reload_and_maintenance_need_the_nodes_own_key_and_lists_the_peers(make_pair):
+    from tests.test_e2e_hostile import _ask, _control, _heartbeat
+
+    pair: Pair = make_pair()
+    pair.start_both()
+    sock = _control(pair, "alpha", "beta")  # the peer's key, speaking to beta
+    try:
+        for command, body in (("RELOAD", {}), ("MAINTENANCE", {"on": True})):
+            reply = _ask(sock, command, body)
+            assert reply["reason"] == f"refused: {command} needs this node's own key"
+        hb = _heartbeat(pair, "alpha")
+        lists = {"name": "alpha", "run": hb["run"], "epoch": hb["epoch"], "gen": 7, "at": 1.0,
+                 "by": "alpha", "folders": {"planted": ["*"]}, "paths": {"planted": "/tmp"},
+                 "sentinels": {"planted": "sleep 1"}}
+        sock.send_multipart(protocol.encode("LISTS", {**lists, "run": "0" * 16}))
+        wait_for(lambda: logged(pair.beta, "ignored LISTS from run 0000000000000000"), 10,
+                 "a LISTS of another run dropped")
+        sock.send_multipart(protocol.encode("LISTS", {**lists, "gen": "7"}))
+        wait_for(lambda: logged(pair.beta, "dropped a bad control message: LISTS"), 10,
+                 "a malformed LISTS dropped")
+    finally:
+        sock.close()
+    own = _control(pair, "beta", "beta")  # the operator's key may not speak for the peer
+    try:
+        own.send_multipart(protocol.encode("LISTS", lists))
+        wait_for(lambda: logged(pair.beta, "refused LISTS"), 10, "LISTS with beta's own key")
+    finally:
+        own.close()
+    assert request(pair.beta.cfg, "MAINTENANCE")["maintenance"]["on"] is False
+    assert pair.beta.status()["lists"]["gen"] == 0 and pair.beta.state() == "secondary"

@@ -111,12 +111,22 @@ def _print_status(st: dict[str, Any], say: Any) -> None:
                   f"lag {r['lag_seconds']}s, pending {r['pending_files']} files / "
                   f"{r['pending_bytes']} bytes, last sync {_clock(r['last_sync'])}"
                   + (f", [red]{escape(r['error'])}[/red]" if r["error"] else ""))
+        if r.get("stalled"):
+            say(f"[red]replication stalled for {r['stalled_for']:.1f}s: "
+                f"{escape(r['stalled'])}[/red]")
     table = Table("sentinel", "active", "state", "pid", "restarts", "command")
     for s in st["sentinels"]:
         table.add_row(s["name"], "yes" if s["active"] else "no", s["state"],
                       str(s["pid"] or "-"), str(s["restarts"]), escape(s["command"]))
     if st["sentinels"]:
         say(table)
+    for path, failed in (st.get("state_writes") or {}).items():
+        say(f"[red]cannot write {escape(path)}: {escape(failed['error'])} "
+            "(kept in memory, retried)[/red]")
+    kept = st.get("conflicts") or {}
+    if kept.get("count"):
+        say(f"[yellow]{kept['count']} conflict copies under {escape(kept['where'])} "
+            f"(latest {kept['latest']}): see 'sbs-tools conflicts'[/yellow]")
     lists = st.get("lists")
     if lists:
         origin = (f"edited on {escape(lists['by'])} at {_clock(lists['at'])}" if lists["by"]
@@ -296,10 +306,13 @@ def _verify_tokens(cfg: Config, *, peer: bool) -> dict[str, dict[str, Any]]:
         err.print(f"cannot verify: {reason}", markup=False, highlight=False, soft_wrap=True)
         return typer.Exit(CANNOT_VERIFY)
 
-    # a quick STATUS first: a stopped node must not keep the operator waiting VERIFY_TIMEOUT
-    if request(cfg, "STATUS", timeout=3.0, peer=peer) is None:
+    # a quick STATUS first: a stopped node must not keep the operator waiting VERIFY_TIMEOUT.
+    # The peer is asked through the local node (VERIFY with peer): operator commands need the
+    # node's own key, and this host holds only its own node's, not the peer's.
+    st = request(cfg, "STATUS", timeout=3.0)
+    if st is None or peer and st.get("peer_state") == "unreachable":
         raise cannot(f"no answer from the {where} (stopped or unreachable)")
-    reply = request(cfg, "VERIFY", timeout=VERIFY_TIMEOUT, peer=peer)
+    reply = request(cfg, "VERIFY", {"peer": True} if peer else {}, timeout=VERIFY_TIMEOUT)
     if reply is None:
         raise cannot(f"the {where} did not answer VERIFY within {VERIFY_TIMEOUT:.0f}s")
     if reply.get("status") != "ok":
@@ -337,6 +350,25 @@ def verify(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
         out.print("identical" if not diffs else f"{len(diffs)} difference(s)",
                   f"({files} objects here)")
     raise typer.Exit(0 if not diffs else 1)
+
+
+@app.command()
+def conflicts(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
+    """List what this node kept under state_dir/conflicts/ (its own changes that were replaced
+    or set aside when it fell in line with its peer), newest first. Read from disk: works with
+    the node stopped too."""
+    from node.conflicts import listing
+
+    cfg = _cfg(config)
+    kept = listing(cfg.state_dir)
+    if as_json:
+        print(orjson.dumps({"where": str(cfg.state_dir / "conflicts"), "files": kept}).decode())
+        return
+    for k in kept:
+        out.print(f"{k['time']}  {k['folder']}/{k['path']}  ({k['size']} bytes)  {k['kept']}",
+                  markup=False, highlight=False)
+    out.print(f"{len(kept)} file(s) kept under {cfg.state_dir / 'conflicts'}", markup=False,
+              highlight=False)
 
 
 @app.command("confirm-deletions")
