@@ -89,6 +89,8 @@ class Operator:
         self.snapshot_stamp: Stamp | None = None  # secondary: the lists of the last snapshot
         self.last_failure: dict[str, float] = {}
         self.primary_since: float | None = None
+        self.standby_since: float | None = None  # primary: monotonic, since a standby is there
+        self.in_sync_at: float | None = None  # primary: monotonic, the standby last had it all
 
     # -- the pair's settings in every PING ------------------------------------------------------
 
@@ -298,7 +300,7 @@ class Operator:
         if node.state in PRIMARY_LIKE:
             self._primary_conditions(now)
         else:
-            self.primary_since = None
+            self.primary_since = self.standby_since = self.in_sync_at = None
             for key in ("standby_lost", "lag", "restricted"):
                 self.alerts.resolve(key)
             self.alerts.resolve_prefix("sentinel:")
@@ -316,17 +318,26 @@ class Operator:
             alerts.resolve("standby_lost")
         elif now - self.primary_since > ALONE_AFTER:
             self.standby_lost("no secondary has joined")
+        # lagging: a standby that has not had everything we published for lag_after seconds
+        # (counted from when it joined: a returning one catches up first)
+        if not standby:
+            self.standby_since = self.in_sync_at = None
+        elif self.standby_since is None:
+            self.standby_since = now
+        caught_up = standby and peer.synced and peer.follows(node.run_id) and (
+            peer.applied >= node.seq)
+        if caught_up:
+            self.in_sync_at = now
+            alerts.resolve("lag")
         lag_after = node.cfg.notify.lag_after
-        in_sync = node.peer_last_sync or 0.0
-        if standby and time.time() - in_sync > lag_after and now - self.primary_since > lag_after:
+        behind_since = self.in_sync_at or self.standby_since
+        if standby and not caught_up and now - behind_since > lag_after:
             alerts.raise_("lag", "lag", f"standby {peer.name} lags behind",
                           f"The secondary {peer.name} has not been in sync for more than "
                           f"{lag_after:g}s (applied {peer.applied}, this node is at manifest "
                           f"{node.seq}, pending {peer.pending_files} files / "
                           f"{peer.pending_bytes} bytes{', ' + peer.error if peer.error else ''})"
                           f".\nA failover now would lose what it lacks.\n")
-        elif standby and peer.synced:
-            alerts.resolve("lag")
         active = node.sentinels.active
         if node.restricted and active:
             alerts.raise_("restricted", "restricted",
