@@ -35,7 +35,7 @@ from node.scan import (
     scan_paths,
 )
 
-WAIT = 5.0  # seconds: the deadline of every wait below
+WAIT = 15.0  # seconds: the deadline of every wait below
 
 
 # --- helpers ---------------------------------------------------------------------------------
