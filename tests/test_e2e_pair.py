@@ -144,20 +144,6 @@ def test_promote_swaps_roles_and_the_bus_direction(make_pair):
     wait_for(lambda: settled(pair) and pair.alpha.state() == "primary", 10, "swapped back")
 
 
-def test_promote_without_a_peer_needs_force(make_pair):
-    pair = make_pair()
-    pair.start_both()
-    pair.alpha.signal(signal.SIGSTOP)  # silent but alive: beta would take over by itself
-    try:
-        wait_for(lambda: pair.beta.status()["peer_state"] in ("unreachable", "primary"), 5, "x")
-        res = sbs_tools("promote", "--config", str(pair.beta.config), "--force")
-        assert res.returncode == 0, res.stdout + res.stderr
-        assert pair.beta.state() == "primary"
-    finally:
-        pair.alpha.signal(signal.SIGCONT)
-    wait_for(lambda: settled(pair), 10, "settled after the paused node resumed")
-
-
 def test_ten_simultaneous_starts_give_exactly_one_primary(make_pair):
     for trial in range(10):
         pair = make_pair()

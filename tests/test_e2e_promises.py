@@ -7,9 +7,13 @@ Every wait polls a condition with a deadline; the deadlines hold with both cores
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.pair import wait_for
+from tests.test_e2e_pair import settled
 from tests.test_e2e_replication import files_under, replication, started, wait_equal, write
 
 
@@ -55,3 +59,36 @@ def test_strict_guard_boundary_19_files_and_exactly_half(make_pair):
              f"the guard to hold 11 of 20 deletions{pair.beta.tail_log()}")
     assert "refusing to delete 11 of 20 files" in replication(pair.beta)["error"]
     assert len(files_under(b)) == 20  # nothing deleted
+
+
+def sbs_tools(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tools.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_promote_of_a_secondary_whose_primary_is_silent_needs_force(make_pair):
+    """A paused primary, a long dead_after (beta does not take over by itself for 20 s): once
+    beta has not heard alpha for half of it, promote is refused and promote --force takes
+    over at once."""
+    # alpha's own dead_after is short only so that it starts as primary at once (its probe)
+    pair = make_pair(alpha={"node": {"dead_after": 1.0}}, beta={"node": {"dead_after": 20.0}})
+    pair.start_both()
+    pair.alpha.signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: (st := pair.beta.status(1.0)) and st["peer"]["last_heard"] > 10.5, 40,
+                 "beta to have heard nothing from alpha for half of dead_after")
+        res = sbs_tools("promote", "--config", str(pair.beta.config), "--timeout", "10")
+        said = res.stdout + res.stderr
+        assert res.returncode == 1 and "peer unreachable" in said and "--force" in said, said
+        assert pair.beta.state() == "secondary"
+
+        res = sbs_tools("promote", "--config", str(pair.beta.config), "--force")
+        assert res.returncode == 0, res.stdout + res.stderr
+        st = pair.beta.status(1.0)
+        assert st["state"] == "primary" and st["epoch"] == 2
+        # the operator did it, not the silence
+        assert "PRIMARY now (epoch 2, operator forced promotion)" in pair.beta.log.read_text()
+    finally:
+        pair.alpha.signal(signal.SIGCONT)
+    a, b = wait_for(lambda: settled(pair), 30, "one primary after alpha resumed")
+    assert (a["state"], b["state"]) == ("secondary", "primary")  # epoch 2 wins by the rule
