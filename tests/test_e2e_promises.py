@@ -10,11 +10,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from tests.pair import wait_for
 from tests.test_e2e_pair import settled
 from tests.test_e2e_replication import files_under, replication, started, wait_equal, write
+from tools.client import request
 
 
 def batch(folder: Path, name: str, count: int) -> None:
@@ -92,3 +96,36 @@ def test_promote_of_a_secondary_whose_primary_is_silent_needs_force(make_pair):
         pair.alpha.signal(signal.SIGCONT)
     a, b = wait_for(lambda: settled(pair), 30, "one primary after alpha resumed")
     assert (a["state"], b["state"]) == ("secondary", "primary")  # epoch 2 wins by the rule
+
+
+@pytest.mark.parametrize("how", ["stop", "promote"])
+def test_handover_timeout_bounds_a_stop_or_promote_when_the_secondary_hangs(make_pair, how):
+    """The primary's last sync waits for the secondary at most handover_timeout (3 s here),
+    even when the secondary still counts as alive (its dead_after, 30 s, is far off): a hung
+    secondary delays a stop or a promote by that much, not more."""
+    pair = make_pair(node={"handover_timeout": 3}, beta={"node": {"dead_after": 30.0}})
+    pair.start_both()  # alpha first: beta's 30 s probe window would hold a lone start
+    res = sbs_tools("promote", "--config", str(pair.beta.config))  # beta primary, alpha follows
+    assert res.returncode == 0, res.stdout + res.stderr
+    wait_for(lambda: settled(pair) and pair.beta.state() == "primary", 30, "beta primary")
+    pair.alpha.signal(signal.SIGSTOP)
+    try:
+        write(pair.folder("beta") / "late.txt", "written while the secondary hangs")
+        asked = time.monotonic()
+        if how == "stop":
+            pair.beta.signal(signal.SIGTERM)
+            assert pair.beta.wait_exit(60) == 0
+        else:
+            reply = request(pair.beta.cfg, "PROMOTE", {"force": False}, timeout=10)
+            assert reply and reply["status"] == "ok", reply
+            pair.beta.wait_state("secondary", timeout=60)
+        took = time.monotonic() - asked
+        assert 2.9 <= took < 15, f"the {how} took {took:.1f}s (handover_timeout 3, dead_after 30)"
+        assert "final sync incomplete: timed out" in pair.beta.log.read_text(), \
+            pair.beta.tail_log()
+    finally:
+        pair.alpha.signal(signal.SIGCONT)
+    # alpha resumes, hears the hand-over (or the silence) and takes over
+    pair.alpha.wait_state("primary", timeout=30)
+    if how == "promote":
+        wait_for(lambda: settled(pair), 30, "beta to follow alpha again")

@@ -631,7 +631,7 @@ def test_a_stop_does_not_wait_for_files_the_secondary_has_no_room_for(make_pair)
              f"the file that does not fit, pending on beta {beta.tail_log()}")
     # both sides say so: the operator sees why a stop will not wait for it
     assert "1 file(s) do not fit: disk full in docs" in replication(beta)["stuck"]
-    wait_for(lambda: "do not fit" in replication(pair.alpha).get("peer_stuck", ""), 5,
+    wait_for(lambda: "do not fit" in replication(pair.alpha).get("peer_stuck", ""), 15,
              "beta's reason in alpha's status")
     assert replication(pair.alpha)["peer_following"] is True
     shown = sbs_tools("status", "--config", str(pair.alpha.config))
