@@ -129,3 +129,24 @@ def test_handover_timeout_bounds_a_stop_or_promote_when_the_secondary_hangs(make
     pair.alpha.wait_state("primary", timeout=30)
     if how == "promote":
         wait_for(lambda: settled(pair), 30, "beta to follow alpha again")
+
+
+def test_a_main_nodes_takeover_sends_the_failover_email(make_pair, smtp):
+    """Both nodes role = main: when the primary dies the secondary's takeover is mailed, once,
+    through a real SMTP server, naming both nodes, the epoch and why."""
+    port, collector = smtp
+    pair = make_pair(email={"enabled": "true", "smtp_server": "127.0.0.1", "smtp_port": port,
+                            "sender": "sbs@example.com", "receiver": "ops@example.com"})
+    pair.start_both()
+    assert pair.beta.status()["role"] == "main"
+    pair.alpha.kill()
+    st = pair.beta.wait_state("primary", timeout=30)
+    wait_for(lambda: collector.messages, 30, "the failover email")
+    message = collector.messages[0]
+    body = message.get_body(("plain",)).get_content()
+    assert message["subject"] == "SBS failover: beta is now primary"
+    assert message["to"] == "ops@example.com"
+    assert "Old primary: alpha" in body and "New primary: beta" in body, body
+    assert f"Epoch: {st['epoch']}" in body and "Why: no heartbeat from alpha" in body, body
+    wait_for(lambda: pair.beta.status(1.0)["email"]["sent"] == 1, 30, "the email counted as sent")
+    assert len(collector.messages) == 1
