@@ -150,3 +150,32 @@ def test_a_main_nodes_takeover_sends_the_failover_email(make_pair, smtp):
     assert f"Epoch: {st['epoch']}" in body and "Why: no heartbeat from alpha" in body, body
     wait_for(lambda: pair.beta.status(1.0)["email"]["sent"] == 1, 30, "the email counted as sent")
     assert len(collector.messages) == 1
+
+
+MAX_QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access(MAX_QUEUED, os.W_OK),
+                    reason="needs root to lower fs.inotify.max_queued_events")
+def test_an_inotify_overflow_on_the_primary_is_rescanned_and_published(make_pair):
+    """The primary's inotify queue holds 16 events (the limit is taken when an inotify
+    instance is made, so it is lowered only while alpha's watcher starts): 300 new files
+    overflow it, and the rescan that follows publishes them long before the periodic rescan
+    (10 minutes)."""
+    pair = make_pair(node={"period": 600})
+    original = MAX_QUEUED.read_text()
+    try:
+        MAX_QUEUED.write_text("16")
+        pair.alpha.start()
+        wait_for(lambda: replication(pair.alpha).get("ready"), 30, "alpha's first scan done")
+    finally:
+        MAX_QUEUED.write_text(original)  # other inotify users on this machine get it back
+    pair.beta.start()
+    pair.beta.wait_state("secondary", timeout=30)
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    script = ("import sys\nfor i in range(300):\n"
+              "    open(f'{sys.argv[1]}/o{i:03}', 'wb').write(b'x')\n")
+    subprocess.run([sys.executable, "-c", script, str(a)], check=True, timeout=60)
+    wait_for(lambda: len(files_under(b)) == 300, 60,
+             f"all 300 files on beta{pair.alpha.tail_log()}")
+    assert "watcher lost events; full rescan" in pair.alpha.log.read_text()
