@@ -7,6 +7,8 @@ Every wait polls a condition with a deadline; the deadlines hold with both cores
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.pair import wait_for
+from tests.conftest import free_port
+from tests.pair import free_port_triplet, wait_for
 from tests.test_e2e_pair import settled
 from tests.test_e2e_replication import files_under, replication, started, wait_equal, write
 from tools.client import request
@@ -179,3 +182,47 @@ def test_an_inotify_overflow_on_the_primary_is_rescanned_and_published(make_pair
     wait_for(lambda: len(files_under(b)) == 300, 60,
              f"all 300 files on beta{pair.alpha.tail_log()}")
     assert "watcher lost events; full rescan" in pair.alpha.log.read_text()
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue  # ended meanwhile
+        if text in cmdline and int(pid) != os.getpid():
+            found.append(f"{pid}: {cmdline}")
+    return found
+
+
+def test_just_demo_runs_to_the_end_and_leaves_no_process(tmp_path):
+    """The README's `just demo`, run by just from its recipe, in a scratch folder with the
+    shipped sbs.ini (on free ports, so a demo running in the checkout is not disturbed)."""
+    repo = Path(__file__).resolve().parents[1]
+    just = shutil.which("just", path=f"{Path(sys.executable).parent}{os.pathsep}"
+                                     f"{os.environ.get('PATH', '')}")
+    if just is None:
+        pytest.skip("no `just` (pip install -e '.[dev]' brings it)")
+    port, web = free_port_triplet(), free_port()
+    ini = (repo / "sbs.ini").read_text()
+    ini = re.sub(r"(?m)^port = 4445\b", f"port = {port}", ini)
+    ini = ini.replace("http.server 8081", f"http.server {web}")
+    assert f"port = {port}" in ini and f"http.server {web}" in ini, "sbs.ini changed shape"
+    (tmp_path / "sbs.ini").write_text(ini)
+    env = {**os.environ, "PYTHON": sys.executable}
+    try:
+        proc = subprocess.run([just, "--justfile", str(repo / "Justfile"),
+                               "--working-directory", str(tmp_path), "demo"],
+                              capture_output=True, text=True, timeout=180, env=env)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out
+        assert "beta is primary" in out and "alpha caught up" in out, out
+        assert "alpha: primary" in out and "Done. Stopping both nodes" in out, out
+        # every node and the sentinel are gone once the demo returns
+        assert processes_mentioning(str(tmp_path)) == []
+        assert processes_mentioning(f"http.server {web}") == []
+    finally:
+        for line in processes_mentioning(str(tmp_path)) + processes_mentioning(
+                f"http.server {web}"):
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
