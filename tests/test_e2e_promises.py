@@ -226,3 +226,35 @@ def test_just_demo_runs_to_the_end_and_leaves_no_process(tmp_path):
         for line in processes_mentioning(str(tmp_path)) + processes_mentioning(
                 f"http.server {web}"):
             os.kill(int(line.split(":")[0]), signal.SIGKILL)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ss") is None,
+                    reason="needs root and ss -K to cut the pair's connections")
+def test_a_lost_hand_over_leaves_two_secondaries_and_the_rule_picks_one(make_pair):
+    """alpha hands over while beta is paused and their control connections are cut, so the
+    HANDOVER is lost (sends to an unconnected peer are dropped). beta resumes before anyone's
+    dead_after: both are secondary, and once both have been so for dead_after the rule picks
+    alpha (the higher epoch), which takes over."""
+    pair = make_pair(node={"handover_timeout": 1}, alpha={"node": {"dead_after": 6.0}},
+                     beta={"node": {"dead_after": 10.0}})
+    pair.start_both()
+    pair.beta.signal(signal.SIGSTOP)
+    try:
+        cut = subprocess.run(["ss", "-K", "-tn", "state", "established", "(", "sport",
+                              f"= :{pair.port}", "or", "dport", f"= :{pair.port}", ")"],
+                             capture_output=True, text=True, timeout=30)
+        assert cut.returncode == 0, cut.stderr
+        reply = request(pair.alpha.cfg, "PROMOTE", {"force": False}, timeout=10)
+        assert reply and reply["status"] == "ok", reply
+        pair.alpha.wait_state("secondary", timeout=30)  # after handover_timeout: 1 s
+    finally:
+        pair.beta.signal(signal.SIGCONT)
+    wait_for(lambda: (st := pair.alpha.status(1.0)) and st["peer_state"] == "secondary", 30,
+             "alpha to hear beta again, both secondary")
+    st = pair.alpha.wait_state("primary", timeout=40)
+    assert st["epoch"] == 2
+    assert "two secondaries; the rule picked this node" in pair.alpha.log.read_text(), \
+        pair.alpha.tail_log()
+    assert "PRIMARY now" not in pair.beta.log.read_text()  # beta never heard the hand-over
+    a, b = wait_for(lambda: settled(pair), 30, "beta to follow alpha")
+    assert (a["state"], b["state"]) == ("primary", "secondary")
