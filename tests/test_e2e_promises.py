@@ -158,30 +158,30 @@ def test_a_main_nodes_takeover_sends_the_failover_email(make_pair, smtp):
 MAX_QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.access(MAX_QUEUED, os.W_OK),
-                    reason="needs root to lower fs.inotify.max_queued_events")
 def test_an_inotify_overflow_on_the_primary_is_rescanned_and_published(make_pair):
-    """The primary's inotify queue holds 16 events (the limit is taken when an inotify
-    instance is made, so it is lowered only while alpha's watcher starts): 300 new files
-    overflow it, and the rescan that follows publishes them long before the periodic rescan
-    (10 minutes)."""
-    pair = make_pair(node={"period": 600})
-    original = MAX_QUEUED.read_text()
-    try:
-        MAX_QUEUED.write_text("16")
-        pair.alpha.start()
-        wait_for(lambda: replication(pair.alpha).get("ready"), 30, "alpha's first scan done")
-    finally:
-        MAX_QUEUED.write_text(original)  # other inotify users on this machine get it back
-    pair.beta.start()
-    pair.beta.wait_state("secondary", timeout=30)
+    """The primary is paused while another process makes more events than its inotify queue
+    holds (fs.inotify.max_queued_events, the kernel drops the rest and says so); once resumed
+    it rescans and publishes every file, long before the periodic rescan (10 minutes). beta's
+    dead_after (60 s) keeps it from taking over meanwhile."""
+    limit = int(MAX_QUEUED.read_text())
+    files = limit // 2 + 2000  # >= 3 events each (create, modify, close)
+    pair = make_pair(node={"period": 600}, alpha={"node": {"dead_after": 1.0}},
+                     beta={"node": {"dead_after": 60.0}})
+    started(pair)
     a, b = pair.folder("alpha"), pair.folder("beta")
-    script = ("import sys\nfor i in range(300):\n"
-              "    open(f'{sys.argv[1]}/o{i:03}', 'wb').write(b'x')\n")
-    subprocess.run([sys.executable, "-c", script, str(a)], check=True, timeout=60)
-    wait_for(lambda: len(files_under(b)) == 300, 60,
-             f"all 300 files on beta{pair.alpha.tail_log()}")
-    assert "watcher lost events; full rescan" in pair.alpha.log.read_text()
+    script = ("import sys\nfor i in range(int(sys.argv[2])):\n"
+              "    open(f'{sys.argv[1]}/o{i:05}', 'wb').write(b'x')\n")
+    pair.alpha.signal(signal.SIGSTOP)
+    try:
+        subprocess.run([sys.executable, "-c", script, str(a), str(files)], check=True,
+                       timeout=60)
+    finally:
+        pair.alpha.signal(signal.SIGCONT)
+    wait_for(lambda: "watcher lost events; full rescan" in pair.alpha.log.read_text(), 30,
+             f"alpha to report the overflow{pair.alpha.tail_log()}")
+    wait_for(lambda: len(files_under(b)) == files, 90,
+             f"all {files} files on beta{pair.beta.tail_log()}")
+    assert pair.beta.state() == "secondary"
 
 
 def processes_mentioning(text: str) -> list[str]:
