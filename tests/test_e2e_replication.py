@@ -162,16 +162,24 @@ def replication(node: NodeProc) -> dict:
 class Bus:
     """Records the EVENT messages of a node's bus (what `sbs-tools tail` prints)."""
 
-    def __init__(self, node: NodeProc):
+    def __init__(self, node: NodeProc, *, joined: bool = True):
         self.events: list[dict] = []
         self._stop = threading.Event()
+        self._joined = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(node,), name="test-bus")
         self._thread.start()
+        # a bus drops what it publishes before a subscriber has joined (slow on a busy
+        # machine): return only once a first message (a heartbeat) has arrived, unless the
+        # node is not started yet (joined=False)
+        if joined and not self._joined.wait(15):
+            self.stop()
+            raise AssertionError(f"no message on {node.name}'s bus within 15s")
 
     def _run(self, node: NodeProc) -> None:
         messages = subscribe(node.cfg)
         try:
             for msg in messages:  # heartbeats arrive every 0.2 s, so a stop is seen soon
+                self._joined.set()
                 if self._stop.is_set():
                     return
                 if msg and msg.command == "EVENT":
@@ -406,7 +414,7 @@ def test_strict_guard_refuses_mass_deletion_until_confirmed(make_pair):
         os.rename(a / "mount", pair.root / "unmounted")
         wait_for(lambda: "strict guard" in replication(pair.beta).get("error", ""), 10,
                  "the guard error in beta's status")
-        wait_for(lambda: bus.seen("strict_guard", folder="docs", deletions=14), 5,
+        wait_for(lambda: bus.seen("strict_guard", folder="docs", deletions=14), 15,
                  "the guard on beta's bus")
     finally:
         bus.stop()
@@ -568,7 +576,7 @@ def test_a_full_disk_keeps_the_old_copy_and_recovers(make_pair):
     v1 = write(a / "keep.bin", os.urandom(MiB)).read_bytes()
     write(a / "filler.bin", os.urandom(5 * MiB))
     too_big = write(a / "too big.bin", os.urandom(9 * MiB)).read_bytes()
-    bus = Bus(beta)
+    bus = Bus(beta, joined=False)  # beta starts below: subscribed from its first message
     try:
         # the first sync already hits the full disk: the rest arrives, the error shows
         pair.alpha.start()
@@ -578,7 +586,7 @@ def test_a_full_disk_keeps_the_old_copy_and_recovers(make_pair):
         bb = beta.inside(b)
         wait_for(lambda: "disk full" in replication(beta).get("error", ""), 10,
                  f"the disk-full error in beta's status {beta.tail_log()}")
-        wait_for(lambda: bus.seen("disk_full", folder="docs", path="too big.bin"), 5,
+        wait_for(lambda: bus.seen("disk_full", folder="docs", path="too big.bin"), 15,
                  "the full disk on beta's bus")
         wait_for(lambda: (bb / "filler.bin").exists() and (bb / "keep.bin").exists(), 10,
                  "what fits")
@@ -1144,6 +1152,8 @@ def test_split_brain_loser_keeps_its_changes_under_conflicts(make_pair, smtp):
     started(pair)
     wait_equal(a, b, 10)
     tail = Tail(pair.beta.config)  # the winner's bus
+    # connected before the event: a bus drops what it publishes before a subscriber joins
+    tail.wait(lambda m: m["type"] == "hb", 15, "a heartbeat (tail connected)")
     pair.alpha.signal(signal.SIGSTOP)  # a paused primary: beta takes over
     try:
         pair.beta.wait_state("primary", timeout=10)
