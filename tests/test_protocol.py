@@ -105,23 +105,30 @@ def test_an_honest_fetch_batch_fits_the_bound_on_one_request():
 
 ENTRY = {"path": "a/b.txt", "kind": "file", "size": 3, "mtime_ns": 1, "mode": 0o644,
          "hash": "ab" * 8}
+_PAIRWIDE = {"maint": {"on": True, "at": 1.5, "by": "alpha"},
+             "lists": {"gen": 2, "at": 1.5, "by": "beta"}, "sick": ["web"]}
 # One valid body per command that has fields; the fuzz below mutates them one spot at a time, so
 # decoding gets past the tag, the command and the JSON into the field checks.
 VALID: dict[str, tuple[dict, tuple[bytes, ...]]] = {
-    "PING": ({**PING, "through": 7, "stuck": "", "following": "xyz"}, ()),
-    "PONG": ({**PING, "through": 7, "stuck": "", "following": "xyz"}, ()),
-    "HANDOVER": ({"name": "alpha", "run": "r", "epoch": 2, "seq": 9}, ()),
+    "PING": ({**PING, "through": 7, "stuck": "", "following": "xyz", **_PAIRWIDE}, ()),
+    "PONG": ({**PING, "through": 7, "stuck": "", "following": "xyz", **_PAIRWIDE}, ()),
+    "HANDOVER": ({"name": "alpha", "run": "r", "epoch": 2, "seq": 9, "why": "promote"}, ()),
+    "LISTS": ({"name": "beta", "run": "r", "epoch": 2, "gen": 3, "at": 1.5, "by": "beta",
+               "folders": {"docs": ["*"]}, "paths": {"docs": "/srv/docs"},
+               "sentinels": {"web": "httpd"}}, ()),
+    "MAINTENANCE": ({"on": True}, ()),
     "ASK_HANDOVER": ({"name": "beta", "run": "r", "epoch": 1}, ()),
     "TOKENS": ({"name": "beta"}, ()),
     "VERIFY": ({"peer": True}, ()),
     "SNAPSHOT": ({"name": "beta"}, ()),
-    "SNAPSHOT_REP": ({**SNAPSHOT, "index": {"docs": [ENTRY]}}, ()),
+    "SNAPSHOT_REP": ({**SNAPSHOT, "index": {"docs": [ENTRY]}, "lists": _PAIRWIDE["lists"]}, ()),
     "ACK": ({"name": "beta", "run": "r", "applied": 3, "snapshot": False, "following": "r"}, ()),
     "PROMOTE": ({"force": False}, ()),
     "SENTINEL": ({"action": "start", "name": "web"}, ()),
     "CONFIRM": ({"folder": "docs"}, ()),
     "REPLY": ({"status": "error", "reason": "no"}, ()),
-    "HB": ({"name": "alpha", "run": "r", "epoch": 1, "state": "primary", "seq": 2, "sv": 0}, ()),
+    "HB": ({"name": "alpha", "run": "r", "epoch": 1, "state": "primary", "seq": 2, "sv": 0,
+            "maintenance": False}, ()),
     "MANIFEST": ({"name": "alpha", "run": "r", "epoch": 1, "seq": 4, "part": 0, "parts": 1,
                   "entries": {"docs": [ENTRY, {**ENTRY, "path": "gone", "deleted": True}]}}, ()),
     "SENTINELS": ({"name": "alpha", "sv": 2, "sentinels": {"web": "httpd"}, "active": ["web"]},
