@@ -1,47 +1,50 @@
 """The node loop: one poller owns every ZeroMQ socket of the node.
 
-Sockets (all CURVE servers/clients when curve = true)
-    router  ROUTER bound on local:port        pings from the peer, snapshot/ack, tool commands
-    dealer  DEALER to peer:port               our pings, snapshot requests, acks, hand-over
-    pub     PUB bound on local:port+1         heartbeats, manifests, sentinel list, events
-    sub     SUB to peer:port+1                only while secondary: the primary's bus
+Sockets (all CURVE servers/clients when curve = true), each with one owner
+    router  ROUTER bound on local:port        Node: pings from the peer, hand-over; snapshot
+                                              requests and ACKs go to the Primary, operator
+                                              commands to Control
+    dealer  DEALER to peer:port               Node: our pings, snapshot requests, acks, hand-over
+    pub     PUB bound on local:port+1         Node: heartbeats, events; Primary: manifests
+    sub     SUB to peer:port+1                Secondary, only while following: the primary's bus
     port+2  REP, owned by the BlobServer thread (file content, pure disk reads)
-    inproc  PAIR pipes to the Scanner (primary) and Syncer (secondary) threads, a PULL for
-            replies computed by short-lived worker threads (verify), and the signal wake-up fd
+    inproc  PAIR pipes to the Scanner (Primary) and Syncer (Secondary) threads, a PULL for
+            replies computed by short-lived worker threads (Control: verify), and the signal
+            wake-up fd
 
 The loop turns what it sees into fsm events and performs the actions the table returns; the
-poll timeout is the nearest deadline (heartbeat, silence, probe, hand-over, sentinel restart).
-Disk work (scanning, hashing, writing) never runs here, so a slow disk cannot delay a heartbeat.
+poll timeout is the nearest deadline (heartbeat, silence, probe, hand-over, sentinel restart,
+and each side's own). Disk work (scanning, hashing, writing) never runs here, so a slow disk
+cannot delay a heartbeat. The primary's and the secondary's replication live in node/primary.py
+and node/secondary.py, the operator's commands and status in node/control.py, and which lists
+this node runs (its own or the pushed ones) in node/pairlists.py.
 """
 from __future__ import annotations
 
-import collections
 import logging
-import os
-import queue
 import secrets
 import signal
 import socket
-import threading
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import orjson
 import zmq
 
 from . import persist, protocol
 from .blobs import BlobServer
 from .config import Config, FolderConfig
+from .control import Control
 from .fsm import PRIMARY_LIKE, PUBLIC, A, E, S, step
 from .journal import Agreed
 from .notify import Notifier
+from .pairlists import PairLists
 from .peer import Peer
+from .primary import Primary
 from .protocol import Bad, Message
-from .scanner import Scanner, verify_tokens
+from .secondary import Secondary
 from .security import client, load_keys, serve, start_authenticator
 from .sentinels import Sentinels
-from .syncer import Syncer
 
 log = logging.getLogger("sbs.node")
 
@@ -71,7 +74,6 @@ class Node:
         self.max_seen_epoch = max(self.epoch, int(saved.get("max_seen_epoch", 0)))
         self.last_role = saved.get("last_role", "")
         self.stopping_sentinels = False
-        self.peer_last_sync: float | None = None  # primary: wall time the secondary was in sync
         self.state = S.STARTING
         self.state_at = time.monotonic()
         self.started_at = self.state_at
@@ -80,37 +82,13 @@ class Node:
         self.peer_ident: bytes | None = None  # ROUTER identity of the peer's DEALER
         self.split_reported: str | None = None
         self.keys = load_keys(cfg)
-
-        # replication state
-        self.pair = persist.load(self.state_dir / "pair.json", {})  # last pushed folders/sentinels
-        self.folders: dict[str, FolderConfig] = self._pushed_folders()
-        self.seq = 0  # primary: last manifest seq published
-        self.index: dict[str, dict[str, dict]] = {}  # primary: mirror of the scanner's index
-        self.index_ready = False
-        self.unacked: collections.deque[tuple[int, dict]] = collections.deque()
-        self.sv = int(self.pair.get("sv", 0))  # sentinel list version
-        self.scanner: Scanner | None = None
-        self.syncer: Syncer | None = None
-        self.sub: zmq.Socket | None = None
-        self.follow: dict[str, Any] = {}  # secondary: snapshot/manifest tracking
-        self.applied = 0
-        self.synced = False
-        self.pending = (0, 0)
-        self.repl_error = ""
-        self.through, self.stuck = 0, ""  # secondary: manifests worked through; see Syncer
-        self.snapshots_submitted = 0  # secondary: to the current Syncer
-        self.last_sync_wall: float | None = None
-        self.final_sync: dict[str, Any] | None = None
-        self.waiting_tools: list[tuple[bytes, str]] = []  # (identity, command) to answer later
         self.agreed = Agreed(self.state_dir / "agreed.jsonl")
-        self.journal_jobs: queue.Queue = queue.Queue()
-        self.journal = threading.Thread(target=self._journal_worker, name="sbs-journal",
-                                        daemon=True)
-        self.journal.start()
 
         self.notifier = Notifier(cfg.email)
         self.sentinels = Sentinels(self.state_dir, on_event=self._sentinel_event)
-        self._load_sentinels_for(own=True)
+        self.lists = PairLists(cfg, self.sentinels)
+        self.folders: dict[str, FolderConfig] = self.lists.pushed_folders()
+        self.lists.load_sentinels(own=True)
         killed = self.sentinels.cleanup_leftovers()
         if killed:
             log.warning("killed %d leftover sentinel process(es) of a previous run: %s",
@@ -119,9 +97,35 @@ class Node:
         self.ctx = zmq.Context()
         self.auth = start_authenticator(self.ctx, self.keys)
         self._open_sockets()
+        self.primary = Primary(self)
+        self.secondary = Secondary(self)
+        self.control = Control(self)
+        self.poller = zmq.Poller()
+        for sock in (self.router, self.dealer, self.control.results, self.primary.pipe,
+                     self.secondary.pipe):
+            self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
+        # who reads which socket, in the order the loop serves them; a socket looked up each
+        # time, since a handler may close one (the SUB on takeover)
+        self.handlers: list[tuple[Callable[[], zmq.Socket | None], Callable]] = [
+            (lambda: self.router, self._on_router),
+            (lambda: self.dealer, self._on_dealer),
+            (lambda: self.secondary.sub, self.secondary.on_bus),
+            (lambda: self.control.results, self.control.on_result),
+            (lambda: self.primary.pipe, self.primary.on_scanner),
+            (lambda: self.secondary.pipe, self.secondary.on_syncer),
+        ]
+        # peer commands on the ROUTER; the others are the operator's (Control)
+        self.peer_commands: dict[str, Callable[[bytes, Message], None]] = {
+            "PING": self._on_ping,
+            "HANDOVER": lambda ident, msg: self._obey(msg, E.PEER_HANDOVER),
+            "ASK_HANDOVER": lambda ident, msg: self._obey(msg, E.PEER_ASKS_HANDOVER),
+            "SNAPSHOT": lambda ident, msg: self.primary.on_snapshot_request(ident, msg.body),
+            "ACK": lambda ident, msg: self.primary.on_ack(ident, msg.body),
+        }
 
     # ------------------------------------------------------------------ sockets
-    def _socket(self, kind: int, *, maxmsg: int) -> zmq.Socket:
+    def socket(self, kind: int, *, maxmsg: int) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, maxmsg)
@@ -129,9 +133,9 @@ class Node:
 
     def _open_sockets(self) -> None:
         cfg = self.cfg
-        self.router = self._socket(zmq.ROUTER, maxmsg=protocol.MAX_CONTROL_IN)
+        self.router = self.socket(zmq.ROUTER, maxmsg=protocol.MAX_CONTROL_IN)
         serve(self.router, self.keys)
-        self.pub = self._socket(zmq.PUB, maxmsg=protocol.MAX_CONTROL_IN)
+        self.pub = self.socket(zmq.PUB, maxmsg=protocol.MAX_CONTROL_IN)
         self.pub.sndhwm = 100_000
         serve(self.pub, self.keys)
         try:  # the ROUTER first: a probing peer must find us before we probe it
@@ -148,7 +152,7 @@ class Node:
         except zmq.ZMQError as exc:
             self.close()
             raise NodeError(f"cannot bind {cfg.local}:{cfg.blob_port}: {exc}") from None
-        self.dealer = self._socket(zmq.DEALER, maxmsg=protocol.MAX_REPLY_IN)
+        self.dealer = self.socket(zmq.DEALER, maxmsg=protocol.MAX_REPLY_IN)
         # IMMEDIATE: a ping to a peer that is not connected is dropped, not queued; a queued
         # ping delivered seconds later would describe a state long gone.
         self.dealer.setsockopt(zmq.IMMEDIATE, 1)
@@ -157,22 +161,9 @@ class Node:
         self.dealer.reconnect_ivl_max = 500
         client(self.dealer, self.keys)
         self.dealer.connect(f"tcp://{cfg.peer}:{cfg.control_port}")
-
-        self.results = self.ctx.socket(zmq.PULL)
-        self.results_addr = f"inproc://results-{self.run_id}"
-        self.results.bind(self.results_addr)
-        self.scanner_pipe = self.ctx.socket(zmq.PAIR)
-        self.scanner_pipe.bind(f"inproc://scanner-{self.run_id}")
-        self.syncer_pipe = self.ctx.socket(zmq.PAIR)
-        self.syncer_pipe.bind(f"inproc://syncer-{self.run_id}")
-
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
-        self.poller = zmq.Poller()
-        for sock in (self.router, self.dealer, self.results, self.scanner_pipe, self.syncer_pipe):
-            self.poller.register(sock, zmq.POLLIN)
-        self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
@@ -211,18 +202,10 @@ class Node:
             self.stop_requested -= 1
             log.info("stop requested (signal) in state %s", self.state)
             self.feed(E.STOP)
-        for name, handler in (
-            ("router", self._on_router),
-            ("dealer", self._on_dealer),
-            ("sub", self._on_bus),
-            ("results", self._on_result),
-            ("scanner_pipe", self._on_scanner),
-            ("syncer_pipe", self._on_syncer),
-        ):
-            # drain what is there now, bounded so one busy socket cannot starve the others;
-            # looked up each time, since a handler may close a socket (sub on takeover)
+        for sock_of, handler in self.handlers:
+            # drain what is there now, bounded so one busy socket cannot starve the others
             for _ in range(1000):
-                sock = getattr(self, name)
+                sock = sock_of()
                 if sock is None or sock.closed or sock not in ready:
                     break
                 try:
@@ -235,20 +218,15 @@ class Node:
         self._tick(time.monotonic())
 
     def _next_deadline(self, now: float) -> float:
-        deadlines = [self.next_ping, now + 0.5]
+        deadlines = [self.next_ping, now + 0.5, self.sentinels.next_wakeup(),
+                     self.primary.next_deadline(), self.secondary.next_deadline()]
         if self.ping_retry_at:
             deadlines.append(self.ping_retry_at)
         if self.state == S.STARTING:
             deadlines.append(self.probe_deadline)
-        if self.peer.alive:
-            deadlines.append(self.peer.heard_at + self.cfg.dead_after + 0.001)
-        if (w := self.sentinels.next_wakeup()) is not None:
-            deadlines.append(w)
-        if self.final_sync is not None:
-            deadlines.append(self.final_sync["deadline"])
-        if self.follow.get("snapshot_deadline"):
-            deadlines.append(self.follow["snapshot_deadline"])
-        return min(deadlines)
+        if (expiry := self.peer.expires_at()) is not None:
+            deadlines.append(expiry + 0.001)  # wake just past it, when silent() holds
+        return min(d for d in deadlines if d is not None)
 
     def _tick(self, now: float) -> None:
         if self.state == S.STARTING and now >= self.probe_deadline:
@@ -260,7 +238,7 @@ class Node:
                         now - self.peer.heard_at, self.peer.state)
             self.feed(E.PEER_SILENT)
         if now >= self.next_ping:
-            self._send_ping()
+            self.send_ping()
             self.next_ping = now + self.cfg.heartbeat
         elif self.ping_retry_at and now >= self.ping_retry_at:
             # the last ping found no connection (the peer is starting, or down): try again
@@ -268,11 +246,9 @@ class Node:
             self._ping_peer(now)
         if self.state in PRIMARY_LIKE and not self.restricted:
             self.sentinels.poll()
-        self._check_final_sync(now)
-        if self.follow.get("snapshot_deadline") and now >= self.follow["snapshot_deadline"]:
-            if self.follow.get("snapshot_sent"):
-                log.info("snapshot not answered yet; asking again")
-            self._request_snapshot()
+        if (event := self.primary.tick(now)) is not None:
+            self.feed(event)
+        self.secondary.tick(now)
 
     # ------------------------------------------------------------------ fsm glue
     def feed(self, event: E, *, context: tuple[bytes, str] | None = None) -> tuple[A, ...]:
@@ -292,7 +268,7 @@ class Node:
             self.state_at = time.monotonic()
             self.publish_event("role", state=PUBLIC[nxt], internal=nxt.value, was=prev.value,
                                why=event.value, epoch=self.epoch)
-            self._send_ping()  # tell the peer at once, not at the next heartbeat
+            self.send_ping()  # tell the peer at once, not at the next heartbeat
         return actions
 
     def me(self) -> dict[str, Any]:
@@ -305,13 +281,22 @@ class Node:
         self._save_node("primary")
         self.restricted = restricted
         self._stop_following()
-        self._start_scanner()
+        self.primary.start(self.folders)
         if restricted:
             log.warning("role = backup and started without a peer: restricted, no sentinels")
         else:
             self.sentinels.run()
         log.info("PRIMARY now (epoch %d, %s)%s", self.epoch, why,
                  " [restricted]" if restricted else "")
+
+    def _start_following(self) -> None:
+        self.secondary.start()
+        self.poller.register(self.secondary.sub, zmq.POLLIN)
+
+    def _stop_following(self) -> None:
+        if self.secondary.sub is not None:
+            self.poller.unregister(self.secondary.sub)
+        self.secondary.stop()
 
     def _save_node(self, last_role: str | None = None) -> None:
         self.last_role = last_role or self.last_role
@@ -326,20 +311,20 @@ class Node:
     def _do_start_primary(self, **_: Any) -> None:
         # a node that was following a primary when it stopped runs the lists that primary
         # pushed last (state_dir/pair.json): they are the pair's, not its own sbs.ini's
-        pushed = self.last_role == "secondary" and self.pair.get("folders") is not None
+        pushed = self.last_role == "secondary" and self.lists.has_pushed()
         if pushed:
             log.info("was secondary when it stopped: running the folder and sentinel lists "
                      "its primary pushed last (%s)", self.state_dir / "pair.json")
-        self._load_sentinels_for(own=not pushed)
-        own = {f.name: f for f in self.cfg.folders}
-        self.folders = ((self._pushed_folders() or own) if pushed
-                        else (own or self._pushed_folders()))
+        self.lists.load_sentinels(own=not pushed)
+        own = self.lists.own_folders()
+        self.folders = ((self.lists.pushed_folders() or own) if pushed
+                        else (own or self.lists.pushed_folders()))
         self._become_primary(restricted=self.cfg.role == "backup", why="started without a peer")
 
     def _do_take_over(self, prev: S, event: E, **_: Any) -> None:
         old = self.peer.name or self.cfg.peer
-        self._load_sentinels_for(own=False)
-        self.folders = self._pushed_folders() or {f.name: f for f in self.cfg.folders}
+        self.lists.load_sentinels(own=False)
+        self.folders = self.lists.pushed_folders() or self.lists.own_folders()
         why = {
             E.PEER_SILENT: f"no heartbeat from {old} for {self.cfg.dead_after}s",
             E.PEER_HANDOVER: f"{old} handed over",
@@ -358,7 +343,7 @@ class Node:
                            epoch=self.epoch, why=why)
 
     def _do_follow(self, **_: Any) -> None:
-        self._stop_scanner()
+        self.primary.stop()
         self.restricted = False
         self._save_node("secondary")
         self._start_following()
@@ -374,7 +359,7 @@ class Node:
             nonlocal next_ping
             if (now := time.monotonic()) >= next_ping:
                 next_ping = now + self.cfg.heartbeat
-                self._send_ping()
+                self.send_ping()
 
         self.stopping_sentinels = True
         try:
@@ -410,72 +395,31 @@ class Node:
         )
 
     def _do_final_sync(self, event: E, **_: Any) -> None:
-        self.final_sync = {
-            "deadline": time.monotonic() + self.cfg.handover_timeout,
-            "target": None,
-            "token": secrets.token_hex(4),
-            "why": event.value,
-        }
-        if self.scanner is not None:
-            # everything closed before now must be in a manifest: flush the watcher + rescan
-            self.scanner.flush(self.final_sync["token"])
-        else:
-            self.final_sync["target"] = self.seq
-        log.info("final sync: flushing changes, then waiting (<= %.0fs) for %s to apply them",
-                 self.cfg.handover_timeout, self.peer.name or self.cfg.peer)
-
-    def _check_final_sync(self, now: float) -> None:
-        fs = self.final_sync
-        if fs is None:
-            return
-        if not self.peer.alive or self.peer.state != "secondary":
-            done = fs["target"] is not None or now >= fs["deadline"]
-            why = "no secondary to wait for"
-        elif fs["target"] is None:
-            done, why = now >= fs["deadline"], "flush timed out"
-        else:
-            # the peer's numbers count in our manifests only once it follows this run of ours
-            # (a restarted primary numbers from 0 again; the peer may not have noticed yet)
-            ours = self.peer.follows(self.run_id)
-            done = ours and self.peer.applied >= fs["target"] and self.peer.synced
-            why = f"peer applied manifest {self.peer.applied}"
-            if not done and ours and self.peer.stuck and self.peer.through >= fs["target"]:
-                # the peer worked through everything and what is left waits for disk space:
-                # waiting out handover_timeout would not bring it
-                done = True
-                why = (f"{self.peer.name} has manifest {fs['target']} but cannot apply "
-                       f"everything: {self.peer.stuck}")
-                log.error("final sync incomplete: %s", why)
-            elif not done and now >= fs["deadline"]:
-                done, why = True, f"timed out at {self.peer.applied}/{fs['target']}"
-                log.error("final sync incomplete: %s", why)
-        if done:
-            log.info("final sync done: %s", why)
-            self.final_sync = None
-            self.feed(E.SYNC_DONE)
+        self.primary.begin_final_sync(event.value)
 
     def _do_abort_handover(self, **_: Any) -> None:
-        self.final_sync = None
+        self.primary.abort_final_sync()
         log.warning("hand-over aborted: the peer went silent; staying primary")
 
     def _do_send_handover(self, **_: Any) -> None:
-        body = {"name": self.cfg.name, "run": self.run_id, "epoch": self.epoch, "seq": self.seq}
-        self._send_peer("HANDOVER", body)
+        body = {"name": self.cfg.name, "run": self.run_id, "epoch": self.epoch,
+                "seq": self.primary.seq}
+        self.send_peer("HANDOVER", body)
         # Also back along the peer's own connection (its pings reach our ROUTER): our DEALER
         # may still be reconnecting to a peer that started a moment ago, and a lost HANDOVER
         # costs the peer dead_after of waiting. A duplicate is ignored by the table.
         if self.peer_ident is not None:
-            self._reply(self.peer_ident, protocol.encode("HANDOVER", body))
+            self.reply(self.peer_ident, protocol.encode("HANDOVER", body))
         log.info("handed over to %s", self.peer.name or self.cfg.peer)
 
     def _do_ask_handover(self, **_: Any) -> None:
-        self._send_peer("ASK_HANDOVER", {"name": self.cfg.name, "run": self.run_id})
+        self.send_peer("ASK_HANDOVER", {"name": self.cfg.name, "run": self.run_id})
         log.info("asked primary %s to hand over", self.peer.name)
 
     def _do_refuse(self, context: tuple[bytes, str] | None, **_: Any) -> None:
         if context is not None:
             ident, command = context
-            self._reply(ident, protocol.reply_error(f"cannot {command} while {self.state.value}"))
+            self.reply(ident, protocol.reply_error(f"cannot {command} while {self.state.value}"))
 
     def _do_peer_lost(self, **_: Any) -> None:
         self.publish_event("peer_lost", peer=self.peer.name)
@@ -484,42 +428,43 @@ class Node:
         log.info("node %s stopped", self.cfg.name)
 
     # ------------------------------------------------------------------ peer messages
-    def _send_ping(self) -> None:
+    def send_ping(self) -> None:
         self._ping_peer(time.monotonic())
         self.pub.send_multipart(protocol.encode_bus("HB", {
             "name": self.cfg.name, "run": self.run_id, "epoch": self.epoch,
-            "state": self._public_state(), "seq": self.seq, "sv": self.sv,
+            "state": self._public_state(), "seq": self.primary.seq, "sv": self.lists.sv,
         }))
 
     def _peer_state(self) -> dict[str, Any]:
         self.n += 1
+        progress, secondary = self.secondary.progress, self.secondary
         return {
             "name": self.cfg.name, "run": self.run_id, "n": self.n,
             "state": self._public_state(),
             "epoch": self.epoch, "role": self.cfg.role, "restricted": self.restricted,
-            "since": round(time.monotonic() - self.state_at, 3), "seq": self.seq,
-            "applied": self.applied, "synced": self.synced,
-            "pending_files": self.pending[0], "pending_bytes": self.pending[1],
-            "error": self.repl_error[:1000],
-            "through": self.through, "stuck": self.stuck[:1000],
-            "following": self.follow.get("run") or "",
+            "since": round(time.monotonic() - self.state_at, 3), "seq": self.primary.seq,
+            "applied": progress.applied, "synced": progress.synced,
+            "pending_files": progress.pending_files, "pending_bytes": progress.pending_bytes,
+            "error": secondary.error[:1000],
+            "through": progress.through, "stuck": progress.stuck[:1000],
+            "following": secondary.following,
         }
 
     def _ping_peer(self, now: float) -> None:
-        if self._send_peer("PING", self._peer_state()):
+        if self.send_peer("PING", self._peer_state()):
             self.ping_retry_at, self.ping_retry_in = 0.0, PING_RETRY
         else:  # a peer that stays down costs no wakeups beyond the heartbeat's
             self.ping_retry_at = now + min(self.cfg.heartbeat, self.ping_retry_in)
             self.ping_retry_in *= 2
 
-    def _send_peer(self, command: str, body: dict[str, Any]) -> bool:
+    def send_peer(self, command: str, body: dict[str, Any]) -> bool:
         try:
             self.dealer.send_multipart(protocol.encode(command, body), zmq.NOBLOCK)
             return True
         except zmq.Again:
             return False  # not connected: the peer is down or unreachable; silence speaks
 
-    def _reply(self, ident: bytes, frames: list[bytes]) -> None:
+    def reply(self, ident: bytes, frames: list[bytes]) -> None:
         try:
             self.router.send_multipart([ident, *frames], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
@@ -541,13 +486,11 @@ class Node:
             log.info("peer %s (run %s) is %s, epoch %d", body["name"], body["run"],
                      body["state"], body["epoch"])
             if self.state == S.SECONDARY and body["state"] == "primary":
-                self._request_snapshot()
+                self.secondary.request_snapshot()
         if body["epoch"] > self.max_seen_epoch:
             self.max_seen_epoch = body["epoch"]
             self._save_node()
-        if (self.state in PRIMARY_LIKE and self.peer.state == "secondary" and self.peer.synced
-                and self.peer.follows(self.run_id) and self.peer.applied >= self.seq):
-            self.peer_last_sync = time.time()  # the secondary had everything we had published
+        self.primary.peer_heard()
         event = self.peer.event(self.me(), self.state, now - self.state_at)
         if event is not None:
             self.feed(event)
@@ -561,38 +504,21 @@ class Node:
         if isinstance(msg, Bad):
             log.warning("dropped a bad control message: %s", msg.reason)
             return
-        c = msg.command
-        if c == "PING":
-            if msg.body["run"] != self.run_id:
-                self.peer_ident = ident
-            self._on_peer_state(msg)
-            self._reply(ident, protocol.encode("PONG", self._peer_state()))
-        elif c == "HANDOVER":
-            if self._from_peer(msg):
-                self.feed(E.PEER_HANDOVER)
-        elif c == "ASK_HANDOVER":
-            if self._from_peer(msg):
-                self.feed(E.PEER_ASKS_HANDOVER)
-        elif c == "SNAPSHOT":
-            self._on_snapshot_request(ident)
-        elif c == "ACK":
-            self._on_ack(msg.body)
-        elif c == "STATUS":
-            self._reply(ident, protocol.reply_ok(**self.status()))
-        elif c == "PROMOTE":
-            self._on_promote(ident, msg.body["force"])
-        elif c == "SENTINEL":
-            self._on_sentinel_command(ident, msg.body)
-        elif c == "VERIFY":
-            self._on_verify(ident)
-        elif c == "CONFIRM":
-            if self.syncer is None:
-                self._reply(ident, protocol.reply_error("only a secondary deletes in strict mode"))
-            else:
-                self.syncer.confirm_deletions(msg.body.get("folder"))
-                self._reply(ident, protocol.reply_ok())
-        else:
-            log.warning("dropped control message %s: not accepted on this port", c)
+        if (handler := self.peer_commands.get(msg.command)) is not None:
+            handler(ident, msg)
+        elif not self.control.handle(ident, msg.command, msg.body):
+            log.warning("dropped control message %s: not accepted on this port", msg.command)
+
+    def _on_ping(self, ident: bytes, msg: Message) -> None:
+        if msg.body["run"] != self.run_id:
+            self.peer_ident = ident
+        self._on_peer_state(msg)
+        self.reply(ident, protocol.encode("PONG", self._peer_state()))
+
+    def _obey(self, msg: Message, event: E) -> None:
+        """HANDOVER and ASK_HANDOVER: an event, when the current run of the peer sends it."""
+        if self._from_peer(msg):
+            self.feed(event)
 
     def _from_peer(self, msg: Message) -> bool:
         if msg.body["run"] != self.peer.run:
@@ -609,119 +535,18 @@ class Node:
         if msg.command == "PONG":
             self._on_peer_state(msg)
         elif msg.command == "SNAPSHOT_REP":
-            self._on_snapshot(msg)
+            self.secondary.on_snapshot(msg)
         elif msg.command == "HANDOVER":
-            if self._from_peer(msg):
-                self.feed(E.PEER_HANDOVER)
+            self._obey(msg, E.PEER_HANDOVER)
         elif msg.command == "REPLY" and msg.body["status"] == "error":
             log.warning("peer answered: %s", msg.body.get("reason"))
-            if self.follow.get("snapshot_deadline"):
-                self.follow["snapshot_deadline"] = time.monotonic() + 0.2  # not ready: retry
+            self.secondary.peer_refused()  # not ready for a snapshot: ask again soon
 
-    # ------------------------------------------------------------------ operator commands
-    def status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        peer = self.peer
-        return {
-            "name": self.cfg.name,
-            "state": PUBLIC[self.state],
-            "internal_state": self.state.value,
-            "epoch": self.epoch,
-            "role": self.cfg.role,
-            "restricted": self.restricted,
-            "pid": os.getpid(),
-            "uptime": round(now - self.started_at, 3),
-            "in_state_for": round(now - self.state_at, 3),
-            "peer": {
-                "name": peer.name or self.cfg.peer, "address": self.cfg.peer,
-                "state": peer.state if peer.alive else "unreachable", "epoch": peer.epoch,
-                "last_heard": None if peer.heard_at < 0 else round(now - peer.heard_at, 3),
-                "applied": peer.applied, "synced": peer.synced,
-            },
-            "peer_state": peer.state if peer.alive else "unreachable",
-            "replication": self._replication_status(now),
-            "sentinels": self.sentinels.status(),
-            "active_sentinels": self.sentinels.active,
-            "email": self.notifier.status(),
-        }
+    # ------------------------------------------------------------------ bus
+    def publish_event(self, event: str, **fields: Any) -> None:
+        self.pub.send_multipart(protocol.encode_bus(
+            "EVENT", {"name": self.cfg.name, "event": event, "at": time.time(), **fields}))
 
-    def _replication_status(self, now: float) -> dict[str, Any]:
-        if self.state in PRIMARY_LIKE:
-            peer_ok = self.peer.alive and self.peer.state == "secondary"
-            # its numbers count in our manifests only once it follows this run of ours
-            ours = peer_ok and self.peer.follows(self.run_id)
-            return {
-                "direction": "outgoing", "seq": self.seq, "ready": self.index_ready,
-                "folders": {n: len(ix) for n, ix in self.index.items()},
-                "peer_following": ours,
-                "peer_applied": self.peer.applied if ours else None,
-                "lag_manifests": (self.seq - self.peer.applied) if ours else None,
-                "pending_files": self.peer.pending_files if peer_ok else None,
-                "pending_bytes": self.peer.pending_bytes if peer_ok else None,
-                "peer_error": self.peer.error if peer_ok else "",
-                "peer_stuck": self.peer.stuck if ours else "",
-                "peer_last_sync": self.peer_last_sync,
-            }
-        oldest = self.follow.get("oldest_unapplied")
-        return {
-            "direction": "incoming", "applied": self.applied, "primary_seq": self.peer.seq,
-            "synced": self.synced,
-            "lag_seconds": round(now - oldest, 3) if oldest else 0.0,
-            "pending_files": self.pending[0], "pending_bytes": self.pending[1],
-            "last_sync": self.last_sync_wall, "error": self.repl_error, "stuck": self.stuck,
-        }
-
-    def _on_promote(self, ident: bytes, force: bool) -> None:
-        if self.state == S.SECONDARY and not self.peer.alive and not force:
-            self._reply(ident, protocol.reply_error(
-                "peer unreachable: cannot hand over gracefully; use --force"))
-            return
-        if self.state == S.PRIMARY and not (self.peer.alive and self.peer.state == "secondary"):
-            self._reply(ident, protocol.reply_error("no live secondary to hand over to"))
-            return
-        event = E.PROMOTE_FORCE if self.state == S.SECONDARY and not self.peer.alive else E.PROMOTE
-        # a refused promote was answered by the REFUSE action: one reply per request
-        if A.REFUSE not in self.feed(event, context=(ident, "promote")):
-            self._reply(ident, protocol.reply_ok(state=PUBLIC[self.state]))
-
-    def _on_sentinel_command(self, ident: bytes, body: dict[str, Any]) -> None:
-        action, name = body["action"], body.get("name", "")
-        if action != "list":
-            if self.state not in PRIMARY_LIKE:
-                self._reply(ident, protocol.reply_error(
-                    f"sentinels are managed on the primary ({self.peer.name or self.cfg.peer})"))
-                return
-            try:  # restricted: start() only activates, since the sentinels are not running
-                getattr(self.sentinels, action)(name)
-            except (KeyError, ValueError) as exc:
-                self._reply(ident, protocol.reply_error(str(exc)))
-                return
-            self._sentinels_changed()
-        self._reply(ident, protocol.reply_ok(sentinels=self.sentinels.status(),
-                                             active=self.sentinels.active,
-                                             restricted=self.restricted))
-
-    def _on_verify(self, ident: bytes) -> None:
-        folders = dict(self.folders)
-
-        def work() -> None:
-            push = self.ctx.socket(zmq.PUSH)
-            push.linger = 1000
-            push.connect(self.results_addr)
-            try:
-                tokens = verify_tokens(folders)
-                push.send_multipart([ident, *protocol.reply_ok(folders=tokens)])
-            except Exception as exc:
-                push.send_multipart([ident, *protocol.reply_error(f"verify failed: {exc}")])
-            finally:
-                push.close()
-
-        threading.Thread(target=work, name="sbs-verify", daemon=True).start()
-
-    def _on_result(self, frames: list[bytes]) -> None:
-        self._reply(frames[0], frames[1:])
-
-    # ------------------------------------------------------------------ sentinels
     def _sentinel_event(self, event: dict[str, Any]) -> None:
         # Sentinels reports {"event", "name", ...}: both keys are taken on the bus (the event
         # kind and the node name), so they travel as `action` and `sentinel`.
@@ -729,330 +554,19 @@ class Node:
         self.publish_event("sentinel", action=fields.pop("event"), sentinel=fields.pop("name"),
                            **fields)
 
-    def _load_sentinels_for(self, *, own: bool) -> None:
-        """Own config's [sentinels] when starting as primary; the pushed copy on takeover."""
-        pushed = self.pair.get("sentinels")
-        if own or pushed is None:
-            defs = dict(self.cfg.sentinels)
-            if not defs and pushed:
-                defs = dict(pushed)
-        else:
-            defs = dict(pushed)
-        active = self.pair.get("active")
-        self.sentinels.configure(defs)
-        self.sentinels.set_active([n for n in active if n in defs] if active is not None
-                                  else list(defs))
-
-    def _sentinels_changed(self) -> None:
-        self.sv += 1
-        self.pair.update(sentinels=self._sentinel_defs(), active=self.sentinels.active, sv=self.sv)
-        persist.save(self.state_dir / "pair.json", self.pair)
-        self.pub.send_multipart(protocol.encode_bus("SENTINELS", {
-            "name": self.cfg.name, "sv": self.sv, "sentinels": self._sentinel_defs(),
-            "active": self.sentinels.active,
-        }))
-
-    def _sentinel_defs(self) -> dict[str, str]:
-        return {s["name"]: s["command"] for s in self.sentinels.status()}
-
-    # ------------------------------------------------------------------ replication: primary
-    def _pushed_folders(self) -> dict[str, FolderConfig]:
-        """The folder list the primary pushed, with this node's own path for a name it knows
-        and the primary's path otherwise (the manual's same-paths-on-both-servers case)."""
-        own = {f.name: f for f in self.cfg.folders}
-        paths = self.pair.get("paths", {})
-        table = {}
-        for name, filters in self.pair.get("folders", {}).items():
-            if (why := protocol.folder_name_problem(name)) is not None:
-                log.error("folder %r from the primary: %s: not replicated", name[:64], why)
-                continue
-            path = own[name].path if name in own else Path(paths.get(name) or "")
-            if not path.is_absolute():
-                # Path("") is ".": a folder pushed without a usable path would land in
-                # whatever the working directory is (/ under systemd)
-                log.error("folder %r: no path here and no absolute path from the primary"
-                          " (%r): not replicated", name[:64], str(paths.get(name))[:200])
-                continue
-            table[name] = FolderConfig(name=name, path=path, filters=tuple(filters))
-        return table
-
-    def _start_scanner(self) -> None:
-        folders = self.folders
-        self.blobs.set_folders({n: str(f.path) for n, f in folders.items()})
-        self.index = {n: {} for n in folders}
-        self.index_ready = False
-        self.pair.update(folders={n: list(f.filters) for n, f in folders.items()},
-                         paths={n: str(f.path) for n, f in folders.items()})
-        self.pair.update(sentinels=self._sentinel_defs(), active=self.sentinels.active, sv=self.sv)
-        persist.save(self.state_dir / "pair.json", self.pair)
-        self.scanner = Scanner(self.ctx, f"inproc://scanner-{self.run_id}", folders,
-                               period=self.cfg.period)
-        self.scanner.start()
-
-    def _stop_scanner(self) -> None:
-        if self.scanner is not None:
-            self.scanner.stop()
-            self.scanner = None
-        self.index_ready = False
-
-    def _on_scanner(self, frames: list[bytes]) -> None:
-        kind = frames[0]
-        if kind == b"delta":
-            if self.scanner is None or frames[1] != self.scanner.ident:
-                return  # left in the pipe by a scanner that has stopped
-            delta = self.scanner.take_delta()
-            full = frames[2] == b"full"
-            self._publish_delta(delta)
-            if full and not self.index_ready:
-                self.index_ready = True
-                log.info("first scan done: %s", {n: len(ix) for n, ix in self.index.items()})
-        elif kind == b"flushed":
-            fs = self.final_sync
-            if fs is not None and fs["token"] == frames[1].decode():
-                fs["target"] = self.seq
-                log.info("final sync: everything is in manifest %d", self.seq)
-        elif kind == b"error":
-            log.error("scanner: %s", frames[1].decode(errors="replace"))
-            self.publish_event("error", where="scanner", error=frames[1].decode(errors="replace"))
-
-    def _publish_delta(self, delta: dict[str, list[dict]]) -> None:
-        items = [(f, e) for f, entries in delta.items() for e in entries]
-        for start in range(0, len(items), protocol.MANIFEST_PART):
-            part: dict[str, list[dict]] = {}
-            for folder, entry in items[start:start + protocol.MANIFEST_PART]:
-                part.setdefault(folder, []).append(entry)
-                index = self.index.setdefault(folder, {})
-                if entry.get("deleted"):
-                    index.pop(entry["path"], None)
-                else:
-                    index[entry["path"]] = entry
-            self.seq += 1
-            self.unacked.append((self.seq, part))
-            while len(self.unacked) > 10_000:
-                self.unacked.popleft()
-            self.pub.send_multipart(protocol.encode_bus("MANIFEST", {
-                "name": self.cfg.name, "run": self.run_id, "epoch": self.epoch, "seq": self.seq,
-                "part": 0, "parts": 1, "entries": part,
-            }))
-            log.debug("manifest %d: %d entries", self.seq, sum(len(v) for v in part.values()))
-
-    def _on_snapshot_request(self, ident: bytes) -> None:
-        if self.state not in PRIMARY_LIKE or not self.index_ready:
-            self._reply(ident, protocol.reply_error(
-                "not ready for a snapshot" if self.state in PRIMARY_LIKE else "not primary"))
-            return
-        folders = self.folders
-        body = {
-            "name": self.cfg.name, "run": self.run_id, "epoch": self.epoch, "seq": self.seq,
-            "folders": {n: list(f.filters) for n, f in folders.items()},
-            "paths": {n: str(f.path) for n, f in folders.items()},
-            "sentinels": self._sentinel_defs(), "active": self.sentinels.active, "sv": self.sv,
-            "index": {n: list(ix.values()) for n, ix in self.index.items()},
-        }
-        self._reply(ident, protocol.encode("SNAPSHOT_REP", body))
-        log.info("sent snapshot at manifest %d (%d entries)", self.seq,
-                 sum(len(ix) for ix in self.index.values()))
-
-    def _on_ack(self, body: dict[str, Any]) -> None:
-        """The secondary applied everything up to `applied`: that much is now agreed. The
-        journal work runs on the journal thread: after a snapshot it walks the whole index
-        (100k entries take seconds), which would silence our heartbeats past dead_after."""
-        if body.get("following", self.run_id) != self.run_id:
-            # counted in a previous run of ours (we restarted; the peer has not noticed yet):
-            # those numbers are not our manifests, and the journal must not say otherwise
-            log.debug("ignored an ACK for run %s", body["following"])
-            return
-        applied = body["applied"]
-        acked = []
-        while self.unacked and self.unacked[0][0] <= applied:
-            acked.append(self.unacked.popleft()[1])
-        if body["snapshot"]:
-            later = {(f, e["path"]) for s, part in self.unacked if s > applied
-                     for f, es in part.items() for e in es}
-            # entries are never mutated in place (a change replaces them): a shallow copy of
-            # each folder's entry list is a consistent view for the thread
-            whole = [(f, list(ix.values())) for f, ix in self.index.items()]
-            self.journal_jobs.put((whole, later, acked))
-        elif acked:
-            self.journal_jobs.put(([], set(), acked))
-        self.peer.applied = max(self.peer.applied, applied)
-
-    def _journal_worker(self) -> None:
-        while (job := self.journal_jobs.get()) is not None:
-            whole, later, acked = job
-            updates = []
-            for folder, entries in whole:
-                for entry in entries:
-                    path = entry["path"]
-                    if (folder, path) not in later:
-                        token = Agreed.token(entry)
-                        if self.agreed.get(folder, path) != token:
-                            updates.append((folder, path, token))
-            for part in acked:
-                for folder, entries in part.items():
-                    updates.extend((folder, e["path"], Agreed.token(e)) for e in entries)
-            try:
-                self.agreed.update(updates)
-            except OSError as exc:
-                log.error("cannot write the agreed journal: %s", exc)
-
-    # ------------------------------------------------------------------ replication: secondary
-    def _start_following(self) -> None:
-        self.sub = self._socket(zmq.SUB, maxmsg=protocol.MAX_BUS_IN)
-        self.sub.rcvhwm = 100_000
-        client(self.sub, self.keys)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sub.connect(f"tcp://{self.cfg.peer}:{self.cfg.bus_port}")
-        self.poller.register(self.sub, zmq.POLLIN)
-        self.syncer = Syncer(self.ctx, f"inproc://syncer-{self.run_id}", self.cfg, self.keys,
-                             self.agreed)
-        self.syncer.start()
-        self.snapshots_submitted = 0
-        self.follow = {"buffer": [], "seen": None, "run": None}
-        self._request_snapshot()
-
-    def _stop_following(self) -> None:
-        if self.syncer is not None:
-            self.syncer.stop()
-            self.syncer = None
-        if self.sub is not None:
-            self.poller.unregister(self.sub)
-            self.sub.close()
-            self.sub = None
-        self.follow = {}
-        self._forget_progress()
-
-    def _forget_progress(self) -> None:
-        """What we reported of applying a snapshot and its manifests: nothing yet."""
-        self.applied, self.synced, self.pending = 0, False, (0, 0)
-        self.through, self.stuck = 0, ""
-
-    def _request_snapshot(self) -> None:
-        if self.syncer is None:
-            return
-        self.follow.update(snapshot_deadline=time.monotonic() + 10.0, buffer=[], seen=None,
-                           run=None)
-        # until the snapshot is applied we have nothing of it (maybe a new run of the primary)
-        self._forget_progress()
-        # not connected yet (a primary that just restarted): try again in 0.2 s, not in 10
-        sent = self.follow["snapshot_sent"] = self._send_peer("SNAPSHOT", {"name": self.cfg.name})
-        if not sent:
-            self.follow["snapshot_deadline"] = time.monotonic() + 0.2
-
-    def _on_snapshot(self, msg: Message) -> None:
-        if self.syncer is None or not self.follow.get("snapshot_deadline"):
-            return
-        body = msg.body
-        self.follow.update(snapshot_deadline=None, seen=body["seq"], run=body["run"])
-        self.pair.update(folders=body["folders"], paths=body["paths"],
-                         sentinels=body["sentinels"], active=body["active"], sv=body["sv"])
-        self.sv = body["sv"]
-        persist.save(self.state_dir / "pair.json", self.pair)
-        self._load_sentinels_for(own=False)
-        self.folders = folders = self._pushed_folders()
-        self.blobs.set_folders({n: str(f.path) for n, f in folders.items()})
-        self.follow["oldest_unapplied"] = self.follow.get("oldest_unapplied") or time.monotonic()
-        # reports of jobs queued before this snapshot are about the previous one (perhaps a
-        # previous run of the primary, numbered from 0 again): _on_syncer ignores them
-        self.snapshots_submitted += 1
-        self.syncer.submit_snapshot(body["seq"], folders, body["index"])
-        log.info("snapshot from %s at manifest %d: %d folders, %d entries", body["name"],
-                 body["seq"], len(body["folders"]), sum(len(v) for v in body["index"].values()))
-        for run, seq, entries in self.follow.pop("buffer", []):
-            if run == body["run"] and seq > body["seq"]:  # not a previous run's, numbered alike
-                self._accept_manifest(seq, entries)
-        self.follow["buffer"] = []
-
-    def _on_bus(self, frames: list[bytes]) -> None:
-        msg = protocol.decode_bus(frames)
-        if isinstance(msg, Bad):
-            log.warning("dropped a bad bus message: %s", msg.reason)
-            return
-        body = msg.body
-        if self.syncer is None:
-            return
-        waiting = bool(self.follow.get("snapshot_deadline"))
-        if msg.command == "MANIFEST":
-            if waiting:
-                self.follow["buffer"].append((body["run"], body["seq"], body["entries"]))
-            elif body["run"] != self.follow.get("run"):
-                self._request_snapshot()
-            else:
-                self._accept_manifest(body["seq"], body["entries"])
-        elif msg.command == "HB":
-            # "stopping" is a primary in its final sync: exactly when we must keep up with it
-            if waiting or body["state"] not in ("primary", "stopping"):
-                return
-            if body["run"] != self.follow.get("run"):
-                log.info("primary run changed: new snapshot")
-                self._request_snapshot()
-            elif body["seq"] > (self.follow.get("seen") or 0):
-                log.warning("missed manifests %d..%d: new snapshot",
-                            (self.follow.get("seen") or 0) + 1, body["seq"])
-                self._request_snapshot()
-            elif body["sv"] != self.sv:
-                self._request_snapshot()
-        elif msg.command == "SENTINELS":
-            self.sv = body["sv"]
-            self.pair.update(sentinels=body["sentinels"], active=body["active"], sv=body["sv"])
-            persist.save(self.state_dir / "pair.json", self.pair)
-            self._load_sentinels_for(own=False)
-            log.info("sentinel list from primary: active %s", body["active"])
-
-    def _accept_manifest(self, seq: int, entries: dict[str, list[dict]]) -> None:
-        seen = self.follow.get("seen") or 0
-        if seq <= seen:
-            return
-        if seq != seen + 1:
-            log.warning("manifest gap: expected %d, got %d: new snapshot", seen + 1, seq)
-            self._request_snapshot()
-            return
-        self.follow["seen"] = seq
-        self.follow["oldest_unapplied"] = self.follow.get("oldest_unapplied") or time.monotonic()
-        self.syncer.submit_manifest(seq, entries)
-
-    def _on_syncer(self, frames: list[bytes]) -> None:
-        if self.syncer is None:
-            return  # a report the stopped syncer left in the pipe
-        kind, body = frames[0], orjson.loads(frames[1])
-        if kind == b"applied":
-            if body["gen"] != self.snapshots_submitted or not self.follow.get("run"):
-                # about a snapshot before the latest one (or one we asked for and have not
-                # got yet): its numbers mean nothing to the primary we follow now
-                return
-            self.applied = body["applied"]
-            self.pending = (body["pending_files"], body["pending_bytes"])
-            self.repl_error = body.get("error", "")
-            self.through, self.stuck = body["through"], body["stuck"]
-            caught_up = self.applied >= (self.follow.get("seen") or 0) and not self.pending[0]
-            self.synced = caught_up and not self.repl_error
-            if caught_up:
-                self.follow["oldest_unapplied"] = None
-                self.last_sync_wall = time.time()
-            self._send_peer("ACK", {"name": self.cfg.name, "run": self.run_id,
-                                    "applied": self.applied, "snapshot": body["snapshot"],
-                                    "following": self.follow["run"]})
-            self._send_ping()
-            if self.repl_error:
-                self.publish_event("error", where="sync", error=self.repl_error)
-        elif kind == b"event":
-            self.publish_event(body.pop("event"), **body)
-
-    # ------------------------------------------------------------------ bus
-    def publish_event(self, event: str, **fields: Any) -> None:
-        self.pub.send_multipart(protocol.encode_bus(
-            "EVENT", {"name": self.cfg.name, "event": event, "at": time.time(), **fields}))
-
     # ------------------------------------------------------------------ shutdown
     def close(self) -> None:
-        self._stop_following()
-        self._stop_scanner()
+        primary = getattr(self, "primary", None)  # absent when a bind failed
+        if getattr(self, "secondary", None) is not None:
+            self._stop_following()
+        if primary is not None:
+            primary.stop()
         if getattr(self, "blobs", None) is not None:
             self.blobs.stop()
         self.sentinels.stop_all()
         self.notifier.close(timeout=2.0)
-        self.journal_jobs.put(None)
-        self.journal.join(30)
+        if primary is not None:
+            primary.close()  # its journal thread, after the last ACK
         self.agreed.close()
         for sock in (getattr(self, "dealer", None), getattr(self, "router", None)):
             if sock is not None:

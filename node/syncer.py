@@ -505,6 +505,15 @@ class Syncer:
                 skip.add(e["path"])
                 self._failed(name, e, OSError(errno.ENOSPC, f"{e['size']} bytes needed, "
                                               f"{free} free"))
+
+        def abandon(path: str) -> None:
+            """Drop a big file's temp file once the chunk writer is done with it."""
+            if (tmp := open_big.pop(path, None)) is not None:
+                if chunks is not None:
+                    chunks.drain()
+                    chunks.error(tmp)
+                tmp.abort()
+
         try:
             for e in files:
                 if e["size"] == 0:
@@ -522,11 +531,7 @@ class Syncer:
                         continue
                     if meta["size"] != e["size"] or "err" in meta:
                         # changed or gone since the manifest: the next one will say more
-                        if (tmp := open_big.pop(e["path"], None)) is not None:
-                            if chunks is not None:
-                                chunks.drain()
-                                chunks.error(tmp)
-                            tmp.abort()
+                        abandon(e["path"])
                         if e["path"] not in {x[1] for x in done}:
                             self._pend(name, e)
                         continue
@@ -549,11 +554,7 @@ class Syncer:
                             if (exc := chunks.error(tmp)) is not None:
                                 raise exc
                     except (PathError, OSError) as exc:
-                        if (tmp := open_big.pop(e["path"], None)) is not None:
-                            if chunks is not None:
-                                chunks.drain()
-                                chunks.error(tmp)
-                            tmp.abort()
+                        abandon(e["path"])
                         skip.add(e["path"])
                         self._failed(name, e, exc)
                         continue

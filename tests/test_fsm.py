@@ -52,7 +52,7 @@ def test_every_pair(state, event):
         assert actions[-1] == A.FOLLOW, "becoming secondary always starts following"
     if nxt == S.STOPPED and state != S.STOPPED:
         assert actions[-1] == A.EXIT
-    if event in (E.PROMOTE, E.PROMOTE_FORCE) and nxt == state and state != S.SECONDARY:
+    if event == E.PROMOTE and nxt == state and state != S.SECONDARY:
         assert A.REFUSE in actions or state == S.HANDOVER and event == E.PROMOTE
 
 

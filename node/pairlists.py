@@ -1,0 +1,109 @@
+"""Own lists versus pushed lists: which folders and sentinels this node runs.
+
+A node has its own lists (sbs.ini's [folder:*] and [sentinels]) and, once it has followed a
+primary, the lists that primary pushed last, kept in state_dir/pair.json with the sentinel list
+version `sv`. A primary runs its own lists; a secondary that takes over runs the pushed ones,
+since they are the pair's (see the SPEC).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from . import persist, protocol
+from .config import Config, FolderConfig
+from .sentinels import Sentinels
+
+log = logging.getLogger("sbs.node")
+
+
+class PairLists:
+    def __init__(self, cfg: Config, sentinels: Sentinels):
+        self.cfg, self.sentinels = cfg, sentinels
+        self.path = cfg.state_dir / "pair.json"
+        self.pair: dict[str, Any] = persist.load(self.path, {})  # last pushed folders/sentinels
+        self.sv = int(self.pair.get("sv", 0))  # sentinel list version
+
+    def own_folders(self) -> dict[str, FolderConfig]:
+        return {f.name: f for f in self.cfg.folders}
+
+    def has_pushed(self) -> bool:
+        return self.pair.get("folders") is not None
+
+    def pushed_folders(self) -> dict[str, FolderConfig]:
+        """The folder list the primary pushed, with this node's own path for a name it knows
+        and the primary's path otherwise (the manual's same-paths-on-both-servers case)."""
+        own = self.own_folders()
+        paths = self.pair.get("paths", {})
+        table = {}
+        for name, filters in self.pair.get("folders", {}).items():
+            if (why := protocol.folder_name_problem(name)) is not None:
+                log.error("folder %r from the primary: %s: not replicated", name[:64], why)
+                continue
+            path = own[name].path if name in own else Path(paths.get(name) or "")
+            if not path.is_absolute():
+                # Path("") is ".": a folder pushed without a usable path would land in
+                # whatever the working directory is (/ under systemd)
+                log.error("folder %r: no path here and no absolute path from the primary"
+                          " (%r): not replicated", name[:64], str(paths.get(name))[:200])
+                continue
+            table[name] = FolderConfig(name=name, path=path, filters=tuple(filters))
+        return table
+
+    def load_sentinels(self, *, own: bool) -> None:
+        """Own config's [sentinels] when starting as primary; the pushed copy on takeover."""
+        pushed = self.pair.get("sentinels")
+        if own or pushed is None:
+            defs = dict(self.cfg.sentinels)
+            if not defs and pushed:
+                defs = dict(pushed)
+        else:
+            defs = dict(pushed)
+        active = self.pair.get("active")
+        self.sentinels.configure(defs)
+        self.sentinels.set_active([n for n in active if n in defs] if active is not None
+                                  else list(defs))
+
+    def sentinel_defs(self) -> dict[str, str]:
+        return {s["name"]: s["command"] for s in self.sentinels.status()}
+
+    def sentinel_fields(self) -> dict[str, Any]:
+        """The sentinel list as the bus and a snapshot carry it."""
+        return {"sentinels": self.sentinel_defs(), "active": self.sentinels.active, "sv": self.sv}
+
+    @staticmethod
+    def folder_fields(folders: dict[str, FolderConfig]) -> dict[str, Any]:
+        """The folder list as a snapshot carries it."""
+        return {"folders": {n: list(f.filters) for n, f in folders.items()},
+                "paths": {n: str(f.path) for n, f in folders.items()}}
+
+    def record_primary(self, folders: dict[str, FolderConfig]) -> None:
+        """A primary pushes what it runs: kept as ours too, for a later restart."""
+        self.pair.update(self.folder_fields(folders))
+        self.pair.update(self.sentinel_fields())
+        persist.save(self.path, self.pair)
+
+    def take_snapshot(self, body: dict[str, Any]) -> dict[str, FolderConfig]:
+        """The lists of a snapshot from the primary: kept, sentinels loaded, folders returned."""
+        self.pair.update(folders=body["folders"], paths=body["paths"],
+                         sentinels=body["sentinels"], active=body["active"], sv=body["sv"])
+        self.sv = body["sv"]
+        persist.save(self.path, self.pair)
+        self.load_sentinels(own=False)
+        return self.pushed_folders()
+
+    def take_sentinels(self, body: dict[str, Any]) -> None:
+        """A SENTINELS message from the primary."""
+        self.sv = body["sv"]
+        self.pair.update(sentinels=body["sentinels"], active=body["active"], sv=body["sv"])
+        persist.save(self.path, self.pair)
+        self.load_sentinels(own=False)
+
+    def sentinels_changed(self) -> dict[str, Any]:
+        """An operator changed the list here (the primary): a new version, kept; returns it."""
+        self.sv += 1
+        fields = self.sentinel_fields()
+        self.pair.update(fields)
+        persist.save(self.path, self.pair)
+        return fields

@@ -1,0 +1,242 @@
+"""The secondary's side of replication, on the loop thread (zguide's clone client).
+
+While following it owns a SUB to the primary's bus and a Syncer thread (reached over an inproc
+PAIR that lives as long as the node). It asks for a snapshot (SNAPSHOT over the peer link),
+buffers the manifests that arrive meanwhile, then takes numbered manifests in order: a gap, a
+heartbeat ahead of what we have, a new run of the primary or a new sentinel list version means
+"ask for a new snapshot". The Syncer applies the jobs and reports progress, which goes back to
+the primary as ACKs and rides on our pings.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import zmq
+
+from . import protocol
+from .protocol import Bad, Message
+from .security import client
+from .syncer import Syncer
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("sbs.node")
+
+SNAPSHOT_RETRY = 10.0  # an unanswered snapshot request is sent again after this long
+SNAPSHOT_SOON = 0.2  # ... or this soon when it could not be sent or the primary was not ready
+
+
+@dataclass
+class Follow:
+    """Which primary run we follow and how far we took its manifests."""
+    run: str | None = None  # the primary's run of the snapshot we took; None: none yet
+    seen: int | None = None  # the last manifest taken (handed to the Syncer)
+    snapshot_deadline: float | None = None  # set while a snapshot is asked for: ask again then
+    snapshot_sent: bool = False
+    buffer: list[tuple[str, int, dict]] = field(default_factory=list)  # manifests meanwhile
+    oldest_unapplied: float | None = None  # monotonic time since when we lag
+
+
+@dataclass
+class Progress:
+    """What the Syncer last reported of applying the snapshot and its manifests."""
+    applied: int = 0
+    synced: bool = False
+    pending_files: int = 0
+    pending_bytes: int = 0
+    through: int = 0  # manifests worked through, applied or not (see Syncer)
+    stuck: str = ""
+
+
+class Secondary:
+    def __init__(self, node: Node):
+        self.node = node
+        self.sub: zmq.Socket | None = None
+        self.syncer: Syncer | None = None
+        self.follow = Follow()
+        self.progress = Progress()
+        self.error = ""  # the Syncer's last error, kept until it reports again
+        self.last_sync_wall: float | None = None
+        self.snapshots_submitted = 0  # to the current Syncer
+        self.endpoint = f"inproc://syncer-{node.run_id}"
+        self.pipe = node.ctx.socket(zmq.PAIR)
+        self.pipe.bind(self.endpoint)
+
+    # ------------------------------------------------------------------ start, stop
+    def start(self) -> None:
+        node = self.node
+        self.sub = node.socket(zmq.SUB, maxmsg=protocol.MAX_BUS_IN)
+        self.sub.rcvhwm = 100_000
+        client(self.sub, node.keys)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.connect(f"tcp://{node.cfg.peer}:{node.cfg.bus_port}")
+        self.syncer = Syncer(node.ctx, self.endpoint, node.cfg, node.keys, node.agreed)
+        self.syncer.start()
+        self.snapshots_submitted = 0
+        self.follow = Follow()
+        self.request_snapshot()
+
+    def stop(self) -> None:
+        if self.syncer is not None:
+            self.syncer.stop()
+            self.syncer = None
+        if self.sub is not None:
+            self.sub.close()
+            self.sub = None
+        self.follow = Follow()
+        self.progress = Progress()
+
+    @property
+    def following(self) -> str:
+        """The primary run our progress counts in ("" when none)."""
+        return self.follow.run or ""
+
+    # ------------------------------------------------------------------ snapshot
+    def request_snapshot(self) -> None:
+        if self.syncer is None:
+            return
+        f = self.follow
+        f.snapshot_deadline = time.monotonic() + SNAPSHOT_RETRY
+        f.buffer, f.seen, f.run = [], None, None
+        # until the snapshot is applied we have nothing of it (maybe a new run of the primary)
+        self.progress = Progress()
+        # not connected yet (a primary that just restarted): try again in 0.2 s, not in 10
+        f.snapshot_sent = self.node.send_peer("SNAPSHOT", {"name": self.node.cfg.name})
+        if not f.snapshot_sent:
+            f.snapshot_deadline = time.monotonic() + SNAPSHOT_SOON
+
+    def peer_refused(self) -> None:
+        """The primary answered a request with an error (not ready for a snapshot yet)."""
+        if self.follow.snapshot_deadline:
+            self.follow.snapshot_deadline = time.monotonic() + SNAPSHOT_SOON
+
+    def on_snapshot(self, msg: Message) -> None:
+        f = self.follow
+        if self.syncer is None or not f.snapshot_deadline:
+            return
+        node, body = self.node, msg.body
+        f.snapshot_deadline, f.seen, f.run = None, body["seq"], body["run"]
+        node.folders = folders = node.lists.take_snapshot(body)
+        node.blobs.set_folders({n: str(c.path) for n, c in folders.items()})
+        f.oldest_unapplied = f.oldest_unapplied or time.monotonic()
+        # reports of jobs queued before this snapshot are about the previous one (perhaps a
+        # previous run of the primary, numbered from 0 again): on_syncer ignores them
+        self.snapshots_submitted += 1
+        self.syncer.submit_snapshot(body["seq"], folders, body["index"])
+        log.info("snapshot from %s at manifest %d: %d folders, %d entries", body["name"],
+                 body["seq"], len(body["folders"]), sum(len(v) for v in body["index"].values()))
+        buffered, f.buffer = f.buffer, []
+        for run, seq, entries in buffered:
+            if run == body["run"] and seq > body["seq"]:  # not a previous run's, numbered alike
+                self.accept_manifest(seq, entries)
+
+    # ------------------------------------------------------------------ the primary's bus
+    def on_bus(self, frames: list[bytes]) -> None:
+        msg = protocol.decode_bus(frames)
+        if isinstance(msg, Bad):
+            log.warning("dropped a bad bus message: %s", msg.reason)
+            return
+        body = msg.body
+        if self.syncer is None:
+            return
+        f = self.follow
+        waiting = bool(f.snapshot_deadline)
+        if msg.command == "MANIFEST":
+            if waiting:
+                f.buffer.append((body["run"], body["seq"], body["entries"]))
+            elif body["run"] != f.run:
+                self.request_snapshot()
+            else:
+                self.accept_manifest(body["seq"], body["entries"])
+        elif msg.command == "HB":
+            # "stopping" is a primary in its final sync: exactly when we must keep up with it
+            if waiting or body["state"] not in ("primary", "stopping"):
+                return
+            if body["run"] != f.run:
+                log.info("primary run changed: new snapshot")
+                self.request_snapshot()
+            elif body["seq"] > (f.seen or 0):
+                log.warning("missed manifests %d..%d: new snapshot", (f.seen or 0) + 1,
+                            body["seq"])
+                self.request_snapshot()
+            elif body["sv"] != self.node.lists.sv:
+                self.request_snapshot()
+        elif msg.command == "SENTINELS":
+            self.node.lists.take_sentinels(body)
+            log.info("sentinel list from primary: active %s", body["active"])
+
+    def accept_manifest(self, seq: int, entries: dict[str, list[dict]]) -> None:
+        f = self.follow
+        seen = f.seen or 0
+        if seq <= seen:
+            return
+        if seq != seen + 1:
+            log.warning("manifest gap: expected %d, got %d: new snapshot", seen + 1, seq)
+            self.request_snapshot()
+            return
+        f.seen = seq
+        f.oldest_unapplied = f.oldest_unapplied or time.monotonic()
+        self.syncer.submit_manifest(seq, entries)
+
+    # ------------------------------------------------------------------ the Syncer's reports
+    def on_syncer(self, frames: list[bytes]) -> None:
+        if self.syncer is None:
+            return  # a report the stopped syncer left in the pipe
+        node = self.node
+        kind, body = frames[0], orjson.loads(frames[1])
+        if kind == b"applied":
+            if body["gen"] != self.snapshots_submitted or not self.follow.run:
+                # about a snapshot before the latest one (or one we asked for and have not
+                # got yet): its numbers mean nothing to the primary we follow now
+                return
+            p = self.progress = Progress(
+                applied=body["applied"], pending_files=body["pending_files"],
+                pending_bytes=body["pending_bytes"], through=body["through"],
+                stuck=body["stuck"])
+            self.error = body.get("error", "")
+            caught_up = p.applied >= (self.follow.seen or 0) and not p.pending_files
+            p.synced = caught_up and not self.error
+            if caught_up:
+                self.follow.oldest_unapplied = None
+                self.last_sync_wall = time.time()
+            node.send_peer("ACK", {"name": node.cfg.name, "run": node.run_id,
+                                   "applied": p.applied, "snapshot": body["snapshot"],
+                                   "following": self.follow.run})
+            node.send_ping()
+            if self.error:
+                node.publish_event("error", where="sync", error=self.error)
+        elif kind == b"event":
+            node.publish_event(body.pop("event"), **body)
+
+    def confirm_deletions(self, folder: str | None) -> bool:
+        """An operator confirms strict deletions; False when not following."""
+        if self.syncer is None:
+            return False
+        self.syncer.confirm_deletions(folder)
+        return True
+
+    # ------------------------------------------------------------------ deadlines, status
+    def next_deadline(self) -> float | None:
+        return self.follow.snapshot_deadline or None
+
+    def tick(self, now: float) -> None:
+        deadline = self.follow.snapshot_deadline
+        if deadline and now >= deadline:
+            if self.follow.snapshot_sent:
+                log.info("snapshot not answered yet; asking again")
+            self.request_snapshot()
+
+    def status(self, now: float) -> dict[str, Any]:
+        p, oldest = self.progress, self.follow.oldest_unapplied
+        return {
+            "direction": "incoming", "applied": p.applied, "primary_seq": self.node.peer.seq,
+            "synced": p.synced,
+            "lag_seconds": round(now - oldest, 3) if oldest else 0.0,
+            "pending_files": p.pending_files, "pending_bytes": p.pending_bytes,
+            "last_sync": self.last_sync_wall, "error": self.error, "stuck": p.stuck,
+        }
