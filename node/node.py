@@ -64,9 +64,6 @@ class Node:
         self.state_dir = cfg.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = secrets.token_hex(8)
-        self.n = 0
-        self.next_ping = self.ping_retry_at = 0.0
-        self.ping_retry_in = PING_RETRY
         saved = persist.load(self.state_dir / "node.json", {})
         self.epoch = int(saved.get("epoch", 0))
         # kept on disk: a node restarted alone must still number its next term above every
@@ -79,7 +76,6 @@ class Node:
         self.started_at = self.state_at
         self.restricted = False
         self.peer = Peer(dead_after=cfg.dead_after)
-        self.peer_ident: bytes | None = None  # ROUTER identity of the peer's DEALER
         self.split_reported: str | None = None
         self.keys = load_keys(cfg)
         self.agreed = Agreed(self.state_dir / "agreed.jsonl")
@@ -101,7 +97,7 @@ class Node:
         self.secondary = Secondary(self)
         self.control = Control(self)
         self.poller = zmq.Poller()
-        for sock in (self.router, self.dealer, self.control.results, self.primary.pipe,
+        for sock in (self.router, self.link.dealer, self.control.results, self.primary.pipe,
                      self.secondary.pipe):
             self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
@@ -109,7 +105,7 @@ class Node:
         # time, since a handler may close one (the SUB on takeover)
         self.handlers: list[tuple[Callable[[], zmq.Socket | None], Callable]] = [
             (lambda: self.router, self._on_router),
-            (lambda: self.dealer, self._on_dealer),
+            (lambda: self.link.dealer, self.link.on_dealer),
             (lambda: self.secondary.sub, self.secondary.on_bus),
             (lambda: self.control.results, self.control.on_result),
             (lambda: self.primary.pipe, self.primary.on_scanner),
@@ -117,9 +113,9 @@ class Node:
         ]
         # peer commands on the ROUTER; the others are the operator's (Control)
         self.peer_commands: dict[str, Callable[[bytes, Message], None]] = {
-            "PING": self._on_ping,
-            "HANDOVER": lambda ident, msg: self._obey(msg, E.PEER_HANDOVER),
-            "ASK_HANDOVER": lambda ident, msg: self._obey(msg, E.PEER_ASKS_HANDOVER),
+            "PING": self.link.on_ping,
+            "HANDOVER": lambda ident, msg: self.link.obey(msg, E.PEER_HANDOVER),
+            "ASK_HANDOVER": lambda ident, msg: self.link.obey(msg, E.PEER_ASKS_HANDOVER),
             "SNAPSHOT": lambda ident, msg: self.primary.on_snapshot_request(ident, msg.body),
             "ACK": lambda ident, msg: self.primary.on_ack(ident, msg.body),
         }
@@ -152,15 +148,7 @@ class Node:
         except zmq.ZMQError as exc:
             self.close()
             raise NodeError(f"cannot bind {cfg.local}:{cfg.blob_port}: {exc}") from None
-        self.dealer = self.socket(zmq.DEALER, maxmsg=protocol.MAX_REPLY_IN)
-        # IMMEDIATE: a ping to a peer that is not connected is dropped, not queued; a queued
-        # ping delivered seconds later would describe a state long gone.
-        self.dealer.setsockopt(zmq.IMMEDIATE, 1)
-        self.dealer.sndhwm = 1000
-        self.dealer.reconnect_ivl = 100
-        self.dealer.reconnect_ivl_max = 500
-        client(self.dealer, self.keys)
-        self.dealer.connect(f"tcp://{cfg.peer}:{cfg.control_port}")
+        self.link = PeerLink(self)
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
@@ -172,8 +160,6 @@ class Node:
         old_fd = signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
         log.info("node %s starting: epoch %d, role %s, probing %s:%d", self.cfg.name,
                  self.epoch, self.cfg.role, self.cfg.peer, self.cfg.control_port)
-        self.next_ping = self.ping_retry_at = 0.0
-        self.ping_retry_in = PING_RETRY
         self.probe_deadline = time.monotonic() + self.cfg.dead_after
         try:
             while self.state != S.STOPPED:
@@ -218,10 +204,8 @@ class Node:
         self._tick(time.monotonic())
 
     def _next_deadline(self, now: float) -> float:
-        deadlines = [self.next_ping, now + 0.5, self.sentinels.next_wakeup(),
+        deadlines = [self.link.next_deadline(), now + 0.5, self.sentinels.next_wakeup(),
                      self.primary.next_deadline(), self.secondary.next_deadline()]
-        if self.ping_retry_at:
-            deadlines.append(self.ping_retry_at)
         if self.state == S.STARTING:
             deadlines.append(self.probe_deadline)
         if (expiry := self.peer.expires_at()) is not None:
@@ -237,13 +221,7 @@ class Node:
             log.warning("peer %s silent for %.2fs (last state %s)", self.peer.name or self.cfg.peer,
                         now - self.peer.heard_at, self.peer.state)
             self.feed(E.PEER_SILENT)
-        if now >= self.next_ping:
-            self.send_ping()
-            self.next_ping = now + self.cfg.heartbeat
-        elif self.ping_retry_at and now >= self.ping_retry_at:
-            # the last ping found no connection (the peer is starting, or down): try again
-            # soon, so a peer that just came up hears from us in milliseconds, not a heartbeat
-            self._ping_peer(now)
+        self.link.tick(now)
         if self.state in PRIMARY_LIKE and not self.restricted:
             self.sentinels.poll()
         if (event := self.primary.tick(now)) is not None:
@@ -268,7 +246,7 @@ class Node:
             self.state_at = time.monotonic()
             self.publish_event("role", state=PUBLIC[nxt], internal=nxt.value, was=prev.value,
                                why=event.value, epoch=self.epoch)
-            self.send_ping()  # tell the peer at once, not at the next heartbeat
+            self.link.send_ping()  # tell the peer at once, not at the next heartbeat
         return actions
 
     def me(self) -> dict[str, Any]:
@@ -297,6 +275,12 @@ class Node:
         if self.secondary.sub is not None:
             self.poller.unregister(self.secondary.sub)
         self.secondary.stop()
+
+    def saw_epoch(self, epoch: int) -> None:
+        """A peer's epoch: our next term is numbered above it, even after a restart."""
+        if epoch > self.max_seen_epoch:
+            self.max_seen_epoch = epoch
+            self._save_node()
 
     def _save_node(self, last_role: str | None = None) -> None:
         self.last_role = last_role or self.last_role
@@ -359,7 +343,7 @@ class Node:
             nonlocal next_ping
             if (now := time.monotonic()) >= next_ping:
                 next_ping = now + self.cfg.heartbeat
-                self.send_ping()
+                self.link.send_ping()
 
         self.stopping_sentinels = True
         try:
@@ -367,7 +351,7 @@ class Node:
         finally:
             self.stopping_sentinels = False
 
-    def _public_state(self) -> str:
+    def public_state(self) -> str:
         return "stopping" if self.stopping_sentinels else PUBLIC[self.state]
 
     def _do_split_brain_lost(self, **_: Any) -> None:
@@ -404,16 +388,11 @@ class Node:
     def _do_send_handover(self, **_: Any) -> None:
         body = {"name": self.cfg.name, "run": self.run_id, "epoch": self.epoch,
                 "seq": self.primary.seq}
-        self.send_peer("HANDOVER", body)
-        # Also back along the peer's own connection (its pings reach our ROUTER): our DEALER
-        # may still be reconnecting to a peer that started a moment ago, and a lost HANDOVER
-        # costs the peer dead_after of waiting. A duplicate is ignored by the table.
-        if self.peer_ident is not None:
-            self.reply(self.peer_ident, protocol.encode("HANDOVER", body))
+        self.link.send_handover(body)
         log.info("handed over to %s", self.peer.name or self.cfg.peer)
 
     def _do_ask_handover(self, **_: Any) -> None:
-        self.send_peer("ASK_HANDOVER", {"name": self.cfg.name, "run": self.run_id})
+        self.link.send("ASK_HANDOVER", {"name": self.cfg.name, "run": self.run_id})
         log.info("asked primary %s to hand over", self.peer.name)
 
     def _do_refuse(self, context: tuple[bytes, str] | None, **_: Any) -> None:
@@ -427,73 +406,12 @@ class Node:
     def _do_exit(self, **_: Any) -> None:
         log.info("node %s stopped", self.cfg.name)
 
-    # ------------------------------------------------------------------ peer messages
-    def send_ping(self) -> None:
-        self._ping_peer(time.monotonic())
-        self.pub.send_multipart(protocol.encode_bus("HB", {
-            "name": self.cfg.name, "run": self.run_id, "epoch": self.epoch,
-            "state": self._public_state(), "seq": self.primary.seq, "sv": self.lists.sv,
-        }))
-
-    def _peer_state(self) -> dict[str, Any]:
-        self.n += 1
-        progress, secondary = self.secondary.progress, self.secondary
-        return {
-            "name": self.cfg.name, "run": self.run_id, "n": self.n,
-            "state": self._public_state(),
-            "epoch": self.epoch, "role": self.cfg.role, "restricted": self.restricted,
-            "since": round(time.monotonic() - self.state_at, 3), "seq": self.primary.seq,
-            "applied": progress.applied, "synced": progress.synced,
-            "pending_files": progress.pending_files, "pending_bytes": progress.pending_bytes,
-            "error": secondary.error[:1000],
-            "through": progress.through, "stuck": progress.stuck[:1000],
-            "following": secondary.following,
-        }
-
-    def _ping_peer(self, now: float) -> None:
-        if self.send_peer("PING", self._peer_state()):
-            self.ping_retry_at, self.ping_retry_in = 0.0, PING_RETRY
-        else:  # a peer that stays down costs no wakeups beyond the heartbeat's
-            self.ping_retry_at = now + min(self.cfg.heartbeat, self.ping_retry_in)
-            self.ping_retry_in *= 2
-
-    def send_peer(self, command: str, body: dict[str, Any]) -> bool:
-        try:
-            self.dealer.send_multipart(protocol.encode(command, body), zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            return False  # not connected: the peer is down or unreachable; silence speaks
-
+    # ------------------------------------------------------------------ ROUTER
     def reply(self, ident: bytes, frames: list[bytes]) -> None:
         try:
             self.router.send_multipart([ident, *frames], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.debug("reply dropped: %s", exc)
-
-    def _on_peer_state(self, msg: Message) -> None:
-        body = msg.body
-        if body["name"] == self.cfg.name and body["run"] != self.run_id:
-            log.error("peer calls itself %r like this node: names must differ", body["name"])
-            return
-        if body["run"] == self.run_id:
-            log.error("received our own ping: peer address %s points at this node", self.cfg.peer)
-            return
-        now = time.monotonic()
-        restarted = body["run"] != self.peer.run
-        if not self.peer.update(body, now):
-            return
-        if restarted:
-            log.info("peer %s (run %s) is %s, epoch %d", body["name"], body["run"],
-                     body["state"], body["epoch"])
-            if self.state == S.SECONDARY and body["state"] == "primary":
-                self.secondary.request_snapshot()
-        if body["epoch"] > self.max_seen_epoch:
-            self.max_seen_epoch = body["epoch"]
-            self._save_node()
-        self.primary.peer_heard()
-        event = self.peer.event(self.me(), self.state, now - self.state_at)
-        if event is not None:
-            self.feed(event)
 
     def _on_router(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
@@ -508,39 +426,6 @@ class Node:
             handler(ident, msg)
         elif not self.control.handle(ident, msg.command, msg.body):
             log.warning("dropped control message %s: not accepted on this port", msg.command)
-
-    def _on_ping(self, ident: bytes, msg: Message) -> None:
-        if msg.body["run"] != self.run_id:
-            self.peer_ident = ident
-        self._on_peer_state(msg)
-        self.reply(ident, protocol.encode("PONG", self._peer_state()))
-
-    def _obey(self, msg: Message, event: E) -> None:
-        """HANDOVER and ASK_HANDOVER: an event, when the current run of the peer sends it."""
-        if self._from_peer(msg):
-            self.feed(event)
-
-    def _from_peer(self, msg: Message) -> bool:
-        if msg.body["run"] != self.peer.run:
-            log.warning("ignored %s from run %s: the peer is run %s", msg.command,
-                        msg.body["run"], self.peer.run or "unknown")
-            return False
-        return True
-
-    def _on_dealer(self, frames: list[bytes]) -> None:
-        msg = protocol.decode(frames, expect=("PONG", "SNAPSHOT_REP", "REPLY", "HANDOVER"))
-        if isinstance(msg, Bad):
-            log.warning("dropped a bad message from the peer: %s", msg.reason)
-            return
-        if msg.command == "PONG":
-            self._on_peer_state(msg)
-        elif msg.command == "SNAPSHOT_REP":
-            self.secondary.on_snapshot(msg)
-        elif msg.command == "HANDOVER":
-            self._obey(msg, E.PEER_HANDOVER)
-        elif msg.command == "REPLY" and msg.body["status"] == "error":
-            log.warning("peer answered: %s", msg.body.get("reason"))
-            self.secondary.peer_refused()  # not ready for a snapshot: ask again soon
 
     # ------------------------------------------------------------------ bus
     def publish_event(self, event: str, **fields: Any) -> None:
@@ -568,9 +453,10 @@ class Node:
         if primary is not None:
             primary.close()  # its journal thread, after the last ACK
         self.agreed.close()
-        for sock in (getattr(self, "dealer", None), getattr(self, "router", None)):
-            if sock is not None:
-                sock.close(linger=500)  # let a last HANDOVER leave
+        if getattr(self, "link", None) is not None:
+            self.link.close()
+        if getattr(self, "router", None) is not None:
+            self.router.close(linger=500)  # let a last HANDOVER leave
         if self.auth is not None:
             self.auth.stop()
             self.auth = None
@@ -578,3 +464,147 @@ class Node:
         for s in (getattr(self, "wake_r", None), getattr(self, "wake_w", None)):
             if s is not None:
                 s.close()
+
+
+class PeerLink:
+    """The peer link: our DEALER to the peer's ROUTER with our pings on it (and an HB on the
+    bus), the peer's PING/PONG turned into what we know of it (Peer) and into fsm events, and
+    the hand-over messages, obeyed only from the peer's current run."""
+
+    def __init__(self, node: Node):
+        self.node = node
+        self.n = 0  # our pings' number: the peer drops an older one that arrives late
+        self.next_ping = self.retry_at = 0.0
+        self.retry_in = PING_RETRY
+        self.ident: bytes | None = None  # ROUTER identity of the peer's DEALER
+        cfg = node.cfg
+        self.dealer = node.socket(zmq.DEALER, maxmsg=protocol.MAX_REPLY_IN)
+        # IMMEDIATE: a ping to a peer that is not connected is dropped, not queued; a queued
+        # ping delivered seconds later would describe a state long gone.
+        self.dealer.setsockopt(zmq.IMMEDIATE, 1)
+        self.dealer.sndhwm = 1000
+        self.dealer.reconnect_ivl = 100
+        self.dealer.reconnect_ivl_max = 500
+        client(self.dealer, node.keys)
+        self.dealer.connect(f"tcp://{cfg.peer}:{cfg.control_port}")
+
+    def send(self, command: str, body: dict[str, Any]) -> bool:
+        try:
+            self.dealer.send_multipart(protocol.encode(command, body), zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False  # not connected: the peer is down or unreachable; silence speaks
+
+    # ------------------------------------------------------------------ pings
+    def next_deadline(self) -> float:
+        return min(self.next_ping, self.retry_at) if self.retry_at else self.next_ping
+
+    def tick(self, now: float) -> None:
+        if now >= self.next_ping:
+            self.send_ping()
+            self.next_ping = now + self.node.cfg.heartbeat
+        elif self.retry_at and now >= self.retry_at:
+            # the last ping found no connection (the peer is starting, or down): try again
+            # soon, so a peer that just came up hears from us in milliseconds, not a heartbeat
+            self._ping(now)
+
+    def send_ping(self) -> None:
+        node = self.node
+        self._ping(time.monotonic())
+        node.pub.send_multipart(protocol.encode_bus("HB", {
+            "name": node.cfg.name, "run": node.run_id, "epoch": node.epoch,
+            "state": node.public_state(), "seq": node.primary.seq, "sv": node.lists.sv,
+        }))
+
+    def _ping(self, now: float) -> None:
+        if self.send("PING", self.our_state()):
+            self.retry_at, self.retry_in = 0.0, PING_RETRY
+        else:  # a peer that stays down costs no wakeups beyond the heartbeat's
+            self.retry_at = now + min(self.node.cfg.heartbeat, self.retry_in)
+            self.retry_in *= 2
+
+    def our_state(self) -> dict[str, Any]:
+        """The body of our PING and PONG."""
+        node, secondary = self.node, self.node.secondary
+        progress = secondary.progress
+        self.n += 1
+        return {
+            "name": node.cfg.name, "run": node.run_id, "n": self.n,
+            "state": node.public_state(),
+            "epoch": node.epoch, "role": node.cfg.role, "restricted": node.restricted,
+            "since": round(time.monotonic() - node.state_at, 3), "seq": node.primary.seq,
+            "applied": progress.applied, "synced": progress.synced,
+            "pending_files": progress.pending_files, "pending_bytes": progress.pending_bytes,
+            "error": secondary.error[:1000],
+            "through": progress.through, "stuck": progress.stuck[:1000],
+            "following": secondary.following,
+        }
+
+    # ------------------------------------------------------------------ the peer's messages
+    def on_ping(self, ident: bytes, msg: Message) -> None:
+        if msg.body["run"] != self.node.run_id:
+            self.ident = ident
+        self.on_peer_state(msg)
+        self.node.reply(ident, protocol.encode("PONG", self.our_state()))
+
+    def on_dealer(self, frames: list[bytes]) -> None:
+        msg = protocol.decode(frames, expect=("PONG", "SNAPSHOT_REP", "REPLY", "HANDOVER"))
+        if isinstance(msg, Bad):
+            log.warning("dropped a bad message from the peer: %s", msg.reason)
+            return
+        if msg.command == "PONG":
+            self.on_peer_state(msg)
+        elif msg.command == "SNAPSHOT_REP":
+            self.node.secondary.on_snapshot(msg)
+        elif msg.command == "HANDOVER":
+            self.obey(msg, E.PEER_HANDOVER)
+        elif msg.command == "REPLY" and msg.body["status"] == "error":
+            log.warning("peer answered: %s", msg.body.get("reason"))
+            self.node.secondary.peer_refused()  # not ready for a snapshot: ask again soon
+
+    def on_peer_state(self, msg: Message) -> None:
+        node, peer, body = self.node, self.node.peer, msg.body
+        if body["name"] == node.cfg.name and body["run"] != node.run_id:
+            log.error("peer calls itself %r like this node: names must differ", body["name"])
+            return
+        if body["run"] == node.run_id:
+            log.error("received our own ping: peer address %s points at this node", node.cfg.peer)
+            return
+        now = time.monotonic()
+        restarted = body["run"] != peer.run
+        if not peer.update(body, now):
+            return
+        if restarted:
+            log.info("peer %s (run %s) is %s, epoch %d", body["name"], body["run"],
+                     body["state"], body["epoch"])
+            if node.state == S.SECONDARY and body["state"] == "primary":
+                node.secondary.request_snapshot()
+        node.saw_epoch(body["epoch"])
+        node.primary.peer_heard()
+        event = peer.event(node.me(), node.state, now - node.state_at)
+        if event is not None:
+            node.feed(event)
+
+    def obey(self, msg: Message, event: E) -> None:
+        """HANDOVER and ASK_HANDOVER: an event, when the current run of the peer sends it."""
+        if self._from_peer(msg):
+            self.node.feed(event)
+
+    def _from_peer(self, msg: Message) -> bool:
+        peer = self.node.peer
+        if msg.body["run"] != peer.run:
+            log.warning("ignored %s from run %s: the peer is run %s", msg.command,
+                        msg.body["run"], peer.run or "unknown")
+            return False
+        return True
+
+    def send_handover(self, body: dict[str, Any]) -> None:
+        self.send("HANDOVER", body)
+        # Also back along the peer's own connection (its pings reach our ROUTER): our DEALER
+        # may still be reconnecting to a peer that started a moment ago, and a lost HANDOVER
+        # costs the peer dead_after of waiting. A duplicate is ignored by the table.
+        if self.ident is not None:
+            self.node.reply(self.ident, protocol.encode("HANDOVER", body))
+
+    def close(self) -> None:
+        self.dealer.close(linger=500)  # let a last HANDOVER leave

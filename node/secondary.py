@@ -106,7 +106,7 @@ class Secondary:
         # until the snapshot is applied we have nothing of it (maybe a new run of the primary)
         self.progress = Progress()
         # not connected yet (a primary that just restarted): try again in 0.2 s, not in 10
-        f.snapshot_sent = self.node.send_peer("SNAPSHOT", {"name": self.node.cfg.name})
+        f.snapshot_sent = self.node.link.send("SNAPSHOT", {"name": self.node.cfg.name})
         if not f.snapshot_sent:
             f.snapshot_deadline = time.monotonic() + SNAPSHOT_SOON
 
@@ -204,10 +204,10 @@ class Secondary:
             if caught_up:
                 self.follow.oldest_unapplied = None
                 self.last_sync_wall = time.time()
-            node.send_peer("ACK", {"name": node.cfg.name, "run": node.run_id,
+            node.link.send("ACK", {"name": node.cfg.name, "run": node.run_id,
                                    "applied": p.applied, "snapshot": body["snapshot"],
                                    "following": self.follow.run})
-            node.send_ping()
+            node.link.send_ping()
             if self.error:
                 node.publish_event("error", where="sync", error=self.error)
         elif kind == b"event":

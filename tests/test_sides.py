@@ -32,7 +32,7 @@ def alpha(tmp_path):
     node = Node(cfg)
     try:
         # the node's DEALER drops what it cannot send yet (IMMEDIATE): wait for the connection
-        wait_for(lambda: node.send_peer("STATUS", {}), 10, "alpha's dealer to connect")
+        wait_for(lambda: node.link.send("STATUS", {}), 10, "alpha's dealer to connect")
         assert received(peer)[0] == "STATUS"
         node.peer_socket = peer
         yield node
