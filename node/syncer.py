@@ -36,9 +36,9 @@ import zmq
 from .blobs import Fetcher, FetchError
 from .config import Config, FolderConfig
 from .fsops import FolderWriter, HashMismatch, PathError, check_relpath, purge_trash, utc_stamp
+from .index import Filter, FolderMissing, HashCache, scan_folder
 from .journal import Agreed
 from .protocol import entry_check
-from .scan import Filter, FolderMissing, HashCache, scan_folder
 from .security import Keys
 
 log = logging.getLogger("sbs.syncer")

@@ -25,7 +25,7 @@ from node.fsops import (
     purge_trash,
     utc_stamp,
 )
-from node.scan import TEMP_PREFIX, Filter, HashCache, hash_bytes, scan_folder
+from node.index import TEMP_PREFIX, Filter, HashCache, hash_bytes, scan_folder
 
 REPO = Path(__file__).resolve().parents[1]
 MTIME = 1_700_000_000_123_456_789
@@ -503,7 +503,7 @@ ENOSPC_SCRIPT = textwrap.dedent("""
     import errno, json, os, sys
     sys.path.insert(0, sys.argv[1])
     from node.fsops import FolderWriter
-    from node.scan import TEMP_PREFIX, hash_bytes
+    from node.index import TEMP_PREFIX, hash_bytes
 
     mnt, far = sys.argv[2], sys.argv[3]
     out = {}

@@ -1,4 +1,4 @@
-"""node.scan: filters, hashing, full and incremental scans, and the watcher (a real inotify
+"""node.index: filters, hashing, full and incremental scans, and the watcher (a real inotify
 observer; every wait has a deadline)."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node import scan as scan_module
-from node.scan import (
+from node import index as index_module
+from node.index import (
     TEMP_PREFIX,
     Filter,
     FolderMissing,
@@ -221,7 +221,7 @@ def test_entry_for(tmp_path):
 def test_a_file_written_while_hashed_is_hashed_again(tmp_path, monkeypatch, writes):
     """A writer appending during the read must not leave a hash paired with the wrong size."""
     path = write(tmp_path / "busy", b"start")
-    real_hash_fd = scan_module.hash_fd
+    real_hash_fd = index_module.hash_fd
     calls = []
 
     def hash_fd_during_a_write(fd):
@@ -232,7 +232,7 @@ def test_a_file_written_while_hashed_is_hashed_again(tmp_path, monkeypatch, writ
                 f.write(b"+more")
         return h
 
-    monkeypatch.setattr(scan_module, "hash_fd", hash_fd_during_a_write)
+    monkeypatch.setattr(index_module, "hash_fd", hash_fd_during_a_write)
     cache = HashCache(racy_ns=0)
     entry = entry_for(str(tmp_path), "busy", Filter(), cache)
     if writes == 1:  # settles on the second read
@@ -240,7 +240,7 @@ def test_a_file_written_while_hashed_is_hashed_again(tmp_path, monkeypatch, writ
         assert entry["hash"] == hash_bytes(path.read_bytes())
         assert entry["size"] == path.stat().st_size
     else:  # never settles: reported after 3 reads, but not cached, so it is read again
-        assert cache.hashed == scan_module.STABLE_TRIES and len(cache) == 0
+        assert cache.hashed == index_module.STABLE_TRIES and len(cache) == 0
 
 
 # --- full scans ------------------------------------------------------------------------------
@@ -313,7 +313,7 @@ def test_missing_root_raises_folder_missing(tmp_path):
 UNREADABLE_SCRIPT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from node.scan import Filter, HashCache, scan_folder
+from node.index import Filter, HashCache, scan_folder
 skipped = []
 index = scan_folder(sys.argv[2], Filter(), HashCache(), skipped=skipped)
 print(json.dumps([sorted(index), skipped]))

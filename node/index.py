@@ -1,4 +1,5 @@
-"""Change detection on the primary: content hashes, filters, full and incremental scans, watcher.
+"""A folder's index and how it is kept: content hashes, filters, full and incremental scans,
+and the watcher (inotify) that says what to scan again.
 
 An Entry is a plain dict (orjson-serialisable) describing one object inside a replicated folder:
 ``path`` (relative POSIX), ``kind`` (file|dir|link), ``size``, ``mtime_ns``, ``mode`` (st_mode &
