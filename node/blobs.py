@@ -24,9 +24,9 @@ from typing import Any
 import zmq
 
 from . import protocol
-from .fsops import PathError, check_relpath
 from .protocol import Bad
 from .security import Keys, client, serve
+from .writer import PathError, check_relpath
 
 log = logging.getLogger("sbs.blobs")
 

@@ -185,7 +185,7 @@ def _sentinel_name(v: Any) -> str | None:
 
 
 # An Entry: one object of a replicated folder (see node/index.py). Paths are checked again,
-# component by component, where they touch the disk (node/fsops.py).
+# component by component, where they touch the disk (node/writer.py).
 ENTRY: dict[str, Check] = {
     "path": s(4096),
     "kind": one_of(*KINDS),

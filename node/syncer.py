@@ -4,7 +4,7 @@ Jobs arrive from the node loop on a queue (snapshot, manifest, confirm, stop), i
 each, the worker compares what the primary has with what is on disk, fetches only what
 differs (node/blobs.Fetcher, many small files per request, several requests in flight),
 writes each file to a temp file, verifies its hash, fsyncs and renames it into place
-(node/fsops). Before it overwrites or deletes a local object that differs from what the pair
+(node/writer). Before it overwrites or deletes a local object that differs from what the pair
 last agreed on (node/journal), it keeps a copy under state_dir/conflicts/<UTC time>/.
 
 What could not be applied (the file changed again while in flight, the disk is full, the
@@ -35,11 +35,11 @@ import zmq
 
 from .blobs import Fetcher, FetchError
 from .config import Config, FolderConfig
-from .fsops import FolderWriter, HashMismatch, PathError, check_relpath, purge_trash, utc_stamp
 from .index import Filter, FolderMissing, HashCache, scan_folder
 from .journal import Agreed
 from .protocol import entry_check
 from .security import Keys
+from .writer import FolderWriter, HashMismatch, PathError, check_relpath, purge_trash, utc_stamp
 
 log = logging.getLogger("sbs.syncer")
 
