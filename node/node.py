@@ -32,8 +32,8 @@ from typing import Any
 import zmq
 
 from . import persist, protocol
-from .blobs import BlobServer
 from .config import Config, FolderConfig
+from .content import BlobServer
 from .control import Control
 from .fsm import PRIMARY_LIKE, PUBLIC, A, E, S, step
 from .journal import Agreed

@@ -2,7 +2,7 @@
 
 Jobs arrive from the node loop on a queue (snapshot, manifest, confirm, stop), in order. For
 each, the worker compares what the primary has with what is on disk, fetches only what
-differs (node/blobs.Fetcher, many small files per request, several requests in flight),
+differs (node/content.Fetcher, many small files per request, several requests in flight),
 writes each file to a temp file, verifies its hash, fsyncs and renames it into place
 (node/writer). Before it overwrites or deletes a local object that differs from what the pair
 last agreed on (node/journal), it keeps a copy under state_dir/conflicts/<UTC time>/.
@@ -33,8 +33,8 @@ from typing import Any
 import orjson
 import zmq
 
-from .blobs import Fetcher, FetchError
 from .config import Config, FolderConfig
+from .content import Fetcher, FetchError
 from .index import Filter, FolderMissing, HashCache, scan_folder
 from .journal import Agreed
 from .protocol import entry_check
