@@ -22,7 +22,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from node.index import (
+from .index import (
     CHUNK,
     TEMP_PREFIX,
     Entry,

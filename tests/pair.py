@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from node.config import load
-from node.security import keygen
-from tools.client import request
+from sbs.node.config import load
+from sbs.node.security import keygen
+from sbs.tools.client import request
 
 HOSTS = {"alpha": "127.0.0.1", "beta": "127.0.0.2"}
 _KEYS_CACHE: dict[str, Path] = {}
@@ -107,7 +107,7 @@ class NodeProc:
     def start(self, *extra: str) -> NodeProc:
         self.logfh = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "start", "--config", str(self.config), *extra],
+            [sys.executable, "-m", "sbs.node.cli", "start", "--config", str(self.config), *extra],
             stdout=self.logfh, stderr=subprocess.STDOUT,
         )
         return self

@@ -4,10 +4,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
-
-from node.fsm import PUBLIC, TABLE, A, E, S, step
-from node.peer import Peer
-from node.protocol import wins
+from sbs.node.fsm import PUBLIC, TABLE, A, E, S, step
+from sbs.node.peer import Peer
+from sbs.node.protocol import wins
 
 # The expected next state of every pair, written out independently of the table: one row per
 # state, one letter per event in the order of E. s=STARTING p=PRIMARY y=SECONDARY h=HANDOVER

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from node import index as index_module
-from node.index import (
+from sbs.node import index as index_module
+from sbs.node.index import (
     TEMP_PREFIX,
     Filter,
     FolderMissing,
@@ -313,7 +312,7 @@ def test_missing_root_raises_folder_missing(tmp_path):
 UNREADABLE_SCRIPT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from node.index import Filter, HashCache, scan_folder
+from sbs.node.index import Filter, HashCache, scan_folder
 skipped = []
 index = scan_folder(sys.argv[2], Filter(), HashCache(), skipped=skipped)
 print(json.dumps([sorted(index), skipped]))

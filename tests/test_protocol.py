@@ -4,9 +4,8 @@ from __future__ import annotations
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from node import protocol
-from node.protocol import Bad, Message, decode, decode_bus, encode, encode_bus
+from sbs.node import protocol
+from sbs.node.protocol import Bad, Message, decode, decode_bus, encode, encode_bus
 
 PING = {"name": "alpha", "run": "abc", "n": 1, "state": "primary", "epoch": 3, "role": "main",
         "restricted": False, "since": 1.5, "seq": 7, "applied": 0, "synced": True,

@@ -10,10 +10,10 @@ import time
 import orjson
 import pytest
 import zmq
+from sbs.node import protocol
+from sbs.node.config import load
+from sbs.node.node import Node
 
-from node import protocol
-from node.config import load
-from node.node import Node
 from tests.pair import HOSTS, free_port_triplet, wait_for, write_config
 
 PRIMARY_RUN = secrets.token_hex(8)

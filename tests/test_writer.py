@@ -17,9 +17,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-
-from node.index import TEMP_PREFIX, Filter, HashCache, hash_bytes, scan_folder
-from node.writer import (
+from sbs.node.index import TEMP_PREFIX, Filter, HashCache, hash_bytes, scan_folder
+from sbs.node.writer import (
     FolderWriter,
     HashMismatch,
     PathError,
@@ -503,8 +502,8 @@ def test_utc_stamp_is_sortable_and_safe():
 ENOSPC_SCRIPT = textwrap.dedent("""
     import errno, json, os, sys
     sys.path.insert(0, sys.argv[1])
-    from node.writer import FolderWriter
-    from node.index import TEMP_PREFIX, hash_bytes
+    from sbs.node.writer import FolderWriter
+    from sbs.node.index import TEMP_PREFIX, hash_bytes
 
     mnt, far = sys.argv[2], sys.argv[3]
     out = {}
@@ -557,7 +556,7 @@ def test_full_disk_keeps_the_old_file_and_no_temp(tmp_path, far_dir):
 
 
 def test_big_temp_file_is_written_back_early_and_still_exact(writer, monkeypatch):
-    import node.writer as writer_module
+    import sbs.node.writer as writer_module
     calls = []
     real_start = writer_module.start_writeback
     monkeypatch.setattr(writer_module, "WRITEBACK_EVERY", 4096)

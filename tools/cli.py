@@ -11,8 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-
-from node.config import Config, ConfigError, load
+from sbs.node.config import Config, ConfigError, load
 
 from .client import request, subscribe
 
@@ -169,7 +168,7 @@ def promote(config: Path = ConfigOpt,
 def keygen(directory: Path = typer.Option(..., "--dir", help="where to write the keys"),
            name: str = typer.Option(..., "--name", help="node name")) -> None:
     """Write NAME.key and NAME.key_secret (ZeroMQ CURVE certificates)."""
-    from node.security import keygen as make
+    from sbs.node.security import keygen as make
 
     public, secret = make(directory, name)
     out.print(f"wrote {public} and {secret}", markup=False)
@@ -178,7 +177,7 @@ def keygen(directory: Path = typer.Option(..., "--dir", help="where to write the
 @app.command("test-email")
 def test_email(config: Path = ConfigOpt) -> None:
     """Send a test notification with the \\[email] settings and say whether it was delivered."""
-    from node.notify import Notifier
+    from sbs.node.notify import Notifier
 
     cfg = _cfg(config)
     notifier = Notifier(cfg.email)
