@@ -110,23 +110,27 @@ def test_a_restarted_primarys_manifests_from_zero_are_followed(alpha):
     alpha.secondary.on_snapshot(snapshot_rep(restarted, 0))
     alpha.secondary.on_bus(manifest(restarted, 2))
     assert (alpha.secondary.follow.run, alpha.secondary.follow.seen) == (restarted, 2)
-    # the Syncer applied them, and the ACK counts in the new run's numbers
-    for _ in range(10):
-        frames = alpha.secondary.pipe.recv_multipart() if alpha.secondary.pipe.poll(5000) else []
-        assert frames, "no report from the syncer"
-        alpha.secondary.on_syncer(frames)
-        if frames[0] == b"applied" and orjson.loads(frames[1])["applied"] == 2:
-            break
-    while (sent := received(alpha.peer_socket))[0] != "ACK":
-        pass
-    assert sent[1]["following"] == restarted and sent[1]["applied"] >= 0
-    acks = [sent[1]]
-    while alpha.peer_socket.poll(200):
-        command, body = received(alpha.peer_socket)
-        if command == "ACK":
-            acks.append(body)
-    assert acks[-1] == {**acks[-1], "following": restarted, "applied": 2}
+    # the Syncer applies them; its report goes to the primary as an ACK in the new run's numbers
+    wait_for(lambda: applied_report(alpha) == 2, 10, "the syncer to apply manifest 2")
+    acks = [body for command, body in sent_until_quiet(alpha.peer_socket) if command == "ACK"]
+    assert acks and acks[-1]["following"] == restarted and acks[-1]["applied"] == 2
     assert alpha.secondary.progress.applied == 2
+
+
+def applied_report(node: Node) -> int | None:
+    """Hand the Syncer's next report (if any) to the secondary; the `applied` it reported."""
+    if not node.secondary.pipe.poll(100):
+        return None
+    frames = node.secondary.pipe.recv_multipart()
+    node.secondary.on_syncer(frames)
+    return orjson.loads(frames[1])["applied"] if frames[0] == b"applied" else None
+
+
+def sent_until_quiet(peer: zmq.Socket) -> list[tuple[str, dict]]:
+    out = []
+    while peer.poll(200):
+        out.append(received(peer))
+    return out
 
 
 def publish_one(node: Node) -> dict:
