@@ -67,6 +67,8 @@ class Config:
     curve: bool = True
     secret_key: Path | None = None
     peer_public_key: Path | None = None
+    # a secondary runs on takeover only the sentinel commands its own sbs.ini names
+    pin_sentinels: bool = False
     email: EmailConfig = field(default_factory=EmailConfig)
     folders: tuple[FolderConfig, ...] = ()
     sentinels: tuple[tuple[str, str], ...] = ()
@@ -199,7 +201,7 @@ def load(file: Path | str) -> Config:
     state_dir = node.path("state_dir", base, f".sbs/{name}")
 
     sec = _Section(parser, file, "security")
-    _reject_unknown(sec, {"curve", "secret_key", "peer_public_key"})
+    _reject_unknown(sec, {"curve", "secret_key", "peer_public_key", "pin_sentinels"})
     curve = sec.boolean("curve", True)
     secret_key = sec.path("secret_key", base)
     peer_public_key = sec.path("peer_public_key", base)
@@ -229,6 +231,7 @@ def load(file: Path | str) -> Config:
         curve=curve,
         secret_key=secret_key,
         peer_public_key=peer_public_key,
+        pin_sentinels=sec.boolean("pin_sentinels", False),
         email=_email(parser, file),
         folders=_folders(parser, file, base),
         sentinels=_sentinels(parser, file),

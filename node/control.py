@@ -18,6 +18,7 @@ import zmq
 from . import protocol
 from .fsm import PRIMARY_LIKE, PUBLIC, A, E, S
 from .scanner import verify_tokens
+from .security import client
 
 if TYPE_CHECKING:
     from .node import Node
@@ -38,6 +39,7 @@ class Control:
             "PROMOTE": self.on_promote,
             "SENTINEL": self.on_sentinel,
             "VERIFY": self.on_verify,
+            "TOKENS": self.on_tokens,  # the peer's VERIFY asks us for ours
             "CONFIRM": self.on_confirm,
         }
 
@@ -91,6 +93,14 @@ class Control:
                                             restricted=node.restricted))
 
     def on_verify(self, ident: bytes, body: dict[str, Any]) -> None:
+        self._verify(ident, peer=body.get("peer", False))
+
+    def on_tokens(self, ident: bytes, body: dict[str, Any]) -> None:
+        self._verify(ident)
+
+    def _verify(self, ident: bytes, *, peer: bool = False) -> None:
+        """Hash every folder afresh on a worker thread; with `peer`, ask the peer for its own
+        tokens (TOKENS, a peer command: the operator's key is not the peer's operator key)."""
         folders = dict(self.node.folders)
         ctx, results_addr = self.node.ctx, self.results_addr
 
@@ -99,6 +109,9 @@ class Control:
             push.linger = 1000
             push.connect(results_addr)
             try:
+                if peer:
+                    push.send_multipart([ident, *self._peer_tokens()])
+                    return
                 tokens = verify_tokens(folders)
                 push.send_multipart([ident, *protocol.reply_ok(folders=tokens)])
             except Exception as exc:
@@ -107,6 +120,22 @@ class Control:
                 push.close()
 
         threading.Thread(target=work, name="sbs-verify", daemon=True).start()
+
+    def _peer_tokens(self, timeout: float = 600.0) -> list[bytes]:
+        """The peer's REPLY to TOKENS, on a socket of the calling (worker) thread."""
+        node = self.node
+        if not node.peer.alive:
+            return protocol.reply_error(f"no answer from the peer {node.cfg.peer}")
+        sock = node.socket(zmq.DEALER, maxmsg=protocol.MAX_REPLY_IN)
+        try:
+            client(sock, node.keys)
+            sock.connect(f"tcp://{node.cfg.peer}:{node.cfg.control_port}")
+            sock.send_multipart(protocol.encode("TOKENS", {"name": node.cfg.name}))
+            if not sock.poll(timeout * 1000):
+                return protocol.reply_error(f"the peer did not answer within {timeout:.0f}s")
+            return sock.recv_multipart()
+        finally:
+            sock.close()
 
     def on_confirm(self, ident: bytes, body: dict[str, Any]) -> None:
         if self.node.secondary.confirm_deletions(body.get("folder")):

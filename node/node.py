@@ -43,7 +43,15 @@ from .peer import Peer
 from .primary import Primary
 from .protocol import Bad, Message
 from .secondary import Secondary
-from .security import client, load_keys, serve, start_authenticator
+from .security import (
+    PEER_COMMANDS,
+    client,
+    load_keys,
+    refusal,
+    sender_key,
+    serve,
+    start_authenticator,
+)
 from .sentinels import Sentinels
 
 log = logging.getLogger("sbs.node")
@@ -194,8 +202,8 @@ class Node:
                 sock = sock_of()
                 if sock is None or sock.closed or sock not in ready:
                     break
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                try:  # the ROUTER's frames carry the sender's key (ZAP User-Id)
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=sock is not self.router)
                 except zmq.Again:
                     break
                 handler(frames)
@@ -392,7 +400,8 @@ class Node:
         log.info("handed over to %s", self.peer.name or self.cfg.peer)
 
     def _do_ask_handover(self, **_: Any) -> None:
-        self.link.send("ASK_HANDOVER", {"name": self.cfg.name, "run": self.run_id})
+        self.link.send("ASK_HANDOVER", {"name": self.cfg.name, "run": self.run_id,
+                                        "epoch": self.epoch})
         log.info("asked primary %s to hand over", self.peer.name)
 
     def _do_refuse(self, context: tuple[bytes, str] | None, **_: Any) -> None:
@@ -413,7 +422,9 @@ class Node:
         except zmq.ZMQError as exc:
             log.debug("reply dropped: %s", exc)
 
-    def _on_router(self, frames: list[bytes]) -> None:
+    def _on_router(self, raw: list[zmq.Frame]) -> None:
+        key = sender_key(raw[-1])
+        frames = [f.bytes for f in raw]
         if len(frames) < 2:
             log.warning("dropped a control message without identity")
             return
@@ -421,6 +432,11 @@ class Node:
         msg = protocol.decode(rest)
         if isinstance(msg, Bad):
             log.warning("dropped a bad control message: %s", msg.reason)
+            return
+        if (why := refusal(msg.command, key, self.keys)) is not None:
+            log.warning("refused %s from key %s: %s", msg.command, (key or "?")[:8], why)
+            if msg.command not in PEER_COMMANDS:
+                self.reply(ident, protocol.reply_error(f"refused: {why}"))
             return
         if (handler := self.peer_commands.get(msg.command)) is not None:
             handler(ident, msg)
@@ -555,12 +571,17 @@ class PeerLink:
         if msg.command == "PONG":
             self.on_peer_state(msg)
         elif msg.command == "SNAPSHOT_REP":
-            self.node.secondary.on_snapshot(msg)
+            if self._from_peer(msg):
+                self.node.secondary.on_snapshot(msg)
+            else:
+                # perhaps the peer's first heartbeat of a new run has not arrived yet: ask again
+                # soon rather than in 10 s
+                self.node.secondary.retry_snapshot_soon()
         elif msg.command == "HANDOVER":
             self.obey(msg, E.PEER_HANDOVER)
         elif msg.command == "REPLY" and msg.body["status"] == "error":
             log.warning("peer answered: %s", msg.body.get("reason"))
-            self.node.secondary.peer_refused()  # not ready for a snapshot: ask again soon
+            self.node.secondary.retry_snapshot_soon()  # not ready for a snapshot: ask again soon
 
     def on_peer_state(self, msg: Message) -> None:
         node, peer, body = self.node, self.node.peer, msg.body
@@ -592,9 +613,8 @@ class PeerLink:
 
     def _from_peer(self, msg: Message) -> bool:
         peer = self.node.peer
-        if msg.body["run"] != peer.run:
-            log.warning("ignored %s from run %s: the peer is run %s", msg.command,
-                        msg.body["run"], peer.run or "unknown")
+        if (why := protocol.stale(msg.body, peer.run, peer.epoch)) is not None:
+            log.warning("ignored %s %s", msg.command, why)
             return False
         return True
 

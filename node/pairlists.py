@@ -13,7 +13,9 @@ from typing import Any
 
 from . import persist, protocol
 from .config import Config, FolderConfig
+from .security import pinned_sentinels
 from .sentinels import Sentinels
+from .tree import PathError, check_abspath
 
 log = logging.getLogger("sbs.node")
 
@@ -41,12 +43,11 @@ class PairLists:
             if (why := protocol.folder_name_problem(name)) is not None:
                 log.error("folder %r from the primary: %s: not replicated", name[:64], why)
                 continue
-            path = own[name].path if name in own else Path(paths.get(name) or "")
-            if not path.is_absolute():
-                # Path("") is ".": a folder pushed without a usable path would land in
-                # whatever the working directory is (/ under systemd)
-                log.error("folder %r: no path here and no absolute path from the primary"
-                          " (%r): not replicated", name[:64], str(paths.get(name))[:200])
+            try:  # a pushed path is held to the rules a path from the wire is (node/tree.py)
+                path = own[name].path if name in own else Path(check_abspath(paths.get(name)))
+            except PathError as exc:
+                log.error("folder %r: no path here and no usable path from the primary (%s):"
+                          " not replicated", name[:64], exc)
                 continue
             table[name] = FolderConfig(name=name, path=path, filters=tuple(filters))
         return table
@@ -54,6 +55,8 @@ class PairLists:
     def load_sentinels(self, *, own: bool) -> None:
         """Own config's [sentinels] when starting as primary; the pushed copy on takeover."""
         pushed = self.pair.get("sentinels")
+        if pushed is not None and self.cfg.pin_sentinels:
+            pushed = pinned_sentinels(pushed, dict(self.cfg.sentinels))
         if own or pushed is None:
             defs = dict(self.cfg.sentinels)
             if not defs and pushed:

@@ -65,7 +65,7 @@ class Primary:
     # ------------------------------------------------------------------ scanner
     def start(self, folders: dict[str, FolderConfig]) -> None:
         node = self.node
-        node.blobs.set_folders({n: str(f.path) for n, f in folders.items()})
+        node.blobs.set_folders(folders)
         self.index = {n: {} for n in folders}
         self.index_ready = False
         node.lists.record_primary(folders)

@@ -110,8 +110,9 @@ class Secondary:
         if not f.snapshot_sent:
             f.snapshot_deadline = time.monotonic() + SNAPSHOT_SOON
 
-    def peer_refused(self) -> None:
-        """The primary answered a request with an error (not ready for a snapshot yet)."""
+    def retry_snapshot_soon(self) -> None:
+        """Ask for the snapshot again soon, not in 10 s: the primary was not ready for one, or
+        its reply came from a run we have not heard a heartbeat of yet."""
         if self.follow.snapshot_deadline:
             self.follow.snapshot_deadline = time.monotonic() + SNAPSHOT_SOON
 
@@ -122,7 +123,7 @@ class Secondary:
         node, body = self.node, msg.body
         f.snapshot_deadline, f.seen, f.run = None, body["seq"], body["run"]
         node.folders = folders = node.lists.take_snapshot(body)
-        node.blobs.set_folders({n: str(c.path) for n, c in folders.items()})
+        node.blobs.set_folders(folders)
         f.oldest_unapplied = f.oldest_unapplied or time.monotonic()
         # reports of jobs queued before this snapshot are about the previous one (perhaps a
         # previous run of the primary, numbered from 0 again): on_syncer ignores them
