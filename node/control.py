@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from . import protocol
+from . import conflicts, protocol
 from .fsm import PRIMARY_LIKE, PUBLIC, A, E, S
 from .scanner import verify_tokens
 from .security import client
@@ -60,6 +60,9 @@ class Control:
 
     def on_promote(self, ident: bytes, body: dict[str, Any]) -> None:
         node, peer, force = self.node, self.node.peer, body["force"]
+        if node.sentinel_stop is not None:
+            node.reply(ident, protocol.reply_error("stopping sentinels; try again shortly"))
+            return
         if node.state == S.SECONDARY and not peer.alive and not force:
             node.reply(ident, protocol.reply_error(
                 "peer unreachable: cannot hand over gracefully; use --force"))
@@ -149,7 +152,7 @@ class Control:
         now = time.monotonic()
         return {
             "name": node.cfg.name,
-            "state": PUBLIC[node.state],
+            "state": node.public_state(),
             "internal_state": node.state.value,
             "epoch": node.epoch,
             "role": node.cfg.role,
@@ -169,4 +172,14 @@ class Control:
             "sentinels": node.sentinels.status(),
             "active_sentinels": node.sentinels.active,
             "email": node.notifier.status(),
+            # state_dir writes that failed (a full disk) and are being retried: {file: error}
+            "state_writes": node.writes.status(),
+            "conflicts": self._conflicts_status(),
         }
+
+    def _conflicts_status(self) -> dict[str, Any]:
+        # a directory walk, bounded: status stays cheap with a large conflicts/ folder
+        state_dir = self.node.state_dir
+        kept = conflicts.listing(state_dir, limit=1000)
+        return {"count": len(kept), "latest": kept[0]["time"] if kept else None,
+                "files": kept[:50], "where": str(state_dir / "conflicts")}

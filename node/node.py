@@ -37,11 +37,13 @@ from .content import BlobServer
 from .control import Control
 from .fsm import PRIMARY_LIKE, PUBLIC, A, E, S, step
 from .journal import Agreed
+from .liveness import set_heartbeats
 from .notify import Notifier
 from .pairlists import PairLists
 from .peer import Peer
 from .primary import Primary
 from .protocol import Bad, Message
+from .reports import Reports
 from .secondary import Secondary
 from .security import (
     PEER_COMMANDS,
@@ -73,24 +75,34 @@ class Node:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = secrets.token_hex(8)
         saved = persist.load(self.state_dir / "node.json", {})
+        # every state_dir write goes through this: a full state disk is logged, shown in
+        # status and retried, never the end of the node
+        self.writes = persist.Guarded()
         self.epoch = int(saved.get("epoch", 0))
         # kept on disk: a node restarted alone must still number its next term above every
         # primary it has seen, or an old primary coming back would win the split-brain rule
         self.max_seen_epoch = max(self.epoch, int(saved.get("max_seen_epoch", 0)))
         self.last_role = saved.get("last_role", "")
         self.stopping_sentinels = False
+        # while sentinels stop: the actions still to do after them, and the events that
+        # arrived meanwhile (fed once the stop is done)
+        self.sentinel_stop: dict[str, Any] | None = None
         self.state = S.STARTING
         self.state_at = time.monotonic()
         self.started_at = self.state_at
         self.restricted = False
         self.peer = Peer(dead_after=cfg.dead_after)
-        self.split_reported: str | None = None
+        # after yielding in a split brain: told in every ping, so the winner learns of it
+        self.yielded: dict[str, Any] | None = None
         self.keys = load_keys(cfg)
         self.agreed = Agreed(self.state_dir / "agreed.jsonl")
 
         self.notifier = Notifier(cfg.email)
+        self.reports = Reports(self)
         self.sentinels = Sentinels(self.state_dir, on_event=self._sentinel_event)
-        self.lists = PairLists(cfg, self.sentinels)
+        self.writes.extra["sentinels.pids.json"] = lambda: self.sentinels.pids_error
+        self.writes.extra["agreed.jsonl"] = lambda: self.agreed.write_error
+        self.lists = PairLists(cfg, self.sentinels, self.writes)
         self.folders: dict[str, FolderConfig] = self.lists.pushed_folders()
         self.lists.load_sentinels(own=True)
         killed = self.sentinels.cleanup_leftovers()
@@ -99,6 +111,7 @@ class Node:
                         len(killed), killed)
 
         self.ctx = zmq.Context()
+        set_heartbeats(self.ctx, cfg.heartbeat, cfg.dead_after)  # a dead link is dropped, remade
         self.auth = start_authenticator(self.ctx, self.keys)
         self._open_sockets()
         self.primary = Primary(self)
@@ -170,7 +183,7 @@ class Node:
                  self.epoch, self.cfg.role, self.cfg.peer, self.cfg.control_port)
         self.probe_deadline = time.monotonic() + self.cfg.dead_after
         try:
-            while self.state != S.STOPPED:
+            while self.state != S.STOPPED or self.sentinel_stop is not None:
                 self._loop_once()
         finally:
             signal.set_wakeup_fd(old_fd)
@@ -207,7 +220,7 @@ class Node:
                 except zmq.Again:
                     break
                 handler(frames)
-                if self.state == S.STOPPED:
+                if self.state == S.STOPPED and self.sentinel_stop is None:
                     return
         self._tick(time.monotonic())
 
@@ -216,11 +229,17 @@ class Node:
                      self.primary.next_deadline(), self.secondary.next_deadline()]
         if self.state == S.STARTING:
             deadlines.append(self.probe_deadline)
+        if self.writes.failing:
+            deadlines.append(self.writes.next_retry)
         if (expiry := self.peer.expires_at()) is not None:
             deadlines.append(expiry + 0.001)  # wake just past it, when silent() holds
         return min(d for d in deadlines if d is not None)
 
     def _tick(self, now: float) -> None:
+        if self.sentinel_stop is not None:
+            self._check_sentinel_stop(now)
+        if self.writes.failing or self.agreed.write_error:
+            self._retry_writes(now)
         if self.state == S.STARTING and now >= self.probe_deadline:
             log.info("no answer from peer %s within %.1fs", self.cfg.peer, self.cfg.dead_after)
             self.feed(E.PROBE_TIMEOUT)
@@ -238,6 +257,15 @@ class Node:
 
     # ------------------------------------------------------------------ fsm glue
     def feed(self, event: E, *, context: tuple[bytes, str] | None = None) -> tuple[A, ...]:
+        if self.sentinel_stop is not None:
+            # the actions of the last transition are not done yet: this event is for the
+            # state they leave us in. What the peer's state says is said again by its next
+            # ping (and would be stale by then); silence, a hand-over and a stop are not.
+            if event in (E.STOP, E.PEER_SILENT, E.PEER_HANDOVER):
+                queued = self.sentinel_stop["queued"]
+                if (event, context) not in queued:
+                    queued.append((event, context))
+            return ()
         nxt, actions = step(self.state, event)
         if nxt != self.state or actions:
             log.info("%s + %s -> %s %s", self.state, event, nxt, [a.value for a in actions])
@@ -245,7 +273,10 @@ class Node:
         if nxt != self.state:
             self.state = nxt
             self.state_at = time.monotonic()
-        for action in actions:
+        for i, action in enumerate(actions):
+            if action == A.STOP_SENTINELS and self._begin_sentinel_stop(
+                    actions[i + 1:], prev=prev, event=event, context=context):
+                break  # the rest runs once they have stopped: _check_sentinel_stop
             getattr(self, f"_do_{action.value}")(prev=prev, event=event, context=context)
         if nxt != prev:
             # the state counts from when its actions are done: stopping a slow sentinel before
@@ -262,11 +293,12 @@ class Node:
                 "restricted": self.restricted, "run": self.run_id}
 
     def _become_primary(self, *, restricted: bool, why: str) -> None:
+        self.yielded = None
         self.epoch = max(self.epoch, self.max_seen_epoch) + 1
         self.max_seen_epoch = self.epoch
         self._save_node("primary")
         self.restricted = restricted
-        self._stop_following()
+        self.secondary.stop()
         self.primary.start(self.folders)
         if restricted:
             log.warning("role = backup and started without a peer: restricted, no sentinels")
@@ -274,15 +306,6 @@ class Node:
             self.sentinels.run()
         log.info("PRIMARY now (epoch %d, %s)%s", self.epoch, why,
                  " [restricted]" if restricted else "")
-
-    def _start_following(self) -> None:
-        self.secondary.start()
-        self.poller.register(self.secondary.sub, zmq.POLLIN)
-
-    def _stop_following(self) -> None:
-        if self.secondary.sub is not None:
-            self.poller.unregister(self.secondary.sub)
-        self.secondary.stop()
 
     def saw_epoch(self, epoch: int) -> None:
         """A peer's epoch: our next term is numbered above it, even after a restart."""
@@ -292,13 +315,17 @@ class Node:
 
     def _save_node(self, last_role: str | None = None) -> None:
         self.last_role = last_role or self.last_role
-        try:
-            persist.save(self.state_dir / "node.json", {"epoch": self.epoch,
+        # a full state disk: kept in memory and written again by the loop (self.writes)
+        self.writes.save(self.state_dir / "node.json", {"epoch": self.epoch,
                                                         "max_seen_epoch": self.max_seen_epoch,
                                                         "last_role": self.last_role})
-        except OSError as exc:  # a full state disk: keep going, the next save writes it all
-            log.error("cannot save %s: %s (epoch %d kept in memory)",
-                      self.state_dir / "node.json", exc, self.epoch)
+
+    def _retry_writes(self, now: float) -> None:
+        retry_journal = self.agreed.write_error and now >= self.writes.next_retry
+        self.writes.retry(now)
+        if retry_journal:
+            self.writes.next_retry = now + self.writes.retry_every
+            self.primary.rewrite_journal()
 
     def _do_start_primary(self, **_: Any) -> None:
         # a node that was following a primary when it stopped runs the lists that primary
@@ -324,21 +351,46 @@ class Node:
             E.DUAL_SECONDARY_WE_WIN: "two secondaries; the rule picked this node",
         }.get(event, event.value)
         self._become_primary(restricted=False, why=why)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        self.notifier.send(
-            f"SBS failover: {self.cfg.name} is now primary",
-            f"Node {self.cfg.name} took over from {old} at {stamp}.\n"
-            f"Old primary: {old}\nNew primary: {self.cfg.name}\nEpoch: {self.epoch}\n"
-            f"Why: {why}\nSentinels started: {', '.join(self.sentinels.active) or 'none'}\n",
-        )
-        self.publish_event("takeover", old_primary=old, new_primary=self.cfg.name,
-                           epoch=self.epoch, why=why)
+        self.reports.took_over(old, why)
 
     def _do_follow(self, **_: Any) -> None:
         self.primary.stop()
         self.restricted = False
+        # a node that was primary (a split-brain loser, a crashed primary back, an old
+        # primary after a hand-over) may hold changes of its own term the peer lacks
+        own_term = self.last_role == "primary"
         self._save_node("secondary")
-        self._start_following()
+        self.secondary.start(own_term=own_term)
+
+    def _begin_sentinel_stop(self, rest: tuple[A, ...], **how: Any) -> bool:
+        """Stopping sentinels is a state with a deadline, not a wait: SIGTERM now, and the
+        actions after it (hand-over, follow, exit) once they are gone. Meanwhile the loop runs:
+        STATUS is answered and the peer keeps hearing "stopping" (a peer that is leaving: no
+        takeover, a HANDOVER or silence follows), so the service never runs on both nodes.
+        False when nothing was running (the rest runs at once)."""
+        self.sentinels.begin_stop_all()
+        if self.sentinels.stop_done():
+            return False
+        self.stopping_sentinels = True
+        self.sentinel_stop = {"rest": rest, "how": how, "queued": [],
+                              "since": time.monotonic()}
+        log.info("stopping sentinels; then %s", [a.value for a in rest] or "nothing")
+        return True
+
+    def _check_sentinel_stop(self, now: float) -> None:
+        stop = self.sentinel_stop
+        if stop is None or not self.sentinels.stop_done():
+            return
+        self.sentinel_stop = None
+        self.stopping_sentinels = False
+        log.info("sentinels stopped in %.1fs", now - stop["since"])
+        for action in stop["rest"]:
+            getattr(self, f"_do_{action.value}")(**stop["how"])
+        self.state_at = time.monotonic()  # the state counts from when its actions are done
+        self.link.send_ping()
+        for event, context in stop["queued"]:
+            if self.sentinel_stop is None and self.state != S.STOPPED:
+                self.feed(event, context=context)
 
     def _do_stop_sentinels(self, **_: Any) -> None:
         # A sentinel may take up to the grace time to stop, longer than dead_after: the peer
@@ -363,28 +415,13 @@ class Node:
         return "stopping" if self.stopping_sentinels else PUBLIC[self.state]
 
     def _do_split_brain_lost(self, **_: Any) -> None:
-        log.error("SPLIT BRAIN: peer %s is primary too and wins by the rule (epoch %d vs %d);"
-                  " yielding: files changed here are kept under %s/conflicts/",
-                  self.peer.name, self.peer.epoch, self.epoch, self.state_dir)
-        self.publish_event("split_brain", winner=self.peer.name, loser=self.cfg.name,
-                           winner_epoch=self.peer.epoch, loser_epoch=self.epoch)
+        # the winner learns it from our pings (it may not have seen two primaries)
+        self.yielded = {"run": self.peer.run, "epoch": self.peer.epoch,
+                        "loser_epoch": self.epoch}
+        self.reports.split_brain_lost()
 
     def _do_split_brain_won(self, **_: Any) -> None:
-        key = f"{self.peer.run}:{self.peer.epoch}"
-        if self.split_reported == key:
-            return
-        self.split_reported = key
-        log.error("SPLIT BRAIN: peer %s is primary too; this node wins by the rule"
-                  " (epoch %d vs %d); the peer yields", self.peer.name, self.epoch, self.peer.epoch)
-        self.publish_event("split_brain", winner=self.cfg.name, loser=self.peer.name,
-                           winner_epoch=self.epoch, loser_epoch=self.peer.epoch)
-        self.notifier.send(
-            f"SBS split brain resolved: {self.cfg.name} stays primary",
-            f"Both {self.cfg.name} (epoch {self.epoch}) and {self.peer.name} (epoch "
-            f"{self.peer.epoch}) were primary. By the rule {self.cfg.name} stays primary; "
-            f"{self.peer.name} stops its sentinels, becomes secondary and keeps the files it "
-            f"changed meanwhile under its state_dir/conflicts/.\n",
-        )
+        self.reports.split_brain_won(self.peer.epoch, how="this node wins by the rule")
 
     def _do_final_sync(self, event: E, **_: Any) -> None:
         self.primary.begin_final_sync(event.value)
@@ -459,7 +496,7 @@ class Node:
     def close(self) -> None:
         primary = getattr(self, "primary", None)  # absent when a bind failed
         if getattr(self, "secondary", None) is not None:
-            self._stop_following()
+            self.secondary.stop()
         if primary is not None:
             primary.stop()
         if getattr(self, "blobs", None) is not None:
@@ -493,16 +530,33 @@ class PeerLink:
         self.next_ping = self.retry_at = 0.0
         self.retry_in = PING_RETRY
         self.ident: bytes | None = None  # ROUTER identity of the peer's DEALER
-        cfg = node.cfg
-        self.dealer = node.socket(zmq.DEALER, maxmsg=protocol.MAX_REPLY_IN)
+        self.dealer = self._open_dealer()
+
+    def _open_dealer(self) -> zmq.Socket:
+        node = self.node
+        dealer = node.socket(zmq.DEALER, maxmsg=protocol.MAX_REPLY_IN)
         # IMMEDIATE: a ping to a peer that is not connected is dropped, not queued; a queued
         # ping delivered seconds later would describe a state long gone.
-        self.dealer.setsockopt(zmq.IMMEDIATE, 1)
-        self.dealer.sndhwm = 1000
-        self.dealer.reconnect_ivl = 100
-        self.dealer.reconnect_ivl_max = 500
-        client(self.dealer, node.keys)
-        self.dealer.connect(f"tcp://{cfg.peer}:{cfg.control_port}")
+        dealer.setsockopt(zmq.IMMEDIATE, 1)
+        # No ZeroMQ heartbeat timeout here: with only the way back cut, our pings still reach
+        # the peer, and dropping this connection for want of answers would stop them and make
+        # a secondary take over while this primary runs (two primaries). Silence is the pings'
+        # business; the secondary remakes its own connection when its link stalls.
+        dealer.setsockopt(zmq.HEARTBEAT_IVL, 0)
+        dealer.sndhwm = 1000
+        dealer.reconnect_ivl = 100
+        dealer.reconnect_ivl_max = 500
+        client(dealer, node.keys)
+        dealer.connect(f"tcp://{node.cfg.peer}:{node.cfg.control_port}")
+        return dealer
+
+    def reconnect(self) -> None:
+        """A new connection to the peer (the secondary's link watch, when what it sends does
+        not get through)."""
+        self.node.poller.unregister(self.dealer)
+        self.dealer.close()
+        self.dealer = self._open_dealer()
+        self.node.poller.register(self.dealer, zmq.POLLIN)
 
     def send(self, command: str, body: dict[str, Any]) -> bool:
         try:
@@ -554,6 +608,7 @@ class PeerLink:
             "error": secondary.error[:1000],
             "through": progress.through, "stuck": progress.stuck[:1000],
             "following": secondary.following,
+            **({"yielded": node.yielded} if node.yielded else {}),
         }
 
     # ------------------------------------------------------------------ the peer's messages
@@ -602,6 +657,9 @@ class PeerLink:
                 node.secondary.request_snapshot()
         node.saw_epoch(body["epoch"])
         node.primary.peer_heard()
+        yielded = body.get("yielded")
+        if yielded and yielded["run"] == node.run_id and node.state in PRIMARY_LIKE:
+            node.reports.split_brain_won(yielded["loser_epoch"], how="it yielded to this node")
         event = peer.event(node.me(), node.state, now - node.state_at)
         if event is not None:
             node.feed(event)

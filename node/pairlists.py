@@ -21,8 +21,8 @@ log = logging.getLogger("sbs.node")
 
 
 class PairLists:
-    def __init__(self, cfg: Config, sentinels: Sentinels):
-        self.cfg, self.sentinels = cfg, sentinels
+    def __init__(self, cfg: Config, sentinels: Sentinels, writes: persist.Guarded):
+        self.cfg, self.sentinels, self.writes = cfg, sentinels, writes
         self.path = cfg.state_dir / "pair.json"
         self.pair: dict[str, Any] = persist.load(self.path, {})  # last pushed folders/sentinels
         self.sv = int(self.pair.get("sv", 0))  # sentinel list version
@@ -85,14 +85,14 @@ class PairLists:
         """A primary pushes what it runs: kept as ours too, for a later restart."""
         self.pair.update(self.folder_fields(folders))
         self.pair.update(self.sentinel_fields())
-        persist.save(self.path, self.pair)
+        self.writes.save(self.path, self.pair)
 
     def take_snapshot(self, body: dict[str, Any]) -> dict[str, FolderConfig]:
         """The lists of a snapshot from the primary: kept, sentinels loaded, folders returned."""
         self.pair.update(folders=body["folders"], paths=body["paths"],
                          sentinels=body["sentinels"], active=body["active"], sv=body["sv"])
         self.sv = body["sv"]
-        persist.save(self.path, self.pair)
+        self.writes.save(self.path, self.pair)
         self.load_sentinels(own=False)
         return self.pushed_folders()
 
@@ -100,7 +100,7 @@ class PairLists:
         """A SENTINELS message from the primary."""
         self.sv = body["sv"]
         self.pair.update(sentinels=body["sentinels"], active=body["active"], sv=body["sv"])
-        persist.save(self.path, self.pair)
+        self.writes.save(self.path, self.pair)
         self.load_sentinels(own=False)
 
     def sentinels_changed(self) -> dict[str, Any]:
@@ -108,5 +108,5 @@ class PairLists:
         self.sv += 1
         fields = self.sentinel_fields()
         self.pair.update(fields)
-        persist.save(self.path, self.pair)
+        self.writes.save(self.path, self.pair)
         return fields

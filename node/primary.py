@@ -165,6 +165,9 @@ class Primary:
     def _journal_worker(self) -> None:
         agreed = self.node.agreed
         while (job := self.journal_jobs.get()) is not None:
+            # a write failed (full state disk): the journal in memory is whole; it is written
+            # out again here, off the loop (a large one takes a while)
+            agreed.rewrite()
             whole, later, acked = job
             updates = []
             for folder, entries in whole:
@@ -177,10 +180,11 @@ class Primary:
             for part in acked:
                 for folder, entries in part.items():
                     updates.extend((folder, e["path"], Agreed.token(e)) for e in entries)
-            try:
-                agreed.update(updates)
-            except OSError as exc:
-                log.error("cannot write the agreed journal: %s", exc)
+            agreed.update(updates)  # a failed write is kept in memory and retried
+
+    def rewrite_journal(self) -> None:
+        """The journal's last write failed: the journal thread writes it out again."""
+        self.journal_jobs.put(([], set(), []))  # nothing new: the worker rewrites it
 
     def peer_heard(self) -> None:
         """A PING/PONG of the peer came in: note when the secondary had everything."""

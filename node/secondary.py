@@ -18,6 +18,8 @@ import orjson
 import zmq
 
 from . import protocol
+from .fsm import S
+from .liveness import Watch
 from .protocol import Bad, Message
 from .security import client
 from .syncer import Syncer
@@ -63,31 +65,51 @@ class Secondary:
         self.error = ""  # the Syncer's last error, kept until it reports again
         self.last_sync_wall: float | None = None
         self.snapshots_submitted = 0  # to the current Syncer
+        self.syncer_events = 0  # the Syncer's events: progress for the link watch
+        self.watch = Watch(node.cfg.dead_after)  # is what the primary publishes reaching us?
+        self.kept_new: list[dict[str, Any]] = []  # conflict copies made, not yet announced
         self.endpoint = f"inproc://syncer-{node.run_id}"
         self.pipe = node.ctx.socket(zmq.PAIR)
         self.pipe.bind(self.endpoint)
 
     # ------------------------------------------------------------------ start, stop
-    def start(self) -> None:
+    def start(self, *, own_term: bool = False) -> None:
+        """Follow the primary. `own_term`: this node was primary before, and may hold changes
+        of its own term the peer lacks (the first snapshot sets them aside, conflicts.py)."""
         node = self.node
+        self._open_sub()
+        self.watch.reset(time.monotonic())
+        self.watch.stalled = ""
+        self.syncer = Syncer(node.ctx, self.endpoint, node.cfg, node.keys, node.agreed)
+        self.syncer.own_term = own_term
+        self.syncer.start()
+        self.kept_new = []
+        self.syncer_events = 0
+        self.snapshots_submitted = 0
+        self.follow = Follow()
+        self.request_snapshot()
+
+    def _open_sub(self) -> None:
+        node = self.node
+        self._close_sub()
         self.sub = node.socket(zmq.SUB, maxmsg=protocol.MAX_BUS_IN)
         self.sub.rcvhwm = 100_000
         client(self.sub, node.keys)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(f"tcp://{node.cfg.peer}:{node.cfg.bus_port}")
-        self.syncer = Syncer(node.ctx, self.endpoint, node.cfg, node.keys, node.agreed)
-        self.syncer.start()
-        self.snapshots_submitted = 0
-        self.follow = Follow()
-        self.request_snapshot()
+        node.poller.register(self.sub, zmq.POLLIN)
+
+    def _close_sub(self) -> None:
+        if self.sub is not None:
+            self.node.poller.unregister(self.sub)
+            self.sub.close()
+            self.sub = None
 
     def stop(self) -> None:
         if self.syncer is not None:
             self.syncer.stop()
             self.syncer = None
-        if self.sub is not None:
-            self.sub.close()
-            self.sub = None
+        self._close_sub()
         self.follow = Follow()
         self.progress = Progress()
 
@@ -155,6 +177,8 @@ class Secondary:
             else:
                 self.accept_manifest(body["seq"], body["entries"])
         elif msg.command == "HB":
+            if body["state"] in ("primary", "stopping"):
+                self.watch.heard_bus(time.monotonic())
             # "stopping" is a primary in its final sync: exactly when we must keep up with it
             if waiting or body["state"] not in ("primary", "stopping"):
                 return
@@ -201,7 +225,9 @@ class Secondary:
                 stuck=body["stuck"])
             self.error = body.get("error", "")
             caught_up = p.applied >= (self.follow.seen or 0) and not p.pending_files
-            p.synced = caught_up and not self.error
+            # in sync only with everything the primary says it has published
+            p.synced = (caught_up and not self.error and not self.watch.stalled
+                        and p.applied >= self._primary_seq())
             if caught_up:
                 self.follow.oldest_unapplied = None
                 self.last_sync_wall = time.time()
@@ -211,7 +237,12 @@ class Secondary:
             node.link.send_ping()
             if self.error:
                 node.publish_event("error", where="sync", error=self.error)
+            if self.kept_new:
+                self._announce_conflicts()
         elif kind == b"event":
+            self.syncer_events += 1  # a file moved: progress for the link watch
+            if body.get("event") == "conflict":
+                self.kept_new.append(body)
             node.publish_event(body.pop("event"), **body)
 
     def confirm_deletions(self, folder: str | None) -> bool:
@@ -226,6 +257,8 @@ class Secondary:
         return self.follow.snapshot_deadline or None
 
     def tick(self, now: float) -> None:
+        if self.node.state == S.SECONDARY and self.syncer is not None:
+            self._watch_link(now)
         deadline = self.follow.snapshot_deadline
         if deadline and now >= deadline:
             if self.follow.snapshot_sent:
@@ -240,4 +273,80 @@ class Secondary:
             "lag_seconds": round(now - oldest, 3) if oldest else 0.0,
             "pending_files": p.pending_files, "pending_bytes": p.pending_bytes,
             "last_sync": self.last_sync_wall, "error": self.error, "stuck": p.stuck,
+            "stalled": self.watch.stalled,
+            "stalled_for": round(now - self.watch.stalled_at, 3) if self.watch.stalled else 0.0,
         }
+
+    # ------------------------------------------------------------------ the link watch
+    def _primary_seq(self) -> int:
+        """The seq the primary we follow says it has published (0: not known yet)."""
+        peer, run = self.node.peer, self.follow.run
+        alive = peer.alive and peer.state in ("primary", "stopping")
+        return peer.seq if alive and run and peer.run == run else 0
+
+    def _watch_link(self, now: float) -> None:
+        """Is what the primary publishes reaching us? See liveness.py."""
+        node, peer, p, w = self.node, self.node.peer, self.progress, self.watch
+        cfg = node.cfg
+        primary = peer.alive and peer.state in ("primary", "stopping")
+        # waiting for a snapshot counts as having nothing of what the primary has
+        seq = self._primary_seq() or (peer.seq if primary else 0)
+        kind, why = w.check(
+            now, pings_arrive=primary, pinged_at=peer.heard_at, primary_seq=seq,
+            applied=p.applied,
+            progress=(p.applied, p.through, self.snapshots_submitted,
+                      self.syncer_events, self.syncer.fetcher.answers),
+            # a snapshot begins with a scan of the local folders, which reports nothing
+            # while it hashes: a large one is given longer before it counts as a stall
+            apply_window=None if p.applied else max(30.0, 10 * cfg.dead_after))
+        if why:
+            p.synced = False
+            if not w.stalled:
+                w.stalled, w.stalled_at = why, now
+                log.error("replication stalled: %s", why)
+                node.publish_event("stall", reason=why, applied=p.applied, primary_seq=seq)
+                node.notifier.send(
+                    f"SBS replication stalled on {cfg.name}",
+                    f"Secondary {cfg.name} is not receiving what primary "
+                    f"{peer.name or cfg.peer} publishes: {why}.\n"
+                    f"Its pings arrive, so there is no takeover; were the primary to fail now, "
+                    f"changes after manifest {p.applied} would be missing here.\n")
+            if now - w.remedied_at >= max(5.0, 3 * cfg.dead_after):
+                w.remedied_at = now
+                node.link.reconnect()
+                if kind == "bus":  # manifests went missing with it
+                    log.warning("reconnecting to %s (control and bus), asking for a new "
+                                "snapshot", cfg.peer)
+                    self._open_sub()
+                    w.heard_bus(now)
+                    self.request_snapshot()
+                else:  # the bus works: a new one would lose manifests in flight
+                    log.warning("reconnecting to %s (control)", cfg.peer)
+        elif w.stalled and p.applied >= seq and self.follow.run:
+            log.warning("replication flows again (stalled for %.1fs: %s)", now - w.stalled_at,
+                        w.stalled)
+            node.publish_event("stall_over", reason=w.stalled,
+                               seconds=round(now - w.stalled_at, 3))
+            w.stalled = ""
+            p.synced = (not p.pending_files and not self.error
+                        and p.applied >= (self.follow.seen or 0))
+
+    def _announce_conflicts(self) -> None:
+        """One log line, bus event and email for the copies kept since the last one."""
+        node = self.node
+        kept, self.kept_new = self.kept_new, []
+        names = [f"{k.get('folder')}/{k.get('path')}" for k in kept]
+        where = f"{node.state_dir}/conflicts/"
+        peer = node.peer.name or node.cfg.peer
+        log.warning("kept %d file(s) of this node under %s before following %s: %s",
+                    len(kept), where, peer, ", ".join(names[:20]))
+        node.publish_event("conflicts", count=len(kept), files=names[:100], where=where)
+        node.notifier.send(
+            f"SBS conflicts: {node.cfg.name} kept {len(kept)} file(s) of its own",
+            f"Node {node.cfg.name} is secondary of {peer} now. These "
+            f"files differed from what the pair had agreed on (changed or made here, never "
+            f"replicated) and were kept under {where} before they were replaced or removed:\n"
+            + "".join(f"  {k.get('folder')}/{k.get('path')} -> {k.get('kept')}\n"
+                      for k in kept[:200])
+            + ("  ...\n" if len(kept) > 200 else "")
+            + "See 'sbs-tools conflicts'.\n")
