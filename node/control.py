@@ -60,7 +60,7 @@ class Control:
 
     def on_promote(self, ident: bytes, body: dict[str, Any]) -> None:
         node, peer, force = self.node, self.node.peer, body["force"]
-        if node.sentinel_stop is not None:
+        if node.sentinel_stop.running:
             node.reply(ident, protocol.reply_error("stopping sentinels; try again shortly"))
             return
         if node.state == S.SECONDARY and not peer.alive and not force:

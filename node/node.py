@@ -54,6 +54,7 @@ from .security import (
     serve,
     start_authenticator,
 )
+from .sentinel_stop import SentinelStop
 from .sentinels import Sentinels
 
 log = logging.getLogger("sbs.node")
@@ -84,9 +85,7 @@ class Node:
         self.max_seen_epoch = max(self.epoch, int(saved.get("max_seen_epoch", 0)))
         self.last_role = saved.get("last_role", "")
         self.stopping_sentinels = False
-        # while sentinels stop: the actions still to do after them, and the events that
-        # arrived meanwhile (fed once the stop is done)
-        self.sentinel_stop: dict[str, Any] | None = None
+        self.sentinel_stop = SentinelStop(self)  # the actions that wait for it, if any
         self.state = S.STARTING
         self.state_at = time.monotonic()
         self.started_at = self.state_at
@@ -183,7 +182,7 @@ class Node:
                  self.epoch, self.cfg.role, self.cfg.peer, self.cfg.control_port)
         self.probe_deadline = time.monotonic() + self.cfg.dead_after
         try:
-            while self.state != S.STOPPED or self.sentinel_stop is not None:
+            while self.state != S.STOPPED or self.sentinel_stop.running:
                 self._loop_once()
         finally:
             signal.set_wakeup_fd(old_fd)
@@ -220,7 +219,7 @@ class Node:
                 except zmq.Again:
                     break
                 handler(frames)
-                if self.state == S.STOPPED and self.sentinel_stop is None:
+                if self.state == S.STOPPED and not self.sentinel_stop.running:
                     return
         self._tick(time.monotonic())
 
@@ -236,8 +235,7 @@ class Node:
         return min(d for d in deadlines if d is not None)
 
     def _tick(self, now: float) -> None:
-        if self.sentinel_stop is not None:
-            self._check_sentinel_stop(now)
+        self.sentinel_stop.tick(now)
         if self.writes.failing or self.agreed.write_error:
             self._retry_writes(now)
         if self.state == S.STARTING and now >= self.probe_deadline:
@@ -257,14 +255,8 @@ class Node:
 
     # ------------------------------------------------------------------ fsm glue
     def feed(self, event: E, *, context: tuple[bytes, str] | None = None) -> tuple[A, ...]:
-        if self.sentinel_stop is not None:
-            # the actions of the last transition are not done yet: this event is for the
-            # state they leave us in. What the peer's state says is said again by its next
-            # ping (and would be stale by then); silence, a hand-over and a stop are not.
-            if event in (E.STOP, E.PEER_SILENT, E.PEER_HANDOVER):
-                queued = self.sentinel_stop["queued"]
-                if (event, context) not in queued:
-                    queued.append((event, context))
+        if self.sentinel_stop.running:
+            self.sentinel_stop.hold(event, context)
             return ()
         nxt, actions = step(self.state, event)
         if nxt != self.state or actions:
@@ -274,10 +266,10 @@ class Node:
             self.state = nxt
             self.state_at = time.monotonic()
         for i, action in enumerate(actions):
-            if action == A.STOP_SENTINELS and self._begin_sentinel_stop(
+            if action == A.STOP_SENTINELS and self.sentinel_stop.begin(
                     actions[i + 1:], prev=prev, event=event, context=context):
-                break  # the rest runs once they have stopped: _check_sentinel_stop
-            getattr(self, f"_do_{action.value}")(prev=prev, event=event, context=context)
+                break  # the rest runs once they have stopped: SentinelStop.tick
+            self.perform(action, prev=prev, event=event, context=context)
         if nxt != prev:
             # the state counts from when its actions are done: stopping a slow sentinel before
             # a hand-over must not make a fresh secondary look like one of long standing (two
@@ -287,6 +279,9 @@ class Node:
                                why=event.value, epoch=self.epoch)
             self.link.send_ping()  # tell the peer at once, not at the next heartbeat
         return actions
+
+    def perform(self, action: A, **how: Any) -> None:
+        getattr(self, f"_do_{action.value}")(**how)
 
     def me(self) -> dict[str, Any]:
         return {"name": self.cfg.name, "epoch": self.epoch, "role": self.cfg.role,
@@ -362,36 +357,6 @@ class Node:
         self._save_node("secondary")
         self.secondary.start(own_term=own_term)
 
-    def _begin_sentinel_stop(self, rest: tuple[A, ...], **how: Any) -> bool:
-        """Stopping sentinels is a state with a deadline, not a wait: SIGTERM now, and the
-        actions after it (hand-over, follow, exit) once they are gone. Meanwhile the loop runs:
-        STATUS is answered and the peer keeps hearing "stopping" (a peer that is leaving: no
-        takeover, a HANDOVER or silence follows), so the service never runs on both nodes.
-        False when nothing was running (the rest runs at once)."""
-        self.sentinels.begin_stop_all()
-        if self.sentinels.stop_done():
-            return False
-        self.stopping_sentinels = True
-        self.sentinel_stop = {"rest": rest, "how": how, "queued": [],
-                              "since": time.monotonic()}
-        log.info("stopping sentinels; then %s", [a.value for a in rest] or "nothing")
-        return True
-
-    def _check_sentinel_stop(self, now: float) -> None:
-        stop = self.sentinel_stop
-        if stop is None or not self.sentinels.stop_done():
-            return
-        self.sentinel_stop = None
-        self.stopping_sentinels = False
-        log.info("sentinels stopped in %.1fs", now - stop["since"])
-        for action in stop["rest"]:
-            getattr(self, f"_do_{action.value}")(**stop["how"])
-        self.state_at = time.monotonic()  # the state counts from when its actions are done
-        self.link.send_ping()
-        for event, context in stop["queued"]:
-            if self.sentinel_stop is None and self.state != S.STOPPED:
-                self.feed(event, context=context)
-
     def _do_stop_sentinels(self, **_: Any) -> None:
         # A sentinel may take up to the grace time to stop, longer than dead_after: the peer
         # must keep hearing us, as "stopping" (a peer that is leaving: no takeover, a HANDOVER
@@ -412,7 +377,8 @@ class Node:
             self.stopping_sentinels = False
 
     def public_state(self) -> str:
-        return "stopping" if self.stopping_sentinels else PUBLIC[self.state]
+        stopping = self.stopping_sentinels or self.sentinel_stop.running
+        return "stopping" if stopping else PUBLIC[self.state]
 
     def _do_split_brain_lost(self, **_: Any) -> None:
         # the winner learns it from our pings (it may not have seen two primaries)
