@@ -26,9 +26,7 @@ from sbs.node.index import (
     HashCache,
     Watcher,
     diff,
-    entry_for,
     hash_bytes,
-    hash_file,
     scan_folder,
     scan_paths,
 )
@@ -192,14 +190,28 @@ def test_filter_double_star_slash_equals_any_depth(pattern, path):
 # --- hashing and entries ---------------------------------------------------------------------
 
 
-def test_hash_file_matches_hash_bytes_across_chunks(tmp_path):
+def hash_file(path: Path) -> str:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return index_module.hash_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def test_hash_fd_matches_hash_bytes_across_chunks(tmp_path):
     data = os.urandom(3 * (1 << 20) + 123)
     assert hash_file(write(tmp_path / "big", data)) == hash_bytes(data)
     assert hash_file(write(tmp_path / "empty", b"")) == hash_bytes(b"")
     assert len(hash_bytes(b"")) == 32
 
 
-def test_entry_for(tmp_path):
+def entry_for(root: Path, relpath: str, filt: Filter, cache: HashCache) -> dict | None:
+    """What a scan of `relpath` alone finds there now (None: nothing that is replicated)."""
+    delta = scan_paths(str(root), filt, cache, {}, [relpath])
+    return next((e for e in delta if e["path"] == relpath and not e.get("deleted")), None)
+
+
+def test_a_scan_of_one_path(tmp_path):
     cache = HashCache()
     write(tmp_path / "d/f.txt", b"hello").chmod(0o4755)
     os.symlink("f.txt", tmp_path / "d/l")
@@ -378,15 +390,6 @@ def test_a_file_changed_within_the_racy_window_is_not_cached(tmp_path):
     assert scan_folder(str(tmp_path), Filter(), cache)["f"]["hash"] == hash_bytes(b"one")
     assert scan_folder(str(tmp_path), Filter(), cache)["f"]["hash"] == hash_bytes(b"one")
     assert cache.hashed == 2 and len(cache) == 0
-
-
-def test_cache_forget_prefix(tmp_path):
-    cache = HashCache(racy_ns=0)
-    write(tmp_path / "a/x")
-    write(tmp_path / "ab")
-    scan_folder(str(tmp_path), Filter(), cache)
-    cache.forget_prefix(str(tmp_path / "a"))
-    assert len(cache) == 1
 
 
 # --- incremental scans -----------------------------------------------------------------------
