@@ -150,6 +150,9 @@ class Node:
     def _open_sockets(self) -> None:
         cfg = self.cfg
         self.router = self.socket(zmq.ROUTER, maxmsg=protocol.MAX_CONTROL_IN)
+        # no TTL in its heartbeats: a TTL would make the peer's DEALER drop its connection
+        # when our answers stop arriving, and so stop its pings (see PeerLink._open_dealer)
+        self.router.setsockopt(zmq.HEARTBEAT_TTL, 0)
         serve(self.router, self.keys)
         self.pub = self.socket(zmq.PUB, maxmsg=protocol.MAX_CONTROL_IN)
         self.pub.sndhwm = 100_000
