@@ -63,14 +63,20 @@ class Control:
         if node.sentinel_stop.running:
             node.reply(ident, protocol.reply_error("stopping sentinels; try again shortly"))
             return
-        if node.state == S.SECONDARY and not peer.alive and not force:
+        # A secondary takes over as soon as the peer is silent for dead_after, so "not alive"
+        # alone never holds here: a peer silent for half of it (and two heartbeats) will not
+        # answer a hand-over in time, and counts as unreachable for a promote.
+        quiet = time.monotonic() - peer.heard_at > max(node.cfg.dead_after / 2,
+                                                       2 * node.cfg.heartbeat)
+        reachable = peer.alive and not quiet
+        if node.state == S.SECONDARY and not reachable and not force:
             node.reply(ident, protocol.reply_error(
                 "peer unreachable: cannot hand over gracefully; use --force"))
             return
         if node.state == S.PRIMARY and not (peer.alive and peer.state == "secondary"):
             node.reply(ident, protocol.reply_error("no live secondary to hand over to"))
             return
-        event = E.PROMOTE_FORCE if node.state == S.SECONDARY and not peer.alive else E.PROMOTE
+        event = E.PROMOTE_FORCE if node.state == S.SECONDARY and not reachable else E.PROMOTE
         # a refused promote was answered by the REFUSE action: one reply per request
         if A.REFUSE not in node.feed(event, context=(ident, "promote")):
             node.reply(ident, protocol.reply_ok(state=PUBLIC[node.state]))

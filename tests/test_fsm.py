@@ -1,4 +1,5 @@
-"""Every (state, event) pair of the failover table, plus two-node simulations of the rule."""
+"""The failover table's invariants on every (state, event) pair, and two-node simulations of
+the rule."""
 from __future__ import annotations
 
 import itertools
@@ -8,45 +9,34 @@ from sbs.node.fsm import PUBLIC, TABLE, A, E, S, step
 from sbs.node.peer import Peer
 from sbs.node.protocol import wins
 
-# The expected next state of every pair, written out independently of the table: one row per
-# state, one letter per event in the order of E. s=STARTING p=PRIMARY y=SECONDARY h=HANDOVER
-# l=LEAVING x=STOPPED.
-EVENTS = list(E)
-LETTER = {"s": S.STARTING, "p": S.PRIMARY, "y": S.SECONDARY, "h": S.HANDOVER, "l": S.LEAVING,
-          "x": S.STOPPED}
-#                 probe  pw pl sw sl sec dw dl main silent hand ask prom force stop sync
-EXPECTED = {
-    S.STARTING:  "p      y  y  p  y  p   s  s  s    s      p    s   s    s     x    s",
-    S.PRIMARY:   "p      p  y  p  p  p   p  p  h    p      p    h   h    p     l    p",
-    S.HANDOVER:  "h      h  y  h  h  h   h  h  h    p      h    h   h    h     l    y",
-    S.LEAVING:   "l      l  x  l  l  l   l  l  l    l      l    l   l    l     x    x",
-    S.SECONDARY: "y      y  y  y  y  y   p  y  y    p      p    y   y    p     x    y",
-    S.STOPPED:   "x      x  x  x  x  x   x  x  x    x      x    x   x    x     x    x",
-}
+PRIMARY_LIKE = (S.PRIMARY, S.HANDOVER, S.LEAVING)
 
 
-def test_expected_grid_names_every_event_once():
-    assert [e.value for e in EVENTS] == [
-        "probe_timeout", "peer_primary_we_win", "peer_primary_we_lose", "peer_starting_we_win",
-        "peer_starting_we_lose", "peer_secondary", "dual_secondary_we_win",
-        "dual_secondary_we_lose", "main_peer_ready", "peer_silent", "peer_handover",
-        "peer_asks_handover", "promote", "promote_force", "stop", "sync_done",
-    ]
-    for row in EXPECTED.values():
-        assert len(row.split()) == len(EVENTS)
-
-
+# What this checks: the safety invariants below hold for every (state, event) pair (6 states x
+# 16 events), whatever the row says. It does not restate each row's next state: a copy of the
+# table checked against itself proves nothing. The rows' behaviour is proven by the simulations
+# below and by the real pairs in test_e2e_*.py.
 @pytest.mark.parametrize(("state", "event"), list(itertools.product(S, E)))
-def test_every_pair(state, event):
+def test_every_pair_keeps_the_invariants(state, event):
     nxt, actions = step(state, event)
-    want = LETTER[EXPECTED[state].split()[EVENTS.index(event)]]
-    assert nxt == want, f"{state} + {event}"
     assert all(isinstance(a, A) for a in actions)
-    # invariants that make the table safe, whatever the row
-    if nxt in (S.PRIMARY,) and state in (S.STARTING, S.SECONDARY):
+    if (state, event) not in TABLE:
+        assert (nxt, actions) == (state, ()), "an unlisted pair changes nothing"
+    assert nxt != S.STARTING or state == S.STARTING, "nothing goes back to starting"
+    if state == S.STOPPED:
+        assert nxt == S.STOPPED, "stopped is final"
+    if nxt == S.PRIMARY and state in (S.STARTING, S.SECONDARY):
         assert actions and actions[0] in (A.START_PRIMARY, A.TAKE_OVER), "epoch bump first"
-    if state in (S.PRIMARY, S.HANDOVER, S.LEAVING) and nxt in (S.SECONDARY, S.STOPPED):
+    if A.START_PRIMARY in actions or A.TAKE_OVER in actions:
+        assert state in (S.STARTING, S.SECONDARY) and nxt == S.PRIMARY
+    if state in PRIMARY_LIKE and nxt in (S.SECONDARY, S.STOPPED):
         assert A.STOP_SENTINELS in actions, "a primary never leaves with its sentinels running"
+    if state in PRIMARY_LIKE and event == E.PEER_PRIMARY_WE_LOSE:
+        assert nxt not in PRIMARY_LIKE, "the loser by the rule gives way"
+    if state == S.SECONDARY and event in (E.PEER_SILENT, E.PEER_HANDOVER):
+        assert nxt == S.PRIMARY, "a secondary takes over on silence and on a hand-over"
+    if event == E.STOP and state != S.STOPPED:
+        assert nxt in (S.LEAVING, S.STOPPED), "a stop always ends the node"
     if nxt == S.SECONDARY and state != S.SECONDARY:
         assert actions[-1] == A.FOLLOW, "becoming secondary always starts following"
     if nxt == S.STOPPED and state != S.STOPPED:
