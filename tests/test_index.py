@@ -634,7 +634,7 @@ def test_watcher_queue_overflow_asks_for_a_full_rescan(watched, tmp_path):
     root, batches, watcher = watched
     fd = getattr(watcher._observer, "inotify_fd", None)
     if fd is None or not hasattr(fd, "_lock"):
-        pytest.skip("watchdog internals changed: node/scan.py's overflow-aware inotify "
+        pytest.skip("watchdog internals changed: node/index.py's overflow-aware inotify "
                     "reader is not in use (overflows are caught only by the periodic rescan)")
     # A real kernel overflow: hold up watchdog's reader while another process makes far more
     # events than fs.inotify.max_queued_events (16384 by default) can hold.
