@@ -8,7 +8,7 @@ default:
 
 # a real pair on 127.0.0.1 and 127.0.0.2: replication, kill -9, takeover, rejoin, promote
 demo:
-    {{python}} -m tools.demo
+    {{python}} -m sbs.tools.demo
 
 # the test suite (real nodes on loopback; a few minutes on 2 cores)
 test *args:

@@ -64,10 +64,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from sbs.node import protocol  # noqa: E402
+from sbs.node.security import client, load_keys  # noqa: E402
+
 from bench.common import OUT, add_common_args, provenance, spread, write_report  # noqa: E402
 from bench.transport import cipher_floor, round_trip, throughput  # noqa: E402
-from node import protocol  # noqa: E402
-from node.security import client, load_keys  # noqa: E402
 from tests.pair import NodeProc, Pair, wait_for  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -489,7 +490,7 @@ def tell_error(repl: dict[str, Any], last: str) -> str:
 
 
 class StatusPoller:
-    """STATUS over one long-lived DEALER per node. tools.client.request opens a fresh CURVE
+    """STATUS over one long-lived DEALER per node. sbs.tools.client.request opens a fresh CURVE
     socket per call: polled every 20 ms, that handshake plus the node's ZAP check would steal
     CPU from the node under test on a 2-core machine."""
 

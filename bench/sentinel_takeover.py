@@ -42,9 +42,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sbs.tools.client import request  # noqa: E402
+
 from bench import common  # noqa: E402
 from tests.pair import Pair, wait_for  # noqa: E402
-from tools.client import request  # noqa: E402
 
 HOWS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "promote": None}
 

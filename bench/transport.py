@@ -2,8 +2,8 @@
 
 A REP server in its own process answers every request with one chunk from memory (a buffer
 reused, sent without copying); the client asks with a REQ (one request in flight) or with a
-DEALER keeping `window` requests in flight, exactly the shape of node/blobs.Fetcher against
-node/blobs.BlobServer. Plain TCP and CURVE, 256 KiB and 1 MiB chunks. Plus the CPU time of
+DEALER keeping `window` requests in flight, exactly the shape of node/content.Fetcher against
+node/content.BlobServer. Plain TCP and CURVE, 256 KiB and 1 MiB chunks. Plus the CPU time of
 CURVE's cipher alone (the floor under any CURVE transfer) and the round trip of a small request
 (the floor under change-to-replica latency).
 
@@ -95,7 +95,7 @@ def throughput(*, chunk: int, window: int, curve: bool, total: int = GiB,
     """Move `total` bytes in `chunk`-sized replies with `window` requests in flight (1 = REQ).
 
     copy=False receives by reference (the best pyzmq can do); copy=True receives into bytes,
-    as node/blobs.Fetcher does with recv_multipart()."""
+    as node/content.Fetcher does with recv_multipart()."""
     ctx = zmq.Context()
     server = Server(chunk, curve)
     try:
@@ -210,7 +210,7 @@ def run(quick: bool) -> dict[str, Any]:
         results.append(r)
         print(f"  {r['pattern']:10} window {window}  {chunk // KiB:5} KiB  "
               f"{'curve' if curve else 'plain'}  {r['MBps']:8.1f} MB/s", flush=True)
-    # what node/blobs.Fetcher actually does: recv_multipart() copies every frame into bytes
+    # what node/content.Fetcher actually does: recv_multipart() copies every frame into bytes
     for curve in (False, True):
         r = max((throughput(chunk=MiB, window=8, curve=curve, total=total, copy=True)
                  for _ in range(reps)), key=lambda r: r["MBps"])

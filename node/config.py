@@ -12,9 +12,10 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .index import Filter
+
 # one rule for names from sbs.ini and names pushed by the peer (they become names on disk)
 from .protocol import SENTINEL_NAME_RE, folder_name_problem
-from .scan import Filter
 
 ROLES = ("main", "backup")
 

@@ -29,7 +29,8 @@ role main over backup, then the smaller name)
     PEER_ASKS_HANDOVER      the secondary peer asks us (primary) to hand over (its promote).
     PROMOTE                 operator: promote this node (the loop refuses it when the peer is
                             unreachable and there is nobody to hand over to or from).
-    PROMOTE_FORCE           operator: promote even though the peer cannot be reached.
+    PROMOTE_FORCE           operator: promote even though the peer cannot be reached (the loop
+                            feeds it only to a secondary whose peer is silent).
     STOP                    SIGTERM/SIGINT.
     SYNC_DONE               the last sync of a hand-over finished (or hit its time bound).
     SENTINEL_UNHEALTHY      a sentinel crash-loops here (or fails its check) and the peer is
@@ -111,7 +112,6 @@ TABLE: dict[tuple[S, E], Row] = {
     (S.STARTING, E.PEER_SECONDARY):         (S.PRIMARY, (A.START_PRIMARY,)),
     (S.STARTING, E.PEER_HANDOVER):          (S.PRIMARY, (A.TAKE_OVER,)),
     (S.STARTING, E.PROMOTE):                (S.STARTING, (A.REFUSE,)),
-    (S.STARTING, E.PROMOTE_FORCE):          (S.STARTING, (A.REFUSE,)),
     (S.STARTING, E.STOP):                   (S.STOPPED, (A.EXIT,)),
 
     # Split brain: the loser stops its sentinels and follows; the winner reports it.
@@ -123,7 +123,6 @@ TABLE: dict[tuple[S, E], Row] = {
     (S.PRIMARY, E.MAIN_PEER_READY):         (S.HANDOVER, (A.FINAL_SYNC,)),
     (S.PRIMARY, E.PEER_ASKS_HANDOVER):      (S.HANDOVER, (A.FINAL_SYNC,)),
     (S.PRIMARY, E.PROMOTE):                 (S.HANDOVER, (A.FINAL_SYNC,)),
-    (S.PRIMARY, E.PROMOTE_FORCE):           (S.PRIMARY, (A.REFUSE,)),
     (S.PRIMARY, E.STOP):                    (S.LEAVING, (A.FINAL_SYNC,)),
     # Health: a crash-looping sentinel moves to a healthy secondary by the graceful hand-over.
     (S.PRIMARY, E.SENTINEL_UNHEALTHY):      (S.HANDOVER, (A.FINAL_SYNC,)),
@@ -135,7 +134,6 @@ TABLE: dict[tuple[S, E], Row] = {
     (S.HANDOVER, E.PEER_PRIMARY_WE_LOSE):   (S.SECONDARY, _DEMOTE),
     (S.HANDOVER, E.PEER_SILENT):            (S.PRIMARY, (A.ABORT_HANDOVER, A.PEER_LOST)),
     (S.HANDOVER, E.PROMOTE):                (S.HANDOVER, (A.REFUSE,)),
-    (S.HANDOVER, E.PROMOTE_FORCE):          (S.HANDOVER, (A.REFUSE,)),
     (S.HANDOVER, E.STOP):                   (S.LEAVING, ()),
 
     # Leaving: same last sync, then exit. A second signal means "now".
@@ -145,7 +143,6 @@ TABLE: dict[tuple[S, E], Row] = {
     (S.LEAVING, E.PEER_PRIMARY_WE_WIN):     (S.LEAVING, (A.SPLIT_BRAIN_WON,)),
     (S.LEAVING, E.STOP):                    (S.STOPPED, (A.STOP_SENTINELS, A.EXIT)),
     (S.LEAVING, E.PROMOTE):                 (S.LEAVING, (A.REFUSE,)),
-    (S.LEAVING, E.PROMOTE_FORCE):           (S.LEAVING, (A.REFUSE,)),
 
     # The secondary takes over on silence, at once on a hand-over, or when a lost hand-over
     # left two secondaries (the rule picks one).
@@ -157,7 +154,6 @@ TABLE: dict[tuple[S, E], Row] = {
     (S.SECONDARY, E.STOP):                  (S.STOPPED, (A.EXIT,)),
 
     (S.STOPPED, E.PROMOTE):                 (S.STOPPED, (A.REFUSE,)),
-    (S.STOPPED, E.PROMOTE_FORCE):           (S.STOPPED, (A.REFUSE,)),
 }
 # fmt: on
 

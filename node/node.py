@@ -1,59 +1,63 @@
 """The node loop: one poller owns every ZeroMQ socket of the node.
 
-Sockets (all CURVE servers/clients when curve = true)
-    router  ROUTER bound on local:port        pings from the peer, snapshot/ack, tool commands
-    dealer  DEALER to peer:port               our pings, snapshot requests, acks, hand-over
-    pub     PUB bound on local:port+1         heartbeats, manifests, sentinel list, events
-    sub     SUB to peer:port+1                only while secondary: the primary's bus
+Sockets (all CURVE servers/clients when curve = true), each with one owner
+    router  ROUTER bound on local:port        Node: pings from the peer, hand-over; snapshot
+                                              requests and ACKs go to the Primary, operator
+                                              commands to Control
+    dealer  DEALER to peer:port               Node: our pings, snapshot requests, acks, hand-over
+    pub     PUB bound on local:port+1         Node: heartbeats, events; Primary: manifests
+    sub     SUB to peer:port+1                Secondary, only while following: the primary's bus
     port+2  REP, owned by the BlobServer thread (file content, pure disk reads)
-    inproc  PAIR pipes to the Scanner (primary) and Syncer (secondary) threads, a PULL for
-            replies computed by short-lived worker threads (verify), and the signal wake-up fd
+    inproc  PAIR pipes to the Scanner (Primary) and Syncer (Secondary) threads, a PULL for
+            replies computed by short-lived worker threads (Control: verify), and the signal
+            wake-up fd
 
 The loop turns what it sees into fsm events and performs the actions the table returns; the
-poll timeout is the nearest deadline (heartbeat, silence, probe, hand-over, sentinel restart).
-Disk work (scanning, hashing, writing) never runs here, so a slow disk cannot delay a heartbeat.
+poll timeout is the nearest deadline (heartbeat, silence, probe, hand-over, sentinel restart,
+and each side's own). Disk work (scanning, hashing, writing) never runs here, so a slow disk
+cannot delay a heartbeat. The primary's and the secondary's replication live in node/primary.py
+and node/secondary.py, the operator's commands and status in node/control.py, which lists
+this node runs in node/pairlists.py, and reload, maintenance, alerts and sentinel health (the
+pair-wide settings) in node/ops.py.
 """
 from __future__ import annotations
 
-import collections
 import logging
-import os
-import queue
 import secrets
 import signal
 import socket
-import threading
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import orjson
 import zmq
 
-from . import conflicts, persist, protocol
-from .blobs import BlobServer
+from . import persist, protocol
 from .config import Config, FolderConfig
+from .content import BlobServer
+from .control import Control
 from .fsm import PRIMARY_LIKE, PUBLIC, A, E, S, step
 from .journal import Agreed
-from .liveness import Watch, set_heartbeats
+from .liveness import set_heartbeats
 from .notify import Notifier
 from .ops import Operator, lists_at_start
+from .pairlists import PairLists
 from .peer import Peer
+from .primary import Primary
 from .protocol import Bad, Message
-from .scanner import Scanner, verify_tokens
+from .reports import Reports
+from .secondary import Secondary
 from .security import (
     PEER_COMMANDS,
     client,
     load_keys,
-    pinned_sentinels,
     refusal,
     sender_key,
     serve,
     start_authenticator,
 )
+from .sentinel_stop import SentinelStop
 from .sentinels import Sentinels
-from .syncer import Syncer
-from .tree import PathError, check_abspath
 
 log = logging.getLogger("sbs.node")
 
@@ -73,9 +77,6 @@ class Node:
         self.state_dir = cfg.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = secrets.token_hex(8)
-        self.n = 0
-        self.next_ping = self.ping_retry_at = 0.0
-        self.ping_retry_in = PING_RETRY
         saved = persist.load(self.state_dir / "node.json", {})
         # every state_dir write goes through this: a full state disk is logged, shown in
         # status and retried, never the end of the node
@@ -86,58 +87,28 @@ class Node:
         self.max_seen_epoch = max(self.epoch, int(saved.get("max_seen_epoch", 0)))
         self.last_role = saved.get("last_role", "")
         self.stopping_sentinels = False
-        # while sentinels stop: the actions still to do after them, and the events that
-        # arrived meanwhile (fed once the stop is done)
-        self.sentinel_stop: dict[str, Any] | None = None
-        self.peer_last_sync: float | None = None  # primary: wall time the secondary was in sync
+        self.sentinel_stop = SentinelStop(self)  # the actions that wait for it, if any
         self.state = S.STARTING
         self.state_at = time.monotonic()
         self.started_at = self.state_at
         self.restricted = False
         self.peer = Peer(dead_after=cfg.dead_after)
-        self.peer_ident: bytes | None = None  # ROUTER identity of the peer's DEALER
-        self.split_reported: str | None = None
-        self.kept_new: list[dict[str, Any]] = []  # conflict copies made, not yet announced
-        self.syncer_events = 0  # events from the current Syncer (transfers, progress, ...)
         # after yielding in a split brain: told in every ping, so the winner learns of it
         self.yielded: dict[str, Any] | None = None
         self.keys = load_keys(cfg)
-
-        # replication state
-        self.pair = persist.load(self.state_dir / "pair.json", {})  # the pair's folders/sentinels
-        lists_at_start(self)
-        self.folders: dict[str, FolderConfig] = self._pushed_folders()
-        self.seq = 0  # primary: last manifest seq published
-        self.index: dict[str, dict[str, dict]] = {}  # primary: mirror of the scanner's index
-        self.index_ready = False
-        self.unacked: collections.deque[tuple[int, dict]] = collections.deque()
-        self.sv = int(self.pair.get("sv", 0))  # sentinel list version
-        self.scanner: Scanner | None = None
-        self.syncer: Syncer | None = None
-        self.sub: zmq.Socket | None = None
-        self.follow: dict[str, Any] = {}  # secondary: snapshot/manifest tracking
-        self.applied = 0
-        self.synced = False
-        self.pending = (0, 0)
-        self.repl_error = ""
-        self.through, self.stuck = 0, ""  # secondary: manifests worked through; see Syncer
-        self.snapshots_submitted = 0  # secondary: to the current Syncer
-        self.last_sync_wall: float | None = None
-        self.final_sync: dict[str, Any] | None = None
-        self.waiting_tools: list[tuple[bytes, str]] = []  # (identity, command) to answer later
         self.agreed = Agreed(self.state_dir / "agreed.jsonl")
-        self.journal_jobs: queue.Queue = queue.Queue()
-        self.journal = threading.Thread(target=self._journal_worker, name="sbs-journal",
-                                        daemon=True)
-        self.journal.start()
 
         self.notifier = Notifier(cfg.email)
-        self.ops = Operator(self)
-        self.reload_requested = 0
+        self.reports = Reports(self)
         self.sentinels = Sentinels(self.state_dir, on_event=self._sentinel_event)
         self.writes.extra["sentinels.pids.json"] = lambda: self.sentinels.pids_error
         self.writes.extra["agreed.jsonl"] = lambda: self.agreed.write_error
-        self._load_sentinels_for(own=True)
+        self.lists = PairLists(cfg, self.sentinels, self.writes)
+        lists_at_start(self)  # an edit of sbs.ini made while stopped becomes the pair's lists
+        self.ops = Operator(self)
+        self.reload_requested = 0
+        self.folders: dict[str, FolderConfig] = self.lists.pushed_folders()
+        self.lists.load_sentinels(own=True)
         killed = self.sentinels.cleanup_leftovers()
         if killed:
             log.warning("killed %d leftover sentinel process(es) of a previous run: %s",
@@ -145,12 +116,39 @@ class Node:
 
         self.ctx = zmq.Context()
         set_heartbeats(self.ctx, cfg.heartbeat, cfg.dead_after)  # a dead link is dropped, remade
-        self.watch = Watch(cfg.dead_after)
         self.auth = start_authenticator(self.ctx, self.keys)
         self._open_sockets()
+        self.primary = Primary(self)
+        self.secondary = Secondary(self)
+        self.control = Control(self)
+        self.control.commands.update(self.ops.commands())
+        self.poller = zmq.Poller()
+        for sock in (self.router, self.link.dealer, self.control.results, self.primary.pipe,
+                     self.secondary.pipe):
+            self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
+        # who reads which socket, in the order the loop serves them; a socket looked up each
+        # time, since a handler may close one (the SUB on takeover)
+        self.handlers: list[tuple[Callable[[], zmq.Socket | None], Callable]] = [
+            (lambda: self.router, self._on_router),
+            (lambda: self.link.dealer, self.link.on_dealer),
+            (lambda: self.secondary.sub, self.secondary.on_bus),
+            (lambda: self.control.results, self.control.on_result),
+            (lambda: self.primary.pipe, self.primary.on_scanner),
+            (lambda: self.secondary.pipe, self.secondary.on_syncer),
+        ]
+        # peer commands on the ROUTER; the others are the operator's (Control)
+        self.peer_commands: dict[str, Callable[[bytes, Message], None]] = {
+            "PING": self.link.on_ping,
+            "HANDOVER": lambda ident, msg: self.link.obey(msg, E.PEER_HANDOVER),
+            "ASK_HANDOVER": lambda ident, msg: self.link.obey(msg, E.PEER_ASKS_HANDOVER),
+            "SNAPSHOT": lambda ident, msg: self.primary.on_snapshot_request(ident, msg.body),
+            "ACK": lambda ident, msg: self.primary.on_ack(ident, msg.body),
+            "LISTS": self.ops.on_lists,
+        }
 
     # ------------------------------------------------------------------ sockets
-    def _socket(self, kind: int, *, maxmsg: int) -> zmq.Socket:
+    def socket(self, kind: int, *, maxmsg: int) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, maxmsg)
@@ -158,12 +156,12 @@ class Node:
 
     def _open_sockets(self) -> None:
         cfg = self.cfg
-        self.router = self._socket(zmq.ROUTER, maxmsg=protocol.MAX_CONTROL_IN)
+        self.router = self.socket(zmq.ROUTER, maxmsg=protocol.MAX_CONTROL_IN)
         # no TTL in its heartbeats: a TTL would make the peer's DEALER drop its connection
-        # when our answers stop arriving, and so stop its pings (see _open_dealer)
+        # when our answers stop arriving, and so stop its pings (see PeerLink._open_dealer)
         self.router.setsockopt(zmq.HEARTBEAT_TTL, 0)
         serve(self.router, self.keys)
-        self.pub = self._socket(zmq.PUB, maxmsg=protocol.MAX_CONTROL_IN)
+        self.pub = self.socket(zmq.PUB, maxmsg=protocol.MAX_CONTROL_IN)
         self.pub.sndhwm = 100_000
         serve(self.pub, self.keys)
         try:  # the ROUTER first: a probing peer must find us before we probe it
@@ -180,48 +178,10 @@ class Node:
         except zmq.ZMQError as exc:
             self.close()
             raise NodeError(f"cannot bind {cfg.local}:{cfg.blob_port}: {exc}") from None
-        self.dealer = None
-        self._open_dealer()
-
-        self.results = self.ctx.socket(zmq.PULL)
-        self.results_addr = f"inproc://results-{self.run_id}"
-        self.results.bind(self.results_addr)
-        self.scanner_pipe = self.ctx.socket(zmq.PAIR)
-        self.scanner_pipe.bind(f"inproc://scanner-{self.run_id}")
-        self.syncer_pipe = self.ctx.socket(zmq.PAIR)
-        self.syncer_pipe.bind(f"inproc://syncer-{self.run_id}")
-
+        self.link = PeerLink(self)
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
-        self.poller = zmq.Poller()
-        for sock in (self.router, self.results, self.scanner_pipe, self.syncer_pipe):
-            self.poller.register(sock, zmq.POLLIN)
-        self.poller.register(self.dealer, zmq.POLLIN)
-        self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
-
-    def _open_dealer(self) -> None:
-        """The connection our pings and requests take to the peer (made again by the
-        secondary's link watch when what it sends does not get through)."""
-        if self.dealer is not None:
-            self.poller.unregister(self.dealer)
-            self.dealer.close()
-        self.dealer = self._socket(zmq.DEALER, maxmsg=protocol.MAX_REPLY_IN)
-        # IMMEDIATE: a ping to a peer that is not connected is dropped, not queued; a queued
-        # ping delivered seconds later would describe a state long gone.
-        self.dealer.setsockopt(zmq.IMMEDIATE, 1)
-        # No ZeroMQ heartbeat timeout here: with only the way back cut, our pings still reach
-        # the peer, and dropping this connection for want of answers would stop them and make
-        # a secondary take over while this primary runs (two primaries). Silence is the pings'
-        # business; the secondary remakes its own connection when its link stalls.
-        self.dealer.setsockopt(zmq.HEARTBEAT_IVL, 0)
-        self.dealer.sndhwm = 1000
-        self.dealer.reconnect_ivl = 100
-        self.dealer.reconnect_ivl_max = 500
-        client(self.dealer, self.keys)
-        self.dealer.connect(f"tcp://{self.cfg.peer}:{self.cfg.control_port}")
-        if hasattr(self, "poller"):
-            self.poller.register(self.dealer, zmq.POLLIN)
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
@@ -231,11 +191,9 @@ class Node:
         old_fd = signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
         log.info("node %s starting: epoch %d, role %s, probing %s:%d", self.cfg.name,
                  self.epoch, self.cfg.role, self.cfg.peer, self.cfg.control_port)
-        self.next_ping = self.ping_retry_at = 0.0
-        self.ping_retry_in = PING_RETRY
         self.probe_deadline = time.monotonic() + self.cfg.dead_after
         try:
-            while self.state != S.STOPPED or self.sentinel_stop is not None:
+            while self.state != S.STOPPED or self.sentinel_stop.running:
                 self._loop_once()
         finally:
             signal.set_wakeup_fd(old_fd)
@@ -267,50 +225,34 @@ class Node:
         if self.reload_requested:
             self.reload_requested = 0
             self.ops.reload("SIGHUP")
-        for name, handler in (
-            ("router", self._on_router),
-            ("dealer", self._on_dealer),
-            ("sub", self._on_bus),
-            ("results", self._on_result),
-            ("scanner_pipe", self._on_scanner),
-            ("syncer_pipe", self._on_syncer),
-        ):
-            # drain what is there now, bounded so one busy socket cannot starve the others;
-            # looked up each time, since a handler may close a socket (sub on takeover)
+        for sock_of, handler in self.handlers:
+            # drain what is there now, bounded so one busy socket cannot starve the others
             for _ in range(1000):
-                sock = getattr(self, name)
+                sock = sock_of()
                 if sock is None or sock.closed or sock not in ready:
                     break
                 try:  # the ROUTER's frames carry the sender's key (ZAP User-Id)
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=name != "router")
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=sock is not self.router)
                 except zmq.Again:
                     break
                 handler(frames)
-                if self.state == S.STOPPED and self.sentinel_stop is None:
+                if self.state == S.STOPPED and not self.sentinel_stop.running:
                     return
         self._tick(time.monotonic())
 
     def _next_deadline(self, now: float) -> float:
-        deadlines = [self.next_ping, now + 0.5]
-        if self.ping_retry_at:
-            deadlines.append(self.ping_retry_at)
+        deadlines = [self.link.next_deadline(), now + 0.5, self.sentinels.next_wakeup(),
+                     self.primary.next_deadline(), self.secondary.next_deadline()]
         if self.state == S.STARTING:
             deadlines.append(self.probe_deadline)
-        if self.peer.alive:
-            deadlines.append(self.peer.heard_at + self.cfg.dead_after + 0.001)
         if self.writes.failing:
             deadlines.append(self.writes.next_retry)
-        if (w := self.sentinels.next_wakeup()) is not None:
-            deadlines.append(w)
-        if self.final_sync is not None:
-            deadlines.append(self.final_sync["deadline"])
-        if self.follow.get("snapshot_deadline"):
-            deadlines.append(self.follow["snapshot_deadline"])
-        return min(deadlines)
+        if (expiry := self.peer.expires_at()) is not None:
+            deadlines.append(expiry + 0.001)  # wake just past it, when silent() holds
+        return min(d for d in deadlines if d is not None)
 
     def _tick(self, now: float) -> None:
-        if self.sentinel_stop is not None:
-            self._check_sentinel_stop(now)
+        self.sentinel_stop.tick(now)
         if self.writes.failing or self.agreed.write_error:
             self._retry_writes(now)
         if self.state == S.STARTING and now >= self.probe_deadline:
@@ -321,34 +263,18 @@ class Node:
             log.warning("peer %s silent for %.2fs (last state %s)", self.peer.name or self.cfg.peer,
                         now - self.peer.heard_at, self.peer.state)
             self.feed(E.PEER_SILENT)
-        if now >= self.next_ping:
-            self._send_ping()
-            self.next_ping = now + self.cfg.heartbeat
-        elif self.ping_retry_at and now >= self.ping_retry_at:
-            # the last ping found no connection (the peer is starting, or down): try again
-            # soon, so a peer that just came up hears from us in milliseconds, not a heartbeat
-            self._ping_peer(now)
+        self.link.tick(now)
         if self.state in PRIMARY_LIKE and not self.restricted:
             self.sentinels.poll()
-        self._check_final_sync(now)
+        if (event := self.primary.tick(now)) is not None:
+            self.feed(event)
+        self.secondary.tick(now)
         self.ops.tick(now)
-        if self.state == S.SECONDARY and self.syncer is not None:
-            self._watch_link(now)
-        if self.follow.get("snapshot_deadline") and now >= self.follow["snapshot_deadline"]:
-            if self.follow.get("snapshot_sent"):
-                log.info("snapshot not answered yet; asking again")
-            self._request_snapshot()
 
     # ------------------------------------------------------------------ fsm glue
     def feed(self, event: E, *, context: tuple[bytes, str] | None = None) -> tuple[A, ...]:
-        if self.sentinel_stop is not None:
-            # the actions of the last transition are not done yet: this event is for the
-            # state they leave us in. What the peer's state says is said again by its next
-            # ping (and would be stale by then); silence, a hand-over and a stop are not.
-            if event in (E.STOP, E.PEER_SILENT, E.PEER_HANDOVER):
-                queued = self.sentinel_stop["queued"]
-                if (event, context) not in queued:
-                    queued.append((event, context))
+        if self.sentinel_stop.running:
+            self.sentinel_stop.hold(event, context)
             return ()
         nxt, actions = step(self.state, event, maintenance=self.ops.maintenance.on)
         if nxt != self.state or actions:
@@ -358,10 +284,10 @@ class Node:
             self.state = nxt
             self.state_at = time.monotonic()
         for i, action in enumerate(actions):
-            if action == A.STOP_SENTINELS and self._begin_sentinel_stop(
+            if action == A.STOP_SENTINELS and self.sentinel_stop.begin(
                     actions[i + 1:], prev=prev, event=event, context=context):
-                break  # the rest runs once they have stopped: _check_sentinel_stop
-            getattr(self, f"_do_{action.value}")(prev=prev, event=event, context=context)
+                break  # the rest runs once they have stopped: SentinelStop.tick
+            self.perform(action, prev=prev, event=event, context=context)
         if nxt != prev:
             # the state counts from when its actions are done: stopping a slow sentinel before
             # a hand-over must not make a fresh secondary look like one of long standing (two
@@ -369,8 +295,11 @@ class Node:
             self.state_at = time.monotonic()
             self.publish_event("role", state=PUBLIC[nxt], internal=nxt.value, was=prev.value,
                                why=event.value, epoch=self.epoch)
-            self._send_ping()  # tell the peer at once, not at the next heartbeat
+            self.link.send_ping()  # tell the peer at once, not at the next heartbeat
         return actions
+
+    def perform(self, action: A, **how: Any) -> None:
+        getattr(self, f"_do_{action.value}")(**how)
 
     def me(self) -> dict[str, Any]:
         return {"name": self.cfg.name, "epoch": self.epoch, "role": self.cfg.role,
@@ -382,8 +311,8 @@ class Node:
         self.max_seen_epoch = self.epoch
         self._save_node("primary")
         self.restricted = restricted
-        self._stop_following()
-        self._start_scanner()
+        self.secondary.stop()
+        self.primary.start(self.folders)
         if restricted:
             log.warning("role = backup and started without a peer: restricted, no sentinels")
         else:
@@ -392,6 +321,12 @@ class Node:
         log.info("PRIMARY now (epoch %d, %s)%s", self.epoch, why,
                  " [restricted]" if restricted else "")
 
+    def saw_epoch(self, epoch: int) -> None:
+        """A peer's epoch: our next term is numbered above it, even after a restart."""
+        if epoch > self.max_seen_epoch:
+            self.max_seen_epoch = epoch
+            self._save_node()
+
     def _save_node(self, last_role: str | None = None) -> None:
         self.last_role = last_role or self.last_role
         # a full state disk: kept in memory and written again by the loop (self.writes)
@@ -399,22 +334,29 @@ class Node:
                                                         "max_seen_epoch": self.max_seen_epoch,
                                                         "last_role": self.last_role})
 
+    def _retry_writes(self, now: float) -> None:
+        retry_journal = self.agreed.write_error and now >= self.writes.next_retry
+        self.writes.retry(now)
+        if retry_journal:
+            self.writes.next_retry = now + self.writes.retry_every
+            self.primary.rewrite_journal()
+
     def _do_start_primary(self, **_: Any) -> None:
         # the pair's lists (state_dir/pair.json, node/listedits.py): an edit of this node's
         # sbs.ini made while it was stopped is in them already; a node that was following a
         # primary runs what that primary pushed last
         if self.last_role == "secondary":
             log.info("was secondary when it stopped: running the folder and sentinel lists "
-                     "its primary pushed last (%s)", self.state_dir / "pair.json")
+                     "its primary pushed last (%s)", self.lists.path)
         log.info("running the pair's folder and sentinel lists, %s", self.ops.stamp.describe())
-        self._load_sentinels_for(own=False)
-        self.folders = self._pushed_folders() or {f.name: f for f in self.cfg.folders}
+        self.lists.load_sentinels(own=False)
+        self.folders = self.lists.pushed_folders() or self.lists.own_folders()
         self._become_primary(restricted=self.cfg.role == "backup", why="started without a peer")
 
     def _do_take_over(self, prev: S, event: E, **_: Any) -> None:
         old = self.peer.name or self.cfg.peer
-        self._load_sentinels_for(own=False)
-        self.folders = self._pushed_folders() or {f.name: f for f in self.cfg.folders}
+        self.lists.load_sentinels(own=False)
+        self.folders = self.lists.pushed_folders() or self.lists.own_folders()
         why = {
             E.PEER_SILENT: f"no heartbeat from {old} for {self.cfg.dead_after}s",
             E.PEER_HANDOVER: f"{old} handed over",
@@ -422,50 +364,16 @@ class Node:
             E.DUAL_SECONDARY_WE_WIN: "two secondaries; the rule picked this node",
         }.get(event, event.value)
         self._become_primary(restricted=False, why=why)
-        self.ops.takeover_notice(old, why, event)
-        self.publish_event("takeover", old_primary=old, new_primary=self.cfg.name,
-                           epoch=self.epoch, why=why)
+        self.reports.took_over(old, why, event)
 
     def _do_follow(self, **_: Any) -> None:
-        self._stop_scanner()
+        self.primary.stop()
         self.restricted = False
         # a node that was primary (a split-brain loser, a crashed primary back, an old
         # primary after a hand-over) may hold changes of its own term the peer lacks
         own_term = self.last_role == "primary"
         self._save_node("secondary")
-        self._start_following()
-        if self.syncer is not None:
-            self.syncer.own_term = own_term
-
-    def _begin_sentinel_stop(self, rest: tuple[A, ...], **how: Any) -> bool:
-        """Stopping sentinels is a state with a deadline, not a wait: SIGTERM now, and the
-        actions after it (hand-over, follow, exit) once they are gone. Meanwhile the loop runs:
-        STATUS is answered and the peer keeps hearing "stopping" (a peer that is leaving: no
-        takeover, a HANDOVER or silence follows), so the service never runs on both nodes.
-        False when nothing was running (the rest runs at once)."""
-        self.sentinels.begin_stop_all()
-        if self.sentinels.stop_done():
-            return False
-        self.stopping_sentinels = True
-        self.sentinel_stop = {"rest": rest, "how": how, "queued": [],
-                              "since": time.monotonic()}
-        log.info("stopping sentinels; then %s", [a.value for a in rest] or "nothing")
-        return True
-
-    def _check_sentinel_stop(self, now: float) -> None:
-        stop = self.sentinel_stop
-        if stop is None or not self.sentinels.stop_done():
-            return
-        self.sentinel_stop = None
-        self.stopping_sentinels = False
-        log.info("sentinels stopped in %.1fs", now - stop["since"])
-        for action in stop["rest"]:
-            getattr(self, f"_do_{action.value}")(**stop["how"])
-        self.state_at = time.monotonic()  # the state counts from when its actions are done
-        self._send_ping()
-        for event, context in stop["queued"]:
-            if self.sentinel_stop is None and self.state != S.STOPPED:
-                self.feed(event, context=context)
+        self.secondary.start(own_term=own_term)
 
     def _do_stop_sentinels(self, **_: Any) -> None:
         # A sentinel may take up to the grace time to stop, longer than dead_after: the peer
@@ -478,7 +386,7 @@ class Node:
             nonlocal next_ping
             if (now := time.monotonic()) >= next_ping:
                 next_ping = now + self.cfg.heartbeat
-                self._send_ping()
+                self.link.send_ping()
 
         self.stopping_sentinels = True
         try:
@@ -487,114 +395,41 @@ class Node:
             self.stopping_sentinels = False
         self.ops.watch_checks()
 
-    def _public_state(self) -> str:
-        return "stopping" if self.stopping_sentinels else PUBLIC[self.state]
+    def public_state(self) -> str:
+        stopping = self.stopping_sentinels or self.sentinel_stop.running
+        return "stopping" if stopping else PUBLIC[self.state]
 
     def _do_split_brain_lost(self, **_: Any) -> None:
-        # The loser always knows (it yields); the winner may not have seen two primaries (the
-        # loser heard it first). So the loser sends the one email, and tells the winner in its
-        # pings, which report it on their side too.
+        # the winner learns it from our pings (it may not have seen two primaries)
         self.yielded = {"run": self.peer.run, "epoch": self.peer.epoch,
                         "loser_epoch": self.epoch}
-        log.error("SPLIT BRAIN: peer %s is primary too and wins by the rule (epoch %d vs %d);"
-                  " yielding: files changed here are kept under %s/conflicts/",
-                  self.peer.name, self.peer.epoch, self.epoch, self.state_dir)
-        self.publish_event("split_brain", winner=self.peer.name, loser=self.cfg.name,
-                           winner_epoch=self.peer.epoch, loser_epoch=self.epoch, seen_by="loser")
-        self.ops.alerts.notice(
-            "split_brain", f"SBS split brain resolved: {self.peer.name} stays primary",
-            f"Both {self.peer.name} (epoch {self.peer.epoch}) and {self.cfg.name} (epoch "
-            f"{self.epoch}) were primary. By the rule {self.peer.name} stays primary; "
-            f"{self.cfg.name} (this node) yielded: it stops its sentinels, becomes secondary and "
-            f"keeps the files it changed meanwhile under its state_dir/conflicts/ "
-            f"({self.state_dir}/conflicts/).\n",
-            key=f"split_brain:{self.peer.run}:{self.epoch}",  # each split brain: one mail
-        )
+        self.reports.split_brain_lost()
 
     def _do_split_brain_won(self, **_: Any) -> None:
-        self._report_split_won(self.peer.epoch, how="this node wins by the rule")
-
-    def _report_split_won(self, loser_epoch: int, *, how: str) -> None:
-        """Log and publish the split brain once per term of the loser (the loser emails)."""
-        key = f"{self.peer.run}:{loser_epoch}"
-        if self.split_reported == key:
-            return
-        self.split_reported = key
-        log.error("SPLIT BRAIN: peer %s was primary too; %s (epoch %d vs %d); the peer yields",
-                  self.peer.name, how, self.epoch, loser_epoch)
-        self.publish_event("split_brain", winner=self.cfg.name, loser=self.peer.name,
-                           winner_epoch=self.epoch, loser_epoch=loser_epoch, seen_by="winner")
+        self.reports.split_brain_won(self.peer.epoch, how="this node wins by the rule")
 
     def _do_final_sync(self, event: E, **_: Any) -> None:
-        self.final_sync = {
-            "deadline": time.monotonic() + self.cfg.handover_timeout,
-            "target": None,
-            "token": secrets.token_hex(4),
-            "why": self.ops.handover_reason(event),
-        }
-        if self.scanner is not None:
-            # everything closed before now must be in a manifest: flush the watcher + rescan
-            self.scanner.flush(self.final_sync["token"])
-        else:
-            self.final_sync["target"] = self.seq
-        log.info("final sync: flushing changes, then waiting (<= %.0fs) for %s to apply them",
-                 self.cfg.handover_timeout, self.peer.name or self.cfg.peer)
-
-    def _check_final_sync(self, now: float) -> None:
-        fs = self.final_sync
-        if fs is None:
-            return
-        if not self.peer.alive or self.peer.state != "secondary":
-            done = fs["target"] is not None or now >= fs["deadline"]
-            why = "no secondary to wait for"
-        elif fs["target"] is None:
-            done, why = now >= fs["deadline"], "flush timed out"
-        else:
-            # the peer's numbers count in our manifests only once it follows this run of ours
-            # (a restarted primary numbers from 0 again; the peer may not have noticed yet)
-            ours = self.peer.follows(self.run_id)
-            done = ours and self.peer.applied >= fs["target"] and self.peer.synced
-            why = f"peer applied manifest {self.peer.applied}"
-            if not done and ours and self.peer.stuck and self.peer.through >= fs["target"]:
-                # the peer worked through everything and what is left waits for disk space:
-                # waiting out handover_timeout would not bring it
-                done = True
-                why = (f"{self.peer.name} has manifest {fs['target']} but cannot apply "
-                       f"everything: {self.peer.stuck}")
-                log.error("final sync incomplete: %s", why)
-            elif not done and now >= fs["deadline"]:
-                done, why = True, f"timed out at {self.peer.applied}/{fs['target']}"
-                log.error("final sync incomplete: %s", why)
-        if done:
-            log.info("final sync done: %s", why)
-            self.ops.handover_why = fs["why"]
-            self.final_sync = None
-            self.feed(E.SYNC_DONE)
+        self.primary.begin_final_sync(self.ops.handover_reason(event))
 
     def _do_abort_handover(self, **_: Any) -> None:
-        self.final_sync = None
+        self.primary.abort_final_sync()
         log.warning("hand-over aborted: the peer went silent; staying primary")
 
     def _do_send_handover(self, **_: Any) -> None:
-        body = {"name": self.cfg.name, "run": self.run_id, "epoch": self.epoch, "seq": self.seq,
-                "why": self.ops.handover_why[:300]}
-        self._send_peer("HANDOVER", body)
-        # Also back along the peer's own connection (its pings reach our ROUTER): our DEALER
-        # may still be reconnecting to a peer that started a moment ago, and a lost HANDOVER
-        # costs the peer dead_after of waiting. A duplicate is ignored by the table.
-        if self.peer_ident is not None:
-            self._reply(self.peer_ident, protocol.encode("HANDOVER", body))
+        body = {"name": self.cfg.name, "run": self.run_id, "epoch": self.epoch,
+                "seq": self.primary.seq, "why": self.ops.handover_why[:300]}
+        self.link.send_handover(body)
         log.info("handed over to %s", self.peer.name or self.cfg.peer)
 
     def _do_ask_handover(self, **_: Any) -> None:
-        self._send_peer("ASK_HANDOVER", {"name": self.cfg.name, "run": self.run_id,
-                                         "epoch": self.epoch})
+        self.link.send("ASK_HANDOVER", {"name": self.cfg.name, "run": self.run_id,
+                                        "epoch": self.epoch})
         log.info("asked primary %s to hand over", self.peer.name)
 
     def _do_refuse(self, context: tuple[bytes, str] | None, **_: Any) -> None:
         if context is not None:
             ident, command = context
-            self._reply(ident, protocol.reply_error(f"cannot {command} while {self.state.value}"))
+            self.reply(ident, protocol.reply_error(f"cannot {command} while {self.state.value}"))
 
     def _do_peer_lost(self, **_: Any) -> None:
         self.publish_event("peer_lost", peer=self.peer.name)
@@ -608,81 +443,12 @@ class Node:
     def _do_exit(self, **_: Any) -> None:
         log.info("node %s stopped", self.cfg.name)
 
-    # ------------------------------------------------------------------ peer messages
-    def _send_ping(self) -> None:
-        self._ping_peer(time.monotonic())
-        self.pub.send_multipart(protocol.encode_bus("HB", {
-            "name": self.cfg.name, "run": self.run_id, "epoch": self.epoch,
-            "state": self._public_state(), "seq": self.seq, "sv": self.sv,
-            "maintenance": self.ops.maintenance.on,
-        }))
-
-    def _peer_state(self) -> dict[str, Any]:
-        self.n += 1
-        return {
-            "name": self.cfg.name, "run": self.run_id, "n": self.n,
-            "state": self._public_state(),
-            "epoch": self.epoch, "role": self.cfg.role, "restricted": self.restricted,
-            "since": round(time.monotonic() - self.state_at, 3), "seq": self.seq,
-            "applied": self.applied, "synced": self.synced,
-            "pending_files": self.pending[0], "pending_bytes": self.pending[1],
-            "error": self.repl_error[:1000],
-            "through": self.through, "stuck": self.stuck[:1000],
-            "following": self.follow.get("run") or "",
-            **({"yielded": self.yielded} if self.yielded else {}),
-            **self.ops.peer_fields(),  # maintenance, the lists' stamp, sick sentinels
-        }
-
-    def _ping_peer(self, now: float) -> None:
-        if self._send_peer("PING", self._peer_state()):
-            self.ping_retry_at, self.ping_retry_in = 0.0, PING_RETRY
-        else:  # a peer that stays down costs no wakeups beyond the heartbeat's
-            self.ping_retry_at = now + min(self.cfg.heartbeat, self.ping_retry_in)
-            self.ping_retry_in *= 2
-
-    def _send_peer(self, command: str, body: dict[str, Any]) -> bool:
-        try:
-            self.dealer.send_multipart(protocol.encode(command, body), zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            return False  # not connected: the peer is down or unreachable; silence speaks
-
-    def _reply(self, ident: bytes, frames: list[bytes]) -> None:
+    # ------------------------------------------------------------------ ROUTER
+    def reply(self, ident: bytes, frames: list[bytes]) -> None:
         try:
             self.router.send_multipart([ident, *frames], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.debug("reply dropped: %s", exc)
-
-    def _on_peer_state(self, msg: Message) -> None:
-        body = msg.body
-        if body["name"] == self.cfg.name and body["run"] != self.run_id:
-            log.error("peer calls itself %r like this node: names must differ", body["name"])
-            return
-        if body["run"] == self.run_id:
-            log.error("received our own ping: peer address %s points at this node", self.cfg.peer)
-            return
-        now = time.monotonic()
-        restarted = body["run"] != self.peer.run
-        if not self.peer.update(body, now):
-            return
-        if restarted:
-            log.info("peer %s (run %s) is %s, epoch %d", body["name"], body["run"],
-                     body["state"], body["epoch"])
-            if self.state == S.SECONDARY and body["state"] == "primary":
-                self._request_snapshot()
-        self.ops.on_peer(body)
-        if body["epoch"] > self.max_seen_epoch:
-            self.max_seen_epoch = body["epoch"]
-            self._save_node()
-        if (self.state in PRIMARY_LIKE and self.peer.state == "secondary" and self.peer.synced
-                and self.peer.follows(self.run_id) and self.peer.applied >= self.seq):
-            self.peer_last_sync = time.time()  # the secondary had everything we had published
-        yielded = body.get("yielded")
-        if yielded and yielded["run"] == self.run_id and self.state in PRIMARY_LIKE:
-            self._report_split_won(yielded["loser_epoch"], how="it yielded to this node")
-        event = self.peer.event(self.me(), self.state, now - self.state_at)
-        if event is not None:
-            self.feed(event)
 
     def _on_router(self, raw: list[zmq.Frame]) -> None:
         key = sender_key(raw[-1])
@@ -695,221 +461,21 @@ class Node:
         if isinstance(msg, Bad):
             log.warning("dropped a bad control message: %s", msg.reason)
             return
-        c = msg.command
-        if (why := refusal(c, key, self.keys)) is not None:
-            log.warning("refused %s from key %s: %s", c, (key or "?")[:8], why)
-            if c not in PEER_COMMANDS:
-                self._reply(ident, protocol.reply_error(f"refused: {why}"))
+        if (why := refusal(msg.command, key, self.keys)) is not None:
+            log.warning("refused %s from key %s: %s", msg.command, (key or "?")[:8], why)
+            if msg.command not in PEER_COMMANDS:
+                self.reply(ident, protocol.reply_error(f"refused: {why}"))
             return
-        if c == "PING":
-            if msg.body["run"] != self.run_id:
-                self.peer_ident = ident
-            self._on_peer_state(msg)
-            self._reply(ident, protocol.encode("PONG", self._peer_state()))
-        elif c == "HANDOVER":
-            if self._from_peer(msg):
-                self.ops.peer_handover_why = msg.body.get("why", "")
-                self.feed(E.PEER_HANDOVER)
-        elif c == "ASK_HANDOVER":
-            if self._from_peer(msg):
-                self.feed(E.PEER_ASKS_HANDOVER)
-        elif c == "SNAPSHOT":
-            self._on_snapshot_request(ident)
-        elif c == "ACK":
-            self._on_ack(msg.body)
-        elif c == "STATUS":
-            self._reply(ident, protocol.reply_ok(**self.status()))
-        elif c == "PROMOTE":
-            self._on_promote(ident, msg.body["force"])
-        elif c == "SENTINEL":
-            self._on_sentinel_command(ident, msg.body)
-        elif c == "VERIFY":
-            self._on_verify(ident, peer=msg.body.get("peer", False))
-        elif c == "TOKENS":
-            self._on_verify(ident)
-        elif c == "CONFIRM":
-            if self.syncer is None:
-                self._reply(ident, protocol.reply_error("only a secondary deletes in strict mode"))
-            else:
-                self.syncer.confirm_deletions(msg.body.get("folder"))
-                self._reply(ident, protocol.reply_ok())
-        elif not self.ops.on_command(ident, msg):
-            log.warning("dropped control message %s: not accepted on this port", c)
+        if (handler := self.peer_commands.get(msg.command)) is not None:
+            handler(ident, msg)
+        elif not self.control.handle(ident, msg.command, msg.body):
+            log.warning("dropped control message %s: not accepted on this port", msg.command)
 
-    def _from_peer(self, msg: Message) -> bool:
-        if (why := protocol.stale(msg.body, self.peer.run, self.peer.epoch)) is not None:
-            log.warning("ignored %s %s", msg.command, why)
-            return False
-        return True
+    # ------------------------------------------------------------------ bus
+    def publish_event(self, event: str, **fields: Any) -> None:
+        self.pub.send_multipart(protocol.encode_bus(
+            "EVENT", {"name": self.cfg.name, "event": event, "at": time.time(), **fields}))
 
-    def _on_dealer(self, frames: list[bytes]) -> None:
-        msg = protocol.decode(frames, expect=("PONG", "SNAPSHOT_REP", "REPLY", "HANDOVER"))
-        if isinstance(msg, Bad):
-            log.warning("dropped a bad message from the peer: %s", msg.reason)
-            return
-        if msg.command == "PONG":
-            self._on_peer_state(msg)
-        elif msg.command == "SNAPSHOT_REP":
-            if self._from_peer(msg):
-                self._on_snapshot(msg)
-            elif self.follow.get("snapshot_deadline"):
-                # perhaps the peer's first heartbeat of a new run has not arrived yet: ask again
-                # soon rather than in 10 s
-                self.follow["snapshot_deadline"] = time.monotonic() + 0.2
-        elif msg.command == "HANDOVER":
-            if self._from_peer(msg):
-                self.ops.peer_handover_why = msg.body.get("why", "")
-                self.feed(E.PEER_HANDOVER)
-        elif msg.command == "REPLY" and msg.body["status"] == "error":
-            log.warning("peer answered: %s", msg.body.get("reason"))
-            if self.follow.get("snapshot_deadline"):
-                self.follow["snapshot_deadline"] = time.monotonic() + 0.2  # not ready: retry
-
-    # ------------------------------------------------------------------ operator commands
-    def status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        peer = self.peer
-        return {
-            "name": self.cfg.name,
-            "state": self._public_state(),
-            "internal_state": self.state.value,
-            "epoch": self.epoch,
-            "role": self.cfg.role,
-            "restricted": self.restricted,
-            "pid": os.getpid(),
-            "uptime": round(now - self.started_at, 3),
-            "in_state_for": round(now - self.state_at, 3),
-            "peer": {
-                "name": peer.name or self.cfg.peer, "address": self.cfg.peer,
-                "state": peer.state if peer.alive else "unreachable", "epoch": peer.epoch,
-                "last_heard": None if peer.heard_at < 0 else round(now - peer.heard_at, 3),
-                "applied": peer.applied, "synced": peer.synced,
-            },
-            "peer_state": peer.state if peer.alive else "unreachable",
-            "replication": self._replication_status(now),
-            "sentinels": self.sentinels.status(),
-            "active_sentinels": self.sentinels.active,
-            "email": self.notifier.status(),
-            # state_dir writes that failed (a full disk) and are being retried: {file: error}
-            "state_writes": self.writes.status(),
-            "conflicts": self._conflicts_status(),
-            **self.ops.status(),  # maintenance, the lists' stamp, open alerts, health
-        }
-
-    def _conflicts_status(self) -> dict[str, Any]:
-        # a directory walk, bounded: status stays cheap with a large conflicts/ folder
-        kept = conflicts.listing(self.state_dir, limit=1000)
-        return {"count": len(kept), "latest": kept[0]["time"] if kept else None,
-                "files": kept[:50], "where": str(self.state_dir / "conflicts")}
-
-    def _replication_status(self, now: float) -> dict[str, Any]:
-        if self.state in PRIMARY_LIKE:
-            peer_ok = self.peer.alive and self.peer.state == "secondary"
-            # its numbers count in our manifests only once it follows this run of ours
-            ours = peer_ok and self.peer.follows(self.run_id)
-            return {
-                "direction": "outgoing", "seq": self.seq, "ready": self.index_ready,
-                "folders": {n: len(ix) for n, ix in self.index.items()},
-                "peer_following": ours,
-                "peer_applied": self.peer.applied if ours else None,
-                "lag_manifests": (self.seq - self.peer.applied) if ours else None,
-                "pending_files": self.peer.pending_files if peer_ok else None,
-                "pending_bytes": self.peer.pending_bytes if peer_ok else None,
-                "peer_error": self.peer.error if peer_ok else "",
-                "peer_stuck": self.peer.stuck if ours else "",
-                "peer_last_sync": self.peer_last_sync,
-            }
-        oldest = self.follow.get("oldest_unapplied")
-        return {
-            "direction": "incoming", "applied": self.applied, "primary_seq": self.peer.seq,
-            "synced": self.synced,
-            "lag_seconds": round(now - oldest, 3) if oldest else 0.0,
-            "pending_files": self.pending[0], "pending_bytes": self.pending[1],
-            "last_sync": self.last_sync_wall, "error": self.repl_error, "stuck": self.stuck,
-            "stalled": self.watch.stalled,
-            "stalled_for": round(now - self.watch.stalled_at, 3) if self.watch.stalled else 0.0,
-        }
-
-    def _on_promote(self, ident: bytes, force: bool) -> None:
-        if self.sentinel_stop is not None:
-            self._reply(ident, protocol.reply_error("stopping sentinels; try again shortly"))
-            return
-        # A secondary takes over as soon as the peer is silent for dead_after, so "not alive"
-        # alone never holds here: a peer silent for half of it (and two heartbeats) will not
-        # answer a hand-over in time, and counts as unreachable for a promote.
-        quiet = time.monotonic() - self.peer.heard_at > max(self.cfg.dead_after / 2,
-                                                            2 * self.cfg.heartbeat)
-        reachable = self.peer.alive and not quiet
-        if self.state == S.SECONDARY and not reachable and not force:
-            self._reply(ident, protocol.reply_error(
-                "peer unreachable: cannot hand over gracefully; use --force"))
-            return
-        if self.state == S.PRIMARY and not (self.peer.alive and self.peer.state == "secondary"):
-            self._reply(ident, protocol.reply_error("no live secondary to hand over to"))
-            return
-        event = E.PROMOTE_FORCE if self.state == S.SECONDARY and not reachable else E.PROMOTE
-        # a refused promote was answered by the REFUSE action: one reply per request
-        if A.REFUSE not in self.feed(event, context=(ident, "promote")):
-            self._reply(ident, protocol.reply_ok(state=PUBLIC[self.state]))
-
-    def _on_sentinel_command(self, ident: bytes, body: dict[str, Any]) -> None:
-        action, name = body["action"], body.get("name", "")
-        if action != "list":
-            if self.state not in PRIMARY_LIKE:
-                self._reply(ident, protocol.reply_error(
-                    f"sentinels are managed on the primary ({self.peer.name or self.cfg.peer})"))
-                return
-            try:  # restricted: start() only activates, since the sentinels are not running
-                getattr(self.sentinels, action)(name)
-            except (KeyError, ValueError) as exc:
-                self._reply(ident, protocol.reply_error(str(exc)))
-                return
-            self._sentinels_changed()
-        self._reply(ident, protocol.reply_ok(sentinels=self.sentinels.status(),
-                                             active=self.sentinels.active,
-                                             restricted=self.restricted))
-
-    def _on_verify(self, ident: bytes, *, peer: bool = False) -> None:
-        """Hash every folder afresh on a worker thread; with `peer`, ask the peer for its own
-        tokens (TOKENS, a peer command: the operator's key is not the peer's operator key)."""
-        folders = dict(self.folders)
-
-        def work() -> None:
-            push = self.ctx.socket(zmq.PUSH)
-            push.linger = 1000
-            push.connect(self.results_addr)
-            try:
-                if peer:
-                    push.send_multipart([ident, *self._peer_tokens()])
-                    return
-                tokens = verify_tokens(folders)
-                push.send_multipart([ident, *protocol.reply_ok(folders=tokens)])
-            except Exception as exc:
-                push.send_multipart([ident, *protocol.reply_error(f"verify failed: {exc}")])
-            finally:
-                push.close()
-
-        threading.Thread(target=work, name="sbs-verify", daemon=True).start()
-
-    def _peer_tokens(self, timeout: float = 600.0) -> list[bytes]:
-        """The peer's REPLY to TOKENS, on a socket of the calling (worker) thread."""
-        if not self.peer.alive:
-            return protocol.reply_error(f"no answer from the peer {self.cfg.peer}")
-        sock = self._socket(zmq.DEALER, maxmsg=protocol.MAX_REPLY_IN)
-        try:
-            client(sock, self.keys)
-            sock.connect(f"tcp://{self.cfg.peer}:{self.cfg.control_port}")
-            sock.send_multipart(protocol.encode("TOKENS", {"name": self.cfg.name}))
-            if not sock.poll(timeout * 1000):
-                return protocol.reply_error(f"the peer did not answer within {timeout:.0f}s")
-            return sock.recv_multipart()
-        finally:
-            sock.close()
-
-    def _on_result(self, frames: list[bytes]) -> None:
-        self._reply(frames[0], frames[1:])
-
-    # ------------------------------------------------------------------ sentinels
     def _sentinel_event(self, event: dict[str, Any]) -> None:
         # Sentinels reports {"event", "name", ...}: both keys are taken on the bus (the event
         # kind and the node name), so they travel as `action` and `sentinel`.
@@ -918,459 +484,26 @@ class Node:
         self.publish_event("sentinel", action=fields.pop("event"), sentinel=fields.pop("name"),
                            **fields)
 
-    def _load_sentinels_for(self, *, own: bool, new_active: bool = False) -> None:
-        """Own config's [sentinels] (before the role is known); the pair's copy as primary.
-        `new_active`: a name the sentinels did not have before starts active (an edit)."""
-        before = set(self._sentinel_defs())
-        pushed = self.pair.get("sentinels")
-        if pushed is not None and self.cfg.pin_sentinels:
-            pushed = pinned_sentinels(pushed, dict(self.cfg.sentinels))
-        if own or pushed is None:
-            defs = dict(self.cfg.sentinels)
-            if not defs and pushed:
-                defs = dict(pushed)
-        else:
-            defs = dict(pushed)
-        active = self.pair.get("active")
-        if new_active and active is not None:
-            active = [*active, *(n for n in defs if n not in before)]
-        self.sentinels.configure(defs)
-        self.sentinels.set_active([n for n in active if n in defs] if active is not None
-                                  else list(defs))
-
-    def _sentinels_changed(self) -> None:
-        self.sv += 1
-        self.pair.update(sentinels=self._sentinel_defs(), active=self.sentinels.active, sv=self.sv)
-        self.writes.save(self.state_dir / "pair.json", self.pair)
-        self.pub.send_multipart(protocol.encode_bus("SENTINELS", {
-            "name": self.cfg.name, "sv": self.sv, "sentinels": self._sentinel_defs(),
-            "active": self.sentinels.active,
-        }))
-
-    def _sentinel_defs(self) -> dict[str, str]:
-        return {s["name"]: s["command"] for s in self.sentinels.status()}
-
-    # ------------------------------------------------------------------ replication: primary
-    def _pushed_folders(self, lists: dict[str, Any] | None = None) -> dict[str, FolderConfig]:
-        """The pair's folder list (or `lists`), with this node's own path for a name it knows
-        and the editing node's path otherwise (the manual's same-paths-on-both-servers case)."""
-        lists = self.pair if lists is None else lists
-        own = {f.name: f for f in self.cfg.folders}
-        paths = lists.get("paths", {})
-        table = {}
-        for name, filters in lists.get("folders", {}).items():
-            if (why := protocol.folder_name_problem(name)) is not None:
-                log.error("folder %r from the primary: %s: not replicated", name[:64], why)
-                continue
-            try:  # a pushed path is held to the rules a path from the wire is (node/tree.py)
-                path = own[name].path if name in own else Path(check_abspath(paths.get(name)))
-            except PathError as exc:
-                log.error("folder %r: no path here and no usable path from the primary (%s):"
-                          " not replicated", name[:64], exc)
-                continue
-            table[name] = FolderConfig(name=name, path=path, filters=tuple(filters))
-        return table
-
-    def _start_scanner(self) -> None:
-        folders = self.folders
-        self.blobs.set_folders(folders)
-        self.index = {n: {} for n in folders}
-        self.index_ready = False
-        self.pair.update(folders={n: list(f.filters) for n, f in folders.items()},
-                         paths={n: str(f.path) for n, f in folders.items()})
-        self.pair.update(sentinels=self._sentinel_defs(), active=self.sentinels.active, sv=self.sv)
-        self.writes.save(self.state_dir / "pair.json", self.pair)
-        endpoint = self.scanner_pipe.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self.scanner = Scanner(self.ctx, endpoint, folders,
-                               period=self.cfg.period)
-        self.scanner.start()
-
-    def _stop_scanner(self) -> None:
-        if self.scanner is not None:
-            self.scanner.stop()
-            self.scanner = None
-        self.index_ready = False
-
-    def _restart_scanner(self) -> None:
-        """A new folder list while primary: a new scanner on a new pipe (an inproc PAIR takes
-        one peer, and the old one's goodbye is only processed on a later turn of the loop)."""
-        self._stop_scanner()
-        self.poller.unregister(self.scanner_pipe)
-        self.scanner_pipe.close()
-        self.scanner_pipe = self.ctx.socket(zmq.PAIR)
-        self.scanner_pipes = getattr(self, "scanner_pipes", 0) + 1
-        self.scanner_pipe.bind(f"inproc://scanner-{self.run_id}-{self.scanner_pipes}")
-        self.poller.register(self.scanner_pipe, zmq.POLLIN)
-        self._start_scanner()
-
-    def _on_scanner(self, frames: list[bytes]) -> None:
-        kind = frames[0]
-        if kind == b"delta":
-            if self.scanner is None or frames[1] != self.scanner.ident:
-                return  # left in the pipe by a scanner that has stopped
-            delta = self.scanner.take_delta()
-            full = frames[2] == b"full"
-            self._publish_delta(delta)
-            if full and not self.index_ready:
-                self.index_ready = True
-                log.info("first scan done: %s", {n: len(ix) for n, ix in self.index.items()})
-        elif kind == b"flushed":
-            fs = self.final_sync
-            if fs is not None and fs["token"] == frames[1].decode():
-                fs["target"] = self.seq
-                log.info("final sync: everything is in manifest %d", self.seq)
-        elif kind == b"error":
-            log.error("scanner: %s", frames[1].decode(errors="replace"))
-            self.publish_event("error", where="scanner", error=frames[1].decode(errors="replace"))
-
-    def _publish_delta(self, delta: dict[str, list[dict]]) -> None:
-        items = [(f, e) for f, entries in delta.items() for e in entries]
-        for start in range(0, len(items), protocol.MANIFEST_PART):
-            part: dict[str, list[dict]] = {}
-            for folder, entry in items[start:start + protocol.MANIFEST_PART]:
-                part.setdefault(folder, []).append(entry)
-                index = self.index.setdefault(folder, {})
-                if entry.get("deleted"):
-                    index.pop(entry["path"], None)
-                else:
-                    index[entry["path"]] = entry
-            self.seq += 1
-            self.unacked.append((self.seq, part))
-            while len(self.unacked) > 10_000:
-                self.unacked.popleft()
-            self.pub.send_multipart(protocol.encode_bus("MANIFEST", {
-                "name": self.cfg.name, "run": self.run_id, "epoch": self.epoch, "seq": self.seq,
-                "part": 0, "parts": 1, "entries": part,
-            }))
-            log.debug("manifest %d: %d entries", self.seq, sum(len(v) for v in part.values()))
-
-    def _on_snapshot_request(self, ident: bytes) -> None:
-        if self.state not in PRIMARY_LIKE or not self.index_ready:
-            self._reply(ident, protocol.reply_error(
-                "not ready for a snapshot" if self.state in PRIMARY_LIKE else "not primary"))
-            return
-        folders = self.folders
-        body = {
-            "name": self.cfg.name, "run": self.run_id, "epoch": self.epoch, "seq": self.seq,
-            "folders": {n: list(f.filters) for n, f in folders.items()},
-            "paths": {n: str(f.path) for n, f in folders.items()},
-            "sentinels": self._sentinel_defs(), "active": self.sentinels.active, "sv": self.sv,
-            "index": {n: list(ix.values()) for n, ix in self.index.items()},
-            "lists": self.ops.stamp.wire(),
-        }
-        self._reply(ident, protocol.encode("SNAPSHOT_REP", body))
-        log.info("sent snapshot at manifest %d (%d entries)", self.seq,
-                 sum(len(ix) for ix in self.index.values()))
-
-    def _on_ack(self, body: dict[str, Any]) -> None:
-        """The secondary applied everything up to `applied`: that much is now agreed. The
-        journal work runs on the journal thread: after a snapshot it walks the whole index
-        (100k entries take seconds), which would silence our heartbeats past dead_after."""
-        if body.get("following", self.run_id) != self.run_id:
-            # counted in a previous run of ours (we restarted; the peer has not noticed yet):
-            # those numbers are not our manifests, and the journal must not say otherwise
-            log.debug("ignored an ACK for run %s", body["following"])
-            return
-        applied = body["applied"]
-        acked = []
-        while self.unacked and self.unacked[0][0] <= applied:
-            acked.append(self.unacked.popleft()[1])
-        if body["snapshot"]:
-            later = {(f, e["path"]) for s, part in self.unacked if s > applied
-                     for f, es in part.items() for e in es}
-            # entries are never mutated in place (a change replaces them): a shallow copy of
-            # each folder's entry list is a consistent view for the thread
-            whole = [(f, list(ix.values())) for f, ix in self.index.items()]
-            self.journal_jobs.put((whole, later, acked))
-        elif acked:
-            self.journal_jobs.put(([], set(), acked))
-        self.peer.applied = max(self.peer.applied, applied)
-
-    def _retry_writes(self, now: float) -> None:
-        retry_journal = self.agreed.write_error and now >= self.writes.next_retry
-        self.writes.retry(now)
-        if retry_journal:
-            self.writes.next_retry = now + self.writes.retry_every
-            self.journal_jobs.put(([], set(), []))  # nothing new: the worker rewrites it
-
-    def _journal_worker(self) -> None:
-        while (job := self.journal_jobs.get()) is not None:
-            # a write failed (full state disk): the journal in memory is whole; it is written
-            # out again here, off the loop (a large one takes a while)
-            self.agreed.rewrite()
-            whole, later, acked = job
-            updates = []
-            for folder, entries in whole:
-                for entry in entries:
-                    path = entry["path"]
-                    if (folder, path) not in later:
-                        token = Agreed.token(entry)
-                        if self.agreed.get(folder, path) != token:
-                            updates.append((folder, path, token))
-            for part in acked:
-                for folder, entries in part.items():
-                    updates.extend((folder, e["path"], Agreed.token(e)) for e in entries)
-            self.agreed.update(updates)  # a failed write is kept in memory and retried
-
-    # ------------------------------------------------------------------ replication: secondary
-    def _open_sub(self) -> None:
-        if self.sub is not None:
-            self.poller.unregister(self.sub)
-            self.sub.close()
-        self.sub = self._socket(zmq.SUB, maxmsg=protocol.MAX_BUS_IN)
-        self.sub.rcvhwm = 100_000
-        client(self.sub, self.keys)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sub.connect(f"tcp://{self.cfg.peer}:{self.cfg.bus_port}")
-        self.poller.register(self.sub, zmq.POLLIN)
-
-    def _start_following(self) -> None:
-        self._open_sub()
-        self.watch.reset(time.monotonic())
-        self.watch.stalled = ""
-        self.syncer = Syncer(self.ctx, f"inproc://syncer-{self.run_id}", self.cfg, self.keys,
-                             self.agreed)
-        self.syncer.start()
-        self.kept_new: list[dict[str, Any]] = []  # conflict copies made, not yet announced
-        self.syncer_events = 0
-        self.snapshots_submitted = 0
-        self.follow = {"buffer": [], "seen": None, "run": None}
-        self._request_snapshot()
-
-    def _primary_seq(self) -> int:
-        """The seq the primary we follow says it has published (0: not known yet)."""
-        run = self.follow.get("run")
-        alive = self.peer.alive and self.peer.state in ("primary", "stopping")
-        return self.peer.seq if alive and run and self.peer.run == run else 0
-
-    def _watch_link(self, now: float) -> None:
-        """Secondary: is what the primary publishes reaching us? See liveness.py."""
-        primary = self.peer.alive and self.peer.state in ("primary", "stopping")
-        # waiting for a snapshot counts as having nothing of what the primary has
-        seq = self._primary_seq() or (self.peer.seq if primary else 0)
-        kind, why = self.watch.check(
-            now, pings_arrive=primary, pinged_at=self.peer.heard_at, primary_seq=seq,
-            applied=self.applied,
-            progress=(self.applied, self.through, self.snapshots_submitted,
-                      self.syncer_events, self.syncer.fetcher.answers),
-            # a snapshot begins with a scan of the local folders, which reports nothing
-            # while it hashes: a large one is given longer before it counts as a stall
-            apply_window=None if self.applied else max(30.0, 10 * self.cfg.dead_after))
-        w = self.watch
-        if why:
-            self.synced = False
-            if not w.stalled:
-                w.stalled, w.stalled_at = why, now
-                log.error("replication stalled: %s", why)
-                self.publish_event("stall", reason=why, applied=self.applied, primary_seq=seq)
-                self.ops.alerts.raise_(
-                    "stall", "stall", f"replication stalled on {self.cfg.name}",
-                    f"Secondary {self.cfg.name} is not receiving what primary "
-                    f"{self.peer.name or self.cfg.peer} publishes: {why}.\n"
-                    f"Its pings arrive, so there is no takeover; were the primary to fail now, "
-                    f"changes after manifest {self.applied} would be missing here.\n")
-            if now - w.remedied_at >= max(5.0, 3 * self.cfg.dead_after):
-                w.remedied_at = now
-                self._open_dealer()
-                if kind == "bus":  # manifests went missing with it
-                    log.warning("reconnecting to %s (control and bus), asking for a new "
-                                "snapshot", self.cfg.peer)
-                    self._open_sub()
-                    w.heard_bus(now)
-                    self._request_snapshot()
-                else:  # the bus works: a new one would lose manifests in flight
-                    log.warning("reconnecting to %s (control)", self.cfg.peer)
-        elif w.stalled and self.applied >= seq and self.follow.get("run"):
-            log.warning("replication flows again (stalled for %.1fs: %s)", now - w.stalled_at,
-                        w.stalled)
-            self.publish_event("stall_over", reason=w.stalled, seconds=round(now - w.stalled_at, 3))
-            self.ops.alerts.resolve("stall")
-            w.stalled = ""
-            self.synced = (not self.pending[0] and not self.repl_error
-                           and self.applied >= (self.follow.get("seen") or 0))
-
-    def _announce_conflicts(self) -> None:
-        """One log line, bus event and email for the copies kept since the last one."""
-        kept, self.kept_new = self.kept_new, []
-        names = [f"{k.get('folder')}/{k.get('path')}" for k in kept]
-        where = f"{self.state_dir}/conflicts/"
-        log.warning("kept %d file(s) of this node under %s before following %s: %s",
-                    len(kept), where, self.peer.name or self.cfg.peer, ", ".join(names[:20]))
-        self.publish_event("conflicts", count=len(kept), files=names[:100], where=where)
-        self.ops.alerts.notice(
-            "conflicts", f"SBS conflicts: {self.cfg.name} kept {len(kept)} file(s) of its own",
-            f"Node {self.cfg.name} is secondary of {self.peer.name or self.cfg.peer} now. These "
-            f"files differed from what the pair had agreed on (changed or made here, never "
-            f"replicated) and were kept under {where} before they were replaced or removed:\n"
-            + "".join(f"  {k.get('folder')}/{k.get('path')} -> {k.get('kept')}\n"
-                      for k in kept[:200])
-            + ("  ...\n" if len(kept) > 200 else "")
-            + "See 'sbs-tools conflicts'.\n")
-
-    def _stop_following(self) -> None:
-        if self.syncer is not None:
-            self.syncer.stop()
-            self.syncer = None
-        if self.sub is not None:
-            self.poller.unregister(self.sub)
-            self.sub.close()
-            self.sub = None
-        self.follow = {}
-        self._forget_progress()
-
-    def _forget_progress(self) -> None:
-        """What we reported of applying a snapshot and its manifests: nothing yet."""
-        self.applied, self.synced, self.pending = 0, False, (0, 0)
-        self.through, self.stuck = 0, ""
-
-    def _request_snapshot(self) -> None:
-        if self.syncer is None:
-            return
-        self.follow.update(snapshot_deadline=time.monotonic() + 10.0, buffer=[], seen=None,
-                           run=None)
-        # until the snapshot is applied we have nothing of it (maybe a new run of the primary)
-        self._forget_progress()
-        # not connected yet (a primary that just restarted): try again in 0.2 s, not in 10
-        sent = self.follow["snapshot_sent"] = self._send_peer("SNAPSHOT", {"name": self.cfg.name})
-        if not sent:
-            self.follow["snapshot_deadline"] = time.monotonic() + 0.2
-
-    def _on_snapshot(self, msg: Message) -> None:
-        if self.syncer is None or not self.follow.get("snapshot_deadline"):
-            return
-        body = msg.body
-        self.follow.update(snapshot_deadline=None, seen=body["seq"], run=body["run"])
-        self.sv = body["sv"]
-        if self.ops.snapshot_lists(body):
-            self.pair.update(folders=body["folders"], paths=body["paths"],
-                             sentinels=body["sentinels"], active=body["active"], sv=body["sv"])
-            self.writes.save(self.state_dir / "pair.json", self.pair)
-            self._load_sentinels_for(own=False)
-            self.folders = folders = self._pushed_folders()
-        else:  # ours are newer and on their way to the primary: follow what it has meanwhile
-            self.folders = folders = self._pushed_folders(
-                {"folders": body["folders"], "paths": body["paths"]})
-        self.blobs.set_folders(folders)
-        self.follow["oldest_unapplied"] = self.follow.get("oldest_unapplied") or time.monotonic()
-        # reports of jobs queued before this snapshot are about the previous one (perhaps a
-        # previous run of the primary, numbered from 0 again): _on_syncer ignores them
-        self.snapshots_submitted += 1
-        self.syncer.submit_snapshot(body["seq"], folders, body["index"])
-        log.info("snapshot from %s at manifest %d: %d folders, %d entries", body["name"],
-                 body["seq"], len(body["folders"]), sum(len(v) for v in body["index"].values()))
-        for run, seq, entries in self.follow.pop("buffer", []):
-            if run == body["run"] and seq > body["seq"]:  # not a previous run's, numbered alike
-                self._accept_manifest(seq, entries)
-        self.follow["buffer"] = []
-
-    def _on_bus(self, frames: list[bytes]) -> None:
-        msg = protocol.decode_bus(frames)
-        if isinstance(msg, Bad):
-            log.warning("dropped a bad bus message: %s", msg.reason)
-            return
-        body = msg.body
-        if self.syncer is None:
-            return
-        waiting = bool(self.follow.get("snapshot_deadline"))
-        if msg.command == "MANIFEST":
-            if waiting:
-                self.follow["buffer"].append((body["run"], body["seq"], body["entries"]))
-            elif body["run"] != self.follow.get("run"):
-                self._request_snapshot()
-            else:
-                self._accept_manifest(body["seq"], body["entries"])
-        elif msg.command == "HB":
-            if body["state"] in ("primary", "stopping"):
-                self.watch.heard_bus(time.monotonic())
-            # "stopping" is a primary in its final sync: exactly when we must keep up with it
-            if waiting or body["state"] not in ("primary", "stopping"):
-                return
-            if body["run"] != self.follow.get("run"):
-                log.info("primary run changed: new snapshot")
-                self._request_snapshot()
-            elif body["seq"] > (self.follow.get("seen") or 0):
-                log.warning("missed manifests %d..%d: new snapshot",
-                            (self.follow.get("seen") or 0) + 1, body["seq"])
-                self._request_snapshot()
-            elif body["sv"] != self.sv:
-                self._request_snapshot()
-        elif msg.command == "SENTINELS":
-            self.sv = body["sv"]
-            if not self.ops.lists_newer_than_peer():  # else ours are on their way to it
-                self.pair["sentinels"] = body["sentinels"]
-            self.pair.update(active=body["active"], sv=body["sv"])
-            self.writes.save(self.state_dir / "pair.json", self.pair)
-            self._load_sentinels_for(own=False)
-            log.info("sentinel list from primary: active %s", body["active"])
-
-    def _accept_manifest(self, seq: int, entries: dict[str, list[dict]]) -> None:
-        seen = self.follow.get("seen") or 0
-        if seq <= seen:
-            return
-        if seq != seen + 1:
-            log.warning("manifest gap: expected %d, got %d: new snapshot", seen + 1, seq)
-            self._request_snapshot()
-            return
-        self.follow["seen"] = seq
-        self.follow["oldest_unapplied"] = self.follow.get("oldest_unapplied") or time.monotonic()
-        self.syncer.submit_manifest(seq, entries)
-
-    def _on_syncer(self, frames: list[bytes]) -> None:
-        if self.syncer is None:
-            return  # a report the stopped syncer left in the pipe
-        kind, body = frames[0], orjson.loads(frames[1])
-        if kind == b"applied":
-            if body["gen"] != self.snapshots_submitted or not self.follow.get("run"):
-                # about a snapshot before the latest one (or one we asked for and have not
-                # got yet): its numbers mean nothing to the primary we follow now
-                return
-            self.applied = body["applied"]
-            self.pending = (body["pending_files"], body["pending_bytes"])
-            self.repl_error = body.get("error", "")
-            self.through, self.stuck = body["through"], body["stuck"]
-            caught_up = self.applied >= (self.follow.get("seen") or 0) and not self.pending[0]
-            # in sync only with everything the primary says it has published
-            self.synced = (caught_up and not self.repl_error and not self.watch.stalled
-                           and self.applied >= self._primary_seq())
-            if caught_up:
-                self.follow["oldest_unapplied"] = None
-                self.last_sync_wall = time.time()
-            self._send_peer("ACK", {"name": self.cfg.name, "run": self.run_id,
-                                    "applied": self.applied, "snapshot": body["snapshot"],
-                                    "following": self.follow["run"]})
-            self._send_ping()
-            if self.repl_error:
-                self.publish_event("error", where="sync", error=self.repl_error)
-            if self.kept_new:
-                self._announce_conflicts()
-        elif kind == b"event":
-            self.ops.on_sync_event(body)
-            self.syncer_events += 1  # a file moved: progress for the link watch
-            if body.get("event") == "conflict":
-                self.kept_new.append(body)
-            self.publish_event(body.pop("event"), **body)
-
-    # ------------------------------------------------------------------ bus
-    def publish_event(self, event: str, **fields: Any) -> None:
-        self.pub.send_multipart(protocol.encode_bus(
-            "EVENT", {"name": self.cfg.name, "event": event, "at": time.time(), **fields}))
-
     # ------------------------------------------------------------------ shutdown
     def close(self) -> None:
-        self._stop_following()
-        self._stop_scanner()
+        primary = getattr(self, "primary", None)  # absent when a bind failed
+        if getattr(self, "secondary", None) is not None:
+            self.secondary.stop()
+        if primary is not None:
+            primary.stop()
         if getattr(self, "blobs", None) is not None:
             self.blobs.stop()
         self.sentinels.stop_all()
         if getattr(self, "ops", None) is not None:
             self.ops.close()
         self.notifier.close(timeout=2.0)
-        self.journal_jobs.put(None)
-        self.journal.join(30)
+        if primary is not None:
+            primary.close()  # its journal thread, after the last ACK
         self.agreed.close()
-        for sock in (getattr(self, "dealer", None), getattr(self, "router", None)):
-            if sock is not None:
-                sock.close(linger=500)  # let a last HANDOVER leave
+        if getattr(self, "link", None) is not None:
+            self.link.close()
+        if getattr(self, "router", None) is not None:
+            self.router.close(linger=500)  # let a last HANDOVER leave
         if self.auth is not None:
             self.auth.stop()
             self.auth = None
@@ -1378,3 +511,177 @@ class Node:
         for s in (getattr(self, "wake_r", None), getattr(self, "wake_w", None)):
             if s is not None:
                 s.close()
+
+
+class PeerLink:
+    """The peer link: our DEALER to the peer's ROUTER with our pings on it (and an HB on the
+    bus), the peer's PING/PONG turned into what we know of it (Peer) and into fsm events, and
+    the hand-over messages, obeyed only from the peer's current run."""
+
+    def __init__(self, node: Node):
+        self.node = node
+        self.n = 0  # our pings' number: the peer drops an older one that arrives late
+        self.next_ping = self.retry_at = 0.0
+        self.retry_in = PING_RETRY
+        self.ident: bytes | None = None  # ROUTER identity of the peer's DEALER
+        self.dealer = self._open_dealer()
+
+    def _open_dealer(self) -> zmq.Socket:
+        node = self.node
+        dealer = node.socket(zmq.DEALER, maxmsg=protocol.MAX_REPLY_IN)
+        # IMMEDIATE: a ping to a peer that is not connected is dropped, not queued; a queued
+        # ping delivered seconds later would describe a state long gone.
+        dealer.setsockopt(zmq.IMMEDIATE, 1)
+        # No ZeroMQ heartbeat timeout here: with only the way back cut, our pings still reach
+        # the peer, and dropping this connection for want of answers would stop them and make
+        # a secondary take over while this primary runs (two primaries). Silence is the pings'
+        # business; the secondary remakes its own connection when its link stalls.
+        dealer.setsockopt(zmq.HEARTBEAT_IVL, 0)
+        dealer.sndhwm = 1000
+        dealer.reconnect_ivl = 100
+        dealer.reconnect_ivl_max = 500
+        client(dealer, node.keys)
+        dealer.connect(f"tcp://{node.cfg.peer}:{node.cfg.control_port}")
+        return dealer
+
+    def reconnect(self) -> None:
+        """A new connection to the peer (the secondary's link watch, when what it sends does
+        not get through)."""
+        self.node.poller.unregister(self.dealer)
+        self.dealer.close()
+        self.dealer = self._open_dealer()
+        self.node.poller.register(self.dealer, zmq.POLLIN)
+
+    def send(self, command: str, body: dict[str, Any]) -> bool:
+        try:
+            self.dealer.send_multipart(protocol.encode(command, body), zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False  # not connected: the peer is down or unreachable; silence speaks
+
+    # ------------------------------------------------------------------ pings
+    def next_deadline(self) -> float:
+        return min(self.next_ping, self.retry_at) if self.retry_at else self.next_ping
+
+    def tick(self, now: float) -> None:
+        if now >= self.next_ping:
+            self.send_ping()
+            self.next_ping = now + self.node.cfg.heartbeat
+        elif self.retry_at and now >= self.retry_at:
+            # the last ping found no connection (the peer is starting, or down): try again
+            # soon, so a peer that just came up hears from us in milliseconds, not a heartbeat
+            self._ping(now)
+
+    def send_ping(self) -> None:
+        node = self.node
+        self._ping(time.monotonic())
+        node.pub.send_multipart(protocol.encode_bus("HB", {
+            "name": node.cfg.name, "run": node.run_id, "epoch": node.epoch,
+            "state": node.public_state(), "seq": node.primary.seq, "sv": node.lists.sv,
+            "maintenance": node.ops.maintenance.on,
+        }))
+
+    def _ping(self, now: float) -> None:
+        if self.send("PING", self.our_state()):
+            self.retry_at, self.retry_in = 0.0, PING_RETRY
+        else:  # a peer that stays down costs no wakeups beyond the heartbeat's
+            self.retry_at = now + min(self.node.cfg.heartbeat, self.retry_in)
+            self.retry_in *= 2
+
+    def our_state(self) -> dict[str, Any]:
+        """The body of our PING and PONG."""
+        node, secondary = self.node, self.node.secondary
+        progress = secondary.progress
+        self.n += 1
+        return {
+            "name": node.cfg.name, "run": node.run_id, "n": self.n,
+            "state": node.public_state(),
+            "epoch": node.epoch, "role": node.cfg.role, "restricted": node.restricted,
+            "since": round(time.monotonic() - node.state_at, 3), "seq": node.primary.seq,
+            "applied": progress.applied, "synced": progress.synced,
+            "pending_files": progress.pending_files, "pending_bytes": progress.pending_bytes,
+            "error": secondary.error[:1000],
+            "through": progress.through, "stuck": progress.stuck[:1000],
+            "following": secondary.following,
+            **({"yielded": node.yielded} if node.yielded else {}),
+            **node.ops.peer_fields(),  # maintenance, the lists' stamp, sick sentinels
+        }
+
+    # ------------------------------------------------------------------ the peer's messages
+    def on_ping(self, ident: bytes, msg: Message) -> None:
+        if msg.body["run"] != self.node.run_id:
+            self.ident = ident
+        self.on_peer_state(msg)
+        self.node.reply(ident, protocol.encode("PONG", self.our_state()))
+
+    def on_dealer(self, frames: list[bytes]) -> None:
+        msg = protocol.decode(frames, expect=("PONG", "SNAPSHOT_REP", "REPLY", "HANDOVER"))
+        if isinstance(msg, Bad):
+            log.warning("dropped a bad message from the peer: %s", msg.reason)
+            return
+        if msg.command == "PONG":
+            self.on_peer_state(msg)
+        elif msg.command == "SNAPSHOT_REP":
+            if self._from_peer(msg):
+                self.node.secondary.on_snapshot(msg)
+            else:
+                # perhaps the peer's first heartbeat of a new run has not arrived yet: ask again
+                # soon rather than in 10 s
+                self.node.secondary.retry_snapshot_soon()
+        elif msg.command == "HANDOVER":
+            self.obey(msg, E.PEER_HANDOVER)
+        elif msg.command == "REPLY" and msg.body["status"] == "error":
+            log.warning("peer answered: %s", msg.body.get("reason"))
+            self.node.secondary.retry_snapshot_soon()  # not ready for a snapshot: ask again soon
+
+    def on_peer_state(self, msg: Message) -> None:
+        node, peer, body = self.node, self.node.peer, msg.body
+        if body["name"] == node.cfg.name and body["run"] != node.run_id:
+            log.error("peer calls itself %r like this node: names must differ", body["name"])
+            return
+        if body["run"] == node.run_id:
+            log.error("received our own ping: peer address %s points at this node", node.cfg.peer)
+            return
+        now = time.monotonic()
+        restarted = body["run"] != peer.run
+        if not peer.update(body, now):
+            return
+        if restarted:
+            log.info("peer %s (run %s) is %s, epoch %d", body["name"], body["run"],
+                     body["state"], body["epoch"])
+            if node.state == S.SECONDARY and body["state"] == "primary":
+                node.secondary.request_snapshot()
+        node.ops.on_peer(body)
+        node.saw_epoch(body["epoch"])
+        node.primary.peer_heard()
+        yielded = body.get("yielded")
+        if yielded and yielded["run"] == node.run_id and node.state in PRIMARY_LIKE:
+            node.reports.split_brain_won(yielded["loser_epoch"], how="it yielded to this node")
+        event = peer.event(node.me(), node.state, now - node.state_at)
+        if event is not None:
+            node.feed(event)
+
+    def obey(self, msg: Message, event: E) -> None:
+        """HANDOVER and ASK_HANDOVER: an event, when the current run of the peer sends it."""
+        if self._from_peer(msg):
+            if event == E.PEER_HANDOVER:
+                self.node.ops.peer_handover_why = msg.body.get("why", "")
+            self.node.feed(event)
+
+    def _from_peer(self, msg: Message) -> bool:
+        peer = self.node.peer
+        if (why := protocol.stale(msg.body, peer.run, peer.epoch)) is not None:
+            log.warning("ignored %s %s", msg.command, why)
+            return False
+        return True
+
+    def send_handover(self, body: dict[str, Any]) -> None:
+        self.send("HANDOVER", body)
+        # Also back along the peer's own connection (its pings reach our ROUTER): our DEALER
+        # may still be reconnecting to a peer that started a moment ago, and a lost HANDOVER
+        # costs the peer dead_after of waiting. A duplicate is ignored by the table.
+        if self.ident is not None:
+            self.node.reply(self.ident, protocol.encode("HANDOVER", body))
+
+    def close(self) -> None:
+        self.dealer.close(linger=500)  # let a last HANDOVER leave

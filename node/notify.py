@@ -18,7 +18,7 @@ from urllib.parse import quote, urlencode
 
 import apprise
 
-from node.config import EmailConfig
+from .config import EmailConfig
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import protocol
@@ -50,7 +51,7 @@ ALONE_AFTER = 60.0
 def lists_at_start(node: Node) -> None:
     """Before the node picks its lists: an edit of sbs.ini made while it was stopped becomes
     the pair's lists (a new generation); an unchanged file leaves the pair's copy alone."""
-    pair, cfg = node.pair, node.cfg
+    pair, cfg = node.lists.pair, node.cfg
     fp = own_fingerprint(cfg)
     seen = pair.get("own_fp")
     stamp = stamp_from(pair.get("lists")) or Stamp()
@@ -70,7 +71,7 @@ def lists_at_start(node: Node) -> None:
 
 
 def _save_pair(node: Node) -> None:
-    node.writes.save(node.state_dir / "pair.json", node.pair)  # a full disk: retried
+    node.writes.save(node.lists.path, node.lists.pair)  # a full disk: retried
 
 
 class Operator:
@@ -96,7 +97,7 @@ class Operator:
 
     @property
     def stamp(self) -> Stamp:
-        return stamp_from(self.node.pair.get("lists")) or Stamp()
+        return stamp_from(self.node.lists.pair.get("lists")) or Stamp()
 
     def peer_fields(self) -> dict[str, Any]:
         return {"maint": self.maintenance.record.wire(), "lists": self.stamp.wire(),
@@ -115,19 +116,20 @@ class Operator:
         if theirs is None:
             return
         self.peer_stamp = theirs
-        if (node.state == S.SECONDARY and body["state"] == "primary" and node.syncer is not None
-                and self.snapshot_stamp is not None and theirs != self.snapshot_stamp
-                and not node.follow.get("snapshot_deadline")):
+        secondary = node.secondary
+        following = secondary.syncer is not None and not secondary.follow.snapshot_deadline
+        if (node.state == S.SECONDARY and body["state"] == "primary" and following
+                and self.snapshot_stamp is not None and theirs != self.snapshot_stamp):
             log.info("the primary runs lists %s: new snapshot", theirs.describe())
-            node._request_snapshot()
-        if theirs.gen > int(node.pair.get("peer_gen", 0)):
-            node.pair["peer_gen"] = theirs.gen  # the next edit here numbers above it
+            node.secondary.request_snapshot()
+        if theirs.gen > int(node.lists.pair.get("peer_gen", 0)):
+            node.lists.pair["peer_gen"] = theirs.gen  # the next edit here numbers above it
         mine = self.stamp
         now = time.monotonic()
         if mine > theirs and now - self.lists_sent_at >= LISTS_RESEND:
             self.lists_sent_at = now
-            pair = node.pair
-            node._send_peer("LISTS", {
+            pair = node.lists.pair
+            node.link.send("LISTS", {
                 "name": node.cfg.name, "run": node.run_id, "epoch": node.epoch, **mine.wire(),
                 "folders": pair.get("folders") or {}, "paths": pair.get("paths") or {},
                 "sentinels": pair.get("sentinels") or {},
@@ -137,31 +139,35 @@ class Operator:
 
     # -- commands -------------------------------------------------------------------------------
 
-    def on_command(self, ident: bytes, msg: Message) -> bool:
-        """RELOAD and MAINTENANCE from the tools, LISTS from the peer. False: not ours."""
-        node = self.node
-        if msg.command == "RELOAD":
-            ok, text = self.reload("sbs-tools reload")
-            node._reply(ident, protocol.reply_ok(result=text, lists=self.stamp.wire())
+    def commands(self) -> dict[str, Callable[[bytes, dict[str, Any]], None]]:
+        """The operator's commands this room answers (Control's table takes them)."""
+        return {"RELOAD": self.on_reload, "MAINTENANCE": self.on_maintenance}
+
+    def on_reload(self, ident: bytes, body: dict[str, Any]) -> None:
+        ok, text = self.reload("sbs-tools reload")
+        self.node.reply(ident, protocol.reply_ok(result=text, lists=self.stamp.wire())
                         if ok else protocol.reply_error(text))
-        elif msg.command == "MAINTENANCE":
-            if "on" in msg.body and msg.body["on"] != self.maintenance.on:
-                rec = self.maintenance.switch(msg.body["on"])
-                node.publish_event("maintenance", on=rec.on, by=rec.by, at=rec.at)
-                word = "on" if rec.on else "off"
-                self.alerts.notice("maintenance", f"SBS maintenance {word}: {node.cfg.name}",
-                                   f"Maintenance mode was switched {word} on {node.cfg.name}. "
-                                   + ("No takeover and no automatic hand-over until it is "
-                                      "switched off; replication goes on.\n" if rec.on else
-                                      "Failover is armed again.\n"))
-                node._send_ping()  # the peer hears it now, not at the next heartbeat
-            node._reply(ident, protocol.reply_ok(maintenance=self.maintenance.status()))
-        elif msg.command == "LISTS":
-            if node._from_peer(msg):
-                self.offer_lists(msg.body)
-        else:
-            return False
-        return True
+
+    def on_maintenance(self, ident: bytes, body: dict[str, Any]) -> None:
+        node = self.node
+        if "on" in body and body["on"] != self.maintenance.on:
+            rec = self.maintenance.switch(body["on"])
+            node.publish_event("maintenance", on=rec.on, by=rec.by, at=rec.at)
+            word = "on" if rec.on else "off"
+            self.alerts.notice("maintenance", f"SBS maintenance {word}: {node.cfg.name}",
+                               f"Maintenance mode was switched {word} on {node.cfg.name}. "
+                               + ("No takeover and no automatic hand-over until it is "
+                                  "switched off; replication goes on.\n" if rec.on else
+                                  "Failover is armed again.\n"))
+            node.link.send_ping()  # the peer hears it now, not at the next heartbeat
+        node.reply(ident, protocol.reply_ok(maintenance=self.maintenance.status()))
+
+    def on_lists(self, ident: bytes, msg: Message) -> None:
+        """LISTS, a peer command: from the peer's current run and epoch only."""
+        if (why := protocol.stale(msg.body, self.node.peer.run, self.node.peer.epoch)):
+            log.warning("ignored LISTS %s", why)
+            return
+        self.offer_lists(msg.body)
 
     # -- reload ---------------------------------------------------------------------------------
 
@@ -180,7 +186,7 @@ class Operator:
             log.error("reload (%s) refused: %s", source, text)
             return False, text
         old = node.cfg
-        node.cfg = new
+        node.cfg = node.lists.cfg = new
         done = []
         if new.email != old.email:
             # the old one may be delivering (seconds): it finishes on a thread of its own
@@ -194,7 +200,7 @@ class Operator:
         if new.health != old.health:
             self.health.reconfigure(new.health)
             done.append("[health]")
-        pair = node.pair
+        pair = node.lists.pair
         fp = own_fingerprint(new)
         if fp != pair.get("own_fp"):
             pair["own_fp"] = fp
@@ -209,7 +215,7 @@ class Operator:
         if [f.path for f in new.folders] != [f.path for f in old.folders]:
             # a path of ours changed: the primary rescans, the secondary follows anew
             if node.state == S.SECONDARY:
-                node._request_snapshot()
+                node.secondary.request_snapshot()
             self._apply()
         text = "reloaded: " + ("; ".join(done) if done else "nothing changed")
         log.info("reload (%s): %s", source, text)
@@ -222,7 +228,7 @@ class Operator:
             return
         lists = {"folders": body["folders"], "paths": body["paths"],
                  "sentinels": body["sentinels"]}
-        what = changes(self.node.pair, lists)
+        what = changes(self.node.lists.pair, lists)
         self._refresh_own_paths(lists)
         self._take_lists(lists, stamp, f"adopted from {body['name']}: {what}")
         self._adopted(stamp, body["name"], what)
@@ -247,19 +253,19 @@ class Operator:
                      theirs.describe(), self.stamp.describe())
             return False
         if theirs > self.stamp:
-            what = changes(self.node.pair, body)
+            what = changes(self.node.lists.pair, body)
             self._refresh_own_paths(body)
             how = f"adopted from {body['name']}: {what}"
             log.warning("pair lists now %s, %s", theirs.describe(), how)
             self.node.publish_event("lists", gen=theirs.gen, by=theirs.by, at=theirs.at, how=how)
             self._adopted(theirs, body["name"], what)
-        self.node.pair["lists"] = theirs.wire()
+        self.node.lists.pair["lists"] = theirs.wire()
         return True
 
     def _take_lists(self, lists: dict[str, Any], stamp: Stamp, how: str) -> None:
         node = self.node
-        node.pair.update(lists)
-        node.pair["lists"] = stamp.wire()
+        node.lists.pair.update(lists)
+        node.lists.pair["lists"] = stamp.wire()
         _save_pair(node)
         log.warning("pair lists now %s, %s", stamp.describe(), how)
         node.publish_event("lists", gen=stamp.gen, by=stamp.by, at=stamp.at, how=how)
@@ -277,19 +283,21 @@ class Operator:
             return
         if restart_keys(node.cfg, now):
             return
-        node.cfg = _with_folders(node.cfg, now)
+        node.cfg = node.lists.cfg = _with_folders(node.cfg, now)
         if own_fingerprint(now) == pair_fingerprint(lists):
-            node.pair["own_fp"] = own_fingerprint(now)
+            node.lists.pair["own_fp"] = own_fingerprint(now)
 
     def _apply(self) -> None:
         """A primary runs the pair's lists at once; a secondary's come with its snapshot."""
         node = self.node
         if node.state != S.PRIMARY:
             return
-        node._load_sentinels_for(own=False, new_active=True)
-        node.folders = node._pushed_folders()
-        node._restart_scanner()
-        node._sentinels_changed()  # sv + 1: the secondary takes a new snapshot
+        node.lists.load_sentinels(own=False, new_active=True)
+        node.folders = node.lists.pushed_folders()
+        node.primary.restart(node.folders)
+        fields = node.lists.sentinels_changed()  # sv + 1: the secondary takes a new snapshot
+        node.pub.send_multipart(protocol.encode_bus("SENTINELS", {"name": node.cfg.name,
+                                                                   **fields}))
         self.watch_checks()
 
     # -- the tick -------------------------------------------------------------------------------
@@ -325,7 +333,7 @@ class Operator:
         elif self.standby_since is None:
             self.standby_since = now
         caught_up = standby and peer.synced and peer.follows(node.run_id) and (
-            peer.applied >= node.seq)
+            peer.applied >= node.primary.seq)
         if caught_up:
             self.in_sync_at = now
             alerts.resolve("lag")
@@ -335,7 +343,7 @@ class Operator:
             alerts.raise_("lag", "lag", f"standby {peer.name} lags behind",
                           f"The secondary {peer.name} has not been in sync for more than "
                           f"{lag_after:g}s (applied {peer.applied}, this node is at manifest "
-                          f"{node.seq}, pending {peer.pending_files} files / "
+                          f"{node.primary.seq}, pending {peer.pending_files} files / "
                           f"{peer.pending_bytes} bytes{', ' + peer.error if peer.error else ''})"
                           f".\nA failover now would lose what it lacks.\n")
         active = node.sentinels.active
@@ -359,15 +367,16 @@ class Operator:
 
     def _secondary_conditions(self) -> None:
         node, alerts = self.node, self.alerts
-        pending = node.pending[0]
-        if pending and ("disk full" in node.stuck or node.repl_error.startswith("disk full")):
+        progress, error = node.secondary.progress, node.secondary.error
+        pending = progress.pending_files
+        if pending and ("disk full" in progress.stuck or error.startswith("disk full")):
             alerts.raise_("disk_full", "disk", f"disk full on {node.cfg.name}",
                           f"The secondary cannot apply what the primary sent: "
-                          f"{node.stuck or node.repl_error}.\nThe previous copy is kept; "
+                          f"{progress.stuck or error}.\nThe previous copy is kept; "
                           f"free space and it catches up by itself.\n")
         elif not pending:  # everything that was sent is written (or no longer wanted)
             alerts.resolve("disk_full")
-        if "strict guard" not in node.repl_error:
+        if "strict guard" not in error:
             alerts.resolve_prefix("guard:")
 
     def on_sync_event(self, body: dict[str, Any]) -> None:
@@ -433,7 +442,7 @@ class Operator:
                                f"{name}`.\n")
             return
         synced = (peer.alive and peer.state == "secondary" and peer.synced
-                  and peer.follows(node.run_id) and peer.applied >= node.seq)
+                  and peer.follows(node.run_id) and peer.applied >= node.primary.seq)
         if not synced or self.maintenance.on:
             return  # a secondary that lacks data is no place to move to; a later tick retries
         self.health.mark_sick(name, now)

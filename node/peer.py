@@ -1,7 +1,7 @@
 """What a node knows of its peer, and the events that knowledge turns into."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .fsm import E, S
@@ -31,7 +31,6 @@ class Peer:
     # None: a peer too old to say, trusted as before)
     heard_at: float = -1e9  # monotonic
     alive: bool = False
-    info: dict[str, Any] = field(default_factory=dict)
 
     def update(self, body: dict[str, Any], now: float) -> bool:
         """Take a PING/PONG body. False when it is stale (an older message of the same run)."""
@@ -52,8 +51,12 @@ class Peer:
         trusted as before)?"""
         return self.following in (run, None)
 
+    def expires_at(self) -> float | None:
+        """When the peer counts as dead unless heard from again (None: it is not alive)."""
+        return self.heard_at + self.dead_after if self.alive else None
+
     def silent(self, now: float) -> bool:
-        return self.alive and now - self.heard_at > self.dead_after
+        return (expiry := self.expires_at()) is not None and now > expiry
 
     def event(self, me: dict[str, Any], my_state: S, my_since: float) -> E | None:
         """The FSM event for the peer's latest state, seen from a node described by `me`."""

@@ -189,8 +189,8 @@ def _sentinel_name(v: Any) -> str | None:
     return None if SENTINEL_NAME_RE.fullmatch(v) else "not a sentinel name"
 
 
-# An Entry: one object of a replicated folder (see node/scan.py). Paths are checked again,
-# component by component, where they touch the disk (node/fsops.py).
+# An Entry: one object of a replicated folder (see node/index.py). Paths are checked again,
+# component by component, where they touch the disk (node/writer.py).
 ENTRY: dict[str, Check] = {
     "path": s(4096),
     "kind": one_of(*KINDS),

@@ -4,7 +4,7 @@ into deltas for the node loop, which numbers and publishes them as manifests.
 The watcher starts before the first scan, so nothing written during that scan is missed: it
 shows up in a batch right after. The periodic full rescan is the safety net behind the watcher
 (inotify drops events when its queue overflows; the watcher then asks for a rescan). Only
-files whose size, mtime, inode or ctime changed are read again (scan.HashCache).
+files whose size, mtime, inode or ctime changed are read again (index.HashCache).
 
 To the loop, over an inproc PAIR:
     [b"delta", scanner id, b"full"|b"part"]   (b"full" after a full scan); the delta itself,
@@ -28,8 +28,8 @@ from typing import Any
 import zmq
 
 from .config import FolderConfig
+from .index import Filter, FolderMissing, HashCache, Watcher, diff, scan_folder, scan_paths
 from .journal import Agreed
-from .scan import Filter, FolderMissing, HashCache, Watcher, diff, scan_folder, scan_paths
 
 log = logging.getLogger("sbs.scanner")
 

@@ -2,10 +2,11 @@
 
 Jobs arrive from the node loop on a queue (snapshot, manifest, confirm, stop), in order. For
 each, the worker compares what the primary has with what is on disk, fetches only what
-differs (node/blobs.Fetcher, many small files per request, several requests in flight),
-writes each file to a temp file, verifies its hash, fsyncs and renames it into place
-(node/fsops). Before it overwrites or deletes a local object that differs from what the pair
-last agreed on (node/journal), it keeps a copy under state_dir/conflicts/<UTC time>/.
+differs (node/transfer.py over node/content.Fetcher: many small files per request, several
+requests in flight), writes each file to a temp file, verifies its hash, fsyncs and renames it
+into place (node/writer). Before it overwrites or deletes a local object that differs from
+what the pair last agreed on (node/journal), it keeps a copy under state_dir/conflicts/<UTC
+time>/.
 
 What could not be applied (the file changed again while in flight, the disk is full, the
 primary vanished) stays pending and is retried; `applied` only moves past a manifest once
@@ -18,10 +19,7 @@ To the loop, over an inproc PAIR:
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import errno
-import itertools
 import logging
 import os
 import queue
@@ -33,22 +31,18 @@ from typing import Any
 import orjson
 import zmq
 
-from .blobs import Fetcher, FetchError
 from .config import Config, FolderConfig
 from .conflicts import own_extras
-from .fsops import FolderWriter, HashMismatch, PathError, check_relpath, purge_trash, utc_stamp
+from .content import Fetcher
+from .index import Filter, FolderMissing, HashCache, scan_folder
 from .journal import Agreed
 from .protocol import entry_check
-from .scan import Filter, FolderMissing, HashCache, scan_folder
 from .security import Keys
+from .transfer import Transfer, free_bytes
+from .writer import FolderWriter, HashMismatch, PathError, check_relpath, purge_trash, utc_stamp
 
 log = logging.getLogger("sbs.syncer")
 
-SMALL = 256 << 10  # files up to this size travel many to a request
-BATCH_BYTES = 1 << 20
-BATCH_ITEMS = 256
-CHUNK = 1 << 20
-LANES = 2  # threads writing small files, each with its own temp directory
 GUARD_MIN_FILES = 20
 PER_FILE_EVENTS = 100  # above this many files in one job, the bus gets progress instead
 
@@ -83,8 +77,7 @@ class Syncer:
         # set by the node when it was primary before: the first snapshot also sets aside the
         # files the new primary lacks that were made here and never agreed on (conflicts.py)
         self.own_term = False
-        self._lanes: concurrent.futures.ThreadPoolExecutor | None = None  # small-file writers
-        self._lane_id = threading.local()
+        self.transfer = Transfer(self)
         self.thread = threading.Thread(target=self._run, name="sbs-syncer", daemon=True)
 
     # --- called from the node loop ---------------------------------------------------
@@ -143,8 +136,7 @@ class Syncer:
                     self.error = f"{job[0]} failed: {exc}"
                     self._report(snapshot=False)
         finally:
-            if self._lanes is not None:
-                self._lanes.shutdown(wait=True)
+            self.transfer.close()
             self.fetcher.close()
             self.pipe.close()
 
@@ -185,7 +177,7 @@ class Syncer:
             if key not in self.no_room or name not in self.writers:
                 return ""
             if name not in free:
-                free[name] = _free_bytes(self.writers[name].root)
+                free[name] = free_bytes(self.writers[name].root)
             room = free[name]
             if room is None or int(e.get("size", 0)) <= room:
                 return ""
@@ -435,15 +427,15 @@ class Syncer:
                 else:
                     fetch.append(e)
             except (PathError, OSError) as exc:
-                self._failed(name, e, exc)
+                self.failed(name, e, exc)
         if fetch:
-            agreed.extend(self._fetch(name, fetch))
+            agreed.extend(self.transfer.fetch(name, fetch))
         if deletions:
             agreed.extend(self._delete(name, deletions, local, stamp, files_here))
         if agreed:
             self.agreed.update(agreed)
 
-    def _pend(self, name: str, e: dict, *, no_room: bool = False) -> None:
+    def pend(self, name: str, e: dict, *, no_room: bool = False) -> None:
         """Keep e to apply later, remembering whether it failed for lack of room (_stuck)."""
         key = (name, e["path"])
         self.pending[key] = e
@@ -452,8 +444,8 @@ class Syncer:
         else:
             self.no_room.discard(key)
 
-    def _failed(self, name: str, e: dict, exc: BaseException) -> None:
-        self._pend(name, e, no_room=_enospc(exc))
+    def failed(self, name: str, e: dict, exc: BaseException) -> None:
+        self.pend(name, e, no_room=_enospc(exc))
         if _enospc(exc):
             if name not in self.disk_full:
                 self.disk_full.add(name)
@@ -510,12 +502,12 @@ class Syncer:
             try:
                 self.writers[name].remove(e["path"], trash=True, stamp=stamp)
                 done.append((name, e["path"], None))
-                self._event_file("deleted", name, e)
+                self.file_event("deleted", name, e)
             except (PathError, OSError) as exc:
                 log.warning("could not delete %s/%s: %s", name, e["path"], exc)
         return done
 
-    def _event_file(self, action: str, name: str, e: dict) -> None:
+    def file_event(self, action: str, name: str, e: dict) -> None:
         p = self._progress
         if action == "fetched":
             p["files"] += 1
@@ -526,251 +518,6 @@ class Syncer:
         elif time.monotonic() - p["at"] > 0.5 or p["files"] == p["total"]:
             p["at"] = time.monotonic()
             self._emit("progress", files=p["files"], total=p["total"], bytes=p["bytes"])
-
-    def _fetch(self, name: str, files: list[dict]) -> list[tuple[str, str, str]]:
-        """Fetch, verify and commit files; return what got applied (for the journal)."""
-        writer = self.writers[name]
-        done: list[tuple[str, str, str]] = []
-        by_path = {e["path"]: e for e in files if e["size"] > 0}
-        open_big: dict[str, Any] = {}
-        lanes: collections.deque[concurrent.futures.Future] = collections.deque()
-        # Files that failed on our side (a full disk, a bad path): their remaining chunks are
-        # not asked for. Other files go on: a file too big for the space left must not keep
-        # the small ones behind it from arriving.
-        skip: set[str] = set()
-        chunks: _ChunkWriter | None = None  # big files' writer thread, started when needed
-        free = _free_bytes(writer.root)
-        for e in by_path.values():
-            if free is not None and e["size"] > free:
-                # the temp file sits next to the old copy until the rename: it cannot fit, so
-                # do not transfer it (a hostile or corrupt size of 2**62 ends here too)
-                skip.add(e["path"])
-                self._failed(name, e, OSError(errno.ENOSPC, f"{e['size']} bytes needed, "
-                                              f"{free} free"))
-        try:
-            for e in files:
-                if e["size"] == 0:
-                    try:
-                        tmp = writer.new_temp(e["path"])
-                    except (PathError, OSError) as exc:
-                        self._failed(name, e, exc)
-                        continue
-                    self._commit(name, [(tmp, e)], done)
-            for items, metas, blobs in self.fetcher.fetch(self._batches(name, by_path, skip)):
-                small: list[tuple[Any, dict]] = []
-                for item, meta, blob in zip(items, metas, blobs, strict=True):
-                    e = by_path[item["p"]]
-                    if e["path"] in skip:
-                        continue
-                    if meta["size"] != e["size"] or "err" in meta:
-                        # changed or gone since the manifest: the next one will say more
-                        if (tmp := open_big.pop(e["path"], None)) is not None:
-                            if chunks is not None:
-                                chunks.drain()
-                                chunks.error(tmp)
-                            tmp.abort()
-                        if e["path"] not in {x[1] for x in done}:
-                            self._pend(name, e)
-                        continue
-                    if e["size"] <= SMALL:
-                        small.append((e, blob))
-                        continue
-                    try:
-                        tmp = open_big.get(e["path"])
-                        if tmp is None:
-                            if item["o"] != 0:
-                                continue  # an earlier chunk failed; this file is pending
-                            tmp = open_big[e["path"]] = writer.new_temp(e["path"])
-                        if chunks is None:
-                            chunks = _ChunkWriter()
-                        if (exc := chunks.error(tmp)) is not None:
-                            raise exc  # an earlier chunk's write failed (a full disk)
-                        chunks.write(tmp, blob)
-                        if item["o"] + len(blob) >= e["size"]:
-                            chunks.drain()  # the whole file is written before it is sealed
-                            if (exc := chunks.error(tmp)) is not None:
-                                raise exc
-                    except (PathError, OSError) as exc:
-                        if (tmp := open_big.pop(e["path"], None)) is not None:
-                            if chunks is not None:
-                                chunks.drain()
-                                chunks.error(tmp)
-                            tmp.abort()
-                        skip.add(e["path"])
-                        self._failed(name, e, exc)
-                        continue
-                    if item["o"] + len(blob) >= e["size"]:
-                        del open_big[e["path"]]
-                        self._commit(name, [(tmp, e)], done)
-                if small:
-                    # written and committed on a lane thread while the next replies arrive
-                    lanes.append(self._lane_pool().submit(self._write_small, writer, small))
-                    while len(lanes) > 2 * LANES:
-                        self._settle(name, lanes.popleft(), done)
-        except FetchError as exc:
-            log.error("fetching from the primary failed: %s", exc)
-            self.error = str(exc)
-            self.fetcher.close()
-            while lanes:
-                self._settle(name, lanes.popleft(), done)
-            got = {x[1] for x in done}
-            for e in by_path.values():
-                if e["path"] not in got:
-                    self._pend(name, e)
-        except BaseException:
-            # an unexpected error: no lane may still be writing into the folder when it leaves
-            concurrent.futures.wait(lanes)
-            lanes.clear()
-            raise
-        finally:
-            if chunks is not None:
-                chunks.close()  # after the chunks queued before it: no write is left running
-            for tmp in open_big.values():
-                tmp.abort()
-        # every batch handed to a lane is finished and accounted for before we return
-        while lanes:
-            self._settle(name, lanes.popleft(), done)
-        return done
-
-    # --- small files on lane threads -------------------------------------------------
-    def _lane_pool(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._lanes is None:
-            ids = itertools.count(1)
-
-            def name_lane() -> None:
-                self._lane_id.lane = next(ids)
-
-            self._lanes = concurrent.futures.ThreadPoolExecutor(
-                LANES, thread_name_prefix="sbs-syncer-lane", initializer=name_lane)
-        return self._lanes
-
-    def _write_small(self, writer: FolderWriter, pairs: list[tuple[dict, Any]]
-                     ) -> tuple[list[tuple[dict, BaseException]], list, list]:
-        """On a lane thread: write a batch of small files to temp files in the lane's own temp
-        directory and commit them (one syncfs). Only disk work happens here; what it means
-        for pending, events and the journal is settled on the syncer thread."""
-        lane = self._lane_id.lane
-        failed: list[tuple[dict, BaseException]] = []
-        items: list[tuple[Any, dict]] = []
-        for e, blob in pairs:
-            try:
-                tmp = writer.new_temp(e["path"], lane)
-                tmp.write(blob)  # on error the temp file removes itself
-            except (PathError, OSError) as exc:
-                failed.append((e, exc))
-                continue
-            items.append((tmp, e))
-        return failed, items, self._commit_files(writer, items)
-
-    def _settle(self, name: str, fut: concurrent.futures.Future, done: list) -> None:
-        failed, items, results = fut.result()
-        for e, exc in failed:
-            self._failed(name, e, exc)
-        self._book(name, items, results, done)
-
-    def _batches(self, name: str, by_path: dict[str, dict],
-                 skip: set[str]) -> Iterator[list[dict]]:
-        batch: list[dict] = []
-        size = 0
-        for e in by_path.values():
-            if e["path"] in skip:
-                continue
-            if e["size"] > SMALL:
-                if batch:
-                    yield batch
-                    batch, size = [], 0
-                for off in range(0, e["size"], CHUNK):
-                    if e["path"] in skip:
-                        break
-                    yield [{"f": name, "p": e["path"], "o": off,
-                            "n": min(CHUNK, e["size"] - off)}]
-                continue
-            batch.append({"f": name, "p": e["path"], "o": 0, "n": e["size"]})
-            size += e["size"]
-            if size >= BATCH_BYTES or len(batch) >= BATCH_ITEMS:
-                yield batch
-                batch, size = [], 0
-        if batch:
-            yield batch
-
-    def _commit(self, name: str, items: list, done: list) -> None:
-        self._book(name, items, self._commit_files(self.writers[name], items), done)
-
-    @staticmethod
-    def _commit_files(writer: FolderWriter, items: list) -> list[BaseException | None]:
-        if not items:
-            return []
-        if len(items) == 1:
-            tmp, e = items[0]
-            try:
-                writer.commit(tmp, e)
-                return [None]
-            except (HashMismatch, PathError, OSError) as exc:
-                return [exc]
-        return writer.commit_many(items)
-
-    def _book(self, name: str, items: list, results: list, done: list) -> None:
-        for (tmp, e), res in zip(items, results, strict=True):
-            if res is None:
-                done.append((name, e["path"], Agreed.token(e)))
-                self._event_file("fetched", name, e)
-            else:
-                tmp.abort()
-                self._failed(name, e, res)
-
-
-class _ChunkWriter:
-    """Writes the chunks of big files in a thread of its own, so receiving the next chunks
-    (which keeps the fetch window full) overlaps with writing and hashing this one.
-
-    Bounded (QUEUE chunks, 1 MiB each), so memory stays flat. A failed write aborts its temp
-    file (TempFile.write does) and is kept in `errors` for the syncer to pick up; the syncer
-    touches a temp file handed to this thread again only after drain().
-    """
-
-    QUEUE = 16
-
-    def __init__(self) -> None:
-        self.q: queue.Queue[tuple[Any, Any] | None] = queue.Queue(self.QUEUE)
-        self.errors: dict[int, BaseException] = {}  # id(temp file) -> what its write raised
-        self.thread = threading.Thread(target=self._run, name="sbs-syncer-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            job = self.q.get()
-            try:
-                if job is None:
-                    return
-                tmp, blob = job
-                if id(tmp) not in self.errors:
-                    try:
-                        tmp.write(blob)
-                    except BaseException as exc:  # noqa: BLE001 -- handed to the syncer
-                        self.errors[id(tmp)] = exc
-            finally:
-                self.q.task_done()
-
-    def write(self, tmp: Any, blob: Any) -> None:
-        self.q.put((tmp, blob))
-
-    def drain(self) -> None:
-        self.q.join()
-
-    def error(self, tmp: Any) -> BaseException | None:
-        return self.errors.pop(id(tmp), None)
-
-    def close(self) -> None:
-        self.q.put(None)
-        self.thread.join()
-
-
-def _free_bytes(path: str) -> int | None:
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return None
-    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
 
 
 def _enospc(exc: BaseException) -> bool:

@@ -16,10 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from node.config import load
-from node.security import keygen
+from sbs.node.config import load
+from sbs.node.security import keygen
+from sbs.tools.client import request
+
 from tests.netproxy import Proxy
-from tools.client import request
 
 HOSTS = {"alpha": "127.0.0.1", "beta": "127.0.0.2"}
 # with proxy=True each node's `peer` is a proxy in front of the other node, on an address of
@@ -111,7 +112,7 @@ class NodeProc:
     def start(self, *extra: str) -> NodeProc:
         self.logfh = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "start", "--config", str(self.config), *extra],
+            [sys.executable, "-m", "sbs.node.cli", "start", "--config", str(self.config), *extra],
             stdout=self.logfh, stderr=subprocess.STDOUT,
         )
         return self

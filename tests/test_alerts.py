@@ -3,10 +3,10 @@ rate-limited per condition, kinds chosen by [notify]."""
 from __future__ import annotations
 
 import pytest
+from sbs.node.alerts import Alerts
+from sbs.node.config import NOTIFY_KINDS, ConfigError, EmailConfig, NotifyConfig, load
+from sbs.node.notify import Notifier
 
-from node.alerts import Alerts
-from node.config import NOTIFY_KINDS, ConfigError, EmailConfig, NotifyConfig, load
-from node.notify import Notifier
 from tests.pair import wait_for
 
 

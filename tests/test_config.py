@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from sbs.node.config import ConfigError, load
 
-from node.config import ConfigError, load
 from tests.pair import make_keys
 
 BASE = """[node]
@@ -121,7 +121,7 @@ def test_missing_file():
                          [BAD[0], BAD[1], BAD[3], BAD[7], BAD[13], BAD[17]])
 def test_sbs_node_start_exits_2_with_one_line(ini, old, new, message):
     path = ini(BASE.replace(old, new, 1))
-    res = subprocess.run([sys.executable, "-m", "node.cli", "start", "--config", path],
+    res = subprocess.run([sys.executable, "-m", "sbs.node.cli", "start", "--config", path],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
@@ -140,7 +140,7 @@ def test_name_and_state_dir_default_to_the_host_name(ini, tmp_path):
 def test_the_commands_read_sbs_ini_in_the_working_directory_by_default(ini, tmp_path):
     """Without --config both commands read ./sbs.ini: here one whose peer is missing."""
     ini(BASE.replace("peer = 127.0.0.2\n", "", 1))
-    for argv in (["-m", "node.cli", "start"], ["-m", "tools.cli", "status"]):
+    for argv in (["-m", "sbs.node.cli", "start"], ["-m", "sbs.tools.cli", "status"]):
         res = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
                              timeout=30, cwd=tmp_path)
         assert res.returncode == 2, (argv, res.stderr)
@@ -154,7 +154,7 @@ def test_sbs_node_keeps_freed_chunk_buffers_in_the_heap():
     unmapped (M_MMAP_THRESHOLD raised above the chunk size)."""
     code = (
         "import ctypes, ctypes.util\n"
-        "from node.cli import tune_malloc\n"
+        "from sbs.node.cli import tune_malloc\n"
         "libc = ctypes.CDLL(ctypes.util.find_library('c'))\n"
         "libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
         "assert tune_malloc()\n"

@@ -9,9 +9,10 @@ from pathlib import Path
 import psutil
 import pytest
 import zmq
+from sbs.node import protocol
+from sbs.node.security import client, load_keys
+from sbs.tools.client import subscribe
 
-from node import protocol
-from node.security import client, load_keys
 from tests.pair import HOSTS, wait_for
 from tests.test_e2e_replication import (
     FakePrimary,
@@ -23,7 +24,6 @@ from tests.test_e2e_replication import (
     started,
     write,
 )
-from tools.client import subscribe
 
 DEPTH = 2000  # levels: far past Python's recursion limit (about 1,000)
 

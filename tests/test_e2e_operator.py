@@ -9,15 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from sbs.node import protocol
+from sbs.tools.cli import describe
+from sbs.tools.client import request, subscribe
 
-from node import protocol
 from tests.pair import Pair, wait_for
 from tests.test_e2e_replication import TmpfsNodeProc, _unshare_works
-from tools.cli import describe
-from tools.client import request, subscribe
 
 _SCRIPT = Path(sys.executable).with_name("sbs-tools")
-SBS_TOOLS = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "tools.cli"]
+SBS_TOOLS = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "sbs.tools.cli"]
 
 
 def sbs_tools(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:

@@ -12,14 +12,14 @@ import time
 import pytest
 import zmq
 import zmq.auth
+from sbs.node import protocol
+from sbs.tools.client import request
 
-from node import protocol
 from tests.pair import wait_for
-from tools.client import request
 
 
 def sbs_tools(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tools.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "sbs.tools.cli", *args], capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -257,7 +257,7 @@ def test_tail_prints_heartbeats_and_manifests(make_pair):
     pair = make_pair()
     pair.alpha.start()
     pair.alpha.wait_state("primary")
-    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "tail", "--config",
+    proc = subprocess.Popen([sys.executable, "-m", "sbs.tools.cli", "tail", "--config",
                              str(pair.alpha.config), "--json"], stdout=subprocess.PIPE, text=True)
     try:
         seen = set()

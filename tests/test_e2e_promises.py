@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+from sbs.tools.client import request
 
 from tests.conftest import free_port
 from tests.pair import free_port_triplet, wait_for
 from tests.test_e2e_pair import settled
 from tests.test_e2e_replication import files_under, replication, started, wait_equal, write
-from tools.client import request
 
 
 def batch(folder: Path, name: str, count: int) -> None:
@@ -69,7 +69,7 @@ def test_strict_guard_boundary_19_files_and_exactly_half(make_pair):
 
 
 def sbs_tools(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tools.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "sbs.tools.cli", *args], capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -21,11 +21,11 @@ import orjson
 import pytest
 import xxhash
 import zmq
+from sbs.node import protocol
+from sbs.node.security import client, load_keys, serve
+from sbs.tools.client import subscribe
 
-from node import protocol
-from node.security import client, load_keys, serve
 from tests.pair import NodeProc, Pair, wait_for
-from tools.client import subscribe
 
 MiB = 1 << 20
 
@@ -33,7 +33,7 @@ MiB = 1 << 20
 # ---------------------------------------------------------------------------------- helpers
 
 def sbs_tools(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tools.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "sbs.tools.cli", *args], capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -538,7 +538,7 @@ class TmpfsNodeProc(NodeProc):
     def start(self, *extra: str) -> NodeProc:
         self.logfh = open(self.log, "ab")
         script = (f"mount -t tmpfs -o size={self.size} tmpfs {shlex.quote(str(self.mountpoint))}"
-                  f" && exec {shlex.quote(sys.executable)} -m node.cli start --config "
+                  f" && exec {shlex.quote(sys.executable)} -m sbs.node.cli start --config "
                   f"{shlex.quote(str(self.config))}")
         self.proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
                                       script], stdout=self.logfh, stderr=subprocess.STDOUT)
@@ -951,7 +951,7 @@ def test_a_hostile_primary_cannot_write_outside_the_folders(make_pair, tmp_path)
     try:
         beta.logfh = open(beta.log, "ab")  # started in a sandbox cwd: "" or relative paths
         beta.proc = subprocess.Popen(  # would land there
-            [sys.executable, "-m", "node.cli", "start", "--config", str(beta.config)],
+            [sys.executable, "-m", "sbs.node.cli", "start", "--config", str(beta.config)],
             stdout=beta.logfh, stderr=subprocess.STDOUT, cwd=sandbox,
             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
         beta.wait_state("secondary")

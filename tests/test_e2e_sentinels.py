@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 import pytest
+from sbs.tools.client import request
 
 from tests.conftest import free_port
 from tests.pair import Pair, wait_for
-from tools.client import request
 
 _SCRIPT = Path(sys.executable).with_name("sbs-tools")
-SBS_TOOLS = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "tools.cli"]
+SBS_TOOLS = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "sbs.tools.cli"]
 
 
 def sbs_tools(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from sbs.tools.client import request
 
 from tests.pair import wait_for
 from tests.test_e2e_replication import (
@@ -19,7 +20,6 @@ from tests.test_e2e_replication import (
     wait_equal,
     write,
 )
-from tools.client import request
 
 
 def on_tmpfs(pair, name: str) -> tuple[TmpfsNodeProc, Path]:

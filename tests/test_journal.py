@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import orjson
-
-from node.journal import COMPACT_SLACK, Agreed
+from sbs.node.journal import COMPACT_SLACK, Agreed
 
 
 def _lines(path) -> list[bytes]:

@@ -4,9 +4,16 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from node.config import load
-from node.listedits import Stamp, changes, fingerprint, own_fingerprint, restart_keys, stamp_from
-from node.maintenance import Maintenance, Record, from_wire
+from sbs.node.config import load
+from sbs.node.listedits import (
+    Stamp,
+    changes,
+    fingerprint,
+    own_fingerprint,
+    restart_keys,
+    stamp_from,
+)
+from sbs.node.maintenance import Maintenance, Record, from_wire
 
 INI = """[node]
 name = alpha

@@ -1,8 +1,8 @@
 """node.liveness.Watch and node.persist.Guarded: the decisions, on a clock the test sets."""
 from __future__ import annotations
 
-from node.liveness import Watch
-from node.persist import Guarded, load
+from sbs.node.liveness import Watch
+from sbs.node.persist import Guarded, load
 
 
 def check(w: Watch, now: float, **kw):

@@ -8,9 +8,9 @@ from datetime import datetime
 
 import apprise
 import pytest
+from sbs.node.config import EmailConfig
+from sbs.node.notify import Notifier, mail_urls
 
-from node.config import EmailConfig
-from node.notify import Notifier, mail_urls
 from tests.conftest import free_port
 
 

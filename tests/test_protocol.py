@@ -5,9 +5,8 @@ import copy
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from node import protocol
-from node.protocol import Bad, Message, decode, decode_bus, encode, encode_bus
+from sbs.node import protocol
+from sbs.node.protocol import Bad, Message, decode, decode_bus, encode, encode_bus
 
 PING = {"name": "alpha", "run": "abc", "n": 1, "state": "primary", "epoch": 3, "role": "main",
         "restricted": False, "since": 1.5, "seq": 7, "applied": 0, "synced": True,
@@ -97,10 +96,10 @@ JSONISH = st.recursive(
 
 
 def test_an_honest_fetch_batch_fits_the_bound_on_one_request():
-    from node import syncer
+    from sbs.node import transfer
 
-    assert syncer.BATCH_BYTES + syncer.SMALL <= protocol.MAX_GET_BYTES
-    assert syncer.CHUNK <= protocol.MAX_GET_BYTES
+    assert transfer.BATCH_BYTES + transfer.SMALL <= protocol.MAX_GET_BYTES
+    assert transfer.CHUNK <= protocol.MAX_GET_BYTES
 
 
 ENTRY = {"path": "a/b.txt", "kind": "file", "size": 3, "mtime_ns": 1, "mode": 0o644,

@@ -5,10 +5,9 @@ from __future__ import annotations
 import orjson
 import pytest
 import zmq
-
-from node import scanner as scanner_module
-from node.config import FolderConfig
-from node.scanner import Scanner
+from sbs.node import scanner as scanner_module
+from sbs.node.config import FolderConfig
+from sbs.node.scanner import Scanner
 
 
 @pytest.fixture

@@ -5,8 +5,7 @@ import os
 import stat
 
 import zmq.auth
-
-from node import security
+from sbs.node import security
 
 
 def test_keygen_over_an_old_secret_writes_a_new_0600_file(tmp_path, monkeypatch):

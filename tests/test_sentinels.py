@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from node.sentinels import PIDS_FILE, Sentinels
+from sbs.node.sentinels import PIDS_FILE, Sentinels
 
 REPO = Path(__file__).resolve().parents[1]
 PY = shlex.quote(sys.executable)
@@ -307,7 +306,7 @@ def test_sentinel_dies_with_its_node(tmp_path):
     parent_code = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from node.sentinels import Sentinels\n"
+        "from sbs.node.sentinels import Sentinels\n"
         "s = Sentinels(Path(sys.argv[1]))\n"
         "s.configure({'sleeper': sys.argv[2]})\n"
         "s.set_active(['sleeper'])\n"

@@ -5,8 +5,7 @@ import os
 import subprocess
 
 import pytest
-
-from node import tree
+from sbs.node import tree
 
 
 def _chain(root, depth: int) -> None:

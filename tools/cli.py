@@ -11,8 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-
-from node.config import Config, ConfigError, load
+from sbs.node.config import Config, ConfigError, load
 
 from .client import request, subscribe
 
@@ -236,7 +235,7 @@ def maintenance(state: str = typer.Argument(None, help="on | off (none: show)"),
 def keygen(directory: Path = typer.Option(..., "--dir", help="where to write the keys"),
            name: str = typer.Option(..., "--name", help="node name")) -> None:
     """Write NAME.key and NAME.key_secret (ZeroMQ CURVE certificates)."""
-    from node.security import keygen as make
+    from sbs.node.security import keygen as make
 
     public, secret = make(directory, name)
     out.print(f"wrote {public} and {secret}", markup=False)
@@ -245,7 +244,7 @@ def keygen(directory: Path = typer.Option(..., "--dir", help="where to write the
 @app.command("test-email")
 def test_email(config: Path = ConfigOpt) -> None:
     """Send a test notification with the \\[email] settings and say whether it was delivered."""
-    from node.notify import Notifier
+    from sbs.node.notify import Notifier
 
     cfg = _cfg(config)
     notifier = Notifier(cfg.email)
@@ -357,7 +356,7 @@ def conflicts(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
     """List what this node kept under state_dir/conflicts/ (its own changes that were replaced
     or set aside when it fell in line with its peer), newest first. Read from disk: works with
     the node stopped too."""
-    from node.conflicts import listing
+    from sbs.node.conflicts import listing
 
     cfg = _cfg(config)
     kept = listing(cfg.state_dir)

@@ -6,11 +6,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import zmq
-
-from node import protocol
-from node.config import Config
-from node.protocol import Bad
-from node.security import client, load_keys
+from sbs.node import protocol
+from sbs.node.config import Config
+from sbs.node.protocol import Bad
+from sbs.node.security import client, load_keys
 
 
 def _socket(cfg: Config, kind: int, maxmsg: int, port: int, *, peer: bool) -> zmq.Socket:

@@ -16,10 +16,10 @@ import threading
 import time
 from pathlib import Path
 
-from node.config import load
-from node.protocol import Bad
-from tools.cli import describe
-from tools.client import request, subscribe
+from sbs.node.config import load
+from sbs.node.protocol import Bad
+from sbs.tools.cli import describe
+from sbs.tools.client import request, subscribe
 
 ROOT = Path.cwd()
 ALPHA_INI = ROOT / "sbs.ini"

@@ -1,4 +1,4 @@
-"""node.scan: filters, hashing, full and incremental scans, and the watcher (a real inotify
+"""node.index: filters, hashing, full and incremental scans, and the watcher (a real inotify
 observer; every wait has a deadline)."""
 
 from __future__ import annotations
@@ -19,18 +19,15 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from node import scan as scan_module
-from node.scan import (
+from sbs.node import index as index_module
+from sbs.node.index import (
     TEMP_PREFIX,
     Filter,
     FolderMissing,
     HashCache,
     Watcher,
     diff,
-    entry_for,
     hash_bytes,
-    hash_file,
     scan_folder,
     scan_paths,
 )
@@ -193,14 +190,28 @@ def test_filter_double_star_slash_equals_any_depth(pattern, path):
 # --- hashing and entries ---------------------------------------------------------------------
 
 
-def test_hash_file_matches_hash_bytes_across_chunks(tmp_path):
+def hash_file(path: Path) -> str:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return index_module.hash_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def test_hash_fd_matches_hash_bytes_across_chunks(tmp_path):
     data = os.urandom(3 * (1 << 20) + 123)
     assert hash_file(write(tmp_path / "big", data)) == hash_bytes(data)
     assert hash_file(write(tmp_path / "empty", b"")) == hash_bytes(b"")
     assert len(hash_bytes(b"")) == 32
 
 
-def test_entry_for(tmp_path):
+def entry_for(root: Path, relpath: str, filt: Filter, cache: HashCache) -> dict | None:
+    """What a scan of `relpath` alone finds there now (None: nothing that is replicated)."""
+    delta = scan_paths(str(root), filt, cache, {}, [relpath])
+    return next((e for e in delta if e["path"] == relpath and not e.get("deleted")), None)
+
+
+def test_a_scan_of_one_path(tmp_path):
     cache = HashCache()
     write(tmp_path / "d/f.txt", b"hello").chmod(0o4755)
     os.symlink("f.txt", tmp_path / "d/l")
@@ -221,7 +232,7 @@ def test_entry_for(tmp_path):
 def test_a_file_written_while_hashed_is_hashed_again(tmp_path, monkeypatch, writes):
     """A writer appending during the read must not leave a hash paired with the wrong size."""
     path = write(tmp_path / "busy", b"start")
-    real_hash_fd = scan_module.hash_fd
+    real_hash_fd = index_module.hash_fd
     calls = []
 
     def hash_fd_during_a_write(fd):
@@ -232,7 +243,7 @@ def test_a_file_written_while_hashed_is_hashed_again(tmp_path, monkeypatch, writ
                 f.write(b"+more")
         return h
 
-    monkeypatch.setattr(scan_module, "hash_fd", hash_fd_during_a_write)
+    monkeypatch.setattr(index_module, "hash_fd", hash_fd_during_a_write)
     cache = HashCache(racy_ns=0)
     entry = entry_for(str(tmp_path), "busy", Filter(), cache)
     if writes == 1:  # settles on the second read
@@ -240,7 +251,7 @@ def test_a_file_written_while_hashed_is_hashed_again(tmp_path, monkeypatch, writ
         assert entry["hash"] == hash_bytes(path.read_bytes())
         assert entry["size"] == path.stat().st_size
     else:  # never settles: reported after 3 reads, but not cached, so it is read again
-        assert cache.hashed == scan_module.STABLE_TRIES and len(cache) == 0
+        assert cache.hashed == index_module.STABLE_TRIES and len(cache) == 0
 
 
 # --- full scans ------------------------------------------------------------------------------
@@ -330,7 +341,7 @@ def _scan_in_a_child(base: Path, *, as_nobody: bool) -> tuple[list[str], list[st
                 def emit(self, record: logging.LogRecord) -> None:
                     records.append(record.getMessage())
 
-            scan_module.log.addHandler(Keep())
+            index_module.log.addHandler(Keep())
             skipped: list[str] = []
             index = scan_folder(str(base), Filter(), HashCache(), skipped=skipped)
             os.write(write_end, json.dumps([sorted(index), skipped, records]).encode())
@@ -408,15 +419,6 @@ def test_a_file_changed_within_the_racy_window_is_not_cached(tmp_path):
     assert scan_folder(str(tmp_path), Filter(), cache)["f"]["hash"] == hash_bytes(b"one")
     assert scan_folder(str(tmp_path), Filter(), cache)["f"]["hash"] == hash_bytes(b"one")
     assert cache.hashed == 2 and len(cache) == 0
-
-
-def test_cache_forget_prefix(tmp_path):
-    cache = HashCache(racy_ns=0)
-    write(tmp_path / "a/x")
-    write(tmp_path / "ab")
-    scan_folder(str(tmp_path), Filter(), cache)
-    cache.forget_prefix(str(tmp_path / "a"))
-    assert len(cache) == 1
 
 
 # --- incremental scans -----------------------------------------------------------------------
@@ -632,7 +634,7 @@ def test_watcher_queue_overflow_asks_for_a_full_rescan(watched, tmp_path):
     root, batches, watcher = watched
     fd = getattr(watcher._observer, "inotify_fd", None)
     if fd is None or not hasattr(fd, "_lock"):
-        pytest.skip("watchdog internals changed: node/scan.py's overflow-aware inotify "
+        pytest.skip("watchdog internals changed: node/index.py's overflow-aware inotify "
                     "reader is not in use (overflows are caught only by the periodic rescan)")
     # A real kernel overflow: hold up watchdog's reader while another process makes far more
     # events than fs.inotify.max_queued_events (16384 by default) can hold.

@@ -1,4 +1,5 @@
-"""node.fsops: hostile paths, symlink escapes, atomic verified commits, trash, conflicts, ENOSPC."""
+"""node.writer: hostile paths, symlink escapes, atomic verified commits, trash, conflicts,
+ENOSPC."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-
-from node.fsops import (
+from sbs.node.index import TEMP_PREFIX, Filter, HashCache, hash_bytes, scan_folder
+from sbs.node.writer import (
     FolderWriter,
     HashMismatch,
     PathError,
@@ -25,7 +26,6 @@ from node.fsops import (
     purge_trash,
     utc_stamp,
 )
-from node.scan import TEMP_PREFIX, Filter, HashCache, hash_bytes, scan_folder
 
 REPO = Path(__file__).resolve().parents[1]
 MTIME = 1_700_000_000_123_456_789
@@ -503,8 +503,8 @@ def test_utc_stamp_is_sortable_and_safe():
 ENOSPC_SCRIPT = textwrap.dedent("""
     import errno, json, os, sys
     sys.path.insert(0, sys.argv[1])
-    from node.fsops import FolderWriter
-    from node.scan import TEMP_PREFIX, hash_bytes
+    from sbs.node.writer import FolderWriter
+    from sbs.node.index import TEMP_PREFIX, hash_bytes
 
     mnt, far = sys.argv[2], sys.argv[3]
     out = {}
@@ -557,11 +557,11 @@ def test_full_disk_keeps_the_old_file_and_no_temp(tmp_path, far_dir):
 
 
 def test_big_temp_file_is_written_back_early_and_still_exact(writer, monkeypatch):
-    import node.fsops as fsops
+    import sbs.node.writer as writer_module
     calls = []
-    real_start = fsops.start_writeback
-    monkeypatch.setattr(fsops, "WRITEBACK_EVERY", 4096)
-    monkeypatch.setattr(fsops, "start_writeback",
+    real_start = writer_module.start_writeback
+    monkeypatch.setattr(writer_module, "WRITEBACK_EVERY", 4096)
+    monkeypatch.setattr(writer_module, "start_writeback",
                         lambda fd, off, n: (calls.append((off, n)), real_start(fd, off, n)))
     data = os.urandom(3 * 4096 + 100)
     entry = file_entry("big.bin", data)

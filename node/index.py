@@ -1,4 +1,5 @@
-"""Change detection on the primary: content hashes, filters, full and incremental scans, watcher.
+"""A folder's index and how it is kept: content hashes, filters, full and incremental scans,
+and the watcher (inotify) that says what to scan again.
 
 An Entry is a plain dict (orjson-serialisable) describing one object inside a replicated folder:
 ``path`` (relative POSIX), ``kind`` (file|dir|link), ``size``, ``mtime_ns``, ``mode`` (st_mode &
@@ -91,14 +92,6 @@ def hash_fd(fd: int) -> str:
     while n := os.readv(fd, [buf]):
         hasher.update(buf[:n])
     return hasher.hexdigest()
-
-
-def hash_file(path: str | os.PathLike[str]) -> str:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return hash_fd(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,13 +226,6 @@ class HashCache:
             return
         self._map[path] = (*_stat_key(st), entry)
 
-    def forget_prefix(self, path: str) -> None:
-        """Forget path and everything below it."""
-        path = path.rstrip("/")
-        below = path + "/"
-        for key in [k for k in self._map if k == path or k.startswith(below)]:
-            del self._map[key]
-
     def warn_once(self, key: str, msg: str, *args: object) -> None:
         # An unreadable file would otherwise log again on every periodic rescan.
         if key not in self._warned:
@@ -357,20 +343,6 @@ def _relpath_ok(relpath: str) -> bool:
     except PathError:
         return False
     return True
-
-
-def entry_for(root: str, relpath: str, filt: Filter, cache: HashCache) -> Entry | None:
-    """The Entry of root/relpath as it is now (lstat, never following a link), or None."""
-    if not _relpath_ok(relpath):
-        return None
-    if not _is_real_dir(root, relpath.rpartition("/")[0], {"": None}, set()):
-        return None
-    abspath = os.path.join(root, relpath)
-    try:
-        st = os.lstat(abspath)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return _entry_from_stat(relpath, abspath, st, filt, cache)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from node.scan import (
+from .index import (
     CHUNK,
     TEMP_PREFIX,
     Entry,
@@ -32,7 +32,7 @@ from node.scan import (
     link_entry,
     new_hasher,
 )
-from node.tree import (  # noqa: F401  (re-exported: the path rule's home is node/tree.py)
+from .tree import (  # noqa: F401  (re-exported: the path rule's home is node/tree.py)
     MAX_NAME_BYTES,
     MAX_PATH_BYTES,
     PathError,

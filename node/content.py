@@ -26,8 +26,8 @@ import zmq
 
 from . import protocol
 from .config import FolderConfig
+from .index import Filter
 from .protocol import Bad
-from .scan import Filter
 from .security import Keys, client, serve
 from .tree import DIR_FLAGS, PathError, check_relpath
 

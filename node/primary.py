@@ -1,0 +1,287 @@
+"""The primary's side of replication, on the loop thread.
+
+It owns the scanner's inproc pipe: the Scanner thread reports deltas, which are numbered and
+published on the bus as MANIFESTs (the loop's PUB), and kept in a mirror of the index so a
+secondary can ask for a snapshot (SNAPSHOT on the ROUTER, answered with SNAPSHOT_REP). The
+secondary's ACKs say how far it applied: that much becomes agreed in the journal, written by a
+thread of its own (after a snapshot it walks the whole index). A hand-over or a stop first runs
+the final sync: flush the watcher, then wait (bounded) until the peer has applied it all.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from . import protocol
+from .config import FolderConfig
+from .fsm import PRIMARY_LIKE, E
+from .journal import Agreed
+from .scanner import Scanner
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("sbs.node")
+
+KEEP_UNACKED = 10_000  # manifests kept for the journal until the secondary acknowledges them
+
+
+@dataclass
+class FinalSync:
+    """The last sync of a hand-over or a stop: everything closed before it began must reach
+    the peer, or `deadline` passes."""
+    deadline: float
+    token: str  # the scanner's flush answers with it
+    why: str
+    target: int | None = None  # the manifest holding everything, once the flush is done
+
+
+class Primary:
+    def __init__(self, node: Node):
+        self.node = node
+        self.seq = 0  # last manifest seq published
+        self.index: dict[str, dict[str, dict]] = {}  # mirror of the scanner's index
+        self.index_ready = False
+        self.unacked: collections.deque[tuple[int, dict]] = collections.deque()
+        self.scanner: Scanner | None = None
+        self.final_sync: FinalSync | None = None
+        self.peer_last_sync: float | None = None  # wall time the secondary was in sync
+        self.pipes = 0  # scanner pipes replaced by restart()
+        self.endpoint = f"inproc://scanner-{node.run_id}"
+        self.pipe = node.ctx.socket(zmq.PAIR)
+        self.pipe.bind(self.endpoint)
+        self.journal_jobs: queue.Queue = queue.Queue()
+        self.journal = threading.Thread(target=self._journal_worker, name="sbs-journal",
+                                        daemon=True)
+        self.journal.start()
+
+    # ------------------------------------------------------------------ scanner
+    def start(self, folders: dict[str, FolderConfig]) -> None:
+        node = self.node
+        node.blobs.set_folders(folders)
+        self.index = {n: {} for n in folders}
+        self.index_ready = False
+        node.lists.record_primary(folders)
+        self.scanner = Scanner(node.ctx, self.endpoint, folders, period=node.cfg.period)
+        self.scanner.start()
+
+    def stop(self) -> None:
+        if self.scanner is not None:
+            self.scanner.stop()
+            self.scanner = None
+        self.index_ready = False
+
+    def restart(self, folders: dict[str, FolderConfig]) -> None:
+        """A new folder list while primary: a new scanner on a new pipe (an inproc PAIR takes
+        one peer, and the old one's goodbye is only processed on a later turn of the loop)."""
+        node = self.node
+        self.stop()
+        node.poller.unregister(self.pipe)
+        self.pipe.close()
+        self.pipes += 1
+        self.endpoint = f"inproc://scanner-{node.run_id}-{self.pipes}"
+        self.pipe = node.ctx.socket(zmq.PAIR)
+        self.pipe.bind(self.endpoint)
+        node.poller.register(self.pipe, zmq.POLLIN)
+        self.start(folders)
+
+    def on_scanner(self, frames: list[bytes]) -> None:
+        kind = frames[0]
+        if kind == b"delta":
+            if self.scanner is None or frames[1] != self.scanner.ident:
+                return  # left in the pipe by a scanner that has stopped
+            delta = self.scanner.take_delta()
+            full = frames[2] == b"full"
+            self.publish_delta(delta)
+            if full and not self.index_ready:
+                self.index_ready = True
+                log.info("first scan done: %s", {n: len(ix) for n, ix in self.index.items()})
+        elif kind == b"flushed":
+            fs = self.final_sync
+            if fs is not None and fs.token == frames[1].decode():
+                fs.target = self.seq
+                log.info("final sync: everything is in manifest %d", self.seq)
+        elif kind == b"error":
+            log.error("scanner: %s", frames[1].decode(errors="replace"))
+            self.node.publish_event("error", where="scanner",
+                                    error=frames[1].decode(errors="replace"))
+
+    def publish_delta(self, delta: dict[str, list[dict]]) -> None:
+        node = self.node
+        items = [(f, e) for f, entries in delta.items() for e in entries]
+        for start in range(0, len(items), protocol.MANIFEST_PART):
+            part: dict[str, list[dict]] = {}
+            for folder, entry in items[start:start + protocol.MANIFEST_PART]:
+                part.setdefault(folder, []).append(entry)
+                index = self.index.setdefault(folder, {})
+                if entry.get("deleted"):
+                    index.pop(entry["path"], None)
+                else:
+                    index[entry["path"]] = entry
+            self.seq += 1
+            self.unacked.append((self.seq, part))
+            while len(self.unacked) > KEEP_UNACKED:
+                self.unacked.popleft()
+            node.pub.send_multipart(protocol.encode_bus("MANIFEST", {
+                "name": node.cfg.name, "run": node.run_id, "epoch": node.epoch, "seq": self.seq,
+                "part": 0, "parts": 1, "entries": part,
+            }))
+            log.debug("manifest %d: %d entries", self.seq, sum(len(v) for v in part.values()))
+
+    # ------------------------------------------------------------------ the secondary's requests
+    def on_snapshot_request(self, ident: bytes, body: dict[str, Any]) -> None:
+        node = self.node
+        if node.state not in PRIMARY_LIKE or not self.index_ready:
+            node.reply(ident, protocol.reply_error(
+                "not ready for a snapshot" if node.state in PRIMARY_LIKE else "not primary"))
+            return
+        reply = {
+            "name": node.cfg.name, "run": node.run_id, "epoch": node.epoch, "seq": self.seq,
+            **node.lists.folder_fields(node.folders), **node.lists.sentinel_fields(),
+            "index": {n: list(ix.values()) for n, ix in self.index.items()},
+            "lists": node.ops.stamp.wire(),
+        }
+        node.reply(ident, protocol.encode("SNAPSHOT_REP", reply))
+        log.info("sent snapshot at manifest %d (%d entries)", self.seq,
+                 sum(len(ix) for ix in self.index.values()))
+
+    def on_ack(self, ident: bytes, body: dict[str, Any]) -> None:
+        """The secondary applied everything up to `applied`: that much is now agreed. The
+        journal work runs on the journal thread: after a snapshot it walks the whole index
+        (100k entries take seconds), which would silence our heartbeats past dead_after."""
+        if body.get("following", self.node.run_id) != self.node.run_id:
+            # counted in a previous run of ours (we restarted; the peer has not noticed yet):
+            # those numbers are not our manifests, and the journal must not say otherwise
+            log.debug("ignored an ACK for run %s", body["following"])
+            return
+        applied = body["applied"]
+        acked = []
+        while self.unacked and self.unacked[0][0] <= applied:
+            acked.append(self.unacked.popleft()[1])
+        if body["snapshot"]:
+            later = {(f, e["path"]) for s, part in self.unacked if s > applied
+                     for f, es in part.items() for e in es}
+            # entries are never mutated in place (a change replaces them): a shallow copy of
+            # each folder's entry list is a consistent view for the thread
+            whole = [(f, list(ix.values())) for f, ix in self.index.items()]
+            self.journal_jobs.put((whole, later, acked))
+        elif acked:
+            self.journal_jobs.put(([], set(), acked))
+        peer = self.node.peer
+        peer.applied = max(peer.applied, applied)
+
+    def _journal_worker(self) -> None:
+        agreed = self.node.agreed
+        while (job := self.journal_jobs.get()) is not None:
+            # a write failed (full state disk): the journal in memory is whole; it is written
+            # out again here, off the loop (a large one takes a while)
+            agreed.rewrite()
+            whole, later, acked = job
+            updates = []
+            for folder, entries in whole:
+                for entry in entries:
+                    path = entry["path"]
+                    if (folder, path) not in later:
+                        token = Agreed.token(entry)
+                        if agreed.get(folder, path) != token:
+                            updates.append((folder, path, token))
+            for part in acked:
+                for folder, entries in part.items():
+                    updates.extend((folder, e["path"], Agreed.token(e)) for e in entries)
+            agreed.update(updates)  # a failed write is kept in memory and retried
+
+    def rewrite_journal(self) -> None:
+        """The journal's last write failed: the journal thread writes it out again."""
+        self.journal_jobs.put(([], set(), []))  # nothing new: the worker rewrites it
+
+    def peer_heard(self) -> None:
+        """A PING/PONG of the peer came in: note when the secondary had everything."""
+        peer = self.node.peer
+        if (self.node.state in PRIMARY_LIKE and peer.state == "secondary" and peer.synced
+                and peer.follows(self.node.run_id) and peer.applied >= self.seq):
+            self.peer_last_sync = time.time()  # the secondary had everything we had published
+
+    # ------------------------------------------------------------------ final sync
+    def begin_final_sync(self, why: str) -> None:
+        node = self.node
+        self.final_sync = FinalSync(deadline=time.monotonic() + node.cfg.handover_timeout,
+                                    token=secrets.token_hex(4), why=why)
+        if self.scanner is not None:
+            # everything closed before now must be in a manifest: flush the watcher + rescan
+            self.scanner.flush(self.final_sync.token)
+        else:
+            self.final_sync.target = self.seq
+        log.info("final sync: flushing changes, then waiting (<= %.0fs) for %s to apply them",
+                 node.cfg.handover_timeout, node.peer.name or node.cfg.peer)
+
+    def abort_final_sync(self) -> None:
+        self.final_sync = None
+
+    def next_deadline(self) -> float | None:
+        return self.final_sync.deadline if self.final_sync is not None else None
+
+    def tick(self, now: float) -> E | None:
+        """SYNC_DONE once the final sync is done (or can get no further)."""
+        fs = self.final_sync
+        if fs is None:
+            return None
+        peer, run_id = self.node.peer, self.node.run_id
+        if not peer.alive or peer.state != "secondary":
+            done = fs.target is not None or now >= fs.deadline
+            why = "no secondary to wait for"
+        elif fs.target is None:
+            done, why = now >= fs.deadline, "flush timed out"
+        else:
+            # the peer's numbers count in our manifests only once it follows this run of ours
+            # (a restarted primary numbers from 0 again; the peer may not have noticed yet)
+            ours = peer.follows(run_id)
+            done = ours and peer.applied >= fs.target and peer.synced
+            why = f"peer applied manifest {peer.applied}"
+            if not done and ours and peer.stuck and peer.through >= fs.target:
+                # the peer worked through everything and what is left waits for disk space:
+                # waiting out handover_timeout would not bring it
+                done = True
+                why = (f"{peer.name} has manifest {fs.target} but cannot apply "
+                       f"everything: {peer.stuck}")
+                log.error("final sync incomplete: %s", why)
+            elif not done and now >= fs.deadline:
+                done, why = True, f"timed out at {peer.applied}/{fs.target}"
+                log.error("final sync incomplete: %s", why)
+        if not done:
+            return None
+        log.info("final sync done: %s", why)
+        self.node.ops.handover_why = fs.why  # the HANDOVER says why (planned, not a failover)
+        self.final_sync = None
+        return E.SYNC_DONE
+
+    # ------------------------------------------------------------------ status, shutdown
+    def status(self) -> dict[str, Any]:
+        peer = self.node.peer
+        peer_ok = peer.alive and peer.state == "secondary"
+        # its numbers count in our manifests only once it follows this run of ours
+        ours = peer_ok and peer.follows(self.node.run_id)
+        return {
+            "direction": "outgoing", "seq": self.seq, "ready": self.index_ready,
+            "folders": {n: len(ix) for n, ix in self.index.items()},
+            "peer_following": ours,
+            "peer_applied": peer.applied if ours else None,
+            "lag_manifests": (self.seq - peer.applied) if ours else None,
+            "pending_files": peer.pending_files if peer_ok else None,
+            "pending_bytes": peer.pending_bytes if peer_ok else None,
+            "peer_error": peer.error if peer_ok else "",
+            "peer_stuck": peer.stuck if ours else "",
+            "peer_last_sync": self.peer_last_sync,
+        }
+
+    def close(self) -> None:
+        self.stop()
+        self.journal_jobs.put(None)
+        self.journal.join(30)

@@ -1,0 +1,72 @@
+"""Stopping the sentinels as a state with a deadline, not a wait.
+
+A primary that hands over or stops sends SIGTERM to its sentinels and runs the table's actions
+after STOP_SENTINELS (hand-over, follow, exit) only once they are gone. Meanwhile the loop runs:
+STATUS is answered and the peer keeps hearing "stopping" (a peer that is leaving: no takeover, a
+HANDOVER or silence follows), so the service never runs on both nodes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .fsm import A, E, S
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("sbs.node")
+
+
+@dataclass
+class _Pending:
+    rest: tuple[A, ...]  # the actions still to do once the sentinels are gone
+    how: dict[str, Any]  # what they are called with (prev, event, context)
+    since: float
+    queued: list[tuple[E, Any]] = field(default_factory=list)  # events held meanwhile
+
+
+class SentinelStop:
+    def __init__(self, node: Node):
+        self.node = node
+        self.pending: _Pending | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.pending is not None
+
+    def begin(self, rest: tuple[A, ...], **how: Any) -> bool:
+        """SIGTERM to the sentinels; `rest` runs once they are gone. False when nothing was
+        running (the rest runs at once)."""
+        sentinels = self.node.sentinels
+        sentinels.begin_stop_all()
+        if sentinels.stop_done():
+            return False
+        self.pending = _Pending(rest=rest, how=how, since=time.monotonic())
+        log.info("stopping sentinels; then %s", [a.value for a in rest] or "nothing")
+        return True
+
+    def hold(self, event: E, context: Any) -> None:
+        # the actions of the last transition are not done yet: this event is for the state
+        # they leave us in. What the peer's state says is said again by its next ping (and
+        # would be stale by then); silence, a hand-over and a stop are not.
+        if event in (E.STOP, E.PEER_SILENT, E.PEER_HANDOVER):
+            queued = self.pending.queued
+            if (event, context) not in queued:
+                queued.append((event, context))
+
+    def tick(self, now: float) -> None:
+        node, stop = self.node, self.pending
+        if stop is None or not node.sentinels.stop_done():
+            return
+        self.pending = None
+        log.info("sentinels stopped in %.1fs", now - stop.since)
+        for action in stop.rest:
+            node.perform(action, **stop.how)
+        node.state_at = time.monotonic()  # the state counts from when its actions are done
+        node.link.send_ping()
+        for event, context in stop.queued:
+            if self.pending is None and node.state != S.STOPPED:
+                node.feed(event, context=context)

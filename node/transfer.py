@@ -1,0 +1,293 @@
+"""The secondary's file transfer: fetch files from the primary, write and commit them.
+
+Small files travel many to a request and are written and committed on lane threads (each with
+its own temp directory) while the next replies arrive; big files come in chunks, written by a
+thread of their own (_ChunkWriter) so receiving overlaps with writing and hashing. What becomes
+of each file is handed back to the Syncer that runs the transfer: applied (for the journal),
+pending (to retry) or failed.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import errno
+import itertools
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from .content import FetchError
+from .journal import Agreed
+from .writer import FolderWriter, HashMismatch, PathError
+
+if TYPE_CHECKING:
+    from .syncer import Syncer
+
+log = logging.getLogger("sbs.syncer")
+
+SMALL = 256 << 10  # files up to this size travel many to a request
+BATCH_BYTES = 1 << 20
+BATCH_ITEMS = 256
+CHUNK = 1 << 20
+LANES = 2  # threads writing small files, each with its own temp directory
+
+
+class Transfer:
+    def __init__(self, syncer: Syncer):
+        self.syncer = syncer
+        self._lanes: concurrent.futures.ThreadPoolExecutor | None = None  # small-file writers
+        self._lane_id = threading.local()
+
+    def close(self) -> None:
+        if self._lanes is not None:
+            self._lanes.shutdown(wait=True)
+
+    def fetch(self, name: str, files: list[dict]) -> list[tuple[str, str, str]]:
+        """Fetch, verify and commit files; return what got applied (for the journal)."""
+        writer = self.syncer.writers[name]
+        done: list[tuple[str, str, str]] = []
+        by_path = {e["path"]: e for e in files if e["size"] > 0}
+        open_big: dict[str, Any] = {}
+        lanes: collections.deque[concurrent.futures.Future] = collections.deque()
+        # Files that failed on our side (a full disk, a bad path): their remaining chunks are
+        # not asked for. Other files go on: a file too big for the space left must not keep
+        # the small ones behind it from arriving.
+        skip: set[str] = set()
+        chunks: _ChunkWriter | None = None  # big files' writer thread, started when needed
+        free = free_bytes(writer.root)
+        for e in by_path.values():
+            if free is not None and e["size"] > free:
+                # the temp file sits next to the old copy until the rename: it cannot fit, so
+                # do not transfer it (a hostile or corrupt size of 2**62 ends here too)
+                skip.add(e["path"])
+                self.syncer.failed(name, e, OSError(errno.ENOSPC, f"{e['size']} bytes needed, "
+                                              f"{free} free"))
+
+        def abandon(path: str) -> None:
+            """Drop a big file's temp file once the chunk writer is done with it."""
+            if (tmp := open_big.pop(path, None)) is not None:
+                if chunks is not None:
+                    chunks.drain()
+                    chunks.error(tmp)
+                tmp.abort()
+
+        try:
+            for e in files:
+                if e["size"] == 0:
+                    try:
+                        tmp = writer.new_temp(e["path"])
+                    except (PathError, OSError) as exc:
+                        self.syncer.failed(name, e, exc)
+                        continue
+                    self._commit(name, [(tmp, e)], done)
+            batches = self._batches(name, by_path, skip)
+            for items, metas, blobs in self.syncer.fetcher.fetch(batches):
+                small: list[tuple[Any, dict]] = []
+                for item, meta, blob in zip(items, metas, blobs, strict=True):
+                    e = by_path[item["p"]]
+                    if e["path"] in skip:
+                        continue
+                    if meta["size"] != e["size"] or "err" in meta:
+                        # changed or gone since the manifest: the next one will say more
+                        abandon(e["path"])
+                        if e["path"] not in {x[1] for x in done}:
+                            self.syncer.pend(name, e)
+                        continue
+                    if e["size"] <= SMALL:
+                        small.append((e, blob))
+                        continue
+                    try:
+                        tmp = open_big.get(e["path"])
+                        if tmp is None:
+                            if item["o"] != 0:
+                                continue  # an earlier chunk failed; this file is pending
+                            tmp = open_big[e["path"]] = writer.new_temp(e["path"])
+                        if chunks is None:
+                            chunks = _ChunkWriter()
+                        if (exc := chunks.error(tmp)) is not None:
+                            raise exc  # an earlier chunk's write failed (a full disk)
+                        chunks.write(tmp, blob)
+                        if item["o"] + len(blob) >= e["size"]:
+                            chunks.drain()  # the whole file is written before it is sealed
+                            if (exc := chunks.error(tmp)) is not None:
+                                raise exc
+                    except (PathError, OSError) as exc:
+                        abandon(e["path"])
+                        skip.add(e["path"])
+                        self.syncer.failed(name, e, exc)
+                        continue
+                    if item["o"] + len(blob) >= e["size"]:
+                        del open_big[e["path"]]
+                        self._commit(name, [(tmp, e)], done)
+                if small:
+                    # written and committed on a lane thread while the next replies arrive
+                    lanes.append(self._lane_pool().submit(self._write_small, writer, small))
+                    while len(lanes) > 2 * LANES:
+                        self._settle(name, lanes.popleft(), done)
+        except FetchError as exc:
+            log.error("fetching from the primary failed: %s", exc)
+            self.syncer.error = str(exc)
+            self.syncer.fetcher.close()
+            while lanes:
+                self._settle(name, lanes.popleft(), done)
+            got = {x[1] for x in done}
+            for e in by_path.values():
+                if e["path"] not in got:
+                    self.syncer.pend(name, e)
+        except BaseException:
+            # an unexpected error: no lane may still be writing into the folder when it leaves
+            concurrent.futures.wait(lanes)
+            lanes.clear()
+            raise
+        finally:
+            if chunks is not None:
+                chunks.close()  # after the chunks queued before it: no write is left running
+            for tmp in open_big.values():
+                tmp.abort()
+        # every batch handed to a lane is finished and accounted for before we return
+        while lanes:
+            self._settle(name, lanes.popleft(), done)
+        return done
+
+    # --- small files on lane threads -------------------------------------------------
+    def _lane_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._lanes is None:
+            ids = itertools.count(1)
+
+            def name_lane() -> None:
+                self._lane_id.lane = next(ids)
+
+            self._lanes = concurrent.futures.ThreadPoolExecutor(
+                LANES, thread_name_prefix="sbs-syncer-lane", initializer=name_lane)
+        return self._lanes
+
+    def _write_small(self, writer: FolderWriter, pairs: list[tuple[dict, Any]]
+                     ) -> tuple[list[tuple[dict, BaseException]], list, list]:
+        """On a lane thread: write a batch of small files to temp files in the lane's own temp
+        directory and commit them (one syncfs). Only disk work happens here; what it means
+        for pending, events and the journal is settled on the syncer thread."""
+        lane = self._lane_id.lane
+        failed: list[tuple[dict, BaseException]] = []
+        items: list[tuple[Any, dict]] = []
+        for e, blob in pairs:
+            try:
+                tmp = writer.new_temp(e["path"], lane)
+                tmp.write(blob)  # on error the temp file removes itself
+            except (PathError, OSError) as exc:
+                failed.append((e, exc))
+                continue
+            items.append((tmp, e))
+        return failed, items, self._commit_files(writer, items)
+
+    def _settle(self, name: str, fut: concurrent.futures.Future, done: list) -> None:
+        failed, items, results = fut.result()
+        for e, exc in failed:
+            self.syncer.failed(name, e, exc)
+        self._book(name, items, results, done)
+
+    def _batches(self, name: str, by_path: dict[str, dict],
+                 skip: set[str]) -> Iterator[list[dict]]:
+        batch: list[dict] = []
+        size = 0
+        for e in by_path.values():
+            if e["path"] in skip:
+                continue
+            if e["size"] > SMALL:
+                if batch:
+                    yield batch
+                    batch, size = [], 0
+                for off in range(0, e["size"], CHUNK):
+                    if e["path"] in skip:
+                        break
+                    yield [{"f": name, "p": e["path"], "o": off,
+                            "n": min(CHUNK, e["size"] - off)}]
+                continue
+            batch.append({"f": name, "p": e["path"], "o": 0, "n": e["size"]})
+            size += e["size"]
+            if size >= BATCH_BYTES or len(batch) >= BATCH_ITEMS:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+    def _commit(self, name: str, items: list, done: list) -> None:
+        self._book(name, items, self._commit_files(self.syncer.writers[name], items), done)
+
+    @staticmethod
+    def _commit_files(writer: FolderWriter, items: list) -> list[BaseException | None]:
+        if not items:
+            return []
+        if len(items) == 1:
+            tmp, e = items[0]
+            try:
+                writer.commit(tmp, e)
+                return [None]
+            except (HashMismatch, PathError, OSError) as exc:
+                return [exc]
+        return writer.commit_many(items)
+
+    def _book(self, name: str, items: list, results: list, done: list) -> None:
+        for (tmp, e), res in zip(items, results, strict=True):
+            if res is None:
+                done.append((name, e["path"], Agreed.token(e)))
+                self.syncer.file_event("fetched", name, e)
+            else:
+                tmp.abort()
+                self.syncer.failed(name, e, res)
+
+
+class _ChunkWriter:
+    """Writes the chunks of big files in a thread of its own, so receiving the next chunks
+    (which keeps the fetch window full) overlaps with writing and hashing this one.
+
+    Bounded (QUEUE chunks, 1 MiB each), so memory stays flat. A failed write aborts its temp
+    file (TempFile.write does) and is kept in `errors` for the syncer to pick up; the syncer
+    touches a temp file handed to this thread again only after drain().
+    """
+
+    QUEUE = 16
+
+    def __init__(self) -> None:
+        self.q: queue.Queue[tuple[Any, Any] | None] = queue.Queue(self.QUEUE)
+        self.errors: dict[int, BaseException] = {}  # id(temp file) -> what its write raised
+        self.thread = threading.Thread(target=self._run, name="sbs-syncer-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.q.get()
+            try:
+                if job is None:
+                    return
+                tmp, blob = job
+                if id(tmp) not in self.errors:
+                    try:
+                        tmp.write(blob)
+                    except BaseException as exc:  # noqa: BLE001 -- handed to the syncer
+                        self.errors[id(tmp)] = exc
+            finally:
+                self.q.task_done()
+
+    def write(self, tmp: Any, blob: Any) -> None:
+        self.q.put((tmp, blob))
+
+    def drain(self) -> None:
+        self.q.join()
+
+    def error(self, tmp: Any) -> BaseException | None:
+        return self.errors.pop(id(tmp), None)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+
+
+def free_bytes(path: str) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize

@@ -1,0 +1,159 @@
+"""The primary's and the secondary's sides in-process: a real Node (real sockets, a real Syncer
+and journal thread) whose loop is not running, driven by the messages a peer would send. The
+test plays the peer with a ROUTER on the peer's address; a test takes milliseconds, where the
+end-to-end tests of the same rules take seconds."""
+from __future__ import annotations
+
+import secrets
+import time
+
+import orjson
+import pytest
+import zmq
+from sbs.node import protocol
+from sbs.node.config import load
+from sbs.node.node import Node
+
+from tests.pair import HOSTS, free_port_triplet, wait_for, write_config
+
+PRIMARY_RUN = secrets.token_hex(8)
+
+
+@pytest.fixture
+def alpha(tmp_path):
+    """alpha, not running its loop, and a ROUTER where it looks for its peer beta."""
+    port = free_port_triplet()
+    (tmp_path / "data/alpha/docs").mkdir(parents=True)
+    cfg = load(write_config(tmp_path, "alpha", port, security={"curve": "false"}))
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.ROUTER)
+    peer.linger = 0
+    peer.bind(f"tcp://{HOSTS['beta']}:{port}")
+    node = Node(cfg)
+    try:
+        # the node's DEALER drops what it cannot send yet (IMMEDIATE): wait for the connection
+        wait_for(lambda: node.link.send("STATUS", {}), 10, "alpha's dealer to connect")
+        assert received(peer)[0] == "STATUS"
+        node.peer_socket = peer
+        yield node
+    finally:
+        node.close()
+        peer.close()
+        ctx.term()
+
+
+def received(peer: zmq.Socket, timeout: float = 5.0) -> tuple[str, dict]:
+    """The next command the node sent its peer, and its body."""
+    assert peer.poll(timeout * 1000), "nothing sent to the peer"
+    msg = protocol.decode(peer.recv_multipart()[1:])
+    assert not isinstance(msg, protocol.Bad), msg
+    return msg.command, msg.body
+
+
+def nothing_sent(peer: zmq.Socket) -> bool:
+    return not peer.poll(50)
+
+
+def snapshot_rep(run: str, seq: int) -> protocol.Message:
+    msg = protocol.decode(protocol.encode("SNAPSHOT_REP", {
+        "name": "beta", "run": run, "epoch": 1, "seq": seq, "folders": {}, "paths": {},
+        "sentinels": {}, "active": [], "sv": 0, "index": {},
+    }))
+    assert not isinstance(msg, protocol.Bad), msg
+    return msg
+
+
+def manifest(run: str, seq: int) -> list[bytes]:
+    return protocol.encode_bus("MANIFEST", {"name": "beta", "run": run, "epoch": 1, "seq": seq,
+                                            "part": 0, "parts": 1, "entries": {}})
+
+
+def heartbeat(run: str, seq: int) -> list[bytes]:
+    return protocol.encode_bus("HB", {"name": "beta", "run": run, "epoch": 1,
+                                      "state": "primary", "seq": seq, "sv": 0})
+
+
+def following(node: Node, run: str, seq: int) -> None:
+    """Make `node` a secondary that took a snapshot of primary run `run` at manifest `seq`."""
+    node._do_follow()  # the FSM's FOLLOW action, as on joining a primary
+    assert received(node.peer_socket)[0] == "SNAPSHOT"
+    node.secondary.on_snapshot(snapshot_rep(run, seq))
+    assert (node.secondary.follow.run, node.secondary.follow.seen) == (run, seq)
+
+
+def test_a_manifest_gap_asks_for_a_new_snapshot(alpha):
+    following(alpha, PRIMARY_RUN, 4)
+    alpha.secondary.on_bus(manifest(PRIMARY_RUN, 5))
+    assert alpha.secondary.follow.seen == 5
+    assert nothing_sent(alpha.peer_socket)
+    alpha.secondary.on_bus(manifest(PRIMARY_RUN, 7))  # 6 was lost
+    assert received(alpha.peer_socket)[0] == "SNAPSHOT"
+    assert alpha.secondary.follow.run is None  # nothing counts until the new snapshot
+    assert alpha.secondary.follow.snapshot_deadline is not None
+
+
+def test_a_heartbeat_ahead_of_the_manifests_asks_for_a_new_snapshot(alpha):
+    following(alpha, PRIMARY_RUN, 4)
+    alpha.secondary.on_bus(heartbeat(PRIMARY_RUN, 4))
+    assert nothing_sent(alpha.peer_socket)
+    alpha.secondary.on_bus(heartbeat(PRIMARY_RUN, 6))  # manifests 5 and 6 never came
+    assert received(alpha.peer_socket)[0] == "SNAPSHOT"
+
+
+def test_a_restarted_primarys_manifests_from_zero_are_followed(alpha):
+    following(alpha, PRIMARY_RUN, 40)
+    restarted = secrets.token_hex(8)
+    alpha.secondary.on_bus(heartbeat(restarted, 0))
+    assert received(alpha.peer_socket)[0] == "SNAPSHOT"
+    alpha.secondary.on_bus(manifest(restarted, 1))  # while the snapshot is on its way
+    alpha.secondary.on_bus(manifest(PRIMARY_RUN, 41))  # the old run's, numbered alike: not ours
+    alpha.secondary.on_snapshot(snapshot_rep(restarted, 0))
+    alpha.secondary.on_bus(manifest(restarted, 2))
+    assert (alpha.secondary.follow.run, alpha.secondary.follow.seen) == (restarted, 2)
+    # the Syncer applies them; its report goes to the primary as an ACK in the new run's numbers
+    wait_for(lambda: applied_report(alpha) == 2, 10, "the syncer to apply manifest 2")
+    acks = [body for command, body in sent_until_quiet(alpha.peer_socket) if command == "ACK"]
+    assert acks and acks[-1]["following"] == restarted and acks[-1]["applied"] == 2
+    assert alpha.secondary.progress.applied == 2
+
+
+def applied_report(node: Node) -> int | None:
+    """Hand the Syncer's next report (if any) to the secondary; the `applied` it reported."""
+    if not node.secondary.pipe.poll(100):
+        return None
+    frames = node.secondary.pipe.recv_multipart()
+    node.secondary.on_syncer(frames)
+    return orjson.loads(frames[1])["applied"] if frames[0] == b"applied" else None
+
+
+def sent_until_quiet(peer: zmq.Socket) -> list[tuple[str, dict]]:
+    out = []
+    while peer.poll(200):
+        out.append(received(peer))
+    return out
+
+
+def publish_one(node: Node) -> dict:
+    entry = {"path": "a.txt", "kind": "file", "size": 1, "mtime": time.time(),
+             "hash": "0" * 16, "mode": 0o644}
+    node.primary.publish_delta({"docs": [entry]})
+    return entry
+
+
+def test_an_ack_for_another_primary_run_is_ignored(alpha):
+    publish_one(alpha)
+    assert alpha.primary.seq == 1
+    alpha.primary.on_ack(b"", {"name": "beta", "run": "r", "applied": 1, "snapshot": False,
+                               "following": secrets.token_hex(8)})
+    assert alpha.peer.applied == 0
+    assert len(alpha.primary.unacked) == 1  # still not agreed
+    assert alpha.primary.journal_jobs.empty()
+
+
+def test_an_ack_for_this_run_makes_the_manifest_agreed(alpha):
+    entry = publish_one(alpha)
+    alpha.primary.on_ack(b"", {"name": "beta", "run": "r", "applied": 1, "snapshot": False,
+                               "following": alpha.run_id})
+    assert alpha.peer.applied == 1
+    assert not alpha.primary.unacked
+    wait_for(lambda: alpha.agreed.get("docs", "a.txt") == entry["hash"], 5, "the journal")
