@@ -54,7 +54,7 @@ class Primary:
         self.scanner: Scanner | None = None
         self.final_sync: FinalSync | None = None
         self.peer_last_sync: float | None = None  # wall time the secondary was in sync
-        self.pipes = 0  # scanner pipes replaced by restart()
+        self.pipes = 0  # scanner pipes used so far (each scanner gets a fresh one)
         self.endpoint = f"inproc://scanner-{node.run_id}"
         self.pipe = node.ctx.socket(zmq.PAIR)
         self.pipe.bind(self.endpoint)
@@ -66,6 +66,9 @@ class Primary:
     # ------------------------------------------------------------------ scanner
     def start(self, folders: dict[str, FolderConfig]) -> None:
         node = self.node
+        if self.pipes:
+            self._new_pipe()
+        self.pipes += 1
         node.blobs.set_folders(folders)
         self.index = {n: {} for n in folders}
         self.index_ready = False
@@ -80,18 +83,22 @@ class Primary:
         self.index_ready = False
 
     def restart(self, folders: dict[str, FolderConfig]) -> None:
-        """A new folder list while primary: a new scanner on a new pipe (an inproc PAIR takes
-        one peer, and the old one's goodbye is only processed on a later turn of the loop)."""
-        node = self.node
+        """A new folder list while primary: a new scanner."""
         self.stop()
+        self.start(folders)
+
+    def _new_pipe(self) -> None:
+        """A fresh pipe for the next scanner: an inproc PAIR takes one peer, and the last
+        scanner's goodbye may not be processed yet (a quick restart, or a primary term that
+        follows another within a second), when the new one's connection would be refused
+        and its first send would block."""
+        node = self.node
         node.poller.unregister(self.pipe)
         self.pipe.close()
-        self.pipes += 1
         self.endpoint = f"inproc://scanner-{node.run_id}-{self.pipes}"
         self.pipe = node.ctx.socket(zmq.PAIR)
         self.pipe.bind(self.endpoint)
         node.poller.register(self.pipe, zmq.POLLIN)
-        self.start(folders)
 
     def on_scanner(self, frames: list[bytes]) -> None:
         kind = frames[0]
