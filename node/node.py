@@ -49,6 +49,13 @@ log = logging.getLogger("sbs.node")
 # that has just come up hears from us within milliseconds rather than at the next heartbeat;
 # the wait doubles while the peer stays unreachable, up to the heartbeat itself
 PING_RETRY = 0.025
+# The sentinel guard (node/guard.py) stops the sentinels GUARD_SHARE of dead_after after the
+# last heartbeat we sent (SIGTERM), and SIGKILLs them GUARD_KILL_SHARE of it later: they are
+# gone before the peer, which hears that heartbeat no earlier than we send it, can take over.
+# The rest (1/3 of dead_after minus a heartbeat) is how late a busy loop may be without a
+# false stop.
+GUARD_SHARE = 2 / 3
+GUARD_KILL_SHARE = 1 / 6
 
 
 class NodeError(RuntimeError):
@@ -109,7 +116,9 @@ class Node:
         self.journal.start()
 
         self.notifier = Notifier(cfg.email)
-        self.sentinels = Sentinels(self.state_dir, on_event=self._sentinel_event)
+        self.sentinels = Sentinels(self.state_dir, on_event=self._sentinel_event,
+                                   guard_kill_after=cfg.dead_after * GUARD_KILL_SHARE)
+        self.hold_until: float | None = None  # sentinels held after a lapse (see _on_lapse)
         self._load_sentinels_for(own=True)
         killed = self.sentinels.cleanup_leftovers()
         if killed:
@@ -246,6 +255,8 @@ class Node:
             deadlines.append(w)
         if self.final_sync is not None:
             deadlines.append(self.final_sync["deadline"])
+        if self.hold_until is not None:
+            deadlines.append(self.hold_until)
         if self.follow.get("snapshot_deadline"):
             deadlines.append(self.follow["snapshot_deadline"])
         return min(deadlines)
@@ -268,6 +279,7 @@ class Node:
             self._ping_peer(now)
         if self.state in PRIMARY_LIKE and not self.restricted:
             self.sentinels.poll()
+        self._check_hold(now)
         self._check_final_sync(now)
         if self.follow.get("snapshot_deadline") and now >= self.follow["snapshot_deadline"]:
             if self.follow.get("snapshot_sent"):
@@ -309,9 +321,34 @@ class Node:
         if restricted:
             log.warning("role = backup and started without a peer: restricted, no sentinels")
         else:
-            self.sentinels.run()
+            self._run_sentinels()
         log.info("PRIMARY now (epoch %d, %s)%s", self.epoch, why,
                  " [restricted]" if restricted else "")
+
+    def _confirm_primacy(self) -> bool:
+        """Tell the sentinel guard we are alive and primary, right before a heartbeat leaves."""
+        return self.sentinels.confirm(time.monotonic() + self.cfg.dead_after * GUARD_SHARE)
+
+    def _run_sentinels(self) -> None:
+        self.hold_until = None
+        if self._confirm_primacy():
+            self.sentinels.run()
+
+    def _on_lapse(self) -> None:
+        """The guard stopped our sentinels: we went unheard for too long, and the peer may have
+        taken over meanwhile. Wait dead_after (and a heartbeat) for its news: if it is primary
+        now, the rule demotes us; if we are still primary after that, run them again."""
+        self.hold_until = time.monotonic() + self.cfg.dead_after + self.cfg.heartbeat
+        self.publish_event("guard", action="stopped", why="primacy unconfirmed")
+
+    def _check_hold(self, now: float) -> None:
+        if self.hold_until is None or now < self.hold_until:
+            return
+        self.hold_until = None
+        if self.state == S.PRIMARY and not self.restricted:
+            log.warning("still primary %.1f s after the guard stopped the sentinels: starting "
+                        "them again", self.cfg.dead_after + self.cfg.heartbeat)
+            self._run_sentinels()
 
     def _save_node(self, last_role: str | None = None) -> None:
         self.last_role = last_role or self.last_role
@@ -485,6 +522,7 @@ class Node:
 
     # ------------------------------------------------------------------ peer messages
     def _send_ping(self) -> None:
+        self._confirm_primacy()
         self._ping_peer(time.monotonic())
         self.pub.send_multipart(protocol.encode_bus("HB", {
             "name": self.cfg.name, "run": self.run_id, "epoch": self.epoch,
@@ -725,6 +763,9 @@ class Node:
     def _sentinel_event(self, event: dict[str, Any]) -> None:
         # Sentinels reports {"event", "name", ...}: both keys are taken on the bus (the event
         # kind and the node name), so they travel as `action` and `sentinel`.
+        if event["event"] == "lapsed":
+            self._on_lapse()
+            return
         fields = dict(event)
         self.publish_event("sentinel", action=fields.pop("event"), sentinel=fields.pop("name"),
                            **fields)

@@ -338,3 +338,39 @@ def test_cleanup_leftovers_tolerates_missing_or_bad_file(make, tmp_path):
     (tmp_path / "state").mkdir(exist_ok=True)
     (tmp_path / "state" / PIDS_FILE).write_text("{not json")
     assert sentinels.cleanup_leftovers() == []
+
+
+def test_the_guard_stops_a_stubborn_sentinel_when_the_deadline_passes_unconfirmed(make, tmp_path):
+    """The node is not called at all meanwhile (as if paused): the guard alone sends SIGTERM at
+    the deadline and SIGKILL guard_kill_after later; the next poll() starts nothing again."""
+    sentinels, events = make(guard_kill_after=0.3)
+    sentinels.confirm(time.monotonic() + 60)
+    pid = run_stubborn(sentinels, tmp_path)
+    deadline = time.monotonic() + 0.5
+    assert sentinels.confirm(deadline)
+    wait_for(lambda: not alive(pid), timeout=5)
+    gone = time.monotonic()
+    assert deadline + 0.3 <= gone < deadline + 2.0  # SIGTERM ignored: SIGKILL at the bound
+    sentinels.poll()
+    assert sentinels.lapses == 1 and events[-1]["event"] in ("lapsed", "stopped")
+    wait_for(lambda: (sentinels.poll(), by_name(sentinels)["stubborn"]["state"] == "stopped")[1])
+    assert by_name(sentinels)["stubborn"]["pid"] is None  # held: not restarted
+    # the node confirms again and runs them: back
+    assert sentinels.confirm(time.monotonic() + 60)
+    sentinels.run()
+    assert alive(by_name(sentinels)["stubborn"]["pid"])
+
+
+def test_a_confirmation_in_time_keeps_the_sentinel(make, tmp_path):
+    sentinels, _ = make(guard_kill_after=0.1)
+    sentinels.confirm(time.monotonic() + 0.4)
+    sentinels.configure({"s": SLEEPER})
+    sentinels.set_active(["s"])
+    sentinels.run()
+    pid = by_name(sentinels)["s"]["pid"]
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:  # confirmed every 0.1 s, 0.4 s ahead
+        assert sentinels.confirm(time.monotonic() + 0.4)
+        sentinels.poll()
+        time.sleep(0.1)  # the node's heartbeat
+    assert alive(pid) and sentinels.lapses == 0
