@@ -35,6 +35,7 @@ from .blobs import BlobServer
 from .config import Config, FolderConfig
 from .fsm import PRIMARY_LIKE, PUBLIC, A, E, S, step
 from .journal import Agreed
+from .lease import LEASE_KILL_SHARE, Lease
 from .notify import Notifier
 from .peer import Peer
 from .protocol import Bad, Message
@@ -116,8 +117,10 @@ class Node:
         self.journal.start()
 
         self.notifier = Notifier(cfg.email)
+        kill_after = (cfg.cluster.ttl * LEASE_KILL_SHARE if cfg.cluster.enabled
+                      else cfg.dead_after * GUARD_KILL_SHARE)
         self.sentinels = Sentinels(self.state_dir, on_event=self._sentinel_event,
-                                   guard_kill_after=cfg.dead_after * GUARD_KILL_SHARE)
+                                   guard_kill_after=kill_after)
         self.hold_until: float | None = None  # sentinels held after a lapse (see _on_lapse)
         self._load_sentinels_for(own=True)
         killed = self.sentinels.cleanup_leftovers()
@@ -127,7 +130,13 @@ class Node:
 
         self.ctx = zmq.Context()
         self.auth = start_authenticator(self.ctx, self.keys)
+        self.lease: Lease | None = None
+        self.lease_pipe: zmq.Socket | None = None
         self._open_sockets()
+        if cfg.cluster.enabled:
+            self.lease = Lease(self.ctx, cfg.cluster, cfg.name, self.run_id)
+            self.lease_pipe = self.lease.pipe
+            self.poller.register(self.lease_pipe, zmq.POLLIN)
 
     # ------------------------------------------------------------------ sockets
     def _socket(self, kind: int, *, maxmsg: int) -> zmq.Socket:
@@ -227,6 +236,7 @@ class Node:
             ("results", self._on_result),
             ("scanner_pipe", self._on_scanner),
             ("syncer_pipe", self._on_syncer),
+            ("lease_pipe", self._on_lease),
         ):
             # drain what is there now, bounded so one busy socket cannot starve the others;
             # looked up each time, since a handler may close a socket (sub on takeover)
@@ -280,6 +290,7 @@ class Node:
         if self.state in PRIMARY_LIKE and not self.restricted:
             self.sentinels.poll()
         self._check_hold(now)
+        self._update_want(now)
         self._check_final_sync(now)
         if self.follow.get("snapshot_deadline") and now >= self.follow["snapshot_deadline"]:
             if self.follow.get("snapshot_sent"):
@@ -288,7 +299,7 @@ class Node:
 
     # ------------------------------------------------------------------ fsm glue
     def feed(self, event: E, *, context: tuple[bytes, str] | None = None) -> tuple[A, ...]:
-        nxt, actions = step(self.state, event)
+        nxt, actions = step(self.state, event, dcs=self.lease is not None)
         if nxt != self.state or actions:
             log.info("%s + %s -> %s %s", self.state, event, nxt, [a.value for a in actions])
         prev = self.state
@@ -313,6 +324,8 @@ class Node:
 
     def _become_primary(self, *, restricted: bool, why: str) -> None:
         self.epoch = max(self.epoch, self.max_seen_epoch) + 1
+        if self.lease is not None and self.lease.term:
+            self.epoch = self.lease.term  # the term is etcd's: the key's create revision
         self.max_seen_epoch = self.epoch
         self._save_node("primary")
         self.restricted = restricted
@@ -326,8 +339,13 @@ class Node:
                  " [restricted]" if restricted else "")
 
     def _confirm_primacy(self) -> bool:
-        """Tell the sentinel guard we are alive and primary, right before a heartbeat leaves."""
-        return self.sentinels.confirm(time.monotonic() + self.cfg.dead_after * GUARD_SHARE)
+        """Tell the sentinel guard we are alive and primary, right before a heartbeat leaves
+        (with a lease: until the lease's share of ttl after its last renewal)."""
+        now = time.monotonic()
+        if self.lease is not None:
+            until = self.lease.valid_until()
+            return self.sentinels.confirm(now - 1 if until is None else until)
+        return self.sentinels.confirm(now + self.cfg.dead_after * GUARD_SHARE)
 
     def _run_sentinels(self) -> None:
         self.hold_until = None
@@ -343,6 +361,9 @@ class Node:
 
     def _check_hold(self, now: float) -> None:
         if self.hold_until is None or now < self.hold_until:
+            return
+        if self.lease is not None and not self.lease.ok(now):
+            self.hold_until = now + self.cfg.heartbeat  # only a renewed lease brings them back
             return
         self.hold_until = None
         if self.state == S.PRIMARY and not self.restricted:
@@ -496,6 +517,8 @@ class Node:
         log.warning("hand-over aborted: the peer went silent; staying primary")
 
     def _do_send_handover(self, **_: Any) -> None:
+        if self.lease is not None:  # the key goes first: the peer takes it on HANDOVER
+            self.lease.resign(hold_off=self.cfg.cluster.ttl)
         body = {"name": self.cfg.name, "run": self.run_id, "epoch": self.epoch, "seq": self.seq}
         self._send_peer("HANDOVER", body)
         # Also back along the peer's own connection (its pings reach our ROUTER): our DEALER
@@ -514,6 +537,63 @@ class Node:
             ident, command = context
             self._reply(ident, protocol.reply_error(f"cannot {command} while {self.state.value}"))
 
+    # ------------------------------------------------------------------ leader lease (dcs)
+    def _on_lease(self, frames: list[bytes]) -> None:
+        lease = self.lease
+        before = (lease.holder, lease.term, lease.reachable, lease.mine)
+        lease.on_report(frames)
+        if (lease.holder, lease.term, lease.reachable, lease.mine) != before:
+            log.info("leader key %s: holder %s, term %s, etcd %s%s", self.cfg.cluster.key,
+                     lease.holder, lease.term, "reachable" if lease.reachable else "unreachable",
+                     f" ({lease.error})" if lease.error else "")
+            self.publish_event("lease", holder=lease.holder, term=lease.term,
+                               reachable=lease.reachable, mine=lease.mine)
+        if lease.term and lease.term > self.max_seen_epoch:
+            self.max_seen_epoch = lease.term
+            self._save_node()
+        if lease.mine and self.state in (S.STARTING, S.SECONDARY):
+            self.feed(E.LEASE_TAKEN)
+        elif (lease.reachable and lease.holder not in (None, self.cfg.name)
+              and self.state in PRIMARY_LIKE):
+            log.error("etcd says %s holds the leader key (term %s): this node is no longer "
+                      "primary", lease.holder, lease.term)
+            self.feed(E.LEASE_LOST)
+        elif lease.mine and self.state == S.PRIMARY and lease.term != self.epoch:
+            log.warning("took the leader key again after it expired: term %s", lease.term)
+            self.epoch = lease.term
+            self._save_node()
+        self._check_hold(time.monotonic())
+        self._update_want(time.monotonic())
+
+    def _update_want(self, now: float) -> None:
+        """Who asks etcd for the key: any primary or secondary; a starting node once its probe
+        is over, or at once when it wins the rule against a starting peer (the rule prefers
+        the node that was primary most recently, i.e. the most up to date)."""
+        if self.lease is None:
+            return
+        if self.state == S.STARTING:
+            peer = {"epoch": self.peer.epoch, "role": self.peer.role, "name": self.peer.name}
+            want = now >= self.probe_deadline or (
+                self.peer.alive and self.peer.state == "starting"
+                and protocol.wins(self.me(), peer))
+        else:
+            want = self.state in (S.SECONDARY, S.PRIMARY, S.HANDOVER, S.LEAVING)
+        self.lease.want(want)
+
+    def _stale_term(self, what: str, body: dict[str, Any]) -> bool:
+        """dcs: a primary whose term is below the key's current one lost its lease."""
+        term = self.lease.term if self.lease is not None else None
+        if term and body["epoch"] < term:
+            log.warning("refused %s from %s: term %d is older than the leader key's %d",
+                        what, body["name"], body["epoch"], term)
+            return True
+        return False
+
+    def _do_campaign(self, **_: Any) -> None:
+        if self.lease is not None:
+            log.info("the primary handed over: taking the leader key")
+            self.lease.campaign_now()
+
     def _do_peer_lost(self, **_: Any) -> None:
         self.publish_event("peer_lost", peer=self.peer.name)
 
@@ -524,10 +604,12 @@ class Node:
     def _send_ping(self) -> None:
         self._confirm_primacy()
         self._ping_peer(time.monotonic())
-        self.pub.send_multipart(protocol.encode_bus("HB", {
-            "name": self.cfg.name, "run": self.run_id, "epoch": self.epoch,
-            "state": self._public_state(), "seq": self.seq, "sv": self.sv,
-        }))
+        hb = {"name": self.cfg.name, "run": self.run_id, "epoch": self.epoch,
+              "state": self._public_state(), "seq": self.seq, "sv": self.sv}
+        if self.lease is not None:
+            lease = self.lease.status(time.monotonic())
+            hb["lease"] = {k: lease[k] for k in ("holder", "term", "time_left", "reachable")}
+        self.pub.send_multipart(protocol.encode_bus("HB", hb))
 
     def _peer_state(self) -> dict[str, Any]:
         self.n += 1
@@ -681,7 +763,20 @@ class Node:
             "sentinels": self.sentinels.status(),
             "active_sentinels": self.sentinels.active,
             "email": self.notifier.status(),
+            "lease": self._lease_status(now),
         }
+
+    def _lease_status(self, now: float) -> dict[str, Any] | None:
+        if self.lease is None:
+            return None
+        status = self.lease.status(now)
+        if self.state == S.SECONDARY and not self.peer.alive:
+            status["why_no_takeover"] = (
+                f"peer unreachable, but {status['holder']} holds the leader key: no takeover "
+                "while its lease lives" if status["holder"] else
+                "peer unreachable; the leader key is free: taking it" if status["reachable"]
+                else "peer unreachable and etcd unreachable: no takeover without the key")
+        return status
 
     def _replication_status(self, now: float) -> dict[str, Any]:
         if self.state in PRIMARY_LIKE:
@@ -984,6 +1079,8 @@ class Node:
         if self.syncer is None or not self.follow.get("snapshot_deadline"):
             return
         body = msg.body
+        if self._stale_term("SNAPSHOT_REP", body):
+            return
         self.follow.update(snapshot_deadline=None, seen=body["seq"], run=body["run"])
         self.pair.update(folders=body["folders"], paths=body["paths"],
                          sentinels=body["sentinels"], active=body["active"], sv=body["sv"])
@@ -1011,6 +1108,8 @@ class Node:
             return
         body = msg.body
         if self.syncer is None:
+            return
+        if msg.command in ("MANIFEST", "HB") and self._stale_term(msg.command, body):
             return
         waiting = bool(self.follow.get("snapshot_deadline"))
         if msg.command == "MANIFEST":
@@ -1091,6 +1190,9 @@ class Node:
         if getattr(self, "blobs", None) is not None:
             self.blobs.stop()
         self.sentinels.stop_all()
+        if self.lease is not None:
+            self.lease.close()
+            self.lease = None
         self.notifier.close(timeout=2.0)
         self.journal_jobs.put(None)
         self.journal.join(30)

@@ -15,14 +15,24 @@ from node.protocol import wins
 EVENTS = list(E)
 LETTER = {"s": S.STARTING, "p": S.PRIMARY, "y": S.SECONDARY, "h": S.HANDOVER, "l": S.LEAVING,
           "x": S.STOPPED}
-#                 probe  pw pl sw sl sec dw dl main silent hand ask prom force stop sync
+#                 probe  pw pl sw sl sec dw dl main silent hand ask prom force stop sync taken lost
 EXPECTED = {
-    S.STARTING:  "p      y  y  p  y  p   s  s  s    s      p    s   s    s     x    s",
-    S.PRIMARY:   "p      p  y  p  p  p   p  p  h    p      p    h   h    p     l    p",
-    S.HANDOVER:  "h      h  y  h  h  h   h  h  h    p      h    h   h    h     l    y",
-    S.LEAVING:   "l      l  x  l  l  l   l  l  l    l      l    l   l    l     x    x",
-    S.SECONDARY: "y      y  y  y  y  y   p  y  y    p      p    y   y    p     x    y",
-    S.STOPPED:   "x      x  x  x  x  x   x  x  x    x      x    x   x    x     x    x",
+    S.STARTING:  "p      y  y  p  y  p   s  s  s    s      p    s   s    s     x    s    s     s",
+    S.PRIMARY:   "p      p  y  p  p  p   p  p  h    p      p    h   h    p     l    p    p     p",
+    S.HANDOVER:  "h      h  y  h  h  h   h  h  h    p      h    h   h    h     l    y    h     h",
+    S.LEAVING:   "l      l  x  l  l  l   l  l  l    l      l    l   l    l     x    x    l     l",
+    S.SECONDARY: "y      y  y  y  y  y   p  y  y    p      p    y   y    p     x    y    y     y",
+    S.STOPPED:   "x      x  x  x  x  x   x  x  x    x      x    x   x    x     x    x    x     x",
+}
+# With an etcd leader lease only the key makes a primary: no takeover on silence, on a probe
+# timeout, on the rule or on --force; the key taken or lost moves the node.
+EXPECTED_DCS = {
+    S.STARTING:  "s      y  y  s  y  s   s  s  s    s      s    s   s    s     x    s    p     s",
+    S.PRIMARY:   "p      p  y  p  p  p   p  p  h    p      p    h   h    p     l    p    p     y",
+    S.HANDOVER:  "h      h  y  h  h  h   h  h  h    p      h    h   h    h     l    y    h     y",
+    S.LEAVING:   "l      l  x  l  l  l   l  l  l    l      l    l   l    l     x    x    l     x",
+    S.SECONDARY: "y      y  y  y  y  y   y  y  y    y      y    y   y    y     x    y    p     y",
+    S.STOPPED:   "x      x  x  x  x  x   x  x  x    x      x    x   x    x     x    x    x     x",
 }
 
 
@@ -31,16 +41,18 @@ def test_expected_grid_names_every_event_once():
         "probe_timeout", "peer_primary_we_win", "peer_primary_we_lose", "peer_starting_we_win",
         "peer_starting_we_lose", "peer_secondary", "dual_secondary_we_win",
         "dual_secondary_we_lose", "main_peer_ready", "peer_silent", "peer_handover",
-        "peer_asks_handover", "promote", "promote_force", "stop", "sync_done",
+        "peer_asks_handover", "promote", "promote_force", "stop", "sync_done", "lease_taken",
+        "lease_lost",
     ]
-    for row in EXPECTED.values():
+    for row in [*EXPECTED.values(), *EXPECTED_DCS.values()]:
         assert len(row.split()) == len(EVENTS)
 
 
+@pytest.mark.parametrize("dcs", [False, True])
 @pytest.mark.parametrize(("state", "event"), list(itertools.product(S, E)))
-def test_every_pair(state, event):
-    nxt, actions = step(state, event)
-    want = LETTER[EXPECTED[state].split()[EVENTS.index(event)]]
+def test_every_pair(state, event, dcs):
+    nxt, actions = step(state, event, dcs=dcs)
+    want = LETTER[(EXPECTED_DCS if dcs else EXPECTED)[state].split()[EVENTS.index(event)]]
     assert nxt == want, f"{state} + {event}"
     assert all(isinstance(a, A) for a in actions)
     # invariants that make the table safe, whatever the row

@@ -1,0 +1,234 @@
+"""The etcd leader lease ([cluster] dcs) against a real etcd on loopback started here.
+
+Each node reaches etcd through its own userspace proxy, and each reaches the other through
+one more (alpha sees beta at 127.0.0.3, beta sees alpha at 127.0.0.4), so a test can cut any
+link. The sentinel records its own start, ticks and stop (tests/recorder.py): in every case
+its lives on the two nodes never overlap, and a file closed and replicated before the fault is
+on the node that ends up primary.
+"""
+from __future__ import annotations
+
+import secrets
+import signal
+import time
+
+import pytest
+
+from tests.etcd import Etcd, Proxy, free_port
+from tests.pair import wait_for
+from tests.recorder import lives, overlaps, recorder_command
+from tests.test_e2e_sentinels import marked, running_pid, sbs_tools
+
+TTL, LOOP_WAIT, RETRY = 3, 0.5, 1.0
+VIA = {"alpha": "127.0.0.3", "beta": "127.0.0.4"}  # where each node finds its peer
+
+
+class Cluster:
+    def __init__(self, make_pair, root, *, stubborn: bool = False):
+        self.etcd = Etcd(root).start()
+        etcd_ports = {name: free_port() for name in VIA}
+        self.to_etcd = {name: Proxy([(("127.0.0.1", port), ("127.0.0.1", self.etcd.port))])
+                        for name, port in etcd_ports.items()}
+        self.record = root / "record.txt"
+        self.token = f"sbs-e2e-lease-{secrets.token_hex(4)}"
+        cluster = {"ttl": TTL, "loop_wait": LOOP_WAIT, "retry_timeout": RETRY}
+        self.pair = make_pair(
+            node={"heartbeat": 0.2, "dead_after": 1.0},
+            sentinels={"svc": recorder_command(root, self.record, self.token, stubborn=stubborn)},
+            alpha={"node": {"peer": VIA["beta"]},
+                   "cluster": {**cluster, "dcs": f"etcd://127.0.0.1:{etcd_ports['alpha']}"}},
+            beta={"node": {"peer": VIA["alpha"]},
+                  "cluster": {**cluster, "dcs": f"etcd://127.0.0.1:{etcd_ports['beta']}"}},
+        )
+        port = self.pair.port
+        ports = (port, port + 1, port + 2)
+        self.link = {  # alpha -> beta and beta -> alpha
+            "alpha": Proxy([((VIA["beta"], p), ("127.0.0.2", p)) for p in ports]),
+            "beta": Proxy([((VIA["alpha"], p), ("127.0.0.1", p)) for p in ports]),
+        }
+        self.alpha, self.beta = self.pair.alpha, self.pair.beta
+
+    def start(self) -> Cluster:
+        self.alpha.start()
+        self.alpha.wait_state("primary")
+        self.beta.start()
+        self.beta.wait_state("secondary")
+        wait_for(lambda: running_pid(self.alpha, "svc") and lives(self.record), 10, "svc on alpha")
+        return self
+
+    def cut_link(self) -> None:
+        for proxy in self.link.values():
+            proxy.cut()
+
+    def heal_link(self) -> None:
+        for proxy in self.link.values():
+            proxy.heal()
+
+    def replicated_file(self) -> str:
+        """A file closed on the primary and seen on the secondary before the fault."""
+        name = f"closed-{secrets.token_hex(3)}.txt"
+        (self.pair.folder("alpha") / name).write_text(name)
+        wait_for(lambda: (self.pair.folder("beta") / name).exists(), 10, f"{name} on beta")
+        return name
+
+    def running_on(self) -> list[str]:
+        return [n for n, node in self.pair.nodes.items() if running_pid(node, "svc")]
+
+    def check(self, closed: str | None = None) -> None:
+        assert overlaps(self.record) == [], f"svc ran on both nodes at once: {lives(self.record)}"
+        if closed:
+            primary = wait_for(lambda: (p := self.pair.primaries()) and len(p) == 1 and p, 20,
+                               "one primary")[0]
+            assert (self.pair.folder(primary) / closed).read_text() == closed
+
+    def close(self) -> None:
+        self.pair.stop()
+        for proxy in [*self.link.values(), *self.to_etcd.values()]:
+            proxy.close()
+        self.etcd.stop()
+        wait_for(lambda: not marked(self.token), 10, "every svc to end")
+
+
+@pytest.fixture
+def cluster(make_pair, tmp_path):
+    made = []
+
+    def make(**kw) -> Cluster:
+        made.append(Cluster(make_pair, tmp_path, **kw))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def svc_stopped_everywhere(c: Cluster) -> bool:
+    spans = lives(c.record)
+    return bool(spans) and not c.running_on() and max(b for _, b in spans.values()) < (
+        time.monotonic() - 0.2)
+
+
+def test_status_and_tail_show_the_lease(cluster):
+    c = cluster().start()
+    st = c.alpha.status()
+    lease = st["lease"]
+    assert lease["holder"] == "alpha" and lease["mine"] and lease["reachable"]
+    assert 0 < lease["time_left"] <= TTL and st["epoch"] == lease["term"]
+    assert c.beta.status()["lease"]["holder"] == "alpha"
+    res = sbs_tools("status", "--config", str(c.alpha.config))
+    assert "lease" in res.stdout and "alpha" in res.stdout, res.stdout
+
+
+def test_etcd_killed_stops_the_service_and_nobody_takes_over_until_it_is_back(cluster):
+    c = cluster().start()
+    closed = c.replicated_file()
+    c.etcd.kill()
+    wait_for(lambda: svc_stopped_everywhere(c), TTL + 5, "svc stopped on alpha")
+    assert c.beta.state() == "secondary"
+    c.etcd.start()
+    wait_for(lambda: len(c.running_on()) == 1, TTL * 3 + 10, "svc running again on one node")
+    c.check(closed)
+
+
+def test_etcd_paused_stops_the_service_in_time_and_it_comes_back(cluster):
+    c = cluster().start()
+    closed = c.replicated_file()
+    c.etcd.signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: svc_stopped_everywhere(c), TTL + 5, "svc stopped on alpha")
+        assert c.beta.state() == "secondary"
+    finally:
+        c.etcd.signal(signal.SIGCONT)
+    wait_for(lambda: len(c.running_on()) == 1, TTL * 3 + 10, "svc running again on one node")
+    c.check(closed)
+
+
+def test_etcd_restarted_quickly_keeps_one_primary(cluster):
+    c = cluster().start()
+    closed = c.replicated_file()
+    c.etcd.stop()
+    c.etcd.start()
+    wait_for(lambda: c.alpha.status()["lease"]["reachable"], 10, "alpha back in touch")
+    wait_for(lambda: len(c.running_on()) == 1, TTL * 3 + 10, "svc on one node")
+    c.check(closed)
+
+
+def test_the_primary_paused_longer_than_ttl_loses_the_key(cluster):
+    c = cluster().start()
+    closed = c.replicated_file()
+    c.alpha.signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: running_pid(c.beta, "svc"), TTL + 10, "svc on beta")
+        wait_for(lambda: len(lives(c.record)) == 2, 5, "beta's svc recorded")
+    finally:
+        c.alpha.signal(signal.SIGCONT)
+    st = c.alpha.wait_state("secondary")
+    assert st["epoch"] < c.beta.status()["epoch"] == c.beta.status()["lease"]["term"]
+    assert c.running_on() == ["beta"]
+    c.check(closed)
+
+
+def test_a_cut_link_with_both_seeing_etcd_is_no_takeover(cluster):
+    c = cluster().start()
+    closed = c.replicated_file()
+    c.cut_link()
+    try:
+        wait_for(lambda: (st := c.beta.status()) and st["peer_state"] == "unreachable", 10,
+                 "beta to miss alpha")
+        deadline = time.monotonic() + TTL + 1
+        while time.monotonic() < deadline:  # watched for longer than a lease
+            assert c.beta.state() == "secondary"
+            assert c.running_on() == ["alpha"]
+        why = c.beta.status()["lease"]["why_no_takeover"]
+        assert "alpha holds the leader key" in why, why
+    finally:
+        c.heal_link()
+    c.check(closed)
+    assert len(lives(c.record)) == 1  # the one life on alpha, never interrupted
+
+
+@pytest.mark.parametrize("stubborn", [False, True], ids=["polite", "ignores-sigterm"])
+def test_the_primary_cut_off_from_both_stops_before_the_peer_starts(cluster, stubborn):
+    c = cluster(stubborn=stubborn).start()
+    closed = c.replicated_file()
+    c.cut_link()
+    c.to_etcd["alpha"].cut()
+    try:
+        wait_for(lambda: running_pid(c.beta, "svc"), TTL + 10, "svc on beta")
+        wait_for(lambda: len(lives(c.record)) == 2, 5, "beta's svc recorded")
+        assert c.alpha.status()["lease"]["reachable"] is False
+    finally:
+        c.heal_link()
+        c.to_etcd["alpha"].heal()
+    c.alpha.wait_state("secondary", timeout=TTL + 10)
+    assert c.running_on() == ["beta"]
+    c.check(closed)
+
+
+def test_both_started_at_once_give_one_primary(cluster):
+    c = cluster()
+    c.alpha.start()
+    c.beta.start()
+    wait_for(lambda: sorted(n.state() for n in c.pair.nodes.values()) == ["primary",
+                                                                           "secondary"],
+             TTL * 2 + 10, "one primary and one secondary")
+    wait_for(lambda: len(c.running_on()) == 1, 10, "svc on the primary")
+    primary = c.pair.primaries()[0]
+    assert c.pair.nodes[primary].status()["lease"]["holder"] == primary
+    c.check()
+
+
+def test_kill_9_of_the_primary_and_a_sigterm_hand_over_by_the_key(cluster):
+    c = cluster().start()
+    closed = c.replicated_file()
+    c.alpha.kill()
+    wait_for(lambda: running_pid(c.beta, "svc"), TTL + 10, "svc on beta after kill -9")
+    c.check(closed)
+    # alpha back as secondary; a SIGTERM of beta (primary) resigns the key: alpha at once
+    c.alpha.start()
+    c.alpha.wait_state("secondary")
+    stopped = time.monotonic()
+    c.beta.signal(signal.SIGTERM)
+    wait_for(lambda: running_pid(c.alpha, "svc"), TTL + 10, "svc on alpha after the hand-over")
+    assert time.monotonic() - stopped < TTL, "the hand-over waited for the lease to expire"
+    c.check()
