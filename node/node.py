@@ -326,7 +326,7 @@ class Node:
         self.epoch = max(self.epoch, self.max_seen_epoch) + 1
         if self.lease is not None and self.lease.term:
             self.epoch = self.lease.term  # the term is etcd's: the key's create revision
-        self.max_seen_epoch = self.epoch
+        self.max_seen_epoch = max(self.max_seen_epoch, self.epoch)
         self._save_node("primary")
         self.restricted = restricted
         self._stop_following()
