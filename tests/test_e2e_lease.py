@@ -17,7 +17,8 @@ import pytest
 from tests.etcd import Etcd, Proxy, free_port
 from tests.pair import wait_for
 from tests.recorder import lives, overlaps, recorder_command
-from tests.test_e2e_sentinels import marked, running_pid, sbs_tools
+from tests.test_e2e_sentinels import Tail, marked, running_pid, sbs_tools
+from tools.cli import describe
 
 TTL, LOOP_WAIT, RETRY = 3, 0.5, 1.0
 VIA = {"alpha": "127.0.0.3", "beta": "127.0.0.4"}  # where each node finds its peer
@@ -116,7 +117,15 @@ def test_status_and_tail_show_the_lease(cluster):
     assert 0 < lease["time_left"] <= TTL and st["epoch"] == lease["term"]
     assert c.beta.status()["lease"]["holder"] == "alpha"
     res = sbs_tools("status", "--config", str(c.alpha.config))
-    assert "lease" in res.stdout and "alpha" in res.stdout, res.stdout
+    assert "lease /sbs/leader: holder alpha, term" in res.stdout, res.stdout
+    tail = Tail(c.alpha.config)
+    try:
+        hb = tail.wait(lambda m: m["type"] == "hb", 10, "a heartbeat")
+    finally:
+        tail.close()
+    assert hb["lease"]["holder"] == "alpha" and hb["lease"]["reachable"]
+    line = describe("HB", hb)
+    assert f"lease alpha term {lease['term']}" in line and "s left" in line, line
 
 
 def test_etcd_killed_stops_the_service_and_nobody_takes_over_until_it_is_back(cluster):
