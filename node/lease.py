@@ -172,7 +172,7 @@ class LeaseKeeper(threading.Thread):
                 report["mine"] = (report["holder"] == self.name and self.lease is not None
                                   and str(kv.get("lease")) == self.lease)
             if self.lease is not None and not report["mine"]:
-                self._resign()  # a lease granted for a race we lost: let it go
+                self._revoke()  # a lease granted for a race we lost: let it go
         except (EtcdError, ValueError, TypeError) as exc:
             report["error"] = str(exc)[:500]
         report["renewed_at"] = self.renewed_at if report["mine"] or not report["reachable"] \
@@ -180,8 +180,11 @@ class LeaseKeeper(threading.Thread):
         return report
 
     def _resign(self) -> None:
-        lease, self.lease, self.renewed_at = self.lease, None, None
         self.want = False
+        self._revoke()
+
+    def _revoke(self) -> None:
+        lease, self.lease, self.renewed_at = self.lease, None, None
         if lease is not None:
             try:
                 self.etcd.revoke(lease)  # deletes the key at once: the peer need not wait ttl

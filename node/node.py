@@ -202,6 +202,7 @@ class Node:
         self.next_ping = self.ping_retry_at = 0.0
         self.ping_retry_in = PING_RETRY
         self.probe_deadline = time.monotonic() + self.cfg.dead_after
+        self.probed = False
         try:
             while self.state != S.STOPPED:
                 self._loop_once()
@@ -273,8 +274,13 @@ class Node:
 
     def _tick(self, now: float) -> None:
         if self.state == S.STARTING and now >= self.probe_deadline:
-            log.info("no answer from peer %s within %.1fs", self.cfg.peer, self.cfg.dead_after)
+            if not self.probed:
+                log.info("no answer from peer %s within %.1fs", self.cfg.peer,
+                         self.cfg.dead_after)
+            self.probed = True
             self.feed(E.PROBE_TIMEOUT)
+            if self.state == S.STARTING:  # dcs: still waiting for the key; ask again later
+                self.probe_deadline = now + self.cfg.dead_after
         if self.peer.silent(now):
             self.peer.alive = False
             log.warning("peer %s silent for %.2fs (last state %s)", self.peer.name or self.cfg.peer,
@@ -573,7 +579,7 @@ class Node:
             return
         if self.state == S.STARTING:
             peer = {"epoch": self.peer.epoch, "role": self.peer.role, "name": self.peer.name}
-            want = now >= self.probe_deadline or (
+            want = self.probed or (
                 self.peer.alive and self.peer.state == "starting"
                 and protocol.wins(self.me(), peer))
         else:
