@@ -28,6 +28,7 @@ from typing import Any
 import zmq
 
 from .config import ClusterConfig
+from .fsm import PRIMARY_LIKE, E, S
 
 log = logging.getLogger("sbs.lease")
 
@@ -247,6 +248,34 @@ class Lease:
             self.holder, self.term, self.mine = report["holder"], report["term"], report["mine"]
         self.renewed_at = report["renewed_at"] if self.mine else None
 
+    # -- what it means for the node
+    def event(self, state: S) -> E | None:
+        """The fsm event the latest report makes in `state`, if any."""
+        if self.mine and state in (S.STARTING, S.SECONDARY):
+            return E.LEASE_TAKEN
+        if self.reachable and self.holder not in (None, self.name) and state in PRIMARY_LIKE:
+            log.error("etcd says %s holds the leader key (term %s): this node is no longer "
+                      "primary", self.holder, self.term)
+            return E.LEASE_LOST
+        return None
+
+    def wish(self, state: S, *, starting_may_ask: bool) -> None:
+        """Who asks etcd for the key: any primary or secondary; a starting node once its probe
+        is over, or at once when it wins the rule against a starting peer (the rule prefers
+        the node that was primary most recently, i.e. the most up to date)."""
+        if state == S.STARTING:
+            self.want(starting_may_ask)
+        else:
+            self.want(state in (S.SECONDARY, S.PRIMARY, S.HANDOVER, S.LEAVING))
+
+    def stale(self, what: str, body: dict[str, Any]) -> bool:
+        """A primary whose term is below the key's current one has lost its lease: refused."""
+        if self.term and body["epoch"] < self.term:
+            log.warning("refused %s from %s: term %d is older than the leader key's %d",
+                        what, body["name"], body["epoch"], self.term)
+            return True
+        return False
+
     def valid_until(self) -> float | None:
         """Until when a primary may run its sentinels on this lease (monotonic), or None."""
         if not self.mine or self.renewed_at is None:
@@ -257,15 +286,24 @@ class Lease:
         until = self.valid_until()
         return until is not None and now < until
 
-    def status(self, now: float) -> dict[str, Any]:
+    def status(self, now: float, *, lone_secondary: bool = False) -> dict[str, Any]:
+        """What status shows; `lone_secondary`: we are secondary and miss the peer, so say why
+        we do not take over."""
         until = self.valid_until()
-        return {
+        status = {
             "dcs": ",".join(f"{h}:{p}" for h, p in self.cluster.dcs),
             "key": self.cluster.key, "holder": self.holder, "term": self.term,
             "mine": self.mine, "reachable": self.reachable, "error": self.error,
             "time_left": None if until is None else round(max(0.0, until - now), 3),
             "ttl": self.cluster.ttl,
         }
+        if lone_secondary:
+            status["why_no_takeover"] = (
+                f"peer unreachable, but {self.holder} holds the leader key: no takeover "
+                "while its lease lives" if self.holder else
+                "peer unreachable; the leader key is free: taking it" if self.reachable
+                else "peer unreachable and etcd unreachable: no takeover without the key")
+        return status
 
     def close(self) -> None:
         self._send({"stop": True})

@@ -557,13 +557,8 @@ class Node:
         if lease.term and lease.term > self.max_seen_epoch:
             self.max_seen_epoch = lease.term
             self._save_node()
-        if lease.mine and self.state in (S.STARTING, S.SECONDARY):
-            self.feed(E.LEASE_TAKEN)
-        elif (lease.reachable and lease.holder not in (None, self.cfg.name)
-              and self.state in PRIMARY_LIKE):
-            log.error("etcd says %s holds the leader key (term %s): this node is no longer "
-                      "primary", lease.holder, lease.term)
-            self.feed(E.LEASE_LOST)
+        if (event := lease.event(self.state)) is not None:
+            self.feed(event)
         elif lease.mine and self.state == S.PRIMARY and lease.term != self.epoch:
             log.warning("took the leader key again after it expired: term %s", lease.term)
             self.epoch = lease.term
@@ -572,28 +567,14 @@ class Node:
         self._update_want(time.monotonic())
 
     def _update_want(self, now: float) -> None:
-        """Who asks etcd for the key: any primary or secondary; a starting node once its probe
-        is over, or at once when it wins the rule against a starting peer (the rule prefers
-        the node that was primary most recently, i.e. the most up to date)."""
-        if self.lease is None:
-            return
-        if self.state == S.STARTING:
+        if self.lease is not None:
             peer = {"epoch": self.peer.epoch, "role": self.peer.role, "name": self.peer.name}
-            want = self.probed or (
+            self.lease.wish(self.state, starting_may_ask=self.probed or (
                 self.peer.alive and self.peer.state == "starting"
-                and protocol.wins(self.me(), peer))
-        else:
-            want = self.state in (S.SECONDARY, S.PRIMARY, S.HANDOVER, S.LEAVING)
-        self.lease.want(want)
+                and protocol.wins(self.me(), peer)))
 
     def _stale_term(self, what: str, body: dict[str, Any]) -> bool:
-        """dcs: a primary whose term is below the key's current one lost its lease."""
-        term = self.lease.term if self.lease is not None else None
-        if term and body["epoch"] < term:
-            log.warning("refused %s from %s: term %d is older than the leader key's %d",
-                        what, body["name"], body["epoch"], term)
-            return True
-        return False
+        return self.lease is not None and self.lease.stale(what, body)
 
     def _do_campaign(self, **_: Any) -> None:
         if self.lease is not None:
@@ -775,14 +756,8 @@ class Node:
     def _lease_status(self, now: float) -> dict[str, Any] | None:
         if self.lease is None:
             return None
-        status = self.lease.status(now)
-        if self.state == S.SECONDARY and not self.peer.alive:
-            status["why_no_takeover"] = (
-                f"peer unreachable, but {status['holder']} holds the leader key: no takeover "
-                "while its lease lives" if status["holder"] else
-                "peer unreachable; the leader key is free: taking it" if status["reachable"]
-                else "peer unreachable and etcd unreachable: no takeover without the key")
-        return status
+        return self.lease.status(now, lone_secondary=self.state == S.SECONDARY
+                                 and not self.peer.alive)
 
     def _replication_status(self, now: float) -> dict[str, Any]:
         if self.state in PRIMARY_LIKE:
