@@ -22,6 +22,10 @@ bench *args:
     {{python}} bench/transport.py {{args}}
     {{python}} bench/replication.py {{args}}
 
+# every run the READMEs cite, on committed code, kept in bench/results/<run ID>/ (30-40 minutes)
+bench-cited *args:
+    {{python}} bench/run_cited.py {{args}}
+
 # ruff, as CI would
 lint:
     {{python}} -m ruff check .

@@ -1,37 +1,48 @@
 """Replication against rsync and the transport limit, in the same run on the same data.
 
 Every SBS figure comes from a real pair (tests/pair.py: two sbs-node processes on 127.0.0.1
-and 127.0.0.2, CURVE on, product defaults for period, heartbeat and dead_after). Its peer is
-an rsync daemon on 127.0.0.1 serving the very folder alpha replicates; `rsync -a` pulls it into
-a fresh target, just as the secondary pulls from the primary. The transport limit is
-bench/transport.py measured in the same run.
+and 127.0.0.2, CURVE on, product defaults for period, heartbeat and dead_after). Its peers are
+an rsync daemon on 127.0.0.1 serving the very folder alpha replicates (`rsync -a` pulls it into
+a fresh target, as the secondary pulls from the primary) and, for the big file, rsync over ssh
+(an sshd of its own on 127.0.0.1: the fair peer of an encrypted link). The transport limit is
+bench/transport.py measured in the same run. Both copiers are timed from the same start on the
+same state (see METHOD, stored in the JSON):
 
-  small   initial sync of 10,000 x 4 KiB files (100 folders of 100): alpha starts alone, is
-          primary with its first scan done, then beta starts; the clock runs from starting beta
-          until beta reports synced with applied == alpha's seq (status polled every 20 ms)
-  big     the same with one 1 GiB file: MB/s, and peak memory (VmHWM) of both nodes
+  small   initial sync of 10,000 x 4 KiB files (100 folders of 100): the clock starts as the
+          primary's process is started (its first scan and hashing inside, as rsync's clock
+          holds its daemon walking the tree) and stops when the secondary, started as soon as
+          the primary says primary, reports synced; rsync and rsync --fsync beside it
+  big     one 1 GiB file: the same initial sync, and the file appearing in a running pair
+          (live), CURVE and plain TCP; rsync's daemon, --fsync and over ssh beside them
   latency change-to-replica for single small files (a create or an overwrite on alpha, beta's
           folder polled every 1 ms for the new content), in a near-empty tree and in a
-          100,000-file tree; rsync's figure is one `rsync -a` run started right after the
-          write (what a watcher that triggers rsync at once, lsyncd with no delay, would get)
-  idle    CPU of both nodes over 30 s of an idle, synced pair watching 100,000 files
+          100,000-file tree; rsync's figure is a fresh whole-tree `rsync -a` run started right
+          after the write: a cron job's or an lsyncd-style trigger's, not a connected watcher's
+  tree    the 100,000 x 1 KiB initial sync (as small), then latency and the idle CPU of both
+          nodes over 30 s of an idle, synced pair watching it
 
-    python bench/replication.py            # full: about 6-9 minutes
-    python bench/replication.py --quick    # small sizes, a smoke run of about a minute
+Every rep runs each copier once, each warmed the same way right before its clock (the source
+read, then scratch files or pages written and freed); the order rotates from rep to rep. Every
+figure is reported as median and range with the per-rep ratios.
+
+    python bench/replication.py            # full: about 11-15 minutes
+    python bench/replication.py --quick    # small sizes, a smoke run of a minute or two
     python bench/replication.py --profile  # SBS only, under py-spy: where the time goes
 
-Figures go to bench/out/replication[-quick].json; data lives under /tmp (--data) and is
-removed afterwards unless --keep.
+Figures go to bench/out/replication[-quick].json (--result NAME keeps a copy in
+bench/results/); data lives under /tmp (--data) and is removed afterwards unless --keep.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import contextlib
-import json
+import itertools
 import os
 import platform
+import pwd
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -41,7 +52,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +64,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.common import OUT, add_common_args, provenance, spread, write_report  # noqa: E402
 from bench.transport import cipher_floor, round_trip, throughput  # noqa: E402
 from node import protocol  # noqa: E402
 from node.security import client, load_keys  # noqa: E402
 from tests.pair import NodeProc, Pair, wait_for  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-OUT = REPO / "bench" / "out"
 # product defaults (node/config.py), not the fast test settings of tests/pair.py
 NODE = {"period": 5, "heartbeat": 0.5, "dead_after": 1.5}
 TARGETS = {
@@ -82,14 +93,15 @@ class Sizes:
     idle_seconds: float
     reps_small: int
     reps_big: int
+    reps_tree: int
 
 
 FULL = Sizes(small_files=10_000, small_size=4 * KiB, big_bytes=GiB, tree_files=100_000,
              latency_samples=200, rsync_latency_samples=5, idle_seconds=30, reps_small=5,
-             reps_big=3)
+             reps_big=3, reps_tree=3)
 QUICK = Sizes(small_files=500, small_size=4 * KiB, big_bytes=64 * MiB, tree_files=5_000,
               latency_samples=30, rsync_latency_samples=3, idle_seconds=5, reps_small=1,
-              reps_big=1)
+              reps_big=1, reps_tree=1)
 
 
 def say(msg: str) -> None:
@@ -262,6 +274,105 @@ class RssSampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class SshPeer:
+    """rsync over ssh, the fair peer of an encrypted link: an sshd of the system's
+    openssh-server on 127.0.0.1 (a port of its own, a temporary host key, one authorized key,
+    run as the current user), and `rsync -a -e ssh` pulling from it as the secondary pulls
+    from the primary."""
+
+    @staticmethod
+    def missing() -> str:
+        """Why this peer cannot run here ('' when it can)."""
+        if shutil.which("rsync") is None:
+            return "rsync is not installed (Debian: apt-get install rsync)"
+        if SshPeer.sshd() is None:
+            return "sshd is not installed (Debian: apt-get install openssh-server)"
+        for tool in ("ssh", "ssh-keygen"):
+            if shutil.which(tool) is None:
+                return f"{tool} is not installed (Debian: apt-get install openssh-client)"
+        return ""
+
+    @staticmethod
+    def sshd() -> str | None:
+        return shutil.which("sshd") or next(
+            (p for p in ("/usr/sbin/sshd", "/usr/local/sbin/sshd") if os.access(p, os.X_OK)),
+            None)
+
+    def __init__(self, workdir: Path):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        for key in ("host_key", "client_key"):
+            (workdir / key).unlink(missing_ok=True)
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                            str(workdir / key)], check=True, stdout=subprocess.DEVNULL)
+        (workdir / "authorized_keys").write_text((workdir / "client_key.pub").read_text())
+        if os.geteuid() == 0:
+            # sshd run by root insists on its privilege separation folder (Debian's service
+            # creates it at boot; a machine that never started sshd has none)
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        conf = [f"Port {self.port}", "ListenAddress 127.0.0.1",
+                f"HostKey {workdir / 'host_key'}", f"PidFile {workdir / 'sshd.pid'}",
+                f"AuthorizedKeysFile {workdir / 'authorized_keys'}",
+                "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no",
+                "PermitRootLogin prohibit-password", "StrictModes no", "PrintMotd no",
+                "LogLevel ERROR"]
+        (workdir / "sshd_config").write_text("\n".join(conf) + "\n")
+        self.log = workdir / "sshd.log"
+        with open(self.log, "wb") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [str(self.sshd()), "-D", "-e", "-f", str(workdir / "sshd_config")],
+                stdout=subprocess.DEVNULL, stderr=log)
+        wait_for(self._listening, 10, f"sshd to listen ({self.log})")
+        self.user = pwd.getpwuid(os.getuid()).pw_name
+
+    def _listening(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"sshd exited: {self.log.read_text(errors='replace')[-500:]}")
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def pull(self, src: Path, dest: Path, cipher: str) -> dict[str, Any]:
+        """`rsync -a -e 'ssh -c cipher'` from src into dest; seconds and CPU of both ends (the
+        client's includes its ssh; the server's is sshd's reaped children: its per-connection
+        processes and the rsync they ran)."""
+        dest.mkdir(parents=True, exist_ok=True)
+        ssh = shlex.join([
+            "ssh", "-F", "/dev/null", "-i", str(self.workdir / "client_key"),
+            "-p", str(self.port), "-c", cipher, "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "Compression=no", "-o", "LogLevel=ERROR"])
+        server = psutil.Process(self.proc.pid)
+        reaped0 = server.cpu_times()
+        load1 = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(["rsync", "-a", "-e", ssh, f"{self.user}@127.0.0.1:{src}/",
+                                 f"{dest}/"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        dt = time.perf_counter() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"rsync over ssh failed: {proc.stderr.read()[:500]!r}")
+        proc.stderr.close()
+        wait_for(lambda: not server.children(), 10, "sshd to reap its session")
+        reaped = server.cpu_times()
+        return {"seconds": round(dt, 4), "load1_before": load1, "cipher": cipher,
+                "client_cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+                "daemon_cpu_s": round(reaped.children_user + reaped.children_system
+                                      - reaped0.children_user - reaped0.children_system, 2),
+                "client_peak_mb": round(usage.ru_maxrss / 1024, 1)}
 
 
 # ------------------------------------------------------------------------------ SBS
@@ -497,6 +608,67 @@ class SbsRun:
                 "after_secondary_s": round(seconds - (t_secondary or 0), 4),
                 "alpha_mem_mb": mem["alpha"], "beta_mem_mb": mem["beta"]}
 
+    def timed_initial_sync(self, timeout: float = 900) -> dict[str, Any]:
+        """An initial sync timed as rsync's is: the clock starts as alpha's process is started,
+        so alpha's first scan and hashing are inside it (rsync's includes its daemon walking
+        the tree). beta is started as soon as alpha says primary, as an operator starting the
+        pair would (a secondary asking before the first scan is done is told to retry), and
+        the clock stops when beta reports synced with applied >= alpha's seq after that scan.
+        The breakdown (alpha primary, alpha's scan done, beta started, beta secondary) is kept
+        beside the total."""
+        alpha, beta = self.pair.alpha, self.pair.beta
+        load1 = os.getloadavg()[0]
+        marks: dict[str, float] = {}
+        seq: int | None = None
+        last_error = ""
+        t0 = time.perf_counter()
+        alpha.start()
+        next_alpha = t0
+        while True:
+            now = time.perf_counter()
+            if seq is None and now >= next_alpha:
+                next_alpha = now + 0.05  # alpha is scanning: ask it less often than beta
+                st = self.polls["alpha"].status()
+                now = time.perf_counter()
+                if st and st["state"] == "primary":
+                    marks.setdefault("alpha_primary_s", now - t0)
+                    if st["replication"]["ready"]:
+                        marks["alpha_ready_s"], seq = now - t0, st["replication"]["seq"]
+            if "alpha_primary_s" in marks and "beta_started_s" not in marks:
+                self._profile("alpha")
+                marks["beta_started_s"] = time.perf_counter() - t0
+                beta.start()
+            if "beta_started_s" in marks:
+                st = self.polls["beta"].status()
+                now = time.perf_counter()
+                if st and st["state"] == "secondary":
+                    if "beta_secondary_s" not in marks:
+                        marks["beta_secondary_s"] = now - t0
+                        if self.profile_dir is not None:
+                            self._profile("beta")
+                    r = st["replication"]
+                    if seq is not None and r["synced"] and r["applied"] >= seq:
+                        break
+                    if r.get("error") and r["error"] != last_error:
+                        last_error = r["error"]
+                        say(f"  beta reports: {last_error}")
+                if beta.proc.poll() is not None:
+                    raise RuntimeError(f"beta exited{beta.tail_log()}")
+            if alpha.proc.poll() is not None:
+                raise RuntimeError(f"alpha exited{alpha.tail_log()}")
+            if now - t0 > timeout:
+                raise RuntimeError(f"beta not synced after {timeout}s{beta.tail_log()}")
+            time.sleep(0.02)
+        seconds = time.perf_counter() - t0
+        mem = {n: proc_status(node.pid) for n, node in self.pair.nodes.items()}
+        cpu = {n: cpu_delta({}, thread_cpu(node.pid)) for n, node in self.pair.nodes.items()}
+        out = {"seconds": round(seconds, 4), "load1_before": load1, "cpu_s": cpu,
+               "alpha_mem_mb": mem["alpha"], "beta_mem_mb": mem["beta"],
+               **{k: round(v, 3) for k, v in marks.items()}}
+        out["from_beta_start_s"] = round(seconds - marks["beta_started_s"], 4)
+        out["after_beta_secondary_s"] = round(seconds - marks["beta_secondary_s"], 4)
+        return out
+
     def settle(self, hold: float = 2.0, timeout: float = 60) -> dict[str, Any]:
         """Wait until one node is primary and the other a synced secondary, unchanged for
         `hold` seconds. Returns the roles and whether they differ from the start (a takeover
@@ -536,17 +708,24 @@ class SbsRun:
 
 
 def initial_sync(root: Path, src: Path, *, curve: bool = True, profile_dir: Path | None = None,
-                 tag: str = "", warm: Callable[[], None] | None = None) -> dict[str, Any]:
+                 tag: str = "", warm: Callable[[], None] | None = None,
+                 then: Callable[[SbsRun, dict[str, Any]], dict[str, Any]] | None = None
+                 ) -> dict[str, Any]:
+    """A fresh pair's initial sync of `src`, timed from alpha's start (timed_initial_sync).
+    `warm` runs right before the clock starts, as it does before rsync's; `then` runs on the
+    settled pair afterwards (latency and idle in the tree scenario) and adds to the result."""
     drop_dirty()
     with SbsRun(root, src, curve=curve, profile_dir=profile_dir, tag=tag) as run:
-        ready = run.start_alpha()
-        result = run.sync_beta(ready["seq"], warm=warm)
-        result["alpha_ready_s"] = ready["alpha_ready_s"]
+        if warm is not None:
+            warm()
+        result = run.timed_initial_sync()
         result["roles"] = roles = run.settle()
-        if profile := run.stop_profilers():
+        if then is None and (profile := run.stop_profilers()):
             result["profile"] = profile
         if roles["roles_changed"]:
             say(f"  ROLES CHANGED after the initial sync: {roles} (see {run.root}/*.log)")
+        if then is not None:
+            result.update(then(run, roles))
         result["exact"] = check_exact(src, run.dst)
     return result
 
@@ -598,10 +777,34 @@ def latency_samples(src: Path, dst: Path, n: int) -> dict[str, Any]:
     return out
 
 
+# What the rsync latency figure is, said wherever it is printed or stored: SBS's figure is a
+# connected watcher's, rsync has none; a fresh whole-tree run per change is what a cron job or
+# an lsyncd-style trigger (with no delay; lsyncd waits 15 s by default) gets.
+RSYNC_TRIGGER_PEER = ("a fresh whole-tree `rsync -a` started right after each change, as a "
+                      "cron job or an lsyncd-style trigger with no delay would run it; not a "
+                      "connected watcher like SBS, so not like for like")
+# stored in every JSON, so a figure carries how it was taken
+METHOD = {
+    "sbs_initial_sync_clock": "from starting the primary's process (its first scan and hashing "
+                              "included) until the secondary reports synced with every change "
+                              "of that scan applied; the secondary is started as soon as the "
+                              "primary says primary",
+    "rsync_clock": "from starting the rsync client until it exits; the daemon (or sshd) is "
+                   "already running and walks the source inside that time",
+    "warm_up": "right before every clock, for every copier alike: the source read once, then "
+               "as many scratch files as the source created and deleted (small, tree) or 2 x "
+               "its size written and deleted (big)",
+    "order": "each rep runs every copier once; the order rotates by one from rep to rep",
+    "ratios": "SBS / peer, of the medians and rep by rep (seconds: below 1 is SBS faster; "
+              "MB/s: above 1 is)",
+    "latency_peer": RSYNC_TRIGGER_PEER,
+}
+
+
 def rsync_latency(daemon: RsyncDaemon, module: str, src: Path, dest: Path,
                   n: int) -> dict[str, Any]:
-    """One small write on the source, then one `rsync -a` pull: the best a trigger-rsync-on-
-    change replicator can do (it must walk both trees every time)."""
+    """One small write on the source, then one `rsync -a` pull of the whole tree (it must
+    walk both trees every time)."""
     daemon.pull(module, dest)  # bring the target up to date first
     (src / "_rsync_latency").mkdir(exist_ok=True)
     vals = []
@@ -609,7 +812,8 @@ def rsync_latency(daemon: RsyncDaemon, module: str, src: Path, dest: Path,
         (src / "_rsync_latency" / f"r{i}.txt").write_bytes(os.urandom(40))
         vals.append(daemon.pull(module, dest)["seconds"])
     shutil.rmtree(src / "_rsync_latency")
-    return {"samples": n, "p50_ms": ms(statistics.median(vals)), "max_ms": ms(max(vals))}
+    return {"peer": RSYNC_TRIGGER_PEER, "samples": n, "p50_ms": ms(statistics.median(vals)),
+            "min_ms": ms(min(vals)), "max_ms": ms(max(vals))}
 
 
 # ------------------------------------------------------------------------------ scenarios
@@ -619,67 +823,151 @@ def ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("nan")
 
 
-def alternate(rep: int, first: Callable[[], None], second: Callable[[], None]) -> None:
-    """Run both, rsync first on even reps and SBS first on odd ones: a machine that drifts
-    (this VM does) then favours neither."""
-    for step in ((first, second) if rep % 2 == 0 else (second, first)):
-        step()
+def run_reps(reps: int, copiers: dict[str, Callable[[int], dict[str, Any]]]
+             ) -> dict[str, list[dict[str, Any]]]:
+    """Every rep runs each copier once, each warmed the same way right before its clock. The
+    order rotates by one each rep (two copiers: A B, B A, A B, ...), so no copier always goes
+    first or always follows the same other: this VM drifts within a run."""
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in copiers}
+    names = list(copiers)
+    for rep in range(reps):
+        k = rep % len(names)
+        order = names[k:] + names[:k]
+        say(f" rep {rep + 1}/{reps}: {', '.join(order)}")
+        for position, name in enumerate(order):
+            r = copiers[name](rep)
+            r["rep"], r["position"] = rep, position
+            results[name].append(r)
+    return results
 
 
-def scenario_small(data: Path, runs: Path, daemon: RsyncDaemon, sz: Sizes,
+def compare(ours: list[dict[str, Any]], peer: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """SBS / peer of `key` (seconds: below 1 is SBS faster; MB/s: above 1 is), as the ratio of
+    the medians and rep by rep (the two ran in the same rep, one after the other)."""
+    if not ours or not peer:
+        return {}
+    per_rep = [ratio(x[key], y[key]) for x, y in zip(ours, peer, strict=False)]
+    return {"of": key,
+            "ratio_of_medians": ratio(statistics.median(x[key] for x in ours),
+                                      statistics.median(y[key] for y in peer)),
+            "per_rep": per_rep, "per_rep_spread": spread(per_rep)}
+
+
+def tell(name: str, r: dict[str, Any]) -> None:
+    """One line per timed copy."""
+    extra = ""
+    if "alpha_ready_s" in r:
+        extra = (f"  (alpha's scan done at {r['alpha_ready_s']:.2f} s, beta started at "
+                 f"{r['beta_started_s']:.2f} s, secondary at {r['beta_secondary_s']:.2f} s)")
+    mbps = f"  {r['MBps']:.0f} MB/s" if "MBps" in r else ""
+    say(f"  {name:22} {r['seconds']:.3f} s{mbps}{extra}")
+
+
+def rsync_copier(daemon: RsyncDaemon, module: str, src: Path, dest: Path,
+                 warm: Callable[[], None], *extra: str, check: bool = True,
+                 size_mb: float | None = None) -> Callable[[int], dict[str, Any]]:
+    def once(rep: int) -> dict[str, Any]:
+        target = dest.with_name(f"{dest.name}-{rep}")
+        drop_dirty()
+        warm()
+        r = daemon.pull(module, target, *extra)
+        if check and (diff := same_tree(src, target)):
+            raise RuntimeError(f"rsync copy differs: {diff}")
+        shutil.rmtree(target)
+        if size_mb is not None:
+            r["MBps"] = round(size_mb / r["seconds"], 1)
+        return r
+    return once
+
+
+def ssh_copier(ssh: SshPeer, src: Path, dest: Path, warm: Callable[[], None], cipher: str,
+               size_mb: float) -> Callable[[int], dict[str, Any]]:
+    def once(rep: int) -> dict[str, Any]:
+        target = dest.with_name(f"{dest.name}-{rep}")
+        drop_dirty()
+        warm()
+        r = ssh.pull(src, target, cipher)
+        if diff := same_tree(src, target):
+            raise RuntimeError(f"rsync over ssh copy differs: {diff}")
+        shutil.rmtree(target)
+        r["MBps"] = round(size_mb / r["seconds"], 1)
+        return r
+    return once
+
+
+def sbs_copier(runs: Path, tag: str, src: Path, warm: Callable[[], None], *, curve: bool = True,
+               size_mb: float | None = None, last_rep: int = -1,
+               then: Callable[[SbsRun, dict[str, Any]], dict[str, Any]] | None = None,
+               profile_dir: Path | None = None) -> Callable[[int], dict[str, Any]]:
+    def once(rep: int) -> dict[str, Any]:
+        s = initial_sync(runs / f"{tag}-{rep}", src, curve=curve, warm=warm,
+                         then=then if rep == last_rep else None, profile_dir=profile_dir,
+                         tag=tag)
+        if not s["exact"]:
+            raise RuntimeError(f"SBS replica differs ({tag}, rep {rep})")
+        if size_mb is not None:
+            s["MBps"] = round(size_mb / s["seconds"], 1)
+            s["MBps_from_beta_start"] = round(size_mb / s["from_beta_start_s"], 1)
+        return s
+    return once
+
+
+def timing_summary(res: dict[str, list[dict[str, Any]]], key: str) -> dict[str, Any]:
+    out: dict[str, Any] = {name: spread([x[key] for x in lst]) for name, lst in res.items()}
+    for name, lst in res.items():
+        if lst and "alpha_ready_s" in lst[0]:
+            out[f"{name}_breakdown_s"] = {
+                k: spread([x[k] for x in lst]) for k in
+                ("alpha_primary_s", "alpha_ready_s", "beta_started_s", "beta_secondary_s",
+                 "from_beta_start_s", "after_beta_secondary_s")}
+    return out
+
+
+def print_comparisons(vs: dict[str, dict[str, Any]]) -> None:
+    for label, c in vs.items():
+        if c:
+            s = c["per_rep_spread"]
+            say(f"  {label:32} ratio of medians {c['ratio_of_medians']}, per rep "
+                f"{s['min']}-{s['max']} ({', '.join(map(str, c['per_rep']))})")
+
+
+def scenario_small(data: Path, runs: Path, daemon: RsyncDaemon | None, sz: Sizes,
                    with_fsync: bool) -> dict[str, Any]:
     src = data / "small"
-    sbs: list[dict] = []
-    rs: list[dict] = []
 
-    def rsync_once(rep: int) -> None:
-        dest = runs / f"rsync-small-{rep}"
+    def warm() -> None:
+        read_source(src)
         warm_files(runs / "warm", sz.small_files, sz.small_size)
-        r = daemon.pull("small", dest)
-        if diff := same_tree(src, dest):
-            raise RuntimeError(f"rsync copy differs: {diff}")
-        shutil.rmtree(dest)
-        rs.append(r)
-        say(f"  rsync -a          {r['seconds']:.3f} s")
 
-    def sbs_once(rep: int) -> None:
-        # right before the clock, after alpha's start-up, as rsync's (see warm_page_cache)
-        s = initial_sync(runs / f"sbs-small-{rep}", src,
-                         warm=lambda: warm_files(runs / "warm", sz.small_files, sz.small_size))
-        sbs.append(s)
-        say(f"  SBS               {s['seconds']:.3f} s  (beta secondary after "
-            f"{s['to_secondary_s']:.2f} s, then {s['after_secondary_s']:.3f} s)")
-
-    for rep in range(sz.reps_small):
-        alternate(rep, lambda: rsync_once(rep), lambda: sbs_once(rep))  # noqa: B023
+    copiers = {"sbs": sbs_copier(runs, "sbs-small", src, warm)}
+    if daemon is not None:
+        copiers["rsync"] = rsync_copier(daemon, "small", src, runs / "rsync-small", warm)
+        if with_fsync:
+            copiers["rsync_fsync"] = rsync_copier(daemon, "small", src, runs / "rsync-small-f",
+                                                  warm, "--fsync")
+    res = run_reps(sz.reps_small, {k: _told(k, f) for k, f in copiers.items()})
     out: dict[str, Any] = {"files": sz.small_files, "file_bytes": sz.small_size,
-                           "sbs": sbs, "rsync": rs}
-    if with_fsync:
-        dest = runs / "rsync-small-fsync"
-        drop_dirty()
-        r = daemon.pull("small", dest, "--fsync")
-        shutil.rmtree(dest)
-        out["rsync_fsync"] = r
-        say(f"  rsync -a --fsync  {r['seconds']:.3f} s  (durable, as SBS is)")
-    sbs_med = statistics.median(x["seconds"] for x in sbs)
-    after_med = statistics.median(x["after_secondary_s"] for x in sbs)
-    rs_med = statistics.median(x["seconds"] for x in rs)
-    pairwise = [ratio(x["seconds"], y["seconds"]) for x, y in zip(sbs, rs, strict=True)]
+                           "order": "rotating", **res}
+    vs = {f"sbs / {peer} (seconds)": compare(res["sbs"], res[peer], "seconds")
+          for peer in ("rsync", "rsync_fsync") if peer in res}
+    print_comparisons(vs)
+    seconds = timing_summary(res, "seconds")
+    main = vs.get("sbs / rsync (seconds)", {})
     out["summary"] = {
-        "sbs_median_s": round(sbs_med, 3), "rsync_median_s": round(rs_med, 3),
-        "sbs_after_secondary_median_s": round(after_med, 3),
-        "ratio_sbs_over_rsync": ratio(sbs_med, rs_med),
-        "ratio_sbs_after_secondary_over_rsync": ratio(after_med, rs_med),
-        "ratio_per_rep": pairwise,
-        "sbs_files_per_s": round(sz.small_files / sbs_med),
-        "rsync_files_per_s": round(sz.small_files / rs_med),
-        "target_met": sbs_med <= rs_med,
-        "runs_with_a_takeover": sum(x["roles"]["roles_changed"] for x in sbs),
+        "seconds": seconds, "vs": vs,
+        "target_met": (main["ratio_of_medians"] <= 1) if main else None,
+        "reps_sbs_not_slower": (sum(r <= 1 for r in main["per_rep"]) if main else None),
+        "runs_with_a_takeover": sum(x["roles"]["roles_changed"] for x in res["sbs"]),
     }
-    if "rsync_fsync" in out:
-        out["summary"]["ratio_sbs_over_rsync_fsync"] = ratio(sbs_med,
-                                                             out["rsync_fsync"]["seconds"])
     return out
+
+
+def _told(name: str, f: Callable[[int], dict[str, Any]]) -> Callable[[int], dict[str, Any]]:
+    def once(rep: int) -> dict[str, Any]:
+        r = f(rep)
+        tell(name, r)
+        return r
+    return once
 
 
 def live_big(root: Path, big_file: Path, *, curve: bool = True,
@@ -725,80 +1013,56 @@ def live_big(root: Path, big_file: Path, *, curve: bool = True,
             "beta_mem_mb": mem["beta"], "roles": roles, "exact": exact}
 
 
-def scenario_big(data: Path, runs: Path, daemon: RsyncDaemon, sz: Sizes,
-                 with_fsync: bool, with_plain: bool) -> dict[str, Any]:
+def scenario_big(data: Path, runs: Path, daemon: RsyncDaemon | None, ssh: SshPeer | None,
+                 sz: Sizes, extras: bool, ciphers: list[str]) -> dict[str, Any]:
     src = data / "big"
+    big_file = next(src.iterdir())
     size_mb = sz.big_bytes / 1e6
-    sbs: list[dict] = []
-    live: list[dict] = []
-    live_plain: list[dict] = []
-    rs: list[dict] = []
 
-    # every run, rsync's and SBS's, starts right after writing and deleting 2 GiB: on this VM
-    # a copy into page cache that nothing touched lately runs at half speed or less, and the
-    # freed pages go back to the host within seconds (see warm_page_cache), so the warm-up
-    # comes right before each clock starts, after the pair's own start-up
+    # every run, rsync's and SBS's, starts right after reading the source and writing and
+    # deleting 2 GiB: on this VM a copy into page cache that nothing touched lately runs at
+    # half speed or less, and freed pages go back to the host within seconds (see
+    # warm_page_cache), so the warm-up comes right before each clock starts
     def warm() -> None:
+        read_source(src)
         warm_page_cache(runs / "warm.bin", 2 * sz.big_bytes)
 
-    def rsync_once(rep: int) -> None:
-        dest = runs / f"rsync-big-{rep}"
-        drop_dirty()
-        warm()
-        r = daemon.pull("big", dest)
-        shutil.rmtree(dest)
-        r["MBps"] = round(size_mb / r["seconds"], 1)
-        rs.append(r)
-        say(f"  rsync -a          {r['seconds']:.3f} s  {r['MBps']:.0f} MB/s  "
-            f"{r['client_cpu_s'] + r['daemon_cpu_s']:.2f} CPU-s, client peak "
-            f"{r['client_peak_mb']} MB, daemon peak ~{r['daemon_peak_mb_sampled']} MB")
+    def live(curve: bool) -> Callable[[int], dict[str, Any]]:
+        def once(rep: int) -> dict[str, Any]:
+            s = live_big(runs / f"sbs-live-{rep}-{curve}", big_file, curve=curve, warm=warm)
+            s["MBps"] = round(size_mb / s["seconds"], 1)
+            if not s["exact"]:
+                raise RuntimeError(f"SBS live replica differs (rep {rep})")
+            return s
+        return once
 
-    def sbs_once(rep: int) -> None:
-        s = initial_sync(runs / f"sbs-big-{rep}", src, warm=warm)
-        s["MBps"] = round(size_mb / s["seconds"], 1)
-        s["MBps_after_secondary"] = round(size_mb / s["after_secondary_s"], 1)
-        sbs.append(s)
-        say(f"  SBS (CURVE)       {s['seconds']:.3f} s  {s['MBps']:.0f} MB/s "
-            f"({s['MBps_after_secondary']:.0f} MB/s once secondary)  peak alpha "
-            f"{s['alpha_mem_mb']['VmHWM']} MB, beta {s['beta_mem_mb']['VmHWM']} MB")
-
-    def live_once(rep: int, curve: bool = True) -> None:
-        s = live_big(runs / f"sbs-live-{rep}-{curve}", next(src.iterdir()), curve=curve,
-                     warm=warm)
-        s["MBps"] = round(size_mb / s["seconds"], 1)
-        (live if curve else live_plain).append(s)
-        say(f"  SBS live, {'CURVE' if curve else 'plain'}{' ' if curve else ''}  "
-            f"{s['seconds']:.3f} s  {s['MBps']:.0f} MB/s  "
-            f"{sum(c['total'] for c in s['cpu_s'].values()):.2f} CPU-s, "
-            f"{s['cores_busy']} cores busy, peak alpha "
-            f"{s['alpha_mem_mb']['VmHWM']} MB, beta {s['beta_mem_mb']['VmHWM']} MB")
-
-    def sbs_both(rep: int) -> None:
-        sbs_once(rep)
-        live_once(rep)
-        if with_plain:
-            live_once(rep, curve=False)
-
-    for rep in range(sz.reps_big):
-        alternate(rep, lambda: rsync_once(rep), lambda: sbs_both(rep))  # noqa: B023
-    out: dict[str, Any] = {"bytes": sz.big_bytes, "sbs": sbs, "sbs_live": live,
-                           "sbs_live_plain": live_plain, "rsync": rs}
-    if with_plain:
-        s = initial_sync(runs / "sbs-big-plain", src, curve=False, warm=warm)
-        s["MBps"] = round(size_mb / s["seconds"], 1)
-        s["MBps_after_secondary"] = round(size_mb / s["after_secondary_s"], 1)
-        out["sbs_plain"] = s
-        say(f"  SBS (plain TCP)   {s['seconds']:.3f} s  {s['MBps']:.0f} MB/s "
-            f"({s['MBps_after_secondary']:.0f} MB/s once secondary)")
-    if with_fsync:
-        dest = runs / "rsync-big-fsync"
-        drop_dirty()
-        warm()
-        r = daemon.pull("big", dest, "--fsync")
-        shutil.rmtree(dest)
-        r["MBps"] = round(size_mb / r["seconds"], 1)
-        out["rsync_fsync"] = r
-        say(f"  rsync -a --fsync  {r['seconds']:.3f} s  {r['MBps']:.0f} MB/s")
+    ours = {"sbs_initial": sbs_copier(runs, "sbs-big", src, warm, size_mb=size_mb),
+            "sbs_live": live(True)}
+    if extras:
+        ours["sbs_live_plain"] = live(False)
+        ours["sbs_initial_plain"] = sbs_copier(runs, "sbs-big-plain", src, warm, curve=False,
+                                               size_mb=size_mb)
+    theirs = {}
+    if daemon is not None:
+        theirs["rsync"] = rsync_copier(daemon, "big", src, runs / "rsync-big", warm,
+                                       size_mb=size_mb)
+    if ssh is not None:
+        for cipher in ciphers:
+            theirs[f"rsync_ssh_{cipher.split('@')[0]}"] = ssh_copier(
+                ssh, src, runs / "rsync-ssh", warm, cipher, size_mb)
+    if daemon is not None and extras:
+        theirs["rsync_fsync"] = rsync_copier(daemon, "big", src, runs / "rsync-big-f", warm,
+                                             "--fsync", size_mb=size_mb)
+    # SBS, rsync, SBS, rsync, ...: each SBS copy has an rsync copy beside it in every rep
+    names = [n for pair in itertools.zip_longest(ours, theirs) for n in pair if n]
+    copiers = {n: ours.get(n) or theirs[n] for n in names}
+    res = run_reps(sz.reps_big, {k: _told(k, f) for k, f in copiers.items()})
+    out: dict[str, Any] = {"bytes": sz.big_bytes, "order": "rotating", **res}
+    peers = [k for k in res if k.startswith("rsync")]
+    vs = {f"{ours} / {peer} (MB/s)": compare(res[ours], res[peer], "MBps")
+          for ours in ("sbs_live", "sbs_initial", "sbs_live_plain", "sbs_initial_plain")
+          if ours in res for peer in peers}
+    print_comparisons(vs)
     # the transport limit, measured now, between the runs above and the next scenario
     limit = {}
     for curve in (True, False):
@@ -812,52 +1076,42 @@ def scenario_big(data: Path, runs: Path, daemon: RsyncDaemon, sz: Sizes,
     say(f"  CURVE's cipher alone (libsodium, 1 MiB messages): {floor}")
     # CPU per GiB: what each copier makes the machine do, whatever the cores are busy with
     per_gib = GiB / sz.big_bytes
-    live_cpu = statistics.median(sum(c["total"] for c in x["cpu_s"].values()) for x in live)
-    rs_cpu = statistics.median(x["client_cpu_s"] + x["daemon_cpu_s"] for x in rs)
-    cipher = (floor["encrypt_cpu_s_per_GiB"] + floor["decrypt_cpu_s_per_GiB"]
-              if "error" not in floor else None)
-    plain_cpu = (statistics.median(sum(c["total"] for c in x["cpu_s"].values())
-                                   for x in live_plain) if live_plain else None)
-    out["cpu_s_per_GiB"] = {
-        "sbs_live_both_nodes": round(live_cpu * per_gib, 2),
-        # the same transfer over plain TCP: what CURVE adds is the difference (the cipher
-        # itself, and the copies libzmq makes around it)
-        "sbs_live_plain_both_nodes": round(plain_cpu * per_gib, 2) if plain_cpu else None,
-        "curve_adds": round((live_cpu - plain_cpu) * per_gib, 2) if plain_cpu else None,
-        "rsync_client_and_daemon": round(rs_cpu * per_gib, 2),
-        "curve_cipher_both_sides": cipher,
-        "sbs_live_without_cipher": round(live_cpu * per_gib - cipher, 2) if cipher else None,
-        # the shortest a GiB can take when every core works for the pair and nothing else
-        "sbs_live_min_seconds_on_all_cores": round(live_cpu * per_gib / (os.cpu_count() or 1), 3),
-    }
-    say(f"  CPU-s per GiB: {out['cpu_s_per_GiB']}")
-    sbs_mbps = statistics.median(x["MBps"] for x in sbs)
-    live_mbps = statistics.median(x["MBps"] for x in live)
-    rs_mbps = statistics.median(x["MBps"] for x in rs)
+
+    def sbs_cpu(name: str) -> dict[str, Any]:
+        return spread([sum(c["total"] for c in x["cpu_s"].values()) * per_gib
+                       for x in res.get(name, [])], 2)
+
+    cpu: dict[str, Any] = {name: sbs_cpu(name) for name in res if name.startswith("sbs")}
+    for peer in peers:
+        cpu[peer] = spread([(x["client_cpu_s"] + x["daemon_cpu_s"]) * per_gib
+                            for x in res[peer]], 2)
+    if "error" not in floor:
+        cpu["curve_cipher_both_sides"] = round(
+            floor["encrypt_cpu_s_per_GiB"] + floor["decrypt_cpu_s_per_GiB"], 2)
+    out["cpu_s_per_GiB"] = cpu
+    say(f"  CPU-s per GiB (median): "
+        f"{ {k: v['median'] if isinstance(v, dict) else v for k, v in cpu.items()} }")
     peak = max(max(x["alpha_mem_mb"]["VmHWM"], x["beta_mem_mb"]["VmHWM"])
-               for x in sbs + live + live_plain)
+               for name, lst in res.items() if name.startswith("sbs") for x in lst)
+    live_vs = vs.get("sbs_live / rsync (MB/s)", {})
+    init_vs = vs.get("sbs_initial / rsync (MB/s)", {})
     out["summary"] = {
-        "sbs_median_MBps": sbs_mbps, "rsync_median_MBps": rs_mbps,
-        "sbs_live_median_MBps": live_mbps,
-        "sbs_live_plain_median_MBps": (statistics.median(x["MBps"] for x in live_plain)
-                                       if live_plain else None),
-        "ratio_live_over_rsync_MBps": ratio(live_mbps, rs_mbps),
-        "ratio_live_per_rep": [ratio(x["MBps"], y["MBps"])
-                               for x, y in zip(live, rs, strict=True)],
-        "sbs_median_MBps_after_secondary": statistics.median(
-            x["MBps_after_secondary"] for x in sbs),
-        "ratio_sbs_over_rsync_MBps": ratio(sbs_mbps, rs_mbps),
-        "ratio_per_rep": [ratio(x["MBps"], y["MBps"]) for x, y in zip(sbs, rs, strict=True)],
-        "ratio_sbs_over_curve_limit": ratio(sbs_mbps, limit["curve_MBps"]),
+        "MBps": timing_summary(res, "MBps"), "vs": vs,
+        "ratio_sbs_live_over_curve_limit": ratio(
+            statistics.median(x["MBps"] for x in res["sbs_live"]), limit["curve_MBps"]),
         "peak_node_mb": peak,
-        "target_met": {"initial_sync": sbs_mbps > rs_mbps and peak < TARGETS["big_memory_mb"],
-                       "live": live_mbps > rs_mbps and peak < TARGETS["big_memory_mb"]},
-        "runs_with_a_takeover": sum(x["roles"]["roles_changed"] for x in sbs + live + live_plain),
+        "target_met": {
+            "initial_sync": (init_vs["ratio_of_medians"] > 1
+                             and peak < TARGETS["big_memory_mb"]) if init_vs else None,
+            "live": (live_vs["ratio_of_medians"] > 1
+                     and peak < TARGETS["big_memory_mb"]) if live_vs else None},
+        "runs_with_a_takeover": sum(x["roles"]["roles_changed"] for name, lst in res.items()
+                                    if name.startswith("sbs") for x in lst),
     }
     return out
 
 
-def scenario_latency_small(runs: Path, daemon: RsyncDaemon, data: Path,
+def scenario_latency_small(runs: Path, daemon: RsyncDaemon | None, data: Path,
                            sz: Sizes) -> dict[str, Any]:
     src = data / "lat"
     (src / "_latency").mkdir(parents=True, exist_ok=True)
@@ -871,52 +1125,44 @@ def scenario_latency_small(runs: Path, daemon: RsyncDaemon, data: Path,
         res["roles"] = roles
     say(f"  SBS    p50 {res['p50_ms']} ms  p99 {res['p99_ms']} ms  max {res['max_ms']} ms "
         f"({res['samples']} samples, {res['timed_out']} timed out)")
-    rs = rsync_latency(daemon, "lat", src, runs / "rsync-lat", sz.rsync_latency_samples * 4)
-    shutil.rmtree(runs / "rsync-lat")
-    say(f"  rsync  p50 {rs['p50_ms']} ms (one `rsync -a` run right after the write)")
-    return {"tree_files": 1, "sbs": res, "rsync_per_change": rs,
-            "ratio_sbs_p50_over_rsync_p50": ratio(res["p50_ms"], rs["p50_ms"]),
-            "target_met": res["p50_ms"] < TARGETS["latency_p50_ms"]
-            and res["p99_ms"] < TARGETS["latency_p99_ms"] and not res["timed_out"]}
+    out: dict[str, Any] = {"tree_files": 1, "sbs": res,
+                           "target_met": res["p50_ms"] < TARGETS["latency_p50_ms"]
+                           and res["p99_ms"] < TARGETS["latency_p99_ms"]
+                           and not res["timed_out"]}
+    if daemon is not None:
+        rs = rsync_latency(daemon, "lat", src, runs / "rsync-lat", sz.rsync_latency_samples * 4)
+        shutil.rmtree(runs / "rsync-lat")
+        say(f"  rsync triggered per change  p50 {rs['p50_ms']} ms (a whole-tree run per "
+            f"change, as cron or lsyncd would start it: not like for like)")
+        out["rsync_trigger_per_change"] = rs
+        out["ratio_sbs_p50_over_rsync_trigger_p50"] = ratio(res["p50_ms"], rs["p50_ms"])
+    return out
 
 
-def scenario_tree(data: Path, runs: Path, daemon: RsyncDaemon, sz: Sizes,
+def scenario_tree(data: Path, runs: Path, daemon: RsyncDaemon | None, sz: Sizes,
                   profile_dir: Path | None) -> dict[str, Any]:
-    """The 100,000-file tree: initial sync (both), latency in it, idle CPU, rsync per change."""
+    """The 100,000-file tree: initial sync (both, alternated and warmed alike), then on the
+    last SBS pair the latency in it and its idle CPU; rsync triggered per change."""
     src = data / "tree"
     out: dict[str, Any] = {"files": sz.tree_files}
-    dest = runs / "rsync-tree"
-    if profile_dir is None:
-        drop_dirty()
-        r = daemon.pull("tree", dest)
-        out["rsync_initial"] = r
-        say(f"  rsync -a initial       {r['seconds']:.2f} s")
-    drop_dirty()
-    (src / "_latency").mkdir(exist_ok=True)
-    with SbsRun(runs / "sbs-tree", src, profile_dir=profile_dir, tag="tree") as run:
-        ready = run.start_alpha()
-        s = run.sync_beta(ready["seq"])
-        s["alpha_ready_s"] = ready["alpha_ready_s"]
-        out["sbs_initial"] = s
-        say(f"  SBS initial            {s['seconds']:.2f} s (alpha's first scan "
-            f"{ready['alpha_ready_s']:.1f} s before)  peak alpha {s['alpha_mem_mb']['VmHWM']} "
-            f"MB, beta {s['beta_mem_mb']['VmHWM']} MB")
-        if "rsync_initial" in out:
-            out["ratio_initial_sbs_over_rsync"] = ratio(s["seconds"],
-                                                        out["rsync_initial"]["seconds"])
-        roles = run.settle()
-        prof_sync = run.stop_profilers()  # after settle: it covers what follows the sync too
-        out["roles_after_initial_sync"] = roles
-        if roles["roles_changed"]:
-            say(f"  ROLES CHANGED after the initial sync: {roles} (a takeover happened; "
-                f"see {run.root}/*.log); measuring from the current primary")
+
+    def warm() -> None:
+        shutil.rmtree(src / "_latency", ignore_errors=True)
+        read_source(src)
+        warm_files(runs / "warm", sz.tree_files, KiB)
+
+    def then(run: SbsRun, roles: dict[str, Any]) -> dict[str, Any]:
+        """Latency and idle CPU on the synced pair of the last SBS rep."""
+        extra: dict[str, Any] = {}
+        if profile_dir is not None:
+            extra["profile_initial"] = run.stop_profilers()
+        (src / "_latency").mkdir(exist_ok=True)
         lat = latency_samples(run.folder_of(roles["primary"]),
                               run.folder_of(roles["secondary"]), sz.latency_samples)
-        out["sbs_latency"] = lat
+        extra["latency"] = lat
         say(f"  SBS latency  p50 {lat['p50_ms']} ms  p99 {lat['p99_ms']} ms  max "
             f"{lat['max_ms']} ms ({lat['samples']} samples, {lat['timed_out']} timed out)")
-        # idle: let the last writes settle, then only watch
-        idle_roles = run.settle()
+        idle_roles = run.settle()  # let the last writes settle, then only watch
         if profile_dir is not None:
             run.tag = "tree-idle"
             run._profile("alpha")
@@ -926,36 +1172,69 @@ def scenario_tree(data: Path, runs: Path, daemon: RsyncDaemon, sz: Sizes,
         c1, dt = run.cpu_seconds(), time.perf_counter() - t0
         idle = {n: round(100 * (c1[n] - c0[n]) / dt, 2) for n in c0}
         idle["pair"] = round(idle["alpha"] + idle["beta"], 2)
-        out["idle_cpu_pct_of_one_core"] = {**idle, "seconds": round(dt, 1),
-                                           "period_s": NODE["period"],
-                                           "primary": idle_roles["primary"]}
+        extra["idle_cpu_pct_of_one_core"] = {**idle, "seconds": round(dt, 1),
+                                             "period_s": NODE["period"],
+                                             "primary": idle_roles["primary"]}
         say(f"  idle CPU over {dt:.0f} s: alpha {idle['alpha']} %, beta {idle['beta']} % "
             f"of one core ({idle_roles['primary']} is primary; rescan every "
             f"{NODE['period']} s)")
         if profile_dir is not None:
-            out["profile_initial"] = prof_sync
-            out["profile_idle"] = run.stop_profilers()
-        out["exact"] = check_exact(src, run.dst)
-    shutil.rmtree(src / "_latency", ignore_errors=True)
-    if profile_dir is None:
+            extra["profile_idle"] = run.stop_profilers()
+        return extra  # _latency stays until the pair is checked; the next warm() removes it
+
+    reps = 1 if profile_dir is not None else sz.reps_tree
+    copiers = {"sbs": sbs_copier(runs, "sbs-tree", src, warm, last_rep=reps - 1, then=then,
+                                 profile_dir=profile_dir)}
+    if daemon is not None and profile_dir is None:
+        copiers["rsync"] = rsync_copier(daemon, "tree", src, runs / "rsync-tree", warm)
+    res = run_reps(reps, {k: _told(k, f) for k, f in copiers.items()})
+    out.update(order="rotating", **res)
+    last = res["sbs"][-1]
+    lat = last.pop("latency")
+    out["sbs_latency"] = lat
+    out["idle_cpu_pct_of_one_core"] = last.pop("idle_cpu_pct_of_one_core")
+    for key in ("profile_initial", "profile_idle"):
+        if key in last:
+            out[key] = last.pop(key)
+    vs = {"sbs / rsync (seconds)": compare(res["sbs"], res["rsync"], "seconds")
+          } if "rsync" in res else {}
+    print_comparisons(vs)
+    out["summary"] = {
+        "seconds": timing_summary(res, "seconds"), "vs": vs,
+        "peak_mb": {n: spread([x[f"{n}_mem_mb"]["VmHWM"] for x in res["sbs"]], 1)
+                    for n in ("alpha", "beta")},
+        "runs_with_a_takeover": sum(x["roles"]["roles_changed"] for x in res["sbs"]),
+        "latency_target_met": lat["p50_ms"] < TARGETS["latency_p50_ms"]
+        and lat["p99_ms"] < TARGETS["latency_p99_ms"] and not lat["timed_out"],
+    }
+    if daemon is not None and profile_dir is None:
+        dest = runs / "rsync-tree-lat"
         rs = rsync_latency(daemon, "tree", src, dest, sz.rsync_latency_samples)
-        out["rsync_per_change"] = rs
-        out["ratio_latency_sbs_p50_over_rsync_p50"] = ratio(lat["p50_ms"], rs["p50_ms"])
-        say(f"  rsync per change  p50 {rs['p50_ms']} ms (walks {sz.tree_files} files each time)")
+        out["rsync_trigger_per_change"] = rs
+        out["ratio_latency_sbs_p50_over_rsync_trigger_p50"] = ratio(lat["p50_ms"], rs["p50_ms"])
+        say(f"  rsync triggered per change  p50 {rs['p50_ms']} ms (walks {sz.tree_files} "
+            f"files each time, as cron or lsyncd would start it: not like for like)")
         shutil.rmtree(dest, ignore_errors=True)
-    out["latency_target_met"] = lat["p50_ms"] < TARGETS["latency_p50_ms"] and \
-        lat["p99_ms"] < TARGETS["latency_p99_ms"] and not lat["timed_out"]
+    shutil.rmtree(src / "_latency", ignore_errors=True)
     return out
 
 
 # ------------------------------------------------------------------------------ main
 
 
-def host() -> dict[str, Any]:
+def host(rsync_ok: bool) -> dict[str, Any]:
+    def version(*cmd: str) -> str | None:
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return (done.stdout or done.stderr).strip().splitlines()[0]
+
+    sshd = SshPeer.sshd()
     return {"cpus": os.cpu_count(), "python": platform.python_version(),
             "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(),
-            "rsync": subprocess.run(["rsync", "--version"], capture_output=True,
-                                    text=True).stdout.splitlines()[0],
+            "rsync": version("rsync", "--version") if rsync_ok else None,
+            "sshd": version(sshd, "-V") if sshd else None,
             "loadavg_at_start": os.getloadavg()}
 
 
@@ -982,6 +1261,17 @@ def ensure_data(data: Path, sz: Sizes, only: set[str]) -> None:
         os.sync()
         marker.touch()
         say(f"data: {count} x {size} B in {data / name} ({time.perf_counter() - t0:.1f} s)")
+
+
+def read_source(root: Path) -> None:
+    """Read every file under root once: both copiers then start with the source in the page
+    cache and its dentries and inodes cached (the same state for both, whatever ran before
+    or whether the data was just made or kept from an earlier run)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                while fh.read(16 * MiB):
+                    pass
 
 
 def warm_files(scratch: Path, count: int, size: int) -> None:
@@ -1016,23 +1306,47 @@ def main(argv: list[str] | None = None) -> int:
                     help="SBS only, both nodes under py-spy; summaries in the JSON")
     ap.add_argument("--only", default="small,big,latency,tree",
                     help="comma-separated scenarios (small, big, latency, tree)")
+    ap.add_argument("--reps", type=int, help="repetitions of every scenario (default: "
+                    f"{FULL.reps_small} small, {FULL.reps_big} big, {FULL.reps_tree} tree; "
+                    "--quick 1)")
     ap.add_argument("--no-extras", action="store_true",
                     help="skip rsync --fsync and SBS over plain TCP (reference figures)")
+    ap.add_argument("--ssh-ciphers", default="aes128-gcm@openssh.com,"
+                    "chacha20-poly1305@openssh.com",
+                    help="ciphers of the rsync-over-ssh peer in the big-file scenario, comma-"
+                    "separated ('' to skip that peer)")
     ap.add_argument("--native", action="store_true",
                     help="with --profile: C frames too (py-spy --native)")
     ap.add_argument("--data", type=Path, default=Path(f"/tmp/sbs-bench-{os.getuid()}"))
     ap.add_argument("--keep", action="store_true",
                     help="keep the data afterwards (and reuse it next time)")
     ap.add_argument("--out", type=Path)
+    add_common_args(ap)
     args = ap.parse_args(argv)
     sz = QUICK if args.quick else FULL
+    if args.reps:
+        sz = replace(sz, reps_small=args.reps, reps_big=args.reps, reps_tree=args.reps)
     only = set(args.only.split(","))
     name = "replication" + ("-profile" if args.profile else "") + ("-quick" if args.quick else "")
     out_path = args.out or OUT / f"{name}.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"bench": "replication", "quick": args.quick,
+    prov = provenance(args.run_id)
+    say(f"run {prov['run_id']}: {prov['command']}")
+    skipped: dict[str, str] = {}
+    rsync_ok = shutil.which("rsync") is not None
+    if not rsync_ok and not args.profile:
+        skipped["rsync"] = "rsync is not installed (Debian: apt-get install rsync)"
+    ciphers = [c for c in args.ssh_ciphers.split(",") if c]
+    if "big" in only and not args.profile:
+        if not ciphers:
+            skipped["rsync_ssh"] = "--ssh-ciphers ''"
+        elif why := SshPeer.missing():
+            skipped["rsync_ssh"] = why
+    for peer, why in skipped.items():
+        say(f"SKIPPED: the {peer} peer: {why}")
+    report: dict[str, Any] = {"bench": "replication", "provenance": prov, "quick": args.quick,
                               "profile": args.profile, "sizes": asdict(sz), "node": NODE,
-                              "targets": TARGETS, "host": host(),
+                              "targets": TARGETS, "host": host(rsync_ok),
+                              "method": METHOD, "skipped_peers": skipped,
                               "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     profile_dir = OUT if args.profile else None
     extras = not args.no_extras and not args.quick
@@ -1041,51 +1355,61 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
     Profiler.native = args.native
+    daemon: RsyncDaemon | None = None
+    ssh: SshPeer | None = None
     try:
         ensure_data(data, sz, only)
-        daemon = RsyncDaemon(args.data / "rsyncd", {m: data / m for m in
-                                                     ("small", "big", "tree", "lat")})
-        try:
-            if args.profile:
-                if "small" in only:
-                    say("profile: initial sync of the small files")
-                    report["small"] = initial_sync(runs / "p-small", data / "small",
-                                                   profile_dir=profile_dir, tag="small")
-                if "big" in only:
-                    say("profile: initial sync of the big file")
-                    report["big"] = initial_sync(
-                        runs / "p-big", data / "big", profile_dir=profile_dir, tag="big",
-                        warm=lambda: warm_page_cache(runs / "warm.bin", 2 * sz.big_bytes))
-                if "tree" in only:
-                    say("profile: the tree (initial sync, latency, idle)")
-                    report["tree"] = scenario_tree(data, runs, daemon, sz, profile_dir)
-            else:
-                if "small" in only:
-                    say(f"small: initial sync of {sz.small_files} x {sz.small_size} B")
-                    report["small"] = scenario_small(data, runs, daemon, sz, extras)
-                if "big" in only:
-                    say(f"big: one {sz.big_bytes >> 20} MiB file")
-                    report["big"] = scenario_big(data, runs, daemon, sz, extras, extras)
-                if "latency" in only:
-                    say("latency: single small files, near-empty tree")
-                    report["latency"] = scenario_latency_small(runs, daemon, data, sz)
-                    rt = {c: round_trip(curve=c, n=1000) for c in (False, True)}
-                    report["latency"]["transport_round_trip_ms"] = {
-                        ("curve" if c else "plain"): {"p50": r["p50_ms"], "p99": r["p99_ms"]}
-                        for c, r in rt.items()}
-                if "tree" in only:
-                    say(f"tree: {sz.tree_files} files")
-                    report["tree"] = scenario_tree(data, runs, daemon, sz, None)
-        finally:
-            daemon.stop()
+        if rsync_ok and not args.profile:
+            daemon = RsyncDaemon(args.data / "rsyncd", {m: data / m for m in
+                                                         ("small", "big", "tree", "lat")})
+        if "big" in only and "rsync_ssh" not in skipped and not args.profile:
+            try:
+                ssh = SshPeer(args.data / "sshd")
+            except (RuntimeError, AssertionError, OSError, subprocess.CalledProcessError) as e:
+                skipped["rsync_ssh"] = f"sshd did not start: {e}"
+                say(f"SKIPPED: the rsync_ssh peer: {skipped['rsync_ssh']}")
+        if args.profile:
+            if "small" in only:
+                say("profile: initial sync of the small files")
+                report["small"] = initial_sync(runs / "p-small", data / "small",
+                                               profile_dir=profile_dir, tag="small")
+            if "big" in only:
+                say("profile: initial sync of the big file")
+                report["big"] = initial_sync(
+                    runs / "p-big", data / "big", profile_dir=profile_dir, tag="big",
+                    warm=lambda: warm_page_cache(runs / "warm.bin", 2 * sz.big_bytes))
+            if "tree" in only:
+                say("profile: the tree (initial sync, latency, idle)")
+                report["tree"] = scenario_tree(data, runs, None, sz, profile_dir)
+        else:
+            if "small" in only:
+                say(f"small: initial sync of {sz.small_files} x {sz.small_size} B")
+                report["small"] = scenario_small(data, runs, daemon, sz, extras)
+            if "big" in only:
+                say(f"big: one {sz.big_bytes >> 20} MiB file")
+                report["big"] = scenario_big(data, runs, daemon, ssh, sz, extras, ciphers)
+            if "latency" in only:
+                say("latency: single small files, near-empty tree")
+                report["latency"] = scenario_latency_small(runs, daemon, data, sz)
+                rt = {c: round_trip(curve=c, n=1000) for c in (False, True)}
+                report["latency"]["transport_round_trip_ms"] = {
+                    ("curve" if c else "plain"): {"p50": r["p50_ms"], "p99": r["p99_ms"]}
+                    for c, r in rt.items()}
+            if "tree" in only:
+                say(f"tree: {sz.tree_files} files")
+                report["tree"] = scenario_tree(data, runs, daemon, sz, None)
     finally:
+        for peer in (daemon, ssh):
+            if peer is not None:
+                peer.stop()
         shutil.rmtree(runs, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(args.data, ignore_errors=True)
     report["host"]["loadavg_at_end"] = os.getloadavg()
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    out_path.write_text(json.dumps(report, indent=2) + "\n")
-    say(f"done in {report['total_seconds']} s -> {out_path}")
+    written = write_report(report, out_path, args.result)
+    say(f"run {prov['run_id']} done in {report['total_seconds']} s -> "
+        f"{', '.join(map(str, written))}")
     return 0
 
 

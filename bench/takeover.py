@@ -20,7 +20,6 @@ Prints a table and writes bench/out/takeover.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -38,6 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import add_common_args, provenance, write_report  # noqa: E402
 from tests.pair import NodeProc, Pair, wait_for  # noqa: E402
 
 SETTINGS = {
@@ -344,12 +344,13 @@ def main() -> int:
                     help="seconds of full CPU load per setting (default 60)")
     ap.add_argument("--quick", action="store_true", help="3 runs, 10 s of load: a smoke check")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "takeover.json")
+    add_common_args(ap)
     args = ap.parse_args()
     if args.quick:
         args.runs, args.load_seconds = min(args.runs, 3), min(args.load_seconds, 10)
 
     report: dict[str, Any] = {
-        "bench": "takeover",
+        "bench": "takeover", "provenance": provenance(args.run_id),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform(), "loadavg_start": loadavg()},
@@ -378,9 +379,9 @@ def main() -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     print_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out} ({report['seconds']}s)")
+    written = write_report(report, args.out, args.result)
+    print(f"\nrun {report['provenance']['run_id']}: wrote {', '.join(map(str, written))} "
+          f"({report['seconds']}s)")
     return 0
 
 

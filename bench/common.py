@@ -1,0 +1,121 @@
+"""What every bench JSON carries so a figure can be traced to the run and the code behind it.
+
+- `provenance()`: the exact command line, the git commit (`git rev-parse HEAD`) and whether the
+  work tree differed from it (bench/results/ and bench/out/ not counted: a cited run writes
+  there as it goes), and a run ID.
+- `write_report()`: writes the JSON to its --out path and, with `--result NAME`, copies it to
+  bench/results/NAME.json, the only place README figures are cited from.
+- `spread()`: median and range of a series; every figure is reported with both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "out"
+RESULTS = REPO / "bench" / "results"
+# the folders a bench run itself writes to: changes there do not make the code dirty
+_OWN_OUTPUT = (":(exclude)bench/results", ":(exclude)bench/out")
+_RESULT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    # rstrip only: a porcelain status line starts with a meaningful space
+    return done.stdout.rstrip() if done.returncode == 0 else None
+
+
+def git_state() -> dict[str, Any]:
+    """HEAD's commit and whether tracked files differ from it (a run of uncommitted code)."""
+    commit = _git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None, "note": "not a git checkout or git missing"}
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *_OWN_OUTPUT)
+    files = [line[3:] for line in (changed or "").splitlines()]
+    return {"commit": commit, "dirty": bool(files), "dirty_files": files[:20],
+            "branch": _git("rev-parse", "--abbrev-ref", "HEAD")}
+
+
+def new_run_id(git: dict[str, Any]) -> str:
+    """UTC time, then the commit's short hash, '-dirty' when the code was not committed."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    commit = (git.get("commit") or "nogit")[:10]
+    return f"{stamp}-{commit}{'-dirty' if git.get('dirty') else ''}"
+
+
+def provenance(run_id: str | None = None) -> dict[str, Any]:
+    git = git_state()
+    return {
+        "command": shlex.join(["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
+        "cwd_is_repo": Path.cwd().resolve() == REPO,
+        "git": git,
+        "run_id": run_id or os.environ.get("SBS_BENCH_RUN_ID") or new_run_id(git),
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def result_name(text: str) -> str:
+    """argparse type for --result: NAME or RUN/NAME, kept inside bench/results/."""
+    if not _RESULT_NAME.fullmatch(text) or ".." in text:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use NAME or RUN/NAME (letters, digits, '.', '_', '-')")
+    return text
+
+
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--result", type=result_name, metavar="NAME",
+                    help="also copy the JSON to bench/results/NAME.json (a run the README "
+                         "may cite; bench/out/ is not kept in git)")
+    ap.add_argument("--run-id", help="the run ID to record (default: time, commit, dirty flag; "
+                                     "bench/run_cited.py gives all its benches one)")
+
+
+def write_report(report: dict[str, Any], out: Path, result: str | None) -> list[Path]:
+    """Write to `out`; with `result`, copy to bench/results/<result>.json. Returns both."""
+    report.setdefault("provenance", {})["finished_utc"] = time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    report["provenance"]["loadavg_at_end"] = os.getloadavg()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    written = [out]
+    if result:
+        kept = RESULTS / f"{result}.json"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out, kept)
+        written.append(kept)
+    return written
+
+
+def spread(values: list[float], digits: int = 3) -> dict[str, Any]:
+    """Median, min and max of a series, and the series itself (in run order)."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"n": 0}
+    return {"n": len(vals), "median": round(statistics.median(vals), digits),
+            "min": round(min(vals), digits), "max": round(max(vals), digits),
+            "values": [round(v, digits) for v in vals]}
+
+
+def fmt_spread(s: dict[str, Any], unit: str = "", digits: int = 3) -> str:
+    """'1.23 (1.10-1.40, n=5)': a median with its range, as every printed figure is."""
+    if not s.get("n"):
+        return "-"
+    f = f"{{:.{digits}f}}"
+    return (f"{f.format(s['median'])}{unit} ({f.format(s['min'])}-{f.format(s['max'])}, "
+            f"n={s['n']})")
