@@ -88,3 +88,11 @@ def test_a_holder_cut_off_from_etcd_loses_validity_before_the_key_expires(conten
         assert a.error
     finally:
         proxy.close()
+
+
+def test_a_term_older_than_the_key_s_is_stale(contenders):
+    a = contenders("a")
+    a.want(True)
+    until(lambda: a.mine, (a,), 10, "a to hold the key")
+    assert a.stale("MANIFEST", {"name": "old", "epoch": a.term - 1})
+    assert not a.stale("MANIFEST", {"name": "new", "epoch": a.term})

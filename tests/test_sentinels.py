@@ -374,3 +374,39 @@ def test_a_confirmation_in_time_keeps_the_sentinel(make, tmp_path):
         sentinels.poll()
         time.sleep(0.1)  # the node's heartbeat
     assert alive(pid) and sentinels.lapses == 0
+
+
+def test_the_guard_kills_a_group_started_after_it_fired_until_a_new_deadline():
+    """node/guard.py's state machine with real process groups: a sentinel started after the
+    deadline passed (the node did not know yet) dies at once; a new deadline ends that."""
+    from node.guard import Guard
+
+    def group() -> subprocess.Popen:
+        return subprocess.Popen([PY, "-c", "import time; time.sleep(60)"],
+                                start_new_session=True)
+
+    guard = Guard(kill_after=0.2)
+    first = group()
+    procs = [first]
+    try:
+        guard.line(f"+{first.pid}")
+        guard.line(f"D{time.monotonic() - 0.01:.6f}")
+        guard.tick(time.monotonic())
+        assert guard.fired and first.wait(5) == -signal.SIGTERM
+        guard.line(f"-{first.pid}")
+        late = group()
+        procs.append(late)
+        guard.line(f"+{late.pid}")
+        assert late.wait(5) == -signal.SIGKILL  # no confirmation since: killed at once
+        guard.line(f"-{late.pid}")
+        guard.line(f"D{time.monotonic() + 60:.6f}")
+        fresh = group()
+        procs.append(fresh)
+        guard.line(f"+{fresh.pid}")
+        guard.tick(time.monotonic())
+        assert fresh.poll() is None and not guard.fired
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
