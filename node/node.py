@@ -35,9 +35,9 @@ from .blobs import BlobServer
 from .config import Config, FolderConfig
 from .fsm import PRIMARY_LIKE, PUBLIC, A, E, S, step
 from .journal import Agreed
-from .lease import LEASE_KILL_SHARE, Lease
 from .notify import Notifier
 from .peer import Peer
+from .primacy import Primacy, guard_kill_after
 from .protocol import Bad, Message
 from .scanner import Scanner, verify_tokens
 from .security import client, load_keys, serve, start_authenticator
@@ -50,13 +50,6 @@ log = logging.getLogger("sbs.node")
 # that has just come up hears from us within milliseconds rather than at the next heartbeat;
 # the wait doubles while the peer stays unreachable, up to the heartbeat itself
 PING_RETRY = 0.025
-# The sentinel guard (node/guard.py) stops the sentinels GUARD_SHARE of dead_after after the
-# last heartbeat we sent (SIGTERM), and SIGKILLs them GUARD_KILL_SHARE of it later: they are
-# gone before the peer, which hears that heartbeat no earlier than we send it, can take over.
-# The rest (1/3 of dead_after minus a heartbeat) is how late a busy loop may be without a
-# false stop.
-GUARD_SHARE = 2 / 3
-GUARD_KILL_SHARE = 1 / 6
 
 
 class NodeError(RuntimeError):
@@ -117,11 +110,8 @@ class Node:
         self.journal.start()
 
         self.notifier = Notifier(cfg.email)
-        kill_after = (cfg.cluster.ttl * LEASE_KILL_SHARE if cfg.cluster.enabled
-                      else cfg.dead_after * GUARD_KILL_SHARE)
         self.sentinels = Sentinels(self.state_dir, on_event=self._sentinel_event,
-                                   guard_kill_after=kill_after)
-        self.hold_until: float | None = None  # sentinels held after a lapse (see _on_lapse)
+                                   guard_kill_after=guard_kill_after(cfg))
         self._load_sentinels_for(own=True)
         killed = self.sentinels.cleanup_leftovers()
         if killed:
@@ -130,13 +120,11 @@ class Node:
 
         self.ctx = zmq.Context()
         self.auth = start_authenticator(self.ctx, self.keys)
-        self.lease: Lease | None = None
-        self.lease_pipe: zmq.Socket | None = None
+        self.probed = False  # the first probe window is over
         self._open_sockets()
-        if cfg.cluster.enabled:
-            self.lease = Lease(self.ctx, cfg.cluster, cfg.name, self.run_id)
-            self.lease_pipe = self.lease.pipe
-            self.poller.register(self.lease_pipe, zmq.POLLIN)
+        self.primacy = Primacy(self)
+        if self.primacy.pipe is not None:
+            self.poller.register(self.primacy.pipe, zmq.POLLIN)
 
     # ------------------------------------------------------------------ sockets
     def _socket(self, kind: int, *, maxmsg: int) -> zmq.Socket:
@@ -237,12 +225,12 @@ class Node:
             ("results", self._on_result),
             ("scanner_pipe", self._on_scanner),
             ("syncer_pipe", self._on_syncer),
-            ("lease_pipe", self._on_lease),
+            ("primacy_pipe", self.primacy.on_report),
         ):
             # drain what is there now, bounded so one busy socket cannot starve the others;
             # looked up each time, since a handler may close a socket (sub on takeover)
             for _ in range(1000):
-                sock = getattr(self, name)
+                sock = self.primacy.pipe if name == "primacy_pipe" else getattr(self, name)
                 if sock is None or sock.closed or sock not in ready:
                     break
                 try:
@@ -266,8 +254,8 @@ class Node:
             deadlines.append(w)
         if self.final_sync is not None:
             deadlines.append(self.final_sync["deadline"])
-        if self.hold_until is not None:
-            deadlines.append(self.hold_until)
+        if (hold := self.primacy.next_deadline()) is not None:
+            deadlines.append(hold)
         if self.follow.get("snapshot_deadline"):
             deadlines.append(self.follow["snapshot_deadline"])
         return min(deadlines)
@@ -295,8 +283,7 @@ class Node:
             self._ping_peer(now)
         if self.state in PRIMARY_LIKE and not self.restricted:
             self.sentinels.poll()
-        self._check_hold(now)
-        self._update_want(now)
+        self.primacy.tick(now)
         self._check_final_sync(now)
         if self.follow.get("snapshot_deadline") and now >= self.follow["snapshot_deadline"]:
             if self.follow.get("snapshot_sent"):
@@ -305,7 +292,7 @@ class Node:
 
     # ------------------------------------------------------------------ fsm glue
     def feed(self, event: E, *, context: tuple[bytes, str] | None = None) -> tuple[A, ...]:
-        nxt, actions = step(self.state, event, dcs=self.lease is not None)
+        nxt, actions = step(self.state, event, dcs=self.primacy.dcs)
         if nxt != self.state or actions:
             log.info("%s + %s -> %s %s", self.state, event, nxt, [a.value for a in actions])
         prev = self.state
@@ -330,8 +317,8 @@ class Node:
 
     def _become_primary(self, *, restricted: bool, why: str) -> None:
         self.epoch = max(self.epoch, self.max_seen_epoch) + 1
-        if self.lease is not None and self.lease.term:
-            self.epoch = self.lease.term  # the term is etcd's: the key's create revision
+        if term := self.primacy.term():
+            self.epoch = term  # the term is etcd's: the key's create revision
         self.max_seen_epoch = max(self.max_seen_epoch, self.epoch)
         self._save_node("primary")
         self.restricted = restricted
@@ -340,42 +327,9 @@ class Node:
         if restricted:
             log.warning("role = backup and started without a peer: restricted, no sentinels")
         else:
-            self._run_sentinels()
+            self.primacy.run_sentinels()
         log.info("PRIMARY now (epoch %d, %s)%s", self.epoch, why,
                  " [restricted]" if restricted else "")
-
-    def _confirm_primacy(self) -> bool:
-        """Tell the sentinel guard we are alive and primary, right before a heartbeat leaves
-        (with a lease: until the lease's share of ttl after its last renewal)."""
-        now = time.monotonic()
-        if self.lease is not None:
-            until = self.lease.valid_until()
-            return self.sentinels.confirm(now - 1 if until is None else until)
-        return self.sentinels.confirm(now + self.cfg.dead_after * GUARD_SHARE)
-
-    def _run_sentinels(self) -> None:
-        self.hold_until = None
-        if self._confirm_primacy():
-            self.sentinels.run()
-
-    def _on_lapse(self) -> None:
-        """The guard stopped our sentinels: we went unheard for too long, and the peer may have
-        taken over meanwhile. Wait dead_after (and a heartbeat) for its news: if it is primary
-        now, the rule demotes us; if we are still primary after that, run them again."""
-        self.hold_until = time.monotonic() + self.cfg.dead_after + self.cfg.heartbeat
-        self.publish_event("guard", action="stopped", why="primacy unconfirmed")
-
-    def _check_hold(self, now: float) -> None:
-        if self.hold_until is None or now < self.hold_until:
-            return
-        if self.lease is not None and not self.lease.ok(now):
-            self.hold_until = now + self.cfg.heartbeat  # only a renewed lease brings them back
-            return
-        self.hold_until = None
-        if self.state == S.PRIMARY and not self.restricted:
-            log.warning("still primary %.1f s after the guard stopped the sentinels: starting "
-                        "them again", self.cfg.dead_after + self.cfg.heartbeat)
-            self._run_sentinels()
 
     def _save_node(self, last_role: str | None = None) -> None:
         self.last_role = last_role or self.last_role
@@ -523,8 +477,7 @@ class Node:
         log.warning("hand-over aborted: the peer went silent; staying primary")
 
     def _do_send_handover(self, **_: Any) -> None:
-        if self.lease is not None:  # the key goes first: the peer takes it on HANDOVER
-            self.lease.resign(hold_off=self.cfg.cluster.ttl)
+        self.primacy.resign()  # dcs: the key goes first, the peer takes it on HANDOVER
         body = {"name": self.cfg.name, "run": self.run_id, "epoch": self.epoch, "seq": self.seq}
         self._send_peer("HANDOVER", body)
         # Also back along the peer's own connection (its pings reach our ROUTER): our DEALER
@@ -543,43 +496,8 @@ class Node:
             ident, command = context
             self._reply(ident, protocol.reply_error(f"cannot {command} while {self.state.value}"))
 
-    # ------------------------------------------------------------------ leader lease (dcs)
-    def _on_lease(self, frames: list[bytes]) -> None:
-        lease = self.lease
-        before = (lease.holder, lease.term, lease.reachable, lease.mine)
-        lease.on_report(frames)
-        if (lease.holder, lease.term, lease.reachable, lease.mine) != before:
-            log.info("leader key %s: holder %s, term %s, etcd %s%s", self.cfg.cluster.key,
-                     lease.holder, lease.term, "reachable" if lease.reachable else "unreachable",
-                     f" ({lease.error})" if lease.error else "")
-            self.publish_event("lease", holder=lease.holder, term=lease.term,
-                               reachable=lease.reachable, mine=lease.mine)
-        if lease.term and lease.term > self.max_seen_epoch:
-            self.max_seen_epoch = lease.term
-            self._save_node()
-        if (event := lease.event(self.state)) is not None:
-            self.feed(event)
-        elif lease.mine and self.state == S.PRIMARY and lease.term != self.epoch:
-            log.warning("took the leader key again after it expired: term %s", lease.term)
-            self.epoch = lease.term
-            self._save_node()
-        self._check_hold(time.monotonic())
-        self._update_want(time.monotonic())
-
-    def _update_want(self, now: float) -> None:
-        if self.lease is not None:
-            peer = {"epoch": self.peer.epoch, "role": self.peer.role, "name": self.peer.name}
-            self.lease.wish(self.state, starting_may_ask=self.probed or (
-                self.peer.alive and self.peer.state == "starting"
-                and protocol.wins(self.me(), peer)))
-
-    def _stale_term(self, what: str, body: dict[str, Any]) -> bool:
-        return self.lease is not None and self.lease.stale(what, body)
-
     def _do_campaign(self, **_: Any) -> None:
-        if self.lease is not None:
-            log.info("the primary handed over: taking the leader key")
-            self.lease.campaign_now()
+        self.primacy.campaign()
 
     def _do_peer_lost(self, **_: Any) -> None:
         self.publish_event("peer_lost", peer=self.peer.name)
@@ -589,14 +507,13 @@ class Node:
 
     # ------------------------------------------------------------------ peer messages
     def _send_ping(self) -> None:
-        self._confirm_primacy()
+        self.primacy.confirm()
         self._ping_peer(time.monotonic())
-        hb = {"name": self.cfg.name, "run": self.run_id, "epoch": self.epoch,
-              "state": self._public_state(), "seq": self.seq, "sv": self.sv}
-        if self.lease is not None:
-            lease = self.lease.status(time.monotonic())
-            hb["lease"] = {k: lease[k] for k in ("holder", "term", "time_left", "reachable")}
-        self.pub.send_multipart(protocol.encode_bus("HB", hb))
+        self.pub.send_multipart(protocol.encode_bus("HB", {
+            "name": self.cfg.name, "run": self.run_id, "epoch": self.epoch,
+            "state": self._public_state(), "seq": self.seq, "sv": self.sv,
+            **self.primacy.heartbeat_fields(),
+        }))
 
     def _peer_state(self) -> dict[str, Any]:
         self.n += 1
@@ -750,14 +667,8 @@ class Node:
             "sentinels": self.sentinels.status(),
             "active_sentinels": self.sentinels.active,
             "email": self.notifier.status(),
-            "lease": self._lease_status(now),
+            "lease": self.primacy.status(now),
         }
-
-    def _lease_status(self, now: float) -> dict[str, Any] | None:
-        if self.lease is None:
-            return None
-        return self.lease.status(now, lone_secondary=self.state == S.SECONDARY
-                                 and not self.peer.alive)
 
     def _replication_status(self, now: float) -> dict[str, Any]:
         if self.state in PRIMARY_LIKE:
@@ -840,7 +751,7 @@ class Node:
         # Sentinels reports {"event", "name", ...}: both keys are taken on the bus (the event
         # kind and the node name), so they travel as `action` and `sentinel`.
         if event["event"] == "lapsed":
-            self._on_lapse()
+            self.primacy.on_lapse()
             return
         fields = dict(event)
         self.publish_event("sentinel", action=fields.pop("event"), sentinel=fields.pop("name"),
@@ -1060,7 +971,7 @@ class Node:
         if self.syncer is None or not self.follow.get("snapshot_deadline"):
             return
         body = msg.body
-        if self._stale_term("SNAPSHOT_REP", body):
+        if self.primacy.stale("SNAPSHOT_REP", body):
             return
         self.follow.update(snapshot_deadline=None, seen=body["seq"], run=body["run"])
         self.pair.update(folders=body["folders"], paths=body["paths"],
@@ -1090,7 +1001,7 @@ class Node:
         body = msg.body
         if self.syncer is None:
             return
-        if msg.command in ("MANIFEST", "HB") and self._stale_term(msg.command, body):
+        if msg.command in ("MANIFEST", "HB") and self.primacy.stale(msg.command, body):
             return
         waiting = bool(self.follow.get("snapshot_deadline"))
         if msg.command == "MANIFEST":
@@ -1171,9 +1082,8 @@ class Node:
         if getattr(self, "blobs", None) is not None:
             self.blobs.stop()
         self.sentinels.stop_all()
-        if self.lease is not None:
-            self.lease.close()
-            self.lease = None
+        if getattr(self, "primacy", None) is not None:
+            self.primacy.close()
         self.notifier.close(timeout=2.0)
         self.journal_jobs.put(None)
         self.journal.join(30)
