@@ -6,23 +6,28 @@ from __future__ import annotations
 import secrets
 import signal
 
+import pytest
+
 from tests.pair import wait_for
 from tests.recorder import lives, overlaps, recorder_command
 from tests.test_e2e_sentinels import alive, marked, running_pid
 
 
-def _pair(make_pair, tmp_path, **node):
+def _pair(make_pair, tmp_path, stubborn=False, **node):
     record = tmp_path / "record.txt"
     token = f"sbs-e2e-guard-{secrets.token_hex(4)}"
     pair = make_pair(node={"heartbeat": 0.2, "dead_after": 1.0, **node},
-                     sentinels={"svc": recorder_command(tmp_path, record, token)})
+                     sentinels={"svc": recorder_command(tmp_path, record, token,
+                                                        stubborn=stubborn)})
     pair.start_both()
     wait_for(lambda: running_pid(pair.alpha, "svc") and lives(record), 5, "svc on alpha")
     return pair, record, token
 
 
-def test_a_paused_primary_s_sentinel_stops_before_the_peer_starts_its_own(make_pair, tmp_path):
-    pair, record, token = _pair(make_pair, tmp_path)
+@pytest.mark.parametrize("stubborn", [False, True], ids=["polite", "ignores-sigterm"])
+def test_a_paused_primary_s_sentinel_stops_before_the_peer_starts_its_own(make_pair, tmp_path,
+                                                                          stubborn):
+    pair, record, token = _pair(make_pair, tmp_path, stubborn=stubborn)
     (pair.folder("alpha") / "closed.txt").write_text("before the pause\n")
     wait_for(lambda: (pair.folder("beta") / "closed.txt").exists(), 10, "the file on beta")
     old = running_pid(pair.alpha, "svc")
