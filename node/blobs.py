@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -24,41 +25,58 @@ from typing import Any
 import zmq
 
 from . import protocol
-from .fsops import PathError, check_relpath
+from .config import FolderConfig
 from .protocol import Bad
+from .scan import Filter
 from .security import Keys, client, serve
+from .tree import DIR_FLAGS, PathError, check_relpath
 
 log = logging.getLogger("sbs.blobs")
 
 
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+
+
 def open_nofollow(root: str, relpath: str) -> int:
-    """Open a file for reading inside `root` without following any symlink on the way."""
+    """Open a regular file for reading inside `root` without following any symlink on the way.
+
+    O_NONBLOCK: opening a FIFO must not wait for a writer (it would stall the file server for
+    good); what is not a regular file once open (FIFO, device, socket, folder) is refused."""
     parts = check_relpath(relpath)
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for name in parts[:-1]:
-            nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            nxt = os.open(name, DIR_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = nxt
-        return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY, dir_fd=fd)
+        file_fd = os.open(parts[-1], _READ_FLAGS, dir_fd=fd)
     finally:
         os.close(fd)
+    if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+        os.close(file_fd)
+        raise PathError("not a regular file")
+    return file_fd
 
 
 class BlobServer:
     def __init__(self, ctx: zmq.Context, endpoint: str, keys: Keys | None):
         self.ctx, self.endpoint, self.keys = ctx, endpoint, keys
-        self._folders: dict[str, str] = {}
+        self._folders: dict[str, tuple[str, Filter]] = {}
         self._thread: threading.Thread | None = None
         self._control = f"inproc://blobs-stop-{id(self)}"
 
-    def set_folders(self, folders: dict[str, str]) -> None:
-        self._folders = dict(folders)  # one reference swap: the thread reads it lock-free
+    def set_folders(self, folders: dict[str, FolderConfig]) -> None:
+        """Serve these folders, and in each only what its filters replicate."""
+        # one reference swap: the thread reads it lock-free
+        self._folders = {n: (str(f.path), Filter(f.filters)) for n, f in folders.items()}
 
     def start_and_wait(self) -> None:
         rep = self.ctx.socket(zmq.REP)
         rep.linger = 0
         rep.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_BLOB_REQUEST_IN)
+        # replies a client has not read yet wait in its pipe, each at most MAX_GET_BYTES. Not
+        # lower: an HWM of the fetch window itself drops replies after a client reconnects
+        # (its resent requests meet the old ones' replies) and the fetch crawls on timeouts
         rep.sndhwm = 64
         serve(rep, self.keys)
         try:
@@ -106,12 +124,15 @@ class BlobServer:
         metas, blobs = [], []
         folders = self._folders
         for item in msg.body["items"]:
-            root = folders.get(item["f"])
-            if root is None:
+            folder = folders.get(item["f"])
+            if folder is None:
                 metas.append({"size": -1, "err": f"unknown folder {item['f'][:64]!r}"})
                 blobs.append(b"")
                 continue
+            root, filt = folder
             try:
+                if not filt.match(item["p"]):
+                    raise PathError("not replicated by the folder's filters")
                 fd = open_nofollow(root, item["p"])
                 try:
                     size = os.fstat(fd).st_size
@@ -137,7 +158,8 @@ class FetchError(RuntimeError):
 class Fetcher:
     """Pipelined GETs over one DEALER; replies come back in request order (one connection)."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, keys: Keys | None, *, window: int = 8,
+    def __init__(self, ctx: zmq.Context, endpoint: str, keys: Keys | None, *,
+                 window: int = protocol.FETCH_WINDOW,
                  timeout: float = 5.0, retries: int = 3):
         self.ctx, self.endpoint, self.keys = ctx, endpoint, keys
         self.window, self.timeout, self.retries = window, timeout, retries

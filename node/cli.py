@@ -60,6 +60,9 @@ def start(
     if not tune_malloc():
         logging.getLogger("sbs.node").debug("mallopt unavailable: default malloc tuning")
     from .node import Node, NodeError
+    from .tree import raise_fd_limit
+
+    raise_fd_limit()  # the tree walk holds one fd per level of a deep tree
 
     try:
         node = Node(cfg)

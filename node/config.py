@@ -81,6 +81,8 @@ class Config:
     curve: bool = True
     secret_key: Path | None = None
     peer_public_key: Path | None = None
+    # a secondary runs on takeover only the sentinel commands its own sbs.ini names
+    pin_sentinels: bool = False
     email: EmailConfig = field(default_factory=EmailConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     folders: tuple[FolderConfig, ...] = ()
@@ -214,7 +216,7 @@ def load(file: Path | str) -> Config:
     state_dir = node.path("state_dir", base, f".sbs/{name}")
 
     sec = _Section(parser, file, "security")
-    _reject_unknown(sec, {"curve", "secret_key", "peer_public_key"})
+    _reject_unknown(sec, {"curve", "secret_key", "peer_public_key", "pin_sentinels"})
     curve = sec.boolean("curve", True)
     secret_key = sec.path("secret_key", base)
     peer_public_key = sec.path("peer_public_key", base)
@@ -244,6 +246,7 @@ def load(file: Path | str) -> Config:
         curve=curve,
         secret_key=secret_key,
         peer_public_key=peer_public_key,
+        pin_sentinels=sec.boolean("pin_sentinels", False),
         email=_email(parser, file),
         cluster=_cluster(parser, file),
         folders=_folders(parser, file, base),

@@ -14,7 +14,6 @@ import errno
 import logging
 import os
 import secrets
-import shutil
 import stat
 import threading
 import time
@@ -33,52 +32,25 @@ from node.scan import (
     link_entry,
     new_hasher,
 )
+from node.tree import (  # noqa: F401  (re-exported: the path rule's home is node/tree.py)
+    MAX_NAME_BYTES,
+    MAX_PATH_BYTES,
+    PathError,
+    check_relpath,
+    rmtree,
+    walk,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_NAME_BYTES = 255
-MAX_PATH_BYTES = 4096
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _NOT_A_DIR = (errno.ENOTDIR, errno.ELOOP)
 _STAMP_FORMAT = "%Y%m%dT%H%M%S"
 
 
-class PathError(ValueError):
-    """A path that must not be used: hostile, malformed, or leading through a symlink."""
-
-
 class HashMismatch(Exception):
     """The received content does not have the hash the manifest promised."""
-
-
-def check_relpath(p: object) -> tuple[str, ...]:
-    """The components of a relative path from the wire, or PathError naming the problem."""
-    if not isinstance(p, str):
-        raise PathError(f"path is not a string: {type(p).__name__}")
-    if not p:
-        raise PathError("empty path")
-    if p.startswith("/"):
-        raise PathError(f"absolute path: {p!r}")
-    if "\x00" in p:
-        raise PathError(f"NUL byte in path: {p!r}")
-    try:
-        size = len(p.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise PathError(f"path is not valid UTF-8: {p!r}") from None
-    if size > MAX_PATH_BYTES:
-        raise PathError(f"path longer than {MAX_PATH_BYTES} bytes: {p[:64]!r}...")
-    parts = tuple(p.split("/"))
-    for part in parts:
-        if not part:
-            raise PathError(f"empty component in path: {p!r}")
-        if part in (".", ".."):
-            raise PathError(f"{part!r} component in path: {p!r}")
-        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
-            raise PathError(f"component longer than {MAX_NAME_BYTES} bytes in path: {p[:64]!r}")
-        if part.startswith(TEMP_PREFIX):
-            raise PathError(f"reserved temp name in path: {p!r}")
-    return parts
 
 
 def utc_stamp() -> str:
@@ -138,15 +110,6 @@ def _temp_name() -> str:
 # low-level helpers, all relative to a directory fd and never following a link
 
 
-def _unique(path: str) -> str:
-    if not os.path.lexists(path):
-        return path
-    n = 1
-    while os.path.lexists(f"{path}~{n}"):
-        n += 1
-    return f"{path}~{n}"
-
-
 def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
     try:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -184,9 +147,20 @@ def _copy_out(dir_fd: int, name: str, dest: str, *, durable: bool) -> None:
         sub = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
         try:
             os.mkdir(dest, 0o700)
-            for child in os.listdir(sub):
-                _copy_out(sub, child, os.path.join(dest, child), durable=durable)
-            os.chmod(dest, stat.S_IMODE(st.st_mode))
+            modes = [(dest, stat.S_IMODE(st.st_mode))]
+            for rel, fd, dirs, others in walk(sub):
+                base = os.path.join(dest, rel) if rel else dest
+                for child in list(dirs):
+                    cst = _lstat_at(fd, child)
+                    if cst is None:
+                        dirs.remove(child)
+                        continue
+                    os.mkdir(os.path.join(base, child), 0o700)
+                    modes.append((os.path.join(base, child), stat.S_IMODE(cst.st_mode)))
+                for child in others:  # not a directory: no recursion
+                    _copy_out(fd, child, os.path.join(base, child), durable=durable)
+            for path, mode in reversed(modes):  # children first: a 0500 folder is filled first
+                os.chmod(path, mode)
         finally:
             os.close(sub)
     elif stat.S_ISREG(st.st_mode):
@@ -210,7 +184,7 @@ def _delete_at(dir_fd: int, name: str) -> None:
     if st is None:
         return
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(name, dir_fd=dir_fd)  # fd-based on Linux: immune to symlink races
+        rmtree(dir_fd, name)  # fd-based, no recursion: any depth, no link followed
     else:
         try:
             os.unlink(name, dir_fd=dir_fd)
@@ -460,21 +434,48 @@ class FolderWriter:
 
     # -- trash --
 
+    def _side_dir(self, base: str, stamp: str, relpath: str) -> tuple[int, str, str]:
+        """(fd of the parent, free name, path for messages) of relpath's place under
+        base/stamp/[name]: created one component at a time from an fd, so a deep relpath
+        needs neither recursion nor an absolute path shorter than PATH_MAX."""
+        top = os.path.join(base, stamp, self.name) if self.name else os.path.join(base, stamp)
+        os.makedirs(top, exist_ok=True)
+        parts = check_relpath(relpath)
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in parts[:-1]:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = sub
+            name, n = parts[-1], 0
+            while _lstat_at(fd, name) is not None:
+                n += 1
+                name = f"{parts[-1]}~{n}"
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, name, os.path.join(top, *parts[:-1], name)
+
     def _side_path(self, base: str, stamp: str, relpath: str) -> str:
-        dest = os.path.join(base, stamp, self.name, relpath) if self.name else \
-            os.path.join(base, stamp, relpath)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        return _unique(dest)
+        fd, _, path = self._side_dir(base, stamp, relpath)
+        os.close(fd)
+        return path
 
     def _to_trash(self, dir_fd: int, name: str, relpath: str, stamp: str) -> str:
-        dest = self._side_path(self.trash_dir, stamp, relpath)
+        fd, final, dest = self._side_dir(self.trash_dir, stamp, relpath)
         try:
-            os.rename(name, dest, src_dir_fd=dir_fd)
+            os.rename(name, final, src_dir_fd=dir_fd, dst_dir_fd=fd)
         except OSError as e:
             if e.errno != errno.EXDEV:
                 raise
             _copy_out(dir_fd, name, dest, durable=False)
             _delete_at(dir_fd, name)
+        finally:
+            os.close(fd)
         log.info("moved %s/%s to trash %s", self.root, relpath, dest)
         return dest
 
@@ -770,15 +771,19 @@ class FolderWriter:
             else:
                 count += 1
             _delete_at(self._temp_fd, name)
-        for _, dirnames, filenames, dir_fd in os.fwalk(self.root, follow_symlinks=False):
-            for name in [d for d in dirnames if d.startswith(TEMP_PREFIX)]:
-                dirnames.remove(name)
-                _delete_at(dir_fd, name)
-                count += 1
-            for name in filenames:
-                if name.startswith(TEMP_PREFIX):
+        root_fd = self._open_root()
+        try:
+            for _, dir_fd, dirnames, others in walk(root_fd):
+                for name in [d for d in dirnames if d.startswith(TEMP_PREFIX)]:
+                    dirnames.remove(name)
                     _delete_at(dir_fd, name)
                     count += 1
+                for name in others:
+                    if name.startswith(TEMP_PREFIX):
+                        _delete_at(dir_fd, name)
+                        count += 1
+        finally:
+            os.close(root_fd)
         if count:
             log.info("%s: removed %d leftover temp files", self.root, count)
         return count
@@ -801,7 +806,11 @@ def purge_trash(trash_dir: str | os.PathLike[str], days: float,
         if when is None or when >= cutoff or child.is_symlink():
             continue
         if child.is_dir():
-            shutil.rmtree(child)
+            parent = os.open(trash, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                rmtree(parent, child.name)
+            finally:
+                os.close(parent)
         else:
             child.unlink()
         count += 1

@@ -40,9 +40,19 @@ from .peer import Peer
 from .primacy import Primacy, guard_kill_after
 from .protocol import Bad, Message
 from .scanner import Scanner, verify_tokens
-from .security import client, load_keys, serve, start_authenticator
+from .security import (
+    PEER_COMMANDS,
+    client,
+    load_keys,
+    pinned_sentinels,
+    refusal,
+    sender_key,
+    serve,
+    start_authenticator,
+)
 from .sentinels import Sentinels
 from .syncer import Syncer
+from .tree import PathError, check_abspath
 
 log = logging.getLogger("sbs.node")
 
@@ -233,8 +243,8 @@ class Node:
                 sock = self.primacy.pipe if name == "primacy_pipe" else getattr(self, name)
                 if sock is None or sock.closed or sock not in ready:
                     break
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                try:  # the ROUTER's frames carry the sender's key (ZAP User-Id)
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=name != "router")
                 except zmq.Again:
                     break
                 handler(frames)
@@ -488,7 +498,8 @@ class Node:
         log.info("handed over to %s", self.peer.name or self.cfg.peer)
 
     def _do_ask_handover(self, **_: Any) -> None:
-        self._send_peer("ASK_HANDOVER", {"name": self.cfg.name, "run": self.run_id})
+        self._send_peer("ASK_HANDOVER", {"name": self.cfg.name, "run": self.run_id,
+                                         "epoch": self.epoch})
         log.info("asked primary %s to hand over", self.peer.name)
 
     def _do_refuse(self, context: tuple[bytes, str] | None, **_: Any) -> None:
@@ -576,7 +587,9 @@ class Node:
         if event is not None:
             self.feed(event)
 
-    def _on_router(self, frames: list[bytes]) -> None:
+    def _on_router(self, raw: list[zmq.Frame]) -> None:
+        key = sender_key(raw[-1])
+        frames = [f.bytes for f in raw]
         if len(frames) < 2:
             log.warning("dropped a control message without identity")
             return
@@ -586,6 +599,11 @@ class Node:
             log.warning("dropped a bad control message: %s", msg.reason)
             return
         c = msg.command
+        if (why := refusal(c, key, self.keys)) is not None:
+            log.warning("refused %s from key %s: %s", c, (key or "?")[:8], why)
+            if c not in PEER_COMMANDS:
+                self._reply(ident, protocol.reply_error(f"refused: {why}"))
+            return
         if c == "PING":
             if msg.body["run"] != self.run_id:
                 self.peer_ident = ident
@@ -608,6 +626,8 @@ class Node:
         elif c == "SENTINEL":
             self._on_sentinel_command(ident, msg.body)
         elif c == "VERIFY":
+            self._on_verify(ident, peer=msg.body.get("peer", False))
+        elif c == "TOKENS":
             self._on_verify(ident)
         elif c == "CONFIRM":
             if self.syncer is None:
@@ -619,9 +639,8 @@ class Node:
             log.warning("dropped control message %s: not accepted on this port", c)
 
     def _from_peer(self, msg: Message) -> bool:
-        if msg.body["run"] != self.peer.run:
-            log.warning("ignored %s from run %s: the peer is run %s", msg.command,
-                        msg.body["run"], self.peer.run or "unknown")
+        if (why := protocol.stale(msg.body, self.peer.run, self.peer.epoch)) is not None:
+            log.warning("ignored %s %s", msg.command, why)
             return False
         return True
 
@@ -633,7 +652,12 @@ class Node:
         if msg.command == "PONG":
             self._on_peer_state(msg)
         elif msg.command == "SNAPSHOT_REP":
-            self._on_snapshot(msg)
+            if self._from_peer(msg):
+                self._on_snapshot(msg)
+            elif self.follow.get("snapshot_deadline"):
+                # perhaps the peer's first heartbeat of a new run has not arrived yet: ask again
+                # soon rather than in 10 s
+                self.follow["snapshot_deadline"] = time.monotonic() + 0.2
         elif msg.command == "HANDOVER":
             if self._from_peer(msg):
                 self.feed(E.PEER_HANDOVER)
@@ -726,7 +750,9 @@ class Node:
                                              active=self.sentinels.active,
                                              restricted=self.restricted))
 
-    def _on_verify(self, ident: bytes) -> None:
+    def _on_verify(self, ident: bytes, *, peer: bool = False) -> None:
+        """Hash every folder afresh on a worker thread; with `peer`, ask the peer for its own
+        tokens (TOKENS, a peer command: the operator's key is not the peer's operator key)."""
         folders = dict(self.folders)
 
         def work() -> None:
@@ -734,6 +760,9 @@ class Node:
             push.linger = 1000
             push.connect(self.results_addr)
             try:
+                if peer:
+                    push.send_multipart([ident, *self._peer_tokens()])
+                    return
                 tokens = verify_tokens(folders)
                 push.send_multipart([ident, *protocol.reply_ok(folders=tokens)])
             except Exception as exc:
@@ -742,6 +771,21 @@ class Node:
                 push.close()
 
         threading.Thread(target=work, name="sbs-verify", daemon=True).start()
+
+    def _peer_tokens(self, timeout: float = 600.0) -> list[bytes]:
+        """The peer's REPLY to TOKENS, on a socket of the calling (worker) thread."""
+        if not self.peer.alive:
+            return protocol.reply_error(f"no answer from the peer {self.cfg.peer}")
+        sock = self._socket(zmq.DEALER, maxmsg=protocol.MAX_REPLY_IN)
+        try:
+            client(sock, self.keys)
+            sock.connect(f"tcp://{self.cfg.peer}:{self.cfg.control_port}")
+            sock.send_multipart(protocol.encode("TOKENS", {"name": self.cfg.name}))
+            if not sock.poll(timeout * 1000):
+                return protocol.reply_error(f"the peer did not answer within {timeout:.0f}s")
+            return sock.recv_multipart()
+        finally:
+            sock.close()
 
     def _on_result(self, frames: list[bytes]) -> None:
         self._reply(frames[0], frames[1:])
@@ -760,6 +804,8 @@ class Node:
     def _load_sentinels_for(self, *, own: bool) -> None:
         """Own config's [sentinels] when starting as primary; the pushed copy on takeover."""
         pushed = self.pair.get("sentinels")
+        if pushed is not None and self.cfg.pin_sentinels:
+            pushed = pinned_sentinels(pushed, dict(self.cfg.sentinels))
         if own or pushed is None:
             defs = dict(self.cfg.sentinels)
             if not defs and pushed:
@@ -794,19 +840,18 @@ class Node:
             if (why := protocol.folder_name_problem(name)) is not None:
                 log.error("folder %r from the primary: %s: not replicated", name[:64], why)
                 continue
-            path = own[name].path if name in own else Path(paths.get(name) or "")
-            if not path.is_absolute():
-                # Path("") is ".": a folder pushed without a usable path would land in
-                # whatever the working directory is (/ under systemd)
-                log.error("folder %r: no path here and no absolute path from the primary"
-                          " (%r): not replicated", name[:64], str(paths.get(name))[:200])
+            try:  # a pushed path is held to the rules a path from the wire is (node/tree.py)
+                path = own[name].path if name in own else Path(check_abspath(paths.get(name)))
+            except PathError as exc:
+                log.error("folder %r: no path here and no usable path from the primary (%s):"
+                          " not replicated", name[:64], exc)
                 continue
             table[name] = FolderConfig(name=name, path=path, filters=tuple(filters))
         return table
 
     def _start_scanner(self) -> None:
         folders = self.folders
-        self.blobs.set_folders({n: str(f.path) for n, f in folders.items()})
+        self.blobs.set_folders(folders)
         self.index = {n: {} for n in folders}
         self.index_ready = False
         self.pair.update(folders={n: list(f.filters) for n, f in folders.items()},
@@ -980,7 +1025,7 @@ class Node:
         persist.save(self.state_dir / "pair.json", self.pair)
         self._load_sentinels_for(own=False)
         self.folders = folders = self._pushed_folders()
-        self.blobs.set_folders({n: str(f.path) for n, f in folders.items()})
+        self.blobs.set_folders(folders)
         self.follow["oldest_unapplied"] = self.follow.get("oldest_unapplied") or time.monotonic()
         # reports of jobs queued before this snapshot are about the previous one (perhaps a
         # previous run of the primary, numbered from 0 again): _on_syncer ignores them

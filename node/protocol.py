@@ -35,7 +35,12 @@ MAX_REPLY_IN = 256 << 20  # DEALER to the peer/tool: a full snapshot of a 100k-f
 MAX_BUS_IN = 64 << 20  # SUB: manifests are split into parts of at most MANIFEST_PART entries
 MAX_BLOB_REQUEST_IN = 1 << 20  # REP: fetch requests are small
 MAX_BLOB_REPLY_IN = 64 << 20  # fetch client: DATA with chunks
-MAX_CHUNK = 4 << 20  # largest chunk a fetch may ask for
+# bytes one GET may ask for in all (the sum of its items' n): the server builds a reply in
+# memory, so this bounds what one request costs it; an honest batch asks for at most 1.25 MiB
+# (small files up to 1 MiB plus one of 256 KiB, or one 1 MiB chunk of a large file)
+MAX_GET_BYTES = 2 << 20
+MAX_CHUNK = MAX_GET_BYTES  # largest chunk one item may ask for
+FETCH_WINDOW = 8  # GETs in flight per fetch client
 MANIFEST_PART = 5000  # entries per bus manifest message
 
 STATES = ("starting", "primary", "secondary", "stopping", "stopped")
@@ -240,7 +245,7 @@ SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
     "PING": (PEER_STATE, ("through", "stuck", "following")),
     "PONG": (PEER_STATE, ("through", "stuck", "following")),
     "HANDOVER": ({"name": NAME, "run": s(32), "epoch": EPOCH, "seq": SEQ}, ()),
-    "ASK_HANDOVER": ({"name": NAME, "run": s(32)}, ()),
+    "ASK_HANDOVER": ({"name": NAME, "run": s(32), "epoch": EPOCH}, ()),
     "SNAPSHOT": ({"name": NAME}, ()),
     "SNAPSHOT_REP": (
         {
@@ -257,7 +262,8 @@ SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
     "STATUS": ({}, ()),
     "PROMOTE": ({"force": b}, ()),
     "SENTINEL": ({"action": one_of("list", "start", "stop"), "name": s(255)}, ("name",)),
-    "VERIFY": ({}, ()),
+    "VERIFY": ({"peer": b}, ("peer",)),  # peer: the peer's tokens, asked for by this node
+    "TOKENS": ({"name": NAME}, ()),  # node -> peer: what VERIFY answers, for the peer's VERIFY
     "CONFIRM": ({"folder": s(255)}, ("folder",)),
     "REPLY": ({"status": one_of("ok", "error"), "reason": s(4000)}, ("reason",)),
     # bus: PUB -> SUB
@@ -320,6 +326,10 @@ def decode(frames: list[bytes], expect: tuple[str, ...] | None = None) -> Messag
         schema, optional = SCHEMAS[command]
         if (why := validate(schema, body, optional)) is not None:
             return Bad(f"{command}: {why}")
+        if command == "GET":
+            asked = sum(item["n"] for item in body["items"])
+            if asked > MAX_GET_BYTES:
+                return Bad(f"GET: {asked} bytes asked, at most {MAX_GET_BYTES} per request")
         if command == "DATA":
             if len(blobs) != len(body["items"]):
                 return Bad(f"DATA: {len(blobs)} blobs for {len(body['items'])} items")
@@ -337,6 +347,17 @@ def decode_bus(frames: list[bytes]) -> Message | Bad:
     if msg and bytes(frames[0]) != msg.command.lower().encode():
         return Bad("bus topic does not match the command")
     return msg
+
+
+def stale(body: dict[str, Any], run: str, epoch: int) -> str | None:
+    """Why a peer command (HANDOVER, ASK_HANDOVER, SNAPSHOT_REP) is not from the peer as we
+    know it now, or None: it must carry the run of the peer's latest heartbeat and an epoch no
+    lower than the one that heartbeat said (an older message, replayed or late, is dropped)."""
+    if body["run"] != run:
+        return f"from run {body['run'][:32]}: the peer is run {run or 'unknown'}"
+    if body["epoch"] < epoch:
+        return f"stale epoch {body['epoch']}: the peer is at epoch {epoch}"
+    return None
 
 
 def wins(a: dict[str, Any], b_: dict[str, Any]) -> bool:

@@ -19,7 +19,7 @@ import stat
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import xxhash
@@ -38,12 +38,13 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 
+from .tree import TEMP_PREFIX, PathError, check_relpath, walk
+
 log = logging.getLogger(__name__)
 
 Entry = dict[str, Any]
 Batch = dict[str, set[str]]
 
-TEMP_PREFIX = ".sbs-tmp-"
 CHUNK = 1 << 20
 STABLE_TRIES = 3
 # A write that lands in the same timestamp tick as our hash leaves size, mtime and ctime
@@ -321,20 +322,26 @@ def hashed_file_entry(relpath: str, abspath: str, st: os.stat_result, cache: Has
 
 
 def _entry_from_stat(relpath: str, abspath: str, st: os.stat_result, filt: Filter,
-                     cache: HashCache) -> Entry | None:
+                     cache: HashCache, at: tuple[int, str] | None = None) -> Entry | None:
+    """`at`: (directory fd, name) to open and read the object by, instead of `abspath` (which
+    then only names it in messages and the cache): the walk's way, for any depth."""
     mode = st.st_mode
     if stat.S_ISDIR(mode):
         return dir_entry(relpath, st)
     if stat.S_ISREG(mode):
         if not filt.match(relpath):
             return None
+        if at is not None:
+            dir_fd, name = at
+            return hashed_file_entry(relpath, abspath, st, cache,
+                                     lambda: os.open(name, _OPEN_FILE, dir_fd=dir_fd))
         return hashed_file_entry(relpath, abspath, st, cache,
                                  lambda: os.open(abspath, _OPEN_FILE))
     if stat.S_ISLNK(mode):
         if not filt.match(relpath):
             return None
         try:
-            target = os.readlink(abspath)
+            target = os.readlink(at[1], dir_fd=at[0]) if at is not None else os.readlink(abspath)
         except OSError:
             return None
         if not _utf8_ok(target):
@@ -345,10 +352,11 @@ def _entry_from_stat(relpath: str, abspath: str, st: os.stat_result, filt: Filte
 
 
 def _relpath_ok(relpath: str) -> bool:
-    if not relpath or relpath.startswith("/") or not _utf8_ok(relpath):
+    try:
+        check_relpath(relpath)  # the one rule for relative paths (node/tree.py)
+    except PathError:
         return False
-    return not any(p in ("", ".", "..") or p.startswith(TEMP_PREFIX)
-                   for p in relpath.split("/"))
+    return True
 
 
 def entry_for(root: str, relpath: str, filt: Filter, cache: HashCache) -> Entry | None:
@@ -378,11 +386,13 @@ def _check_root(root: str) -> None:
         raise FolderMissing(root)
 
 
-def _scan_dir(rel_dir: str, abs_dir: str, filt: Filter, cache: HashCache, out: dict[str, Entry],
-              stack: list[tuple[str, str]], skipped: list[str] | None) -> None:
-    """Add the children of one directory to ``out`` and push its subdirectories on ``stack``."""
-    try:
-        it = os.scandir(abs_dir)
+def _walk(rel_dir: str, abs_dir: str, filt: Filter, cache: HashCache, out: dict[str, Entry],
+          skipped: list[str] | None, between: Callable[[], None] | None = None) -> None:
+    """Add everything under abs_dir (relpath rel_dir) to ``out``, parents before their children
+    (a delta creates folders first), on node.tree's walk: no recursion, no link followed."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    try:  # the root itself may be a symlink (the operator chose it); a subfolder may not
+        top = os.open(abs_dir, flags | (os.O_NOFOLLOW if rel_dir else 0))
     except (FileNotFoundError, NotADirectoryError):
         if not rel_dir:
             raise FolderMissing(abs_dir) from None
@@ -390,44 +400,67 @@ def _scan_dir(rel_dir: str, abs_dir: str, filt: Filter, cache: HashCache, out: d
     except OSError as e:
         if not rel_dir:
             raise
-        log.warning("skipping unreadable folder %s: %s", abs_dir, e)
-        if skipped is not None:
-            skipped.append(rel_dir.rstrip("/"))
+        if e.errno != errno.ELOOP:  # ELOOP: it just became a symlink; its event follows
+            _unreadable(rel_dir, abs_dir, e, skipped)
         return
-    prefix = rel_dir + "/" if rel_dir else ""
-    with it:
-        for de in it:
-            name = de.name
-            if name.startswith(TEMP_PREFIX):
-                continue
-            if not _utf8_ok(name):
-                cache.warn_once(de.path, "skipping %r: the name is not UTF-8", de.path)
-                continue
-            rel = prefix + name
-            try:
-                is_dir = de.is_dir(follow_symlinks=False)
-                if not is_dir and not filt.match(rel):
-                    continue  # filtered out before paying for an lstat
-                st = de.stat(follow_symlinks=False)
-            except OSError:  # vanished meanwhile (or cannot be stat'ed): not there for us
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                out[rel] = dir_entry(rel, st)
-                stack.append((rel, de.path))
-            elif (entry := _entry_from_stat(rel, de.path, st, filt, cache)) is not None:
-                out[rel] = entry
+
+    def onerror(rel: str, exc: OSError) -> None:
+        if not rel and not rel_dir:
+            raise exc  # the folder root itself cannot be read
+        _unreadable(_join(rel_dir, rel), os.path.join(abs_dir, rel), exc, skipped)
+
+    try:
+        for rel, fd, dirs, others in walk(top, onerror=onerror):
+            here = _join(rel_dir, rel)
+            prefix = here + "/" if here else ""
+            abs_here = os.path.join(abs_dir, rel) if rel else abs_dir
+            for name in list(dirs):
+                st = _child(name, fd, abs_here, cache, None)
+                if st is None or not stat.S_ISDIR(st.st_mode):
+                    dirs.remove(name)  # a temp name, not UTF-8, or gone/replaced meanwhile
+                    continue
+                out[prefix + name] = dir_entry(prefix + name, st)
+            for name in others:
+                st = _child(name, fd, abs_here, cache, filt, prefix)
+                if st is None or stat.S_ISDIR(st.st_mode):
+                    continue  # a folder that appeared meanwhile: its own event reports it
+                entry = _entry_from_stat(prefix + name, os.path.join(abs_here, name), st, filt,
+                                         cache, (fd, name))
+                if entry is not None:
+                    out[prefix + name] = entry
+            if between is not None:
+                between()
+    finally:
+        os.close(top)
 
 
-def _walk(rel_dir: str, abs_dir: str, filt: Filter, cache: HashCache, out: dict[str, Entry],
-          skipped: list[str] | None, between: Callable[[], None] | None = None) -> None:
-    # An explicit stack: deep trees must not hit the recursion limit. Parents enter ``out``
-    # before their children, so a delta creates folders first.
-    stack = [(rel_dir, abs_dir)]
-    while stack:
-        rel, path = stack.pop()
-        _scan_dir(rel, path, filt, cache, out, stack, skipped)
-        if between is not None:
-            between()
+def _join(rel_dir: str, rel: str) -> str:
+    return f"{rel_dir}/{rel}" if rel_dir and rel else rel_dir or rel
+
+
+def _unreadable(rel: str, path: str, exc: OSError, skipped: list[str] | None) -> None:
+    log.warning("skipping unreadable folder %s: %s", path, exc)
+    if skipped is not None:
+        skipped.append(rel)
+
+
+def _child(name: str, dir_fd: int, abs_dir: str, cache: HashCache, filt: Filter | None,
+           prefix: str = "") -> os.stat_result | None:
+    """The lstat of one name in a walked folder, or None when it is not ours to look at: a temp
+    name, a name that is not UTF-8, one the filter leaves out (checked before paying for the
+    lstat), or one gone meanwhile."""
+    if name.startswith(TEMP_PREFIX):
+        return None
+    if not _utf8_ok(name):
+        path = os.path.join(abs_dir, name)
+        cache.warn_once(path, "skipping %r: the name is not UTF-8", path)
+        return None
+    if filt is not None and not filt.match(prefix + name):
+        return None
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return None
 
 
 def scan_folder(root: str, filt: Filter, cache: HashCache, *,
@@ -478,22 +511,25 @@ def _parent(relpath: str) -> str:
 def _is_real_dir(root: str, rel_dir: str, real: dict[str, os.stat_result | None],
                  not_real: set[str]) -> bool:
     """Is root/rel_dir a directory reached through directories only (no symlink on the way)?"""
-    if rel_dir in real:
-        return True
-    if rel_dir in not_real:
-        return False
-    ok = _is_real_dir(root, _parent(rel_dir), real, not_real)
-    if ok:
-        try:
-            st = os.lstat(os.path.join(root, rel_dir))
-        except OSError:
-            ok = False
+    # from the nearest ancestor already known down to rel_dir, without recursion (deep trees)
+    chain = []
+    d = rel_dir
+    while d not in real and d not in not_real:
+        chain.append(d)
+        d = _parent(d)
+    ok = d in real
+    for d in reversed(chain):
+        if ok:
+            try:
+                st = os.lstat(os.path.join(root, d))
+            except OSError:
+                ok = False
+            else:
+                ok = stat.S_ISDIR(st.st_mode)
+        if ok:
+            real[d] = st
         else:
-            ok = stat.S_ISDIR(st.st_mode)
-    if ok:
-        real[rel_dir] = st
-    else:
-        not_real.add(rel_dir)
+            not_real.add(d)
     return ok
 
 
@@ -598,8 +634,8 @@ def _add_missing_parents(rel_dir: str, index: dict[str, Entry], fresh: dict[str,
 
 try:  # watchdog >= 7 on Linux: the inotify reader thread is a class we can extend
     from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
-    from watchdog.observers.inotify import InotifyEmitter
-    from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
+    from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
+    from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, InotifyFD, Mask
 except Exception:  # older watchdog, or not Linux: fall back to the default observer
     InotifyFD = None  # type: ignore[assignment,misc]
 
@@ -619,13 +655,60 @@ if InotifyFD is not None:
             if event.is_queue_overflow:
                 self._on_overflow()
 
+    def _tree(path: bytes) -> Iterator[tuple[bytes, list[str], list[str]]]:
+        try:
+            top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            for rel, _, dirs, others in walk(top):
+                yield (os.path.join(path, os.fsencode(rel)) if rel else path), dirs, others
+        finally:
+            os.close(top)
+
+    class _WatchGroup(InotifyWatchGroup):  # type: ignore[misc,valid-type]
+        """watchdog's recursive registration and its synthetic events walk with os.walk, which
+        recurses (RecursionError on a tree deeper than about 1,000 levels, and the watcher dies):
+        the same work on node.tree's walk."""
+
+        def _add_all_callbacks(self, path: bytes) -> None:
+            is_dir = os.path.isdir(path)
+            self._add_callback(path)
+            if is_dir and self.is_recursive:
+                for root, dirs, _ in _tree(path):
+                    for name in dirs:
+                        self._add_callback(os.path.join(root, os.fsencode(name)))
+
+        def _recursive_simulate(self, src_path: bytes) -> list[InotifyEvent]:
+            events = []
+            for root, dirs, others in _tree(src_path):
+                if not (node := self._find_node_by_path(root)):
+                    continue  # not watched (yet): its own IN_CREATE reports its content
+                for name in dirs:
+                    events.append(InotifyEvent(node.wd, Mask(InotifyConstants.IN_CREATE
+                                                             | InotifyConstants.IN_ISDIR), 0,
+                                               os.fsencode(name)))
+                for name in others:
+                    events.append(InotifyEvent(node.wd, InotifyConstants.IN_CREATE, 0,
+                                               os.fsencode(name)))
+            return events
+
+    class _Emitter(InotifyEmitter):  # type: ignore[misc,valid-type]
+        def on_thread_start(self) -> None:
+            self._inotify = _WatchGroup(
+                self._inotify_fd, os.fsencode(self.watch.path),
+                is_recursive=self.watch.is_recursive,
+                event_mask=self.get_event_mask_from_filter(),
+                follow_symlink=self.watch.follow_symlink,
+            )
+
     class _InotifyObserver(BaseObserver):  # type: ignore[misc,valid-type]
         """watchdog's InotifyObserver, with an inotify reader that reports queue overflows."""
 
         def __init__(self, on_overflow: Callable[[], None]):
             self.inotify_fd = _OverflowAwareFD(on_overflow)
             self.inotify_fd.start()
-            super().__init__(InotifyEmitter, timeout=DEFAULT_OBSERVER_TIMEOUT,
+            super().__init__(_Emitter, timeout=DEFAULT_OBSERVER_TIMEOUT,
                              inotify_fd=self.inotify_fd)
 
         def healthy(self) -> bool:

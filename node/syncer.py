@@ -215,9 +215,15 @@ class Syncer:
             if w is None or str(w.root) != str(f.path):
                 # trash and conflict copies go under <stamp>/<folder>/: two folders may both
                 # hold a config.ini, and the operator must see which one a copy came from
-                w = FolderWriter(f.path, sd / "tmp" / name, sd / "trash", sd / "conflicts",
-                                 name=name)
-                removed = w.cleanup_temps()
+                try:
+                    w = FolderWriter(f.path, sd / "tmp" / name, sd / "trash", sd / "conflicts",
+                                     name=name)
+                    removed = w.cleanup_temps()
+                except (OSError, ValueError) as exc:  # that folder is refused, not all of them
+                    log.error("folder %s (%s) cannot be replicated here: %s", name,
+                              str(f.path)[:200], exc)
+                    self.writers.pop(name, None)
+                    continue
                 if removed:
                     log.info("removed %d temp file(s) left by an interrupted sync in %s",
                              removed, name)
@@ -456,8 +462,14 @@ class Syncer:
             return []
         self.confirmed.discard(name)
         done = []
-        # children before parents, so a deleted folder is empty when its turn comes
+        # children before parents, so a deleted folder is empty when its turn comes; a folder
+        # inside a folder deleted too goes to the trash with it, in one rename (a tree 2,000
+        # levels deep is not walked down from the root once per level)
+        doomed_dirs = {e["path"] for e in deletions if e["kind"] == "dir"}
         for e in sorted(deletions, key=lambda x: x["path"], reverse=True):
+            if e["kind"] == "dir" and e["path"].rpartition("/")[0] in doomed_dirs:
+                done.append((name, e["path"], None))
+                continue
             have = local.get(e["path"])
             if have is None and e["path"] not in local:
                 have = self._local(name, [e["path"]]).get(e["path"])

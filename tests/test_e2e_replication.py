@@ -789,6 +789,9 @@ class FakePrimary:
         self.index, self.content = index, content
         self.seq, self.n, self.snapshots, self.gets = 0, 0, 0, 0
         self.garble_once = {"flaky.txt"}  # the first GET naming it gets a malformed DATA
+        # pushed in the snapshot: a folder without a path, one with a relative path
+        self.folders = {"docs": ["*"], "nopath": ["*"], "relative": ["*"]}
+        self.paths = {"docs": "/nonexistent/alpha/docs", "relative": "rel/dir"}
         self.outbox: list[list[bytes]] = []
         self.lock = threading.Lock()
         keys = load_keys(self.cfg)
@@ -837,8 +840,7 @@ class FakePrimary:
                     self.snapshots += 1
                     self.router.send_multipart([ident, *protocol.encode("SNAPSHOT_REP", {
                         "name": "alpha", "run": "fakerun", "epoch": 7, "seq": self.seq,
-                        "folders": {"docs": ["*"], "nopath": ["*"], "relative": ["*"]},
-                        "paths": {"docs": "/nonexistent/alpha/docs", "relative": "rel/dir"},
+                        "folders": self.folders, "paths": self.paths,
                         "sentinels": {}, "active": [], "sv": 0, "index": self.index})])
             if self.rep in ready:
                 msg = protocol.decode(self.rep.recv_multipart())

@@ -102,3 +102,10 @@ JSONISH = st.recursive(
 def test_random_bodies_never_raise(command, body):
     msg = decode([b"SBS1", command.encode(), orjson.dumps(body)])
     assert isinstance(msg, Bad | Message)
+
+
+def test_an_honest_fetch_batch_fits_the_bound_on_one_request():
+    from node import syncer
+
+    assert syncer.BATCH_BYTES + syncer.SMALL <= protocol.MAX_GET_BYTES
+    assert syncer.CHUNK <= protocol.MAX_GET_BYTES

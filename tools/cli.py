@@ -257,10 +257,13 @@ def _verify_tokens(cfg: Config, *, peer: bool) -> dict[str, dict[str, Any]]:
         err.print(f"cannot verify: {reason}", markup=False, highlight=False, soft_wrap=True)
         return typer.Exit(CANNOT_VERIFY)
 
-    # a quick STATUS first: a stopped node must not keep the operator waiting VERIFY_TIMEOUT
-    if request(cfg, "STATUS", timeout=3.0, peer=peer) is None:
+    # a quick STATUS first: a stopped node must not keep the operator waiting VERIFY_TIMEOUT.
+    # The peer is asked through the local node (VERIFY with peer): operator commands need the
+    # node's own key, and this host holds only its own node's, not the peer's.
+    st = request(cfg, "STATUS", timeout=3.0)
+    if st is None or peer and st.get("peer_state") == "unreachable":
         raise cannot(f"no answer from the {where} (stopped or unreachable)")
-    reply = request(cfg, "VERIFY", timeout=VERIFY_TIMEOUT, peer=peer)
+    reply = request(cfg, "VERIFY", {"peer": True} if peer else {}, timeout=VERIFY_TIMEOUT)
     if reply is None:
         raise cannot(f"the {where} did not answer VERIFY within {VERIFY_TIMEOUT:.0f}s")
     if reply.get("status") != "ok":
