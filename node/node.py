@@ -1017,6 +1017,7 @@ class Node:
             return
         body = msg.body
         if self.primacy.stale("SNAPSHOT_REP", body):
+            self.follow["snapshot_deadline"] = time.monotonic() + 0.2  # the new term's, soon
             return
         self.follow.update(snapshot_deadline=None, seen=body["seq"], run=body["run"])
         self.pair.update(folders=body["folders"], paths=body["paths"],
