@@ -166,6 +166,7 @@ class Fetcher:
         self.sock: zmq.Socket | None = None
         self.next_id = 1
         self.cancelled = threading.Event()  # set by another thread: give up at once
+        self.answers = 0  # replies received: the node's link watch reads it as progress
 
     def _open(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
@@ -251,4 +252,5 @@ class Fetcher:
                                  f" items for {len(items)} asked")
             inflight.popleft()
             misses = 0
+            self.answers += 1
             yield items, msg.body["items"], [f.buffer for f in data]

@@ -34,6 +34,9 @@ class Agreed:
         self._lock = threading.RLock()
         self._tokens: dict[str, dict[str, str]] = {}
         self._lines = 0
+        # why the file lags what is in memory ("" when it does not): a failed append (a full
+        # state disk) is not raised to the writer, whose work is done; rewrite() catches up
+        self.write_error = ""
         self._load()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "ab")  # held open for appends
@@ -92,11 +95,32 @@ class Agreed:
         with self._lock:
             for folder, relpath, token in items:
                 self._set(folder, relpath, token)
-            _write_lines(self._file, items)
-            self._file.flush()
-            self._lines += len(items)
-            if self._lines > 2 * len(self) + COMPACT_SLACK:
-                self.compact()
+            if self.write_error:
+                return  # the file lags already: rewrite() writes it all out, these included
+            try:
+                _write_lines(self._file, items)
+                self._file.flush()
+                self._lines += len(items)
+                if self._lines > 2 * len(self) + COMPACT_SLACK:
+                    self._compact()
+            except OSError as exc:
+                self.write_error = f"{self.path}: {exc}"
+                log.error("cannot write %s: %s (kept in memory, written again when it can be)",
+                          self.path, exc)
+
+    def rewrite(self) -> bool:
+        """After a failed write: write the whole journal out again. True when it is whole."""
+        with self._lock:
+            if not self.write_error:
+                return True
+            try:
+                self._compact()
+            except OSError as exc:
+                self.write_error = f"{self.path}: {exc}"
+                return False
+            log.warning("%s written again", self.path)
+            self.write_error = ""
+            return True
 
     def compact(self) -> None:
         """Rewrite the journal with live entries only (temp file + os.replace: never torn)."""
@@ -106,15 +130,24 @@ class Agreed:
     def _compact(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
         live = 0
-        with open(tmp, "wb") as f:
-            for folder, tokens in self._tokens.items():
-                live += _write_lines(f, ((folder, rel, tok) for rel, tok in tokens.items()))
-            f.flush()
-            os.fsync(f.fileno())
-        self._file.close()
-        os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
-        self._file = open(self.path, "ab")
+        try:
+            with open(tmp, "wb") as f:
+                for folder, tokens in self._tokens.items():
+                    live += _write_lines(f, ((folder, rel, tok) for rel, tok in tokens.items()))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk: give the room back, the caller retries
+            raise
+        try:
+            self._file.close()
+        except OSError:
+            pass  # what a failed append left in its buffer: the rewrite replaces it all
+        try:
+            os.replace(tmp, self.path)
+            _fsync_dir(self.path.parent)
+        finally:
+            self._file = open(self.path, "ab")  # appends go on whatever happened
         log.debug("%s: compacted %d lines to %d", self.path, self._lines, live)
         self._lines = live
 

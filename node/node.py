@@ -30,11 +30,12 @@ from typing import Any
 import orjson
 import zmq
 
-from . import persist, protocol
+from . import conflicts, persist, protocol
 from .blobs import BlobServer
 from .config import Config, FolderConfig
 from .fsm import PRIMARY_LIKE, PUBLIC, A, E, S, step
 from .journal import Agreed
+from .liveness import Watch, set_heartbeats
 from .notify import Notifier
 from .peer import Peer
 from .primacy import Primacy, guard_kill_after
@@ -76,12 +77,18 @@ class Node:
         self.next_ping = self.ping_retry_at = 0.0
         self.ping_retry_in = PING_RETRY
         saved = persist.load(self.state_dir / "node.json", {})
+        # every state_dir write goes through this: a full state disk is logged, shown in
+        # status and retried, never the end of the node
+        self.writes = persist.Guarded()
         self.epoch = int(saved.get("epoch", 0))
         # kept on disk: a node restarted alone must still number its next term above every
         # primary it has seen, or an old primary coming back would win the split-brain rule
         self.max_seen_epoch = max(self.epoch, int(saved.get("max_seen_epoch", 0)))
         self.last_role = saved.get("last_role", "")
         self.stopping_sentinels = False
+        # while sentinels stop: the actions still to do after them, and the events that
+        # arrived meanwhile (fed once the stop is done)
+        self.sentinel_stop: dict[str, Any] | None = None
         self.peer_last_sync: float | None = None  # primary: wall time the secondary was in sync
         self.state = S.STARTING
         self.state_at = time.monotonic()
@@ -90,6 +97,10 @@ class Node:
         self.peer = Peer(dead_after=cfg.dead_after)
         self.peer_ident: bytes | None = None  # ROUTER identity of the peer's DEALER
         self.split_reported: str | None = None
+        self.kept_new: list[dict[str, Any]] = []  # conflict copies made, not yet announced
+        self.syncer_events = 0  # events from the current Syncer (transfers, progress, ...)
+        # after yielding in a split brain: told in every ping, so the winner learns of it
+        self.yielded: dict[str, Any] | None = None
         self.keys = load_keys(cfg)
 
         # replication state
@@ -122,6 +133,8 @@ class Node:
         self.notifier = Notifier(cfg.email)
         self.sentinels = Sentinels(self.state_dir, on_event=self._sentinel_event,
                                    guard_kill_after=guard_kill_after(cfg))
+        self.writes.extra["sentinels.pids.json"] = lambda: self.sentinels.pids_error
+        self.writes.extra["agreed.jsonl"] = lambda: self.agreed.write_error
         self._load_sentinels_for(own=True)
         killed = self.sentinels.cleanup_leftovers()
         if killed:
@@ -129,6 +142,8 @@ class Node:
                         len(killed), killed)
 
         self.ctx = zmq.Context()
+        set_heartbeats(self.ctx, cfg.heartbeat, cfg.dead_after)  # a dead link is dropped, remade
+        self.watch = Watch(cfg.dead_after)
         self.auth = start_authenticator(self.ctx, self.keys)
         self.probed = False  # the first probe window is over
         self._open_sockets()
@@ -146,6 +161,9 @@ class Node:
     def _open_sockets(self) -> None:
         cfg = self.cfg
         self.router = self._socket(zmq.ROUTER, maxmsg=protocol.MAX_CONTROL_IN)
+        # no TTL in its heartbeats: a TTL would make the peer's DEALER drop its connection
+        # when our answers stop arriving, and so stop its pings (see _open_dealer)
+        self.router.setsockopt(zmq.HEARTBEAT_TTL, 0)
         serve(self.router, self.keys)
         self.pub = self._socket(zmq.PUB, maxmsg=protocol.MAX_CONTROL_IN)
         self.pub.sndhwm = 100_000
@@ -164,15 +182,8 @@ class Node:
         except zmq.ZMQError as exc:
             self.close()
             raise NodeError(f"cannot bind {cfg.local}:{cfg.blob_port}: {exc}") from None
-        self.dealer = self._socket(zmq.DEALER, maxmsg=protocol.MAX_REPLY_IN)
-        # IMMEDIATE: a ping to a peer that is not connected is dropped, not queued; a queued
-        # ping delivered seconds later would describe a state long gone.
-        self.dealer.setsockopt(zmq.IMMEDIATE, 1)
-        self.dealer.sndhwm = 1000
-        self.dealer.reconnect_ivl = 100
-        self.dealer.reconnect_ivl_max = 500
-        client(self.dealer, self.keys)
-        self.dealer.connect(f"tcp://{cfg.peer}:{cfg.control_port}")
+        self.dealer = None
+        self._open_dealer()
 
         self.results = self.ctx.socket(zmq.PULL)
         self.results_addr = f"inproc://results-{self.run_id}"
@@ -186,9 +197,33 @@ class Node:
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
         self.poller = zmq.Poller()
-        for sock in (self.router, self.dealer, self.results, self.scanner_pipe, self.syncer_pipe):
+        for sock in (self.router, self.results, self.scanner_pipe, self.syncer_pipe):
             self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self.dealer, zmq.POLLIN)
         self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
+
+    def _open_dealer(self) -> None:
+        """The connection our pings and requests take to the peer (made again by the
+        secondary's link watch when what it sends does not get through)."""
+        if self.dealer is not None:
+            self.poller.unregister(self.dealer)
+            self.dealer.close()
+        self.dealer = self._socket(zmq.DEALER, maxmsg=protocol.MAX_REPLY_IN)
+        # IMMEDIATE: a ping to a peer that is not connected is dropped, not queued; a queued
+        # ping delivered seconds later would describe a state long gone.
+        self.dealer.setsockopt(zmq.IMMEDIATE, 1)
+        # No ZeroMQ heartbeat timeout here: with only the way back cut, our pings still reach
+        # the peer, and dropping this connection for want of answers would stop them and make
+        # a secondary take over while this primary runs (two primaries). Silence is the pings'
+        # business; the secondary remakes its own connection when its link stalls.
+        self.dealer.setsockopt(zmq.HEARTBEAT_IVL, 0)
+        self.dealer.sndhwm = 1000
+        self.dealer.reconnect_ivl = 100
+        self.dealer.reconnect_ivl_max = 500
+        client(self.dealer, self.keys)
+        self.dealer.connect(f"tcp://{self.cfg.peer}:{self.cfg.control_port}")
+        if hasattr(self, "poller"):
+            self.poller.register(self.dealer, zmq.POLLIN)
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
@@ -202,7 +237,7 @@ class Node:
         self.probe_deadline = time.monotonic() + self.cfg.dead_after
         self.probed = False
         try:
-            while self.state != S.STOPPED:
+            while self.state != S.STOPPED or self.sentinel_stop is not None:
                 self._loop_once()
         finally:
             signal.set_wakeup_fd(old_fd)
@@ -248,7 +283,7 @@ class Node:
                 except zmq.Again:
                     break
                 handler(frames)
-                if self.state == S.STOPPED:
+                if self.state == S.STOPPED and self.sentinel_stop is None:
                     return
         self._tick(time.monotonic())
 
@@ -260,6 +295,8 @@ class Node:
             deadlines.append(self.probe_deadline)
         if self.peer.alive:
             deadlines.append(self.peer.heard_at + self.cfg.dead_after + 0.001)
+        if self.writes.failing:
+            deadlines.append(self.writes.next_retry)
         if (w := self.sentinels.next_wakeup()) is not None:
             deadlines.append(w)
         if self.final_sync is not None:
@@ -271,6 +308,10 @@ class Node:
         return min(deadlines)
 
     def _tick(self, now: float) -> None:
+        if self.sentinel_stop is not None:
+            self._check_sentinel_stop(now)
+        if self.writes.failing or self.agreed.write_error:
+            self._retry_writes(now)
         if self.state == S.STARTING and now >= self.probe_deadline:
             if not self.probed:
                 log.info("no answer from peer %s within %.1fs", self.cfg.peer,
@@ -295,6 +336,8 @@ class Node:
             self.sentinels.poll()
         self.primacy.tick(now)
         self._check_final_sync(now)
+        if self.state == S.SECONDARY and self.syncer is not None:
+            self._watch_link(now)
         if self.follow.get("snapshot_deadline") and now >= self.follow["snapshot_deadline"]:
             if self.follow.get("snapshot_sent"):
                 log.info("snapshot not answered yet; asking again")
@@ -302,6 +345,15 @@ class Node:
 
     # ------------------------------------------------------------------ fsm glue
     def feed(self, event: E, *, context: tuple[bytes, str] | None = None) -> tuple[A, ...]:
+        if self.sentinel_stop is not None:
+            # the actions of the last transition are not done yet: this event is for the
+            # state they leave us in. What the peer's state says is said again by its next
+            # ping (and would be stale by then); silence, a hand-over and a stop are not.
+            if event in (E.STOP, E.PEER_SILENT, E.PEER_HANDOVER):
+                queued = self.sentinel_stop["queued"]
+                if (event, context) not in queued:
+                    queued.append((event, context))
+            return ()
         nxt, actions = step(self.state, event, dcs=self.primacy.dcs)
         if nxt != self.state or actions:
             log.info("%s + %s -> %s %s", self.state, event, nxt, [a.value for a in actions])
@@ -309,7 +361,10 @@ class Node:
         if nxt != self.state:
             self.state = nxt
             self.state_at = time.monotonic()
-        for action in actions:
+        for i, action in enumerate(actions):
+            if action == A.STOP_SENTINELS and self._begin_sentinel_stop(
+                    actions[i + 1:], prev=prev, event=event, context=context):
+                break  # the rest runs once they have stopped: _check_sentinel_stop
             getattr(self, f"_do_{action.value}")(prev=prev, event=event, context=context)
         if nxt != prev:
             # the state counts from when its actions are done: stopping a slow sentinel before
@@ -326,6 +381,7 @@ class Node:
                 "restricted": self.restricted, "run": self.run_id}
 
     def _become_primary(self, *, restricted: bool, why: str) -> None:
+        self.yielded = None
         self.epoch = max(self.epoch, self.max_seen_epoch) + 1
         if term := self.primacy.term():
             self.epoch = term  # the term is etcd's: the key's create revision
@@ -343,13 +399,10 @@ class Node:
 
     def _save_node(self, last_role: str | None = None) -> None:
         self.last_role = last_role or self.last_role
-        try:
-            persist.save(self.state_dir / "node.json", {"epoch": self.epoch,
+        # a full state disk: kept in memory and written again by the loop (self.writes)
+        self.writes.save(self.state_dir / "node.json", {"epoch": self.epoch,
                                                         "max_seen_epoch": self.max_seen_epoch,
                                                         "last_role": self.last_role})
-        except OSError as exc:  # a full state disk: keep going, the next save writes it all
-            log.error("cannot save %s: %s (epoch %d kept in memory)",
-                      self.state_dir / "node.json", exc, self.epoch)
 
     def _do_start_primary(self, **_: Any) -> None:
         # a node that was following a primary when it stopped runs the lists that primary
@@ -388,8 +441,43 @@ class Node:
     def _do_follow(self, **_: Any) -> None:
         self._stop_scanner()
         self.restricted = False
+        # a node that was primary (a split-brain loser, a crashed primary back, an old
+        # primary after a hand-over) may hold changes of its own term the peer lacks
+        own_term = self.last_role == "primary"
         self._save_node("secondary")
         self._start_following()
+        if self.syncer is not None:
+            self.syncer.own_term = own_term
+
+    def _begin_sentinel_stop(self, rest: tuple[A, ...], **how: Any) -> bool:
+        """Stopping sentinels is a state with a deadline, not a wait: SIGTERM now, and the
+        actions after it (hand-over, follow, exit) once they are gone. Meanwhile the loop runs:
+        STATUS is answered and the peer keeps hearing "stopping" (a peer that is leaving: no
+        takeover, a HANDOVER or silence follows), so the service never runs on both nodes.
+        False when nothing was running (the rest runs at once)."""
+        self.sentinels.begin_stop_all()
+        if self.sentinels.stop_done():
+            return False
+        self.stopping_sentinels = True
+        self.sentinel_stop = {"rest": rest, "how": how, "queued": [],
+                              "since": time.monotonic()}
+        log.info("stopping sentinels; then %s", [a.value for a in rest] or "nothing")
+        return True
+
+    def _check_sentinel_stop(self, now: float) -> None:
+        stop = self.sentinel_stop
+        if stop is None or not self.sentinels.stop_done():
+            return
+        self.sentinel_stop = None
+        self.stopping_sentinels = False
+        log.info("sentinels stopped in %.1fs", now - stop["since"])
+        for action in stop["rest"]:
+            getattr(self, f"_do_{action.value}")(**stop["how"])
+        self.state_at = time.monotonic()  # the state counts from when its actions are done
+        self._send_ping()
+        for event, context in stop["queued"]:
+            if self.sentinel_stop is None and self.state != S.STOPPED:
+                self.feed(event, context=context)
 
     def _do_stop_sentinels(self, **_: Any) -> None:
         # A sentinel may take up to the grace time to stop, longer than dead_after: the peer
@@ -414,28 +502,38 @@ class Node:
         return "stopping" if self.stopping_sentinels else PUBLIC[self.state]
 
     def _do_split_brain_lost(self, **_: Any) -> None:
+        # The loser always knows (it yields); the winner may not have seen two primaries (the
+        # loser heard it first). So the loser sends the one email, and tells the winner in its
+        # pings, which report it on their side too.
+        self.yielded = {"run": self.peer.run, "epoch": self.peer.epoch,
+                        "loser_epoch": self.epoch}
         log.error("SPLIT BRAIN: peer %s is primary too and wins by the rule (epoch %d vs %d);"
                   " yielding: files changed here are kept under %s/conflicts/",
                   self.peer.name, self.peer.epoch, self.epoch, self.state_dir)
         self.publish_event("split_brain", winner=self.peer.name, loser=self.cfg.name,
-                           winner_epoch=self.peer.epoch, loser_epoch=self.epoch)
+                           winner_epoch=self.peer.epoch, loser_epoch=self.epoch, seen_by="loser")
+        self.notifier.send(
+            f"SBS split brain resolved: {self.peer.name} stays primary",
+            f"Both {self.peer.name} (epoch {self.peer.epoch}) and {self.cfg.name} (epoch "
+            f"{self.epoch}) were primary. By the rule {self.peer.name} stays primary; "
+            f"{self.cfg.name} (this node) yielded: it stops its sentinels, becomes secondary and "
+            f"keeps the files it changed meanwhile under its state_dir/conflicts/ "
+            f"({self.state_dir}/conflicts/).\n",
+        )
 
     def _do_split_brain_won(self, **_: Any) -> None:
-        key = f"{self.peer.run}:{self.peer.epoch}"
+        self._report_split_won(self.peer.epoch, how="this node wins by the rule")
+
+    def _report_split_won(self, loser_epoch: int, *, how: str) -> None:
+        """Log and publish the split brain once per term of the loser (the loser emails)."""
+        key = f"{self.peer.run}:{loser_epoch}"
         if self.split_reported == key:
             return
         self.split_reported = key
-        log.error("SPLIT BRAIN: peer %s is primary too; this node wins by the rule"
-                  " (epoch %d vs %d); the peer yields", self.peer.name, self.epoch, self.peer.epoch)
+        log.error("SPLIT BRAIN: peer %s was primary too; %s (epoch %d vs %d); the peer yields",
+                  self.peer.name, how, self.epoch, loser_epoch)
         self.publish_event("split_brain", winner=self.cfg.name, loser=self.peer.name,
-                           winner_epoch=self.epoch, loser_epoch=self.peer.epoch)
-        self.notifier.send(
-            f"SBS split brain resolved: {self.cfg.name} stays primary",
-            f"Both {self.cfg.name} (epoch {self.epoch}) and {self.peer.name} (epoch "
-            f"{self.peer.epoch}) were primary. By the rule {self.cfg.name} stays primary; "
-            f"{self.peer.name} stops its sentinels, becomes secondary and keeps the files it "
-            f"changed meanwhile under its state_dir/conflicts/.\n",
-        )
+                           winner_epoch=self.epoch, loser_epoch=loser_epoch, seen_by="winner")
 
     def _do_final_sync(self, event: E, **_: Any) -> None:
         self.final_sync = {
@@ -538,6 +636,7 @@ class Node:
             "error": self.repl_error[:1000],
             "through": self.through, "stuck": self.stuck[:1000],
             "following": self.follow.get("run") or "",
+            **({"yielded": self.yielded} if self.yielded else {}),
         }
 
     def _ping_peer(self, now: float) -> None:
@@ -583,6 +682,9 @@ class Node:
         if (self.state in PRIMARY_LIKE and self.peer.state == "secondary" and self.peer.synced
                 and self.peer.follows(self.run_id) and self.peer.applied >= self.seq):
             self.peer_last_sync = time.time()  # the secondary had everything we had published
+        yielded = body.get("yielded")
+        if yielded and yielded["run"] == self.run_id and self.state in PRIMARY_LIKE:
+            self._report_split_won(yielded["loser_epoch"], how="it yielded to this node")
         event = self.peer.event(self.me(), self.state, now - self.state_at)
         if event is not None:
             self.feed(event)
@@ -672,7 +774,7 @@ class Node:
         peer = self.peer
         return {
             "name": self.cfg.name,
-            "state": PUBLIC[self.state],
+            "state": self._public_state(),
             "internal_state": self.state.value,
             "epoch": self.epoch,
             "role": self.cfg.role,
@@ -692,7 +794,16 @@ class Node:
             "active_sentinels": self.sentinels.active,
             "email": self.notifier.status(),
             "lease": self.primacy.status(now),
+            # state_dir writes that failed (a full disk) and are being retried: {file: error}
+            "state_writes": self.writes.status(),
+            "conflicts": self._conflicts_status(),
         }
+
+    def _conflicts_status(self) -> dict[str, Any]:
+        # a directory walk, bounded: status stays cheap with a large conflicts/ folder
+        kept = conflicts.listing(self.state_dir, limit=1000)
+        return {"count": len(kept), "latest": kept[0]["time"] if kept else None,
+                "files": kept[:50], "where": str(self.state_dir / "conflicts")}
 
     def _replication_status(self, now: float) -> dict[str, Any]:
         if self.state in PRIMARY_LIKE:
@@ -718,9 +829,14 @@ class Node:
             "lag_seconds": round(now - oldest, 3) if oldest else 0.0,
             "pending_files": self.pending[0], "pending_bytes": self.pending[1],
             "last_sync": self.last_sync_wall, "error": self.repl_error, "stuck": self.stuck,
+            "stalled": self.watch.stalled,
+            "stalled_for": round(now - self.watch.stalled_at, 3) if self.watch.stalled else 0.0,
         }
 
     def _on_promote(self, ident: bytes, force: bool) -> None:
+        if self.sentinel_stop is not None:
+            self._reply(ident, protocol.reply_error("stopping sentinels; try again shortly"))
+            return
         if self.state == S.SECONDARY and not self.peer.alive and not force:
             self._reply(ident, protocol.reply_error(
                 "peer unreachable: cannot hand over gracefully; use --force"))
@@ -820,7 +936,7 @@ class Node:
     def _sentinels_changed(self) -> None:
         self.sv += 1
         self.pair.update(sentinels=self._sentinel_defs(), active=self.sentinels.active, sv=self.sv)
-        persist.save(self.state_dir / "pair.json", self.pair)
+        self.writes.save(self.state_dir / "pair.json", self.pair)
         self.pub.send_multipart(protocol.encode_bus("SENTINELS", {
             "name": self.cfg.name, "sv": self.sv, "sentinels": self._sentinel_defs(),
             "active": self.sentinels.active,
@@ -857,7 +973,7 @@ class Node:
         self.pair.update(folders={n: list(f.filters) for n, f in folders.items()},
                          paths={n: str(f.path) for n, f in folders.items()})
         self.pair.update(sentinels=self._sentinel_defs(), active=self.sentinels.active, sv=self.sv)
-        persist.save(self.state_dir / "pair.json", self.pair)
+        self.writes.save(self.state_dir / "pair.json", self.pair)
         self.scanner = Scanner(self.ctx, f"inproc://scanner-{self.run_id}", folders,
                                period=self.cfg.period)
         self.scanner.start()
@@ -950,8 +1066,18 @@ class Node:
             self.journal_jobs.put(([], set(), acked))
         self.peer.applied = max(self.peer.applied, applied)
 
+    def _retry_writes(self, now: float) -> None:
+        retry_journal = self.agreed.write_error and now >= self.writes.next_retry
+        self.writes.retry(now)
+        if retry_journal:
+            self.writes.next_retry = now + self.writes.retry_every
+            self.journal_jobs.put(([], set(), []))  # nothing new: the worker rewrites it
+
     def _journal_worker(self) -> None:
         while (job := self.journal_jobs.get()) is not None:
+            # a write failed (full state disk): the journal in memory is whole; it is written
+            # out again here, off the loop (a large one takes a while)
+            self.agreed.rewrite()
             whole, later, acked = job
             updates = []
             for folder, entries in whole:
@@ -964,25 +1090,101 @@ class Node:
             for part in acked:
                 for folder, entries in part.items():
                     updates.extend((folder, e["path"], Agreed.token(e)) for e in entries)
-            try:
-                self.agreed.update(updates)
-            except OSError as exc:
-                log.error("cannot write the agreed journal: %s", exc)
+            self.agreed.update(updates)  # a failed write is kept in memory and retried
 
     # ------------------------------------------------------------------ replication: secondary
-    def _start_following(self) -> None:
+    def _open_sub(self) -> None:
+        if self.sub is not None:
+            self.poller.unregister(self.sub)
+            self.sub.close()
         self.sub = self._socket(zmq.SUB, maxmsg=protocol.MAX_BUS_IN)
         self.sub.rcvhwm = 100_000
         client(self.sub, self.keys)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(f"tcp://{self.cfg.peer}:{self.cfg.bus_port}")
         self.poller.register(self.sub, zmq.POLLIN)
+
+    def _start_following(self) -> None:
+        self._open_sub()
+        self.watch.reset(time.monotonic())
+        self.watch.stalled = ""
         self.syncer = Syncer(self.ctx, f"inproc://syncer-{self.run_id}", self.cfg, self.keys,
                              self.agreed)
         self.syncer.start()
+        self.kept_new: list[dict[str, Any]] = []  # conflict copies made, not yet announced
+        self.syncer_events = 0
         self.snapshots_submitted = 0
         self.follow = {"buffer": [], "seen": None, "run": None}
         self._request_snapshot()
+
+    def _primary_seq(self) -> int:
+        """The seq the primary we follow says it has published (0: not known yet)."""
+        run = self.follow.get("run")
+        alive = self.peer.alive and self.peer.state in ("primary", "stopping")
+        return self.peer.seq if alive and run and self.peer.run == run else 0
+
+    def _watch_link(self, now: float) -> None:
+        """Secondary: is what the primary publishes reaching us? See liveness.py."""
+        primary = self.peer.alive and self.peer.state in ("primary", "stopping")
+        # waiting for a snapshot counts as having nothing of what the primary has
+        seq = self._primary_seq() or (self.peer.seq if primary else 0)
+        kind, why = self.watch.check(
+            now, pings_arrive=primary, pinged_at=self.peer.heard_at, primary_seq=seq,
+            applied=self.applied,
+            progress=(self.applied, self.through, self.snapshots_submitted,
+                      self.syncer_events, self.syncer.fetcher.answers),
+            # a snapshot begins with a scan of the local folders, which reports nothing
+            # while it hashes: a large one is given longer before it counts as a stall
+            apply_window=None if self.applied else max(30.0, 10 * self.cfg.dead_after))
+        w = self.watch
+        if why:
+            self.synced = False
+            if not w.stalled:
+                w.stalled, w.stalled_at = why, now
+                log.error("replication stalled: %s", why)
+                self.publish_event("stall", reason=why, applied=self.applied, primary_seq=seq)
+                self.notifier.send(
+                    f"SBS replication stalled on {self.cfg.name}",
+                    f"Secondary {self.cfg.name} is not receiving what primary "
+                    f"{self.peer.name or self.cfg.peer} publishes: {why}.\n"
+                    f"Its pings arrive, so there is no takeover; were the primary to fail now, "
+                    f"changes after manifest {self.applied} would be missing here.\n")
+            if now - w.remedied_at >= max(5.0, 3 * self.cfg.dead_after):
+                w.remedied_at = now
+                self._open_dealer()
+                if kind == "bus":  # manifests went missing with it
+                    log.warning("reconnecting to %s (control and bus), asking for a new "
+                                "snapshot", self.cfg.peer)
+                    self._open_sub()
+                    w.heard_bus(now)
+                    self._request_snapshot()
+                else:  # the bus works: a new one would lose manifests in flight
+                    log.warning("reconnecting to %s (control)", self.cfg.peer)
+        elif w.stalled and self.applied >= seq and self.follow.get("run"):
+            log.warning("replication flows again (stalled for %.1fs: %s)", now - w.stalled_at,
+                        w.stalled)
+            self.publish_event("stall_over", reason=w.stalled, seconds=round(now - w.stalled_at, 3))
+            w.stalled = ""
+            self.synced = (not self.pending[0] and not self.repl_error
+                           and self.applied >= (self.follow.get("seen") or 0))
+
+    def _announce_conflicts(self) -> None:
+        """One log line, bus event and email for the copies kept since the last one."""
+        kept, self.kept_new = self.kept_new, []
+        names = [f"{k.get('folder')}/{k.get('path')}" for k in kept]
+        where = f"{self.state_dir}/conflicts/"
+        log.warning("kept %d file(s) of this node under %s before following %s: %s",
+                    len(kept), where, self.peer.name or self.cfg.peer, ", ".join(names[:20]))
+        self.publish_event("conflicts", count=len(kept), files=names[:100], where=where)
+        self.notifier.send(
+            f"SBS conflicts: {self.cfg.name} kept {len(kept)} file(s) of its own",
+            f"Node {self.cfg.name} is secondary of {self.peer.name or self.cfg.peer} now. These "
+            f"files differed from what the pair had agreed on (changed or made here, never "
+            f"replicated) and were kept under {where} before they were replaced or removed:\n"
+            + "".join(f"  {k.get('folder')}/{k.get('path')} -> {k.get('kept')}\n"
+                      for k in kept[:200])
+            + ("  ...\n" if len(kept) > 200 else "")
+            + "See 'sbs-tools conflicts'.\n")
 
     def _stop_following(self) -> None:
         if self.syncer is not None:
@@ -1023,7 +1225,7 @@ class Node:
         self.pair.update(folders=body["folders"], paths=body["paths"],
                          sentinels=body["sentinels"], active=body["active"], sv=body["sv"])
         self.sv = body["sv"]
-        persist.save(self.state_dir / "pair.json", self.pair)
+        self.writes.save(self.state_dir / "pair.json", self.pair)
         self._load_sentinels_for(own=False)
         self.folders = folders = self._pushed_folders()
         self.blobs.set_folders(folders)
@@ -1058,6 +1260,8 @@ class Node:
             else:
                 self._accept_manifest(body["seq"], body["entries"])
         elif msg.command == "HB":
+            if body["state"] in ("primary", "stopping"):
+                self.watch.heard_bus(time.monotonic())
             # "stopping" is a primary in its final sync: exactly when we must keep up with it
             if waiting or body["state"] not in ("primary", "stopping"):
                 return
@@ -1073,7 +1277,7 @@ class Node:
         elif msg.command == "SENTINELS":
             self.sv = body["sv"]
             self.pair.update(sentinels=body["sentinels"], active=body["active"], sv=body["sv"])
-            persist.save(self.state_dir / "pair.json", self.pair)
+            self.writes.save(self.state_dir / "pair.json", self.pair)
             self._load_sentinels_for(own=False)
             log.info("sentinel list from primary: active %s", body["active"])
 
@@ -1103,7 +1307,9 @@ class Node:
             self.repl_error = body.get("error", "")
             self.through, self.stuck = body["through"], body["stuck"]
             caught_up = self.applied >= (self.follow.get("seen") or 0) and not self.pending[0]
-            self.synced = caught_up and not self.repl_error
+            # in sync only with everything the primary says it has published
+            self.synced = (caught_up and not self.repl_error and not self.watch.stalled
+                           and self.applied >= self._primary_seq())
             if caught_up:
                 self.follow["oldest_unapplied"] = None
                 self.last_sync_wall = time.time()
@@ -1113,7 +1319,12 @@ class Node:
             self._send_ping()
             if self.repl_error:
                 self.publish_event("error", where="sync", error=self.repl_error)
+            if self.kept_new:
+                self._announce_conflicts()
         elif kind == b"event":
+            self.syncer_events += 1  # a file moved: progress for the link watch
+            if body.get("event") == "conflict":
+                self.kept_new.append(body)
             self.publish_event(body.pop("event"), **body)
 
     # ------------------------------------------------------------------ bus

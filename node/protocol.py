@@ -234,6 +234,9 @@ PEER_STATE: dict[str, Check] = {
     "through": SEQ,  # secondary: last manifest it has worked through (applied or not)
     "stuck": s(1000),  # secondary: why what is pending cannot be applied by waiting ("" if it can)
     "following": s(32),  # secondary: the primary's run its numbers (applied, through) refer to
+    # a split-brain loser: it yielded to that run of the peer, from its term of `loser_epoch`
+    # (the winner learns of the split brain from this when it did not see two primaries)
+    "yielded": obj({"run": s(32), "epoch": EPOCH, "loser_epoch": EPOCH}),
 }
 
 FOLDERS = dict_of(list_of(s(1024), 64), 1000, _folder_name)  # name -> [filters]
@@ -242,8 +245,8 @@ ACTIVE = list_of(_sentinel_name, 1000)
 
 SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
     # control: peer <-> peer over DEALER -> ROUTER
-    "PING": (PEER_STATE, ("through", "stuck", "following")),
-    "PONG": (PEER_STATE, ("through", "stuck", "following")),
+    "PING": (PEER_STATE, ("through", "stuck", "following", "yielded")),
+    "PONG": (PEER_STATE, ("through", "stuck", "following", "yielded")),
     "HANDOVER": ({"name": NAME, "run": s(32), "epoch": EPOCH, "seq": SEQ}, ()),
     "ASK_HANDOVER": ({"name": NAME, "run": s(32), "epoch": EPOCH}, ()),
     "SNAPSHOT": ({"name": NAME}, ()),

@@ -1,7 +1,8 @@
 """The sentinels: the services the primary runs, each a child process of the node.
 
 One Sentinels object belongs to the node loop (a single thread) and is only ever called from it.
-Nothing here blocks for long except stop_all(), which is bounded by the grace time: stop() and
+Nothing here blocks for long except stop_all(), which is bounded by the grace time (the node's
+loop uses begin_stop_all() and stop_done(), which do not block): stop() and
 configure() only send SIGTERM, and poll() escalates to SIGKILL once the grace time is over.
 
 A sentinel never outlives its node (SPEC 9): the kernel SIGKILLs it when the node dies
@@ -19,6 +20,7 @@ can clean up leftovers.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -28,10 +30,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from .protocol import SENTINEL_NAME_RE
 
@@ -103,6 +106,8 @@ class Sentinels:
         # deadline (the node never confirmed: nothing to hold it to)
         self._deadline: float | None = None
         self.lapses = 0
+        self._reap_deadline: float | None = None  # stop_done(): how long SIGKILL may take
+        self.pids_error = ""  # why the pid file could not be written last time ("" if it was)
         # Resolved here, before any fork: the child between fork and exec must do as little as
         # possible (the node has other threads, whose locks a forked child may find held).
         self._prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -172,9 +177,18 @@ class Sentinels:
                  tick: Callable[[], None] | None = None) -> None:
         """Leave running mode and stop every sentinel: SIGTERM to each process group, SIGKILL to
         what is left after `grace` seconds. Blocks, but never much longer than `grace`; calls
-        `tick` about every 20 ms meanwhile (the node keeps its heartbeats going)."""
-        grace = self._grace if grace is None else grace
+        `tick` about every 20 ms meanwhile. The node's loop uses begin_stop_all() and
+        stop_done() instead, so that it keeps answering while a sentinel drains."""
         tick = tick or (lambda: None)
+        self.begin_stop_all(grace)
+        while not self.stop_done():
+            tick()
+            time.sleep(0.02)  # polling the children, bounded by the grace and reap deadlines
+
+    def begin_stop_all(self, grace: float | None = None) -> None:
+        """Leave running mode and send SIGTERM to every sentinel; returns at once. stop_done()
+        finishes the job (SIGKILL after `grace`)."""
+        grace = self._grace if grace is None else grace
         self._check_guard()  # a node back from a pause says what the guard did meanwhile
         self._running = False
         for name, sentinel in self._sentinels.items():
@@ -183,22 +197,28 @@ class Sentinels:
         deadline = time.monotonic() + grace
         for child in self._stopping:
             child.kill_at = deadline if child.kill_at is None else min(child.kill_at, deadline)
-        while self._stopping and time.monotonic() < deadline:
-            tick()
-            self._reap_stopping()
-            if self._stopping:
-                time.sleep(0.02)  # polling the children, bounded by the deadline above
-        self._reap_stopping(kill_all=True)
-        reap_deadline = time.monotonic() + _REAP_TIMEOUT
-        while self._stopping and time.monotonic() < reap_deadline:
-            tick()
-            time.sleep(0.02)  # SIGKILL is sent: the kernel ends them, bounded as above
-            self._reap_stopping()
-        for child in self._stopping:
-            log.error("sentinel %s (pid %d) survives SIGKILL", child.name, child.popen.pid)
+        self._reap_deadline = None
+        self._sync_pids_file()
+
+    def stop_done(self) -> bool:
+        """Non-blocking, after begin_stop_all(): reap what has exited, SIGKILL what outlived
+        its grace; True once nothing is left (or what is left survived SIGKILL for a while)."""
+        self._reap_stopping()
+        if self._stopping:
+            if any(c.kill_at is not None for c in self._stopping):
+                return False  # still within its grace
+            now = time.monotonic()
+            if self._reap_deadline is None:
+                self._reap_deadline = now + _REAP_TIMEOUT
+            if now < self._reap_deadline:
+                return False  # SIGKILL is sent: the kernel ends them
+            for child in self._stopping:
+                log.error("sentinel %s (pid %d) survives SIGKILL", child.name, child.popen.pid)
+        self._reap_deadline = None
         self._sync_pids_file()
         if not self._stopping:
             self._close_guard()
+        return True
 
     def start(self, name: str) -> None:
         """Activate `name`, and start it now when in running mode."""
@@ -222,6 +242,8 @@ class Sentinels:
     def poll(self) -> None:
         """Non-blocking: reap exited children, schedule restarts, start the due ones."""
         self._check_guard()
+        if self.pids_error:
+            self._written_pids = None  # write it again
         self._reap_stopping()
         now = time.monotonic()
         for name, sentinel in self._sentinels.items():
@@ -351,11 +373,7 @@ class Sentinels:
             argv = shlex.split(sentinel.command)
             if not argv:
                 raise ValueError("empty command line")
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "ab") as out:
-                stamp = datetime.now(UTC).isoformat(timespec="seconds")
-                out.write(f"--- {stamp} sbs starts: {sentinel.command}\n".encode())
-                out.flush()
+            with _open_log(log_path, sentinel.command) as out:
                 # PR_SET_PDEATHSIG fires when the *thread* that forked the child dies, not the
                 # process: spawn only from the node's main thread (the loop), never a worker.
                 popen = subprocess.Popen(
@@ -533,9 +551,39 @@ class Sentinels:
             tmp.write_text(json.dumps(record, indent=1))
             os.replace(tmp, path)  # atomic: a reader sees the old or the new list, never half
         except OSError as exc:
-            log.error("cannot record sentinel pids in %s: %s", path, exc)
+            # (a full state disk) tried again at the next change or poll(): the loop's turn
+            if not self.pids_error:
+                log.error("cannot record sentinel pids in %s: %s", path, exc)
+            self.pids_error = f"{path}: {exc}"
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
             return
+        if self.pids_error:
+            log.warning("sentinel pids recorded in %s again", path)
+            self.pids_error = ""
         self._written_pids = pids
+
+
+@contextlib.contextmanager
+def _open_log(path: Path, command: str) -> Iterator[Any]:
+    """The sentinel's log file, opened for its output; DEVNULL when the state disk cannot take
+    it (full): the service must start anyway, its output is what is lost."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = open(path, "ab", buffering=0)  # unbuffered: a failed write leaves nothing behind
+    except OSError as exc:
+        log.error("cannot open %s: %s: the sentinel's output is discarded", path, exc)
+        yield subprocess.DEVNULL
+        return
+    with out:
+        try:
+            stamp = datetime.now(UTC).isoformat(timespec="seconds")
+            out.write(f"--- {stamp} sbs starts: {command}\n".encode())
+        except OSError as exc:
+            log.error("cannot write to %s: %s", path, exc)
+        yield out
 
 
 def _die_with_parent(prctl: Callable[..., int], parent_pid: int) -> Callable[[], None]:

@@ -35,6 +35,7 @@ import zmq
 
 from .blobs import Fetcher, FetchError
 from .config import Config, FolderConfig
+from .conflicts import own_extras
 from .fsops import FolderWriter, HashMismatch, PathError, check_relpath, purge_trash, utc_stamp
 from .journal import Agreed
 from .protocol import entry_check
@@ -79,6 +80,9 @@ class Syncer:
         # pending files whose last try found no room for them: waiting does not bring them
         self.no_room: set[tuple[str, str]] = set()
         self.kept: set[tuple[str, str, str | None]] = set()  # conflict copies already made
+        # set by the node when it was primary before: the first snapshot also sets aside the
+        # files the new primary lacks that were made here and never agreed on (conflicts.py)
+        self.own_term = False
         self._lanes: concurrent.futures.ThreadPoolExecutor | None = None  # small-file writers
         self._lane_id = threading.local()
         self.thread = threading.Thread(target=self._run, name="sbs-syncer", daemon=True)
@@ -281,14 +285,18 @@ class Syncer:
             remote = {e["path"]: e for e in self._valid(name, entries)}
             self.known[name] = remote
             deletions = [local[p] for p in local if p not in remote] if self.cfg.strict else []
-            plans.append((name, list(remote.values()), deletions, local))
-        total_files = sum(1 for _, r, _, loc in plans for e in r
+            extras = (own_extras(local, remote, self.agreed, name)
+                      if self.own_term and not self.cfg.strict else [])
+            plans.append((name, list(remote.values()), deletions, local, extras))
+        total_files = sum(1 for _, r, _, loc, _ in plans for e in r
                           if e["kind"] == "file" and _differs(loc.get(e["path"]), e))
         log.info("snapshot %d: %d file(s) to fetch", seq, total_files)
         self._progress = {"files": 0, "bytes": 0, "total": total_files, "at": 0.0}
-        for name, remote, deletions, local in plans:
+        for name, remote, deletions, local, extras in plans:
             files_here = sum(1 for e in local.values() if e["kind"] != "dir")
             self._apply(name, remote, deletions, local, stamp, seq, files_here=files_here)
+            self._set_aside(name, extras, stamp)
+        self.own_term = False
         self.applied = seq
         if self.pending:
             self.pending_since_seq = 0  # nothing is confirmed before the snapshot is complete
@@ -375,6 +383,26 @@ class Syncer:
             log.warning("conflict: %s/%s differs from what the pair agreed on; kept at %s",
                         name, path, kept)
             self._emit("conflict", folder=name, path=path, kept=str(kept))
+
+    def _set_aside(self, name: str, extras: list[dict], stamp: str) -> None:
+        """Move this node's own unagreed files that the primary lacks to conflicts/ (a copy
+        there, the original to the trash), so the live folder matches the primary's."""
+        writer = self.writers[name]
+        for e in extras:  # deepest first: a folder's files go before it
+            try:
+                if e["kind"] == "dir":
+                    if not os.listdir(os.path.join(writer.root, e["path"])):
+                        writer.remove(e["path"], trash=True, stamp=stamp)
+                    continue
+                kept = writer.preserve(e["path"], stamp)
+                writer.remove(e["path"], trash=True, stamp=stamp)
+            except (PathError, OSError) as exc:
+                log.warning("could not set aside %s/%s: %s", name, e["path"], exc)
+                continue
+            log.warning("conflict: %s/%s was made here while primary and %s lacks it; kept"
+                        " at %s", name, e["path"], self.cfg.peer, kept)
+            self._emit("conflict", folder=name, path=e["path"], kept=str(kept),
+                       why="only on this node")
 
     def _apply(self, name: str, changes: list[dict], deletions: list[dict],
                local: dict[str, dict], stamp: str, seq: int,

@@ -18,9 +18,13 @@ from typing import Any
 
 from node.config import load
 from node.security import keygen
+from tests.netproxy import Proxy
 from tools.client import request
 
 HOSTS = {"alpha": "127.0.0.1", "beta": "127.0.0.2"}
+# with proxy=True each node's `peer` is a proxy in front of the other node, on an address of
+# its own (the peer port must be the node's own port): alpha reaches beta via 127.0.0.4
+PROXIES = {"alpha": "127.0.0.3", "beta": "127.0.0.4"}
 _KEYS_CACHE: dict[str, Path] = {}
 
 
@@ -46,7 +50,7 @@ def free_port_triplet() -> int:
             continue
         socks = []
         try:
-            for host in HOSTS.values():
+            for host in (*HOSTS.values(), *PROXIES.values()):
                 for p in range(base, base + 3):
                     t = socket.socket()
                     socks.append(t)
@@ -166,16 +170,24 @@ class NodeProc:
 
 
 class Pair:
-    def __init__(self, root: Path, **config: Any):
+    def __init__(self, root: Path, *, proxy: bool = False, **config: Any):
         self.root = root
         make_keys(root / "keys")
         self.port = free_port_triplet()
         per = {n: config.pop(n, {}) for n in HOSTS}
         self.nodes = {}
+        self.proxies: dict[str, Proxy] = {}  # by the node the proxy stands in front of
+        if proxy:
+            ports = [self.port, self.port + 1, self.port + 2]
+            for name, host in HOSTS.items():
+                self.proxies[name] = Proxy(PROXIES[name], host, ports)
         for name in HOSTS:
             merged = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
             for sec, kv in per[name].items():
                 merged.setdefault(sec, {}).update(kv)
+            if proxy:
+                other = "beta" if name == "alpha" else "alpha"
+                merged.setdefault("node", {})["peer"] = PROXIES[other]
             self.nodes[name] = NodeProc(write_config(root, name, self.port, **merged))
         self.alpha, self.beta = self.nodes["alpha"], self.nodes["beta"]
         for name in HOSTS:
@@ -194,7 +206,22 @@ class Pair:
         self.beta.wait_state("secondary")
         wait_for(lambda: (st := self.alpha.status(0.5)) and st["peer_state"] == "secondary", 10,
                  "alpha to see beta as secondary")
+        for name, proxy in self.proxies.items():
+            # each node's own control connection is up (its pings pass both ways): a cut
+            # made before would find a handshake half done and say nothing of the link
+            wait_for(lambda p=proxy: min(p.passed(self.port)) > 2000, 10,
+                     f"pings through the proxy before {name}")
         return self
+
+    def cut(self, src: str, dst: str, mode: str = "swallow") -> None:
+        """What `src` sends to `dst` is swallowed (or reset), on every connection: those `src`
+        opened (through the proxy before `dst`) and those `dst` opened (the other proxy)."""
+        self.proxies[dst].set(up=mode)
+        self.proxies[src].set(down=mode)
+
+    def heal(self) -> None:
+        for proxy in self.proxies.values():
+            proxy.heal()
 
     def primaries(self) -> list[str]:
         return [n for n, node in self.nodes.items() if node.state() == "primary"]
@@ -202,3 +229,5 @@ class Pair:
     def stop(self) -> None:
         for node in self.nodes.values():
             node.stop()
+        for proxy in self.proxies.values():
+            proxy.close()

@@ -22,6 +22,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.pair import Pair, wait_for
+from tools.client import request
 
 _SCRIPT = Path(sys.executable).with_name("sbs-tools")
 SBS_TOOLS = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "tools.cli"]
@@ -408,16 +409,16 @@ def test_test_email_says_whether_it_was_delivered(make_pair, smtp):
 
 
 # -------------------------------------------------------------------- slow stop, restart alone
-def slow_to_stop(script: Path, record: Path, token: str) -> str:
-    """A sentinel that writes when it starts and when it has stopped, and takes 2.5 s to stop
-    on SIGTERM (a server draining its connections): longer than the pair's dead_after."""
+def slow_to_stop(script: Path, record: Path, token: str, seconds: float = 2.5) -> str:
+    """A sentinel that writes when it starts and when it has stopped, and takes `seconds` to
+    stop on SIGTERM (a server draining its connections): longer than the pair's dead_after."""
     script.write_text(
         "import os, signal, sys, time\n"
         "def rec(what):\n"
         f"    with open({str(record)!r}, 'a') as f:\n"
         "        f.write(f'{what} {os.getpid()} {time.time()}\\n')\n"
         "def stop(*_):\n"
-        "    time.sleep(2.5)\n"
+        f"    time.sleep({seconds})\n"
         "    rec('stop')\n"
         "    sys.exit(0)\n"
         "signal.signal(signal.SIGTERM, stop)\n"
@@ -462,6 +463,38 @@ def test_a_slow_stopping_sentinel_never_runs_twice_and_the_peer_waits_for_it(mak
     assert "PRIMARY now" in log
     if how == "sigterm":
         assert pair.alpha.wait_exit(10) == 0
+    pair.stop()
+    wait_for(lambda: not marked(token), 10, "the slow sentinel to end")
+
+
+def test_status_is_answered_throughout_a_slow_sentinel_stop(make_pair, tmp_path):
+    """Stopping a sentinel that takes 4 s is a state of the node, not a wait in its loop: the
+    old primary answers STATUS within 0.2 s all along, showing "stopping"."""
+    record = tmp_path / "record.txt"
+    token = f"sbs-e2e-slow-{secrets.token_hex(4)}"
+    pair = make_pair(sentinels={"slow": slow_to_stop(tmp_path / "slow.py", record, token, 4.0)})
+    start_pair(pair, ("slow",))
+    first = wait_for(lambda: running_pid(pair.alpha, "slow"), 5, "slow on alpha")
+    reply = request(pair.beta.cfg, "PROMOTE", {"force": False}, timeout=5)
+    assert reply and reply["status"] == "ok", reply
+
+    def stopped() -> bool:
+        return f"stop {first} " in record.read_text()
+
+    states, slowest = [], 0.0
+    deadline = time.monotonic() + 30
+    while not stopped():
+        assert time.monotonic() < deadline, "the slow sentinel did not stop"
+        asked = time.monotonic()
+        reply = request(pair.alpha.cfg, "STATUS", timeout=0.2)
+        took = time.monotonic() - asked
+        assert reply is not None and reply["status"] == "ok", (
+            f"no STATUS answer within 0.2 s (states so far {states}){pair.alpha.tail_log()}")
+        slowest = max(slowest, took)
+        states.append(reply["state"])
+    assert states.count("stopping") >= 10, states  # the stop took seconds, all answered
+    wait_for(lambda: running_pid(pair.beta, "slow"), 15, f"slow on beta{pair.beta.tail_log()}")
+    pair.alpha.wait_state("secondary", 10)
     pair.stop()
     wait_for(lambda: not marked(token), 10, "the slow sentinel to end")
 

@@ -106,3 +106,22 @@ def test_a_large_update_is_written_in_batches_and_reads_back_whole(tmp_path):
         assert j.get("docs", items[4096][1]) == f"{4096:032x}"
         assert j.get("docs", items[4097][1]) is None
         assert j.get("docs", items[4999][1]) == f"{4999:032x}"
+
+
+def test_a_failed_append_is_kept_in_memory_and_rewritten_whole(tmp_path):
+    """A full state disk: the append fails (here on /dev/full, which refuses every write with
+    ENOSPC), the writer goes on, the entries stay known, and rewrite() writes them all."""
+    path = tmp_path / "agreed.jsonl"
+    with Agreed(path) as agreed:
+        agreed.update([("f", "before.txt", "h0")])
+        agreed._file.close()
+        agreed._file = open("/dev/full", "ab")  # the disk is full from now on
+        agreed.update([("f", "a.txt", "h1")])  # no exception: the syncer's job goes on
+        agreed.update([("f", "b.txt", "h2")])
+        assert "No space left" in agreed.write_error
+        assert agreed.get("f", "a.txt") == "h1" and agreed.get("f", "b.txt") == "h2"
+        assert agreed.rewrite() is True and agreed.write_error == ""
+        agreed.update([("f", "c.txt", "h3")])
+    with Agreed(path) as agreed:
+        assert [agreed.get("f", p) for p in ("before.txt", "a.txt", "b.txt", "c.txt")] == [
+            "h0", "h1", "h2", "h3"]

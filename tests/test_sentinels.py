@@ -150,6 +150,40 @@ def test_sigterm_then_sigkill_bounded_by_grace(make, tmp_path):
                           "code": -signal.SIGKILL, "delay": None}
 
 
+def test_begin_stop_all_returns_at_once_and_stop_done_finishes_the_job(make, tmp_path):
+    """The node's loop stops sentinels without waiting: begin_stop_all() only sends SIGTERM,
+    stop_done() polls, escalates to SIGKILL after the grace, and says when all are gone."""
+    sentinels, events = make()
+    pid = run_stubborn(sentinels, tmp_path)
+    started = time.monotonic()
+    sentinels.begin_stop_all(grace=0.5)
+    assert time.monotonic() - started < 0.2
+    assert sentinels.stop_done() is False and alive(pid)
+    wait_for(sentinels.stop_done, 5)
+    assert time.monotonic() - started >= 0.5
+    assert not alive(pid)
+    assert events[-1]["event"] == "stopped" and events[-1]["code"] == -signal.SIGKILL
+    assert json.loads((tmp_path / "state" / PIDS_FILE).read_text())["children"] == []
+
+
+def test_a_pid_file_that_cannot_be_written_is_reported_and_written_later(make, tmp_path):
+    """A full state disk for the pid file: a sentinel still starts (its log header cannot be
+    written either), the error is kept, and poll() writes the file once it can."""
+    state = tmp_path / "state"
+    state.write_text("a file where the state folder should be: every write below fails")
+    sentinels, _ = make(state_dir=state)
+    sentinels.configure({"sleeper": SLEEPER})
+    sentinels.set_active(["sleeper"])
+    sentinels.run()
+    pid = by_name(sentinels)["sleeper"]["pid"]
+    assert alive(pid) and sentinels.pids_error
+    state.unlink()
+    state.mkdir()
+    sentinels.poll()
+    assert sentinels.pids_error == ""
+    assert [c["pid"] for c in json.loads((state / PIDS_FILE).read_text())["children"]] == [pid]
+
+
 def test_stop_escalates_to_sigkill_from_poll(make, tmp_path):
     sentinels, events = make(grace=0.3)
     pid = run_stubborn(sentinels, tmp_path)

@@ -92,12 +92,22 @@ def status(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
                   f"lag {r['lag_seconds']}s, pending {r['pending_files']} files / "
                   f"{r['pending_bytes']} bytes, last sync {_clock(r['last_sync'])}"
                   + (f", [red]{escape(r['error'])}[/red]" if r["error"] else ""))
+        if r.get("stalled"):
+            out.print(f"[red]replication stalled for {r['stalled_for']:.1f}s: "
+                      f"{escape(r['stalled'])}[/red]")
     table = Table("sentinel", "active", "state", "pid", "restarts", "command")
     for s in st["sentinels"]:
         table.add_row(s["name"], "yes" if s["active"] else "no", s["state"],
                       str(s["pid"] or "-"), str(s["restarts"]), escape(s["command"]))
     if st["sentinels"]:
         out.print(table)
+    for path, failed in (st.get("state_writes") or {}).items():
+        out.print(f"[red]cannot write {escape(path)}: {escape(failed['error'])} "
+                  "(kept in memory, retried)[/red]")
+    kept = st.get("conflicts") or {}
+    if kept.get("count"):
+        out.print(f"[yellow]{kept['count']} conflict copies under {escape(kept['where'])} "
+                  f"(latest {kept['latest']}): see 'sbs-tools conflicts'[/yellow]")
     mail = st["email"]
     if mail.get("last_error"):
         out.print(f"[red]email: last error: {escape(mail['last_error'])}[/red]")
@@ -301,6 +311,25 @@ def verify(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
         out.print("identical" if not diffs else f"{len(diffs)} difference(s)",
                   f"({files} objects here)")
     raise typer.Exit(0 if not diffs else 1)
+
+
+@app.command()
+def conflicts(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
+    """List what this node kept under state_dir/conflicts/ (its own changes that were replaced
+    or set aside when it fell in line with its peer), newest first. Read from disk: works with
+    the node stopped too."""
+    from node.conflicts import listing
+
+    cfg = _cfg(config)
+    kept = listing(cfg.state_dir)
+    if as_json:
+        print(orjson.dumps({"where": str(cfg.state_dir / "conflicts"), "files": kept}).decode())
+        return
+    for k in kept:
+        out.print(f"{k['time']}  {k['folder']}/{k['path']}  ({k['size']} bytes)  {k['kept']}",
+                  markup=False, highlight=False)
+    out.print(f"{len(kept)} file(s) kept under {cfg.state_dir / 'conflicts'}", markup=False,
+              highlight=False)
 
 
 @app.command("confirm-deletions")

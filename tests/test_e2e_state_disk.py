@@ -1,0 +1,103 @@
+"""A full state disk (state_dir on a small tmpfs of the node's own mount namespace): every
+state write is logged, shown in status and retried; the node keeps its role and replicates."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.pair import wait_for
+from tests.test_e2e_replication import (
+    TmpfsNodeProc,
+    _unshare_works,
+    replication,
+    sbs_tools,
+    started,
+    wait_equal,
+    write,
+)
+from tools.client import request
+
+
+def fill(folder: Path) -> Path:
+    """Write into `folder` until its filesystem is full; the filler, to delete later."""
+    filler = folder / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and mount (root)")
+def test_a_full_state_disk_is_reported_and_retried_and_the_secondary_goes_on(make_pair):
+    pair = make_pair(sentinels={"idle": "sleep 600"})
+    state = pair.root / "state" / "beta"
+    state.mkdir(parents=True)
+    beta = pair.nodes["beta"] = pair.beta = TmpfsNodeProc(pair.beta.config, state, "2m")
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    write(a / "before.txt", "before")
+    started(pair)
+    wait_equal(a, b)
+    inside = beta.inside(state)
+    filler = fill(inside)
+    # the primary changes its sentinel list: the secondary must record it in pair.json
+    reply = request(pair.alpha.cfg, "SENTINEL", {"action": "stop", "name": "idle"}, timeout=5)
+    assert reply and reply["status"] == "ok", reply
+    st = wait_for(lambda: (s := beta.status(1.0)) and "pair.json" in " ".join(s["state_writes"])
+                  and s, 10, f"the failed pair.json write in beta's status{beta.tail_log()}")
+    failed = next(v for k, v in st["state_writes"].items() if k.endswith("pair.json"))
+    assert "No space left" in failed["error"], failed
+    assert "cannot write" in beta.log.read_text() and "pair.json" in beta.log.read_text()
+    shown = " ".join(sbs_tools("status", "--config", str(beta.config)).stdout.split())
+    assert "cannot write" in shown and "pair.json" in shown, shown
+    # still secondary, still replicating
+    write(a / "during.txt", "written while beta's state disk is full")
+    wait_equal(a, b, 20, "replication with a full state disk")
+    assert beta.state() == "secondary" and beta.proc.poll() is None
+    assert replication(beta)["synced"] is True
+    # room again: the write is retried and the status clears
+    os.unlink(filler)
+    wait_for(lambda: (s := beta.status(1.0)) and not s["state_writes"], 10,
+             f"the state writes to succeed again{beta.tail_log()}")
+    saved = json.loads((inside / "pair.json").read_text())
+    assert "idle" in saved["sentinels"] and saved["active"] == [], saved
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and mount (root)")
+def test_a_full_state_disk_on_the_primary_keeps_its_role_and_its_sentinels(make_pair):
+    pair = make_pair(sentinels={"idle": "sleep 600"})
+    state = pair.root / "state" / "alpha"
+    state.mkdir(parents=True)
+    alpha = pair.nodes["alpha"] = pair.alpha = TmpfsNodeProc(pair.alpha.config, state, "2m")
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    started(pair)
+    reply = request(alpha.cfg, "SENTINEL", {"action": "stop", "name": "idle"}, timeout=5)
+    assert reply and reply["status"] == "ok", reply
+    filler = fill(alpha.inside(state))
+    # a sentinel started now: its pid file, its log header and pair.json find no room
+    reply = request(alpha.cfg, "SENTINEL", {"action": "start", "name": "idle"}, timeout=5)
+    assert reply and reply["status"] == "ok", reply
+
+    def failing() -> set[str]:
+        st = alpha.status(1.0)
+        return {Path(k).name for k in st["state_writes"]} if st else set()
+
+    wait_for(lambda: {"pair.json", "sentinels.pids.json"} <= failing(), 10,
+             f"the failed writes in alpha's status{alpha.tail_log()}")
+    st = alpha.status(1.0)
+    assert st["state"] == "primary"
+    assert next(s for s in st["sentinels"] if s["name"] == "idle")["state"] == "running"
+    write(a / "during.txt", "written while alpha's state disk is full")
+    wait_equal(a, b, 20, "replication from a primary with a full state disk")
+    os.unlink(filler)
+    wait_for(lambda: not failing() and alpha.status(1.0), 10,
+             f"the state writes to succeed again{alpha.tail_log()}")
+    pids = json.loads((alpha.inside(state) / "sentinels.pids.json").read_text())
+    assert [c["name"] for c in pids["children"]] == ["idle"], pids
