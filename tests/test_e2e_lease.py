@@ -1,10 +1,10 @@
 """The etcd leader lease ([cluster] dcs) against a real etcd on loopback started here.
 
-Each node reaches etcd through its own userspace proxy, and each reaches the other through
-one more (alpha sees beta at 127.0.0.3, beta sees alpha at 127.0.0.4), so a test can cut any
-link. The sentinel records its own start, ticks and stop (tests/recorder.py): in every case
-its lives on the two nodes never overlap, and a file closed and replicated before the fault is
-on the node that ends up primary.
+Each node reaches etcd through its own userspace proxy (tests/etcd.py: alpha at 127.0.0.5, beta
+at 127.0.0.6), and the other node through the pair's proxies (Pair(proxy=True)), so a
+test can cut any link. The sentinel records its own start, ticks and stop (tests/recorder.py):
+in every case its lives on the two nodes never overlap, and a file closed and replicated before
+the fault is on the node that ends up primary.
 """
 from __future__ import annotations
 
@@ -16,56 +16,47 @@ import time
 
 import pytest
 
-from tests.etcd import Etcd, Proxy, free_port
+from tests.etcd import Etcd, Proxy
 from tests.pair import wait_for
 from tests.recorder import lives, overlaps, recorder_command
 from tests.test_e2e_sentinels import Tail, marked, running_pid, sbs_tools
 from tools.cli import describe
 
 TTL, LOOP_WAIT, RETRY = 3, 0.5, 1.0
-VIA = {"alpha": "127.0.0.3", "beta": "127.0.0.4"}  # where each node finds its peer
+ETCD_VIA = {"alpha": "127.0.0.5", "beta": "127.0.0.6"}  # where each node finds etcd
 
 
 class Cluster:
     def __init__(self, make_pair, root, *, stubborn: bool = False):
         self.etcd = Etcd(root).start()
-        etcd_ports = {name: free_port() for name in VIA}
-        self.to_etcd = {name: Proxy([(("127.0.0.1", port), ("127.0.0.1", self.etcd.port))])
-                        for name, port in etcd_ports.items()}
+        self.to_etcd = {name: Proxy([((host, self.etcd.port), ("127.0.0.1", self.etcd.port))])
+                        for name, host in ETCD_VIA.items()}
         self.record = root / "record.txt"
         self.token = f"sbs-e2e-lease-{secrets.token_hex(4)}"
         cluster = {"ttl": TTL, "loop_wait": LOOP_WAIT, "retry_timeout": RETRY}
         self.pair = make_pair(
+            proxy=True,
             node={"heartbeat": 0.2, "dead_after": 1.0},
             sentinels={"svc": recorder_command(root, self.record, self.token, stubborn=stubborn)},
-            alpha={"node": {"peer": VIA["beta"]},
-                   "cluster": {**cluster, "dcs": f"etcd://127.0.0.1:{etcd_ports['alpha']}"}},
-            beta={"node": {"peer": VIA["alpha"]},
-                  "cluster": {**cluster, "dcs": f"etcd://127.0.0.1:{etcd_ports['beta']}"}},
+            alpha={"cluster": {**cluster, "dcs": f"etcd://{ETCD_VIA['alpha']}:{self.etcd.port}"}},
+            beta={"cluster": {**cluster, "dcs": f"etcd://{ETCD_VIA['beta']}:{self.etcd.port}"}},
         )
-        port = self.pair.port
-        ports = (port, port + 1, port + 2)
-        self.link = {  # alpha -> beta and beta -> alpha
-            "alpha": Proxy([((VIA["beta"], p), ("127.0.0.2", p)) for p in ports]),
-            "beta": Proxy([((VIA["alpha"], p), ("127.0.0.1", p)) for p in ports]),
-        }
         self.alpha, self.beta = self.pair.alpha, self.pair.beta
 
     def start(self) -> Cluster:
-        self.alpha.start()
-        self.alpha.wait_state("primary")
-        self.beta.start()
-        self.beta.wait_state("secondary")
+        self.pair.start_both()
         wait_for(lambda: running_pid(self.alpha, "svc") and lives(self.record), 10, "svc on alpha")
         return self
 
     def cut_link(self) -> None:
-        for proxy in self.link.values():
-            proxy.cut()
+        self.pair.cut("alpha", "beta")
+        self.pair.cut("beta", "alpha")
 
     def heal_link(self) -> None:
-        for proxy in self.link.values():
-            proxy.heal()
+        self.pair.heal()
+
+    def cut_etcd(self, name: str) -> None:
+        self.to_etcd[name].cut()
 
     def replicated_file(self) -> str:
         """A file closed on the primary and seen on the secondary before the fault."""
@@ -86,7 +77,7 @@ class Cluster:
 
     def close(self) -> None:
         self.pair.stop()
-        for proxy in [*self.link.values(), *self.to_etcd.values()]:
+        for proxy in self.to_etcd.values():
             proxy.close()
         self.etcd.stop()
         wait_for(lambda: not marked(self.token), 10, "every svc to end")
@@ -203,7 +194,7 @@ def test_the_primary_cut_off_from_both_stops_before_the_peer_starts(cluster, stu
     c = cluster(stubborn=stubborn).start()
     closed = c.replicated_file()
     c.cut_link()
-    c.to_etcd["alpha"].cut()
+    c.cut_etcd("alpha")
     try:
         wait_for(lambda: running_pid(c.beta, "svc"), TTL + 10, "svc on beta")
         wait_for(lambda: len(lives(c.record)) == 2, 5, "beta's svc recorded")

@@ -9,7 +9,7 @@ import zmq
 
 from node.config import ClusterConfig
 from node.lease import LEASE_SHARE, Lease
-from tests.etcd import Etcd, Proxy, free_port
+from tests.etcd import Etcd, Proxy
 from tests.pair import wait_for
 
 
@@ -69,10 +69,9 @@ def test_one_of_two_contenders_takes_the_key_and_the_other_gets_it_when_it_resig
 
 
 def test_a_holder_cut_off_from_etcd_loses_validity_before_the_key_expires(contenders, etcd):
-    port = free_port()
-    proxy = Proxy([(("127.0.0.1", port), ("127.0.0.1", etcd.port))])
+    proxy = Proxy([(("127.0.0.5", etcd.port), ("127.0.0.1", etcd.port))])
     try:
-        a = contenders("a", f"127.0.0.1:{port}")
+        a = contenders("a", f"127.0.0.5:{etcd.port}")
         b = contenders("b")
         a.want(True)
         until(lambda: a.mine, (a,), 10, "a to hold the key")
