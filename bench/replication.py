@@ -186,6 +186,17 @@ def drop_dirty() -> None:
 # ------------------------------------------------------------------------------ rsync
 
 
+def end_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 10 s: a server the bench started is gone when it returns."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 class RsyncDaemon:
     """`rsync --daemon` on 127.0.0.1 serving each dataset as a read-only module."""
 
@@ -214,13 +225,7 @@ class RsyncDaemon:
         return f"rsync://127.0.0.1:{self.port}/{module}/"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        end_process(self.proc)
 
     def pull(self, module: str, dest: Path, *extra: str) -> dict[str, Any]:
         """`rsync -a` from the daemon into dest; seconds, and peak RSS of both rsync ends."""
@@ -337,13 +342,7 @@ class SshPeer:
             return s.connect_ex(("127.0.0.1", self.port)) == 0
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        end_process(self.proc)
 
     def pull(self, src: Path, dest: Path, cipher: str) -> dict[str, Any]:
         """`rsync -a -e 'ssh -c cipher'` from src into dest; seconds and CPU of both ends (the
@@ -476,6 +475,19 @@ def summarize_profile(path: Path, top: int = 18) -> dict[str, Any]:
             "inclusive_pct": share(incl)}
 
 
+def caught_up(repl: dict[str, Any], seq: int | None) -> bool:
+    """The secondary's status says it applied manifest `seq` and has nothing pending."""
+    return seq is not None and repl["synced"] and repl["applied"] >= seq
+
+
+def tell_error(repl: dict[str, Any], last: str) -> str:
+    """Print the secondary's replication error once each time it changes; the error now."""
+    if repl.get("error") and repl["error"] != last:
+        say(f"  beta reports: {repl['error']}")
+        return repl["error"]
+    return last
+
+
 class StatusPoller:
     """STATUS over one long-lived DEALER per node. tools.client.request opens a fresh CURVE
     socket per call: polled every 20 ms, that handshake plus the node's ZAP check would steal
@@ -565,6 +577,19 @@ class SbsRun:
         return {"alpha_ready_s": round(time.perf_counter() - t0, 3),
                 "seq": st["replication"]["seq"]}
 
+    def _look_at_beta(self, seq: int | None, last_error: str) -> tuple[bool, str, bool]:
+        """One look at beta: (caught up with `seq`, its last error, secondary yet); raises
+        when beta has exited."""
+        st = self.polls["beta"].status()
+        secondary = bool(st) and st["state"] == "secondary"
+        if secondary:
+            if caught_up(st["replication"], seq):
+                return True, last_error, True
+            last_error = tell_error(st["replication"], last_error)
+        if self.pair.beta.proc.poll() is not None:
+            raise RuntimeError(f"beta exited{self.pair.beta.tail_log()}")
+        return False, last_error, secondary
+
     def sync_beta(self, seq: int, timeout: float = 900,
                   warm: Callable[[], None] | None = None) -> dict[str, Any]:
         """Start beta and time it to synced (applied >= seq); peak memory of both nodes.
@@ -581,21 +606,14 @@ class SbsRun:
         last_error = ""
         deadline = t0 + timeout
         while True:
-            st = self.polls["beta"].status()
+            done, last_error, seen = self._look_at_beta(seq, last_error)
             now = time.perf_counter()
-            if st and st["state"] == "secondary":
-                if t_secondary is None:
-                    t_secondary = now - t0
-                    if self.profile_dir is not None and "beta" not in self.profilers:
-                        self._profile("beta")
-                r = st["replication"]
-                if r["synced"] and r["applied"] >= seq:
-                    break
-                if r.get("error") and r["error"] != last_error:
-                    last_error = r["error"]
-                    say(f"  beta reports: {last_error}")
-            if beta.proc.poll() is not None:
-                raise RuntimeError(f"beta exited{beta.tail_log()}")
+            if seen and t_secondary is None:
+                t_secondary = now - t0
+                if self.profile_dir is not None and "beta" not in self.profilers:
+                    self._profile("beta")
+            if done:
+                break
             if now > deadline:
                 raise RuntimeError(f"beta not synced after {timeout}s{beta.tail_log()}")
             time.sleep(0.02)
@@ -639,21 +657,14 @@ class SbsRun:
                 marks["beta_started_s"] = time.perf_counter() - t0
                 beta.start()
             if "beta_started_s" in marks:
-                st = self.polls["beta"].status()
+                done, last_error, seen = self._look_at_beta(seq, last_error)
                 now = time.perf_counter()
-                if st and st["state"] == "secondary":
-                    if "beta_secondary_s" not in marks:
-                        marks["beta_secondary_s"] = now - t0
-                        if self.profile_dir is not None:
-                            self._profile("beta")
-                    r = st["replication"]
-                    if seq is not None and r["synced"] and r["applied"] >= seq:
-                        break
-                    if r.get("error") and r["error"] != last_error:
-                        last_error = r["error"]
-                        say(f"  beta reports: {last_error}")
-                if beta.proc.poll() is not None:
-                    raise RuntimeError(f"beta exited{beta.tail_log()}")
+                if seen and "beta_secondary_s" not in marks:
+                    marks["beta_secondary_s"] = now - t0
+                    if self.profile_dir is not None:
+                        self._profile("beta")
+                if done:
+                    break
             if alpha.proc.poll() is not None:
                 raise RuntimeError(f"alpha exited{alpha.tail_log()}")
             if now - t0 > timeout:

@@ -2,7 +2,7 @@
 
 No I/O here. The node loop turns what it sees into events (a peer message, a silence, a
 signal, an operator command), feeds them to `step`, and performs the returned actions in
-order. Every pair of the table is tested in tests/test_fsm.py.
+order. tests/test_fsm.py checks the table's safety invariants on every (state, event) pair.
 
 States
     STARTING   bound and probing the peer; nothing decided yet.

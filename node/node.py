@@ -837,14 +837,20 @@ class Node:
         if self.sentinel_stop is not None:
             self._reply(ident, protocol.reply_error("stopping sentinels; try again shortly"))
             return
-        if self.state == S.SECONDARY and not self.peer.alive and not force:
+        # A secondary takes over as soon as the peer is silent for dead_after, so "not alive"
+        # alone never holds here: a peer silent for half of it (and two heartbeats) will not
+        # answer a hand-over in time, and counts as unreachable for a promote.
+        quiet = time.monotonic() - self.peer.heard_at > max(self.cfg.dead_after / 2,
+                                                            2 * self.cfg.heartbeat)
+        reachable = self.peer.alive and not quiet
+        if self.state == S.SECONDARY and not reachable and not force:
             self._reply(ident, protocol.reply_error(
                 "peer unreachable: cannot hand over gracefully; use --force"))
             return
         if self.state == S.PRIMARY and not (self.peer.alive and self.peer.state == "secondary"):
             self._reply(ident, protocol.reply_error("no live secondary to hand over to"))
             return
-        event = E.PROMOTE_FORCE if self.state == S.SECONDARY and not self.peer.alive else E.PROMOTE
+        event = E.PROMOTE_FORCE if self.state == S.SECONDARY and not reachable else E.PROMOTE
         # a refused promote was answered by the REFUSE action: one reply per request
         if A.REFUSE not in self.feed(event, context=(ident, "promote")):
             self._reply(ident, protocol.reply_ok(state=PUBLIC[self.state]))

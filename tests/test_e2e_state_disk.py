@@ -22,6 +22,16 @@ from tests.test_e2e_replication import (
 from tools.client import request
 
 
+def on_tmpfs(pair, name: str) -> tuple[TmpfsNodeProc, Path]:
+    """Node `name` of `pair` with its state_dir on a 2 MiB tmpfs of its own; (node, state_dir)."""
+    state = pair.root / "state" / name
+    state.mkdir(parents=True)
+    node = TmpfsNodeProc(getattr(pair, name).config, state, "2m")
+    pair.nodes[name] = node
+    setattr(pair, name, node)
+    return node, state
+
+
 def fill(folder: Path) -> Path:
     """Write into `folder` until its filesystem is full; the filler, to delete later."""
     filler = folder / "filler"
@@ -38,9 +48,7 @@ def fill(folder: Path) -> Path:
 @pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and mount (root)")
 def test_a_full_state_disk_is_reported_and_retried_and_the_secondary_goes_on(make_pair):
     pair = make_pair(sentinels={"idle": "sleep 600"})
-    state = pair.root / "state" / "beta"
-    state.mkdir(parents=True)
-    beta = pair.nodes["beta"] = pair.beta = TmpfsNodeProc(pair.beta.config, state, "2m")
+    beta, state = on_tmpfs(pair, "beta")
     a, b = pair.folder("alpha"), pair.folder("beta")
     write(a / "before.txt", "before")
     started(pair)
@@ -73,9 +81,7 @@ def test_a_full_state_disk_is_reported_and_retried_and_the_secondary_goes_on(mak
 @pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and mount (root)")
 def test_a_full_state_disk_on_the_primary_keeps_its_role_and_its_sentinels(make_pair):
     pair = make_pair(sentinels={"idle": "sleep 600"})
-    state = pair.root / "state" / "alpha"
-    state.mkdir(parents=True)
-    alpha = pair.nodes["alpha"] = pair.alpha = TmpfsNodeProc(pair.alpha.config, state, "2m")
+    alpha, state = on_tmpfs(pair, "alpha")
     a, b = pair.folder("alpha"), pair.folder("beta")
     started(pair)
     reply = request(alpha.cfg, "SENTINEL", {"action": "stop", "name": "idle"}, timeout=5)

@@ -64,11 +64,12 @@ def make_writer(base: Path, temp_dir: Path | str | None = None) -> FolderWriter:
 def far_dir(tmp_path):
     """A directory on another filesystem than tmp_path (tmpfs /dev/shm)."""
     if not os.path.isdir("/dev/shm"):
-        pytest.skip("no /dev/shm")
+        pytest.skip("no /dev/shm: a temp file on another filesystem is not tested")
     d = tempfile.mkdtemp(dir="/dev/shm")
     try:
         if os.stat(d).st_dev == os.stat(tmp_path).st_dev:
-            pytest.skip("/dev/shm is on the same filesystem as tmp_path")
+            pytest.skip("/dev/shm is on the same filesystem as the temp folder: a temp file on "
+                        "another filesystem is not tested")
         yield Path(d)
     finally:
         shutil.rmtree(d, ignore_errors=True)
