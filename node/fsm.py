@@ -33,6 +33,11 @@ role main over backup, then the smaller name)
                             feeds it only to a secondary whose peer is silent).
     STOP                    SIGTERM/SIGINT.
     SYNC_DONE               the last sync of a hand-over finished (or hit its time bound).
+    LEASE_TAKEN             dcs mode: this node took the leader key in etcd.
+    LEASE_LOST              dcs mode: etcd says another node holds the leader key.
+
+With [cluster] dcs (an etcd leader lease), DCS_TABLE overrides some rows: only the key makes a
+primary, so silence, a probe timeout or the rule between two starting nodes never does.
 """
 from __future__ import annotations
 
@@ -65,6 +70,8 @@ class E(StrEnum):
     PROMOTE_FORCE = "promote_force"
     STOP = "stop"
     SYNC_DONE = "sync_done"
+    LEASE_TAKEN = "lease_taken"
+    LEASE_LOST = "lease_lost"
 
 
 class A(StrEnum):
@@ -80,6 +87,7 @@ class A(StrEnum):
     ASK_HANDOVER = "ask_handover"  # ask the primary peer to hand over to us
     REFUSE = "refuse"  # answer the operator's command with an error
     PEER_LOST = "peer_lost"  # log/bus: the secondary went silent
+    CAMPAIGN = "campaign"  # dcs: try for the leader key now (the primary handed over)
     EXIT = "exit"
 
 
@@ -148,6 +156,27 @@ TABLE: dict[tuple[S, E], Row] = {
 }
 # fmt: on
 
+# fmt: off
+# dcs mode: the leader key in etcd is the third vote. A cut link looks like a dead peer to both
+# nodes; only the node that holds the key may be primary, so these rows replace the table's.
+DCS_TABLE: dict[tuple[S, E], Row] = {
+    (S.STARTING, E.PROBE_TIMEOUT):          (S.STARTING, ()),  # wait for the key
+    (S.STARTING, E.PEER_STARTING_WE_WIN):   (S.STARTING, ()),
+    (S.STARTING, E.PEER_SECONDARY):         (S.STARTING, ()),
+    (S.STARTING, E.PEER_HANDOVER):          (S.STARTING, (A.CAMPAIGN,)),
+    (S.STARTING, E.LEASE_TAKEN):            (S.PRIMARY, (A.START_PRIMARY,)),
+    (S.SECONDARY, E.PEER_SILENT):           (S.SECONDARY, ()),  # the key holder may be alive
+    (S.SECONDARY, E.DUAL_SECONDARY_WE_WIN): (S.SECONDARY, ()),
+    (S.SECONDARY, E.PEER_HANDOVER):         (S.SECONDARY, (A.CAMPAIGN,)),
+    (S.SECONDARY, E.PROMOTE_FORCE):         (S.SECONDARY, (A.REFUSE,)),
+    (S.SECONDARY, E.LEASE_TAKEN):           (S.PRIMARY, (A.TAKE_OVER,)),
+    (S.PRIMARY, E.LEASE_LOST):              (S.SECONDARY, (A.STOP_SENTINELS, A.FOLLOW)),
+    (S.HANDOVER, E.LEASE_LOST):             (S.SECONDARY, (A.ABORT_HANDOVER, A.STOP_SENTINELS,
+                                                           A.FOLLOW)),
+    (S.LEAVING, E.LEASE_LOST):              (S.STOPPED, (A.STOP_SENTINELS, A.EXIT)),
+}
+# fmt: on
+
 # What status shows to the operator: the SPEC's four states (a hand-over is still primary).
 PUBLIC = {
     S.STARTING: "starting",
@@ -161,6 +190,8 @@ PUBLIC = {
 PRIMARY_LIKE = frozenset({S.PRIMARY, S.HANDOVER, S.LEAVING})
 
 
-def step(state: S, event: E) -> Row:
+def step(state: S, event: E, *, dcs: bool = False) -> Row:
     """The next state and the actions for `event` in `state`; unlisted pairs change nothing."""
+    if dcs and (state, event) in DCS_TABLE:
+        return DCS_TABLE[(state, event)]
     return TABLE.get((state, event), (state, ()))
