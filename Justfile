@@ -18,6 +18,7 @@ test *args:
 bench *args:
     {{python}} bench/takeover.py {{args}}
     {{python}} bench/sentinel_takeover.py {{args}}
+    {{python}} bench/never_twice.py {{args}}
     {{python}} bench/transport.py {{args}}
     {{python}} bench/replication.py {{args}}
 

@@ -18,6 +18,7 @@ from .index import Filter
 from .protocol import SENTINEL_NAME_RE, folder_name_problem
 
 ROLES = ("main", "backup")
+_HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}")
 
 
 class ConfigError(Exception):
@@ -66,6 +67,20 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """[cluster]: the optional leader lease in etcd (no dcs: the two-node mode)."""
+    dcs: tuple[tuple[str, int], ...] = ()  # etcd endpoints (host, port)
+    ttl: float = 10.0
+    loop_wait: float = 2.0
+    retry_timeout: float = 4.0
+    key: str = "/sbs/leader"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.dcs)
+
+
+@dataclass(frozen=True)
 class FolderConfig:
     name: str
     path: Path
@@ -95,6 +110,7 @@ class Config:
     email: EmailConfig = field(default_factory=EmailConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     folders: tuple[FolderConfig, ...] = ()
     sentinels: tuple[tuple[str, str], ...] = ()
 
@@ -201,7 +217,8 @@ def load(file: Path | str) -> Config:
         first = str(exc).splitlines()[0]
         raise ConfigError(file, "node", None, f"cannot parse: {first}") from None
     base = file.resolve().parent
-    known = {"node", "security", "email", "notify", "health", "checks", "folders", "sentinels"}
+    known = {"node", "security", "email", "notify", "health", "checks", "cluster", "folders",
+             "sentinels"}
     for section in parser.sections():
         if section not in known:
             raise ConfigError(file, section, None, f"unknown section (known: {sorted(known)})")
@@ -260,9 +277,39 @@ def load(file: Path | str) -> Config:
         email=_email(parser, file),
         notify=_notify(parser, file),
         health=_health(parser, file),
+        cluster=_cluster(parser, file),
         folders=_folders(parser, file, base),
         sentinels=_sentinels(parser, file),
     )
+
+
+def _cluster(parser: configparser.ConfigParser, file: Path) -> ClusterConfig:
+    sec = _Section(parser, file, "cluster")
+    _reject_unknown(sec, {"dcs", "ttl", "loop_wait", "retry_timeout", "key"})
+    raw = sec.text("dcs")
+    endpoints = []
+    if raw:
+        if not raw.startswith("etcd://"):
+            raise sec.error("dcs", f"{raw!r}: expected etcd://HOST:PORT[,HOST:PORT...]")
+        for part in raw[len("etcd://"):].split(","):
+            host, _, port = part.strip().rpartition(":")
+            if not host or not _HOST_RE.fullmatch(host) or not port.isdigit() or not (
+                    0 < int(port) < 65536):
+                raise sec.error("dcs", f"{part.strip()!r} is not HOST:PORT")
+            endpoints.append((host, int(port)))
+    ttl = sec.number("ttl", 10.0, 1.0, 3600)
+    loop_wait = sec.number("loop_wait", 2.0, 0.1, 3600)
+    retry_timeout = sec.number("retry_timeout", 4.0, 0.1, 3600)
+    if loop_wait + 2 * retry_timeout > ttl:
+        # Patroni's rule: a leader that renews every loop_wait and gives each attempt
+        # retry_timeout still renews twice within ttl before its key can expire
+        raise sec.error("ttl", f"{ttl} is less than loop_wait + 2 * retry_timeout "
+                        f"({loop_wait} + 2 * {retry_timeout})")
+    key = sec.text("key", "/sbs/leader")
+    if not key.startswith("/") or any(c.isspace() for c in key):
+        raise sec.error("key", f"{key!r}: an absolute key without spaces, e.g. /sbs/leader")
+    return ClusterConfig(dcs=tuple(endpoints), ttl=ttl, loop_wait=loop_wait,
+                         retry_timeout=retry_timeout, key=key)
 
 
 def _reject_unknown(sec: _Section, allowed: set[str]) -> None:

@@ -178,6 +178,7 @@ class Control:
             "sentinels": node.sentinels.status(),
             "active_sentinels": node.sentinels.active,
             "email": node.notifier.status(),
+            "lease": node.primacy.status(now),
             # state_dir writes that failed (a full disk) and are being retried: {file: error}
             "state_writes": node.writes.status(),
             "conflicts": self._conflicts_status(),

@@ -33,6 +33,11 @@ role main over backup, then the smaller name)
                             feeds it only to a secondary whose peer is silent).
     STOP                    SIGTERM/SIGINT.
     SYNC_DONE               the last sync of a hand-over finished (or hit its time bound).
+    LEASE_TAKEN             dcs mode: this node took the leader key in etcd.
+    LEASE_LOST              dcs mode: etcd says another node holds the leader key.
+
+With [cluster] dcs (an etcd leader lease), DCS_TABLE overrides some rows: only the key makes a
+primary, so silence, a probe timeout or the rule between two starting nodes never does.
     SENTINEL_UNHEALTHY      a sentinel crash-loops here (or fails its check) and the peer is
                             a synced secondary where it has not failed: hand it over.
 
@@ -70,6 +75,8 @@ class E(StrEnum):
     PROMOTE_FORCE = "promote_force"
     STOP = "stop"
     SYNC_DONE = "sync_done"
+    LEASE_TAKEN = "lease_taken"
+    LEASE_LOST = "lease_lost"
     SENTINEL_UNHEALTHY = "sentinel_unhealthy"
 
 
@@ -87,6 +94,7 @@ class A(StrEnum):
     REFUSE = "refuse"  # answer the operator's command with an error
     PEER_LOST = "peer_lost"  # log/bus: the secondary went silent
     HOLD = "hold"  # log: maintenance mode holds back what this event would do
+    CAMPAIGN = "campaign"  # dcs: try for the leader key now (the primary handed over)
     EXIT = "exit"
 
 
@@ -169,6 +177,25 @@ MAINTENANCE: dict[tuple[S, E], Row] = {
     (S.PRIMARY, E.SENTINEL_UNHEALTHY):      (S.PRIMARY, (A.HOLD,)),
     (S.PRIMARY, E.STOP):                    (S.STOPPED, (A.HOLD, A.STOP_SENTINELS, A.EXIT)),
 }
+
+# dcs mode: the leader key in etcd is the third vote. A cut link looks like a dead peer to both
+# nodes; only the node that holds the key may be primary, so these rows replace the table's.
+DCS_TABLE: dict[tuple[S, E], Row] = {
+    (S.STARTING, E.PROBE_TIMEOUT):          (S.STARTING, ()),  # wait for the key
+    (S.STARTING, E.PEER_STARTING_WE_WIN):   (S.STARTING, ()),
+    (S.STARTING, E.PEER_SECONDARY):         (S.STARTING, ()),
+    (S.STARTING, E.PEER_HANDOVER):          (S.STARTING, (A.CAMPAIGN,)),
+    (S.STARTING, E.LEASE_TAKEN):            (S.PRIMARY, (A.START_PRIMARY,)),
+    (S.SECONDARY, E.PEER_SILENT):           (S.SECONDARY, ()),  # the key holder may be alive
+    (S.SECONDARY, E.DUAL_SECONDARY_WE_WIN): (S.SECONDARY, ()),
+    (S.SECONDARY, E.PEER_HANDOVER):         (S.SECONDARY, (A.CAMPAIGN,)),
+    (S.SECONDARY, E.PROMOTE_FORCE):         (S.SECONDARY, (A.REFUSE,)),
+    (S.SECONDARY, E.LEASE_TAKEN):           (S.PRIMARY, (A.TAKE_OVER,)),
+    (S.PRIMARY, E.LEASE_LOST):              (S.SECONDARY, (A.STOP_SENTINELS, A.FOLLOW)),
+    (S.HANDOVER, E.LEASE_LOST):             (S.SECONDARY, (A.ABORT_HANDOVER, A.STOP_SENTINELS,
+                                                           A.FOLLOW)),
+    (S.LEAVING, E.LEASE_LOST):              (S.STOPPED, (A.STOP_SENTINELS, A.EXIT)),
+}
 # fmt: on
 
 # What status shows to the operator: the SPEC's four states (a hand-over is still primary).
@@ -184,8 +211,11 @@ PUBLIC = {
 PRIMARY_LIKE = frozenset({S.PRIMARY, S.HANDOVER, S.LEAVING})
 
 
-def step(state: S, event: E, *, maintenance: bool = False) -> Row:
-    """The next state and the actions for `event` in `state`; unlisted pairs change nothing."""
+def step(state: S, event: E, *, dcs: bool = False, maintenance: bool = False) -> Row:
+    """The next state and the actions for `event` in `state`; unlisted pairs change nothing.
+    Maintenance holds back first (it only keeps a state); the lease's rows come next."""
     if maintenance and (state, event) in MAINTENANCE:
         return MAINTENANCE[(state, event)]
+    if dcs and (state, event) in DCS_TABLE:
+        return DCS_TABLE[(state, event)]
     return TABLE.get((state, event), (state, ()))

@@ -43,6 +43,7 @@ from .notify import Notifier
 from .ops import Operator, lists_at_start
 from .pairlists import PairLists
 from .peer import Peer
+from .primacy import Primacy, guard_kill_after
 from .primary import Primary
 from .protocol import Bad, Message
 from .reports import Reports
@@ -89,6 +90,7 @@ class Node:
         self.stopping_sentinels = False
         self.sentinel_stop = SentinelStop(self)  # the actions that wait for it, if any
         self.state = S.STARTING
+        self.probed = False  # the first probe window is over (run() starts it)
         self.state_at = time.monotonic()
         self.started_at = self.state_at
         self.restricted = False
@@ -100,7 +102,8 @@ class Node:
 
         self.notifier = Notifier(cfg.email)
         self.reports = Reports(self)
-        self.sentinels = Sentinels(self.state_dir, on_event=self._sentinel_event)
+        self.sentinels = Sentinels(self.state_dir, on_event=self._sentinel_event,
+                                   guard_kill_after=guard_kill_after(cfg))
         self.writes.extra["sentinels.pids.json"] = lambda: self.sentinels.pids_error
         self.writes.extra["agreed.jsonl"] = lambda: self.agreed.write_error
         self.lists = PairLists(cfg, self.sentinels, self.writes)
@@ -122,10 +125,12 @@ class Node:
         self.secondary = Secondary(self)
         self.control = Control(self)
         self.control.commands.update(self.ops.commands())
+        self.primacy = Primacy(self)
         self.poller = zmq.Poller()
         for sock in (self.router, self.link.dealer, self.control.results, self.primary.pipe,
-                     self.secondary.pipe):
-            self.poller.register(sock, zmq.POLLIN)
+                     self.secondary.pipe, self.primacy.pipe):
+            if sock is not None:  # the primacy pipe only with [cluster] dcs
+                self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
         # who reads which socket, in the order the loop serves them; a socket looked up each
         # time, since a handler may close one (the SUB on takeover)
@@ -136,6 +141,7 @@ class Node:
             (lambda: self.control.results, self.control.on_result),
             (lambda: self.primary.pipe, self.primary.on_scanner),
             (lambda: self.secondary.pipe, self.secondary.on_syncer),
+            (lambda: self.primacy.pipe, self.primacy.on_report),
         ]
         # peer commands on the ROUTER; the others are the operator's (Control)
         self.peer_commands: dict[str, Callable[[bytes, Message], None]] = {
@@ -192,6 +198,7 @@ class Node:
         log.info("node %s starting: epoch %d, role %s, probing %s:%d", self.cfg.name,
                  self.epoch, self.cfg.role, self.cfg.peer, self.cfg.control_port)
         self.probe_deadline = time.monotonic() + self.cfg.dead_after
+        self.probed = False  # the first probe window is over
         try:
             while self.state != S.STOPPED or self.sentinel_stop.running:
                 self._loop_once()
@@ -242,7 +249,8 @@ class Node:
 
     def _next_deadline(self, now: float) -> float:
         deadlines = [self.link.next_deadline(), now + 0.5, self.sentinels.next_wakeup(),
-                     self.primary.next_deadline(), self.secondary.next_deadline()]
+                     self.primary.next_deadline(), self.secondary.next_deadline(),
+                     self.primacy.next_deadline()]
         if self.state == S.STARTING:
             deadlines.append(self.probe_deadline)
         if self.writes.failing:
@@ -256,8 +264,13 @@ class Node:
         if self.writes.failing or self.agreed.write_error:
             self._retry_writes(now)
         if self.state == S.STARTING and now >= self.probe_deadline:
-            log.info("no answer from peer %s within %.1fs", self.cfg.peer, self.cfg.dead_after)
+            if not self.probed:
+                log.info("no answer from peer %s within %.1fs", self.cfg.peer,
+                         self.cfg.dead_after)
+            self.probed = True
             self.feed(E.PROBE_TIMEOUT)
+            if self.state == S.STARTING:  # dcs: still waiting for the key; ask again later
+                self.probe_deadline = now + self.cfg.dead_after
         if self.peer.silent(now):
             self.peer.alive = False
             log.warning("peer %s silent for %.2fs (last state %s)", self.peer.name or self.cfg.peer,
@@ -266,6 +279,7 @@ class Node:
         self.link.tick(now)
         if self.state in PRIMARY_LIKE and not self.restricted:
             self.sentinels.poll()
+        self.primacy.tick(now)
         if (event := self.primary.tick(now)) is not None:
             self.feed(event)
         self.secondary.tick(now)
@@ -276,7 +290,8 @@ class Node:
         if self.sentinel_stop.running:
             self.sentinel_stop.hold(event, context)
             return ()
-        nxt, actions = step(self.state, event, maintenance=self.ops.maintenance.on)
+        nxt, actions = step(self.state, event, dcs=self.primacy.dcs,
+                            maintenance=self.ops.maintenance.on)
         if nxt != self.state or actions:
             log.info("%s + %s -> %s %s", self.state, event, nxt, [a.value for a in actions])
         prev = self.state
@@ -308,7 +323,9 @@ class Node:
     def _become_primary(self, *, restricted: bool, why: str) -> None:
         self.yielded = None
         self.epoch = max(self.epoch, self.max_seen_epoch) + 1
-        self.max_seen_epoch = self.epoch
+        if term := self.primacy.term():
+            self.epoch = term  # the term is etcd's: the key's create revision
+        self.max_seen_epoch = max(self.max_seen_epoch, self.epoch)
         self._save_node("primary")
         self.restricted = restricted
         self.secondary.stop()
@@ -316,7 +333,7 @@ class Node:
         if restricted:
             log.warning("role = backup and started without a peer: restricted, no sentinels")
         else:
-            self.sentinels.run()
+            self.primacy.run_sentinels()
         self.ops.became_primary()
         log.info("PRIMARY now (epoch %d, %s)%s", self.epoch, why,
                  " [restricted]" if restricted else "")
@@ -416,6 +433,7 @@ class Node:
         log.warning("hand-over aborted: the peer went silent; staying primary")
 
     def _do_send_handover(self, **_: Any) -> None:
+        self.primacy.resign()  # dcs: the key goes first, the peer takes it on HANDOVER
         body = {"name": self.cfg.name, "run": self.run_id, "epoch": self.epoch,
                 "seq": self.primary.seq, "why": self.ops.handover_why[:300]}
         self.link.send_handover(body)
@@ -430,6 +448,9 @@ class Node:
         if context is not None:
             ident, command = context
             self.reply(ident, protocol.reply_error(f"cannot {command} while {self.state.value}"))
+
+    def _do_campaign(self, **_: Any) -> None:
+        self.primacy.campaign()
 
     def _do_peer_lost(self, **_: Any) -> None:
         self.publish_event("peer_lost", peer=self.peer.name)
@@ -479,6 +500,9 @@ class Node:
     def _sentinel_event(self, event: dict[str, Any]) -> None:
         # Sentinels reports {"event", "name", ...}: both keys are taken on the bus (the event
         # kind and the node name), so they travel as `action` and `sentinel`.
+        if event["event"] == "lapsed":
+            self.primacy.on_lapse()
+            return
         self.ops.on_sentinel_event(event)
         fields = dict(event)
         self.publish_event("sentinel", action=fields.pop("event"), sentinel=fields.pop("name"),
@@ -496,6 +520,8 @@ class Node:
         self.sentinels.stop_all()
         if getattr(self, "ops", None) is not None:
             self.ops.close()
+        if getattr(self, "primacy", None) is not None:
+            self.primacy.close()
         self.notifier.close(timeout=2.0)
         if primary is not None:
             primary.close()  # its journal thread, after the last ACK
@@ -574,11 +600,13 @@ class PeerLink:
 
     def send_ping(self) -> None:
         node = self.node
+        node.primacy.confirm()  # the guard's deadline moves with each heartbeat we send
         self._ping(time.monotonic())
         node.pub.send_multipart(protocol.encode_bus("HB", {
             "name": node.cfg.name, "run": node.run_id, "epoch": node.epoch,
             "state": node.public_state(), "seq": node.primary.seq, "sv": node.lists.sv,
             "maintenance": node.ops.maintenance.on,
+            **node.primacy.heartbeat_fields(),
         }))
 
     def _ping(self, now: float) -> None:

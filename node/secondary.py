@@ -143,6 +143,9 @@ class Secondary:
         if self.syncer is None or not f.snapshot_deadline:
             return
         node, body = self.node, msg.body
+        if node.primacy.stale("SNAPSHOT_REP", body):
+            self.retry_snapshot_soon()  # the new term's, soon
+            return
         f.snapshot_deadline, f.seen, f.run = None, body["seq"], body["run"]
         if node.ops.snapshot_lists(body):
             node.folders = folders = node.lists.take_snapshot(body)
@@ -169,6 +172,8 @@ class Secondary:
             return
         body = msg.body
         if self.syncer is None:
+            return
+        if msg.command in ("MANIFEST", "HB") and self.node.primacy.stale(msg.command, body):
             return
         f = self.follow
         waiting = bool(f.snapshot_deadline)

@@ -10,8 +10,12 @@ A sentinel never outlives its node (SPEC 9): the kernel SIGKILLs it when the nod
 started. PDEATHSIG reaches only the direct child, so what a sentinel starts itself (a shell
 script's commands, a pre-forking server's workers) is covered by a guard process: it learns each
 sentinel's group over a pipe and SIGKILLs the groups still listed when the pipe reaches EOF,
-which the kernel brings about when the node dies, however it dies. Pids and start times are
-kept in state_dir so the next run can clean up leftovers.
+which the kernel brings about when the node dies, however it dies. The same guard holds when
+the node does not: the node confirms its primacy with each heartbeat (confirm()), and a node
+that is paused, stuck or starved past that deadline has its sentinels stopped by the guard
+before the peer can take over (node/guard.py); the node learns it on its next turn and starts
+nothing until it calls run() again. Pids and start times are kept in state_dir so the next run
+can clean up leftovers.
 """
 
 from __future__ import annotations
@@ -39,19 +43,7 @@ log = logging.getLogger(__name__)
 PIDS_FILE = "sentinels.pids.json"
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-# The guard (see the module docstring), run as `python -I -S -c`. Lines on stdin: "+PGID" when
-# a sentinel starts, "-PGID" once it is reaped (its group id may be reused after that).
-_GUARD_CODE = """
-import os, signal, sys
-groups = set()
-for line in sys.stdin:
-    (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
-for pgid in groups:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass
-"""
+_GUARD_SCRIPT = Path(__file__).with_name("guard.py")  # run as a script: see node/guard.py
 # How often a loop with children being stopped should come back to reap them.
 _STOPPING_POLL = 0.1
 # How long to wait for a process to disappear after SIGKILL.
@@ -94,6 +86,7 @@ class Sentinels:
         backoff_max: float = 30.0,
         fail_report_after: int = 5,
         stable_after: float = 10.0,
+        guard_kill_after: float = 0.25,
     ) -> None:
         self._state_dir = Path(state_dir)
         self._grace = grace
@@ -108,6 +101,11 @@ class Sentinels:
         self._running = False
         self._written_pids: list[dict] | None = None
         self._guard: subprocess.Popen | None = None
+        self._guard_kill_after = guard_kill_after
+        # monotonic time until which the node vouches for the sentinels (confirm()); None: no
+        # deadline (the node never confirmed: nothing to hold it to)
+        self._deadline: float | None = None
+        self.lapses = 0
         self._reap_deadline: float | None = None  # stop_done(): how long SIGKILL may take
         self.pids_error = ""  # why the pid file could not be written last time ("" if it was)
         # Resolved here, before any fork: the child between fork and exec must do as little as
@@ -154,8 +152,23 @@ class Sentinels:
 
     # -- running mode --------------------------------------------------------------------------
 
+    def confirm(self, until: float) -> bool:
+        """The node vouches for the sentinels until `until` (monotonic): the guard stops them
+        then unless it hears again. False when the last deadline has already passed while they
+        ran (the node was paused or starved): they are being stopped, and stay so until run()."""
+        if self._running and self._expired(time.monotonic()):
+            self._lapse()
+            return False
+        self._deadline = until
+        if self._guard is not None:
+            self._tell_guard(f"D{until:.6f}")
+        return True
+
     def run(self) -> None:
         """Enter running mode: start every active, defined sentinel that is not running."""
+        if self._expired(time.monotonic()):
+            self._lapse()
+            return
         self._running = True
         self._start_wanted()
         self._sync_pids_file()
@@ -176,6 +189,7 @@ class Sentinels:
         """Leave running mode and send SIGTERM to every sentinel; returns at once. stop_done()
         finishes the job (SIGKILL after `grace`)."""
         grace = self._grace if grace is None else grace
+        self._check_guard()  # a node back from a pause says what the guard did meanwhile
         self._running = False
         for name, sentinel in self._sentinels.items():
             sentinel.due = None
@@ -227,6 +241,7 @@ class Sentinels:
 
     def poll(self) -> None:
         """Non-blocking: reap exited children, schedule restarts, start the due ones."""
+        self._check_guard()
         if self.pids_error:
             self._written_pids = None  # write it again
         self._reap_stopping()
@@ -430,6 +445,38 @@ class Sentinels:
                 _signal_group(child, signal.SIGKILL)
                 child.kill_at = None
 
+    def _expired(self, now: float) -> bool:
+        return self._deadline is not None and now > self._deadline
+
+    def _check_guard(self) -> None:
+        """Before anything is reaped or restarted: did the deadline pass, by our clock or the
+        guard's (it says "F" when it stopped the groups)?"""
+        fired = False
+        if self._guard is not None and self._guard.stdout is not None:
+            try:
+                while chunk := os.read(self._guard.stdout.fileno(), 4096):
+                    fired = fired or b"F" in chunk
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                log.debug("sentinel guard output: %s", exc)
+        if self._running and (fired or self._expired(time.monotonic())):
+            self._lapse()
+
+    def _lapse(self) -> None:
+        """The node's primacy went unconfirmed past the deadline: stop everything now (the guard
+        did or does the same) and start nothing until the node calls run() again."""
+        late = time.monotonic() - (self._deadline or time.monotonic())
+        self._running = False
+        self._deadline = None
+        self.lapses += 1
+        for name, sentinel in self._sentinels.items():
+            sentinel.due = None
+            self._terminate(name, self._guard_kill_after)
+        log.error("primacy unconfirmed for %.2f s past the guard's deadline (paused, stuck or "
+                  "starved): sentinels stopped", late)
+        self._emit("lapsed", "", late=round(late, 3))
+
     def _tell_guard(self, line: str) -> None:
         """Send one line to the guard, starting it first if need be (with the groups of every
         live child, so a guard that was restarted knows them all)."""
@@ -438,17 +485,19 @@ class Sentinels:
                 return  # a new guard would not know that group anyway
             try:
                 self._guard = subprocess.Popen(
-                    [sys.executable, "-I", "-S", "-c", _GUARD_CODE],
-                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                    [sys.executable, "-I", "-S", str(_GUARD_SCRIPT), str(self._guard_kill_after)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                     start_new_session=True,  # out of the terminal's reach, and of killpg
                 )
+                os.set_blocking(self._guard.stdout.fileno(), False)
             except OSError as exc:
                 log.error("cannot start the sentinel guard (what a sentinel starts itself may "
                           "outlive a crashed node): %s", exc)
                 self._guard = None
                 return
             children = [s.child for s in self._sentinels.values() if s.child] + self._stopping
-            line = "".join(f"+{c.popen.pid}\n" for c in children) + line
+            deadline = "" if self._deadline is None else f"D{self._deadline:.6f}\n"
+            line = deadline + "".join(f"+{c.popen.pid}\n" for c in children) + line
         try:
             self._guard.stdin.write(f"{line}\n".encode())
             self._guard.stdin.flush()
@@ -463,10 +512,11 @@ class Sentinels:
         guard, self._guard = self._guard, None
         if guard is None:
             return
-        try:
-            guard.stdin.close()
-        except OSError:
-            pass
+        for pipe in (guard.stdin, guard.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
         try:
             guard.wait(timeout=_REAP_TIMEOUT)
         except subprocess.TimeoutExpired:

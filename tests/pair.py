@@ -79,7 +79,8 @@ def make_keys(keydir: Path) -> None:
 
 def write_config(root: Path, name: str, port: int, *, node: dict | None = None,
                  security: dict | None = None, email: dict | None = None,
-                 folders: dict | None = None, sentinels: dict | None = None) -> Path:
+                 folders: dict | None = None, sentinels: dict | None = None,
+                 cluster: dict | None = None) -> Path:
     other = "beta" if name == "alpha" else "alpha"
     sections: dict[str, dict[str, Any]] = {
         "node": {"name": name, "local": HOSTS[name], "peer": HOSTS[other], "port": port,
@@ -91,6 +92,8 @@ def write_config(root: Path, name: str, port: int, *, node: dict | None = None,
         "folders": folders if folders is not None else {"docs": f"data/{name}/docs"},
         "sentinels": sentinels or {},
     }
+    if cluster:
+        sections["cluster"] = cluster
     lines = []
     for sec, kv in sections.items():
         lines.append(f"[{sec}]")

@@ -87,6 +87,16 @@ BAD = [
     ("docs = data/docs", "x" * 65 + " = data/docs", "x" * 65 + ": a folder name uses 1-64"),
     ("docs = data/docs", "docs = ~nosuchuser-sbs/docs", "[folders] docs: cannot expand"),
     ("state_dir = st", "state_dir = ~nosuchuser-sbs/st", "[node] state_dir: cannot expand"),
+    ("[folders]", "[cluster]\ndcs = http://127.0.0.1:2379\n[folders]",
+     "[cluster] dcs: 'http://127.0.0.1:2379': expected etcd://"),
+    ("[folders]", "[cluster]\ndcs = etcd://127.0.0.1\n[folders]",
+     "[cluster] dcs: '127.0.0.1' is not HOST:PORT"),
+    ("[folders]", "[cluster]\ndcs = etcd://a:1,b:99999\n[folders]",
+     "[cluster] dcs: 'b:99999' is not HOST:PORT"),
+    ("[folders]", "[cluster]\nttl = 5\nloop_wait = 2\nretry_timeout = 2\n[folders]",
+     "[cluster] ttl: 5.0 is less than loop_wait + 2 * retry_timeout (2.0 + 2 * 2.0)"),
+    ("[folders]", "[cluster]\nkey = sbs\n[folders]", "[cluster] key: 'sbs': an absolute key"),
+    ("[folders]", "[cluster]\nquorum = 3\n[folders]", "[cluster] quorum: unknown key"),
 ]
 
 
@@ -97,6 +107,15 @@ def test_bad_values_name_file_section_and_key(ini, old, new, message):
         load(path)
     assert str(info.value).startswith(path)
     assert message in str(info.value)
+
+
+def test_the_cluster_section(ini):
+    assert not load(ini()).cluster.enabled  # no dcs: the two-node mode
+    cfg = load(ini(BASE.replace("[folders]", "[cluster]\ndcs = etcd://10.0.0.5:2379, "
+                                "etcd.example:2379\nttl = 30\nloop_wait = 10\n"
+                                "retry_timeout = 10\n[folders]", 1))).cluster
+    assert cfg.enabled and cfg.dcs == (("10.0.0.5", 2379), ("etcd.example", 2379))
+    assert (cfg.ttl, cfg.loop_wait, cfg.retry_timeout, cfg.key) == (30, 10, 10, "/sbs/leader")
 
 
 def test_names_and_filters_that_are_accepted(ini, tmp_path):

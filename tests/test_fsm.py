@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from sbs.node.fsm import PUBLIC, TABLE, A, E, S, step
+from sbs.node.fsm import DCS_TABLE, PUBLIC, TABLE, A, E, S, step
 from sbs.node.peer import Peer
 from sbs.node.protocol import wins
 
@@ -13,14 +13,15 @@ PRIMARY_LIKE = (S.PRIMARY, S.HANDOVER, S.LEAVING)
 
 
 # What this checks: the safety invariants below hold for every (state, event) pair (6 states x
-# 17 events), whatever the row says. It does not restate each row's next state: a copy of the
-# table checked against itself proves nothing. The rows' behaviour is proven by the simulations
-# below and by the real pairs in test_e2e_*.py.
+# 19 events, with and without an etcd lease), whatever the row says. It does not restate each
+# row's next state: a copy of the table checked against itself proves nothing. The rows'
+# behaviour is proven by the simulations below and by the real pairs in test_e2e_*.py.
+@pytest.mark.parametrize("dcs", [False, True], ids=["two-node", "lease"])
 @pytest.mark.parametrize(("state", "event"), list(itertools.product(S, E)))
-def test_every_pair_keeps_the_invariants(state, event):
-    nxt, actions = step(state, event)
+def test_every_pair_keeps_the_invariants(state, event, dcs):
+    nxt, actions = step(state, event, dcs=dcs)
     assert all(isinstance(a, A) for a in actions)
-    if (state, event) not in TABLE:
+    if (state, event) not in TABLE and not (dcs and (state, event) in DCS_TABLE):
         assert (nxt, actions) == (state, ()), "an unlisted pair changes nothing"
     assert nxt != S.STARTING or state == S.STARTING, "nothing goes back to starting"
     if state == S.STOPPED:
@@ -33,8 +34,15 @@ def test_every_pair_keeps_the_invariants(state, event):
         assert A.STOP_SENTINELS in actions, "a primary never leaves with its sentinels running"
     if state in PRIMARY_LIKE and event == E.PEER_PRIMARY_WE_LOSE:
         assert nxt not in PRIMARY_LIKE, "the loser by the rule gives way"
-    if state == S.SECONDARY and event in (E.PEER_SILENT, E.PEER_HANDOVER):
+    if not dcs and state == S.SECONDARY and event in (E.PEER_SILENT, E.PEER_HANDOVER):
         assert nxt == S.PRIMARY, "a secondary takes over on silence and on a hand-over"
+    if dcs and nxt == S.PRIMARY and state != S.PRIMARY:
+        assert event == E.LEASE_TAKEN or state == S.HANDOVER, "with a lease only the key " \
+            "makes a primary (a hand-over aborted keeps the one that holds it)"
+    if dcs and event == E.LEASE_LOST and state in PRIMARY_LIKE:
+        assert nxt not in PRIMARY_LIKE, "a primary whose key another holds gives way"
+    if not dcs and event in (E.LEASE_TAKEN, E.LEASE_LOST):
+        assert (nxt, actions) == (state, ()), "the two-node mode has no lease"
     if event == E.STOP and state != S.STOPPED:
         assert nxt in (S.LEAVING, S.STOPPED), "a stop always ends the node"
     if nxt == S.SECONDARY and state != S.SECONDARY:
@@ -48,6 +56,17 @@ def test_every_pair_keeps_the_invariants(state, event):
 def test_table_has_no_dead_rows():
     for (state, event), (nxt, actions) in TABLE.items():
         assert nxt != state or actions, f"{state}+{event} listed but does nothing"
+
+
+def test_with_a_lease_silence_a_probe_and_the_rule_make_no_primary():
+    """The DCS_TABLE rows that keep the state are the point: two-node mode moves on these."""
+    for state, event in [(S.STARTING, E.PROBE_TIMEOUT), (S.STARTING, E.PEER_STARTING_WE_WIN),
+                         (S.STARTING, E.PEER_SECONDARY), (S.SECONDARY, E.PEER_SILENT),
+                         (S.SECONDARY, E.DUAL_SECONDARY_WE_WIN)]:
+        assert step(state, event)[0] == S.PRIMARY
+        assert step(state, event, dcs=True) == (state, ())
+    assert step(S.SECONDARY, E.PEER_HANDOVER, dcs=True) == (S.SECONDARY, (A.CAMPAIGN,))
+    assert step(S.SECONDARY, E.PROMOTE_FORCE, dcs=True) == (S.SECONDARY, (A.REFUSE,))
 
 
 def test_hand_over_runs_the_final_sync_before_stopping_sentinels():

@@ -371,3 +371,75 @@ def test_cleanup_leftovers_tolerates_missing_or_bad_file(make, tmp_path):
     (tmp_path / "state").mkdir(exist_ok=True)
     (tmp_path / "state" / PIDS_FILE).write_text("{not json")
     assert sentinels.cleanup_leftovers() == []
+
+
+def test_the_guard_stops_a_stubborn_sentinel_when_the_deadline_passes_unconfirmed(make, tmp_path):
+    """The node is not called at all meanwhile (as if paused): the guard alone sends SIGTERM at
+    the deadline and SIGKILL guard_kill_after later; the next poll() starts nothing again."""
+    sentinels, events = make(guard_kill_after=0.3)
+    sentinels.confirm(time.monotonic() + 60)
+    pid = run_stubborn(sentinels, tmp_path)
+    deadline = time.monotonic() + 0.5
+    assert sentinels.confirm(deadline)
+    wait_for(lambda: not alive(pid), timeout=5)
+    gone = time.monotonic()
+    assert deadline + 0.3 <= gone < deadline + 2.0  # SIGTERM ignored: SIGKILL at the bound
+    sentinels.poll()
+    assert sentinels.lapses == 1 and events[-1]["event"] in ("lapsed", "stopped")
+    wait_for(lambda: (sentinels.poll(), by_name(sentinels)["stubborn"]["state"] == "stopped")[1])
+    assert by_name(sentinels)["stubborn"]["pid"] is None  # held: not restarted
+    # the node confirms again and runs them: back
+    assert sentinels.confirm(time.monotonic() + 60)
+    sentinels.run()
+    assert alive(by_name(sentinels)["stubborn"]["pid"])
+
+
+def test_a_confirmation_in_time_keeps_the_sentinel(make, tmp_path):
+    sentinels, _ = make(guard_kill_after=0.1)
+    sentinels.confirm(time.monotonic() + 0.4)
+    sentinels.configure({"s": SLEEPER})
+    sentinels.set_active(["s"])
+    sentinels.run()
+    pid = by_name(sentinels)["s"]["pid"]
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:  # confirmed every 0.1 s, 0.4 s ahead
+        assert sentinels.confirm(time.monotonic() + 0.4)
+        sentinels.poll()
+        time.sleep(0.1)  # the node's heartbeat
+    assert alive(pid) and sentinels.lapses == 0
+
+
+def test_the_guard_kills_a_group_started_after_it_fired_until_a_new_deadline():
+    """node/guard.py's state machine with real process groups: a sentinel started after the
+    deadline passed (the node did not know yet) dies at once; a new deadline ends that."""
+    from sbs.node.guard import Guard
+
+    def group() -> subprocess.Popen:
+        return subprocess.Popen([PY, "-c", "import time; time.sleep(60)"],
+                                start_new_session=True)
+
+    guard = Guard(kill_after=0.2)
+    first = group()
+    procs = [first]
+    try:
+        guard.line(f"+{first.pid}")
+        guard.line(f"D{time.monotonic() - 0.01:.6f}")
+        guard.tick(time.monotonic())
+        assert guard.fired and first.wait(5) == -signal.SIGTERM
+        guard.line(f"-{first.pid}")
+        late = group()
+        procs.append(late)
+        guard.line(f"+{late.pid}")
+        assert late.wait(5) == -signal.SIGKILL  # no confirmation since: killed at once
+        guard.line(f"-{late.pid}")
+        guard.line(f"D{time.monotonic() + 60:.6f}")
+        fresh = group()
+        procs.append(fresh)
+        guard.line(f"+{fresh.pid}")
+        guard.tick(time.monotonic())
+        assert fresh.poll() is None and not guard.fired
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

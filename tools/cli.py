@@ -90,6 +90,8 @@ def _print_status(st: dict[str, Any], say: Any) -> None:
     heard = "never" if peer["last_heard"] is None else f"{peer['last_heard']:.1f}s ago"
     say(f"peer {peer['name']} ({peer['address']}): {st['peer_state']}, "
               f"epoch {peer['epoch']}, heard {heard}")
+    if st.get("lease"):
+        out.print(_lease_line(st["lease"]))
     r = st["replication"]
     if r["direction"] == "outgoing" and r["pending_files"] is None:
         say(f"replication: primary, manifest {r['seq']}, folders {r['folders']}, "
@@ -138,6 +140,17 @@ def _print_status(st: dict[str, Any], say: Any) -> None:
         say(f"[red]email: last error: {escape(mail['last_error'])}[/red]")
 
 
+def _lease_line(lease: dict[str, Any]) -> str:
+    etcd = ("reachable" if lease["reachable"]
+            else f"[red]unreachable[/red] ({escape(lease['error'])})")
+    left = "" if lease.get("time_left") is None else f", {lease['time_left']:.1f}s left"
+    line = (f"lease {escape(lease['key'])}: holder {escape(str(lease['holder'] or 'nobody'))}, "
+            f"term {lease['term']}{left}, etcd {etcd}")
+    if lease.get("why_no_takeover"):
+        line += f"\n[yellow]{escape(lease['why_no_takeover'])}[/yellow]"
+    return line
+
+
 def _clock(wall: float | None) -> str:
     return "never" if not wall else time.strftime("%H:%M:%S", time.localtime(wall))
 
@@ -167,6 +180,11 @@ def describe(command: str, b: dict[str, Any]) -> str:
         text = f"heartbeat {b['state']} epoch {b['epoch']} manifest {b['seq']}"
         if b.get("maintenance"):
             text += " MAINTENANCE"
+        if isinstance(lease := b.get("lease"), dict):
+            left = lease.get("time_left")
+            text += (f" lease {lease.get('holder') or 'nobody'} term {lease.get('term')}"
+                     + ("" if left is None else f" {left}s left")
+                     + ("" if lease.get("reachable") else " etcd unreachable"))
     elif command == "MANIFEST":
         counts = {f: len(es) for f, es in b["entries"].items()}
         dels = sum(1 for es in b["entries"].values() for e in es if e.get("deleted"))
