@@ -8,16 +8,24 @@ ever): after such a term they are moved out too, into the same place:
 
     state_dir/conflicts/<UTC time>/<folder>/<path>
 
-This module decides which of those files are the node's own (own_extras) and lists what is
-kept (listing), for status and `sbs-tools conflicts`.
+This module decides which of those files are the node's own (own_extras), keeps the copies
+while the secondary applies (ConflictKeeper) and lists what is kept (listing), for status and
+`sbs-tools conflicts`.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .journal import Agreed
+from .tree import PathError
+
+if TYPE_CHECKING:
+    from .syncer import Syncer
+
+log = logging.getLogger("sbs.syncer")
 
 
 def own_extras(local: dict[str, dict], remote: dict[str, dict], agreed: Agreed,
@@ -29,6 +37,55 @@ def own_extras(local: dict[str, dict], remote: dict[str, dict], agreed: Agreed,
     out = [e for path, e in local.items() if path not in remote
            and Agreed.token(e) != agreed.get(folder, path)]
     return sorted(out, key=lambda e: e["path"], reverse=True)
+
+
+class ConflictKeeper:
+    """The secondary's conflict copies: of what it is about to replace or delete, and of its
+    own files the primary lacks after its own term."""
+
+    def __init__(self, syncer: Syncer):
+        self.syncer = syncer
+        self.kept: set[tuple[str, str, str | None]] = set()  # copies already made
+
+    def keep_if_conflict(self, name: str, path: str, local: dict | None, incoming: str | None,
+                         stamp: str) -> None:
+        """Keep a copy of a local object that is about to be replaced or deleted when it is
+        not what the pair last agreed on: a change made here that never reached the peer."""
+        s = self.syncer
+        if local is None or local["kind"] == "dir":
+            return
+        mine = Agreed.token(local)
+        if mine == incoming or mine == s.agreed.get(name, path):
+            return
+        if (name, path, mine) in self.kept:
+            return  # a retry of a fetch that failed: this very content is already kept
+        kept = s.writers[name].preserve(path, stamp)
+        self.kept.add((name, path, mine))
+        if kept:
+            log.warning("conflict: %s/%s differs from what the pair agreed on; kept at %s",
+                        name, path, kept)
+            s.emit("conflict", folder=name, path=path, kept=str(kept))
+
+    def set_aside(self, name: str, extras: list[dict], stamp: str) -> None:
+        """Move this node's own unagreed files that the primary lacks to conflicts/ (a copy
+        there, the original to the trash), so the live folder matches the primary's."""
+        s = self.syncer
+        writer = s.writers[name]
+        for e in extras:  # deepest first: a folder's files go before it
+            try:
+                if e["kind"] == "dir":
+                    if not os.listdir(os.path.join(writer.root, e["path"])):
+                        writer.remove(e["path"], trash=True, stamp=stamp)
+                    continue
+                kept = writer.preserve(e["path"], stamp)
+                writer.remove(e["path"], trash=True, stamp=stamp)
+            except (PathError, OSError) as exc:
+                log.warning("could not set aside %s/%s: %s", name, e["path"], exc)
+                continue
+            log.warning("conflict: %s/%s was made here while primary and %s lacks it; kept"
+                        " at %s", name, e["path"], s.cfg.peer, kept)
+            s.emit("conflict", folder=name, path=e["path"], kept=str(kept),
+                   why="only on this node")
 
 
 def listing(state_dir: Path, limit: int = 10_000) -> list[dict[str, Any]]:

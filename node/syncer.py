@@ -16,24 +16,30 @@ To the loop, over an inproc PAIR:
     [b"applied", json {applied, snapshot, pending_files, pending_bytes, error, through, stuck,
                        gen}]
     [b"event",   json {event, ...}]   (transfers, progress, conflicts, guard, disk full)
+
+The Syncer runs the jobs and keeps what is pending; its helpers each have one job:
+node/transfer.py fetches and commits files, node/deletions.py applies strict deletions behind
+the guard, conflicts.ConflictKeeper keeps conflict copies, node/fileevents.py tells the bus
+how a job goes.
 """
 from __future__ import annotations
 
 import errno
 import logging
-import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
 import zmq
 
 from .config import Config, FolderConfig
-from .conflicts import own_extras
+from .conflicts import ConflictKeeper, own_extras
 from .content import Fetcher
+from .deletions import GUARD_MIN_FILES, StrictDeletions  # noqa: F401  (re-exported)
+from .fileevents import FileEvents
 from .index import Filter, FolderMissing, HashCache, scan_folder
 from .journal import Agreed
 from .protocol import entry_check
@@ -42,9 +48,6 @@ from .transfer import Transfer, free_bytes
 from .writer import FolderWriter, HashMismatch, PathError, check_relpath, purge_trash, utc_stamp
 
 log = logging.getLogger("sbs.syncer")
-
-GUARD_MIN_FILES = 20
-PER_FILE_EVENTS = 100  # above this many files in one job, the bus gets progress instead
 
 
 class Syncer:
@@ -64,20 +67,17 @@ class Syncer:
         self.snapshot_ack_due = False
         self.applied = 0
         self.error = ""
-        self.confirmed: set[str] = set()
-        # strict deletions the guard refused, per folder: applied once an operator confirms,
-        # dropped when the primary shows the path again (a disk that was only unmounted)
-        self.held: dict[str, dict[str, dict]] = {}
-        self.guard_errors: dict[str, str] = {}
         self.snapshots = 0  # snapshot jobs begun: the node ignores reports from before its latest
         self.disk_full: set[str] = set()  # folders whose full disk was already logged
         # pending files whose last try found no room for them: waiting does not bring them
         self.no_room: set[tuple[str, str]] = set()
-        self.kept: set[tuple[str, str, str | None]] = set()  # conflict copies already made
         # set by the node when it was primary before: the first snapshot also sets aside the
         # files the new primary lacks that were made here and never agreed on (conflicts.py)
         self.own_term = False
         self.transfer = Transfer(self)
+        self.deletions = StrictDeletions(self)
+        self.conflicts = ConflictKeeper(self)
+        self.progress = FileEvents(self.emit)
         self.thread = threading.Thread(target=self._run, name="sbs-syncer", daemon=True)
 
     # --- called from the node loop ---------------------------------------------------
@@ -140,7 +140,7 @@ class Syncer:
             self.fetcher.close()
             self.pipe.close()
 
-    def _emit(self, event: str, **fields: Any) -> None:
+    def emit(self, event: str, **fields: Any) -> None:
         self.pipe.send_multipart([b"event", orjson.dumps({"event": event, **fields})])
 
     def _report(self, *, snapshot: bool) -> None:
@@ -159,7 +159,7 @@ class Syncer:
             "snapshot": snapshot,
             "pending_files": len(self.pending),
             "pending_bytes": sum(e.get("size", 0) for e in self.pending.values()),
-            "error": self.error or "; ".join(self.guard_errors.values()),
+            "error": self.error or self.deletions.error(),
             "through": self.applied,
             "stuck": self._stuck(),
             "gen": self.snapshots,
@@ -185,25 +185,7 @@ class Syncer:
                 + ", ".join(f"{n} ({self.writers[n].root})" for n in sorted(free)))[:1000]
 
     def _confirm(self, folder: str | None) -> None:
-        """The operator allows the deletions the guard refused: apply the held ones now, or
-        (when none is held) let the next strict cycle of the folder(s) delete."""
-        names = set(self.writers) if folder is None else {folder}
-        log.warning("operator confirmed the strict deletions in %s", sorted(names))
-        held = {n: self.held.pop(n) for n in names if n in self.held}
-        self.confirmed |= names - set(held)
-        for name in held:
-            self.guard_errors.pop(name, None)
-        stamp = utc_stamp()
-        for name, doomed in held.items():
-            if name not in self.writers:
-                continue
-            known = self.known.get(name, {})
-            deletions = [e for p, e in doomed.items() if p not in known]
-            local = self._local(name, [e["path"] for e in deletions])
-            self.confirmed.add(name)
-            done = self._delete(name, deletions, local, stamp)
-            if done:
-                self.agreed.update(done)
+        self.deletions.confirm(folder)
         self._report(snapshot=False)
 
     def _setup(self, folders: dict[str, FolderConfig]) -> None:
@@ -239,24 +221,6 @@ class Syncer:
         except OSError as exc:  # a trash folder we cannot remove must not stop the sync
             log.warning("cannot purge %s: %s", self.cfg.state_dir / "trash", exc)
 
-    def _valid(self, folder: str, entries: list) -> Iterator[dict]:
-        for e in entries:
-            why = entry_check(e)
-            if why is None:
-                try:
-                    check_relpath(e["path"])
-                except PathError as exc:
-                    why = str(exc)
-            if why is not None:
-                log.warning("refused an entry in %s: %s (%r)", folder, why,
-                            str(e.get("path") if isinstance(e, dict) else e)[:200])
-                self._emit("refused", folder=folder, reason=why)
-                continue
-            if e["kind"] == "file" and not e.get("hash") and not e.get("deleted"):
-                log.warning("refused an entry in %s without hash: %r", folder, e["path"][:200])
-                continue
-            yield e
-
     def _snapshot(self, seq: int, folders: dict[str, FolderConfig], index: dict) -> None:
         self.snapshots += 1
         self._setup(folders)
@@ -264,8 +228,7 @@ class Syncer:
         self.no_room.clear()
         self.pending_since_seq = None
         self.error = ""
-        self.held.clear()  # what to delete is worked out afresh from the full index
-        self.guard_errors.clear()
+        self.deletions.reset()  # what to delete is worked out afresh from the full index
         stamp = utc_stamp()
         plans = []
         for name, entries in index.items():
@@ -276,7 +239,7 @@ class Syncer:
                 local = scan_folder(str(writer.root), filt, self.cache)
             except FolderMissing:
                 local = {}
-            remote = {e["path"]: e for e in self._valid(name, entries)}
+            remote = {e["path"]: e for e in valid_entries(name, entries, self.emit)}
             self.known[name] = remote
             deletions = [local[p] for p in local if p not in remote] if self.cfg.strict else []
             extras = (own_extras(local, remote, self.agreed, name)
@@ -285,11 +248,11 @@ class Syncer:
         total_files = sum(1 for _, r, _, loc, _ in plans for e in r
                           if e["kind"] == "file" and _differs(loc.get(e["path"]), e))
         log.info("snapshot %d: %d file(s) to fetch", seq, total_files)
-        self._progress = {"files": 0, "bytes": 0, "total": total_files, "at": 0.0}
+        self.progress.begin(total_files)
         for name, remote, deletions, local, extras in plans:
             files_here = sum(1 for e in local.values() if e["kind"] != "dir")
             self._apply(name, remote, deletions, local, stamp, seq, files_here=files_here)
-            self._set_aside(name, extras, stamp)
+            self.conflicts.set_aside(name, extras, stamp)
         self.own_term = False
         self.applied = seq
         if self.pending:
@@ -298,21 +261,19 @@ class Syncer:
 
     def _manifest(self, seq: int, entries: dict[str, list]) -> None:
         stamp = utc_stamp()
-        self._progress = {"files": 0, "bytes": 0, "total": 0, "at": 0.0}
+        self.progress.begin(0)
         for name, items in entries.items():
             if name not in self.writers:
                 log.warning("manifest %d names unknown folder %r: ignored", seq, name[:64])
                 continue
-            valid = list(self._valid(name, items))
+            valid = list(valid_entries(name, items, self.emit))
             known = self.known.setdefault(name, {})
             changes, deletions = [], []
-            held = self.held.get(name, {})
             for e in valid:
                 self.pending.pop((name, e["path"]), None)
                 self.no_room.discard((name, e["path"]))
-                if not e.get("deleted") and held.pop(e["path"], None) is not None and not held:
-                    del self.held[name]  # the primary has them all again: nothing to confirm
-                    self.guard_errors.pop(name, None)
+                if not e.get("deleted"):
+                    self.deletions.seen(name, e["path"])
                 if e.get("deleted"):
                     known.pop(e["path"], None)
                     if self.cfg.strict:
@@ -320,7 +281,7 @@ class Syncer:
                 else:
                     known[e["path"]] = e
                     changes.append(e)
-            local = self._local(name, [e["path"] for e in valid])
+            local = self.local(name, [e["path"] for e in valid])
             self._apply(name, changes, deletions, local, stamp, seq)
         self.applied = seq
         if not self.pending:
@@ -337,17 +298,17 @@ class Syncer:
         self.no_room.clear()
         self.error = ""
         stamp = utc_stamp()
-        self._progress = {"files": 0, "bytes": 0, "total": 0, "at": 0.0}
+        self.progress.begin(0)
         for name, entries in by_folder.items():
             if name in self.writers:
-                local = self._local(name, [e["path"] for e in entries])
+                local = self.local(name, [e["path"] for e in entries])
                 self._apply(name, entries, [], local, stamp, self.applied)
         if not self.pending:
             self.pending_since_seq = None
             log.info("pending files applied; in sync at manifest %d", self.applied)
         self._report(snapshot=False)
 
-    def _local(self, name: str, paths: list[str]) -> dict[str, dict]:
+    def local(self, name: str, paths: list[str]) -> dict[str, dict]:
         writer, filt = self.writers[name], self.filters[name]
         out = {}
         for p in paths:
@@ -360,44 +321,6 @@ class Syncer:
         return out
 
     # --- applying --------------------------------------------------------------------
-    def _keep_if_conflict(self, name: str, path: str, local: dict | None, incoming: str | None,
-                          stamp: str) -> None:
-        """Keep a copy of a local object that is about to be replaced or deleted when it is
-        not what the pair last agreed on: a change made here that never reached the peer."""
-        if local is None or local["kind"] == "dir":
-            return
-        mine = Agreed.token(local)
-        if mine == incoming or mine == self.agreed.get(name, path):
-            return
-        if (name, path, mine) in self.kept:
-            return  # a retry of a fetch that failed: this very content is already kept
-        kept = self.writers[name].preserve(path, stamp)
-        self.kept.add((name, path, mine))
-        if kept:
-            log.warning("conflict: %s/%s differs from what the pair agreed on; kept at %s",
-                        name, path, kept)
-            self._emit("conflict", folder=name, path=path, kept=str(kept))
-
-    def _set_aside(self, name: str, extras: list[dict], stamp: str) -> None:
-        """Move this node's own unagreed files that the primary lacks to conflicts/ (a copy
-        there, the original to the trash), so the live folder matches the primary's."""
-        writer = self.writers[name]
-        for e in extras:  # deepest first: a folder's files go before it
-            try:
-                if e["kind"] == "dir":
-                    if not os.listdir(os.path.join(writer.root, e["path"])):
-                        writer.remove(e["path"], trash=True, stamp=stamp)
-                    continue
-                kept = writer.preserve(e["path"], stamp)
-                writer.remove(e["path"], trash=True, stamp=stamp)
-            except (PathError, OSError) as exc:
-                log.warning("could not set aside %s/%s: %s", name, e["path"], exc)
-                continue
-            log.warning("conflict: %s/%s was made here while primary and %s lacks it; kept"
-                        " at %s", name, e["path"], self.cfg.peer, kept)
-            self._emit("conflict", folder=name, path=e["path"], kept=str(kept),
-                       why="only on this node")
-
     def _apply(self, name: str, changes: list[dict], deletions: list[dict],
                local: dict[str, dict], stamp: str, seq: int,
                files_here: int | None = None) -> None:
@@ -415,7 +338,7 @@ class Syncer:
                         writer.set_meta(e)
                     agreed.append((name, e["path"], token))
                     continue
-                self._keep_if_conflict(name, e["path"], have, token, stamp)
+                self.conflicts.keep_if_conflict(name, e["path"], have, token, stamp)
                 if have is not None and have["kind"] != e["kind"]:
                     writer.remove(e["path"], trash=True, stamp=stamp)
                 if e["kind"] == "dir":
@@ -431,7 +354,7 @@ class Syncer:
         if fetch:
             agreed.extend(self.transfer.fetch(name, fetch))
         if deletions:
-            agreed.extend(self._delete(name, deletions, local, stamp, files_here))
+            agreed.extend(self.deletions.delete(name, deletions, local, stamp, files_here))
         if agreed:
             self.agreed.update(agreed)
 
@@ -452,72 +375,33 @@ class Syncer:
                 log.error("disk full in folder %s writing %s: keeping the old copy; will retry",
                           name, e["path"])
             self.error = f"disk full in folder {name} ({self.writers[name].root})"
-            self._emit("disk_full", folder=name, path=e["path"], error=self.error)
+            self.emit("disk_full", folder=name, path=e["path"], error=self.error)
         elif isinstance(exc, PathError):
             self.pending.pop((name, e["path"]), None)  # hostile or impossible: never retry
             log.warning("refused %s/%s: %s", name, e["path"][:200], exc)
-            self._emit("refused", folder=name, path=e["path"][:200], reason=str(exc))
+            self.emit("refused", folder=name, path=e["path"][:200], reason=str(exc))
         elif not isinstance(exc, HashMismatch):
             log.warning("could not apply %s/%s: %s", name, e["path"], exc)
             self.error = self.error or f"{name}/{e['path']}: {exc}"
 
-    def _delete(self, name: str, deletions: list[dict], local: dict[str, dict],
-                stamp: str, files_here: int | None = None) -> list[tuple[str, str, None]]:
-        """Strict deletions, into the trash. `files_here`: the folder's files before this
-        cycle (a snapshot counts its scan); by default what the primary had before it."""
-        doomed = sum(1 for e in deletions if e["kind"] != "dir")
-        if files_here is None:
-            # `local` only holds the paths of this manifest: it says nothing of the folder
-            files_here = doomed + sum(1 for e in self.known.get(name, {}).values()
-                                      if e["kind"] != "dir")
-        if files_here >= GUARD_MIN_FILES and doomed * 2 > files_here and (
-            name not in self.confirmed
-        ):
-            msg = (f"strict guard: refusing to delete {doomed} of {files_here} files in folder "
-                   f"{name} (an unmounted disk on the primary looks like this); run "
-                   f"'sbs-tools confirm-deletions {name}' on this node to allow it")
-            log.error(msg)
-            self.held.setdefault(name, {}).update((e["path"], e) for e in deletions)
-            self.guard_errors[name] = msg
-            self._emit("strict_guard", folder=name, deletions=doomed, files=files_here,
-                       error=msg)
-            return []
-        self.confirmed.discard(name)
-        done = []
-        # children before parents, so a deleted folder is empty when its turn comes; a folder
-        # inside a folder deleted too goes to the trash with it, in one rename (a tree 2,000
-        # levels deep is not walked down from the root once per level)
-        doomed_dirs = {e["path"] for e in deletions if e["kind"] == "dir"}
-        for e in sorted(deletions, key=lambda x: x["path"], reverse=True):
-            if e["kind"] == "dir" and e["path"].rpartition("/")[0] in doomed_dirs:
-                done.append((name, e["path"], None))
-                continue
-            have = local.get(e["path"])
-            if have is None and e["path"] not in local:
-                have = self._local(name, [e["path"]]).get(e["path"])
-            if have is None:
-                done.append((name, e["path"], None))
-                continue
-            self._keep_if_conflict(name, e["path"], have, None, stamp)
+def valid_entries(folder: str, entries: list, emit: Callable[..., None]) -> Iterator[dict]:
+    """The entries fit to apply; the others are logged (and announced) and dropped."""
+    for e in entries:
+        why = entry_check(e)
+        if why is None:
             try:
-                self.writers[name].remove(e["path"], trash=True, stamp=stamp)
-                done.append((name, e["path"], None))
-                self.file_event("deleted", name, e)
-            except (PathError, OSError) as exc:
-                log.warning("could not delete %s/%s: %s", name, e["path"], exc)
-        return done
-
-    def file_event(self, action: str, name: str, e: dict) -> None:
-        p = self._progress
-        if action == "fetched":
-            p["files"] += 1
-            p["bytes"] += e.get("size", 0)
-        if p["total"] <= PER_FILE_EVENTS:
-            self._emit("transfer", action=action, folder=name, path=e["path"],
-                       size=e.get("size", 0))
-        elif time.monotonic() - p["at"] > 0.5 or p["files"] == p["total"]:
-            p["at"] = time.monotonic()
-            self._emit("progress", files=p["files"], total=p["total"], bytes=p["bytes"])
+                check_relpath(e["path"])
+            except PathError as exc:
+                why = str(exc)
+        if why is not None:
+            log.warning("refused an entry in %s: %s (%r)", folder, why,
+                        str(e.get("path") if isinstance(e, dict) else e)[:200])
+            emit("refused", folder=folder, reason=why)
+            continue
+        if e["kind"] == "file" and not e.get("hash") and not e.get("deleted"):
+            log.warning("refused an entry in %s without hash: %r", folder, e["path"][:200])
+            continue
+        yield e
 
 
 def _enospc(exc: BaseException) -> bool:

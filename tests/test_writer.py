@@ -557,7 +557,7 @@ def test_full_disk_keeps_the_old_file_and_no_temp(tmp_path, far_dir):
 
 
 def test_big_temp_file_is_written_back_early_and_still_exact(writer, monkeypatch):
-    import sbs.node.writer as writer_module
+    import sbs.node.temps as writer_module
     calls = []
     real_start = writer_module.start_writeback
     monkeypatch.setattr(writer_module, "WRITEBACK_EVERY", 4096)
