@@ -14,8 +14,8 @@ which the kernel brings about when the node dies, however it dies. The same guar
 the node does not: the node confirms its primacy with each heartbeat (confirm()), and a node
 that is paused, stuck or starved past that deadline has its sentinels stopped by the guard
 before the peer can take over (node/guard.py); the node learns it on its next turn and starts
-nothing until it calls run() again. Pids and start times are kept in state_dir so the next run
-can clean up leftovers.
+nothing until it calls run() again (the guard's pipe is node/guardlink.py). Pids and start times
+are kept in state_dir so the next run can clean up leftovers (node/sentinelpids.py).
 """
 
 from __future__ import annotations
