@@ -17,15 +17,15 @@ poll timeout is the nearest deadline (heartbeat, silence, probe, hand-over, sent
 and each side's own). Disk work (scanning, hashing, writing) never runs here, so a slow disk
 cannot delay a heartbeat. The primary's and the secondary's replication live in node/primary.py
 and node/secondary.py, the operator's commands and status in node/control.py, which lists
-this node runs in node/pairlists.py, and reload, maintenance, alerts and sentinel health (the
-pair-wide settings) in node/ops.py.
+this node runs in node/pairlists.py, maintenance, alerts and sentinel health in node/ops.py,
+reload and the pair-wide lists in node/listsync.py; the sockets are opened and closed in
+node/wiring.py, and the ROUTER's messages sorted in node/inbox.py.
 """
 from __future__ import annotations
 
 import logging
 import secrets
 import signal
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,13 +34,14 @@ import zmq
 
 from . import persist, protocol
 from .config import Config, FolderConfig
-from .content import BlobServer
 from .control import Control
 from .fsm import PRIMARY_LIKE, PUBLIC, A, E, S, step
+from .inbox import Inbox
 from .journal import Agreed
+from .listsync import lists_at_start
 from .liveness import set_heartbeats
 from .notify import Notifier
-from .ops import Operator, lists_at_start
+from .ops import Operator
 from .pairlists import PairLists
 from .peer import Peer
 from .primacy import Primacy, guard_kill_after
@@ -49,16 +50,15 @@ from .protocol import Bad, Message
 from .reports import Reports
 from .secondary import Secondary
 from .security import (
-    PEER_COMMANDS,
     client,
     load_keys,
-    refusal,
-    sender_key,
-    serve,
     start_authenticator,
 )
 from .sentinel_stop import SentinelStop
 from .sentinels import Sentinels
+from .wiring import NodeError, close_all, open_sockets
+
+__all__ = ["Node", "NodeError", "PeerLink"]
 
 log = logging.getLogger("sbs.node")
 
@@ -66,10 +66,6 @@ log = logging.getLogger("sbs.node")
 # that has just come up hears from us within milliseconds rather than at the next heartbeat;
 # the wait doubles while the peer stays unreachable, up to the heartbeat itself
 PING_RETRY = 0.025
-
-
-class NodeError(RuntimeError):
-    """A runtime failure that ends the node with exit 1 (e.g. the port is taken)."""
 
 
 class Node:
@@ -87,7 +83,6 @@ class Node:
         # primary it has seen, or an old primary coming back would win the split-brain rule
         self.max_seen_epoch = max(self.epoch, int(saved.get("max_seen_epoch", 0)))
         self.last_role = saved.get("last_role", "")
-        self.stopping_sentinels = False
         self.sentinel_stop = SentinelStop(self)  # the actions that wait for it, if any
         self.state = S.STARTING
         self.probed = False  # the first probe window is over (run() starts it)
@@ -120,12 +115,14 @@ class Node:
         self.ctx = zmq.Context()
         set_heartbeats(self.ctx, cfg.heartbeat, cfg.dead_after)  # a dead link is dropped, remade
         self.auth = start_authenticator(self.ctx, self.keys)
-        self._open_sockets()
+        open_sockets(self)
+        self.link = PeerLink(self)
         self.primary = Primary(self)
         self.secondary = Secondary(self)
         self.control = Control(self)
         self.control.commands.update(self.ops.commands())
         self.primacy = Primacy(self)
+        self.inbox = Inbox(self)
         self.poller = zmq.Poller()
         for sock in (self.router, self.link.dealer, self.control.results, self.primary.pipe,
                      self.secondary.pipe, self.primacy.pipe):
@@ -135,7 +132,7 @@ class Node:
         # who reads which socket, in the order the loop serves them; a socket looked up each
         # time, since a handler may close one (the SUB on takeover)
         self.handlers: list[tuple[Callable[[], zmq.Socket | None], Callable]] = [
-            (lambda: self.router, self._on_router),
+            (lambda: self.router, self.inbox.on_router),
             (lambda: self.link.dealer, self.link.on_dealer),
             (lambda: self.secondary.sub, self.secondary.on_bus),
             (lambda: self.control.results, self.control.on_result),
@@ -143,15 +140,6 @@ class Node:
             (lambda: self.secondary.pipe, self.secondary.on_syncer),
             (lambda: self.primacy.pipe, self.primacy.on_report),
         ]
-        # peer commands on the ROUTER; the others are the operator's (Control)
-        self.peer_commands: dict[str, Callable[[bytes, Message], None]] = {
-            "PING": self.link.on_ping,
-            "HANDOVER": lambda ident, msg: self.link.obey(msg, E.PEER_HANDOVER),
-            "ASK_HANDOVER": lambda ident, msg: self.link.obey(msg, E.PEER_ASKS_HANDOVER),
-            "SNAPSHOT": lambda ident, msg: self.primary.on_snapshot_request(ident, msg.body),
-            "ACK": lambda ident, msg: self.primary.on_ack(ident, msg.body),
-            "LISTS": self.ops.on_lists,
-        }
 
     # ------------------------------------------------------------------ sockets
     def socket(self, kind: int, *, maxmsg: int) -> zmq.Socket:
@@ -159,35 +147,6 @@ class Node:
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, maxmsg)
         return sock
-
-    def _open_sockets(self) -> None:
-        cfg = self.cfg
-        self.router = self.socket(zmq.ROUTER, maxmsg=protocol.MAX_CONTROL_IN)
-        # no TTL in its heartbeats: a TTL would make the peer's DEALER drop its connection
-        # when our answers stop arriving, and so stop its pings (see PeerLink._open_dealer)
-        self.router.setsockopt(zmq.HEARTBEAT_TTL, 0)
-        serve(self.router, self.keys)
-        self.pub = self.socket(zmq.PUB, maxmsg=protocol.MAX_CONTROL_IN)
-        self.pub.sndhwm = 100_000
-        serve(self.pub, self.keys)
-        try:  # the ROUTER first: a probing peer must find us before we probe it
-            self.router.bind(f"tcp://{cfg.local}:{cfg.control_port}")
-            self.pub.bind(f"tcp://{cfg.local}:{cfg.bus_port}")
-        except zmq.ZMQError as exc:
-            self.close()
-            raise NodeError(
-                f"cannot bind {cfg.local}:{cfg.control_port}..{cfg.bus_port}: {exc}"
-            ) from None
-        self.blobs = BlobServer(self.ctx, f"tcp://{cfg.local}:{cfg.blob_port}", self.keys)
-        try:
-            self.blobs.start_and_wait()
-        except zmq.ZMQError as exc:
-            self.close()
-            raise NodeError(f"cannot bind {cfg.local}:{cfg.blob_port}: {exc}") from None
-        self.link = PeerLink(self)
-        self.wake_r, self.wake_w = socket.socketpair()
-        self.wake_r.setblocking(False)
-        self.wake_w.setblocking(False)
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
@@ -231,7 +190,7 @@ class Node:
             self.feed(E.STOP)
         if self.reload_requested:
             self.reload_requested = 0
-            self.ops.reload("SIGHUP")
+            self.ops.listsync.reload("SIGHUP")
         for sock_of, handler in self.handlers:
             # drain what is there now, bounded so one busy socket cannot starve the others
             for _ in range(1000):
@@ -365,7 +324,8 @@ class Node:
         if self.last_role == "secondary":
             log.info("was secondary when it stopped: running the folder and sentinel lists "
                      "its primary pushed last (%s)", self.lists.path)
-        log.info("running the pair's folder and sentinel lists, %s", self.ops.stamp.describe())
+        log.info("running the pair's folder and sentinel lists, %s",
+                 self.ops.listsync.stamp.describe())
         self.lists.load_sentinels(own=False)
         self.folders = self.lists.pushed_folders() or self.lists.own_folders()
         self._become_primary(restricted=self.cfg.role == "backup", why="started without a peer")
@@ -393,27 +353,10 @@ class Node:
         self.secondary.start(own_term=own_term)
 
     def _do_stop_sentinels(self, **_: Any) -> None:
-        # A sentinel may take up to the grace time to stop, longer than dead_after: the peer
-        # must keep hearing us, as "stopping" (a peer that is leaving: no takeover, a HANDOVER
-        # or silence follows), or it takes over on silence while our sentinels still run and
-        # the same service runs twice.
-        next_ping = 0.0
-
-        def keep_the_peer_waiting() -> None:
-            nonlocal next_ping
-            if (now := time.monotonic()) >= next_ping:
-                next_ping = now + self.cfg.heartbeat
-                self.link.send_ping()
-
-        self.stopping_sentinels = True
-        try:
-            self.sentinels.stop_all(tick=keep_the_peer_waiting)
-        finally:
-            self.stopping_sentinels = False
-        self.ops.watch_checks()
+        self.sentinel_stop.stop_now()
 
     def public_state(self) -> str:
-        stopping = self.stopping_sentinels or self.sentinel_stop.running
+        stopping = self.sentinel_stop.blocking or self.sentinel_stop.running
         return "stopping" if stopping else PUBLIC[self.state]
 
     def _do_split_brain_lost(self, **_: Any) -> None:
@@ -471,27 +414,6 @@ class Node:
         except zmq.ZMQError as exc:
             log.debug("reply dropped: %s", exc)
 
-    def _on_router(self, raw: list[zmq.Frame]) -> None:
-        key = sender_key(raw[-1])
-        frames = [f.bytes for f in raw]
-        if len(frames) < 2:
-            log.warning("dropped a control message without identity")
-            return
-        ident, rest = frames[0], frames[1:]
-        msg = protocol.decode(rest)
-        if isinstance(msg, Bad):
-            log.warning("dropped a bad control message: %s", msg.reason)
-            return
-        if (why := refusal(msg.command, key, self.keys)) is not None:
-            log.warning("refused %s from key %s: %s", msg.command, (key or "?")[:8], why)
-            if msg.command not in PEER_COMMANDS:
-                self.reply(ident, protocol.reply_error(f"refused: {why}"))
-            return
-        if (handler := self.peer_commands.get(msg.command)) is not None:
-            handler(ident, msg)
-        elif not self.control.handle(ident, msg.command, msg.body):
-            log.warning("dropped control message %s: not accepted on this port", msg.command)
-
     # ------------------------------------------------------------------ bus
     def publish_event(self, event: str, **fields: Any) -> None:
         self.pub.send_multipart(protocol.encode_bus(
@@ -510,33 +432,7 @@ class Node:
 
     # ------------------------------------------------------------------ shutdown
     def close(self) -> None:
-        primary = getattr(self, "primary", None)  # absent when a bind failed
-        if getattr(self, "secondary", None) is not None:
-            self.secondary.stop()
-        if primary is not None:
-            primary.stop()
-        if getattr(self, "blobs", None) is not None:
-            self.blobs.stop()
-        self.sentinels.stop_all()
-        if getattr(self, "ops", None) is not None:
-            self.ops.close()
-        if getattr(self, "primacy", None) is not None:
-            self.primacy.close()
-        self.notifier.close(timeout=2.0)
-        if primary is not None:
-            primary.close()  # its journal thread, after the last ACK
-        self.agreed.close()
-        if getattr(self, "link", None) is not None:
-            self.link.close()
-        if getattr(self, "router", None) is not None:
-            self.router.close(linger=500)  # let a last HANDOVER leave
-        if self.auth is not None:
-            self.auth.stop()
-            self.auth = None
-        self.ctx.destroy(linger=0)
-        for s in (getattr(self, "wake_r", None), getattr(self, "wake_w", None)):
-            if s is not None:
-                s.close()
+        close_all(self)
 
 
 class PeerLink:

@@ -154,7 +154,7 @@ class Primary:
             "name": node.cfg.name, "run": node.run_id, "epoch": node.epoch, "seq": self.seq,
             **node.lists.folder_fields(node.folders), **node.lists.sentinel_fields(),
             "index": {n: list(ix.values()) for n, ix in self.index.items()},
-            "lists": node.ops.stamp.wire(),
+            "lists": node.ops.listsync.stamp.wire(),
         }
         node.reply(ident, protocol.encode("SNAPSHOT_REP", reply))
         log.info("sent snapshot at manifest %d (%d entries)", self.seq,

@@ -147,7 +147,7 @@ class Secondary:
             self.retry_snapshot_soon()  # the new term's, soon
             return
         f.snapshot_deadline, f.seen, f.run = None, body["seq"], body["run"]
-        if node.ops.snapshot_lists(body):
+        if node.ops.listsync.snapshot_lists(body):
             node.folders = folders = node.lists.take_snapshot(body)
         else:  # ours are newer and on their way to the primary: follow what it has meanwhile
             node.folders = folders = node.lists.pushed_folders(body)
@@ -200,7 +200,7 @@ class Secondary:
             elif body["sv"] != self.node.lists.sv:
                 self.request_snapshot()
         elif msg.command == "SENTINELS":
-            if self.node.ops.lists_newer_than_peer():  # ours are on their way to it
+            if self.node.ops.listsync.lists_newer_than_peer():  # ours are on their way to it
                 body = {**body, "sentinels": self.node.lists.pair.get("sentinels") or {}}
             self.node.lists.take_sentinels(body)
             log.info("sentinel list from primary: active %s", body["active"])

@@ -32,10 +32,33 @@ class SentinelStop:
     def __init__(self, node: Node):
         self.node = node
         self.pending: _Pending | None = None
+        self.blocking = False  # stop_now() is stopping them
 
     @property
     def running(self) -> bool:
         return self.pending is not None
+
+    def stop_now(self) -> None:
+        """The STOP_SENTINELS action outside a transition that waits (see feed()): stop them
+        all before returning. A sentinel may take up to the grace time to stop, longer than
+        dead_after: the peer must keep hearing us, as "stopping" (a peer that is leaving: no
+        takeover, a HANDOVER or silence follows), or it takes over on silence while our
+        sentinels still run and the same service runs twice."""
+        node = self.node
+        next_ping = 0.0
+
+        def keep_the_peer_waiting() -> None:
+            nonlocal next_ping
+            if (now := time.monotonic()) >= next_ping:
+                next_ping = now + node.cfg.heartbeat
+                node.link.send_ping()
+
+        self.blocking = True
+        try:
+            node.sentinels.stop_all(tick=keep_the_peer_waiting)
+        finally:
+            self.blocking = False
+        node.ops.watch_checks()
 
     def begin(self, rest: tuple[A, ...], **how: Any) -> bool:
         """SIGTERM to the sentinels; `rest` runs once they are gone. False when nothing was

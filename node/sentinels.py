@@ -14,21 +14,19 @@ which the kernel brings about when the node dies, however it dies. The same guar
 the node does not: the node confirms its primacy with each heartbeat (confirm()), and a node
 that is paused, stuck or starved past that deadline has its sentinels stopped by the guard
 before the peer can take over (node/guard.py); the node learns it on its next turn and starts
-nothing until it calls run() again. Pids and start times are kept in state_dir so the next run
-can clean up leftovers.
+nothing until it calls run() again (the guard's pipe is node/guardlink.py). Pids and start times
+are kept in state_dir so the next run can clean up leftovers (node/sentinelpids.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -36,14 +34,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .guardlink import GuardLink
 from .protocol import SENTINEL_NAME_RE
+from .sentinelpids import PIDS_FILE, PidsFile, start_ticks
+
+__all__ = ["PIDS_FILE", "Sentinels"]  # PIDS_FILE: where the pid file lives, for its readers
 
 log = logging.getLogger(__name__)
 
-PIDS_FILE = "sentinels.pids.json"
-
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-_GUARD_SCRIPT = Path(__file__).with_name("guard.py")  # run as a script: see node/guard.py
 # How often a loop with children being stopped should come back to reap them.
 _STOPPING_POLL = 0.1
 # How long to wait for a process to disappear after SIGKILL.
@@ -99,18 +98,21 @@ class Sentinels:
         self._active: set[str] = set()
         self._stopping: list[_Child] = []
         self._running = False
-        self._written_pids: list[dict] | None = None
-        self._guard: subprocess.Popen | None = None
-        self._guard_kill_after = guard_kill_after
+        self._pids = PidsFile(self._state_dir)
+        self._guard = GuardLink(guard_kill_after)
         # monotonic time until which the node vouches for the sentinels (confirm()); None: no
         # deadline (the node never confirmed: nothing to hold it to)
         self._deadline: float | None = None
         self.lapses = 0
         self._reap_deadline: float | None = None  # stop_done(): how long SIGKILL may take
-        self.pids_error = ""  # why the pid file could not be written last time ("" if it was)
         # Resolved here, before any fork: the child between fork and exec must do as little as
         # possible (the node has other threads, whose locks a forked child may find held).
         self._prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    @property
+    def pids_error(self) -> str:
+        """Why the pid file could not be written last time ("" if it was)."""
+        return self._pids.error
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -160,7 +162,7 @@ class Sentinels:
             self._lapse()
             return False
         self._deadline = until
-        if self._guard is not None:
+        if self._guard.started:
             self._tell_guard(f"D{until:.6f}")
         return True
 
@@ -217,7 +219,7 @@ class Sentinels:
         self._reap_deadline = None
         self._sync_pids_file()
         if not self._stopping:
-            self._close_guard()
+            self._guard.close()
         return True
 
     def start(self, name: str) -> None:
@@ -242,8 +244,8 @@ class Sentinels:
     def poll(self) -> None:
         """Non-blocking: reap exited children, schedule restarts, start the due ones."""
         self._check_guard()
-        if self.pids_error:
-            self._written_pids = None  # write it again
+        if self._pids.error:
+            self._pids.forget()  # write it again
         self._reap_stopping()
         now = time.monotonic()
         for name, sentinel in self._sentinels.items():
@@ -283,19 +285,11 @@ class Sentinels:
         result = []
         for name in sorted(self._sentinels):
             sentinel = self._sentinels[name]
-            if sentinel.child is not None:
-                state = "running"
-            elif sentinel.due is not None and sentinel.quick_exits >= self._fail_report_after:
-                state = "failing"
-            elif sentinel.due is not None:
-                state = "backoff"
-            else:
-                state = "stopped"
             result.append({
                 "name": name,
                 "command": sentinel.command,
                 "active": name in self._active,
-                "state": state,
+                "state": _state(sentinel, self._fail_report_after),
                 "pid": sentinel.child.popen.pid if sentinel.child else None,
                 "restarts": sentinel.restarts,
                 "last_exit": sentinel.last_exit,
@@ -305,34 +299,7 @@ class Sentinels:
     def cleanup_leftovers(self) -> list[int]:
         """At node start: SIGKILL every process recorded by a previous run of this node that is
         still alive and provably the same process (same boot, same start time). Returns them."""
-        path = self._state_dir / PIDS_FILE
-        try:
-            record = json.loads(path.read_text())
-            children = record["children"] if record.get("boot_id") == _boot_id() else []
-        except FileNotFoundError:
-            return []
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.warning("ignoring unreadable %s: %s", path, exc)
-            return []
-        killed = []
-        for entry in children:
-            pid, ticks = entry.get("pid"), entry.get("start_ticks")
-            if not isinstance(pid, int) or pid <= 1 or pid == os.getpid():
-                continue
-            if ticks is None or _start_ticks(pid) != ticks:
-                continue  # gone, or the pid now belongs to an unrelated process
-            try:
-                # It was started as a session leader, so its group id is its pid.
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                continue
-            except PermissionError as exc:
-                log.error("cannot kill leftover sentinel pid %d: %s", pid, exc)
-                continue
-            log.warning("killed leftover sentinel %s (pid %d) of a previous run",
-                        entry.get("name"), pid)
-            killed.append(pid)
-        self._written_pids = None  # rewrite: the file now describes this run
+        killed = self._pids.kill_leftovers()
         self._sync_pids_file()
         return killed
 
@@ -370,27 +337,14 @@ class Sentinels:
         sentinel = self._sentinels[name]
         log_path = self._state_dir / "logs" / f"{name}.log"
         try:
-            argv = shlex.split(sentinel.command)
-            if not argv:
-                raise ValueError("empty command line")
-            with _open_log(log_path, sentinel.command) as out:
-                # PR_SET_PDEATHSIG fires when the *thread* that forked the child dies, not the
-                # process: spawn only from the node's main thread (the loop), never a worker.
-                popen = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # its own process group, for os.killpg
-                    preexec_fn=_die_with_parent(self._prctl, os.getpid()),
-                )
+            popen = _start_process(sentinel.command, log_path, self._prctl)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             log.error("sentinel %s cannot start (%s): %s", name, sentinel.command, exc)
             sentinel.last_exit = None
             self._emit("exited", name, error=str(exc))
             self._schedule_restart(name, ran_for=0.0)
             return
-        sentinel.child = _Child(name, popen, time.monotonic(), _start_ticks(popen.pid))
+        sentinel.child = _Child(name, popen, time.monotonic(), start_ticks(popen.pid))
         self._tell_guard(f"+{popen.pid}")
         log.info("sentinel %s started (pid %d): %s", name, popen.pid, sentinel.command)
         self._emit("started", name, pid=popen.pid)
@@ -451,15 +405,7 @@ class Sentinels:
     def _check_guard(self) -> None:
         """Before anything is reaped or restarted: did the deadline pass, by our clock or the
         guard's (it says "F" when it stopped the groups)?"""
-        fired = False
-        if self._guard is not None and self._guard.stdout is not None:
-            try:
-                while chunk := os.read(self._guard.stdout.fileno(), 4096):
-                    fired = fired or b"F" in chunk
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError as exc:
-                log.debug("sentinel guard output: %s", exc)
+        fired = self._guard.fired()
         if self._running and (fired or self._expired(time.monotonic())):
             self._lapse()
 
@@ -472,56 +418,20 @@ class Sentinels:
         self.lapses += 1
         for name, sentinel in self._sentinels.items():
             sentinel.due = None
-            self._terminate(name, self._guard_kill_after)
+            self._terminate(name, self._guard.kill_after)
         log.error("primacy unconfirmed for %.2f s past the guard's deadline (paused, stuck or "
                   "starved): sentinels stopped", late)
         self._emit("lapsed", "", late=round(late, 3))
 
     def _tell_guard(self, line: str) -> None:
-        """Send one line to the guard, starting it first if need be (with the groups of every
-        live child, so a guard that was restarted knows them all)."""
-        if self._guard is None or self._guard.poll() is not None:
-            if line.startswith("-"):
-                return  # a new guard would not know that group anyway
-            try:
-                self._guard = subprocess.Popen(
-                    [sys.executable, "-I", "-S", str(_GUARD_SCRIPT), str(self._guard_kill_after)],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                    start_new_session=True,  # out of the terminal's reach, and of killpg
-                )
-                os.set_blocking(self._guard.stdout.fileno(), False)
-            except OSError as exc:
-                log.error("cannot start the sentinel guard (what a sentinel starts itself may "
-                          "outlive a crashed node): %s", exc)
-                self._guard = None
-                return
-            children = [s.child for s in self._sentinels.values() if s.child] + self._stopping
-            deadline = "" if self._deadline is None else f"D{self._deadline:.6f}\n"
-            line = deadline + "".join(f"+{c.popen.pid}\n" for c in children) + line
-        try:
-            self._guard.stdin.write(f"{line}\n".encode())
-            self._guard.stdin.flush()
-        except OSError as exc:
-            log.error("sentinel guard (pid %d) is gone: %s", self._guard.pid, exc)
+        self._guard.tell(line, pids=lambda: [c.popen.pid for c in self._children()],
+                         deadline=self._deadline)
 
     def _unguard(self, child: _Child) -> None:
         self._tell_guard(f"-{child.popen.pid}")
 
-    def _close_guard(self) -> None:
-        """Nothing left to guard: EOF ends the guard, which has no group left to kill."""
-        guard, self._guard = self._guard, None
-        if guard is None:
-            return
-        for pipe in (guard.stdin, guard.stdout):
-            try:
-                pipe.close()
-            except OSError:
-                pass
-        try:
-            guard.wait(timeout=_REAP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            guard.kill()
-            guard.wait()
+    def _children(self) -> list[_Child]:
+        return [s.child for s in self._sentinels.values() if s.child] + self._stopping
 
     def _emit(self, event: str, name: str, *, pid: int | None = None, code: int | None = None,
               delay: float | None = None, **extra: object) -> None:
@@ -536,34 +446,34 @@ class Sentinels:
 
     def _sync_pids_file(self) -> None:
         """Rewrite state_dir/sentinels.pids.json when the set of live children changed."""
-        children = [s.child for s in self._sentinels.values() if s.child] + self._stopping
-        pids = sorted(
-            ({"name": c.name, "pid": c.popen.pid, "start_ticks": c.start_ticks} for c in children),
-            key=lambda entry: entry["pid"],
+        self._pids.sync([(c.name, c.popen.pid, c.start_ticks) for c in self._children()])
+
+
+def _state(sentinel: _Sentinel, fail_report_after: int) -> str:
+    if sentinel.child is not None:
+        return "running"
+    if sentinel.due is not None and sentinel.quick_exits >= fail_report_after:
+        return "failing"
+    return "stopped" if sentinel.due is None else "backoff"
+
+
+def _start_process(command: str, log_path: Path, prctl: Callable[..., int]) -> subprocess.Popen:
+    """Start one sentinel's process: its own process group, killed when the node dies, its
+    output appended to its log."""
+    argv = shlex.split(command)
+    if not argv:
+        raise ValueError("empty command line")
+    with _open_log(log_path, command) as out:
+        # PR_SET_PDEATHSIG fires when the *thread* that forked the child dies, not the
+        # process: spawn only from the node's main thread (the loop), never a worker.
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, for os.killpg
+            preexec_fn=_die_with_parent(prctl, os.getpid()),
         )
-        if pids == self._written_pids:
-            return
-        path = self._state_dir / PIDS_FILE
-        tmp = path.with_name(f".{PIDS_FILE}.{os.getpid()}.tmp")
-        record = {"node_pid": os.getpid(), "boot_id": _boot_id(), "children": pids}
-        try:
-            self._state_dir.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(record, indent=1))
-            os.replace(tmp, path)  # atomic: a reader sees the old or the new list, never half
-        except OSError as exc:
-            # (a full state disk) tried again at the next change or poll(): the loop's turn
-            if not self.pids_error:
-                log.error("cannot record sentinel pids in %s: %s", path, exc)
-            self.pids_error = f"{path}: {exc}"
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            return
-        if self.pids_error:
-            log.warning("sentinel pids recorded in %s again", path)
-            self.pids_error = ""
-        self._written_pids = pids
 
 
 @contextlib.contextmanager
@@ -626,24 +536,3 @@ def _signal_group(child: _Child, sig: signal.Signals) -> None:
         pass
     except PermissionError as exc:
         log.error("cannot signal sentinel %s (pid %d): %s", child.name, child.popen.pid, exc)
-
-
-def _start_ticks(pid: int) -> int | None:
-    """Start time of `pid` in clock ticks after boot (field 22 of /proc/<pid>/stat)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = stat.rsplit(")", 1)[-1].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
