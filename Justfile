@@ -26,6 +26,10 @@ bench *args:
 bench-cited *args:
     {{python}} bench/run_cited.py {{args}}
 
+# the READMEs' figure tables from one cited run; `--write` puts them into README.md and bench/README.md
+bench-tables run *args:
+    {{python}} bench/tables.py {{run}} {{args}}
+
 # ruff, as CI would
 lint:
     {{python}} -m ruff check .

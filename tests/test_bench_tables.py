@@ -1,0 +1,123 @@
+"""bench/tables.py renders the READMEs' tables from a run's JSON, and only from it.
+
+The fixture is a real `python bench/run_cited.py --quick` run, trimmed of the per-rep detail the
+tables do not read (tests/data/bench_run_quick/)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import tables
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = Path(__file__).parent / "data" / "bench_run_quick"
+RUN_ID = "20261204T195033Z-6675bfe262-quick"
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    d = tmp_path / RUN_ID
+    shutil.copytree(FIXTURE, d)
+    return d
+
+
+def edit(path: Path, change) -> None:
+    j = json.loads(path.read_text())
+    change(j)
+    path.write_text(json.dumps(j))
+
+
+def test_the_tables_carry_the_run_id_the_command_and_the_json_figures(run_dir: Path) -> None:
+    out, run = tables.render(run_dir)
+    assert run.missing == [] and run.json.keys() >= {"takeover", "replication-2"}
+    takeover = json.loads((run_dir / "takeover.json").read_text())
+    for name in ("failover", "replication", "takeover", "sentinel", "transport"):
+        assert out[name] is not None and f"run `{RUN_ID}`" in out[name], name
+    assert takeover["provenance"]["command"] in out["failover"]
+    p50 = takeover["takeover"]["default"]["takeover"]["p50"]
+    assert f"| {p50:.3f} s |" in out["takeover"]
+    # run 1 / run 2 side by side, each from its own file
+    r1, r2 = (json.loads((run_dir / f"replication-{i}.json").read_text()) for i in (1, 2))
+    ours = [r["small"]["summary"]["seconds"]["sbs"]["median"] for r in (r1, r2)]
+    assert f"{ours[0]:.2f} s (n=1) / {ours[1]:.2f} s (n=1)" in out["replication"]
+
+
+def test_a_changed_value_in_the_json_is_the_value_in_the_table(run_dir: Path) -> None:
+    def slower(j: dict) -> None:
+        j["takeover"]["aggressive"]["takeover"].update(min=0.111, p50=0.222, max=0.999)
+
+    def small(j: dict) -> None:
+        j["small"]["summary"]["seconds"]["sbs"].update(n=5, median=7.77, min=6.66, max=8.88)
+
+    edit(run_dir / "takeover.json", slower)
+    edit(run_dir / "replication-2.json", small)
+    out, _ = tables.render(run_dir)
+    assert "0.22 s (0.11–1.00, n=" in out["failover"]
+    assert "| 0.111 s | 0.222 s |" in out["takeover"]
+    assert "/ 7.77 s (6.66–8.88, n=5)" in out["replication"]
+
+
+def test_target_verdicts_come_from_the_json_targets(run_dir: Path) -> None:
+    before, _ = tables.render(run_dir)
+    row = next(r for r in before["replication"].splitlines() if "near-empty tree" in r)
+    assert row.endswith("p50 < 25, p99 < 100 ms: met |")
+    # the same latencies against a tighter target of the bench's own: not met, in run 1 only
+    edit(run_dir / "replication-1.json", lambda j: j["targets"].update(latency_p50_ms=1))
+    after, _ = tables.render(run_dir)
+    row = next(r for r in after["replication"].splitlines() if "near-empty tree" in r)
+    assert row.endswith("p50 < 1, p99 < 100 ms: **not met** / met |")
+    # a verdict the bench itself wrote (small files against rsync) is shown as written
+    row = next(r for r in after["replication"].splitlines() if "× 4 KiB" in r)
+    assert "≤ 1: **not met**;" in row
+    edit(run_dir / "replication-2.json",
+         lambda j: j["small"]["summary"].update(target_met=True))
+    again, _ = tables.render(run_dir)
+    row = next(r for r in again["replication"].splitlines() if "× 4 KiB" in r)
+    assert "≤ 1: **not met** / met;" in row
+
+
+def test_a_missing_json_is_reported_and_its_rows_listed(run_dir: Path) -> None:
+    (run_dir / "sentinel_takeover.json").unlink()
+    (run_dir / "replication-2.json").unlink()
+    done = subprocess.run([sys.executable, "bench/tables.py", str(run_dir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "missing JSON" in done.stdout
+    assert "sentinel_takeover.json, replication-2.json" in done.stdout
+    assert "- sentinel_takeover: the table (no sentinel_takeover.json)" in done.stdout
+    # the failover rows that only sentinel_takeover.json has are gone, and said to be
+    rows = [r for r in done.stdout.splitlines() if r.startswith("| `kill -9`")]
+    assert rows and not any("its sentinel answers" in r for r in rows)
+    assert "failover: `kill -9` of the primary → its sentinel answers" in done.stdout
+    assert "`replication-2.json`" not in done.stdout
+
+
+def test_write_replaces_only_the_text_between_the_markers(run_dir: Path,
+                                                          tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    (root / "bench").mkdir(parents=True)
+    for rel in ("README.md", "bench/README.md"):
+        shutil.copyfile(REPO / rel, root / rel)
+    old = (root / "README.md").read_text()
+    out, _ = tables.render(run_dir)
+    tables.write(out, root)
+    new = (root / "README.md").read_text()
+    start, end = "<!-- tables:failover:start -->", "<!-- tables:failover:end -->"
+    assert new.split(start)[0] == old.split(start)[0]
+    assert new.split(end)[1].split("<!-- tables:replication:start -->")[0] == \
+        old.split(end)[1].split("<!-- tables:replication:start -->")[0]
+    assert out["failover"] in new.split(start)[1].split(end)[0]
+    assert "1.05 / 1.39 / 1.50 s" in old and "1.05 / 1.39 / 1.50 s" not in new
+    tables.write(out, root)  # a second write changes nothing
+    assert (root / "README.md").read_text() == new
+    # a file without its markers: an error, and no file written
+    bench_before = (root / "bench" / "README.md").read_text()
+    (root / "README.md").write_text(new.replace(end, ""))
+    with pytest.raises(ValueError, match="tables:failover"):
+        tables.write(out, root)
+    assert (root / "bench" / "README.md").read_text() == bench_before
