@@ -130,8 +130,18 @@ def header(title: str, sources: list[tuple[str, dict[str, Any]]]) -> str:
     for name, j in sources:
         prov = j.get("provenance", {})
         dirty = " (uncommitted code)" if dig(prov, "git", "dirty") else ""
+        host = j.get("host") or j.get("machine") or {}
+        where = [f"{host['cpus']} CPUs" if host.get("cpus") else None,
+                 f"Python {host['python']}" if host.get("python") else None,
+                 f"pyzmq {host['pyzmq']} / libzmq {host.get('libzmq')}"
+                 if host.get("pyzmq") else None,
+                 " ".join(host["rsync"].split()[:3]) if host.get("rsync") else None,
+                 (f"load average {prov['loadavg_at_start'][0]:.1f} at the start"
+                  if prov.get("loadavg_at_start") else None)]
+        said = ", ".join(w for w in where if w)
         lines.append(f"- run `{prov.get('run_id', '?')}`, `{name}.json`{dirty}: "
-                     f"`{prov.get('command', '(no command recorded)')}`")
+                     f"`{prov.get('command', '(no command recorded)')}`"
+                     + (f" ({said})" if said else ""))
     return "\n".join(lines)
 
 
@@ -360,6 +370,11 @@ def _vs(j: dict[str, Any], scenario: str, label: str) -> str | None:
     return f"{num(c['ratio_of_medians'])}{rng}"
 
 
+def _of(n: int | None) -> str:
+    """'median of 5, ' for a row's label; nothing when the JSON does not say."""
+    return f"median of {n}, " if n else ""
+
+
 def _below(x: float | None, limit: float | None) -> bool | None:
     return None if x is None or limit is None else x < limit
 
@@ -385,24 +400,25 @@ def replication(run: Run) -> str | None:
     j0 = js[0]
     files, size = dig(j0, "small", "files"), dig(j0, "small", "file_bytes")
     what = f"{files:,} × {size // 1024} KiB" if files and size else "small files"
-    n = dig(j0, "small", "summary", "seconds", "sbs", "n")
+    n = _of(dig(j0, "small", "summary", "seconds", "sbs", "n"))
     not_slower = each(lambda j: (f"{dig(j, 'small', 'summary', 'reps_sbs_not_slower')} of "
                                  f"{dig(j, 'small', 'summary', 'seconds', 'sbs', 'n')}")
                       if dig(j, "small", "summary", "reps_sbs_not_slower") is not None else None)
     small_target = target("small", "summary", "target_met")
-    t.row(f"initial sync, {what} (median of {n}, min–max)",
+    t.row(f"initial sync, {what} ({n}min–max)",
           spread_of("small", "summary", "seconds", "sbs", unit=" s"),
           spread_of("small", "summary", "seconds", "rsync", unit=" s"),
           each(lambda j: _vs(j, "small", "sbs / rsync (seconds)")),
-          f"≤ 1: {small_target}; reps SBS not slower {not_slower}" if small_target else None)
+          (f"≤ 1: {small_target}" + (f"; reps SBS not slower {not_slower}" if not_slower
+                                      else "")) if small_target else None)
     t.row("the same against `rsync --fsync` (as durable as SBS)", None,
           spread_of("small", "summary", "seconds", "rsync_fsync", unit=" s"),
           each(lambda j: _vs(j, "small", "sbs / rsync_fsync (seconds)")), None)
     mib = dig(j0, "big", "bytes")
     big = f"{mib / (1 << 30):g} GiB" if mib and mib >= 1 << 30 else (
         f"{mib // (1 << 20)} MiB" if mib else "big")
-    nb = dig(j0, "big", "summary", "MBps", "sbs_live", "n")
-    t.row(f"one {big} file appearing in a running pair, CURVE (median of {nb}), MB/s",
+    nb = _of(dig(j0, "big", "summary", "MBps", "sbs_live", "n"))
+    t.row(f"one {big} file appearing in a running pair, CURVE ({nb}min–max), MB/s",
           spread_of("big", "summary", "MBps", "sbs_live", digits=0),
           spread_of("big", "summary", "MBps", "rsync", digits=0),
           each(lambda j: _vs(j, "big", "sbs_live / rsync (MB/s)")),
@@ -489,8 +505,8 @@ def replication(run: Run) -> str | None:
                                                else None))) else None),
               f"p50 < {p50}, p99 < {p99} ms: {ok}" if ok else None)
     tf = dig(j0, "tree", "files")
-    nt = dig(j0, "tree", "summary", "seconds", "sbs", "n")
-    t.row(f"initial sync, {tf or '?':,} × 1 KiB (median of {nt}, min–max)",
+    nt = _of(dig(j0, "tree", "summary", "seconds", "sbs", "n"))
+    t.row(f"initial sync, {tf or '?':,} × 1 KiB ({nt}min–max)",
           spread_of("tree", "summary", "seconds", "sbs", unit=" s"),
           spread_of("tree", "summary", "seconds", "rsync", unit=" s"),
           each(lambda j: _vs(j, "tree", "sbs / rsync (seconds)")), None)
