@@ -63,6 +63,16 @@ class Run:
                        key=lambda n: int(n.split("-")[1]))
         return [(n, self.json[n]) for n in names]
 
+    def not_citable(self) -> list[str]:
+        """Why these figures may not go into a README: a --quick run or uncommitted code."""
+        why = []
+        for name, j in self.json.items():
+            if j.get("quick") or dig(j, "args", "quick"):
+                why.append(f"{name}.json is a --quick run")
+            if dig(j, "provenance", "git", "dirty"):
+                why.append(f"{name}.json ran on uncommitted code")
+        return why
+
     def run_id(self) -> str:
         for j in self.json.values():
             if rid := j.get("provenance", {}).get("run_id"):
@@ -610,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write", action="store_true",
                     help="replace the tables between the marker comments in README.md and "
                          "bench/README.md")
+    ap.add_argument("--force", action="store_true",
+                    help="--write even a --quick run or one of uncommitted code")
+    ap.add_argument("--root", type=Path, default=REPO, help=argparse.SUPPRESS)  # for the tests
     args = ap.parse_args(argv)
     if not args.run_dir.is_dir():
         print(f"{args.run_dir}: not a folder", file=sys.stderr)
@@ -623,8 +636,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"<!-- {name} ({SECTIONS[name][0]}) -->\n{body}\n")
     print(report(run))
     if args.write:
+        if (why := run.not_citable()) and not args.force:
+            print(f"nothing written: {'; '.join(why)} (a README cites full runs of committed "
+                  f"code; --force to write anyway)", file=sys.stderr)
+            return 2
         try:
-            done = write(tables)
+            done = write(tables, args.root)
         except ValueError as e:
             print(f"nothing written: {e}", file=sys.stderr)
             return 2

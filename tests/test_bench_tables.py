@@ -121,3 +121,15 @@ def test_write_replaces_only_the_text_between_the_markers(run_dir: Path,
     with pytest.raises(ValueError, match="tables:failover"):
         tables.write(out, root)
     assert (root / "bench" / "README.md").read_text() == bench_before
+
+
+def test_write_refuses_a_quick_run_unless_forced(run_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    (root / "bench").mkdir(parents=True)
+    for rel in ("README.md", "bench/README.md"):
+        shutil.copyfile(REPO / rel, root / rel)
+    old = (root / "README.md").read_text()
+    assert tables.main([str(run_dir), "--write", "--root", str(root)]) == 2
+    assert (root / "README.md").read_text() == old
+    assert tables.main([str(run_dir), "--write", "--force", "--root", str(root)]) == 0
+    assert f"run `{RUN_ID}`" in (root / "README.md").read_text()
