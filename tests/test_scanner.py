@@ -132,3 +132,58 @@ def test_without_a_watcher_the_periodic_rescan_still_publishes_every_change(tmp_
         sc.stop()
         reader.close(0)
     assert "relying on the 0.2s rescan" in caplog.text
+
+
+def test_the_rotation_covers_every_folder_within_the_cycle_new_and_deleted_ones_too():
+    """Rotation: each directory is taken at least once every cycle, in slices of about
+    entries * period / cycle; a new folder joins, a deleted one is never taken again."""
+    from sbs.node.scanner import Rotation
+
+    def dirs(n: int) -> dict[str, dict]:
+        out = {}
+        for d in range(n):
+            out[f"d{d:02}"] = {"path": f"d{d:02}", "kind": "dir"}
+            for f in range(9):
+                out[f"d{d:02}/f{f}"] = {"path": f"d{d:02}/f{f}", "kind": "file"}
+        return out
+
+    index = {"docs": dirs(40), "more": dirs(10)}
+    rot = Rotation(period=1.0, cycle=10.0, min_slice=1)
+    rot.reset(index, 0.0)
+    total = sum(len(ix) for ix in index.values())
+    last = {k: 0.0 for k in rot.dirs}
+    sizes = []
+    for tick in range(1, 41):
+        now = float(tick)
+        if tick == 13:
+            rot.note("docs", [{"path": "new", "kind": "dir"}, {"path": "new/f", "kind": "file"}],
+                     now)
+            last[("docs", "new")] = now
+        if tick == 17:
+            rot.note("docs", [{"path": "d05", "kind": "dir", "deleted": True}], now)
+            del last[("docs", "d05")]
+        taken = []
+        for name, rel in rot.take(now, total):  # visited() before the next: it counts work
+            assert (name, rel) in last, f"{name}/{rel} taken after it was deleted"
+            rot.visited(name, rel, now, 10, None)
+            last[(name, rel)] = now
+            taken.append(rel)
+        sizes.append(len(taken))
+        for key, seen in last.items():
+            assert now - seen <= 10.0, f"{key} not looked at for {now - seen} s"
+    # a slice is about a tenth of the tree, not all of it
+    # (one slice may take more: what would otherwise go unseen longer than the cycle)
+    assert max(sizes) <= 52 // 4 and sum(sizes) / len(sizes) <= 52 / 10 + 1
+    assert ("docs", "new") in rot.dirs and ("docs", "d05") not in rot.dirs
+
+
+def test_a_small_tree_is_rescanned_whole_every_period():
+    from sbs.node.scanner import Rotation
+
+    rot = Rotation(period=5.0, cycle=60.0)
+    rot.reset({"docs": {f"d{i}": {"path": f"d{i}", "kind": "dir"} for i in range(30)}}, 0.0)
+    taken = []
+    for name, rel in rot.take(5.0, 30):
+        rot.visited(name, rel, 5.0, 1, None)
+        taken.append(rel)
+    assert len(taken) == 31  # the root and 30 folders
