@@ -218,7 +218,6 @@ class Scanner:
         total = sum(len(ix) for ix in self.index.values())
         delta: dict[str, list[dict]] = {}
         slice_ = self.rotation.take(now, total)
-        kids: dict[str, dict[str, list[str]]] = {}  # built at most once a slice, when needed
         for name, rel in slice_:
             if name not in self.folders:
                 self.rotation.forget(name, rel)
@@ -231,8 +230,7 @@ class Scanner:
             try:
                 changes, seen, dkey = rescan_dir(
                     root, filt, self.cache, index, rel, self.rotation.dir_key(name, rel),
-                    lambda name=name: kids.get(name) or kids.setdefault(
-                        name, children(self.index[name])))
+                    lambda name=name: self.rotation.children(name, self.index[name]))
             except FolderMissing:
                 changes, seen, dkey = [], 1, None
             self.rotation.visited(name, rel, now, seen, dkey)
@@ -266,9 +264,19 @@ class Rotation:
         # the index, or None: not known, compare names next time)
         self.dirs: collections.OrderedDict[tuple[str, str], tuple[float, tuple | None]] = (
             collections.OrderedDict())
+        # folder -> {reldir: {paths of its direct entries}}: built from the index once after a
+        # full scan, when a slice first needs it, then kept by note()
+        self.kids: dict[str, dict[str, set[str]]] = {}
+
+    def children(self, name: str, index: dict[str, dict]) -> dict[str, set[str]]:
+        got = self.kids.get(name)
+        if got is None:
+            got = self.kids[name] = children(index)
+        return got
 
     def reset(self, indexes: dict[str, dict[str, dict]], now: float) -> None:
         self.dirs.clear()
+        self.kids.clear()
         for name, index in indexes.items():
             self.dirs[(name, "")] = (now, None)
             for path, e in index.items():
@@ -278,8 +286,16 @@ class Rotation:
     def note(self, name: str, changes: list[dict], now: float | None = None) -> None:
         """Take in the directories a delta created or deleted."""
         now = time.monotonic() if now is None else now
+        kids = self.kids.get(name)
         for e in changes:
             key = (name, e["path"])
+            if kids is not None:
+                parent = e["path"].rpartition("/")[0]
+                if e.get("deleted"):
+                    kids.get(parent, set()).discard(e["path"])
+                    kids.pop(e["path"], None)
+                else:
+                    kids.setdefault(parent, set()).add(e["path"])
             if e.get("deleted") or e["kind"] != "dir":
                 self.dirs.pop(key, None)
             elif key not in self.dirs:
@@ -316,11 +332,11 @@ class Rotation:
                 self.dirs.move_to_end(key)  # not reported back: never stall on it
 
 
-def children(index: dict[str, dict]) -> dict[str, list[str]]:
-    """{reldir: [paths of its direct entries]} of an index."""
-    out: dict[str, list[str]] = {}
+def children(index: dict[str, dict]) -> dict[str, set[str]]:
+    """{reldir: {paths of its direct entries}} of an index."""
+    out: dict[str, set[str]] = {}
     for path in index:
-        out.setdefault(path.rpartition("/")[0], []).append(path)
+        out.setdefault(path.rpartition("/")[0], set()).add(path)
     return out
 
 
@@ -337,7 +353,7 @@ def _open_dir(root: str, rel: str) -> int:
 
 
 def rescan_dir(root: str, filt: Filter, cache: HashCache, index: dict[str, dict], rel: str,
-               old_key: tuple | None, kids: Callable[[], dict[str, list[str]]]
+               old_key: tuple | None, kids: Callable[[], dict[str, set[str]]]
                ) -> tuple[list[dict], int, tuple | None]:
     """Compare one directory's entries (not deeper) with the index, updating the index in
     place: (the delta, how many names it holds, its stat key for next time).
