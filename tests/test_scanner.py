@@ -187,3 +187,41 @@ def test_a_small_tree_is_rescanned_whole_every_period():
         rot.visited(name, rel, 5.0, 1, None)
         taken.append(rel)
     assert len(taken) == 31  # the root and 30 folders
+
+
+def test_a_slice_finds_new_changed_and_deleted_entries_on_its_own(tmp_path, pipes):
+    """No watch batch at all: the rolling rescan alone publishes a new folder with its
+    content, a changed file, a deleted file and a deleted folder's whole subtree."""
+    import os
+
+    ctx, reader, writer = pipes
+    root = tmp_path / "docs"
+    for d in ("a", "b", "b/deep", "c"):
+        (root / d).mkdir(parents=True)
+        (root / d / "f.txt").write_text(d)
+    sc = Scanner(ctx, "inproc://unused", {"docs": FolderConfig("docs", root)}, period=1,
+                 rescan_cycle=4)
+    sc._full_scan(writer)
+    deltas(reader, sc)
+    os.utime(root / "a", ns=(1, 1))  # an old folder mtime: its key can be kept from now on
+    (root / "a" / "f.txt").write_text("A, longer")
+    (root / "c" / "f.txt").unlink()
+    for p in (root / "b" / "deep" / "f.txt", root / "b" / "f.txt"):
+        p.unlink()
+    (root / "b" / "deep").rmdir()
+    (root / "b").rmdir()
+    (root / "new" / "sub").mkdir(parents=True)
+    (root / "new" / "sub" / "n.txt").write_text("new")
+    seen: dict[str, dict] = {}
+    for tick in range(1, 6):  # one cycle and a little more
+        sc.rotation.dirs = type(sc.rotation.dirs)(  # pretend the time passed: age them all
+            (k, (v[0] - tick, v[1])) for k, v in sc.rotation.dirs.items())
+        sc._rolling_scan(writer)
+        for _, delta in deltas(reader, sc):
+            seen.update({e["path"]: e for e in delta.get("docs", [])})
+    assert seen["a/f.txt"]["size"] == len("A, longer")
+    assert {p for p, e in seen.items() if e.get("deleted")} == {
+        "c/f.txt", "b", "b/f.txt", "b/deep", "b/deep/f.txt"}
+    assert {"new", "new/sub", "new/sub/n.txt"} <= set(seen)
+    assert sc.index["docs"]["new/sub/n.txt"]["size"] == 3 and "b" not in sc.index["docs"]
+    assert ("docs", "new/sub") in sc.rotation.dirs and ("docs", "b") not in sc.rotation.dirs
