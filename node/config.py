@@ -95,6 +95,7 @@ class Config:
     peer: str
     port: int
     period: float = 5.0
+    rescan_cycle: float = 120.0
     strict: bool = False
     role: str = "main"
     state_dir: Path = Path(".sbs")
@@ -225,8 +226,8 @@ def load(file: Path | str) -> Config:
 
     node = _Section(parser, file, "node")
     _reject_unknown(node, {
-        "name", "local", "peer", "port", "period", "strict", "role", "state_dir", "heartbeat",
-        "dead_after", "trash_days", "handover_timeout",
+        "name", "local", "peer", "port", "period", "rescan_cycle", "strict", "role", "state_dir",
+        "heartbeat", "dead_after", "trash_days", "handover_timeout",
     })
     name = node.text("name", socket.gethostname())
     if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
@@ -263,6 +264,7 @@ def load(file: Path | str) -> Config:
         peer=_address(node, "peer", required=True),
         port=node.integer("port", 4445, 1, 65533),
         period=node.number("period", 5.0, 0.1, 86400),
+        rescan_cycle=node.number("rescan_cycle", 120.0, 0.1, 86400),
         strict=node.boolean("strict", False),
         role=role,
         state_dir=state_dir,

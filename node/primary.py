@@ -73,7 +73,8 @@ class Primary:
         self.index = {n: {} for n in folders}
         self.index_ready = False
         node.lists.record_primary(folders)
-        self.scanner = Scanner(node.ctx, self.endpoint, folders, period=node.cfg.period)
+        self.scanner = Scanner(node.ctx, self.endpoint, folders, period=node.cfg.period,
+                               rescan_cycle=node.cfg.rescan_cycle)
         self.scanner.start()
 
     def stop(self) -> None:

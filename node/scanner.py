@@ -18,26 +18,46 @@ To the loop, over an inproc PAIR:
 from __future__ import annotations
 
 import collections
+import errno
 import logging
+import math
 import os
 import queue
+import stat
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import zmq
 
 from .config import FolderConfig
-from .index import Filter, FolderMissing, HashCache, Watcher, diff, scan_folder, scan_paths
+from .index import (
+    RACY_NS,
+    Filter,
+    FolderMissing,
+    HashCache,
+    Watcher,
+    _entry_from_stat,
+    _utf8_ok,
+    diff,
+    dir_entry,
+    same_entry,
+    scan_folder,
+    scan_paths,
+)
 from .journal import Agreed
+from .tree import DIR_FLAGS, TEMP_PREFIX
 
 log = logging.getLogger("sbs.scanner")
 
 
 class Scanner:
     def __init__(self, ctx: zmq.Context, endpoint: str, folders: dict[str, FolderConfig], *,
-                 period: float):
+                 period: float, rescan_cycle: float = 120.0):
         self.ctx, self.endpoint, self.period = ctx, endpoint, period
+        self.rotation = Rotation(period, rescan_cycle)
+        self.watching = False  # without a watcher every period is a full rescan, as it was
         self.folders = {n: (str(f.path), Filter(f.filters)) for n, f in folders.items()}
         self.jobs: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.cache = HashCache()
@@ -77,15 +97,23 @@ class Scanner:
                 log.error("watcher not started (%s); relying on the %.1fs rescan", exc,
                           self.period)
                 watcher = None
+            self.watching = watcher is not None
             self._full_scan(pipe)
             next_scan = time.monotonic() + self.period
             while True:
                 try:
                     kind, arg = self.jobs.get(timeout=max(0.0, next_scan - time.monotonic()))
                 except queue.Empty:
-                    self._full_scan(pipe)
+                    kind, arg = "tick", None
+                if kind == "tick" or time.monotonic() >= next_scan:
+                    # also between batches: a busy watcher must not hold the rescan off
+                    if self.watching:
+                        self._rolling_scan(pipe)
+                    else:
+                        self._full_scan(pipe)
                     next_scan = time.monotonic() + self.period
-                    continue
+                    if kind == "tick":
+                        continue
                 if kind == "stop":
                     return
                 if kind == "flush":
@@ -132,6 +160,7 @@ class Scanner:
                 changes = []
             if changes:
                 delta[name] = changes
+                self.rotation.note(name, changes)
         if delta:
             self._send_delta(pipe, delta, b"part")
 
@@ -179,7 +208,240 @@ class Scanner:
             self.index[name] = fresh
             if changes:
                 delta[name] = changes
+        self.rotation.reset(self.index, time.monotonic())
         self._send_delta(pipe, delta, b"full")
+
+    def _rolling_scan(self, pipe: zmq.Socket) -> None:
+        """One slice of the rolling rescan (Rotation): the directories least recently looked
+        at, each listed and its entries lstat'ed against the index, nothing deeper."""
+        now = time.monotonic()
+        total = sum(len(ix) for ix in self.index.values())
+        delta: dict[str, list[dict]] = {}
+        slice_ = self.rotation.take(now, total)
+        for name, rel in slice_:
+            if name not in self.folders:
+                self.rotation.forget(name, rel)
+                continue
+            root, filt = self.folders[name]
+            index = self.index[name]
+            if rel and (index.get(rel) or {}).get("kind") != "dir":
+                self.rotation.forget(name, rel)  # gone from the index: its parent tells
+                continue
+            try:
+                changes, seen, dkey = rescan_dir(
+                    root, filt, self.cache, index, rel, self.rotation.dir_key(name, rel),
+                    lambda name=name: self.rotation.children(name, self.index[name]))
+            except FolderMissing:
+                changes, seen, dkey = [], 1, None
+            self.rotation.visited(name, rel, now, seen, dkey)
+            if changes:
+                delta.setdefault(name, []).extend(changes)
+                self.rotation.note(name, changes, now)
+        if delta:
+            log.info("rolling rescan found what the watcher missed: %s",
+                     {n: len(c) for n, c in delta.items()})
+            self._send_delta(pipe, delta, b"part")
+
+
+# The smallest slice, in index entries: a tree this size is rescanned whole every period (a few
+# milliseconds), and a bigger one in slices of at least this many.
+MIN_SLICE = 2000
+
+
+class Rotation:
+    """Which directories the rolling rescan looks at next: least recently looked at first.
+
+    Every `period` a slice of ``max(MIN_SLICE, entries * period / cycle)`` entries is taken,
+    plus every directory that would otherwise go unseen for longer than `cycle`: so each
+    directory is listed, and each entry in it lstat'ed, at least once every ``max(period,
+    cycle)`` seconds. A full scan resets the order; new directories (from a watch batch or
+    found by a slice) join at the end, deleted ones leave.
+    """
+
+    def __init__(self, period: float, cycle: float, min_slice: int = MIN_SLICE):
+        self.period, self.cycle, self.min_slice = period, max(period, cycle), min_slice
+        # (folder, reldir) -> (last looked at, its (mtime, ctime, ino) when its names matched
+        # the index, or None: not known, compare names next time)
+        self.dirs: collections.OrderedDict[tuple[str, str], tuple[float, tuple | None]] = (
+            collections.OrderedDict())
+        # folder -> {reldir: {paths of its direct entries}}: built from the index once after a
+        # full scan, when a slice first needs it, then kept by note()
+        self.kids: dict[str, dict[str, set[str]]] = {}
+
+    def children(self, name: str, index: dict[str, dict]) -> dict[str, set[str]]:
+        got = self.kids.get(name)
+        if got is None:
+            got = self.kids[name] = children(index)
+        return got
+
+    def reset(self, indexes: dict[str, dict[str, dict]], now: float) -> None:
+        self.dirs.clear()
+        self.kids.clear()
+        for name, index in indexes.items():
+            self.dirs[(name, "")] = (now, None)
+            for path, e in index.items():
+                if e["kind"] == "dir":
+                    self.dirs[(name, path)] = (now, None)
+
+    def note(self, name: str, changes: list[dict], now: float | None = None) -> None:
+        """Take in the directories a delta created or deleted."""
+        now = time.monotonic() if now is None else now
+        kids = self.kids.get(name)
+        for e in changes:
+            key = (name, e["path"])
+            if kids is not None:
+                parent = e["path"].rpartition("/")[0]
+                if e.get("deleted"):
+                    kids.get(parent, set()).discard(e["path"])
+                    kids.pop(e["path"], None)
+                else:
+                    kids.setdefault(parent, set()).add(e["path"])
+            if e.get("deleted") or e["kind"] != "dir":
+                self.dirs.pop(key, None)
+            elif key not in self.dirs:
+                self.dirs[key] = (now, None)  # just walked by the scan that found it
+
+    def forget(self, name: str, rel: str) -> None:
+        self.dirs.pop((name, rel), None)
+
+    def dir_key(self, name: str, rel: str) -> tuple | None:
+        got = self.dirs.get((name, rel))
+        return None if got is None else got[1]
+
+    def visited(self, name: str, rel: str, now: float, entries: int, dkey: tuple | None
+                ) -> None:
+        self.dirs[(name, rel)] = (now, dkey)
+        self.dirs.move_to_end((name, rel))
+        self._work += entries
+
+    def take(self, now: float, total: int) -> Iterator[tuple[str, str]]:
+        """The next slice, one directory at a time; the caller calls visited() or forget()
+        for each before taking the next (that is what moves the rotation on)."""
+        share = total if self.cycle <= self.period else max(
+            self.min_slice, math.ceil(total * self.period / self.cycle))
+        overdue = now + self.period - self.cycle  # seen before this: due now, share or not
+        self._work = 0
+        for _ in range(len(self.dirs)):
+            if not self.dirs:
+                return
+            key, (seen, _) = next(iter(self.dirs.items()))
+            if seen >= now or (self._work >= share and seen > overdue):
+                return
+            yield key
+            if key in self.dirs and next(iter(self.dirs)) == key:
+                self.dirs.move_to_end(key)  # not reported back: never stall on it
+
+
+def children(index: dict[str, dict]) -> dict[str, set[str]]:
+    """{reldir: {paths of its direct entries}} of an index."""
+    out: dict[str, set[str]] = {}
+    for path in index:
+        out.setdefault(path.rpartition("/")[0], set()).add(path)
+    return out
+
+
+def _open_dir(root: str, rel: str) -> int:
+    """The directory root/rel, opened one component at a time without following a link."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    for part in rel.split("/") if rel else ():
+        try:
+            sub = os.open(part, DIR_FLAGS, dir_fd=fd)
+        finally:
+            os.close(fd)
+        fd = sub
+    return fd
+
+
+def rescan_dir(root: str, filt: Filter, cache: HashCache, index: dict[str, dict], rel: str,
+               old_key: tuple | None, kids: Callable[[], dict[str, set[str]]]
+               ) -> tuple[list[dict], int, tuple | None]:
+    """Compare one directory's entries (not deeper) with the index, updating the index in
+    place: (the delta, how many names it holds, its stat key for next time).
+
+    An unchanged file costs one lstat and a HashCache look-up: no Entry is built. Anything
+    else (a new name, a new folder, a kind that changed, a name gone) goes through scan_paths,
+    the watcher's own path. Names that vanished are looked for only when the directory's
+    mtime, ctime or inode moved since its names last matched the index (a create, a delete or
+    a rename always moves them), so an idle directory never needs the index's list of names.
+    """
+    prefix = rel + "/" if rel else ""
+    base = os.path.join(root, rel) if rel else root
+    try:
+        fd = _open_dir(root, rel)
+    except OSError as exc:
+        if not rel and exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise FolderMissing(root) from None
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return scan_paths(root, filt, cache, index, {rel}), 1, None
+        cache.warn_once(base, "skipping unreadable folder %s: %s", base, exc)
+        return [], 1, old_key  # unreadable is not deleted: keep what we had
+    delta: list[dict] = []
+    redo: set[str] = set()
+    names: set[str] = set()
+    base_slash = base + "/"
+    # HashCache.lookup inlined (abs path -> size, mtime, ino, ctime, Entry): this loop is the
+    # whole cost of an idle node, a few microseconds per file
+    cached = cache._map.get
+    lstat = os.stat
+    every = filt._all  # no filter: no match per name
+    try:
+        dst = os.fstat(fd)  # before the listing: a change after it moves the key
+        dkey = (dst.st_mtime_ns, dst.st_ctime_ns, dst.st_ino)
+        with os.scandir(fd) as it:
+            for de in it:
+                name = de.name
+                if name.startswith(TEMP_PREFIX) or not (name.isascii() or _utf8_ok(name)):
+                    continue
+                path = prefix + name
+                names.add(path)
+                old = index.get(path)
+                try:
+                    if old is not None and old["kind"] == "file":
+                        st = lstat(name, dir_fd=fd, follow_symlinks=False)
+                        hit = cached(base_slash + name)
+                        if (hit is not None and hit[4] is old and hit[0] == st.st_size
+                                and hit[1] == st.st_mtime_ns and hit[2] == st.st_ino
+                                and hit[3] == st.st_ctime_ns):
+                            continue  # the usual case: nothing changed
+                    else:
+                        is_dir = de.is_dir(follow_symlinks=False)
+                        if not is_dir and not every and not filt.match(path):
+                            continue
+                        st = lstat(name, dir_fd=fd, follow_symlinks=False)
+                except OSError:
+                    if old is not None:
+                        redo.add(path)
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    if old is None or old["kind"] != "dir":
+                        redo.add(path)  # a new folder: scan_paths walks it
+                    elif old["mode"] != st.st_mode & 0o777:
+                        index[path] = entry = dir_entry(path, st)
+                        delta.append(entry)
+                    continue
+                if old is not None and old["kind"] == "dir":
+                    redo.add(path)
+                    continue
+                abspath = base_slash + name
+                entry = _entry_from_stat(path, abspath, st, filt, cache, (fd, name))
+                if entry is None:
+                    if old is not None:
+                        redo.add(path)
+                elif old is None or not same_entry(old, entry):
+                    index[path] = entry
+                    delta.append(entry)
+    except OSError as exc:
+        cache.warn_once(base, "skipping unreadable folder %s: %s", base, exc)
+        return delta, max(1, len(names)), None
+    finally:
+        os.close(fd)
+    if dkey != old_key:
+        redo.update(p for p in kids().get(rel, ()) if p not in names)
+    if redo:
+        delta += scan_paths(root, filt, cache, index, redo)
+    # a change in the same timestamp tick as the listing would not move the key: not kept
+    fresh = time.time_ns() - max(dkey[0], dkey[1]) < RACY_NS
+    return delta, max(1, len(names)), None if fresh or redo else dkey
 
 
 def _keep_touched(fresh: dict[str, dict], index: dict[str, dict], paths: set[str]) -> None:

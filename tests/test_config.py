@@ -41,6 +41,7 @@ def ini(tmp_path):
 def test_defaults_and_relative_paths(ini, tmp_path):
     cfg = load(ini())
     assert (cfg.port, cfg.period, cfg.heartbeat, cfg.dead_after) == (4445, 5.0, 0.5, 1.5)
+    assert cfg.rescan_cycle == 120.0
     assert (cfg.role, cfg.strict, cfg.curve, cfg.trash_days) == ("main", False, True, 7.0)
     assert cfg.state_dir == tmp_path / "st"
     assert cfg.secret_key == tmp_path / "keys/alpha.key_secret"
@@ -97,6 +98,8 @@ BAD = [
      "[cluster] ttl: 5.0 is less than loop_wait + 2 * retry_timeout (2.0 + 2 * 2.0)"),
     ("[folders]", "[cluster]\nkey = sbs\n[folders]", "[cluster] key: 'sbs': an absolute key"),
     ("[folders]", "[cluster]\nquorum = 3\n[folders]", "[cluster] quorum: unknown key"),
+    ("[node]\n", "[node]\nrescan_cycle = soon\n", "[node] rescan_cycle: 'soon' is not a number"),
+    ("[node]\n", "[node]\nrescan_cycle = 0\n", "[node] rescan_cycle: 0.0 is out of range"),
 ]
 
 
@@ -137,7 +140,7 @@ def test_missing_file():
 
 
 @pytest.mark.parametrize(("old", "new", "message"),
-                         [BAD[0], BAD[1], BAD[3], BAD[7], BAD[13], BAD[17]])
+                         [BAD[0], BAD[1], BAD[3], BAD[7], BAD[13], BAD[17], BAD[-1]])
 def test_sbs_node_start_exits_2_with_one_line(ini, old, new, message):
     path = ini(BASE.replace(old, new, 1))
     res = subprocess.run([sys.executable, "-m", "sbs.node.cli", "start", "--config", path],

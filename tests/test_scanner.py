@@ -132,3 +132,96 @@ def test_without_a_watcher_the_periodic_rescan_still_publishes_every_change(tmp_
         sc.stop()
         reader.close(0)
     assert "relying on the 0.2s rescan" in caplog.text
+
+
+def test_the_rotation_covers_every_folder_within_the_cycle_new_and_deleted_ones_too():
+    """Rotation: each directory is taken at least once every cycle, in slices of about
+    entries * period / cycle; a new folder joins, a deleted one is never taken again."""
+    from sbs.node.scanner import Rotation
+
+    def dirs(n: int) -> dict[str, dict]:
+        out = {}
+        for d in range(n):
+            out[f"d{d:02}"] = {"path": f"d{d:02}", "kind": "dir"}
+            for f in range(9):
+                out[f"d{d:02}/f{f}"] = {"path": f"d{d:02}/f{f}", "kind": "file"}
+        return out
+
+    index = {"docs": dirs(40), "more": dirs(10)}
+    rot = Rotation(period=1.0, cycle=10.0, min_slice=1)
+    rot.reset(index, 0.0)
+    total = sum(len(ix) for ix in index.values())
+    last = {k: 0.0 for k in rot.dirs}
+    sizes = []
+    for tick in range(1, 41):
+        now = float(tick)
+        if tick == 13:
+            rot.note("docs", [{"path": "new", "kind": "dir"}, {"path": "new/f", "kind": "file"}],
+                     now)
+            last[("docs", "new")] = now
+        if tick == 17:
+            rot.note("docs", [{"path": "d05", "kind": "dir", "deleted": True}], now)
+            del last[("docs", "d05")]
+        taken = []
+        for name, rel in rot.take(now, total):  # visited() before the next: it counts work
+            assert (name, rel) in last, f"{name}/{rel} taken after it was deleted"
+            rot.visited(name, rel, now, 10, None)
+            last[(name, rel)] = now
+            taken.append(rel)
+        sizes.append(len(taken))
+        for key, seen in last.items():
+            assert now - seen <= 10.0, f"{key} not looked at for {now - seen} s"
+    # a slice is about a tenth of the tree, not all of it
+    # (one slice may take more: what would otherwise go unseen longer than the cycle)
+    assert max(sizes) <= 52 // 4 and sum(sizes) / len(sizes) <= 52 / 10 + 1
+    assert ("docs", "new") in rot.dirs and ("docs", "d05") not in rot.dirs
+
+
+def test_a_small_tree_is_rescanned_whole_every_period():
+    from sbs.node.scanner import Rotation
+
+    rot = Rotation(period=5.0, cycle=60.0)
+    rot.reset({"docs": {f"d{i}": {"path": f"d{i}", "kind": "dir"} for i in range(30)}}, 0.0)
+    taken = []
+    for name, rel in rot.take(5.0, 30):
+        rot.visited(name, rel, 5.0, 1, None)
+        taken.append(rel)
+    assert len(taken) == 31  # the root and 30 folders
+
+
+def test_a_slice_finds_new_changed_and_deleted_entries_on_its_own(tmp_path, pipes):
+    """No watch batch at all: the rolling rescan alone publishes a new folder with its
+    content, a changed file, a deleted file and a deleted folder's whole subtree."""
+    import os
+
+    ctx, reader, writer = pipes
+    root = tmp_path / "docs"
+    for d in ("a", "b", "b/deep", "c"):
+        (root / d).mkdir(parents=True)
+        (root / d / "f.txt").write_text(d)
+    sc = Scanner(ctx, "inproc://unused", {"docs": FolderConfig("docs", root)}, period=1,
+                 rescan_cycle=4)
+    sc._full_scan(writer)
+    deltas(reader, sc)
+    os.utime(root / "a", ns=(1, 1))  # an old folder mtime: its key can be kept from now on
+    (root / "a" / "f.txt").write_text("A, longer")
+    (root / "c" / "f.txt").unlink()
+    for p in (root / "b" / "deep" / "f.txt", root / "b" / "f.txt"):
+        p.unlink()
+    (root / "b" / "deep").rmdir()
+    (root / "b").rmdir()
+    (root / "new" / "sub").mkdir(parents=True)
+    (root / "new" / "sub" / "n.txt").write_text("new")
+    seen: dict[str, dict] = {}
+    for tick in range(1, 6):  # one cycle and a little more
+        sc.rotation.dirs = type(sc.rotation.dirs)(  # pretend the time passed: age them all
+            (k, (v[0] - tick, v[1])) for k, v in sc.rotation.dirs.items())
+        sc._rolling_scan(writer)
+        for _, delta in deltas(reader, sc):
+            seen.update({e["path"]: e for e in delta.get("docs", [])})
+    assert seen["a/f.txt"]["size"] == len("A, longer")
+    assert {p for p, e in seen.items() if e.get("deleted")} == {
+        "c/f.txt", "b", "b/f.txt", "b/deep", "b/deep/f.txt"}
+    assert {"new", "new/sub", "new/sub/n.txt"} <= set(seen)
+    assert sc.index["docs"]["new/sub/n.txt"]["size"] == 3 and "b" not in sc.index["docs"]
+    assert ("docs", "new/sub") in sc.rotation.dirs and ("docs", "b") not in sc.rotation.dirs
