@@ -50,6 +50,9 @@ class Primary:
         self.seq = 0  # last manifest seq published
         self.index: dict[str, dict[str, dict]] = {}  # mirror of the scanner's index
         self.index_ready = False
+        # the latest snapshot request that came before the first scan was done (the peer's
+        # ROUTER identity): answered the moment the scan ends, not when the peer asks again
+        self.held_snapshot: bytes | None = None
         self.unacked: collections.deque[tuple[int, dict]] = collections.deque()
         self.scanner: Scanner | None = None
         self.final_sync: FinalSync | None = None
@@ -72,6 +75,7 @@ class Primary:
         node.blobs.set_folders(folders)
         self.index = {n: {} for n in folders}
         self.index_ready = False
+        self.held_snapshot = None
         node.lists.record_primary(folders)
         self.scanner = Scanner(node.ctx, self.endpoint, folders, period=node.cfg.period,
                                rescan_cycle=node.cfg.rescan_cycle)
@@ -82,6 +86,7 @@ class Primary:
             self.scanner.stop()
             self.scanner = None
         self.index_ready = False
+        self.held_snapshot = None
 
     def restart(self, folders: dict[str, FolderConfig]) -> None:
         """A new folder list while primary: a new scanner."""
@@ -112,6 +117,9 @@ class Primary:
             if full and not self.index_ready:
                 self.index_ready = True
                 log.info("first scan done: %s", {n: len(ix) for n, ix in self.index.items()})
+                if (ident := self.held_snapshot) is not None:
+                    self.held_snapshot = None
+                    self.on_snapshot_request(ident, {})
         elif kind == b"flushed":
             fs = self.final_sync
             if fs is not None and fs.token == frames[1].decode():
@@ -147,9 +155,13 @@ class Primary:
     # ------------------------------------------------------------------ the secondary's requests
     def on_snapshot_request(self, ident: bytes, body: dict[str, Any]) -> None:
         node = self.node
-        if node.state not in PRIMARY_LIKE or not self.index_ready:
-            node.reply(ident, protocol.reply_error(
-                "not ready for a snapshot" if node.state in PRIMARY_LIKE else "not primary"))
+        if node.state in PRIMARY_LIKE and not self.index_ready:
+            # an initial sync starts as soon as the index exists; the peer asks again only if
+            # no answer comes in SNAPSHOT_RETRY (a newer request replaces this one)
+            self.held_snapshot = ident
+            return
+        if node.state not in PRIMARY_LIKE:
+            node.reply(ident, protocol.reply_error("not primary"))
             return
         reply = {
             "name": node.cfg.name, "run": node.run_id, "epoch": node.epoch, "seq": self.seq,

@@ -75,6 +75,30 @@ def test_a_node_starting_next_to_a_primary_follows_it_within_milliseconds(make_p
     assert to_secondary < 0.6, f"beta followed the primary after {to_secondary:.3f}s"
 
 
+def test_a_lone_node_waits_dead_after_but_two_started_together_do_not(make_pair):
+    """The start-up wait is only for silence: a node whose peer answers (starting) decides by
+    the rule at once, while a node that hears nobody waits the whole probe window (dead_after)
+    before it says primary. A long dead_after makes the difference plain on a loaded machine."""
+    def to_primary(node):
+        st = node.wait_state("primary", timeout=30)
+        return st["uptime"] - st["in_state_for"]  # the node's own clock, not the poll's
+
+    pair = make_pair(node={"heartbeat": 1.0, "dead_after": 6.0})
+    pair.alpha.start()
+    pair.beta.start()
+    a, b = wait_for(lambda: settled(pair), 30, "the pair to settle")
+    assert (a["state"], b["state"]) == ("primary", "secondary")  # the rule: the smaller name
+    waited = to_primary(pair.alpha)
+    assert waited < 3.0, f"alpha waited {waited:.3f}s although beta answered"
+    assert len(pair.primaries()) == 1
+    pair.stop()
+
+    lone = make_pair(node={"heartbeat": 1.0, "dead_after": 3.0})
+    lone.alpha.start()
+    waited = to_primary(lone.alpha)
+    assert waited >= 3.0, f"alpha said primary after {waited:.3f}s, inside the probe window"
+
+
 @pytest.mark.parametrize("offset", [0, 1, 2])
 def test_a_taken_port_ends_the_node_with_exit_1_and_names_it(make_pair, offset):
     """A runtime failure, not a config error: exit 1 and one line naming the address."""

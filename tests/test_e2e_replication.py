@@ -1222,3 +1222,31 @@ def test_a_change_the_watcher_cannot_see_is_found_within_the_rescan_cycle(make_p
         assert took < cycle + 10, took
     finally:
         mapped.close()
+
+
+def test_a_snapshot_asked_for_during_the_first_scan_is_answered_when_it_ends(make_pair):
+    """Two nodes started together: beta follows alpha and asks for its snapshot while alpha is
+    still hashing its tree. alpha holds the request and answers the moment its first scan is
+    done, instead of telling beta "not ready" and leaving it to ask again 0.2 s later."""
+    pair = make_pair()
+    src = pair.folder("alpha")
+    for d in range(40):  # a first scan that takes a while even on a quiet machine
+        sub = src / f"d{d:02}"
+        sub.mkdir()
+        for i in range(500):
+            (sub / f"f{i}").write_bytes(b"x" * 64)
+    (src / "big.bin").write_bytes(os.urandom(1 << 20) * 96)
+    pair.alpha.start()
+    pair.beta.start()
+    pair.alpha.wait_state("primary", timeout=30)
+    pair.beta.wait_state("secondary", timeout=30)
+    wait_for(lambda: (st := pair.beta.status(0.5)) and st["replication"]["synced"]
+             and st["replication"]["applied"] >= 1, 120, "beta to take the snapshot")
+    alpha_log = pair.alpha.log.read_text()
+    beta_log = pair.beta.log.read_text()
+    asked = next(line for line in beta_log.splitlines() if "-> secondary" in line)
+    scanned = next(line for line in alpha_log.splitlines() if "first scan done" in line)
+    # the case under test: beta asked before alpha's first scan was done (log times, ms)
+    assert asked[:23] < scanned[:23], f"beta followed only after the scan:\n{asked}\n{scanned}"
+    assert "not ready for a snapshot" not in beta_log, pair.beta.tail_log(30)
+    assert "snapshot not answered yet" not in beta_log, pair.beta.tail_log(30)
