@@ -6,9 +6,10 @@ and settled, nothing is written and the utime + stime of both processes (/proc/P
 read at the start and the end of `--seconds`. CPU seconds, unlike a share of wall time, do not
 grow when other work shares the cores; the share of one core is derived from them.
 
-    python bench/idle.py                       # 100,000 files, 120 s idle window
+    python bench/idle.py                       # 100,000 files, 240 s idle window
     python bench/idle.py --files 20000 --seconds 30
     python bench/idle.py --node rescan_cycle=60  # any [node] key of sbs.ini
+    python bench/idle.py --quick               # 5,000 files, 10 s: a smoke test
 
 Prints one JSON line (and writes it to --out when given). The tree is made under --data
 (default: a temp folder) and kept there with --keep for the next run.
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.common import provenance  # noqa: E402
+from bench.common import add_common_args, provenance, write_report  # noqa: E402
 from bench.replication import NODE, KiB, SbsRun, make_files, say  # noqa: E402
 
 
@@ -43,13 +44,18 @@ def proc_cpu_seconds(pid: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=100_000)
-    ap.add_argument("--seconds", type=float, default=120.0, help="idle window")
+    ap.add_argument("--seconds", type=float, default=240.0,
+                    help="idle window (default: two rescan cycles at the defaults)")
     ap.add_argument("--node", action="append", default=[], metavar="KEY=VALUE",
                     help="an extra [node] key for both nodes (repeatable)")
     ap.add_argument("--data", type=Path, help="where the tree is made (kept with --keep)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--quick", action="store_true", help="5,000 files, 10 s: a smoke test")
+    add_common_args(ap)
     args = ap.parse_args()
+    if args.quick:
+        args.files, args.seconds = 5_000, 10.0
     extra = dict(kv.split("=", 1) for kv in args.node)
 
     data = args.data or Path(tempfile.mkdtemp(prefix="sbs-idle-"))
@@ -79,11 +85,11 @@ def main() -> int:
     out = {"files": args.files, "node": dict(NODE), "idle_seconds": round(dt, 1),
            "primary": roles["primary"], "cpu_s": cpu,
            "pct_of_one_core": {n: round(100 * s / dt, 2) for n, s in cpu.items()},
-           "loadavg_at_end": os.getloadavg(), **provenance()}
-    line = json.dumps(out)
-    print(line)
+           "loadavg_at_end": os.getloadavg(), "provenance": provenance(args.run_id)}
+    out["quick"] = args.quick
+    print(json.dumps(out))
     if args.out:
-        args.out.write_text(line + "\n")
+        write_report(out, args.out, args.result)
     return 0
 
 

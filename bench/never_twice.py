@@ -14,11 +14,11 @@ stopped" lines in the logs, and role changes.
 
     python bench/never_twice.py              # 5 kills per mode, 60 s of load per mode
     python bench/never_twice.py --quick      # 2 kills, 15 s of load
+    python bench/never_twice.py --run-id RUN --result RUN/never_twice   # kept beside a cited run
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import add_common_args, provenance, write_report  # noqa: E402
 from tests.etcd import Etcd  # noqa: E402
 from tests.pair import Pair, wait_for  # noqa: E402
 from tests.recorder import lives, overlaps, recorder_command  # noqa: E402
@@ -143,11 +144,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--load-seconds", type=float, default=60.0)
     parser.add_argument("--out", default="bench/out/never_twice.json")
+    add_common_args(parser)
     args = parser.parse_args()
     runs, seconds = (2, 15.0) if args.quick else (args.runs, args.load_seconds)
     tmp = Path(tempfile.mkdtemp(prefix="sbs-bench-never-twice-"))
     etcd = Etcd(tmp).start()
-    result: dict = {"takeover": {}, "false_stops": {}}
+    result: dict = {"provenance": provenance(args.run_id), "quick": args.quick,
+                    "runs": runs, "load_seconds": seconds, "cpus": os.cpu_count(),
+                    "takeover": {}, "false_stops": {}}
     try:
         modes = {"two-node": None, "lease-default": LEASE_DEFAULT, "lease-fast": LEASE_FAST}
         for name, cluster in modes.items():
@@ -162,10 +166,8 @@ def main() -> None:
     finally:
         etcd.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"written to {out}")
+    for path in write_report(result, Path(args.out), args.result):
+        print(f"written to {path}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The runs the README cites, all of them, on the code of one commit, kept in bench/results/.
 
-    python bench/run_cited.py                 # everything (about 30-40 minutes on 2 cores)
+    python bench/run_cited.py                 # everything (about 45-55 minutes on 2 cores)
     python bench/run_cited.py --dry-run       # the commands, not run
     python bench/run_cited.py --quick --allow-dirty   # smoke test of the sequence (~5 min)
     python bench/run_cited.py --only transport,takeover
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import OUT, REPO, RESULTS, git_state, new_run_id  # noqa: E402
 
-BENCHES = ("transport", "takeover", "sentinel_takeover", "replication")
+BENCHES = ("transport", "takeover", "sentinel_takeover", "never_twice", "replication", "idle")
 
 
 def commands(run_id: str, only: list[str], replication_runs: int,

@@ -38,7 +38,13 @@ class Run:
             if path.name == "manifest.json":
                 continue
             try:
-                self.json[path.stem] = json.loads(path.read_text())
+                j = json.loads(path.read_text())
+                if isinstance(j, dict) and "provenance" not in j and "git" in j:
+                    # bench/idle.py before it nested its provenance: the same keys, flat
+                    j["provenance"] = {k: j[k] for k in ("command", "git", "run_id",
+                                                          "started_utc", "loadavg_at_start")
+                                       if k in j}
+                self.json[path.stem] = j
             except (OSError, ValueError) as e:
                 self.unreadable[path.name] = str(e)
         expected = list(EXPECTED)
@@ -229,11 +235,37 @@ def failover(run: Run) -> str | None:
               *(sentinel_cell(s, how, "to_peer_primary_ms", 1) for s in SETTINGS))
         t.row(f"{what} → its sentinel answers on the new primary",
               *(sentinel_cell(s, how, "to_new_sentinel_ms") for s in SETTINGS))
-    # never_twice.py is not part of a cited run: its rows are named, not filled
-    run.not_in_run.append("failover: `kill -9` → sentinel starts on the peer with the etcd "
-                          "lease (bench/never_twice.py is not in bench/run_cited.py)")
-    run.not_in_run.append("failover: false stops of the sentinel (guard; lease) under load "
-                          "(bench/never_twice.py)")
+    nt = run.get("never_twice")
+
+    def lease_cell() -> str | None:
+        tk_nt = dig(nt, "takeover")
+        if not tk_nt:
+            return None
+        parts = []
+        for c in tk_nt.values():
+            k = c.get("kill_to_sentinel")
+            if not k:
+                continue
+            how = (f"ttl {c['cluster']['ttl']:g} / loop_wait {c['cluster']['loop_wait']:g} s"
+                   if c.get("cluster") else "two-node")
+            parts.append(f"{how}: {med(k, ' s', key='p50')}"
+                         + (f", {c['failures']} failed" if c.get("failures") else "")
+                         + f", {c.get('overlaps', '?')} overlaps")
+        return "; ".join(parts) or None
+
+    t.row("`kill -9` of the primary → its sentinel starts on the peer (recorded by the sentinel), "
+          "two-node and with the etcd lease, median (min–max, kills)", lease_cell(), None)
+
+    def stops_cell() -> str | None:
+        fs = dig(nt, "false_stops")
+        if not fs:
+            return None
+        return "; ".join(f"{mode}: {r.get('false_stops', '?')} in {r.get('seconds', 0):g} s "
+                         f"({r.get('hogs', '?')} busy loops, {r.get('overlaps', '?')} overlaps)"
+                         for mode, r in fs.items())
+
+    t.row("false stops of the sentinel under load (guard; etcd lease), defaults",
+          stops_cell(), None)
 
     def false_cell(s: str) -> str | None:
         ft = dig(tk, "false_takeover", s)
@@ -251,7 +283,8 @@ def failover(run: Run) -> str | None:
     body = t.markdown()
     if body is None:
         return None
-    used = [(n, j) for n, j in (("takeover", tk), ("sentinel_takeover", st)) if j]
+    used = [(n, j) for n, j in (("takeover", tk), ("sentinel_takeover", st),
+                                ("never_twice", nt)) if j]
     return header("**Failover**", used) + "\n\n" + body
 
 
@@ -535,6 +568,15 @@ def replication(run: Run) -> str | None:
                 f"{num(x.get(other), 1)} %, over {x.get('seconds')} s)")
 
     t.row(f"idle pair watching {tf or '?':,} files", each(idle), None, None, None)
+    idle_run = run.get("idle")  # bench/idle.py, a longer window than the tree scenario's 30 s
+    if idle_run and idle_run.get("pct_of_one_core"):
+        pct, primary = idle_run["pct_of_one_core"], idle_run.get("primary")
+        other = [n for n in pct if n != primary]
+        t.row(f"idle pair watching {idle_run.get('files', 0):,} files, "
+              f"{idle_run.get('idle_seconds', 0):g} s window (`idle.json`)",
+              f"{num(pct.get(primary), 2)} % of one core (primary; secondary "
+              f"{num(pct.get(other[0]) if other else None, 2)} %)", None, None,
+              "< 1 %: " + ("met" if (pct.get(primary) or 100) < 1 else "**not met**"))
     t.row("pyzmq limit on loopback, 1 MiB chunks, 8 in flight (same run), MB/s",
           each(lambda j: (f"CURVE {num(c, 0)}, plain {num(p, 0)}"
                           if (c := dig(j, "big", "transport_limit", "curve_MBps")) is not None

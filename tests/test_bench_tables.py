@@ -133,3 +133,37 @@ def test_write_refuses_a_quick_run_unless_forced(run_dir: Path, tmp_path: Path) 
     assert (root / "README.md").read_text() == old
     assert tables.main([str(run_dir), "--write", "--force", "--root", str(root)]) == 0
     assert f"run `{RUN_ID}`" in (root / "README.md").read_text()
+
+
+def test_never_twice_and_idle_runs_kept_beside_the_run_fill_their_rows(run_dir: Path) -> None:
+    out, run = tables.render(run_dir)
+    assert "two-node:" not in out["failover"] and "idle.json" not in out["replication"]
+    assert any("etcd lease" in r for r in run.not_in_run)
+    prov = {"command": "python bench/never_twice.py", "run_id": RUN_ID,
+            "git": {"commit": "6675bfe262", "dirty": False}}
+    never = {"provenance": prov, "takeover": {
+        "two-node": {"cluster": None, "failures": 0, "overlaps": 0,
+                     "kill_to_sentinel": {"n": 5, "min": 1.4, "p50": 1.49, "max": 1.54}},
+        "lease-default": {"cluster": {"ttl": 10, "loop_wait": 2}, "failures": 1, "overlaps": 0,
+                          "kill_to_sentinel": {"n": 4, "min": 8.9, "p50": 10.42, "max": 10.7}}},
+        "false_stops": {"guard": {"seconds": 60.0, "hogs": 2, "false_stops": 0, "overlaps": 0},
+                        "lease": {"seconds": 60.0, "hogs": 2, "false_stops": 3,
+                                  "overlaps": 0}}}
+    (run_dir / "never_twice.json").write_text(json.dumps(never))
+    # idle.py's JSON as it was first written: the provenance keys flat at the top
+    idle = {"files": 100_000, "idle_seconds": 240.1, "primary": "beta",
+            "pct_of_one_core": {"alpha": 0.37, "beta": 0.81}, **prov}
+    (run_dir / "idle.json").write_text(json.dumps(idle))
+    out, run = tables.render(run_dir)
+    assert "two-node: 1.49 s (1.40–1.54, n=5), 0 overlaps" in out["failover"]
+    assert "ttl 10 / loop_wait 2 s: 10.42 s (8.90–10.70, n=4), 1 failed" in out["failover"]
+    assert "guard: 0 in 60 s (2 busy loops, 0 overlaps); lease: 3 in 60 s" in out["failover"]
+    assert "`never_twice.json`: `python bench/never_twice.py`" in out["failover"]
+    row = next(r for r in out["replication"].splitlines() if "idle.json" in r)
+    assert "100,000 files, 240.1 s window" in row
+    assert "0.81 % of one core (primary; secondary 0.37 %)" in row and row.endswith("met |")
+    # a dirty idle run is not citable, flat provenance or not
+    idle["git"] = {"commit": "6675bfe262", "dirty": True}
+    (run_dir / "idle.json").write_text(json.dumps(idle))
+    _, run = tables.render(run_dir)
+    assert "idle.json ran on uncommitted code" in run.not_citable()
