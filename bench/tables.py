@@ -587,7 +587,9 @@ def replication(run: Run) -> str | None:
         return None
     title = ("**Replication** (" + " / ".join(n for n, _ in reps)
              + " side by side; median (min–max) over the reps of each run)")
-    return header(title, reps) + "\n\n" + body
+    sources = reps + ([("idle", idle_run)] if idle_run and idle_run.get("pct_of_one_core")
+                      else [])
+    return header(title, sources) + "\n\n" + body
 
 
 # ------------------------------------------------------------------------------ output

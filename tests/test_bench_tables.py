@@ -164,9 +164,10 @@ def test_never_twice_and_idle_runs_kept_beside_the_run_fill_their_rows(run_dir: 
     assert "ttl 10 / loop_wait 2 s: 10.42 s (8.90–10.70, n=4), 1 failed" in out["failover"]
     assert "guard: 0 in 60 s (2 busy loops, 0 overlaps); lease: 3 in 60 s" in out["failover"]
     assert "`never_twice.json`: `python bench/never_twice.py`" in out["failover"]
-    row = next(r for r in out["replication"].splitlines() if "idle.json" in r)
+    row = next(r for r in out["replication"].splitlines() if r.startswith("|") and "idle.json" in r)
     assert "100,000 files, 240.1 s window" in row
     assert "0.81 % of one core (primary; secondary 0.37 %)" in row and row.endswith("met |")
+    assert "`idle.json`: `python bench/never_twice.py`" in out["replication"]  # its command
     # a dirty idle run is not citable, flat provenance or not
     idle["git"] = {"commit": "6675bfe262", "dirty": True}
     (run_dir / "idle.json").write_text(json.dumps(idle))
