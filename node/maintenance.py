@@ -50,9 +50,10 @@ def from_wire(body: Any) -> Record | None:
 
 
 class Maintenance:
-    def __init__(self, state_dir: Path, node: str) -> None:
+    def __init__(self, state_dir: Path, node: str, writes: persist.Guarded) -> None:
         self.path = state_dir / FILE
         self.node = node
+        self.writes = writes  # the node's guarded writer: a failure is shown and retried
         self.record = from_wire(persist.load(self.path, {})) or Record()
         if self.record.on:
             log.warning("MAINTENANCE mode is on (switched on by %s at %s): no takeover, no "
@@ -78,10 +79,8 @@ class Maintenance:
     def _take(self, record: Record, how: str) -> Record:
         changed = record.on != self.record.on
         self.record = record
-        try:
-            persist.save(self.path, record.wire())
-        except OSError as exc:
-            log.error("cannot save %s: %s (maintenance kept in memory)", self.path, exc)
+        # a full state disk: kept in memory, shown in status, written again by the loop
+        self.writes.save(self.path, record.wire())
         if changed:
             log.warning("MAINTENANCE mode %s (%s, by %s at %s)", "ON" if record.on else "off",
                         how, record.by, _clock(record.at))

@@ -38,7 +38,7 @@ class Operator:
     def __init__(self, node: Node) -> None:
         self.node = node
         cfg = node.cfg
-        self.maintenance = Maintenance(node.state_dir, cfg.name)
+        self.maintenance = Maintenance(node.state_dir, cfg.name, node.writes)
         self.alerts = Alerts(node.notifier, cfg.name, cfg.notify, publish=node.publish_event)
         self.health = Health(cfg.health)
         self.handover_why = ""  # why our next HANDOVER is sent (its mail tells planned apart)

@@ -86,10 +86,20 @@ def test_maintenance_is_pair_wide_holds_takeover_and_survives_restarts(make_pair
     wait_for(lambda: logged(b, "maintenance mode: peer_silent held back"), 15,
              "beta to hold back again")
     assert b.state() == "secondary"
+
+    # both stopped, the primary started alone: still in maintenance, from its own disk (no
+    # peer to adopt it from)
+    b.stop()
     a.start()
-    a.wait_state("primary")
+    st = a.wait_state("primary")
+    assert st["maintenance"] is True and st["maintenance_switch"]["by"] == "alpha", st
+    assert st["peer_state"] == "unreachable", st
+    assert logged(a, "MAINTENANCE mode is on")
+    b.start()
+    b.wait_state("secondary")
     wait_for(lambda: (st := a.status()) and st["peer_state"] == "secondary", 15,
              "alpha to see beta as secondary")
+    assert a.status()["maintenance"] is True
 
     # switched off on the other node: armed again, pair-wide
     done = sbs_tools("maintenance", "off", "--config", str(b.config))
@@ -257,6 +267,15 @@ def test_standby_lost_and_back_and_hand_over_told_from_failover(make_pair, smtp)
              "the failover mail")
     assert subjects(inbox).count("SBS ALERT alpha: no standby") == 1
     assert not [s for s in subjects(inbox) if "failover: beta" in s]
+
+    # a stopped primary (SIGTERM) hands over: planned, and its mail says so
+    pair.beta.start()
+    pair.beta.wait_state("secondary")
+    pair.alpha.stop()
+    pair.beta.wait_state("primary", 20)
+    wait_for(lambda: "SBS hand-over (stop): beta is now primary" in subjects(inbox), 15,
+             "the stop's hand-over mail")
+    assert not [s for s in subjects(inbox) if "failover: beta" in s], subjects(inbox)
 
 
 def test_a_configuration_adopted_is_mailed(make_pair, smtp):

@@ -91,15 +91,18 @@ def test_a_full_state_disk_on_the_primary_keeps_its_role_and_its_sentinels(make_
     # a sentinel started now: its pid file, its log header and pair.json find no room
     reply = request(alpha.cfg, "SENTINEL", {"action": "start", "name": "idle"}, timeout=5)
     assert reply and reply["status"] == "ok", reply
+    # and the operator's maintenance switch finds no room for maintenance.json either
+    reply = request(alpha.cfg, "MAINTENANCE", {"on": True}, timeout=5)
+    assert reply and reply["maintenance"]["on"], reply
 
     def failing() -> set[str]:
         st = alpha.status(1.0)
         return {Path(k).name for k in st["state_writes"]} if st else set()
 
-    wait_for(lambda: {"pair.json", "sentinels.pids.json"} <= failing(), 10,
+    wait_for(lambda: {"pair.json", "sentinels.pids.json", "maintenance.json"} <= failing(), 10,
              f"the failed writes in alpha's status{alpha.tail_log()}")
     st = alpha.status(1.0)
-    assert st["state"] == "primary"
+    assert st["state"] == "primary" and st["maintenance"] is True
     assert next(s for s in st["sentinels"] if s["name"] == "idle")["state"] == "running"
     write(a / "during.txt", "written while alpha's state disk is full")
     wait_equal(a, b, 20, "replication from a primary with a full state disk")
@@ -108,3 +111,5 @@ def test_a_full_state_disk_on_the_primary_keeps_its_role_and_its_sentinels(make_
              f"the state writes to succeed again{alpha.tail_log()}")
     pids = json.loads((alpha.inside(state) / "sentinels.pids.json").read_text())
     assert [c["name"] for c in pids["children"]] == ["idle"], pids
+    maint = json.loads((alpha.inside(state) / "maintenance.json").read_text())
+    assert maint["on"] is True and maint["by"] == "alpha", maint

@@ -14,6 +14,8 @@ from sbs.node.listedits import (
     stamp_from,
 )
 from sbs.node.maintenance import Maintenance, Record, from_wire
+from sbs.node.persist import Guarded
+from sbs.node.persist import load as load_json
 
 INI = """[node]
 name = alpha
@@ -73,17 +75,33 @@ def test_changes_names_what_was_added_removed_and_changed():
 
 
 def test_maintenance_is_kept_on_disk_and_the_newer_switch_wins(tmp_path: Path):
-    m = Maintenance(tmp_path, "alpha")
+    m = Maintenance(tmp_path, "alpha", Guarded())
     assert not m.on
     rec = m.switch(True)
     assert rec.on and rec.by == "alpha"
-    assert Maintenance(tmp_path, "alpha").on  # a restart keeps it
+    assert Maintenance(tmp_path, "alpha", Guarded()).on  # a restart keeps it
     assert not m.offer(Record(False, rec.at - 10, "beta"), "beta")  # older: ignored
     assert m.on
     assert m.offer(Record(False, rec.at + 10, "beta"), "beta")
-    assert not Maintenance(tmp_path, "alpha").on
+    assert not Maintenance(tmp_path, "alpha", Guarded()).on
     later = m.switch(True)  # never older than what it holds, whatever this clock says
     assert later.at > rec.at + 10
     assert from_wire({"on": "yes", "at": 1, "by": "x"}) is None
     (tmp_path / "maintenance.json").write_text("not json")
-    assert not Maintenance(tmp_path, "alpha").on  # unreadable: logged, off
+    assert not Maintenance(tmp_path, "alpha", Guarded()).on  # unreadable: logged, off
+
+
+def test_a_maintenance_switch_that_cannot_be_written_is_shown_and_retried(tmp_path: Path):
+    state = tmp_path / "state"
+    writes = Guarded(retry_every=2.0)
+    m = Maintenance(state, "alpha", writes)
+    state.write_text("a file where the state folder should be")  # as a full disk fails
+    rec = m.switch(True)
+    assert m.on  # kept in memory: it holds back takeovers all the same
+    path = str(state / "maintenance.json")
+    assert list(writes.status()) == [path] and writes.status()[path]["error"]
+    state.unlink()
+    writes.retry(now=100.0)  # the node's loop (Node._retry_writes)
+    assert writes.status() == {}
+    assert load_json(state / "maintenance.json", None) == rec.wire()
+    assert Maintenance(state, "alpha", Guarded()).on
