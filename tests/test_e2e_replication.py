@@ -802,6 +802,7 @@ class FakePrimary:
         self.folders = {"docs": ["*"], "nopath": ["*"], "relative": ["*"]}
         self.paths = {"docs": "/nonexistent/alpha/docs", "relative": "rel/dir"}
         self.outbox: list[list[bytes]] = []
+        self.snapshot_from = {"run": "fakerun", "epoch": 7}  # a test may make it stale
         self.lock = threading.Lock()
         keys = load_keys(self.cfg)
         self.ctx = zmq.Context()
@@ -848,7 +849,7 @@ class FakePrimary:
                 elif msg and msg.command == "SNAPSHOT":
                     self.snapshots += 1
                     self.router.send_multipart([ident, *protocol.encode("SNAPSHOT_REP", {
-                        "name": "alpha", "run": "fakerun", "epoch": 7, "seq": self.seq,
+                        "name": "alpha", **self.snapshot_from, "seq": self.seq,
                         "folders": self.folders, "paths": self.paths,
                         "sentinels": {}, "active": [], "sv": 0, "index": self.index})])
             if self.rep in ready:
