@@ -966,7 +966,7 @@ def test_a_hostile_primary_cannot_write_outside_the_folders(make_pair, tmp_path)
         fake.publish({"../..": [_entry("y", evil)], "docs": [_entry("y", evil)]},
                      seq=fake.seq)
         fake.send_raw(protocol.encode_bus("SENTINELS", {
-            "name": "alpha", "sv": 5, "sentinels": {"a b": "true", "../../x": "true"},
+            "name": "alpha", "epoch": 7, "sv": 5, "sentinels": {"a b": "true", "../../x": "true"},
             "active": ["a b"]}))
         fake.publish({"docs": [e for e in hostile if e is not None] + [
                          _entry("good2.txt", good), _entry("flaky.txt", good)],

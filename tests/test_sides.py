@@ -8,12 +8,14 @@ import os
 import secrets
 import subprocess
 import time
+from types import SimpleNamespace
 
 import orjson
 import pytest
 import zmq
 from sbs.node import protocol
 from sbs.node.config import load
+from sbs.node.lease import Lease
 from sbs.node.node import FsmFailure, Node
 
 from tests.pair import HOSTS, free_port_triplet, wait_for, write_config
@@ -243,3 +245,23 @@ def test_an_fsm_action_that_fails_is_not_dropped_it_ends_the_loop(alpha, monkeyp
             answer(alpha, sock, "PROMOTE", {"force": False})
     finally:
         sock.close()
+
+
+# ------------------------------------------------------------------ the term ([cluster] dcs)
+
+def sentinels(epoch: int, sv: int) -> list[bytes]:
+    return protocol.encode_bus("SENTINELS", {"name": "beta", "epoch": epoch, "sv": sv,
+                                             "sentinels": {"web": "sleep 600"},
+                                             "active": ["web"]})
+
+
+def test_a_sentinel_list_of_a_term_older_than_the_keys_is_refused(alpha, monkeypatch, caplog):
+    following(alpha, PRIMARY_RUN, 4)
+    # then etcd tells alpha the leader key's create revision is 5 (a real Lease's check)
+    lease = SimpleNamespace(term=5)
+    monkeypatch.setattr(alpha.primacy, "stale", lambda what, body: Lease.stale(lease, what, body))
+    alpha.secondary.on_bus(sentinels(4, 3))  # a primary that lost its lease, not knowing it
+    assert alpha.lists.sv != 3 and "web" not in alpha.lists.pair.get("sentinels", {})
+    assert "refused SENTINELS from beta: term 4 is older than the leader key's 5" in caplog.text
+    alpha.secondary.on_bus(sentinels(5, 3))  # the key's holder
+    assert alpha.lists.sv == 3 and alpha.lists.pair["sentinels"] == {"web": "sleep 600"}
