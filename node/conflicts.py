@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .journal import Agreed
-from .tree import PathError
+from .tree import DIR_FLAGS, PathError, walk
 
 if TYPE_CHECKING:
     from .syncer import Syncer
@@ -98,17 +98,25 @@ def listing(state_dir: Path, limit: int = 10_000) -> list[dict[str, Any]]:
         return out
     for stamp in stamps:
         for folder in sorted(p for p in stamp.iterdir() if p.is_dir()):
-            for dirpath, dirnames, filenames in os.walk(folder):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    full = Path(dirpath) / name
-                    try:
-                        size = full.lstat().st_size
-                    except OSError:
-                        continue
-                    out.append({"time": stamp.name, "folder": folder.name,
-                                "path": str(full.relative_to(folder)), "size": size,
-                                "kept": str(full)})
-                    if len(out) >= limit:
-                        return out
+            # a kept copy may be as deep as the replicated tree (deeper than Python's recursion
+            # limit, longer than PATH_MAX): the no-recursion walk, each name under its dir fd
+            try:
+                top = os.open(folder, DIR_FLAGS)
+            except OSError:
+                continue
+            try:
+                for rel, fd, dirs, others in walk(top):
+                    dirs.sort()
+                    for name in sorted(others):
+                        try:
+                            size = os.lstat(name, dir_fd=fd).st_size
+                        except OSError:
+                            continue
+                        path = f"{rel}/{name}" if rel else name
+                        out.append({"time": stamp.name, "folder": folder.name, "path": path,
+                                    "size": size, "kept": str(folder / path)})
+                        if len(out) >= limit:
+                            return out
+            finally:
+                os.close(top)
     return out

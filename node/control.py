@@ -96,7 +96,7 @@ class Control:
                 return
             fields = node.lists.sentinels_changed()
             node.pub.send_multipart(protocol.encode_bus("SENTINELS", {
-                "name": node.cfg.name, **fields}))
+                "name": node.cfg.name, "epoch": node.epoch, **fields}))
         node.reply(ident, protocol.reply_ok(sentinels=node.sentinels.status(),
                                             active=node.sentinels.active,
                                             restricted=node.restricted))

@@ -245,8 +245,8 @@ class ListSync:
         node.folders = node.lists.pushed_folders()
         node.primary.restart(node.folders)
         fields = node.lists.sentinels_changed()  # sv + 1: the secondary takes a new snapshot
-        node.pub.send_multipart(protocol.encode_bus("SENTINELS", {"name": node.cfg.name,
-                                                                   **fields}))
+        node.pub.send_multipart(protocol.encode_bus("SENTINELS", {
+            "name": node.cfg.name, "epoch": node.epoch, **fields}))
         self.ops.watch_checks()
 
 

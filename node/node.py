@@ -58,7 +58,7 @@ from .sentinel_stop import SentinelStop
 from .sentinels import Sentinels
 from .wiring import NodeError, close_all, open_sockets
 
-__all__ = ["Node", "NodeError", "PeerLink"]
+__all__ = ["FsmFailure", "Node", "NodeError", "PeerLink"]
 
 log = logging.getLogger("sbs.node")
 
@@ -66,6 +66,11 @@ log = logging.getLogger("sbs.node")
 # that has just come up hears from us within milliseconds rather than at the next heartbeat;
 # the wait doubles while the peer stays unreachable, up to the heartbeat itself
 PING_RETRY = 0.025
+
+
+class FsmFailure(RuntimeError):
+    """An action of the FSM failed half-way through a transition: the node's own state is in
+    doubt, so the loop does not drop it like a bad message; it ends the node."""
 
 
 class Node:
@@ -201,7 +206,13 @@ class Node:
                     frames = sock.recv_multipart(zmq.NOBLOCK, copy=sock is not self.router)
                 except zmq.Again:
                     break
-                handler(frames)
+                try:
+                    handler(frames)
+                except FsmFailure:
+                    raise  # the node's own state is in doubt: that ends it
+                except Exception:  # a malformed or hostile message is dropped, the node goes on
+                    log.exception("dropped a message: %s failed on it",
+                                  getattr(handler, "__qualname__", handler))
                 if self.state == S.STOPPED and not self.sentinel_stop.running:
                     return
         self._tick(time.monotonic())
@@ -257,11 +268,17 @@ class Node:
         if nxt != self.state:
             self.state = nxt
             self.state_at = time.monotonic()
-        for i, action in enumerate(actions):
-            if action == A.STOP_SENTINELS and self.sentinel_stop.begin(
-                    actions[i + 1:], prev=prev, event=event, context=context):
-                break  # the rest runs once they have stopped: SentinelStop.tick
-            self.perform(action, prev=prev, event=event, context=context)
+        try:
+            for i, action in enumerate(actions):
+                if action == A.STOP_SENTINELS and self.sentinel_stop.begin(
+                        actions[i + 1:], prev=prev, event=event, context=context):
+                    break  # the rest runs once they have stopped: SentinelStop.tick
+                self.perform(action, prev=prev, event=event, context=context)
+        except FsmFailure:
+            raise
+        except Exception as exc:  # a transition done half-way: not for the loop to drop
+            raise FsmFailure(f"{prev.value} + {event.value} -> {nxt.value}: "
+                             f"{type(exc).__name__}: {exc}") from exc
         if nxt != prev:
             # the state counts from when its actions are done: stopping a slow sentinel before
             # a hand-over must not make a fresh secondary look like one of long standing (two

@@ -291,8 +291,9 @@ SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
             "seq": SEQ, "sv": SEQ, "maintenance": b}, ("maintenance",)),
     "MANIFEST": ({"name": NAME, "run": s(32), "epoch": EPOCH, "seq": SEQ, "part": i(0),
                   "parts": i(1), "entries": ENTRIES}, ()),
-    "SENTINELS": ({"name": NAME, "sv": SEQ, "sentinels": SENTINEL_DEFS, "active": ACTIVE},
-                  ()),
+    # epoch: the sender's term, refused when stale like MANIFEST's and HB's (node/lease.py)
+    "SENTINELS": ({"name": NAME, "epoch": EPOCH, "sv": SEQ, "sentinels": SENTINEL_DEFS,
+                   "active": ACTIVE}, ()),
     "EVENT": ({"name": NAME, "event": s(64)}, ()),
     # blobs: fetch client (DEALER) -> REP
     "GET": ({"id": SEQ, "items": list_of(obj({"f": s(255), "p": s(4096), "o": i(0),

@@ -173,7 +173,8 @@ class Secondary:
         body = msg.body
         if self.syncer is None:
             return
-        if msg.command in ("MANIFEST", "HB") and self.node.primacy.stale(msg.command, body):
+        if (msg.command in ("MANIFEST", "HB", "SENTINELS")
+                and self.node.primacy.stale(msg.command, body)):
             return
         f = self.follow
         waiting = bool(f.snapshot_deadline)

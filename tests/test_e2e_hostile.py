@@ -285,6 +285,51 @@ def test_a_handover_with_a_stale_epoch_is_logged_and_dropped(make_pair):
     assert "took over" not in pair.beta.log.read_text().split("ignored HANDOVER")[-1]
 
 
+def test_a_stale_snapshot_rep_and_a_stale_lists_are_logged_and_dropped(make_pair):
+    """The fake primary is run "fakerun" at epoch 7 (its pongs and heartbeats say so); what it
+    answers or sends as an older run or epoch is dropped, what it sends as itself is taken."""
+    pair = make_pair(node={"dead_after": 3.0})
+    b = pair.folder("beta")
+    data = b"from the current snapshot\n"
+    fake = FakePrimary(pair, {"docs": [_entry("f.txt", data)]}, {"f.txt": data})
+    fake.folders, fake.paths = {"docs": ["*"]}, {"docs": str(b)}
+    try:
+        for stale, why in (({"run": "fakerun", "epoch": 6}, "stale epoch 6"),
+                           ({"run": "oldrun", "epoch": 7}, "from run oldrun")):
+            fake.snapshot_from = stale
+            pair.beta.start()
+            pair.beta.wait_state("secondary")
+            wait_for(lambda w=why: f"ignored SNAPSHOT_REP {w}" in pair.beta.log.read_text(), 20,
+                     f"beta to drop the SNAPSHOT_REP ({why}) (log: {pair.beta.tail_log()})")
+            assert not (b / "f.txt").exists()
+            pair.beta.stop()
+        fake.snapshot_from = {"run": "fakerun", "epoch": 7}
+        pair.beta.start()
+        pair.beta.wait_state("secondary")
+        wait_for(lambda: (b / "f.txt").is_file(), 20,
+                 f"beta to follow the current snapshot (log: {pair.beta.tail_log()})")
+
+        sock = _control(pair, "alpha", "beta")  # alpha's key, as the fake holds it
+        try:
+            lists = {"name": "alpha", "run": "fakerun", "epoch": 7, "gen": 7, "at": 1.0,
+                     "by": "alpha", "folders": {"docs": ["*"]}, "paths": {"docs": str(b)},
+                     "sentinels": {}}
+            for stale, why in (({"epoch": 6}, "stale epoch 6"), ({"epoch": 0}, "stale epoch 0"),
+                               ({"run": "oldrun"}, "from run oldrun")):
+                sock.send_multipart(protocol.encode("LISTS", {**lists, **stale}))
+                wait_for(lambda w=why: f"ignored LISTS {w}" in pair.beta.log.read_text(), 10,
+                         f"beta to drop the LISTS ({why})")
+            assert pair.beta.status()["lists"]["gen"] == 0
+            sock.send_multipart(protocol.encode("LISTS", lists))  # current: taken
+            wait_for(lambda: pair.beta.status()["lists"]["gen"] == 7, 10,
+                     f"beta to take the current LISTS (log: {pair.beta.tail_log()})")
+        finally:
+            sock.close()
+    finally:
+        fake.stop()
+    assert "Traceback" not in pair.beta.log.read_text()
+
+
 def _ask(sock: zmq.Socket, command: str, body: dict | None = None) -> dict:
     sock.send_multipart(protocol.encode(command, body or {}))
     msg = protocol.decode(sock.recv_multipart())

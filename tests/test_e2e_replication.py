@@ -802,6 +802,7 @@ class FakePrimary:
         self.folders = {"docs": ["*"], "nopath": ["*"], "relative": ["*"]}
         self.paths = {"docs": "/nonexistent/alpha/docs", "relative": "rel/dir"}
         self.outbox: list[list[bytes]] = []
+        self.snapshot_from = {"run": "fakerun", "epoch": 7}  # a test may make it stale
         self.lock = threading.Lock()
         keys = load_keys(self.cfg)
         self.ctx = zmq.Context()
@@ -848,7 +849,7 @@ class FakePrimary:
                 elif msg and msg.command == "SNAPSHOT":
                     self.snapshots += 1
                     self.router.send_multipart([ident, *protocol.encode("SNAPSHOT_REP", {
-                        "name": "alpha", "run": "fakerun", "epoch": 7, "seq": self.seq,
+                        "name": "alpha", **self.snapshot_from, "seq": self.seq,
                         "folders": self.folders, "paths": self.paths,
                         "sentinels": {}, "active": [], "sv": 0, "index": self.index})])
             if self.rep in ready:
@@ -965,7 +966,7 @@ def test_a_hostile_primary_cannot_write_outside_the_folders(make_pair, tmp_path)
         fake.publish({"../..": [_entry("y", evil)], "docs": [_entry("y", evil)]},
                      seq=fake.seq)
         fake.send_raw(protocol.encode_bus("SENTINELS", {
-            "name": "alpha", "sv": 5, "sentinels": {"a b": "true", "../../x": "true"},
+            "name": "alpha", "epoch": 7, "sv": 5, "sentinels": {"a b": "true", "../../x": "true"},
             "active": ["a b"]}))
         fake.publish({"docs": [e for e in hostile if e is not None] + [
                          _entry("good2.txt", good), _entry("flaky.txt", good)],

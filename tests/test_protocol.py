@@ -74,7 +74,8 @@ def test_pushed_folder_and_sentinel_names_are_held_to_the_config_rules():
     assert decode_bus(encode_bus("MANIFEST", {**manifest, "entries": {"docs": []}}))
     assert isinstance(decode_bus(encode_bus("MANIFEST", {**manifest, "entries": {"..": []}})),
                       Bad)
-    sentinels = {"name": "alpha", "sv": 2, "sentinels": {"web": "httpd"}, "active": ["web"]}
+    sentinels = {"name": "alpha", "epoch": 1, "sv": 2, "sentinels": {"web": "httpd"},
+                 "active": ["web"]}
     assert decode_bus(encode_bus("SENTINELS", sentinels))
     assert isinstance(decode_bus(encode_bus("SENTINELS", {**sentinels, "active": ["a b"]})), Bad)
 
@@ -130,8 +131,8 @@ VALID: dict[str, tuple[dict, tuple[bytes, ...]]] = {
             "maintenance": False}, ()),
     "MANIFEST": ({"name": "alpha", "run": "r", "epoch": 1, "seq": 4, "part": 0, "parts": 1,
                   "entries": {"docs": [ENTRY, {**ENTRY, "path": "gone", "deleted": True}]}}, ()),
-    "SENTINELS": ({"name": "alpha", "sv": 2, "sentinels": {"web": "httpd"}, "active": ["web"]},
-                  ()),
+    "SENTINELS": ({"name": "alpha", "epoch": 1, "sv": 2, "sentinels": {"web": "httpd"},
+                   "active": ["web"]}, ()),
     "EVENT": ({"name": "alpha", "event": "role"}, ()),
     "GET": ({"id": 1, "items": [{"f": "docs", "p": "a", "o": 0, "n": 10}]}, ()),
     "DATA": ({"id": 1, "items": [{"size": 3}, {"size": -1, "err": "gone"}]}, (b"abc", b"")),

@@ -4,15 +4,19 @@ test plays the peer with a ROUTER on the peer's address; a test takes millisecon
 end-to-end tests of the same rules take seconds."""
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
 import time
+from types import SimpleNamespace
 
 import orjson
 import pytest
 import zmq
 from sbs.node import protocol
 from sbs.node.config import load
-from sbs.node.node import Node
+from sbs.node.lease import Lease
+from sbs.node.node import FsmFailure, Node
 
 from tests.pair import HOSTS, free_port_triplet, wait_for, write_config
 
@@ -157,3 +161,107 @@ def test_an_ack_for_this_run_makes_the_manifest_agreed(alpha):
     assert alpha.peer.applied == 1
     assert not alpha.primary.unacked
     wait_for(lambda: alpha.agreed.get("docs", "a.txt") == entry["hash"], 5, "the journal")
+
+
+# ------------------------------------------------------------------ the loop and bad messages
+
+def operator(node: Node) -> zmq.Socket:
+    """A DEALER to the node's control port (no CURVE here: any sender may send anything); the
+    node's loop may then run (_loop_once), still probing for its peer meanwhile."""
+    node.probe_deadline = time.monotonic() + 600  # what run() sets
+    node.stop_requested = 0
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(f"tcp://{node.cfg.local}:{node.cfg.control_port}")
+    return sock
+
+
+def answer(node: Node, sock: zmq.Socket, command: str, body: dict | None = None,
+           timeout: float = 20.0) -> protocol.Message | None:
+    """Send `command`, run the node's loop until it answers (None: no answer in `timeout`)."""
+    sock.send_multipart(protocol.encode(command, body or {}))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        node._loop_once()
+        if sock.poll(0):
+            return protocol.decode(sock.recv_multipart())
+    return None
+
+
+def test_status_answers_with_a_kept_copy_2000_levels_deep(alpha, tmp_path):
+    fd = os.open(alpha.state_dir, os.O_RDONLY | os.O_DIRECTORY)
+    for name in ["conflicts", "20261205T000000.000Z", "docs"] + ["d"] * 1999:
+        os.mkdir(name, dir_fd=fd)
+        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = sub
+    os.close(os.open("f.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    os.close(fd)
+    sock = operator(alpha)
+    try:
+        msg = answer(alpha, sock, "STATUS")
+        assert msg is not None and msg.command == "REPLY", msg
+        conflicts = msg.body["conflicts"]
+        assert conflicts["count"] == 1
+        assert conflicts["files"][0]["path"] == "/".join(["d"] * 1999 + ["f.txt"])
+    finally:  # pytest's own cleanup (shutil.rmtree) recurses: remove the deep tree here
+        sock.close()
+        subprocess.run(["rm", "-rf", str(alpha.state_dir / "conflicts")], check=False,
+                       timeout=120)
+
+
+def test_a_message_its_handler_fails_on_is_logged_and_dropped_and_the_loop_goes_on(
+        alpha, caplog):
+    status = alpha.control.commands["STATUS"]
+    calls = []
+
+    def broken_once(ident: bytes, body: dict) -> None:
+        calls.append(body)
+        if len(calls) == 1:
+            raise KeyError("a bug one message meets")
+        status(ident, body)
+
+    alpha.control.commands["STATUS"] = broken_once
+    sock = operator(alpha)
+    try:
+        assert answer(alpha, sock, "STATUS", timeout=1.0) is None  # dropped: no answer
+        msg = answer(alpha, sock, "STATUS")
+        assert msg is not None and msg.body["status"] == "ok", msg
+    finally:
+        sock.close()
+    dropped = [r for r in caplog.records if r.getMessage().startswith("dropped a message")]
+    assert len(dropped) == 1 and "on_router" in dropped[0].getMessage()
+    assert dropped[0].exc_info and dropped[0].exc_info[0] is KeyError  # with its traceback
+
+
+def test_an_fsm_action_that_fails_is_not_dropped_it_ends_the_loop(alpha, monkeypatch):
+    def broken(**how) -> None:
+        raise OSError("an action failed half-way")
+
+    monkeypatch.setattr(alpha, "_do_refuse", broken)  # STARTING + PROMOTE refuses
+    sock = operator(alpha)
+    try:
+        with pytest.raises(FsmFailure, match="starting \\+ promote -> starting: OSError"):
+            answer(alpha, sock, "PROMOTE", {"force": False})
+    finally:
+        sock.close()
+
+
+# ------------------------------------------------------------------ the term ([cluster] dcs)
+
+def sentinels(epoch: int, sv: int) -> list[bytes]:
+    return protocol.encode_bus("SENTINELS", {"name": "beta", "epoch": epoch, "sv": sv,
+                                             "sentinels": {"web": "sleep 600"},
+                                             "active": ["web"]})
+
+
+def test_a_sentinel_list_of_a_term_older_than_the_keys_is_refused(alpha, monkeypatch, caplog):
+    following(alpha, PRIMARY_RUN, 4)
+    # then etcd tells alpha the leader key's create revision is 5 (a real Lease's check)
+    lease = SimpleNamespace(term=5)
+    monkeypatch.setattr(alpha.primacy, "stale", lambda what, body: Lease.stale(lease, what, body))
+    alpha.secondary.on_bus(sentinels(4, 3))  # a primary that lost its lease, not knowing it
+    assert alpha.lists.sv != 3 and "web" not in alpha.lists.pair.get("sentinels", {})
+    assert "refused SENTINELS from beta: term 4 is older than the leader key's 5" in caplog.text
+    alpha.secondary.on_bus(sentinels(5, 3))  # the key's holder
+    assert alpha.lists.sv == 3 and alpha.lists.pair["sentinels"] == {"web": "sleep 600"}

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sbs.node.conflicts import listing
 from sbs.node.index import TEMP_PREFIX, Filter, HashCache, hash_bytes, scan_folder
 from sbs.node.writer import (
     FolderWriter,
@@ -399,6 +400,35 @@ def test_preserve_keeps_content_mode_and_mtime(writer):
     assert writer.preserve("c", stamp) is None  # folders are not copied
     assert writer.preserve("c/none", stamp) is None
     assert Path(writer.root, "c/f.txt").read_bytes() == b"local change"  # a copy, not a move
+
+
+def test_conflicts_listing_lists_a_kept_copy_2000_levels_deep(writer, tmp_path):
+    # a replicated tree may be deeper than Python's recursion limit, and so may a kept copy:
+    # os.walk recursed (RecursionError); made one openat at a time, as no path this long opens
+    put(writer, "top.txt", b"top")
+    stamp = utc_stamp()
+    writer.preserve("top.txt", stamp)
+    names = ["d"] * 1999 + ["f.txt"]
+    fd = os.open(Path(writer.conflicts_dir, stamp, "f"), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in names[:-1]:
+            os.mkdir(name, dir_fd=fd)
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        f = os.open(names[-1], os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(f, b"deep down")
+        os.close(f)
+        os.close(fd)
+        deep = "/".join(names)
+        kept = listing(tmp_path / "state")
+        assert [(k["time"], k["folder"], k["path"], k["size"]) for k in kept] == [
+            (stamp, "f", "top.txt", 3), (stamp, "f", deep, 9)]
+        assert kept[1]["kept"] == os.path.join(writer.conflicts_dir, stamp, "f", deep)
+        assert len(listing(tmp_path / "state", limit=1)) == 1
+    finally:  # pytest's own cleanup (shutil.rmtree) recurses: remove the deep tree here
+        subprocess.run(["rm", "-rf", str(tmp_path / "state" / "conflicts")], check=False,
+                       timeout=120)
 
 
 # --- cleanup and purge -----------------------------------------------------------------------
