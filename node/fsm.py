@@ -49,6 +49,11 @@ from __future__ import annotations
 from enum import StrEnum
 
 
+class FsmFailure(RuntimeError):
+    """An action of the FSM failed half-way through a transition: the node's own state is in
+    doubt, so the loop does not drop it like a bad message; it ends the node."""
+
+
 class S(StrEnum):
     STARTING = "starting"
     PRIMARY = "primary"

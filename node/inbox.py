@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from . import protocol
-from .fsm import E
+from .fsm import E, FsmFailure
 from .protocol import Bad, Message
 from .security import PEER_COMMANDS, refusal, sender_key
 
@@ -54,5 +54,16 @@ class Inbox:
             return
         if (handler := self.peer_commands.get(msg.command)) is not None:
             handler(ident, msg)
-        elif not self.node.control.handle(ident, msg.command, msg.body):
+            return
+        try:
+            handled = self.node.control.handle(ident, msg.command, msg.body)
+        except FsmFailure:
+            raise  # the node's own state is in doubt: that ends it (node.py)
+        except Exception as e:  # the operator hears of it at once instead of at a timeout
+            log.exception("operator command %s failed; the node goes on", msg.command)
+            self.node.reply(ident, protocol.reply_error(
+                f"{msg.command} failed inside the node ({type(e).__name__}: {e}); "
+                "see the node's log"))
+            return
+        if not handled:
             log.warning("dropped control message %s: not accepted on this port", msg.command)

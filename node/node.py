@@ -35,7 +35,7 @@ import zmq
 from . import persist, protocol
 from .config import Config, FolderConfig
 from .control import Control
-from .fsm import PRIMARY_LIKE, PUBLIC, A, E, S, step
+from .fsm import PRIMARY_LIKE, PUBLIC, A, E, FsmFailure, S, step
 from .inbox import Inbox
 from .journal import Agreed
 from .listsync import lists_at_start
@@ -66,11 +66,6 @@ log = logging.getLogger("sbs.node")
 # that has just come up hears from us within milliseconds rather than at the next heartbeat;
 # the wait doubles while the peer stays unreachable, up to the heartbeat itself
 PING_RETRY = 0.025
-
-
-class FsmFailure(RuntimeError):
-    """An action of the FSM failed half-way through a transition: the node's own state is in
-    doubt, so the loop does not drop it like a bad message; it ends the node."""
 
 
 class Node:

@@ -224,8 +224,36 @@ def test_a_message_its_handler_fails_on_is_logged_and_dropped_and_the_loop_goes_
     alpha.control.commands["STATUS"] = broken_once
     sock = operator(alpha)
     try:
-        assert answer(alpha, sock, "STATUS", timeout=1.0) is None  # dropped: no answer
+        # the operator hears at once that the command failed, and why, instead of a timeout
         msg = answer(alpha, sock, "STATUS")
+        assert msg is not None and msg.body["status"] == "error", msg
+        assert "STATUS failed inside the node (KeyError" in msg.body["reason"], msg
+        msg = answer(alpha, sock, "STATUS")
+        assert msg is not None and msg.body["status"] == "ok", msg
+    finally:
+        sock.close()
+    failed = [r for r in caplog.records if "operator command STATUS failed" in r.getMessage()]
+    assert len(failed) == 1
+    assert failed[0].exc_info and failed[0].exc_info[0] is KeyError  # with its traceback
+
+
+def test_a_peer_message_its_handler_fails_on_is_logged_and_dropped(alpha, caplog):
+    """Any other handler's failure: the loop logs it with its traceback and goes on."""
+    calls = []
+
+    def broken(ident: bytes, msg: protocol.Message) -> None:
+        calls.append(msg)
+        raise KeyError("a bug one message meets")
+
+    alpha.inbox.peer_commands["SNAPSHOT"] = broken
+    sock = operator(alpha)
+    try:
+        sock.send_multipart(protocol.encode("SNAPSHOT", {"name": "beta"}))
+        deadline = time.monotonic() + 20
+        while not calls and time.monotonic() < deadline:
+            alpha._loop_once()
+        assert calls, "the SNAPSHOT never reached its handler"
+        msg = answer(alpha, sock, "STATUS")  # the loop goes on
         assert msg is not None and msg.body["status"] == "ok", msg
     finally:
         sock.close()
