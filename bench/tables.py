@@ -552,12 +552,25 @@ def replication(run: Run) -> str | None:
     t.row(f"initial sync, {tf or '?':,} × 1 KiB ({nt}min–max)",
           spread_of("tree", "summary", "seconds", "sbs", unit=" s"),
           spread_of("tree", "summary", "seconds", "rsync", unit=" s"),
-          each(lambda j: _vs(j, "tree", "sbs / rsync (seconds)")), None)
+          each(lambda j: _vs(j, "tree", "sbs / rsync (seconds)")),
+          f"≤ 0.8: {v}" if (v := verdict([
+              None if (r := dig(j, "tree", "summary", "vs", "sbs / rsync (seconds)",
+                                "ratio_of_medians")) is None else r <= 0.8
+              for j in js])) else None)
+    if any(dig(j, "tree", "summary", "seconds", "sbs_together") for j in js):
+        t.row("the same, both nodes started at once (no lone wait for the peer)",
+              spread_of("tree", "summary", "seconds", "sbs_together", unit=" s"),
+              spread_of("tree", "summary", "seconds", "rsync", unit=" s"),
+              each(lambda j: _vs(j, "tree", "sbs_together / rsync (seconds)")), None)
     t.row(f"peak memory, {tf or '?':,} files (alpha; beta), MB",
           each(lambda j: (f"{med(a, '', 0)}; {med(b, '', 0)}"
                           if (a := dig(j, "tree", "summary", "peak_mb", "alpha"))
                           and (b := dig(j, "tree", "summary", "peak_mb", "beta")) else None)),
-          None, None, None)
+          None, None,
+          f"< 100 MB each: {v}" if (v := verdict([
+              None if not (pk := dig(j, "tree", "summary", "peak_mb")) else
+              all((pk.get(n) or {}).get("max", 1e9) < 100 for n in ("alpha", "beta"))
+              for j in js])) else None)
 
     def idle(j: dict[str, Any]) -> str | None:
         x = dig(j, "tree", "idle_cpu_pct_of_one_core")

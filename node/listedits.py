@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import orjson
@@ -37,7 +37,8 @@ class Stamp:
     by: str = ""
 
     def wire(self) -> dict[str, Any]:
-        return asdict(self)
+        # in every PING: spelled out, dataclasses.asdict deep-copies field by field
+        return {"gen": self.gen, "at": self.at, "by": self.by}
 
     def describe(self) -> str:
         if not self.by:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ class Record:
         return (self.at, self.by) > (other.at, other.by)
 
     def wire(self) -> dict[str, Any]:
-        return asdict(self)
+        # in every PING: spelled out, dataclasses.asdict deep-copies field by field
+        return {"on": self.on, "at": self.at, "by": self.by}
 
 
 def from_wire(body: Any) -> Record | None:
