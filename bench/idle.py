@@ -6,7 +6,7 @@ and settled, nothing is written and the utime + stime of both processes (/proc/P
 read at the start and the end of `--seconds`. CPU seconds, unlike a share of wall time, do not
 grow when other work shares the cores; the share of one core is derived from them.
 
-    python bench/idle.py                       # 100,000 files, 240 s idle window
+    python bench/idle.py                       # 100,000 files, 300 s idle window
     python bench/idle.py --files 20000 --seconds 30
     python bench/idle.py --node rescan_cycle=60  # any [node] key of sbs.ini
     python bench/idle.py --quick               # 5,000 files, 10 s: a smoke test
@@ -44,8 +44,8 @@ def proc_cpu_seconds(pid: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=100_000)
-    ap.add_argument("--seconds", type=float, default=240.0,
-                    help="idle window (default: two rescan cycles at the defaults)")
+    ap.add_argument("--seconds", type=float, default=300.0,
+                    help="idle window (default: one rescan cycle at the defaults)")
     ap.add_argument("--node", action="append", default=[], metavar="KEY=VALUE",
                     help="an extra [node] key for both nodes (repeatable)")
     ap.add_argument("--data", type=Path, help="where the tree is made (kept with --keep)")

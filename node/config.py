@@ -95,7 +95,7 @@ class Config:
     peer: str
     port: int
     period: float = 5.0
-    rescan_cycle: float = 120.0
+    rescan_cycle: float = 300.0
     strict: bool = False
     role: str = "main"
     state_dir: Path = Path(".sbs")
@@ -264,7 +264,7 @@ def load(file: Path | str) -> Config:
         peer=_address(node, "peer", required=True),
         port=node.integer("port", 4445, 1, 65533),
         period=node.number("period", 5.0, 0.1, 86400),
-        rescan_cycle=node.number("rescan_cycle", 120.0, 0.1, 86400),
+        rescan_cycle=node.number("rescan_cycle", 300.0, 0.1, 86400),
         strict=node.boolean("strict", False),
         role=role,
         state_dir=state_dir,

@@ -54,7 +54,7 @@ log = logging.getLogger("sbs.scanner")
 
 class Scanner:
     def __init__(self, ctx: zmq.Context, endpoint: str, folders: dict[str, FolderConfig], *,
-                 period: float, rescan_cycle: float = 120.0):
+                 period: float, rescan_cycle: float = 300.0):
         self.ctx, self.endpoint, self.period = ctx, endpoint, period
         self.rotation = Rotation(period, rescan_cycle)
         self.watching = False  # without a watcher every period is a full rescan, as it was

@@ -41,7 +41,7 @@ def ini(tmp_path):
 def test_defaults_and_relative_paths(ini, tmp_path):
     cfg = load(ini())
     assert (cfg.port, cfg.period, cfg.heartbeat, cfg.dead_after) == (4445, 5.0, 0.5, 1.5)
-    assert cfg.rescan_cycle == 120.0
+    assert cfg.rescan_cycle == 300.0
     assert (cfg.role, cfg.strict, cfg.curve, cfg.trash_days) == ("main", False, True, 7.0)
     assert cfg.state_dir == tmp_path / "st"
     assert cfg.secret_key == tmp_path / "keys/alpha.key_secret"
