@@ -34,24 +34,46 @@ from .tree import DIR_FLAGS, PathError, check_relpath
 log = logging.getLogger("sbs.blobs")
 
 
+# at most this many parent folders stay open while one request is answered
+_DIRS_KEPT = 16
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def open_nofollow(root: str, relpath: str) -> int:
-    """Open a regular file for reading inside `root` without following any symlink on the way.
-
-    O_NONBLOCK: opening a FIFO must not wait for a writer (it would stall the file server for
-    good); what is not a regular file once open (FIFO, device, socket, folder) is refused."""
-    parts = check_relpath(relpath)
+def _open_parent(root: str, parts: list[str]) -> int:
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for name in parts[:-1]:
+        for name in parts:
             nxt = os.open(name, DIR_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_nofollow(root: str, relpath: str, dirs: dict[tuple, int] | None = None) -> int:
+    """Open a regular file for reading inside `root` without following any symlink on the way.
+
+    O_NONBLOCK: opening a FIFO must not wait for a writer (it would stall the file server for
+    good); what is not a regular file once open (FIFO, device, socket, folder) is refused.
+    `dirs`: the caller's cache of opened parent folders, (root, *parts) -> fd, for a request
+    of many files in a few folders (the caller closes them); without it each call walks from
+    `root` and closes what it opened."""
+    parts = check_relpath(relpath)
+    key = (root, *parts[:-1])
+    fd = dirs.get(key) if dirs is not None else None
+    keep = fd is not None
+    if fd is None:
+        fd = _open_parent(root, parts[:-1])
+        if dirs is not None and len(dirs) < _DIRS_KEPT:
+            dirs[key] = fd
+            keep = True
+    try:
         file_fd = os.open(parts[-1], _READ_FLAGS, dir_fd=fd)
     finally:
-        os.close(fd)
+        if not keep:
+            os.close(fd)
     if not stat.S_ISREG(os.fstat(file_fd).st_mode):
         os.close(file_fd)
         raise PathError("not a regular file")
@@ -123,7 +145,19 @@ class BlobServer:
             return protocol.reply_error(msg.reason)
         metas, blobs = [], []
         folders = self._folders
-        for item in msg.body["items"]:
+        dirs: dict[tuple, int] = {}  # parent folders opened for this request
+        try:
+            self._read_items(msg.body["items"], folders, dirs, metas, blobs)
+        finally:
+            for fd in dirs.values():
+                os.close(fd)
+        return protocol.encode("DATA", {"id": msg.body["id"], "items": metas}, *blobs)
+
+    @staticmethod
+    def _read_items(items: list[dict[str, Any]], folders: dict[str, tuple[str, Filter]],
+                    dirs: dict[tuple, int], metas: list[dict[str, Any]],
+                    blobs: list[Any]) -> None:
+        for item in items:
             folder = folders.get(item["f"])
             if folder is None:
                 metas.append({"size": -1, "err": f"unknown folder {item['f'][:64]!r}"})
@@ -133,7 +167,7 @@ class BlobServer:
             try:
                 if not filt.match(item["p"]):
                     raise PathError("not replicated by the folder's filters")
-                fd = open_nofollow(root, item["p"])
+                fd = open_nofollow(root, item["p"], dirs)
                 try:
                     size = os.fstat(fd).st_size
                     data = os.pread(fd, item["n"], item["o"])
@@ -148,7 +182,6 @@ class BlobServer:
             except OSError as exc:
                 metas.append({"size": -1, "err": exc.strerror or str(exc)})
                 blobs.append(b"")
-        return protocol.encode("DATA", {"id": msg.body["id"], "items": metas}, *blobs)
 
 
 class FetchError(RuntimeError):

@@ -194,6 +194,35 @@ def test_the_file_server_serves_only_what_the_filters_replicate(make_pair):
         fetch.close()
 
 
+def test_one_get_across_many_folders_serves_each_file_and_leaves_no_folder_open(make_pair):
+    """The server keeps a request's parent folders open while it answers it (one walk per
+    folder, not per file): every file still comes from its own folder, a link on the way is
+    still refused, and nothing stays open after the reply."""
+    pair = make_pair()
+    a = pair.folder("alpha")
+    for d in range(20):  # more folders than the server keeps open at once
+        for f in range(3):
+            write(a / "deep" / f"d{d:02}" / f"f{f}.txt", f"{d}/{f}\n")
+    os.symlink("deep/d00", a / "link")
+    _primary_alone(pair)
+    server = psutil.Process(pair.alpha.pid)
+    fetch = Fetch(pair)
+    try:
+        fetch.get([{"f": "docs", "p": "deep/d00/f0.txt", "o": 0, "n": 100}])
+        fds = server.num_fds()
+        items = [{"f": "docs", "p": f"deep/d{d:02}/f{f}.txt", "o": 0, "n": 100}
+                 for f in range(3) for d in range(20)]
+        items.append({"f": "docs", "p": "link/f0.txt", "o": 0, "n": 100})
+        msg = fetch.get(items)
+        assert msg.command == "DATA"
+        want = [f"{d}/{f}\n".encode() for f in range(3) for d in range(20)]
+        assert msg.blobs[:-1] == want
+        assert msg.body["items"][-1]["size"] == -1 and msg.blobs[-1] == b""
+        assert server.num_fds() <= fds, "the request left folders open"
+    finally:
+        fetch.close()
+
+
 # ------------------------------------------------------------------------ pushed folder paths
 
 def test_a_bad_pushed_folder_path_refuses_that_folder_and_the_others_replicate(make_pair):
