@@ -195,15 +195,16 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
 
 
 class HashCache:
-    """abs path -> (size, mtime_ns, ino, ctime_ns, Entry): an unchanged file is never re-read,
-    and its Entry is the very object built when it was hashed, so a rescan of an unchanged tree
-    allocates nothing per file (entries are never changed in place: a change replaces them).
+    """abs path -> (ino, ctime_ns, Entry): an unchanged file is never re-read, and its Entry is
+    the very object built when it was hashed, so a rescan of an unchanged tree allocates nothing
+    per file (entries are never changed in place: a change replaces them). The size and mtime
+    are compared with the Entry's own: keeping them twice cost ~90 bytes a file.
 
     Used by one thread. ``hashed`` counts the files whose content was actually read.
     """
 
     def __init__(self, racy_ns: int = RACY_NS):
-        self._map: dict[str, tuple[int, int, int, int, Entry]] = {}
+        self._map: dict[str, tuple[int, int, Entry]] = {}
         self.racy_ns = racy_ns
         self.hashed = 0
         self._warned: set[str] = set()
@@ -215,16 +216,17 @@ class HashCache:
         """The file's Entry as last hashed, if its size, mtime, inode and ctime are unchanged
         (a chmod changes the ctime)."""
         hit = self._map.get(path)
-        if (hit is None or hit[0] != st.st_size or hit[1] != st.st_mtime_ns
-                or hit[2] != st.st_ino or hit[3] != st.st_ctime_ns):
+        if (hit is None or hit[0] != st.st_ino or hit[1] != st.st_ctime_ns
+                or hit[2]["size"] != st.st_size or hit[2]["mtime_ns"] != st.st_mtime_ns):
             return None
-        return hit[4]
+        return hit[2]
 
     def store(self, path: str, st: os.stat_result, entry: Entry) -> None:
+        """Keep entry for path; entry's size and mtime_ns must be st's (file_entry's)."""
         if time.time_ns() - max(st.st_ctime_ns, st.st_mtime_ns) < self.racy_ns:
             self._map.pop(path, None)
             return
-        self._map[path] = (*_stat_key(st), entry)
+        self._map[path] = (st.st_ino, st.st_ctime_ns, entry)
 
     def warn_once(self, key: str, msg: str, *args: object) -> None:
         # An unreadable file would otherwise log again on every periodic rescan.
@@ -391,15 +393,18 @@ def _walk(rel_dir: str, abs_dir: str, filt: Filter, cache: HashCache, out: dict[
                 if st is None or not stat.S_ISDIR(st.st_mode):
                     dirs.remove(name)  # a temp name, not UTF-8, or gone/replaced meanwhile
                     continue
-                out[prefix + name] = dir_entry(prefix + name, st)
+                # one string for the key and the entry's path (a second copy: ~65 bytes a file)
+                path = prefix + name
+                out[path] = dir_entry(path, st)
             for name in others:
                 st = _child(name, fd, abs_here, cache, filt, prefix)
                 if st is None or stat.S_ISDIR(st.st_mode):
                     continue  # a folder that appeared meanwhile: its own event reports it
-                entry = _entry_from_stat(prefix + name, os.path.join(abs_here, name), st, filt,
+                path = prefix + name
+                entry = _entry_from_stat(path, os.path.join(abs_here, name), st, filt,
                                          cache, (fd, name))
                 if entry is not None:
-                    out[prefix + name] = entry
+                    out[entry["path"]] = entry  # a cached entry's path is the same string
             if between is not None:
                 between()
     finally:

@@ -379,7 +379,7 @@ def rescan_dir(root: str, filt: Filter, cache: HashCache, index: dict[str, dict]
     redo: set[str] = set()
     names: set[str] = set()
     base_slash = base + "/"
-    # HashCache.lookup inlined (abs path -> size, mtime, ino, ctime, Entry): this loop is the
+    # HashCache.lookup inlined (abs path -> ino, ctime, Entry): this loop is the
     # whole cost of an idle node, a few microseconds per file
     cached = cache._map.get
     lstat = os.stat
@@ -399,9 +399,10 @@ def rescan_dir(root: str, filt: Filter, cache: HashCache, index: dict[str, dict]
                     if old is not None and old["kind"] == "file":
                         st = lstat(name, dir_fd=fd, follow_symlinks=False)
                         hit = cached(base_slash + name)
-                        if (hit is not None and hit[4] is old and hit[0] == st.st_size
-                                and hit[1] == st.st_mtime_ns and hit[2] == st.st_ino
-                                and hit[3] == st.st_ctime_ns):
+                        # HashCache's (ino, ctime_ns, Entry); size and mtime are old's
+                        if (hit is not None and hit[2] is old and hit[0] == st.st_ino
+                                and hit[1] == st.st_ctime_ns and old["size"] == st.st_size
+                                and old["mtime_ns"] == st.st_mtime_ns):
                             continue  # the usual case: nothing changed
                     else:
                         is_dir = de.is_dir(follow_symlinks=False)

@@ -225,3 +225,29 @@ def test_a_slice_finds_new_changed_and_deleted_entries_on_its_own(tmp_path, pipe
     assert {"new", "new/sub", "new/sub/n.txt"} <= set(seen)
     assert sc.index["docs"]["new/sub/n.txt"]["size"] == 3 and "b" not in sc.index["docs"]
     assert ("docs", "new/sub") in sc.rotation.dirs and ("docs", "b") not in sc.rotation.dirs
+
+
+def test_a_rescan_of_an_unchanged_folder_takes_every_file_from_the_hash_cache(tmp_path):
+    """The rolling rescan reads HashCache's entries itself (its inner loop): an unchanged file
+    costs a stat and a look-up, gives no delta and keeps its Entry; a changed one is found."""
+    import os
+
+    from sbs.node.index import Filter, HashCache, scan_folder
+
+    root = tmp_path / "docs"
+    (root / "d").mkdir(parents=True)
+    for n in range(5):
+        (root / "d" / f"f{n}").write_text(f"file {n}")
+    cache = HashCache(racy_ns=0)  # no file is too fresh to cache
+    index = scan_folder(str(root), Filter(), cache)
+    assert len(cache) == 5
+    before = dict(index)
+    delta, names, _ = scanner_module.rescan_dir(str(root), Filter(), cache, index, "d", None,
+                                                lambda: {"d": set()})
+    assert delta == [] and names == 5
+    assert all(index[p] is before[p] for p in before)
+    (root / "d" / "f3").write_text("changed, longer")
+    os.utime(root / "d" / "f3", ns=(1, 1))
+    delta, _, _ = scanner_module.rescan_dir(str(root), Filter(), cache, index, "d", None,
+                                            lambda: {"d": set()})
+    assert [e["path"] for e in delta] == ["d/f3"] and index["d/f3"]["size"] == 15
