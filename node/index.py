@@ -195,10 +195,11 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
 
 
 class HashCache:
-    """abs path -> (ino, ctime_ns, Entry): an unchanged file is never re-read, and its Entry is
-    the very object built when it was hashed, so a rescan of an unchanged tree allocates nothing
-    per file (entries are never changed in place: a change replaces them). The size and mtime
-    are compared with the Entry's own: keeping them twice cost ~90 bytes a file.
+    """relpath -> (ino, ctime_ns, Entry), for ONE folder: an unchanged file is never re-read,
+    and its Entry is the very object built when it was hashed, so a rescan of an unchanged tree
+    allocates nothing per file (entries are never changed in place: a change replaces them).
+    The size and mtime are compared with the Entry's own: keeping them twice cost ~90 bytes a
+    file. The key is the Entry's own path string: an absolute path of its own cost ~100 more.
 
     Used by one thread. ``hashed`` counts the files whose content was actually read.
     """
@@ -212,21 +213,21 @@ class HashCache:
     def __len__(self) -> int:
         return len(self._map)
 
-    def lookup(self, path: str, st: os.stat_result) -> Entry | None:
+    def lookup(self, relpath: str, st: os.stat_result) -> Entry | None:
         """The file's Entry as last hashed, if its size, mtime, inode and ctime are unchanged
         (a chmod changes the ctime)."""
-        hit = self._map.get(path)
+        hit = self._map.get(relpath)
         if (hit is None or hit[0] != st.st_ino or hit[1] != st.st_ctime_ns
                 or hit[2]["size"] != st.st_size or hit[2]["mtime_ns"] != st.st_mtime_ns):
             return None
         return hit[2]
 
-    def store(self, path: str, st: os.stat_result, entry: Entry) -> None:
-        """Keep entry for path; entry's size and mtime_ns must be st's (file_entry's)."""
+    def store(self, st: os.stat_result, entry: Entry) -> None:
+        """Keep entry for its path; its size and mtime_ns must be st's (file_entry's)."""
         if time.time_ns() - max(st.st_ctime_ns, st.st_mtime_ns) < self.racy_ns:
-            self._map.pop(path, None)
+            self._map.pop(entry["path"], None)
             return
-        self._map[path] = (st.st_ino, st.st_ctime_ns, entry)
+        self._map[entry["path"]] = (st.st_ino, st.st_ctime_ns, entry)
 
     def warn_once(self, key: str, msg: str, *args: object) -> None:
         # An unreadable file would otherwise log again on every periodic rescan.
@@ -250,9 +251,24 @@ def _utf8_ok(name: str) -> bool:
     return True
 
 
+# One int object per mode, shared by every Entry: ints above 256 are not shared by Python, and
+# a mode of its own cost 28 bytes a file. Indexed by any mode the protocol allows (0..0o7777).
+MODES = tuple(range(0o10000))
+_KINDS = {k: k for k in ("file", "dir", "link")}
+
+
+def shared_values(entry: Entry) -> Entry:
+    """An Entry from the wire (checked: protocol.entry_check), its kind and mode replaced by
+    the shared objects (orjson makes a new string and int for each): ~80 bytes a file less
+    for as long as the secondary keeps it."""
+    entry["kind"] = _KINDS.get(entry["kind"], entry["kind"])
+    entry["mode"] = MODES[entry["mode"]]
+    return entry
+
+
 def dir_entry(relpath: str, st: os.stat_result) -> Entry:
     return {"path": relpath, "kind": "dir", "size": 0, "mtime_ns": 0,
-            "mode": st.st_mode & 0o777, "hash": ""}
+            "mode": MODES[st.st_mode & 0o777], "hash": ""}
 
 
 def link_entry(relpath: str, st: os.stat_result, target: str) -> Entry:
@@ -262,7 +278,7 @@ def link_entry(relpath: str, st: os.stat_result, target: str) -> Entry:
 
 def file_entry(relpath: str, st: os.stat_result, h: str) -> Entry:
     return {"path": relpath, "kind": "file", "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "mode": st.st_mode & 0o777, "hash": h}
+            "mode": MODES[st.st_mode & 0o777], "hash": h}
 
 
 def hashed_file_entry(relpath: str, abspath: str, st: os.stat_result, cache: HashCache,
@@ -273,11 +289,9 @@ def hashed_file_entry(relpath: str, abspath: str, st: os.stat_result, cache: Has
     under us and is read again, so a manifest never pairs a hash with the wrong size or mtime.
     None when the file vanished, became something else, or cannot be read.
     """
-    hit = cache.lookup(abspath, st)
+    hit = cache.lookup(relpath, st)
     if hit is not None:
-        if hit["path"] == relpath:
-            return hit
-        return file_entry(relpath, st, hit["hash"])
+        return hit
     for _ in range(STABLE_TRIES):
         try:
             fd = opener()
@@ -301,7 +315,7 @@ def hashed_file_entry(relpath: str, abspath: str, st: os.stat_result, cache: Has
         cache.hashed += 1
         if _stat_key(before) == _stat_key(after):
             entry = file_entry(relpath, after, h)
-            cache.store(abspath, after, entry)
+            cache.store(after, entry)
             return entry
     # Still being written: report what we have without caching it; the writer's next event (or
     # the periodic rescan) hashes it again, and the secondary verifies the content anyway.
