@@ -195,15 +195,17 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
 
 
 class HashCache:
-    """abs path -> (size, mtime_ns, ino, ctime_ns, Entry): an unchanged file is never re-read,
+    """relpath -> (ino, ctime_ns, Entry), for ONE folder: an unchanged file is never re-read,
     and its Entry is the very object built when it was hashed, so a rescan of an unchanged tree
     allocates nothing per file (entries are never changed in place: a change replaces them).
+    The size and mtime are compared with the Entry's own: keeping them twice cost ~90 bytes a
+    file. The key is the Entry's own path string: an absolute path of its own cost ~100 more.
 
     Used by one thread. ``hashed`` counts the files whose content was actually read.
     """
 
     def __init__(self, racy_ns: int = RACY_NS):
-        self._map: dict[str, tuple[int, int, int, int, Entry]] = {}
+        self._map: dict[str, tuple[int, int, Entry]] = {}
         self.racy_ns = racy_ns
         self.hashed = 0
         self._warned: set[str] = set()
@@ -211,20 +213,21 @@ class HashCache:
     def __len__(self) -> int:
         return len(self._map)
 
-    def lookup(self, path: str, st: os.stat_result) -> Entry | None:
+    def lookup(self, relpath: str, st: os.stat_result) -> Entry | None:
         """The file's Entry as last hashed, if its size, mtime, inode and ctime are unchanged
         (a chmod changes the ctime)."""
-        hit = self._map.get(path)
-        if (hit is None or hit[0] != st.st_size or hit[1] != st.st_mtime_ns
-                or hit[2] != st.st_ino or hit[3] != st.st_ctime_ns):
+        hit = self._map.get(relpath)
+        if (hit is None or hit[0] != st.st_ino or hit[1] != st.st_ctime_ns
+                or hit[2]["size"] != st.st_size or hit[2]["mtime_ns"] != st.st_mtime_ns):
             return None
-        return hit[4]
+        return hit[2]
 
-    def store(self, path: str, st: os.stat_result, entry: Entry) -> None:
+    def store(self, st: os.stat_result, entry: Entry) -> None:
+        """Keep entry for its path; its size and mtime_ns must be st's (file_entry's)."""
         if time.time_ns() - max(st.st_ctime_ns, st.st_mtime_ns) < self.racy_ns:
-            self._map.pop(path, None)
+            self._map.pop(entry["path"], None)
             return
-        self._map[path] = (*_stat_key(st), entry)
+        self._map[entry["path"]] = (st.st_ino, st.st_ctime_ns, entry)
 
     def warn_once(self, key: str, msg: str, *args: object) -> None:
         # An unreadable file would otherwise log again on every periodic rescan.
@@ -248,9 +251,24 @@ def _utf8_ok(name: str) -> bool:
     return True
 
 
+# One int object per mode, shared by every Entry: ints above 256 are not shared by Python, and
+# a mode of its own cost 28 bytes a file. Indexed by any mode the protocol allows (0..0o7777).
+MODES = tuple(range(0o10000))
+_KINDS = {k: k for k in ("file", "dir", "link")}
+
+
+def shared_values(entry: Entry) -> Entry:
+    """An Entry from the wire (checked: protocol.entry_check), its kind and mode replaced by
+    the shared objects (orjson makes a new string and int for each): ~80 bytes a file less
+    for as long as the secondary keeps it."""
+    entry["kind"] = _KINDS.get(entry["kind"], entry["kind"])
+    entry["mode"] = MODES[entry["mode"]]
+    return entry
+
+
 def dir_entry(relpath: str, st: os.stat_result) -> Entry:
     return {"path": relpath, "kind": "dir", "size": 0, "mtime_ns": 0,
-            "mode": st.st_mode & 0o777, "hash": ""}
+            "mode": MODES[st.st_mode & 0o777], "hash": ""}
 
 
 def link_entry(relpath: str, st: os.stat_result, target: str) -> Entry:
@@ -260,7 +278,7 @@ def link_entry(relpath: str, st: os.stat_result, target: str) -> Entry:
 
 def file_entry(relpath: str, st: os.stat_result, h: str) -> Entry:
     return {"path": relpath, "kind": "file", "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "mode": st.st_mode & 0o777, "hash": h}
+            "mode": MODES[st.st_mode & 0o777], "hash": h}
 
 
 def hashed_file_entry(relpath: str, abspath: str, st: os.stat_result, cache: HashCache,
@@ -271,11 +289,9 @@ def hashed_file_entry(relpath: str, abspath: str, st: os.stat_result, cache: Has
     under us and is read again, so a manifest never pairs a hash with the wrong size or mtime.
     None when the file vanished, became something else, or cannot be read.
     """
-    hit = cache.lookup(abspath, st)
+    hit = cache.lookup(relpath, st)
     if hit is not None:
-        if hit["path"] == relpath:
-            return hit
-        return file_entry(relpath, st, hit["hash"])
+        return hit
     for _ in range(STABLE_TRIES):
         try:
             fd = opener()
@@ -299,7 +315,7 @@ def hashed_file_entry(relpath: str, abspath: str, st: os.stat_result, cache: Has
         cache.hashed += 1
         if _stat_key(before) == _stat_key(after):
             entry = file_entry(relpath, after, h)
-            cache.store(abspath, after, entry)
+            cache.store(after, entry)
             return entry
     # Still being written: report what we have without caching it; the writer's next event (or
     # the periodic rescan) hashes it again, and the secondary verifies the content anyway.
@@ -391,15 +407,18 @@ def _walk(rel_dir: str, abs_dir: str, filt: Filter, cache: HashCache, out: dict[
                 if st is None or not stat.S_ISDIR(st.st_mode):
                     dirs.remove(name)  # a temp name, not UTF-8, or gone/replaced meanwhile
                     continue
-                out[prefix + name] = dir_entry(prefix + name, st)
+                # one string for the key and the entry's path (a second copy: ~65 bytes a file)
+                path = prefix + name
+                out[path] = dir_entry(path, st)
             for name in others:
                 st = _child(name, fd, abs_here, cache, filt, prefix)
                 if st is None or stat.S_ISDIR(st.st_mode):
                     continue  # a folder that appeared meanwhile: its own event reports it
-                entry = _entry_from_stat(prefix + name, os.path.join(abs_here, name), st, filt,
+                path = prefix + name
+                entry = _entry_from_stat(path, os.path.join(abs_here, name), st, filt,
                                          cache, (fd, name))
                 if entry is not None:
-                    out[prefix + name] = entry
+                    out[entry["path"]] = entry  # a cached entry's path is the same string
             if between is not None:
                 between()
     finally:

@@ -31,7 +31,7 @@ VERSION = b"SBS1"
 # MAXMSGSIZE per socket role: small for what strangers can reach, large where a snapshot or
 # file chunks are expected from the authenticated peer.
 MAX_CONTROL_IN = 1 << 20  # ROUTER: pings, acks and tool commands are small
-MAX_REPLY_IN = 256 << 20  # DEALER to the peer/tool: a full snapshot of a 100k-file tree
+MAX_REPLY_IN = 256 << 20  # DEALER to the peer/tool: a snapshot part, a tool's large reply
 MAX_BUS_IN = 64 << 20  # SUB: manifests are split into parts of at most MANIFEST_PART entries
 MAX_BLOB_REQUEST_IN = 1 << 20  # REP: fetch requests are small
 MAX_BLOB_REPLY_IN = 64 << 20  # fetch client: DATA with chunks
@@ -42,6 +42,7 @@ MAX_GET_BYTES = 2 << 20
 MAX_CHUNK = MAX_GET_BYTES  # largest chunk one item may ask for
 FETCH_WINDOW = 8  # GETs in flight per fetch client
 MANIFEST_PART = 5000  # entries per bus manifest message
+SNAPSHOT_PART = 5000  # entries per SNAPSHOT_REP message (a snapshot comes in parts)
 
 STATES = ("starting", "primary", "secondary", "stopping", "stopped")
 ROLES = ("main", "backup")
@@ -271,8 +272,11 @@ SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
             "sentinels": SENTINEL_DEFS, "active": ACTIVE, "sv": SEQ,
             "index": ENTRIES,
             "lists": obj({"gen": i(0, 2**53), "at": num(0, 1e11), "by": NAME}),
+            # one reply in `parts` messages of at most SNAPSHOT_PART entries, sent in order
+            # with the same `sid`; the header fields are the same in each (absent: one part)
+            "part": i(0), "parts": i(1), "sid": s(32),
         },
-        ("lists",),
+        ("lists", "part", "parts", "sid"),
     ),
     "ACK": ({"name": NAME, "run": s(32), "applied": SEQ, "snapshot": b, "following": s(32)},
             ("following",)),
@@ -351,6 +355,8 @@ def decode(frames: list[bytes], expect: tuple[str, ...] | None = None) -> Messag
             asked = sum(item["n"] for item in body["items"])
             if asked > MAX_GET_BYTES:
                 return Bad(f"GET: {asked} bytes asked, at most {MAX_GET_BYTES} per request")
+        if command == "SNAPSHOT_REP" and body.get("part", 0) >= body.get("parts", 1):
+            return Bad(f"SNAPSHOT_REP: part {body.get('part')} of {body.get('parts', 1)}")
         if command == "DATA":
             if len(blobs) != len(body["items"]):
                 return Bad(f"DATA: {len(blobs)} blobs for {len(body['items'])} items")

@@ -60,7 +60,7 @@ class Scanner:
         self.watching = False  # without a watcher every period is a full rescan, as it was
         self.folders = {n: (str(f.path), Filter(f.filters)) for n, f in folders.items()}
         self.jobs: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self.cache = HashCache()
+        self.caches = {n: HashCache() for n in folders}  # one per folder: keyed by relpath
         self.index: dict[str, dict[str, dict]] = {n: {} for n in folders}
         self.ident = os.urandom(8)  # a later scanner's messages are not taken for this one's
         self.deltas: collections.deque[dict[str, list[dict]]] = collections.deque()
@@ -155,7 +155,7 @@ class Scanner:
             if touched is not None:
                 touched.setdefault(name, set()).update(paths)
             try:
-                changes = scan_paths(root, filt, self.cache, self.index[name], paths)
+                changes = scan_paths(root, filt, self.caches[name], self.index[name], paths)
             except FolderMissing:
                 changes = []
             if changes:
@@ -190,7 +190,8 @@ class Scanner:
         for name, (root, filt) in self.folders.items():
             skipped: list[str] = []
             try:
-                fresh = scan_folder(root, filt, self.cache, skipped=skipped, between=between)
+                fresh = scan_folder(root, filt, self.caches[name], skipped=skipped,
+                                    between=between)
             except FolderMissing:
                 # an unmounted or vanished folder is not "everything was deleted"
                 log.error("folder %s (%s) is missing: not replicating it", name, root)
@@ -229,7 +230,8 @@ class Scanner:
                 continue
             try:
                 changes, seen, dkey = rescan_dir(
-                    root, filt, self.cache, index, rel, self.rotation.dir_key(name, rel),
+                    root, filt, self.caches[name], index, rel,
+                    self.rotation.dir_key(name, rel),
                     lambda name=name: self.rotation.children(name, self.index[name]))
             except FolderMissing:
                 changes, seen, dkey = [], 1, None
@@ -379,7 +381,7 @@ def rescan_dir(root: str, filt: Filter, cache: HashCache, index: dict[str, dict]
     redo: set[str] = set()
     names: set[str] = set()
     base_slash = base + "/"
-    # HashCache.lookup inlined (abs path -> size, mtime, ino, ctime, Entry): this loop is the
+    # HashCache.lookup inlined (relpath -> ino, ctime, Entry): this loop is the
     # whole cost of an idle node, a few microseconds per file
     cached = cache._map.get
     lstat = os.stat
@@ -398,10 +400,11 @@ def rescan_dir(root: str, filt: Filter, cache: HashCache, index: dict[str, dict]
                 try:
                     if old is not None and old["kind"] == "file":
                         st = lstat(name, dir_fd=fd, follow_symlinks=False)
-                        hit = cached(base_slash + name)
-                        if (hit is not None and hit[4] is old and hit[0] == st.st_size
-                                and hit[1] == st.st_mtime_ns and hit[2] == st.st_ino
-                                and hit[3] == st.st_ctime_ns):
+                        hit = cached(path)
+                        # HashCache's (ino, ctime_ns, Entry); size and mtime are old's
+                        if (hit is not None and hit[2] is old and hit[0] == st.st_ino
+                                and hit[1] == st.st_ctime_ns and old["size"] == st.st_size
+                                and old["mtime_ns"] == st.st_mtime_ns):
                             continue  # the usual case: nothing changed
                     else:
                         is_dir = de.is_dir(follow_symlinks=False)

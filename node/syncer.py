@@ -40,7 +40,7 @@ from .conflicts import ConflictKeeper, own_extras
 from .content import Fetcher
 from .deletions import GUARD_MIN_FILES, StrictDeletions  # noqa: F401  (re-exported)
 from .fileevents import FileEvents
-from .index import Filter, FolderMissing, HashCache, scan_folder
+from .index import Filter, FolderMissing, HashCache, scan_folder, shared_values
 from .journal import Agreed
 from .protocol import entry_check
 from .security import Keys
@@ -56,7 +56,7 @@ class Syncer:
         self.ctx, self.endpoint, self.cfg, self.agreed = ctx, endpoint, cfg, agreed
         self.fetcher = Fetcher(ctx, f"tcp://{cfg.peer}:{cfg.blob_port}", keys)
         self.jobs: queue.Queue[tuple] = queue.Queue()
-        self.cache = HashCache()
+        self.caches: dict[str, HashCache] = {}  # per folder (keyed by relpath), as writers
         self.writers: dict[str, FolderWriter] = {}
         self.filters: dict[str, Filter] = {}
         self.known: dict[str, dict[str, dict]] = {}  # the primary's index as last applied
@@ -208,10 +208,12 @@ class Syncer:
                     log.info("removed %d temp file(s) left by an interrupted sync in %s",
                              removed, name)
                 self.writers[name] = w
+                self.caches[name] = HashCache()  # a new root: nothing known of its files
             self.filters[name] = Filter(f.filters)
         for name in list(self.writers):
             if name not in folders:
                 del self.writers[name]
+                self.caches.pop(name, None)
         self._purge_trash()
 
     def _purge_trash(self) -> None:
@@ -236,7 +238,7 @@ class Syncer:
                 continue
             writer, filt = self.writers[name], self.filters[name]
             try:
-                local = scan_folder(str(writer.root), filt, self.cache)
+                local = scan_folder(str(writer.root), filt, self.caches[name])
             except FolderMissing:
                 local = {}
             remote = {e["path"]: e for e in valid_entries(name, entries, self.emit)}
@@ -313,7 +315,7 @@ class Syncer:
         out = {}
         for p in paths:
             try:
-                e = writer.local_entry(p, filt, self.cache)
+                e = writer.local_entry(p, filt, self.caches[name])
             except (PathError, OSError):
                 e = None
             if e is not None:
@@ -401,7 +403,7 @@ def valid_entries(folder: str, entries: list, emit: Callable[..., None]) -> Iter
         if e["kind"] == "file" and not e.get("hash") and not e.get("deleted"):
             log.warning("refused an entry in %s without hash: %r", folder, e["path"][:200])
             continue
-        yield e
+        yield shared_values(e)
 
 
 def _enospc(exc: BaseException) -> bool:

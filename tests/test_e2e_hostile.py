@@ -314,6 +314,50 @@ def test_a_handover_with_a_stale_epoch_is_logged_and_dropped(make_pair):
     assert "took over" not in pair.beta.log.read_text().split("ignored HANDOVER")[-1]
 
 
+def test_snapshot_parts_out_of_order_or_of_a_stale_run_are_logged_and_refused(make_pair):
+    """A snapshot in parts is taken only whole, its parts in order and all of the primary's
+    current run and epoch: a part out of place or a stale one in the middle leaves nothing
+    applied (and a new snapshot asked for); the same parts in order are taken."""
+    pair = make_pair(node={"dead_after": 3.0})
+    b = pair.folder("beta")
+    data = b"from a snapshot in parts\n"
+    fake = FakePrimary(pair, {"docs": [_entry("f.txt", data), _entry("g.txt", data)]},
+                       {"f.txt": data, "g.txt": data})
+    fake.folders, fake.paths = {"docs": ["*"]}, {"docs": str(b)}
+
+    def parts(order: tuple[int, ...], changed: dict[int, dict] | None = None):
+        def split(body: dict) -> list[dict]:
+            first, second = body["index"]["docs"]
+            pieces = [{"docs": []}, {"docs": [first]}, {"docs": [second]}]
+            return [{**body, "part": n, "parts": 3, "sid": "s1", "index": pieces[n],
+                     **(changed or {}).get(n, {})} for n in order]
+        return split
+
+    try:
+        for split, why in ((parts((0, 2, 1)), "part 3/3: part 2 was due; asking again"),
+                           (parts((0, 1, 2), {1: {"run": "oldrun"}}), "from run oldrun"),
+                           (parts((0, 1, 2), {1: {"epoch": 6}}), "stale epoch 6"),
+                           (parts((1, 2)), "part 2/3 of a reply not being received")):
+            fake.snapshot_parts = split
+            pair.beta.start()
+            pair.beta.wait_state("secondary")
+            wait_for(lambda w=why: w in pair.beta.log.read_text(), 20,
+                     f"beta to refuse the part ({why}) (log: {pair.beta.tail_log()})")
+            wait_for(lambda: fake.snapshots >= 2, 30, "beta to ask again")
+            assert not (b / "f.txt").exists() and not (b / "g.txt").exists()
+            assert "snapshot from alpha" not in pair.beta.log.read_text()
+            pair.beta.stop()
+            fake.snapshots = 0
+        fake.snapshot_parts = parts((0, 1, 2))
+        pair.beta.start()
+        pair.beta.wait_state("secondary")
+        wait_for(lambda: (b / "f.txt").is_file() and (b / "g.txt").is_file(), 20,
+                 f"beta to take the parts in order (log: {pair.beta.tail_log()})")
+        assert "2 entries in 3 part(s)" in pair.beta.log.read_text()
+    finally:
+        fake.stop()
+
+
 def test_a_stale_snapshot_rep_and_a_stale_lists_are_logged_and_dropped(make_pair):
     """The fake primary is run "fakerun" at epoch 7 (its pongs and heartbeats say so); what it
     answers or sends as an older run or epoch is dropped, what it sends as itself is taken."""

@@ -714,3 +714,23 @@ def test_watcher_stop_leaves_no_thread(tmp_path):
     assert len(set(threading.enumerate()) - before) >= 3  # observer, inotify reader, debouncer
     watcher.stop()
     assert set(threading.enumerate()) <= before
+
+
+def test_entries_share_one_object_per_mode_and_kind(tmp_path):
+    """A mode above 256 is an int of its own per Entry unless shared (28 bytes a file), and
+    orjson makes a new kind string for each entry from the wire: both are shared objects."""
+    import orjson
+    from sbs.node.syncer import valid_entries
+
+    for n in range(3):
+        (tmp_path / f"f{n}").write_text("x")
+        os.chmod(tmp_path / f"f{n}", 0o644)
+    index = scan_folder(str(tmp_path), Filter(), HashCache())
+    modes = {id(e["mode"]) for e in index.values()}
+    assert len(modes) == 1 and index["f0"]["mode"] == 0o644
+    wire = orjson.loads(orjson.dumps(list(index.values())))
+    assert len({id(e["kind"]) for e in wire}) == 3  # as decoded: one string each
+    taken = list(valid_entries("docs", wire, lambda *a, **k: None))
+    assert len(taken) == 3 and all(e == index[e["path"]] for e in taken)
+    assert len({id(e["kind"]) for e in taken}) == 1
+    assert {id(e["mode"]) for e in taken} == modes

@@ -59,6 +59,16 @@ SNAPSHOT = {"name": "alpha", "run": "r", "epoch": 1, "seq": 3, "folders": {"docs
             "sv": 1, "index": {"docs": []}}
 
 
+def test_a_snapshot_part_is_one_of_its_parts():
+    """A snapshot comes in parts (part, parts, sid; without them it is whole): a part number
+    outside the count is refused with the message."""
+    assert decode(encode("SNAPSHOT_REP", {**SNAPSHOT, "part": 2, "parts": 3, "sid": "s"}))
+    for part, parts in ((3, 3), (1, 1), (0, 0), (-1, 2)):
+        assert isinstance(decode(encode("SNAPSHOT_REP", {**SNAPSHOT, "part": part,
+                                                         "parts": parts, "sid": "s"})), Bad)
+    assert isinstance(decode(encode("SNAPSHOT_REP", {**SNAPSHOT, "part": 1})), Bad)
+
+
 def test_pushed_folder_and_sentinel_names_are_held_to_the_config_rules():
     """Folder names become directories under state_dir (temp, trash, conflicts), sentinel names
     log files: a peer's "../.." must be refused with its message, never reach a path."""
@@ -121,7 +131,8 @@ VALID: dict[str, tuple[dict, tuple[bytes, ...]]] = {
     "TOKENS": ({"name": "beta"}, ()),
     "VERIFY": ({"peer": True}, ()),
     "SNAPSHOT": ({"name": "beta"}, ()),
-    "SNAPSHOT_REP": ({**SNAPSHOT, "index": {"docs": [ENTRY]}, "lists": _PAIRWIDE["lists"]}, ()),
+    "SNAPSHOT_REP": ({**SNAPSHOT, "index": {"docs": [ENTRY]}, "lists": _PAIRWIDE["lists"],
+                      "part": 1, "parts": 3, "sid": "s1"}, ()),
     "ACK": ({"name": "beta", "run": "r", "applied": 3, "snapshot": False, "following": "r"}, ()),
     "PROMOTE": ({"force": False}, ()),
     "SENTINEL": ({"action": "start", "name": "web"}, ()),

@@ -225,3 +225,55 @@ def test_a_slice_finds_new_changed_and_deleted_entries_on_its_own(tmp_path, pipe
     assert {"new", "new/sub", "new/sub/n.txt"} <= set(seen)
     assert sc.index["docs"]["new/sub/n.txt"]["size"] == 3 and "b" not in sc.index["docs"]
     assert ("docs", "new/sub") in sc.rotation.dirs and ("docs", "b") not in sc.rotation.dirs
+
+
+def test_a_rescan_of_an_unchanged_folder_takes_every_file_from_the_hash_cache(tmp_path):
+    """The rolling rescan reads HashCache's entries itself (its inner loop): an unchanged file
+    costs a stat and a look-up, gives no delta and keeps its Entry; a changed one is found."""
+    import os
+
+    from sbs.node.index import Filter, HashCache, scan_folder
+
+    root = tmp_path / "docs"
+    (root / "d").mkdir(parents=True)
+    for n in range(5):
+        (root / "d" / f"f{n}").write_text(f"file {n}")
+    cache = HashCache(racy_ns=0)  # no file is too fresh to cache
+    index = scan_folder(str(root), Filter(), cache)
+    assert len(cache) == 5
+    before = dict(index)
+    delta, names, _ = scanner_module.rescan_dir(str(root), Filter(), cache, index, "d", None,
+                                                lambda: {"d": set()})
+    assert delta == [] and names == 5
+    assert all(index[p] is before[p] for p in before)
+    (root / "d" / "f3").write_text("changed, longer")
+    os.utime(root / "d" / "f3", ns=(1, 1))
+    delta, _, _ = scanner_module.rescan_dir(str(root), Filter(), cache, index, "d", None,
+                                            lambda: {"d": set()})
+    assert [e["path"] for e in delta] == ["d/f3"] and index["d/f3"]["size"] == 15
+
+
+def test_two_folders_with_the_same_relative_paths_keep_their_cached_hashes_apart(tmp_path,
+                                                                                 pipes):
+    """The hash cache is keyed by relative path, one per folder: a second full scan of two
+    folders holding the same names reads no file again, and each keeps its own hash."""
+    ctx, reader, writer = pipes
+    folders = {}
+    for name in ("one", "two"):
+        root = tmp_path / name
+        (root / "d").mkdir(parents=True)
+        for n in range(3):
+            (root / "d" / f"f{n}").write_text(f"{name} {n}")
+        folders[name] = FolderConfig(name, root)
+    sc = Scanner(ctx, "inproc://unused", folders, period=1)
+    for cache in sc.caches.values():
+        cache.racy_ns = 0  # no file is too fresh to cache
+    sc._full_scan(writer)
+    deltas(reader, sc)
+    first = {n: dict(ix) for n, ix in sc.index.items()}
+    assert sum(c.hashed for c in set(sc.caches.values())) == 6
+    sc._full_scan(writer)
+    assert sum(c.hashed for c in set(sc.caches.values())) == 6  # nothing read again
+    assert first["one"]["d/f0"]["hash"] != first["two"]["d/f0"]["hash"]
+    assert all(sc.index[n][p] is e for n in first for p, e in first[n].items()
+               if e["kind"] == "file")

@@ -67,6 +67,16 @@ def snapshot_rep(run: str, seq: int) -> protocol.Message:
     return msg
 
 
+def snapshot_part(run: str, seq: int, part: int, parts: int, index: dict,
+                  sid: str = "s1", **fields) -> protocol.Message:
+    msg = protocol.decode(protocol.encode("SNAPSHOT_REP", {
+        "name": "beta", "run": run, "epoch": 1, "seq": seq, "folders": {}, "paths": {},
+        "sentinels": {}, "active": [], "sv": 0, "index": index, "part": part, "parts": parts,
+        "sid": sid, **fields}))
+    assert not isinstance(msg, protocol.Bad), msg
+    return msg
+
+
 def manifest(run: str, seq: int) -> list[bytes]:
     return protocol.encode_bus("MANIFEST", {"name": "beta", "run": run, "epoch": 1, "seq": seq,
                                             "part": 0, "parts": 1, "entries": {}})
@@ -142,6 +152,70 @@ def publish_one(node: Node) -> dict:
              "hash": "0" * 16, "mode": 0o644}
     node.primary.publish_delta({"docs": [entry]})
     return entry
+
+
+def taken_snapshots(node: Node, monkeypatch) -> list[tuple[int, dict]]:
+    """What the secondary hands its Syncer as snapshots: (seq, index)."""
+    taken: list[tuple[int, dict]] = []
+    node._do_follow()
+    assert received(node.peer_socket)[0] == "SNAPSHOT"
+    monkeypatch.setattr(node.secondary.syncer, "submit_snapshot",
+                        lambda seq, folders, index: taken.append((seq, index)))
+    return taken
+
+
+def entries(*names: str) -> list[dict]:
+    return [{"path": n, "kind": "dir", "size": 0, "mtime_ns": 0, "mode": 0o755, "hash": ""}
+            for n in names]
+
+
+def test_a_snapshot_in_parts_is_taken_whole_once_its_last_part_is_here(alpha, monkeypatch):
+    taken = taken_snapshots(alpha, monkeypatch)
+    sec = alpha.secondary
+    sec.on_bus(manifest(PRIMARY_RUN, 4))  # in the snapshot: let go with its first part
+    sec.on_snapshot(snapshot_part(PRIMARY_RUN, 4, 0, 3, {"docs": entries("a"), "web": []}))
+    assert not sec.follow.buffer
+    sec.on_bus(manifest(PRIMARY_RUN, 5))  # published while the parts come: applied after them
+    sec.on_snapshot(snapshot_part(PRIMARY_RUN, 4, 1, 3, {"docs": entries("b", "c")}))
+    assert not taken and sec.follow.run is None and sec.follow.snapshot_deadline
+    sec.on_snapshot(snapshot_part(PRIMARY_RUN, 4, 2, 3, {"docs": entries("d"),
+                                                          "logs": entries("x")}))
+    assert taken == [(4, {"docs": entries("a", "b", "c", "d"), "web": [], "logs": entries("x")})]
+    assert (sec.follow.run, sec.follow.seen) == (PRIMARY_RUN, 5)
+    assert not sec.follow.snapshot_deadline
+
+
+def test_a_snapshot_part_out_of_order_or_of_another_reply_is_refused(alpha, monkeypatch,
+                                                                     caplog):
+    taken = taken_snapshots(alpha, monkeypatch)
+    sec = alpha.secondary
+    first = snapshot_part(PRIMARY_RUN, 4, 0, 3, {"docs": entries("a")})
+    sec.on_snapshot(first)
+    # parts of another reply (another sid, seq or count of parts) are ignored
+    for other in (snapshot_part(PRIMARY_RUN, 4, 1, 3, {"docs": entries("evil")}, sid="s2"),
+                  snapshot_part(PRIMARY_RUN, 3, 1, 3, {"docs": entries("evil")}),
+                  snapshot_part(PRIMARY_RUN, 4, 1, 2, {"docs": entries("evil")})):
+        sec.on_snapshot(other)
+    assert caplog.text.count("of a reply not being received") == 3
+    sec.on_snapshot(snapshot_part(PRIMARY_RUN, 4, 1, 3, {"docs": entries("b")}))
+    sec.on_snapshot(snapshot_part(PRIMARY_RUN, 4, 2, 3, {"docs": entries("c")}))
+    assert taken == [(4, {"docs": entries("a", "b", "c")})]
+
+    # a part skipped: the parts so far are dropped, and a new snapshot is asked for soon
+    sec.request_snapshot()
+    assert received(alpha.peer_socket)[0] == "SNAPSHOT"
+    sec.on_snapshot(snapshot_part(PRIMARY_RUN, 6, 0, 3, {"docs": entries("a")}, sid="s3"))
+    sec.on_snapshot(snapshot_part(PRIMARY_RUN, 6, 2, 3, {"docs": entries("c")}, sid="s3"))
+    assert "ignored SNAPSHOT_REP part 3/3: part 2 was due; asking again" in caplog.text
+    assert sec.follow.snapshot_deadline <= time.monotonic() + 1  # soon, not in 10 s
+    sec.on_snapshot(snapshot_part(PRIMARY_RUN, 6, 1, 3, {"docs": entries("b")}, sid="s3"))
+    assert caplog.text.count("of a reply not being received") == 4
+    assert len(taken) == 1 and sec.follow.run is None
+    # a part with no first part before it is ignored too; a whole new reply is taken
+    sec.on_snapshot(snapshot_part(PRIMARY_RUN, 6, 2, 3, {"docs": entries("c")}, sid="s3"))
+    assert len(taken) == 1
+    sec.on_snapshot(snapshot_rep(PRIMARY_RUN, 6))
+    assert taken[1] == (6, {}) and sec.follow.run == PRIMARY_RUN
 
 
 def test_an_ack_for_another_primary_run_is_ignored(alpha):
