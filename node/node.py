@@ -420,11 +420,14 @@ class Node:
         log.info("node %s stopped", self.cfg.name)
 
     # ------------------------------------------------------------------ ROUTER
-    def reply(self, ident: bytes, frames: list[bytes]) -> None:
+    def reply(self, ident: bytes, frames: list[bytes]) -> bool:
+        """Queue a reply for `ident` without waiting; False when it could not be."""
         try:
             self.router.send_multipart([ident, *frames], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.debug("reply dropped: %s", exc)
+            return False
+        return True
 
     # ------------------------------------------------------------------ bus
     def publish_event(self, event: str, **fields: Any) -> None:

@@ -172,15 +172,21 @@ class Primary:
         # In parts of SNAPSHOT_PART entries, each encoded and handed to the socket before
         # the next is built: one message of a 100k-entry index was ~14 MB, held encoded here
         # (and again inside libzmq) and decoded whole by the secondary.
+        # The parts wait in the ROUTER's queue (1,000 messages): past SNAPSHOT_PARTS_MAX
+        # parts (a tree of millions) they grow instead, so none is dropped at the queue's mark.
         total = sum(len(ix) for ix in self.index.values())
-        parts = max(1, -(-total // protocol.SNAPSHOT_PART))
+        size = max(protocol.SNAPSHOT_PART, -(-total // protocol.SNAPSHOT_PARTS_MAX))
+        parts = max(1, -(-total // size))
         items = ((f, e) for f, ix in self.index.items() for e in ix.values())
         for part in range(parts):
             piece: dict[str, list[dict]] = {f: [] for f in self.index} if part == 0 else {}
-            for f, e in itertools.islice(items, protocol.SNAPSHOT_PART):
+            for f, e in itertools.islice(items, size):
                 piece.setdefault(f, []).append(e)
-            node.reply(ident, protocol.encode("SNAPSHOT_REP", {
-                **head, "part": part, "parts": parts, "index": piece}))
+            if not node.reply(ident, protocol.encode("SNAPSHOT_REP", {
+                    **head, "part": part, "parts": parts, "index": piece})):
+                log.warning("snapshot part %d of %d could not be queued for the peer; the rest "
+                            "is not sent (it will ask again)", part + 1, parts)
+                return
         log.info("sent snapshot at manifest %d (%d entries in %d part(s))", self.seq, total,
                  parts)
 

@@ -43,6 +43,7 @@ MAX_CHUNK = MAX_GET_BYTES  # largest chunk one item may ask for
 FETCH_WINDOW = 8  # GETs in flight per fetch client
 MANIFEST_PART = 5000  # entries per bus manifest message
 SNAPSHOT_PART = 5000  # entries per SNAPSHOT_REP message (a snapshot comes in parts)
+SNAPSHOT_PARTS_MAX = 500  # more entries than 500 parts hold: bigger parts, not more of them
 
 STATES = ("starting", "primary", "secondary", "stopping", "stopped")
 ROLES = ("main", "backup")

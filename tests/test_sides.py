@@ -15,6 +15,7 @@ import pytest
 import zmq
 from sbs.node import protocol
 from sbs.node.config import load
+from sbs.node.fsm import S
 from sbs.node.lease import Lease
 from sbs.node.node import FsmFailure, Node
 
@@ -216,6 +217,26 @@ def test_a_snapshot_part_out_of_order_or_of_another_reply_is_refused(alpha, monk
     assert len(taken) == 1
     sec.on_snapshot(snapshot_rep(PRIMARY_RUN, 6))
     assert taken[1] == (6, {}) and sec.follow.run == PRIMARY_RUN
+
+
+def test_a_huge_snapshot_comes_in_bigger_parts_not_more_than_the_queue_holds(alpha,
+                                                                             monkeypatch):
+    """The parts wait in the ROUTER's queue (1,000 messages, dropped silently beyond it):
+    past SNAPSHOT_PARTS_MAX parts they grow instead, and every entry is still sent once."""
+    monkeypatch.setattr(protocol, "SNAPSHOT_PART", 2)
+    monkeypatch.setattr(protocol, "SNAPSHOT_PARTS_MAX", 3)
+    sent: list[dict] = []
+    monkeypatch.setattr(alpha, "reply", lambda ident, frames: sent.append(
+        protocol.decode(frames).body) or True)
+    monkeypatch.setattr(alpha, "state", S.PRIMARY)
+    alpha.primary.index_ready = True
+    paths = [f"f{i:02}" for i in range(13)]
+    alpha.primary.index = {"docs": {p: {"path": p, "kind": "file", "size": 1, "mtime_ns": 1,
+                                        "mode": 0o644, "hash": "0" * 32} for p in paths}}
+    alpha.primary.on_snapshot_request(b"beta", {})
+    assert [(b["part"], b["parts"]) for b in sent] == [(0, 3), (1, 3), (2, 3)]
+    got = [e["path"] for b in sent for e in b["index"].get("docs", [])]
+    assert got == paths and len({b["sid"] for b in sent}) == 1
 
 
 def test_an_ack_for_another_primary_run_is_ignored(alpha):
