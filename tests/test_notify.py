@@ -174,3 +174,29 @@ def test_mail_urls_secure_with_credentials(port, mode):
     assert (service.user, service.password) == (user, password)
     assert (service.smtp_host, service.port, service.secure_mode) == ("smtp.gmail.com", port, mode)
     assert [t[1] for t in service.targets] == ["a@example.com", "b@example.com"]
+
+
+def test_apprise_is_loaded_with_the_first_mail_not_with_the_node(smtp, tmp_path):
+    """A node carries no apprise (and its plugins: ~12 MB) until it has mail to deliver; the
+    first delivery loads it and still arrives."""
+    import subprocess
+    import sys
+
+    port, collector = smtp
+    script = f"""
+import sys
+import sbs.node.cli, sbs.node.node
+from sbs.node.config import EmailConfig
+from sbs.node.notify import Notifier
+n = Notifier(EmailConfig(enabled=True, smtp_server="127.0.0.1", smtp_port={port},
+                         sender="sbs@example.com", receiver="ops@example.com"), timeout=5.0)
+before = "apprise" in sys.modules
+ok, said = n.send_now("SBS: lazy", "body")
+print(before, ok, "apprise" in sys.modules, said)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[:3] == ["False", "True", "True"], done.stdout
+    wait_for(lambda: collector.messages, timeout=10)
+    assert collector.messages[0]["Subject"] == "SBS: lazy"
