@@ -248,6 +248,8 @@ class Scanner:
 # The smallest slice, in index entries: a tree this size is rescanned whole every period (a few
 # milliseconds), and a bigger one in slices of at least this many.
 MIN_SLICE = 2000
+# the paths of one directory's direct entries (Rotation.kids)
+Kids = tuple[str, ...] | set[str]
 
 
 class Rotation:
@@ -266,11 +268,13 @@ class Rotation:
         # the index, or None: not known, compare names next time)
         self.dirs: collections.OrderedDict[tuple[str, str], tuple[float, tuple | None]] = (
             collections.OrderedDict())
-        # folder -> {reldir: {paths of its direct entries}}: built from the index once after a
-        # full scan, when a slice first needs it, then kept by note()
-        self.kids: dict[str, dict[str, set[str]]] = {}
+        # folder -> {reldir: paths of its direct entries}: built from the index once after a
+        # full scan, when a slice first needs it, then kept by note(). A tuple until note()
+        # changes that directory, then a set: tuples cost a tenth of a set's hash table
+        # (~6 MB less at 100,000 files) and most directories never change.
+        self.kids: dict[str, dict[str, Kids]] = {}
 
-    def children(self, name: str, index: dict[str, dict]) -> dict[str, set[str]]:
+    def children(self, name: str, index: dict[str, dict]) -> dict[str, Kids]:
         got = self.kids.get(name)
         if got is None:
             got = self.kids[name] = children(index)
@@ -293,11 +297,14 @@ class Rotation:
             key = (name, e["path"])
             if kids is not None:
                 parent = e["path"].rpartition("/")[0]
+                got = kids.get(parent)
+                if not isinstance(got, set):
+                    got = kids[parent] = set(got or ())
                 if e.get("deleted"):
-                    kids.get(parent, set()).discard(e["path"])
+                    got.discard(e["path"])
                     kids.pop(e["path"], None)
                 else:
-                    kids.setdefault(parent, set()).add(e["path"])
+                    got.add(e["path"])
             if e.get("deleted") or e["kind"] != "dir":
                 self.dirs.pop(key, None)
             elif key not in self.dirs:
@@ -334,12 +341,12 @@ class Rotation:
                 self.dirs.move_to_end(key)  # not reported back: never stall on it
 
 
-def children(index: dict[str, dict]) -> dict[str, set[str]]:
-    """{reldir: {paths of its direct entries}} of an index."""
-    out: dict[str, set[str]] = {}
+def children(index: dict[str, dict]) -> dict[str, Kids]:
+    """{reldir: (paths of its direct entries)} of an index."""
+    out: dict[str, list[str]] = {}
     for path in index:
-        out.setdefault(path.rpartition("/")[0], set()).add(path)
-    return out
+        out.setdefault(path.rpartition("/")[0], []).append(path)
+    return {rel: tuple(paths) for rel, paths in out.items()}
 
 
 def _open_dir(root: str, rel: str) -> int:
@@ -355,7 +362,7 @@ def _open_dir(root: str, rel: str) -> int:
 
 
 def rescan_dir(root: str, filt: Filter, cache: HashCache, index: dict[str, dict], rel: str,
-               old_key: tuple | None, kids: Callable[[], dict[str, set[str]]]
+               old_key: tuple | None, kids: Callable[[], dict[str, Kids]]
                ) -> tuple[list[dict], int, tuple | None]:
     """Compare one directory's entries (not deeper) with the index, updating the index in
     place: (the delta, how many names it holds, its stat key for next time).

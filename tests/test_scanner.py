@@ -277,3 +277,48 @@ def test_two_folders_with_the_same_relative_paths_keep_their_cached_hashes_apart
     assert first["one"]["d/f0"]["hash"] != first["two"]["d/f0"]["hash"]
     assert all(sc.index[n][p] is e for n in first for p, e in first[n].items()
                if e["kind"] == "file")
+
+
+def test_the_rolling_rescan_finds_deletions_in_directories_kept_as_tuples_and_as_sets(
+        tmp_path, pipes):
+    """Rotation.kids holds an untouched directory's entries as a tuple (a tenth of a set's
+    memory) and turns it into a set when a delta changes it: a name that vanished with no
+    event is found either way, and one added by a delta is known to its directory."""
+    import os
+
+    ctx, reader, writer = pipes
+    root = tmp_path / "docs"
+    for d in ("a", "b"):
+        (root / d).mkdir(parents=True)
+        for n in range(3):
+            (root / d / f"f{n}").write_text(f"{d}{n}")
+    sc = Scanner(ctx, "inproc://unused", {"docs": FolderConfig("docs", root)}, period=1,
+                 rescan_cycle=2)
+    sc._full_scan(writer)
+    deltas(reader, sc)
+
+    def one_cycle() -> dict[str, dict]:
+        seen: dict[str, dict] = {}
+        for tick in range(1, 4):
+            sc.rotation.dirs = type(sc.rotation.dirs)(
+                (k, (v[0] - 10 * tick, v[1])) for k, v in sc.rotation.dirs.items())
+            sc._rolling_scan(writer)
+            for _, delta in deltas(reader, sc):
+                seen.update({e["path"]: e for e in delta.get("docs", [])})
+        return seen
+
+    assert one_cycle() == {}
+    kids = sc.rotation.kids["docs"]
+    assert sorted(kids["a"]) == ["a/f0", "a/f1", "a/f2"] and isinstance(kids["a"], tuple)
+    assert isinstance(kids["b"], tuple)
+    (root / "a" / "new").write_text("new")  # as the watcher reports it
+    sc._partial_scan(writer, [{"docs": {"a/new"}}])
+    assert [e["path"] for _, d in deltas(reader, sc) for e in d["docs"]] == ["a/new"]
+    assert kids["a"] == {"a/f0", "a/f1", "a/f2", "a/new"} and isinstance(kids["b"], tuple)
+    for gone in ("a/new", "a/f1", "b/f2"):  # no event for any of these
+        os.unlink(root / gone)
+    for d in ("a", "b"):
+        os.utime(root / d, ns=(1, 1))  # an old mtime: not too fresh to compare
+    seen = one_cycle()
+    assert {p for p, e in seen.items() if e.get("deleted")} == {"a/new", "a/f1", "b/f2"}
+    assert set(sc.index["docs"]) == {"a", "b", "a/f0", "a/f2", "b/f0", "b/f1"}
