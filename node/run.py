@@ -1,0 +1,82 @@
+"""The node's own process, without the command-line machinery.
+
+`sbs-node start` reads its command line with typer and checks the config, then replaces its
+process (same pid, same stdio and parent) with ``python -m sbs.node.run --config PATH`` so the
+node never carries typer and the pydantic it loads to coerce arguments: ~15 MB a node keeps
+for as long as it runs. This module is also a fallback in-process runner when exec fails.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_malloc() -> bool:
+    """Keep freed chunk buffers in the heap instead of handing them back to the kernel.
+
+    File content moves in 1 MiB chunks (a few dozen alive at once). With glibc's defaults each
+    one may be a fresh mmap or a heap that is trimmed and grown again, so every chunk faults in
+    new pages; on a VM whose host backs memory lazily that was a third of a 1 GiB transfer
+    (bench/README.md). Allocations up to 4 MiB come from the heap and up to 64 MiB of freed
+    memory stays there. Peak memory does not change. A libc without mallopt (musl) keeps its
+    defaults."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 4 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 64 << 20))
+
+
+def run(config: Path, verbose: bool) -> int:
+    """Run the node until SIGTERM/SIGINT: 0 clean stop, 1 runtime failure, 2 bad config."""
+    try:
+        cfg = load(config)
+    except ConfigError as exc:
+        print(f"sbs-node: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format=f"%(asctime)s {cfg.name} %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
+    log = logging.getLogger("sbs.node")
+    if not tune_malloc():
+        log.debug("mallopt unavailable: default malloc tuning")
+    from .node import Node, NodeError
+    from .tree import raise_fd_limit
+
+    raise_fd_limit()  # the tree walk holds one fd per level of a deep tree
+    try:
+        node = Node(cfg)
+    except NodeError as exc:
+        log.error("%s", exc)
+        return 1
+    try:
+        return node.run()
+    except Exception:
+        log.exception("node failed")
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sbs.node.run",
+                                 description="run one SBS node (what `sbs-node start` runs)")
+    ap.add_argument("--config", "-c", type=Path, default=Path("sbs.ini"))
+    ap.add_argument("--verbose", "-v", action="store_true")
+    args = ap.parse_args(argv)
+    return run(args.config, args.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
