@@ -7,9 +7,6 @@ from pathlib import Path
 
 import typer
 
-from .config import ConfigError, load
-from .run import run, tune_malloc  # noqa: F401  (tune_malloc: where tests look)
-
 app = typer.Typer(add_completion=False, help="SBS node: one half of a hot-standby pair.")
 
 
@@ -24,12 +21,8 @@ def start(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
 ) -> None:
     """Run this node until SIGTERM/SIGINT. Exit 0 clean stop, 1 runtime failure, 2 bad config."""
-    try:
-        load(config)  # a bad config is told here, in typer's process, and exits 2
-    except ConfigError as exc:
-        print(f"sbs-node: configuration error: {exc}", file=sys.stderr)
-        raise typer.Exit(2) from None
-    # The node runs in a lean interpreter (node/run.py): the same pid, without typer
+    # The node runs in a lean interpreter (node/run.py): the same pid, without typer. This
+    # process imports nothing else: the config is read (and a bad one told, exit 2) there.
     argv = [sys.executable, "-m", "sbs.node.run", "--config", str(config)]
     if verbose:
         argv.append("--verbose")
@@ -40,6 +33,8 @@ def start(
     except OSError as exc:  # no exec here: run in this process instead
         print(f"sbs-node: cannot exec {sys.executable} ({exc}); running in this process",
               file=sys.stderr)
+    from .run import run
+
     raise typer.Exit(run(config, verbose))
 
 

@@ -1,6 +1,6 @@
 """The node's own process, without the command-line machinery.
 
-`sbs-node start` reads its command line with typer and checks the config, then replaces its
+`sbs-node start` reads its command line with typer, then replaces its
 process (same pid, same stdio and parent) with ``python -m sbs.node.run --config PATH`` so the
 node never carries typer and the pydantic it loads to coerce arguments: ~15 MB a node keeps
 for as long as it runs. This module is also a fallback in-process runner when exec fails.

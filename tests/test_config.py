@@ -171,12 +171,12 @@ def test_the_commands_read_sbs_ini_in_the_working_directory_by_default(ini, tmp_
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_sbs_node_keeps_freed_chunk_buffers_in_the_heap():
-    """The node tunes glibc's malloc before it starts (node/cli.py: tune_malloc); checked in a
+    """The node tunes glibc's malloc before it starts (node/run.py: tune_malloc); checked in a
     fresh interpreter, with the effect glibc reports: a freed 1 MiB block is reused, not
     unmapped (M_MMAP_THRESHOLD raised above the chunk size)."""
     code = (
         "import ctypes, ctypes.util\n"
-        "from sbs.node.cli import tune_malloc\n"
+        "from sbs.node.run import tune_malloc\n"
         "libc = ctypes.CDLL(ctypes.util.find_library('c'))\n"
         "libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
         "assert tune_malloc()\n"
