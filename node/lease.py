@@ -21,8 +21,6 @@ import logging
 import math
 import threading
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 import zmq
@@ -60,6 +58,10 @@ class Etcd:
         self.good = 0  # the endpoint that answered last is tried first
 
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        # imported here: HTTP, ssl and email parsing cost a node ~5 MB, and only a node with
+        # [cluster] dcs ever calls
+        import urllib.request
+
         deadline = time.monotonic() + self.timeout
         errors = []
         for i in range(len(self.endpoints)):

@@ -186,3 +186,18 @@ def test_sbs_node_keeps_freed_chunk_buffers_in_the_heap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "reused"
+
+
+def test_a_node_loads_no_library_it_has_not_needed_yet():
+    """What `python -m sbs.node.run` imports to run a node: no apprise (loaded with the first
+    mail), no HTTP client (loaded with the first etcd call) and not typer or pydantic (the
+    command line was read before the exec): ~32 MB a node without mail or etcd never carries."""
+    code = (
+        "import sys\n"
+        "import sbs.node.run, sbs.node.node\n"
+        "print(' '.join(m for m in ('apprise', 'urllib.request', 'typer', 'pydantic')\n"
+        "               if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
