@@ -183,9 +183,14 @@ def test_sbs_node_keeps_freed_chunk_buffers_in_the_heap():
         "a = libc.malloc(1 << 20); libc.free(a); b = libc.malloc(1 << 20)\n"
         "print('reused' if a == b else 'fresh')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert _fresh_python(code) == "reused"
+
+
+def _fresh_python(code: str) -> str:
+    """What `code` prints in a fresh interpreter (which must exit 0), stripped."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "reused"
+    return out.stdout.strip()
 
 
 def test_a_node_loads_no_library_it_has_not_needed_yet():
@@ -198,6 +203,4 @@ def test_a_node_loads_no_library_it_has_not_needed_yet():
         "print(' '.join(m for m in ('apprise', 'urllib.request', 'typer', 'pydantic')\n"
         "               if m in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == ""
+    assert _fresh_python(code) == ""
