@@ -1,10 +1,14 @@
 """A folder's index and how it is kept: content hashes, filters, full and incremental scans,
 and the watcher (inotify) that says what to scan again.
 
-An Entry is a plain dict (orjson-serialisable) describing one object inside a replicated folder:
-``path`` (relative POSIX), ``kind`` (file|dir|link), ``size``, ``mtime_ns``, ``mode`` (st_mode &
-0o777), ``hash`` (xxh3_128 hex of a file's content, "" otherwise), ``target`` (links only) and, in
-deltas only, ``deleted: True``. An index is ``dict[path -> Entry]`` for one folder.
+An Entry describes one object inside a replicated folder: ``path`` (relative POSIX), ``kind``
+(file|dir|link), ``size``, ``mtime_ns``, ``mode`` (st_mode & 0o777), ``hash`` (xxh3_128 hex of a
+file's content, "" otherwise), ``target`` (links only) and, in deltas only, ``deleted: True``.
+It is read like a dict (``e["size"]``, ``e.get("target")``, ``dict(e)``) and goes on the wire as
+a JSON object. What a node keeps is compact: a FileEntry (files and dirs) or a LinkEntry, slotted
+dataclasses that orjson writes as exactly those keys, ~96 bytes a file against ~290 for a dict;
+a deletion, and anything from the wire of another shape, stays a plain dict. An index is
+``dict[path -> Entry]`` for one folder.
 
 Directory mtimes are not replicated (writing a file into a directory changes it), so a dir's
 ``mtime_ns`` is always 0. Symbolic links are described, never followed.
@@ -20,8 +24,9 @@ import stat
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import xxhash
 from watchdog.events import (
@@ -43,7 +48,6 @@ from .tree import TEMP_PREFIX, PathError, check_relpath, walk
 
 log = logging.getLogger(__name__)
 
-Entry = dict[str, Any]
 Batch = dict[str, set[str]]
 
 CHUNK = 1 << 20
@@ -195,17 +199,18 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
 
 
 class HashCache:
-    """relpath -> (ino, ctime_ns, Entry), for ONE folder: an unchanged file is never re-read,
-    and its Entry is the very object built when it was hashed, so a rescan of an unchanged tree
-    allocates nothing per file (entries are never changed in place: a change replaces them).
-    The size and mtime are compared with the Entry's own: keeping them twice cost ~90 bytes a
-    file. The key is the Entry's own path string: an absolute path of its own cost ~100 more.
+    """relpath -> FileEntry, for ONE folder: an unchanged file is never re-read, and its Entry
+    is the very object built when it was hashed, so a rescan of an unchanged tree allocates
+    nothing per file (entries are never changed in place: a change replaces them). The inode
+    and ctime the hash was taken at ride on the Entry itself (``cache_ino``, ``cache_ctime``:
+    slots that never go on the wire), its size and mtime are the Entry's own: a tuple beside
+    it cost ~80 bytes a file. The key is the Entry's own path string.
 
     Used by one thread. ``hashed`` counts the files whose content was actually read.
     """
 
     def __init__(self, racy_ns: int = RACY_NS):
-        self._map: dict[str, tuple[int, int, Entry]] = {}
+        self._map: dict[str, FileEntry] = {}
         self.racy_ns = racy_ns
         self.hashed = 0
         self._warned: set[str] = set()
@@ -217,17 +222,18 @@ class HashCache:
         """The file's Entry as last hashed, if its size, mtime, inode and ctime are unchanged
         (a chmod changes the ctime)."""
         hit = self._map.get(relpath)
-        if (hit is None or hit[0] != st.st_ino or hit[1] != st.st_ctime_ns
-                or hit[2]["size"] != st.st_size or hit[2]["mtime_ns"] != st.st_mtime_ns):
+        if (hit is None or hit.cache_ino != st.st_ino or hit.cache_ctime != st.st_ctime_ns
+                or hit.size != st.st_size or hit.mtime_ns != st.st_mtime_ns):
             return None
-        return hit[2]
+        return hit
 
-    def store(self, st: os.stat_result, entry: Entry) -> None:
+    def store(self, st: os.stat_result, entry: FileEntry) -> None:
         """Keep entry for its path; its size and mtime_ns must be st's (file_entry's)."""
         if time.time_ns() - max(st.st_ctime_ns, st.st_mtime_ns) < self.racy_ns:
-            self._map.pop(entry["path"], None)
+            self._map.pop(entry.path, None)
             return
-        self._map[entry["path"]] = (st.st_ino, st.st_ctime_ns, entry)
+        entry.cache_ino, entry.cache_ctime = st.st_ino, st.st_ctime_ns
+        self._map[entry.path] = entry
 
     def warn_once(self, key: str, msg: str, *args: object) -> None:
         # An unreadable file would otherwise log again on every periodic rescan.
@@ -257,28 +263,119 @@ MODES = tuple(range(0o10000))
 _KINDS = {k: k for k in ("file", "dir", "link")}
 
 
-def shared_values(entry: Entry) -> Entry:
-    """An Entry from the wire (checked: protocol.entry_check), its kind and mode replaced by
-    the shared objects (orjson makes a new string and int for each): ~80 bytes a file less
-    for as long as the secondary keeps it."""
-    entry["kind"] = _KINDS.get(entry["kind"], entry["kind"])
-    entry["mode"] = MODES[entry["mode"]]
+class _Compact:
+    """The dict face of a compact Entry: ``e[key]``, ``get``, ``in``, ``keys``/``items``,
+    ``dict(e)``, ``{**e}`` and ``==`` (with a dict of the same keys and values too) behave as
+    they did when entries were dicts. Read-only: an Entry is replaced, never changed. The two
+    slots here are the HashCache's and are not fields: orjson never sends them."""
+
+    __slots__ = ("cache_ino", "cache_ctime")
+    _keys: ClassVar[tuple[str, ...]]
+    _key_set: ClassVar[frozenset[str]]
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._key_set:
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self._key_set else default
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._key_set
+
+    def keys(self) -> tuple[str, ...]:
+        return self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def values(self) -> list[Any]:
+        return [getattr(self, k) for k in self._keys]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, getattr(self, k)) for k in self._keys]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _Compact | dict):
+            return (len(other) == len(self._keys)
+                    and all(k in other and other[k] == getattr(self, k) for k in self._keys))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  (a dict was not hashable either)
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
+
+
+_FILE_KEYS = ("path", "kind", "size", "mtime_ns", "mode", "hash")
+
+
+@dataclass(slots=True, eq=False, repr=False)
+class FileEntry(_Compact):
+    """A file or a directory (``kind``), as the index keeps it."""
+
+    path: str
+    kind: str
+    size: int
+    mtime_ns: int
+    mode: int
+    hash: str
+    _keys: ClassVar[tuple[str, ...]] = _FILE_KEYS
+    _key_set: ClassVar[frozenset[str]] = frozenset(_FILE_KEYS)
+
+
+@dataclass(slots=True, eq=False, repr=False)
+class LinkEntry(_Compact):
+    """A symbolic link, as the index keeps it."""
+
+    path: str
+    kind: str
+    size: int
+    mtime_ns: int
+    mode: int
+    hash: str
+    target: str
+    _keys: ClassVar[tuple[str, ...]] = (*_FILE_KEYS, "target")
+    _key_set: ClassVar[frozenset[str]] = frozenset((*_FILE_KEYS, "target"))
+
+
+Mapping.register(_Compact)
+Entry = dict[str, Any] | FileEntry | LinkEntry
+
+
+def shared_values(entry: dict[str, Any]) -> Entry:
+    """An Entry from the wire (checked: protocol.entry_check) as the node keeps it: compact
+    when it has the usual keys (a dict from orjson costs ~190 bytes more a file), its kind and
+    mode the shared objects (orjson makes a new string and int for each). A deletion, or an
+    entry of another shape, stays the dict it came as."""
+    kind = _KINDS.get(entry["kind"], entry["kind"])
+    mode = MODES[entry["mode"]]
+    n = len(entry)
+    if n == 6 and kind != "link" and "hash" in entry:
+        return FileEntry(entry["path"], kind, entry["size"], entry["mtime_ns"], mode,
+                         entry["hash"])
+    if n == 7 and kind == "link" and "hash" in entry and "target" in entry:
+        return LinkEntry(entry["path"], kind, entry["size"], entry["mtime_ns"], mode,
+                         entry["hash"], entry["target"])
+    entry["kind"] = kind
+    entry["mode"] = mode
     return entry
 
 
-def dir_entry(relpath: str, st: os.stat_result) -> Entry:
-    return {"path": relpath, "kind": "dir", "size": 0, "mtime_ns": 0,
-            "mode": MODES[st.st_mode & 0o777], "hash": ""}
+def dir_entry(relpath: str, st: os.stat_result) -> FileEntry:
+    return FileEntry(relpath, "dir", 0, 0, MODES[st.st_mode & 0o777], "")
 
 
-def link_entry(relpath: str, st: os.stat_result, target: str) -> Entry:
-    return {"path": relpath, "kind": "link", "size": len(os.fsencode(target)),
-            "mtime_ns": st.st_mtime_ns, "mode": 0, "hash": "", "target": target}
+def link_entry(relpath: str, st: os.stat_result, target: str) -> LinkEntry:
+    return LinkEntry(relpath, "link", len(os.fsencode(target)), st.st_mtime_ns, 0, "", target)
 
 
-def file_entry(relpath: str, st: os.stat_result, h: str) -> Entry:
-    return {"path": relpath, "kind": "file", "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "mode": MODES[st.st_mode & 0o777], "hash": h}
+def file_entry(relpath: str, st: os.stat_result, h: str) -> FileEntry:
+    return FileEntry(relpath, "file", st.st_size, st.st_mtime_ns, MODES[st.st_mode & 0o777], h)
 
 
 def hashed_file_entry(relpath: str, abspath: str, st: os.stat_result, cache: HashCache,

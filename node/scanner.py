@@ -388,7 +388,7 @@ def rescan_dir(root: str, filt: Filter, cache: HashCache, index: dict[str, dict]
     redo: set[str] = set()
     names: set[str] = set()
     base_slash = base + "/"
-    # HashCache.lookup inlined (relpath -> ino, ctime, Entry): this loop is the
+    # HashCache.lookup inlined (relpath -> FileEntry): this loop is the
     # whole cost of an idle node, a few microseconds per file
     cached = cache._map.get
     lstat = os.stat
@@ -408,10 +408,10 @@ def rescan_dir(root: str, filt: Filter, cache: HashCache, index: dict[str, dict]
                     if old is not None and old["kind"] == "file":
                         st = lstat(name, dir_fd=fd, follow_symlinks=False)
                         hit = cached(path)
-                        # HashCache's (ino, ctime_ns, Entry); size and mtime are old's
-                        if (hit is not None and hit[2] is old and hit[0] == st.st_ino
-                                and hit[1] == st.st_ctime_ns and old["size"] == st.st_size
-                                and old["mtime_ns"] == st.st_mtime_ns):
+                        # the HashCache's Entry, with the ino and ctime its hash was taken at
+                        if (hit is old and hit.cache_ino == st.st_ino
+                                and hit.cache_ctime == st.st_ctime_ns and hit.size == st.st_size
+                                and hit.mtime_ns == st.st_mtime_ns):
                             continue  # the usual case: nothing changed
                     else:
                         is_dir = de.is_dir(follow_symlinks=False)

@@ -164,10 +164,11 @@ class Secondary:
         # reports of jobs queued before this snapshot are about the previous one (perhaps a
         # previous run of the primary, numbered from 0 again): on_syncer ignores them
         self.snapshots_submitted += 1
+        count = sum(len(v) for v in body["index"].values())
+        # the syncer lets go of the entries as it takes them: nothing here reads them after
         self.syncer.submit_snapshot(body["seq"], folders, body["index"])
         log.info("snapshot from %s at manifest %d: %d folders, %d entries in %d part(s)",
-                 body["name"], body["seq"], len(body["folders"]),
-                 sum(len(v) for v in body["index"].values()), body.get("parts", 1))
+                 body["name"], body["seq"], len(body["folders"]), count, body.get("parts", 1))
         buffered, f.buffer = f.buffer, []
         for run, seq, raw in buffered:
             if run == body["run"] and seq > body["seq"]:  # not a previous run's, numbered alike

@@ -241,7 +241,8 @@ class Syncer:
                 local = scan_folder(str(writer.root), filt, self.caches[name])
             except FolderMissing:
                 local = {}
-            remote = {e["path"]: e for e in valid_entries(name, entries, self.emit)}
+            remote = {e["path"]: e for e in valid_entries(name, entries, self.emit,
+                                                          consume=True)}
             self.known[name] = remote
             deletions = [local[p] for p in local if p not in remote] if self.cfg.strict else []
             extras = (own_extras(local, remote, self.agreed, name)
@@ -386,9 +387,15 @@ class Syncer:
             log.warning("could not apply %s/%s: %s", name, e["path"], exc)
             self.error = self.error or f"{name}/{e['path']}: {exc}"
 
-def valid_entries(folder: str, entries: list, emit: Callable[..., None]) -> Iterator[dict]:
-    """The entries fit to apply; the others are logged (and announced) and dropped."""
-    for e in entries:
+def valid_entries(folder: str, entries: list, emit: Callable[..., None], *,
+                  consume: bool = False) -> Iterator[dict]:
+    """The entries fit to apply, as the node keeps them (shared_values); the others are logged
+    (and announced) and dropped. ``consume``: each item of ``entries`` is let go (set to None)
+    as it is read, so a snapshot's 100,000 dicts from the wire are freed one by one while their
+    compact copies are made, instead of all living beside them until the list goes."""
+    for i, e in enumerate(entries):
+        if consume:
+            entries[i] = None
         why = entry_check(e)
         if why is None:
             try:

@@ -734,3 +734,87 @@ def test_entries_share_one_object_per_mode_and_kind(tmp_path):
     assert len(taken) == 3 and all(e == index[e["path"]] for e in taken)
     assert len({id(e["kind"]) for e in taken}) == 1
     assert {id(e["mode"]) for e in taken} == modes
+
+
+# --- compact entries ---------------------------------------------------------------------------
+
+
+def test_kept_entries_read_and_travel_as_the_dicts_they_replace(tmp_path):
+    """What a node keeps per object is a slotted FileEntry/LinkEntry, not a dict: read like
+    one, equal to one, and the same bytes on the wire."""
+    import orjson
+    (tmp_path / "d").mkdir(mode=0o750)
+    (tmp_path / "d" / "f").write_bytes(b"hello")
+    os.symlink("f", tmp_path / "d" / "l")
+    settle(tmp_path, HashCache())
+    index = scan_folder(str(tmp_path), Filter(), HashCache())
+    f, d, ln = index["d/f"], index["d"], index["d/l"]
+    st_f = os.lstat(tmp_path / "d" / "f")
+    want_f = {"path": "d/f", "kind": "file", "size": 5, "mtime_ns": st_f.st_mtime_ns,
+              "mode": st_f.st_mode & 0o777, "hash": hash_bytes(b"hello")}
+    want_l = {"path": "d/l", "kind": "link", "size": 1,
+              "mtime_ns": os.lstat(tmp_path / "d" / "l").st_mtime_ns, "mode": 0, "hash": "",
+              "target": "f"}
+    for e, want in ((f, want_f), (ln, want_l)):
+        assert not isinstance(e, dict)
+        assert dict(e) == want and {**e} == want and dict(e.items()) == want
+        assert e == want and want == e and not (e != want)
+        assert orjson.dumps(e) == orjson.dumps(want)  # same keys, same order, nothing more
+        assert orjson.loads(orjson.dumps({"entries": [e]})) == {"entries": [want]}
+        assert list(e) == list(want) and len(e) == len(want)
+        for k, v in want.items():
+            assert e[k] == v and e.get(k) == v and k in e
+        assert "deleted" not in e and e.get("deleted") is None and e.get("deleted", 1) == 1
+        with pytest.raises(KeyError):
+            e["deleted"]
+        assert e != {**want, "deleted": True} and e != {**want, "size": 6} and e != [1]
+        assert repr(e) == repr(want)
+        with pytest.raises((TypeError, AttributeError)):
+            e["size"] = 7  # read-only: an Entry is replaced, never changed
+        # a dict costs ~290 bytes; the compact one under half of that
+        assert sys.getsizeof(e) * 2 < sys.getsizeof(want)
+    assert "target" not in f and f.get("target") is None and ln["target"] == "f"
+    assert dict(d) == {"path": "d", "kind": "dir", "size": 0, "mtime_ns": 0, "mode": 0o750,
+                       "hash": ""}
+    gone = index_module.deleted_entry(f)
+    assert type(gone) is dict and gone == {**want_f, "deleted": True}
+    assert diff(index, {**index, "d/f": dict(f)}) == []  # an equal dict is no change
+    assert diff(index, {**index, "d/f": {**want_f, "mode": 0o600}}) == [
+        {**want_f, "mode": 0o600}]
+
+
+def test_a_wire_entry_is_kept_compact_only_when_it_has_the_usual_keys():
+    shared = index_module.shared_values
+    h = "ab" * 16
+    f = shared({"path": "a", "kind": "file", "size": 3, "mtime_ns": 9, "mode": 420,
+                "hash": h})
+    assert type(f) is index_module.FileEntry and f == {"path": "a", "kind": "file", "size": 3,
+                                                       "mtime_ns": 9, "mode": 420, "hash": h}
+    wire_kind = "".join(["fi", "le"])  # a string of its own, as orjson makes one
+    assert shared({"path": "b", "kind": wire_kind, "size": 3, "mtime_ns": 9, "mode": 420,
+                   "hash": h})["kind"] is f["kind"]  # one shared "file" object
+    ln = shared({"path": "c", "kind": "link", "size": 1, "mtime_ns": 9, "mode": 0, "hash": "",
+                 "target": "a"})
+    assert type(ln) is index_module.LinkEntry and ln["target"] == "a"
+    for odd in ({"path": "a", "kind": "file", "size": 3, "mtime_ns": 9, "mode": 420,
+                 "hash": h, "deleted": True},                      # a deletion
+                {"path": "d", "kind": "dir", "size": 0, "mtime_ns": 0, "mode": 493},  # no hash
+                {"path": "c", "kind": "link", "size": 1, "mtime_ns": 9, "mode": 0,
+                 "target": "a"}):
+        kept = shared(dict(odd))
+        assert type(kept) is dict and kept == odd
+
+
+def test_the_hash_cache_keeps_the_entry_itself_and_reads_a_changed_file_again(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"one")
+    cache = HashCache()
+    settle(tmp_path, cache)
+    first = scan_folder(str(tmp_path), Filter(), cache)["f"]
+    again = scan_folder(str(tmp_path), Filter(), cache)["f"]
+    assert again is first and cache.hashed == 1 and len(cache) == 1
+    assert (first.cache_ino, first.cache_ctime) == (p.stat().st_ino, p.stat().st_ctime_ns)
+    os.chmod(p, 0o600)  # same content, new ctime: read again
+    settle(tmp_path, cache)
+    third = scan_folder(str(tmp_path), Filter(), cache)["f"]
+    assert third is not first and cache.hashed == 2 and third["mode"] == 0o600
