@@ -39,7 +39,7 @@ class Follow:
     run: str | None = None  # the primary's run of the snapshot we took; None: none yet
     seen: int | None = None  # the last manifest taken (handed to the Syncer)
     snapshot_deadline: float | None = None  # set while a snapshot is asked for: ask again then
-    snapshot_sent: bool = False
+    snapshot_sent: bool = False  # out and unanswered: reaching the deadline is a timeout
     # manifests meanwhile: (run, seq, the MANIFEST's body as it came, validated) -- kept
     # encoded, as a primary's first scan publishes its whole index just before the snapshot
     # (decoded, each entry cost ~4 times its ~140 bytes on the wire)
@@ -143,6 +143,8 @@ class Secondary:
         its reply came from a run we have not heard a heartbeat of yet."""
         if self.follow.snapshot_deadline:
             self.follow.snapshot_deadline = time.monotonic() + SNAPSHOT_SOON
+            # it was answered: the next request is the retry asked for, not a timeout's
+            self.follow.snapshot_sent = False
 
     def on_snapshot(self, msg: Message) -> None:
         f = self.follow
