@@ -186,6 +186,33 @@ def test_sbs_node_keeps_freed_chunk_buffers_in_the_heap():
     assert _fresh_python(code) == "reused"
 
 
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_sbs_node_threads_share_one_malloc_arena():
+    """tune_malloc leaves one arena for all threads: a block a new thread allocates comes from
+    the main arena (the [heap] mapping), where without it glibc gives the thread an arena of
+    its own (mapped elsewhere). Both are checked, so the probe itself is shown to tell."""
+    code = (
+        "import ctypes, ctypes.util, sys, threading\n"
+        "from sbs.node.run import tune_malloc\n"
+        "libc = ctypes.CDLL(ctypes.util.find_library('c'))\n"
+        "libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
+        "if sys.argv[1] == 'tuned':\n"
+        "    assert tune_malloc()\n"
+        "libc.free(libc.malloc(64))  # the main arena exists\n"
+        "got = []\n"
+        "t = threading.Thread(target=lambda: got.append(libc.malloc(4000)))\n"
+        "t.start(); t.join()\n"
+        "lo, hi = next(tuple(int(x, 16) for x in line.split()[0].split('-'))\n"
+        "              for line in open('/proc/self/maps') if line.rstrip().endswith('[heap]'))\n"
+        "print('main arena' if lo <= got[0] < hi else 'own arena')\n"
+    )
+    run = [sys.executable, "-c", code]
+    for how, want in (("tuned", "main arena"), ("default", "own arena")):
+        out = subprocess.run([*run, how], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == want, how
+
+
 def _fresh_python(code: str) -> str:
     """What `code` prints in a fresh interpreter (which must exit 0), stripped."""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
