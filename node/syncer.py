@@ -25,6 +25,7 @@ how a job goes.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import queue
 import threading
@@ -46,6 +47,9 @@ from .protocol import entry_check
 from .security import Keys
 from .transfer import Transfer, free_bytes
 from .writer import FolderWriter, HashMismatch, PathError, check_relpath, purge_trash, utc_stamp
+
+# files fetched (and journalled) per Transfer.fetch call: a 100,000-file snapshot in 20 slices
+FETCH_SLICE = 5_000
 
 log = logging.getLogger("sbs.syncer")
 
@@ -330,7 +334,11 @@ class Syncer:
         writer = self.writers[name]
         agreed: list[tuple[str, str, str | None]] = []
         fetch: list[dict] = []
-        for e in sorted(changes, key=lambda x: (x["kind"] != "dir", x["path"])):
+        # folders first, each group in path order; keyed by the path strings themselves (a
+        # (kind, path) tuple per entry cost ~6 MB at 100,000 files, all alive while sorting)
+        dirs = sorted((e for e in changes if e["kind"] == "dir"), key=_path)
+        others = sorted((e for e in changes if e["kind"] != "dir"), key=_path)
+        for e in itertools.chain(dirs, others):
             have = local.get(e["path"])
             token = Agreed.token(e)
             try:
@@ -354,8 +362,12 @@ class Syncer:
                     fetch.append(e)
             except (PathError, OSError) as exc:
                 self.failed(name, e, exc)
-        if fetch:
-            agreed.extend(self.transfer.fetch(name, fetch))
+        # a big snapshot's files in slices, each journalled as it is done: what one fetch
+        # keeps per file (its index by path, what it applied) stays bounded
+        for i in range(0, len(fetch), FETCH_SLICE):
+            agreed.extend(self.transfer.fetch(name, fetch[i:i + FETCH_SLICE]))
+            self.agreed.update(agreed)
+            agreed.clear()
         if deletions:
             agreed.extend(self.deletions.delete(name, deletions, local, stamp, files_here))
         if agreed:
@@ -411,6 +423,10 @@ def valid_entries(folder: str, entries: list, emit: Callable[..., None], *,
             log.warning("refused an entry in %s without hash: %r", folder, e["path"][:200])
             continue
         yield shared_values(e)
+
+
+def _path(e: dict) -> str:
+    return e["path"]
 
 
 def _enospc(exc: BaseException) -> bool:

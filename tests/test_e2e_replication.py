@@ -1261,10 +1261,14 @@ def test_a_snapshot_asked_for_during_the_first_scan_is_answered_when_it_ends(mak
 def test_a_snapshot_of_many_entries_comes_in_parts_and_is_taken_whole(make_pair):
     """A snapshot is sent in parts of protocol.SNAPSHOT_PART entries (one message of a 100k-
     entry index was ~14 MB, held encoded and decoded whole on both sides); the secondary takes
-    it once all parts are in, and what changes afterwards follows as manifests."""
+    it once all parts are in, and what changes afterwards follows as manifests. Its files are
+    fetched in slices of syncer.FETCH_SLICE, each journalled when done: every one of them ends
+    up agreed, with its content's hash."""
+    from sbs.node.syncer import FETCH_SLICE
     pair = make_pair()
     a = pair.folder("alpha")
     n = 2 * protocol.SNAPSHOT_PART + 2000  # with its 60 folders: three parts
+    assert n > 2 * FETCH_SLICE  # and three slices
     for i in range(n):
         write(a / f"d{i % 60:02}" / f"f{i:05}", f"{i}\n")
     pair.alpha.start()
@@ -1277,6 +1281,11 @@ def test_a_snapshot_of_many_entries_comes_in_parts_and_is_taken_whole(make_pair)
     assert "sent snapshot at manifest" in pair.alpha.log.read_text()
     assert f"{n + 60} entries in 3 part(s)" in pair.alpha.log.read_text(), pair.alpha.tail_log()
     assert f"{n + 60} entries in 3 part(s)" in pair.beta.log.read_text(), pair.beta.tail_log()
+    wait_for(lambda: replication(pair.beta).get("synced"), 30, "beta synced")
+    tokens = agreed_tokens(pair, "beta")
+    want = {f"d{i % 60:02}/f{i:05}": xxhash.xxh3_128_hexdigest(f"{i}\n".encode())
+            for i in range(n)}
+    assert {p: tokens.get(p) for p in want} == want
     write(a / "d00" / "later.txt", "after the snapshot\n")
     wait_equal(a, b, 30, "a change after the snapshot")
     wait_for(lambda: replication(pair.beta).get("synced"), 30, "beta synced")
