@@ -345,13 +345,16 @@ class LinkEntry(_Compact):
 
 Mapping.register(_Compact)
 Entry = dict[str, Any] | FileEntry | LinkEntry
+KEPT = (FileEntry, LinkEntry)  # isinstance(e, KEPT): checked and converted already
 
 
-def shared_values(entry: dict[str, Any]) -> Entry:
+def shared_values(entry: Entry) -> Entry:
     """An Entry from the wire (checked: protocol.entry_check) as the node keeps it: compact
     when it has the usual keys (a dict from orjson costs ~190 bytes more a file), its kind and
     mode the shared objects (orjson makes a new string and int for each). A deletion, or an
-    entry of another shape, stays the dict it came as."""
+    entry of another shape, stays the dict it came as. A kept entry is returned as it is."""
+    if isinstance(entry, KEPT):
+        return entry
     kind = _KINDS.get(entry["kind"], entry["kind"])
     mode = MODES[entry["mode"]]
     n = len(entry)

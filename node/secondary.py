@@ -22,7 +22,7 @@ from .fsm import S
 from .liveness import Watch
 from .protocol import Bad, Message
 from .security import client
-from .syncer import Syncer
+from .syncer import Syncer, keep_entries
 
 if TYPE_CHECKING:
     from .node import Node
@@ -184,6 +184,7 @@ class Secondary:
         to the peer's run and epoch like a whole SNAPSHOT_REP, before it gets here.)"""
         f = self.follow
         part, parts = body.get("part", 0), body.get("parts", 1)
+        keep_entries(body["index"])
         first = body
         if part == 0:
             f.parts, f.next_part = (body, 1) if parts > 1 else (None, 0)

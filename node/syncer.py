@@ -41,7 +41,7 @@ from .conflicts import ConflictKeeper, own_extras
 from .content import Fetcher
 from .deletions import GUARD_MIN_FILES, StrictDeletions  # noqa: F401  (re-exported)
 from .fileevents import FileEvents
-from .index import Filter, FolderMissing, HashCache, scan_folder, shared_values
+from .index import KEPT, Filter, FolderMissing, HashCache, scan_folder, shared_values
 from .journal import Agreed
 from .protocol import entry_check
 from .security import Keys
@@ -408,7 +408,8 @@ def valid_entries(folder: str, entries: list, emit: Callable[..., None], *,
     for i, e in enumerate(entries):
         if consume:
             entries[i] = None
-        why = entry_check(e)
+        # a kept entry was held to the schema when its snapshot part arrived (keep_entries)
+        why = None if isinstance(e, KEPT) else entry_check(e)
         if why is None:
             try:
                 check_relpath(e["path"])
@@ -423,6 +424,17 @@ def valid_entries(folder: str, entries: list, emit: Callable[..., None], *,
             log.warning("refused an entry in %s without hash: %r", folder, e["path"][:200])
             continue
         yield shared_values(e)
+
+
+def keep_entries(index: dict[str, list]) -> None:
+    """A snapshot part's entries as the node keeps them, the moment the part is here: each one
+    the schema accepts is made compact in place (shared_values), so a 100,000-entry snapshot
+    never holds all its dicts from the wire at once (~50 MB of them). What the schema refuses
+    stays as it came, for valid_entries to log and drop; paths are checked there."""
+    for entries in index.values():
+        for i, e in enumerate(entries):
+            if entry_check(e) is None:
+                entries[i] = shared_values(e)
 
 
 def _path(e: dict) -> str:

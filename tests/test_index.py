@@ -818,3 +818,25 @@ def test_the_hash_cache_keeps_the_entry_itself_and_reads_a_changed_file_again(tm
     settle(tmp_path, cache)
     third = scan_folder(str(tmp_path), Filter(), cache)["f"]
     assert third is not first and cache.hashed == 2 and third["mode"] == 0o600
+
+
+def test_a_snapshot_part_is_kept_compact_on_arrival_and_a_bad_entry_is_still_refused():
+    """keep_entries (the node thread, as each part arrives) converts what the schema accepts;
+    the rest stays as it came, and valid_entries (the syncer) still refuses both what the
+    schema refuses and a path that passed the schema but not the path rule."""
+    from sbs.node.syncer import keep_entries, valid_entries
+
+    good = {"path": "a", "kind": "file", "size": 1, "mtime_ns": 5, "mode": 0o644,
+            "hash": "cd" * 16}
+    bad_mode = {**good, "path": "b", "mode": 0o77777}
+    escape = {**good, "path": "../x"}
+    index = {"docs": [dict(good), dict(bad_mode), dict(escape), "junk"]}
+    keep_entries(index)
+    kept = index["docs"]
+    assert type(kept[0]) is index_module.FileEntry and kept[0] == good
+    assert type(kept[1]) is dict and kept[1] == bad_mode
+    assert type(kept[2]) is index_module.FileEntry and kept[3] == "junk"
+    refused: list[dict] = []
+    taken = list(valid_entries("docs", kept, lambda *a, **k: refused.append(k), consume=True))
+    assert taken == [good] and taken[0] is not None
+    assert len(refused) == 3 and kept == [None] * 4  # let go as they were read

@@ -16,6 +16,7 @@ import zmq
 from sbs.node import protocol
 from sbs.node.config import load
 from sbs.node.fsm import S
+from sbs.node.index import FileEntry
 from sbs.node.lease import Lease
 from sbs.node.node import FsmFailure, Node
 
@@ -182,6 +183,8 @@ def test_a_snapshot_in_parts_is_taken_whole_once_its_last_part_is_here(alpha, mo
     sec.on_snapshot(snapshot_part(PRIMARY_RUN, 4, 2, 3, {"docs": entries("d"),
                                                           "logs": entries("x")}))
     assert taken == [(4, {"docs": entries("a", "b", "c", "d"), "web": [], "logs": entries("x")})]
+    # each part's entries are made compact as the part arrives, not all at once at the end
+    assert all(type(e) is FileEntry for e in taken[0][1]["docs"])
     assert (sec.follow.run, sec.follow.seen) == (PRIMARY_RUN, 5)
     assert not sec.follow.snapshot_deadline
 
