@@ -133,16 +133,20 @@ class Primary:
 
     def publish_delta(self, delta: dict[str, list[dict]]) -> None:
         node = self.node
-        items = [(f, e) for f, entries in delta.items() for e in entries]
-        for start in range(0, len(items), protocol.MANIFEST_PART):
+        # taken a part at a time: a first scan's delta is the whole index, and a (folder, entry)
+        # tuple for each of 100,000 entries at once cost the primary ~7 MB of its peak
+        items = ((f, e) for f, entries in delta.items() for e in entries)
+        while True:
             part: dict[str, list[dict]] = {}
-            for folder, entry in items[start:start + protocol.MANIFEST_PART]:
+            for folder, entry in itertools.islice(items, protocol.MANIFEST_PART):
                 part.setdefault(folder, []).append(entry)
                 index = self.index.setdefault(folder, {})
                 if entry.get("deleted"):
                     index.pop(entry["path"], None)
                 else:
                     index[entry["path"]] = entry
+            if not part:
+                return
             self.seq += 1
             self.unacked.append((self.seq, part))
             while len(self.unacked) > KEEP_UNACKED:
