@@ -422,14 +422,23 @@ class Profiler:
     """py-spy record on a live pid (raw collapsed stacks), stopped with SIGINT."""
 
     native = False
+    MISSING = "replication.py --profile: py-spy is not installed (pip install py-spy)"
+
+    @staticmethod
+    def binary() -> Path | None:
+        spy = Path(sys.executable).with_name("py-spy")
+        if spy.exists():
+            return spy
+        found = shutil.which("py-spy")
+        return Path(found) if found else None
 
     def __init__(self, pid: int, out: Path):
         self.out = out
         out.parent.mkdir(parents=True, exist_ok=True)  # a fresh clone has no bench/out/
         out.unlink(missing_ok=True)
-        spy = Path(sys.executable).with_name("py-spy")
-        if not spy.exists():
-            spy = Path(shutil.which("py-spy") or "py-spy")
+        spy = self.binary()
+        if spy is None:
+            raise SystemExit(self.MISSING)
         self.proc = subprocess.Popen(
             [str(spy), "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
              *(["--native"] if self.native else ["--nonblocking"]), "--output", str(out)],
@@ -1397,6 +1406,9 @@ def main(argv: list[str] | None = None) -> int:
                               "targets": TARGETS, "host": host(rsync_ok),
                               "method": METHOD, "skipped_peers": skipped,
                               "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if args.profile and Profiler.binary() is None:
+        say(Profiler.MISSING)
+        return 2
     profile_dir = OUT if args.profile else None
     extras = not args.no_extras and not args.quick
     t_start = time.perf_counter()
