@@ -329,15 +329,9 @@ class FileEntry(_Compact):
 
 
 @dataclass(slots=True, eq=False, repr=False)
-class LinkEntry(_Compact):
-    """A symbolic link, as the index keeps it."""
+class LinkEntry(FileEntry):
+    """A symbolic link, as the index keeps it: the fields of any entry and its target."""
 
-    path: str
-    kind: str
-    size: int
-    mtime_ns: int
-    mode: int
-    hash: str
     target: str
     _keys: ClassVar[tuple[str, ...]] = (*_FILE_KEYS, "target")
     _key_set: ClassVar[frozenset[str]] = frozenset((*_FILE_KEYS, "target"))
