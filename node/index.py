@@ -198,13 +198,19 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
 
+def cache_key_of(st: os.stat_result) -> int:
+    """A file's inode and ctime as one int, unique for each pair (ctime_ns is below 2**63)."""
+    return (st.st_ino << 64) | (st.st_ctime_ns & 0xFFFF_FFFF_FFFF_FFFF)
+
+
 class HashCache:
     """relpath -> FileEntry, for ONE folder: an unchanged file is never re-read, and its Entry
     is the very object built when it was hashed, so a rescan of an unchanged tree allocates
     nothing per file (entries are never changed in place: a change replaces them). The inode
-    and ctime the hash was taken at ride on the Entry itself (``cache_ino``, ``cache_ctime``:
-    slots that never go on the wire), its size and mtime are the Entry's own: a tuple beside
-    it cost ~80 bytes a file. The key is the Entry's own path string.
+    and ctime the hash was taken at ride on the Entry itself, as one int (``cache_key``, see
+    cache_key_of: a slot that never goes on the wire; two ints cost ~24 bytes a file more), its
+    size and mtime are the Entry's own: a tuple beside it cost ~80 bytes a file. The key is
+    the Entry's own path string.
 
     Used by one thread. ``hashed`` counts the files whose content was actually read.
     """
@@ -222,7 +228,7 @@ class HashCache:
         """The file's Entry as last hashed, if its size, mtime, inode and ctime are unchanged
         (a chmod changes the ctime)."""
         hit = self._map.get(relpath)
-        if (hit is None or hit.cache_ino != st.st_ino or hit.cache_ctime != st.st_ctime_ns
+        if (hit is None or hit.cache_key != cache_key_of(st)
                 or hit.size != st.st_size or hit.mtime_ns != st.st_mtime_ns):
             return None
         return hit
@@ -232,7 +238,7 @@ class HashCache:
         if time.time_ns() - max(st.st_ctime_ns, st.st_mtime_ns) < self.racy_ns:
             self._map.pop(entry.path, None)
             return
-        entry.cache_ino, entry.cache_ctime = st.st_ino, st.st_ctime_ns
+        entry.cache_key = cache_key_of(st)
         self._map[entry.path] = entry
 
     def warn_once(self, key: str, msg: str, *args: object) -> None:
@@ -266,10 +272,10 @@ _KINDS = {k: k for k in ("file", "dir", "link")}
 class _Compact:
     """The dict face of a compact Entry: ``e[key]``, ``get``, ``in``, ``keys``/``items``,
     ``dict(e)``, ``{**e}`` and ``==`` (with a dict of the same keys and values too) behave as
-    they did when entries were dicts. Read-only: an Entry is replaced, never changed. The two
-    slots here are the HashCache's and are not fields: orjson never sends them."""
+    they did when entries were dicts. Read-only: an Entry is replaced, never changed. The slot
+    here is the HashCache's and is not a field: orjson never sends it."""
 
-    __slots__ = ("cache_ino", "cache_ctime")
+    __slots__ = ("cache_key",)
     _keys: ClassVar[tuple[str, ...]]
     _key_set: ClassVar[frozenset[str]]
 

@@ -408,10 +408,10 @@ def rescan_dir(root: str, filt: Filter, cache: HashCache, index: dict[str, dict]
                     if old is not None and old["kind"] == "file":
                         st = lstat(name, dir_fd=fd, follow_symlinks=False)
                         hit = cached(path)
-                        # the HashCache's Entry, with the ino and ctime its hash was taken at
-                        if (hit is old and hit.cache_ino == st.st_ino
-                                and hit.cache_ctime == st.st_ctime_ns and hit.size == st.st_size
-                                and hit.mtime_ns == st.st_mtime_ns):
+                        # the HashCache's Entry, its ino and ctime as cache_key_of made them
+                        if (hit is old and hit.cache_key == (st.st_ino << 64 | (
+                                st.st_ctime_ns & 0xFFFF_FFFF_FFFF_FFFF))
+                                and hit.size == st.st_size and hit.mtime_ns == st.st_mtime_ns):
                             continue  # the usual case: nothing changed
                     else:
                         is_dir = de.is_dir(follow_symlinks=False)

@@ -813,7 +813,9 @@ def test_the_hash_cache_keeps_the_entry_itself_and_reads_a_changed_file_again(tm
     first = scan_folder(str(tmp_path), Filter(), cache)["f"]
     again = scan_folder(str(tmp_path), Filter(), cache)["f"]
     assert again is first and cache.hashed == 1 and len(cache) == 1
-    assert (first.cache_ino, first.cache_ctime) == (p.stat().st_ino, p.stat().st_ctime_ns)
+    st = p.stat()
+    assert first.cache_key == index_module.cache_key_of(st)
+    assert first.cache_key == (st.st_ino << 64) + st.st_ctime_ns
     os.chmod(p, 0o600)  # same content, new ctime: read again
     settle(tmp_path, cache)
     third = scan_folder(str(tmp_path), Filter(), cache)["f"]
