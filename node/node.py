@@ -158,6 +158,10 @@ class Node:
                  self.epoch, self.cfg.role, self.cfg.peer, self.cfg.control_port)
         self.probe_deadline = time.monotonic() + self.cfg.dead_after
         self.probed = False  # the first probe window is over
+        if not self.primacy.dcs and self.last_role != "secondary":
+            # a node alone becomes primary after dead_after: its first scan runs in that wait
+            # (node/primary.py); a node that was following a primary expects to follow again
+            self.primary.prescan(self.lists.pushed_folders() or self.lists.own_folders())
         try:
             while self.state != S.STOPPED or self.sentinel_stop.running:
                 self._loop_once()

@@ -6,6 +6,12 @@ secondary can ask for a snapshot (SNAPSHOT on the ROUTER, answered with SNAPSHOT
 secondary's ACKs say how far it applied: that much becomes agreed in the journal, written by a
 thread of its own (after a snapshot it walks the whole index). A hand-over or a stop first runs
 the final sync: flush the watcher, then wait (bounded) until the peer has applied it all.
+
+A node that does not yet know its role starts the scanner at once (prescan: the scan only
+reads): a node alone waits dead_after before it may take the primary role, and its first scan
+(seconds at 100,000 files) runs in that wait instead of after it. What the scanner reports is
+held, not published, until start() adopts it with the same folders; following a primary, a
+different folder list or too much held stops it.
 """
 from __future__ import annotations
 
@@ -33,6 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("sbs.node")
 
 KEEP_UNACKED = 10_000  # manifests kept for the journal until the secondary acknowledges them
+# a prescan's reports held while the role is not known: past this many (a watcher busy for a
+# long undecided start) the prescan is dropped and the primary, if it comes to that, scans anew
+PRESCAN_HELD_MAX = 1_000
 
 
 @dataclass
@@ -56,6 +65,10 @@ class Primary:
         self.held_snapshot: bytes | None = None
         self.unacked: collections.deque[tuple[int, dict]] = collections.deque()
         self.scanner: Scanner | None = None
+        # while prescanning (the role not known yet): the folders it scans and the scanner's
+        # reports, held in order for start() to replay; None otherwise
+        self.prescan_folders: dict[str, FolderConfig] | None = None
+        self.held: list[list[bytes]] = []
         self.final_sync: FinalSync | None = None
         self.peer_last_sync: float | None = None  # wall time the secondary was in sync
         self.pipes = 0  # scanner pipes used so far (each scanner gets a fresh one)
@@ -68,16 +81,40 @@ class Primary:
         self.journal.start()
 
     # ------------------------------------------------------------------ scanner
+    def prescan(self, folders: dict[str, FolderConfig]) -> None:
+        """Begin the first scan before the role is known; start() adopts it (module doc)."""
+        if self.scanner is not None or not folders:
+            return
+        self._new_scanner(folders)
+        self.prescan_folders, self.held = folders, []
+        log.info("scanning %s while the role is not known yet", ", ".join(folders))
+
     def start(self, folders: dict[str, FolderConfig]) -> None:
         node = self.node
-        if self.pipes:
-            self._new_pipe()
-        self.pipes += 1
+        early, held = self.prescan_folders, self.held
+        self.prescan_folders, self.held = None, []
+        if early is not None and early != folders:
+            log.info("the folder list changed since the scan begun at start-up; scanning anew")
+            self.stop()
         node.blobs.set_folders(folders)
         self.index = {n: {} for n in folders}
         self.index_ready = False
         self.held_snapshot = None
         node.lists.record_primary(folders)
+        if self.scanner is None:
+            self._new_scanner(folders)
+            return
+        done = any(f[0] == b"delta" and f[2] == b"full" for f in held)
+        log.info("taking on the scan begun at start-up (%s, %d report(s) held)",
+                 "done" if done else "still running", len(held))
+        for frames in held:
+            self.on_scanner(frames)
+
+    def _new_scanner(self, folders: dict[str, FolderConfig]) -> None:
+        node = self.node
+        if self.pipes:
+            self._new_pipe()
+        self.pipes += 1
         self.scanner = Scanner(node.ctx, self.endpoint, folders, period=node.cfg.period,
                                rescan_cycle=node.cfg.rescan_cycle)
         self.scanner.start()
@@ -86,6 +123,9 @@ class Primary:
         if self.scanner is not None:
             self.scanner.stop()
             self.scanner = None
+        if self.prescan_folders is not None:
+            log.info("the scan begun at start-up is dropped: this node is not primary")
+        self.prescan_folders, self.held = None, []
         self.index_ready = False
         self.held_snapshot = None
 
@@ -109,6 +149,15 @@ class Primary:
 
     def on_scanner(self, frames: list[bytes]) -> None:
         kind = frames[0]
+        if self.prescan_folders is not None and kind != b"error":
+            # not primary (yet): nothing is published; start() replays these in order
+            self.held.append(frames)
+            if len(self.held) > PRESCAN_HELD_MAX:
+                log.warning("the scan begun at start-up is dropped: %d reports held while the "
+                            "role is still not known", len(self.held))
+                self.prescan_folders = None
+                self.stop()
+            return
         if kind == b"delta":
             if self.scanner is None or frames[1] != self.scanner.ident:
                 return  # left in the pipe by a scanner that has stopped

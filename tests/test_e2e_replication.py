@@ -1230,6 +1230,33 @@ def test_a_change_the_watcher_cannot_see_is_found_within_the_rescan_cycle(make_p
         mapped.close()
 
 
+def test_a_node_alone_scans_while_it_waits_out_dead_after(make_pair):
+    """A node started alone may take the primary role only after dead_after of silence; its
+    first scan runs in that wait (node/primary.py prescan), held back until the role is known,
+    and is what it then publishes: beta, started later, gets the exact tree."""
+    pair = make_pair(node={"dead_after": 2.0})
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    for d in range(5):
+        for i in range(40):
+            write(a / f"d{d}" / f"f{i}.txt", f"{d}/{i}\n" * i)
+    pair.alpha.start()
+    pair.alpha.wait_state("primary", timeout=30)
+    lines = pair.alpha.log.read_text().splitlines()
+
+    def at(text: str) -> int:
+        return next(n for n, line in enumerate(lines) if text in line)
+
+    began = at("scanning docs while the role is not known yet")
+    primary = at("starting + probe_timeout -> primary")
+    assert began < at("no answer from peer") < primary \
+        < at("taking on the scan begun at start-up"), pair.alpha.tail_log(30)
+    assert at("first scan done") > primary  # published only once primary
+    pair.beta.start()
+    pair.beta.wait_state("secondary", timeout=30)
+    want = wait_equal(a, b, 60)
+    assert len([p for p in want if p.endswith(".txt")]) == 200
+
+
 def test_a_snapshot_asked_for_during_the_first_scan_is_answered_when_it_ends(make_pair):
     """Two nodes started together: beta follows alpha and asks for its snapshot while alpha is
     still hashing its tree. alpha holds the request and answers the moment its first scan is
@@ -1242,6 +1269,11 @@ def test_a_snapshot_asked_for_during_the_first_scan_is_answered_when_it_ends(mak
         for i in range(500):
             (sub / f"f{i}").write_bytes(b"x" * 64)
     (src / "big.bin").write_bytes(os.urandom(1 << 20) * 96)
+    # alpha was following when it stopped, so it does not begin its scan before it knows its
+    # role (node/primary.py prescan): the scan runs after the roles are settled, as under test
+    state = pair.root / "state" / "alpha"
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "node.json").write_text('{"epoch": 0, "last_role": "secondary"}')
     pair.alpha.start()
     pair.beta.start()
     pair.alpha.wait_state("primary", timeout=30)

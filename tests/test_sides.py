@@ -4,6 +4,7 @@ test plays the peer with a ROUTER on the peer's address; a test takes millisecon
 end-to-end tests of the same rules take seconds."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import subprocess
@@ -13,9 +14,10 @@ from types import SimpleNamespace
 import orjson
 import pytest
 import zmq
+from sbs.node import primary as primary_side
 from sbs.node import protocol
 from sbs.node.config import load
-from sbs.node.fsm import S
+from sbs.node.fsm import E, S
 from sbs.node.index import FileEntry
 from sbs.node.lease import Lease
 from sbs.node.node import FsmFailure, Node
@@ -259,6 +261,86 @@ def test_an_ack_for_this_run_makes_the_manifest_agreed(alpha):
     assert alpha.peer.applied == 1
     assert not alpha.primary.unacked
     wait_for(lambda: alpha.agreed.get("docs", "a.txt") == entry["hash"], 5, "the journal")
+
+
+# ------------------------------------------------------------------ the scan begun at start-up
+
+def start_folders(node: Node) -> dict:
+    """The folders a starting node scans (Node.run) and a primary runs (_do_start_primary)."""
+    return node.lists.pushed_folders() or node.lists.own_folders()
+
+
+def pump_until_held(node: Node, kind: bytes = b"full") -> None:
+    """Read the scanner's pipe as the loop does until a report of `kind` is held."""
+    def held() -> bool:
+        while node.primary.pipe.poll(0):
+            node.primary.on_scanner(node.primary.pipe.recv_multipart())
+        return any(f[0] == b"delta" and f[2] == kind for f in node.primary.held)
+    wait_for(held, 20, f"a {kind.decode()} report of the prescan")
+
+
+def test_a_scan_begun_before_the_role_is_known_is_held_then_taken_on(alpha, caplog):
+    caplog.set_level("INFO", logger="sbs")
+    docs = alpha.cfg.folders[0].path
+    for i in range(50):
+        (docs / f"f{i}").write_bytes(b"x" * i)
+    alpha.primary.prescan(start_folders(alpha))
+    scanner = alpha.primary.scanner
+    pump_until_held(alpha)
+    # not primary yet: nothing published, no index to serve a snapshot from
+    assert (alpha.primary.seq, alpha.primary.index, alpha.primary.index_ready) == (0, {}, False)
+    alpha.feed(E.PROBE_TIMEOUT)  # nobody answered: primary
+    assert alpha.state == S.PRIMARY
+    assert alpha.primary.scanner is scanner, "a second scan instead of the first one's result"
+    assert alpha.primary.index_ready
+    assert sorted(alpha.primary.index["docs"]) == sorted(f"f{i}" for i in range(50))
+    assert alpha.primary.seq >= 1
+    assert "taking on the scan begun at start-up (done, 1 report(s) held)" in caplog.text
+    (docs / "later").write_bytes(b"new")  # the adopted scanner's watcher goes on reporting
+    wait_for(lambda: (alpha.primary.pipe.poll(0) and alpha.primary.on_scanner(
+        alpha.primary.pipe.recv_multipart())) or "later" in alpha.primary.index["docs"], 20,
+        "the watcher's report of a file written after the adoption")
+
+
+def test_a_node_that_follows_drops_the_scan_begun_at_start_up(alpha, caplog):
+    caplog.set_level("INFO", logger="sbs")
+    (alpha.cfg.folders[0].path / "a").write_bytes(b"a")
+    alpha.primary.prescan(start_folders(alpha))
+    scanner = alpha.primary.scanner
+    alpha._do_follow()
+    assert alpha.primary.scanner is None and not scanner.thread.is_alive()
+    assert alpha.primary.prescan_folders is None
+    assert "the scan begun at start-up is dropped: this node is not primary" in caplog.text
+    while alpha.primary.pipe.poll(100):  # what it reported before it stopped is not published
+        alpha.primary.on_scanner(alpha.primary.pipe.recv_multipart())
+    assert alpha.primary.seq == 0 and alpha.primary.index == {}
+
+
+def test_a_changed_folder_list_is_scanned_anew_not_taken_from_the_early_scan(alpha, caplog):
+    caplog.set_level("INFO", logger="sbs")
+    folders = start_folders(alpha)
+    alpha.primary.prescan(folders)
+    early = alpha.primary.scanner
+    other = {n: dataclasses.replace(f, filters=("*.txt",)) for n, f in folders.items()}
+    alpha.primary.start(other)
+    assert alpha.primary.scanner is not None and alpha.primary.scanner is not early
+    assert not early.thread.is_alive()
+    assert "the folder list changed since the scan begun at start-up" in caplog.text
+
+
+def test_a_prescan_that_holds_too_much_is_dropped(alpha, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="sbs")
+    monkeypatch.setattr(primary_side, "PRESCAN_HELD_MAX", 0)
+    alpha.primary.prescan(start_folders(alpha))
+    wait_for(lambda: alpha.primary.pipe.poll(0) and alpha.primary.on_scanner(
+        alpha.primary.pipe.recv_multipart()) is None and alpha.primary.scanner is None, 20,
+        "the prescan to be dropped")
+    assert "reports held while the role is still not known" in caplog.text
+    alpha.primary.start(start_folders(alpha))  # a primary after all: a scan of its own
+    assert alpha.primary.scanner is not None
+    pump = alpha.primary
+    wait_for(lambda: (pump.pipe.poll(0) and pump.on_scanner(pump.pipe.recv_multipart()))
+             or pump.index_ready, 20, "the new scanner's first scan")
 
 
 # ------------------------------------------------------------------ the loop and bad messages
