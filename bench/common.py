@@ -87,7 +87,8 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
 
 
 def write_report(report: dict[str, Any], out: Path, result: str | None) -> list[Path]:
-    """Write to `out`; with `result`, copy to bench/results/<result>.json. Returns both."""
+    """Write to `out`; with `result`, copy to bench/results/<result>.json. Returns both
+    (relative to the repository when inside it)."""
     report.setdefault("provenance", {})["finished_utc"] = time.strftime(
         "%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     report["provenance"]["loadavg_at_end"] = os.getloadavg()
@@ -99,7 +100,9 @@ def write_report(report: dict[str, Any], out: Path, result: str | None) -> list[
         kept.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out, kept)
         written.append(kept)
-    return written
+    # shown relative to the repository: what a bench prints goes into kept logs
+    return [p.resolve().relative_to(REPO) if p.resolve().is_relative_to(REPO) else p
+            for p in written]
 
 
 def spread(values: list[float], digits: int = 3) -> dict[str, Any]:
