@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 import secrets
 import stat
@@ -54,8 +55,23 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
+# A temp name is a random part drawn once per process and a counter: one getrandom(2) per
+# name was ~4 % of the secondary's busy time writing 100,000 small files. O_EXCL makes a clash
+# an error, never an overwrite; the random part keeps runs (and a forked child) apart.
+_temp_run = secrets.token_hex(6)
+_temp_seq = itertools.count()
+
+
+def _new_temp_run() -> None:
+    global _temp_run, _temp_seq
+    _temp_run, _temp_seq = secrets.token_hex(6), itertools.count()
+
+
+os.register_at_fork(after_in_child=_new_temp_run)
+
+
 def temp_name() -> str:
-    return TEMP_PREFIX + secrets.token_hex(8)
+    return f"{TEMP_PREFIX}{_temp_run}-{next(_temp_seq):x}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -139,6 +139,38 @@ def test_check_relpath_accepts_odd_but_safe_paths(path):
 # --- symlink escapes -------------------------------------------------------------------------
 
 
+def test_temp_names_are_unique_across_threads_and_a_forked_child_without_a_random_draw_each(
+        monkeypatch):
+    from sbs.node import fdio
+    first = fdio.temp_name()
+    # one random draw per process, not per name (a getrandom(2) per small file cost ~4 %)
+    monkeypatch.setattr(fdio.secrets, "token_hex", lambda n: pytest.fail("drew per name"))
+    names: list[str] = []
+
+    def draw() -> None:
+        names.extend(fdio.temp_name() for _ in range(2000))
+
+    threads = [threading.Thread(target=draw) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(set(names)) == len(names) == 8000 and first not in names
+    assert all(n.startswith(TEMP_PREFIX) for n in names)
+    monkeypatch.undo()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child draws its own random part: its names are not the parent's next
+        os.write(w, fdio.temp_name().encode())
+        os._exit(0)
+    os.close(w)
+    child = os.read(r, 200).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    parent = fdio.temp_name()
+    assert child.startswith(TEMP_PREFIX) and child.rsplit("-", 1)[0] != parent.rsplit("-", 1)[0]
+
+
 def test_write_through_symlinked_parent_is_refused(any_writer, tmp_path):
     w = any_writer
     outside = tmp_path / "outside"
