@@ -7,9 +7,11 @@ while staying plain request/reply; a lost reply is handled the Lazy Pirate way: 
 timeout the socket is closed with LINGER 0, a fresh one is opened and the outstanding
 requests are sent again.
 
-GET  {"id", "items": [{"f": folder, "p": path, "o": offset, "n": bytes}]}
+GET  {"id", "items": [{"f": folder, "p": path, "o": offset, "n": bytes}], "pack": true}
 DATA {"id", "items": [{"size": file size now (-1 on error), "err": reason}]} + one raw frame
-     per item with the bytes read (empty on error)
+     per item with the bytes read (empty on error); with "pack" asked and more than one item,
+     {"id", "items": [{"size", "err", "n": bytes of this item}], "packed": true} + ONE frame
+     holding the items' bytes one after the other (an older server ignores "pack")
 """
 from __future__ import annotations
 
@@ -151,6 +153,13 @@ class BlobServer:
         finally:
             for fd in dirs.values():
                 os.close(fd)
+        if msg.body.get("pack") is True and len(blobs) > 1:
+            # many small files: one frame for all (a frame each cost a send each, ~1/5 of the
+            # primary's busy time serving 100,000 files); big chunks come one to a request
+            for meta, blob in zip(metas, blobs, strict=True):
+                meta["n"] = len(blob)
+            return protocol.encode("DATA", {"id": msg.body["id"], "items": metas,
+                                            "packed": True}, b"".join(blobs))
         return protocol.encode("DATA", {"id": msg.body["id"], "items": metas}, *blobs)
 
     @staticmethod
@@ -247,7 +256,8 @@ class Fetcher:
                     break
                 rid = self.next_id
                 self.next_id += 1
-                frames = [b"", *protocol.encode("GET", {"id": rid, "items": items})]
+                frames = [b"", *protocol.encode("GET", {"id": rid, "items": items,
+                                                        "pack": True})]
                 self.sock.send_multipart(frames)
                 inflight.append((rid, items, frames))
             if not inflight:
@@ -283,7 +293,24 @@ class Fetcher:
             if len(msg.body["items"]) != len(items):  # the caller pairs them one to one
                 raise FetchError(f"bad answer from {self.endpoint}: {len(msg.body['items'])}"
                                  f" items for {len(items)} asked")
+            blobs = [f.buffer for f in data]
+            if msg.body.get("packed"):
+                blobs = unpack(blobs[0], msg.body["items"])
+                if blobs is None:
+                    raise FetchError(f"bad answer from {self.endpoint}: packed lengths do "
+                                     f"not add up to its frame")
             inflight.popleft()
             misses = 0
             self.answers += 1
-            yield items, msg.body["items"], [f.buffer for f in data]
+            yield items, msg.body["items"], blobs
+
+
+def unpack(frame: memoryview, metas: list[dict[str, Any]]) -> list[memoryview] | None:
+    """A packed DATA frame cut into its items' bytes (views, not copies); None when the
+    items' lengths do not add up to the frame exactly."""
+    views, at = [], 0
+    for meta in metas:
+        n = meta["n"]
+        views.append(frame[at:at + n])
+        at += n
+    return views if at == len(frame) else None

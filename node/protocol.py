@@ -303,8 +303,11 @@ SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
     # blobs: fetch client (DEALER) -> REP
     "GET": ({"id": SEQ, "items": list_of(obj({"f": s(255), "p": s(4096), "o": i(0),
                                                "n": i(1, MAX_CHUNK)}), 4096)}, ()),
-    "DATA": ({"id": SEQ, "items": list_of(obj({"size": i(-1), "err": s(1000)}, ("err",)),
-                                          4096)}, ()),
+    # packed (asked for with "pack" in the GET): one raw frame holds every item's bytes one
+    # after the other, each item saying how many are its own ("n"); else a frame per item
+    "DATA": ({"id": SEQ, "items": list_of(obj({"size": i(-1), "err": s(1000),
+                                               "n": i(0, MAX_CHUNK)}, ("err", "n")), 4096),
+              "packed": b}, ("packed",)),
 }
 
 # Commands whose body may carry fields beyond the schema (REPLY bodies differ per command,
@@ -359,7 +362,11 @@ def decode(frames: list[bytes], expect: tuple[str, ...] | None = None) -> Messag
         if command == "SNAPSHOT_REP" and body.get("part", 0) >= body.get("parts", 1):
             return Bad(f"SNAPSHOT_REP: part {body.get('part')} of {body.get('parts', 1)}")
         if command == "DATA":
-            if len(blobs) != len(body["items"]):
+            if body.get("packed"):
+                # the lengths are checked against the frame where it is cut (content.py)
+                if len(blobs) != 1 or any("n" not in item for item in body["items"]):
+                    return Bad(f"DATA: packed in {len(blobs)} frames, or an item without n")
+            elif len(blobs) != len(body["items"]):
                 return Bad(f"DATA: {len(blobs)} blobs for {len(body['items'])} items")
         elif blobs:
             return Bad(f"{command}: unexpected {len(blobs)} raw frames")

@@ -54,6 +54,23 @@ def test_hostile_frames_are_refused_with_a_reason():
     assert "unexpected command" in decode(encode("PING", PING), expect=("PONG",)).reason
 
 
+
+def test_a_packed_data_reply_is_one_frame_with_each_items_length():
+    items = [{"size": 3, "n": 3}, {"size": -1, "err": "gone", "n": 0}, {"size": 2, "n": 2}]
+    msg = decode(encode("DATA", {"id": 1, "items": items, "packed": True}, b"abcde"))
+    assert msg and msg.blobs == [b"abcde"]
+    assert "packed in 2 frames" in bad(encode("DATA", {"id": 1, "items": items, "packed": True},
+                                              b"abc", b"de"))
+    assert "without n" in bad(encode("DATA", {"id": 1, "items": [{"size": 3}], "packed": True},
+                                     b"abc"))
+    assert "'items'" in bad(encode("DATA", {"id": 1, "items": [{"size": 3, "n": -1}],
+                                            "packed": True}, b"abc"))
+    assert "'packed'" in bad(encode("DATA", {"id": 1, "items": items, "packed": "yes"},
+                                    b"abcde"))
+    # a GET asking for it stays a valid GET (an older server ignores the field)
+    assert decode(encode("GET", {"id": 1, "items": [{"f": "d", "p": "x", "o": 0, "n": 1}],
+                                 "pack": True}))
+
 SNAPSHOT = {"name": "alpha", "run": "r", "epoch": 1, "seq": 3, "folders": {"docs": ["*"]},
             "paths": {"docs": "/srv/docs"}, "sentinels": {"web": "httpd"}, "active": ["web"],
             "sv": 1, "index": {"docs": []}}
