@@ -95,7 +95,8 @@ class Primary:
         self.prescan_folders, self.held = None, []
         if early is not None and early != folders:
             log.info("the folder list changed since the scan begun at start-up; scanning anew")
-            self.stop()
+        if early != folders:
+            self.stop()  # a scanner that is not this start's own scan is not taken on
         node.blobs.set_folders(folders)
         self.index = {n: {} for n in folders}
         self.index_ready = False

@@ -328,6 +328,21 @@ def test_a_changed_folder_list_is_scanned_anew_not_taken_from_the_early_scan(alp
     assert "the folder list changed since the scan begun at start-up" in caplog.text
 
 
+def test_a_start_with_a_scanner_that_is_no_prescan_scans_anew(alpha):
+    """Only a prescan of the same folders is taken on: any other scanner still running (of an
+    earlier start) is stopped, and the new one's first scan makes the index ready."""
+    (alpha.cfg.folders[0].path / "a").write_bytes(b"a")
+    folders = start_folders(alpha)
+    alpha.primary.start(folders)
+    old = alpha.primary.scanner
+    alpha.primary.start(folders)
+    assert alpha.primary.scanner is not old and not old.thread.is_alive()
+    side = alpha.primary
+    wait_for(lambda: (side.pipe.poll(0) and side.on_scanner(side.pipe.recv_multipart()))
+             or side.index_ready, 20, "the new scanner's first scan")
+    assert "a" in side.index["docs"]
+
+
 def test_a_prescan_that_holds_too_much_is_dropped(alpha, monkeypatch, caplog):
     caplog.set_level("INFO", logger="sbs")
     monkeypatch.setattr(primary_side, "PRESCAN_HELD_MAX", 0)
