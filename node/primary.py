@@ -93,10 +93,10 @@ class Primary:
         node = self.node
         early, held = self.prescan_folders, self.held
         self.prescan_folders, self.held = None, []
-        if early is not None and early != folders:
-            log.info("the folder list changed since the scan begun at start-up; scanning anew")
-        if early != folders:
-            self.stop()  # a scanner that is not this start's own scan is not taken on
+        if early != folders:  # only this start's own prescan is taken on; any other scanner goes
+            if early is not None:
+                log.info("the folder list changed since the scan begun at start-up; scanning anew")
+            self.stop()
         node.blobs.set_folders(folders)
         self.index = {n: {} for n in folders}
         self.index_ready = False

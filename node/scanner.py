@@ -40,6 +40,7 @@ from .index import (
     Watcher,
     _entry_from_stat,
     _utf8_ok,
+    cache_key_of,
     diff,
     dir_entry,
     same_entry,
@@ -408,9 +409,7 @@ def rescan_dir(root: str, filt: Filter, cache: HashCache, index: dict[str, dict]
                     if old is not None and old["kind"] == "file":
                         st = lstat(name, dir_fd=fd, follow_symlinks=False)
                         hit = cached(path)
-                        # the HashCache's Entry, its ino and ctime as cache_key_of made them
-                        if (hit is old and hit.cache_key == (st.st_ino << 64 | (
-                                st.st_ctime_ns & 0xFFFF_FFFF_FFFF_FFFF))
+                        if (hit is old and hit.cache_key == cache_key_of(st)
                                 and hit.size == st.st_size and hit.mtime_ns == st.st_mtime_ns):
                             continue  # the usual case: nothing changed
                     else:

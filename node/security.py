@@ -91,6 +91,11 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks (ZeroMQ RFC 27)
 _ZAP_VERSION = b"1.0"
 
 
+def _zap_reply(rid: bytes, status: bytes, text: bytes, user_id: bytes = b"") -> list[bytes]:
+    """A ZAP reply: version, request id, status, text, User-Id, metadata (none)."""
+    return [_ZAP_VERSION, rid, status, text, user_id, b""]
+
+
 class ZapHandler:
     """The ZAP handler (ZeroMQ RFC 27) of a node's CURVE servers: a thread answering libzmq's
     question about every CURVE client that completes a handshake, 200 with the client's z85
@@ -128,8 +133,8 @@ class ZapHandler:
                     reply = self.answer(frames)
                 except Exception:  # a REP socket must answer, whatever the request was
                     log.exception("ZAP request could not be read: refused")
-                    reply = [_ZAP_VERSION, frames[1] if len(frames) > 1 else b"", b"400",
-                             b"bad request", b"", b""]
+                    reply = _zap_reply(frames[1] if len(frames) > 1 else b"", b"400",
+                                       b"bad request")
                 self._sock.send_multipart(reply)
         finally:
             self._sock.close()
@@ -140,20 +145,20 @@ class ZapHandler:
         rid = frames[1] if len(frames) > 1 else b""
         if len(frames) < 6 or frames[0] != _ZAP_VERSION:
             log.warning("refused a malformed ZAP request (%d frames)", len(frames))
-            return [_ZAP_VERSION, rid, b"400", b"malformed request", b"", b""]
+            return _zap_reply(rid, b"400", b"malformed request")
         address, mechanism, credentials = frames[3], frames[5], frames[6:]
         if mechanism == b"CURVE" and len(credentials) == 1 and len(credentials[0]) == 32:
             key = z85.encode(credentials[0])
             if key in self.allowed:
                 log.debug("admitted a CURVE client with key %s... from %s",
                           key[:8].decode(), address.decode("ascii", "replace")[:64])
-                return [_ZAP_VERSION, rid, b"200", b"OK", key, b""]
+                return _zap_reply(rid, b"200", b"OK", key)
             log.warning("refused a CURVE client with an unknown key (from %s)",
                         address.decode("ascii", "replace")[:64])
-            return [_ZAP_VERSION, rid, b"400", b"unknown key", b"", b""]
+            return _zap_reply(rid, b"400", b"unknown key")
         log.warning("refused a %s client: only CURVE with a known key is accepted",
                     mechanism.decode("ascii", "replace")[:16])
-        return [_ZAP_VERSION, rid, b"400", b"CURVE only", b"", b""]
+        return _zap_reply(rid, b"400", b"CURVE only")
 
     def stop(self) -> None:
         if self._thread.is_alive():
