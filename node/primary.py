@@ -121,10 +121,13 @@ class Primary:
         self.scanner.start()
 
     def stop(self) -> None:
+        early = self.prescan_folders is not None
         if self.scanner is not None:
-            self.scanner.stop()
+            # a dropped prescan may be deep in its first walk: the loop does not wait for it
+            # (its pings would stop meanwhile and the peer would take this node for dead)
+            self.scanner.stop(wait=not early)
             self.scanner = None
-        if self.prescan_folders is not None:
+        if early:
             log.info("the scan begun at start-up is dropped: this node is not primary")
         self.prescan_folders, self.held = None, []
         self.index_ready = False
@@ -156,7 +159,6 @@ class Primary:
             if len(self.held) > PRESCAN_HELD_MAX:
                 log.warning("the scan begun at start-up is dropped: %d reports held while the "
                             "role is still not known", len(self.held))
-                self.prescan_folders = None
                 self.stop()
             return
         if kind == b"delta":

@@ -53,6 +53,10 @@ from .tree import DIR_FLAGS, TEMP_PREFIX
 log = logging.getLogger("sbs.scanner")
 
 
+class _Stopped(Exception):
+    """Scanner.stop() came during a full scan: the walk ends between two directories."""
+
+
 class Scanner:
     def __init__(self, ctx: zmq.Context, endpoint: str, folders: dict[str, FolderConfig], *,
                  period: float, rescan_cycle: float = 300.0):
@@ -66,6 +70,7 @@ class Scanner:
         self.ident = os.urandom(8)  # a later scanner's messages are not taken for this one's
         self.deltas: collections.deque[dict[str, list[dict]]] = collections.deque()
         self.thread = threading.Thread(target=self._run, name="sbs-scanner", daemon=True)
+        self._stopping = threading.Event()
 
     def start(self) -> None:
         self.thread.start()
@@ -81,9 +86,13 @@ class Scanner:
     def flush(self, token: str) -> None:
         self.jobs.put(("flush", token))
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Stop the thread; a full scan under way ends at its next directory. ``wait=False``
+        returns at once (the node loop must not wait out a scan: its pings would stop)."""
+        self._stopping.set()
         self.jobs.put(("stop", None))
-        self.thread.join(30)
+        if wait:
+            self.thread.join(30)
 
     def _run(self) -> None:
         pipe = self.ctx.socket(zmq.PAIR)
@@ -138,6 +147,8 @@ class Scanner:
                     next_scan = time.monotonic() + self.period
                 else:
                     self._partial_scan(pipe, batches)
+        except _Stopped:
+            return  # told to stop in the middle of a full scan: nothing more is sent
         except Exception as exc:  # the scanner must report, not vanish silently
             log.exception("scanner failed")
             pipe.send_multipart([b"error", f"scanner failed: {exc}".encode()])
@@ -185,6 +196,8 @@ class Scanner:
         touched: dict[str, set[str]] = {}
 
         def between() -> None:
+            if self._stopping.is_set():
+                raise _Stopped
             if batches := self._waiting_batches():
                 self._partial_scan(pipe, batches, touched)
 

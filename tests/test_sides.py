@@ -307,8 +307,9 @@ def test_a_node_that_follows_drops_the_scan_begun_at_start_up(alpha, caplog):
     (alpha.cfg.folders[0].path / "a").write_bytes(b"a")
     alpha.primary.prescan(start_folders(alpha))
     scanner = alpha.primary.scanner
-    alpha._do_follow()
-    assert alpha.primary.scanner is None and not scanner.thread.is_alive()
+    alpha._do_follow()  # returns without waiting for the scan: the loop must go on pinging
+    assert alpha.primary.scanner is None
+    wait_for(lambda: not scanner.thread.is_alive(), 30, "the dropped scanner to end")
     assert alpha.primary.prescan_folders is None
     assert "the scan begun at start-up is dropped: this node is not primary" in caplog.text
     while alpha.primary.pipe.poll(100):  # what it reported before it stopped is not published
