@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import OUT, REPO, RESULTS, git_state, new_run_id  # noqa: E402
 
-BENCHES = ("transport", "takeover", "sentinel_takeover", "never_twice", "replication", "idle")
+BENCHES = ("transport", "takeover", "sentinel_takeover", "never_twice", "replication", "idle",
+           "rejoin")
 
 
 def commands(run_id: str, only: list[str], replication_runs: int,

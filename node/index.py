@@ -212,13 +212,15 @@ class HashCache:
     size and mtime are the Entry's own: a tuple beside it cost ~80 bytes a file. The key is
     the Entry's own path string.
 
-    Used by one thread. ``hashed`` counts the files whose content was actually read.
+    Used by one thread. ``hashed`` counts the files whose content was actually read,
+    ``changed`` the entries stored or dropped since it was last saved (node/hashstore.py).
     """
 
     def __init__(self, racy_ns: int = RACY_NS):
         self._map: dict[str, FileEntry] = {}
         self.racy_ns = racy_ns
         self.hashed = 0
+        self.changed = 0
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
@@ -235,6 +237,7 @@ class HashCache:
 
     def store(self, st: os.stat_result, entry: FileEntry) -> None:
         """Keep entry for its path; its size and mtime_ns must be st's (file_entry's)."""
+        self.changed += 1
         if time.time_ns() - max(st.st_ctime_ns, st.st_mtime_ns) < self.racy_ns:
             self._map.pop(entry.path, None)
             return

@@ -117,15 +117,16 @@ class Primary:
             self._new_pipe()
         self.pipes += 1
         self.scanner = Scanner(node.ctx, self.endpoint, folders, period=node.cfg.period,
-                               rescan_cycle=node.cfg.rescan_cycle)
+                               rescan_cycle=node.cfg.rescan_cycle, state_dir=node.cfg.state_dir)
         self.scanner.start()
 
-    def stop(self) -> None:
+    def stop(self, final: bool = False) -> None:
+        """``final``: the node is stopping; the scanner saves its hash caches on the way out."""
         early = self.prescan_folders is not None
         if self.scanner is not None:
             # a dropped prescan may be deep in its first walk: the loop does not wait for it
             # (its pings would stop meanwhile and the peer would take this node for dead)
-            self.scanner.stop(wait=not early)
+            self.scanner.stop(wait=not early, save=final)
             self.scanner = None
         if early:
             log.info("the scan begun at start-up is dropped: this node is not primary")

@@ -27,11 +27,13 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import zmq
 
 from .config import FolderConfig
+from .hashstore import CacheKeeper
 from .index import (
     RACY_NS,
     Filter,
@@ -59,13 +61,17 @@ class _Stopped(Exception):
 
 class Scanner:
     def __init__(self, ctx: zmq.Context, endpoint: str, folders: dict[str, FolderConfig], *,
-                 period: float, rescan_cycle: float = 300.0):
+                 period: float, rescan_cycle: float = 300.0, state_dir: Path | None = None):
         self.ctx, self.endpoint, self.period = ctx, endpoint, period
         self.rotation = Rotation(period, rescan_cycle)
         self.watching = False  # without a watcher every period is a full rescan, as it was
         self.folders = {n: (str(f.path), Filter(f.filters)) for n, f in folders.items()}
         self.jobs: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.caches = {n: HashCache() for n in folders}  # one per folder: keyed by relpath
+        # the caches on disk (node/hashstore.py): loaded by the thread before its first scan
+        self.keeper = CacheKeeper(state_dir, "scanner") if state_dir is not None else None
+        self.scanned = False  # a full scan has completed: the index says which files exist
+        self._save_at_exit = False
         self.index: dict[str, dict[str, dict]] = {n: {} for n in folders}
         self.ident = os.urandom(8)  # a later scanner's messages are not taken for this one's
         self.deltas: collections.deque[dict[str, list[dict]]] = collections.deque()
@@ -86,9 +92,11 @@ class Scanner:
     def flush(self, token: str) -> None:
         self.jobs.put(("flush", token))
 
-    def stop(self, wait: bool = True) -> None:
+    def stop(self, wait: bool = True, save: bool = False) -> None:
         """Stop the thread; a full scan under way ends at its next directory. ``wait=False``
-        returns at once (the node loop must not wait out a scan: its pings would stop)."""
+        returns at once (the node loop must not wait out a scan: its pings would stop).
+        ``save``: the hash caches are written on the way out (the node is stopping)."""
+        self._save_at_exit = save
         self._stopping.set()
         self.jobs.put(("stop", None))
         if wait:
@@ -99,6 +107,9 @@ class Scanner:
         pipe.connect(self.endpoint)
         watcher = None
         try:
+            if self.keeper is not None:
+                for name, (root, _) in self.folders.items():
+                    self.caches[name] = self.keeper.load(name, root)
             watcher = Watcher({n: root for n, (root, _) in self.folders.items()},
                               lambda batch: self.jobs.put(("batch", batch)))
             try:
@@ -109,6 +120,7 @@ class Scanner:
                 watcher = None
             self.watching = watcher is not None
             self._full_scan(pipe)
+            self._save_if_due()
             next_scan = time.monotonic() + self.period
             while True:
                 try:
@@ -122,6 +134,7 @@ class Scanner:
                     else:
                         self._full_scan(pipe)
                     next_scan = time.monotonic() + self.period
+                    self._save_if_due()
                     if kind == "tick":
                         continue
                 if kind == "stop":
@@ -156,6 +169,28 @@ class Scanner:
             if watcher is not None:
                 watcher.stop()
             pipe.close()
+            if self._save_at_exit:
+                self._save_caches()
+
+    def _save_if_due(self) -> None:
+        if self.keeper is not None and self.keeper.due(self.caches, time.monotonic()):
+            self._save_caches()
+
+    def _save_caches(self) -> None:
+        if self.keeper is None:
+            return
+        try:
+            self.keeper.save({n: (root, self.caches[n]) for n, (root, _) in self.folders.items()},
+                             self._keep)
+        except Exception:  # a cache that cannot be saved costs hashing later, nothing else
+            log.exception("saving the hash caches failed")
+
+    def _keep(self, name: str) -> Callable[[Any], bool] | None:
+        """Once a full scan has completed, the cache keeps only what the index has."""
+        index = self.index.get(name)
+        if not self.scanned or not index:  # a missing folder keeps its cache for its return
+            return None
+        return lambda e: index.get(e.path) is e
 
     def _partial_scan(self, pipe: zmq.Socket, batches: list[dict[str, set[str]]],
                       touched: dict[str, set[str]] | None = None) -> None:
@@ -194,6 +229,7 @@ class Scanner:
         saw, since the walk may have passed them before they changed."""
         delta: dict[str, list[dict]] = {}
         touched: dict[str, set[str]] = {}
+        t0, read0 = time.monotonic(), sum(c.hashed for c in self.caches.values())
 
         def between() -> None:
             if self._stopping.is_set():
@@ -225,6 +261,13 @@ class Scanner:
                 delta[name] = changes
         self.rotation.reset(self.index, time.monotonic())
         self._send_delta(pipe, delta, b"full")
+        if not self.scanned:
+            self.scanned = True
+            files = sum(1 for ix in self.index.values() for e in ix.values()
+                        if e["kind"] == "file")
+            read = sum(c.hashed for c in self.caches.values()) - read0
+            log.info("first scan: %d file(s), %d read and hashed, %d known from the hash "
+                     "cache (%.2f s)", files, read, max(0, files - read), time.monotonic() - t0)
 
     def _rolling_scan(self, pipe: zmq.Socket) -> None:
         """One slice of the rolling rescan (Rotation): the directories least recently looked

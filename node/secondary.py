@@ -111,9 +111,10 @@ class Secondary:
             self.sub.close()
             self.sub = None
 
-    def stop(self) -> None:
+    def stop(self, final: bool = False) -> None:
+        """``final``: the node is stopping; the syncer saves its hash caches on the way out."""
         if self.syncer is not None:
-            self.syncer.stop()
+            self.syncer.stop(save=final)
             self.syncer = None
         self._close_sub()
         self.follow = Follow()

@@ -41,6 +41,7 @@ from .conflicts import ConflictKeeper, own_extras
 from .content import Fetcher
 from .deletions import GUARD_MIN_FILES, StrictDeletions  # noqa: F401  (re-exported)
 from .fileevents import FileEvents
+from .hashstore import CacheKeeper
 from .index import KEPT, Filter, FolderMissing, HashCache, scan_folder, shared_values
 from .journal import Agreed
 from .protocol import entry_check
@@ -61,6 +62,8 @@ class Syncer:
         self.fetcher = Fetcher(ctx, f"tcp://{cfg.peer}:{cfg.blob_port}", keys)
         self.jobs: queue.Queue[tuple] = queue.Queue()
         self.caches: dict[str, HashCache] = {}  # per folder (keyed by relpath), as writers
+        self.keeper = CacheKeeper(cfg.state_dir, "syncer")  # the caches on disk
+        self._save_at_exit = False
         self.writers: dict[str, FolderWriter] = {}
         self.filters: dict[str, Filter] = {}
         self.known: dict[str, dict[str, dict]] = {}  # the primary's index as last applied
@@ -98,7 +101,9 @@ class Syncer:
     def confirm_deletions(self, folder: str | None) -> None:
         self.jobs.put(("confirm", folder))
 
-    def stop(self) -> None:
+    def stop(self, save: bool = False) -> None:
+        """``save``: the hash caches are written on the way out (the node is stopping)."""
+        self._save_at_exit = save
         self.fetcher.cancelled.set()  # a fetch from a dead primary ends now, not after retries
         self.jobs.put(("stop",))
         self.thread.join(60)
@@ -118,10 +123,13 @@ class Syncer:
                 if now >= next_purge:
                     next_purge = now + purge_every
                     self._purge_trash()
+                if self.keeper.due(self.caches, now):
+                    self._save_caches()
                 retry_in = (2.0 if self.error else 0.3) if self.pending else None
+                save_in = self.keeper.next_save() - now
                 try:
-                    job = self.jobs.get(timeout=min(retry_in or purge_every,
-                                                    next_purge - now))
+                    job = self.jobs.get(timeout=max(0.0, min(retry_in or purge_every,
+                                                             next_purge - now, save_in)))
                 except queue.Empty:
                     if self.pending:
                         self._retry_pending()
@@ -143,6 +151,22 @@ class Syncer:
             self.transfer.close()
             self.fetcher.close()
             self.pipe.close()
+            if self._save_at_exit:
+                self._save_caches()
+
+    def _save_caches(self) -> None:
+        try:
+            self.keeper.save({n: (str(w.root), self.caches[n]) for n, w in self.writers.items()},
+                             self._keep)
+        except Exception:  # a cache that cannot be saved costs hashing later, nothing else
+            log.exception("saving the hash caches failed")
+
+    def _keep(self, name: str) -> Callable[[Any], bool] | None:
+        """What the primary has (as last applied); all while nothing is known yet."""
+        known = self.known.get(name)
+        if not known:
+            return None
+        return lambda e: e.path in known
 
     def emit(self, event: str, **fields: Any) -> None:
         self.pipe.send_multipart([b"event", orjson.dumps({"event": event, **fields})])
@@ -212,12 +236,14 @@ class Syncer:
                     log.info("removed %d temp file(s) left by an interrupted sync in %s",
                              removed, name)
                 self.writers[name] = w
-                self.caches[name] = HashCache()  # a new root: nothing known of its files
+                self.caches[name] = self.keeper.load(name, str(w.root))  # this root's, if kept
+                self.keeper.forget(name)
             self.filters[name] = Filter(f.filters)
         for name in list(self.writers):
             if name not in folders:
                 del self.writers[name]
                 self.caches.pop(name, None)
+                self.keeper.forget(name)
         self._purge_trash()
 
     def _purge_trash(self) -> None:
@@ -237,14 +263,18 @@ class Syncer:
         self.deletions.reset()  # what to delete is worked out afresh from the full index
         stamp = utc_stamp()
         plans = []
+        read = files_local = 0
         for name, entries in index.items():
             if name not in self.writers:
                 continue
             writer, filt = self.writers[name], self.filters[name]
+            read0 = self.caches[name].hashed
             try:
                 local = scan_folder(str(writer.root), filt, self.caches[name])
             except FolderMissing:
                 local = {}
+            read += self.caches[name].hashed - read0
+            files_local += sum(1 for e in local.values() if e["kind"] == "file")
             remote = {e["path"]: e for e in valid_entries(name, entries, self.emit,
                                                           consume=True)}
             self.known[name] = remote
@@ -254,7 +284,8 @@ class Syncer:
             plans.append((name, list(remote.values()), deletions, local, extras))
         total_files = sum(1 for _, r, _, loc, _ in plans for e in r
                           if e["kind"] == "file" and _differs(loc.get(e["path"]), e))
-        log.info("snapshot %d: %d file(s) to fetch", seq, total_files)
+        log.info("snapshot %d: %d file(s) to fetch; %d of the %d file(s) here read and hashed, "
+                 "the others known from the hash cache", seq, total_files, read, files_local)
         self.progress.begin(total_files)
         for name, remote, deletions, local, extras in plans:
             files_here = sum(1 for e in local.values() if e["kind"] != "dir")

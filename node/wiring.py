@@ -55,9 +55,9 @@ def open_sockets(node: Node) -> None:
 def close_all(node: Node) -> None:
     primary = getattr(node, "primary", None)  # absent when a bind failed
     if getattr(node, "secondary", None) is not None:
-        node.secondary.stop()
+        node.secondary.stop(final=True)
     if primary is not None:
-        primary.stop()
+        primary.stop(final=True)
     if getattr(node, "blobs", None) is not None:
         node.blobs.stop()
     node.sentinels.stop_all()

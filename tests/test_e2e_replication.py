@@ -723,6 +723,55 @@ def test_a_restarted_primary_waits_for_its_new_snapshot_before_it_hands_over(mak
     assert tree(b) == tree(a)  # alpha is gone: what beta has now is all it will ever get
 
 
+def _cached(node: NodeProc) -> int:
+    """How many file hashes the node has on disk for its folder "docs" (node/hashstore.py)."""
+    try:
+        return len((node.cfg.state_dir / "hashes" / "docs.jsonl").read_bytes().splitlines()) - 1
+    except FileNotFoundError:
+        return 0
+
+
+def _last_line(node: NodeProc, marker: str) -> str:
+    lines = [ln for ln in node.log.read_text(errors="replace").splitlines() if marker in ln]
+    return lines[-1] if lines else ""
+
+
+def test_after_a_takeover_and_a_rejoin_no_node_reads_again_the_files_it_knew(make_pair):
+    """The hash cache on disk: beta caches the files it writes, so its first scan as primary
+    after a kill -9 of alpha reads none of them; alpha, back as secondary, compares its copy
+    with the new primary's without reading it (its cache was saved after its first scan); a
+    file changed on beta meanwhile, its size and mtime put back, is still read and arrives."""
+    pair = make_pair()
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    for n in range(200):
+        write(a / f"d{n % 5}" / f"{n:03}.bin", os.urandom(300 + n))
+    newest = max(p.stat().st_ctime_ns for p in a.rglob("*"))
+    wait_for(lambda: time.time_ns() - newest > 100_000_000, 5, "the files to leave the racy "
+             "window (a file changed in its last 50 ms is hashed but not cached)")
+    started(pair)
+    for node in (pair.alpha, pair.beta):
+        wait_for(lambda node=node: _cached(node) == 200, 20,
+                 f"{node.name}'s hash cache on disk (log: {node.tail_log()})")
+    scans = pair.beta.log.read_text().count("first scan:")  # its scan at start-up: nothing
+    pair.alpha.kill()
+    pair.beta.wait_state("primary")
+    wait_for(lambda: pair.beta.log.read_text().count("first scan:") > scans, 10,
+             f"beta's first scan as primary (log: {pair.beta.tail_log()})")
+    assert "200 file(s), 0 read and hashed" in _last_line(pair.beta, "first scan:")
+
+    victim = b / "d0" / "000.bin"
+    st = victim.stat()
+    victim.write_bytes(os.urandom(st.st_size))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    pair.alpha.start()
+    pair.alpha.wait_state("secondary")
+    wait_for(lambda: replication(pair.alpha).get("synced") and tree(a) == tree(b), 20,
+             f"alpha to catch up (log: {pair.alpha.tail_log()})")
+    assert digest(a / "d0" / "000.bin") == digest(victim)
+    line = _last_line(pair.alpha, "file(s) to fetch")
+    assert "1 file(s) to fetch; 0 of the 200 file(s) here read" in line, line
+
+
 # ------------------------------------------------------------------------- hostile input
 
 def _curve_socket(ctx: zmq.Context, kind: int, keys, server_public: bytes) -> zmq.Socket:

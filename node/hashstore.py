@@ -1,0 +1,252 @@
+"""The hash cache kept on disk, so that a restarted node, or one that has just taken over, does
+not read every file again to learn what it already knew.
+
+Without it the first scan of a process reads every byte of every folder: after a takeover the
+new primary rehashes its whole copy before it can serve a snapshot, and the old primary, back
+as secondary, rehashes its own before it can compare. With 100,000 small files that is seconds
+of CPU; with a terabyte it is hours of disk.
+
+One file per folder, ``state_dir/hashes/<folder>.jsonl``: a header line
+``{"v": 1, "root": ..., "dev": ...}``, then one line per file ``[path, size, mtime_ns, mode,
+hash, ino, ctime_ns]``. It is only a hint: an entry is used when the file's size, mtime, inode
+and ctime are all still the ones it was hashed at (HashCache.lookup), and the kernel sets the
+ctime on every change of content or metadata, so a file changed while the node was down (even
+one whose size and mtime were put back) is read again. Entries are stored only once their ctime
+is older than index.RACY_NS (a change within the same timestamp tick cannot be seen). A file for
+another root or filesystem is not used; a line that does not parse or does not fit is skipped
+and counted; an unreadable file is logged and the node hashes as it would without it.
+
+Saved by the thread that owns the caches (the scanner, or the syncer), when ``changed`` is large
+(a first scan, a snapshot applied: within seconds) or at least every SAVE_EVERY seconds when
+anything changed, and once more when the node stops cleanly. A crash loses at most what
+changed since the last save: those files are read again.
+
+The syncer hashes what it writes as it receives it, but the ctime of a file it has just renamed
+into place is not yet safe to key on: each one is noted with the time right after its rename
+(``wrote``) and ``settle`` looks at it again at least RACY_NS later. It is cached then only if
+it is still a regular file of the size, mtime and mode written and its ctime is not later than
+that rename: anything done to it since would have moved its ctime past it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+
+from .index import MODES, RACY_NS, FileEntry, HashCache
+
+log = logging.getLogger("sbs.hashstore")
+
+FORMAT = 1
+SAVE_EVERY = 300.0  # seconds: a trickle of changes costs one rewrite per this
+BIG = 64  # changed entries (and a tenth of the cache) that make a save due at once
+_LINES = 2000  # lines per write: the file is never built whole in memory
+_HASH = re.compile(r"[0-9a-f]{32}")
+_I63 = 1 << 63
+
+
+def cache_path(state_dir: Path, folder: str) -> Path:
+    return Path(state_dir) / "hashes" / f"{folder}.jsonl"
+
+
+def _root_dev(root: str) -> int | None:
+    try:
+        return os.stat(root).st_dev
+    except OSError:
+        return None
+
+
+def load(path: Path, root: str) -> HashCache:
+    """The cache saved for ``root`` at ``path``; an empty one when there is none or it does not
+    belong to this root (logged, never raised)."""
+    cache = HashCache()
+    root = os.path.abspath(root)
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        return cache
+    except OSError as exc:
+        log.warning("hash cache %s not read: %s (files are hashed again)", path, exc)
+        return cache
+    bad = 0
+    with fh:
+        try:
+            head = orjson.loads(fh.readline())
+        except orjson.JSONDecodeError:
+            head = None
+        if not isinstance(head, dict) or head.get("v") != FORMAT:
+            log.warning("hash cache %s not used: not a version %d cache file", path, FORMAT)
+            return cache
+        dev = _root_dev(root)
+        if head.get("root") != root or head.get("dev") != dev:
+            log.info("hash cache %s not used: it was made for %r on device %s, the folder is "
+                     "%r on device %s", path, str(head.get("root"))[:200], head.get("dev"), root,
+                     dev)
+            return cache
+        store = cache._map
+        try:
+            for line in fh:
+                try:
+                    p, size, mtime, mode, h, ino, ctime = orjson.loads(line)
+                    if not (type(p) is str and p and type(h) is str and _HASH.fullmatch(h)
+                            and type(size) is int and type(mtime) is int and type(ino) is int
+                            and type(ctime) is int and type(mode) is int
+                            and 0 <= size < _I63 and 0 <= ino < 1 << 64 and 0 <= ctime < _I63
+                            and -_I63 <= mtime < _I63 and 0 <= mode <= 0o777):
+                        raise ValueError
+                except (ValueError, TypeError):  # orjson's error is a ValueError
+                    bad += 1
+                    continue
+                entry = FileEntry(p, "file", size, mtime, MODES[mode], h)
+                entry.cache_key = (ino << 64) | ctime
+                store[p] = entry
+        except OSError as exc:
+            log.warning("hash cache %s read in part: %s", path, exc)
+    if bad:
+        log.warning("hash cache %s: %d line(s) skipped (not a cache entry)", path, bad)
+    return cache
+
+
+def save(path: Path, root: str, cache: HashCache,
+         keep: Callable[[FileEntry], bool] | None = None) -> int:
+    """Write the cache (its entries that ``keep``, all without one) for ``root`` atomically.
+    Entries left out are dropped from the cache too (files gone from the folder). Returns how
+    many were written. OSError when it cannot be written (the caller logs it)."""
+    root = os.path.abspath(root)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    items = cache._map
+    if keep is not None:
+        for p in [p for p, e in items.items() if not keep(e)]:
+            del items[p]
+    dumps = orjson.dumps
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(dumps({"v": FORMAT, "root": root, "dev": _root_dev(root)}) + b"\n")
+            lines: list[bytes] = []
+            for e in items.values():
+                key = e.cache_key
+                lines.append(dumps([e.path, e.size, e.mtime_ns, e.mode, e.hash, key >> 64,
+                                    key & 0xFFFF_FFFF_FFFF_FFFF]))
+                if len(lines) >= _LINES:
+                    fh.write(b"\n".join(lines) + b"\n")
+                    lines.clear()
+            if lines:
+                fh.write(b"\n".join(lines) + b"\n")
+        os.replace(tmp, path)  # not fsynced: a torn file after a crash only costs hashing
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    cache.changed = 0
+    return len(items)
+
+
+class CacheKeeper:
+    """One thread's caches on disk: which are there, what is unsettled, when to save.
+
+    ``folders``: folder name -> (root, HashCache); ``keep(name)`` gives the filter of entries
+    still wanted (None: all). Used by the one thread that owns the caches.
+    """
+
+    def __init__(self, state_dir: Path, who: str, save_every: float = SAVE_EVERY):
+        self.state_dir = Path(state_dir)
+        self.who = who  # "scanner" or "syncer", for the log
+        self.save_every = save_every
+        self.last_save = time.monotonic()
+        self.unsettled: dict[str, list[tuple[FileEntry, int]]] = {}  # folder -> (entry, t_ns)
+        # after a big save, the files written too recently to settle get one more save soon
+        self.again_at: float | None = None
+        self._failed = False
+
+    def load(self, name: str, root: str) -> HashCache:
+        path = cache_path(self.state_dir, name)
+        t0 = time.monotonic()
+        cache = load(path, root)
+        if len(cache):
+            log.info("%s: %d file hashes of folder %s from %s (%.2f s)", self.who, len(cache),
+                     name, path, time.monotonic() - t0)
+        return cache
+
+    def wrote(self, name: str, entry: object) -> None:
+        """A file the syncer has just put in place, with this content (module doc)."""
+        if isinstance(entry, FileEntry) and entry.kind == "file":
+            self.unsettled.setdefault(name, []).append((entry, time.time_ns()))
+
+    def forget(self, name: str) -> None:
+        self.unsettled.pop(name, None)
+
+    def settle(self, name: str, root: str, cache: HashCache) -> None:
+        waiting = self.unsettled.get(name)
+        if not waiting:
+            return
+        now = time.time_ns()
+        later = []
+        for entry, t in waiting:
+            if now - t < RACY_NS:
+                later.append((entry, t))
+                continue
+            try:
+                st = os.lstat(os.path.join(root, entry.path))
+            except OSError:
+                continue
+            if (stat.S_ISREG(st.st_mode) and st.st_size == entry.size
+                    and st.st_mtime_ns == entry.mtime_ns and st.st_ctime_ns <= t
+                    and (st.st_mode & 0o777) == entry.mode):
+                cache.store(st, entry)
+        if later:
+            self.unsettled[name] = later
+        else:
+            del self.unsettled[name]
+
+    def next_save(self) -> float:
+        """The monotonic time by which the owner's loop should call due() again."""
+        at = self.last_save + self.save_every
+        return at if self.again_at is None else min(at, self.again_at)
+
+    def due(self, caches: dict[str, HashCache], now: float) -> bool:
+        changed = sum(c.changed for c in caches.values())
+        fresh = sum(len(w) for w in self.unsettled.values())
+        if not changed and not fresh:
+            return False
+        if now >= self.next_save():
+            return True
+        size = sum(len(c) for c in caches.values())
+        return changed + fresh >= max(BIG, size // 10)
+
+    def save(self, folders: dict[str, tuple[str, HashCache]],
+             keep: Callable[[str], Callable[[FileEntry], bool] | None] = lambda name: None,
+             ) -> None:
+        """Settle what can be, then write every cache that changed."""
+        t0 = self.last_save = time.monotonic()
+        big = self.again_at is None and sum(len(w) for w in self.unsettled.values()) >= BIG
+        self.again_at = None
+        written = 0
+        changed = 0
+        for name, (root, cache) in folders.items():
+            self.settle(name, root, cache)
+            if not cache.changed:
+                continue
+            changed += cache.changed
+            try:
+                written += save(cache_path(self.state_dir, name), root, cache, keep(name))
+            except OSError as exc:
+                if not self._failed:
+                    log.warning("%s: hash cache of %s not saved: %s (a restart hashes its "
+                                "files again)", self.who, name, exc)
+                self._failed = True
+                continue
+            self._failed = False
+        if big and self.unsettled:
+            self.again_at = time.monotonic() + 2 * RACY_NS / 1e9
+        if written:  # a periodic save of a few changes is not news
+            log.log(logging.INFO if changed >= BIG else logging.DEBUG,
+                    "%s: %d file hashes saved (%.2f s)", self.who, written, time.monotonic() - t0)

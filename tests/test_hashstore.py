@@ -1,0 +1,203 @@
+"""node.hashstore: the hash cache kept on disk. A restarted scan reads no file it already knew,
+a file changed while the node was down is read again however it was disguised, a cache file
+that is not this folder's, or not a cache at all, is not used, and the syncer's own writes are
+cached only once their ctime is safe to key on."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import orjson
+import pytest
+import zmq
+from sbs.node.config import FolderConfig
+from sbs.node.hashstore import CacheKeeper, cache_path, load, save
+from sbs.node.index import RACY_NS, Filter, HashCache, file_entry, hash_bytes, scan_folder
+from sbs.node.scanner import Scanner
+
+from .pair import wait_for
+
+
+def make_tree(root, n: int = 40) -> None:
+    for i in range(n):
+        d = root / f"d{i % 4}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i:03}.bin").write_bytes(os.urandom(100 + i))
+
+
+def old_enough(root) -> None:
+    """Every file's ctime is past the racy window (else nothing may be cached)."""
+    newest = max(p.stat().st_ctime_ns for p in root.rglob("*"))
+    wait_for(lambda: time.time_ns() - newest > RACY_NS, 5, "the files to leave the racy window")
+
+
+def test_a_saved_cache_spares_every_read_of_the_next_scan(tmp_path):
+    root = tmp_path / "docs"
+    make_tree(root)
+    old_enough(root)
+    first = HashCache()
+    index = scan_folder(str(root), Filter(), first)
+    assert first.hashed == 40 and len(first) == 40
+    path = cache_path(tmp_path / "state", "docs")
+    assert save(path, str(root), first) == 40 and first.changed == 0
+
+    again = load(path, str(root))
+    assert len(again) == 40
+    assert scan_folder(str(root), Filter(), again) == index
+    assert again.hashed == 0  # nothing was read
+
+
+def test_a_file_changed_while_down_is_read_again_even_with_its_size_and_mtime_put_back(
+        tmp_path):
+    root = tmp_path / "docs"
+    make_tree(root)
+    old_enough(root)
+    cache = HashCache()
+    scan_folder(str(root), Filter(), cache)
+    path = cache_path(tmp_path / "state", "docs")
+    save(path, str(root), cache)
+
+    victim = root / "d1" / "f005.bin"
+    st = victim.stat()
+    new = os.urandom(st.st_size)
+    victim.write_bytes(new)  # same size...
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # ...and the old mtime put back
+    assert victim.stat().st_mtime_ns == st.st_mtime_ns and victim.stat().st_size == st.st_size
+
+    again = load(path, str(root))
+    index = scan_folder(str(root), Filter(), again)
+    assert again.hashed == 1
+    assert index["d1/f005.bin"]["hash"] == hash_bytes(new)
+
+
+def test_a_cache_of_another_root_is_not_used(tmp_path, caplog):
+    root, other = tmp_path / "docs", tmp_path / "other"
+    make_tree(root)
+    make_tree(other, 3)
+    old_enough(root)
+    cache = HashCache()
+    scan_folder(str(root), Filter(), cache)
+    path = cache_path(tmp_path / "state", "docs")
+    save(path, str(root), cache)
+    with caplog.at_level(logging.INFO, logger="sbs.hashstore"):
+        assert len(load(path, str(other))) == 0
+    assert "not used: it was made for" in caplog.text
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"\x00" * 300, b"not json at all\n", b'{"v": 99}\n', b"[1, 2, 3]\n",
+    os.urandom(4096),
+])
+def test_a_file_that_is_no_cache_is_not_used_and_nothing_fails(tmp_path, content):
+    root = tmp_path / "docs"
+    make_tree(root, 2)
+    path = cache_path(tmp_path / "state", "docs")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    cache = load(path, str(root))
+    assert len(cache) == 0
+    scan_folder(str(root), Filter(), cache)  # and the scan hashes as it would without it
+    assert cache.hashed == 2
+
+
+def test_hostile_lines_are_skipped_and_counted_the_good_ones_kept(tmp_path, caplog):
+    root = tmp_path / "docs"
+    make_tree(root, 3)
+    old_enough(root)
+    cache = HashCache()
+    scan_folder(str(root), Filter(), cache)
+    path = cache_path(tmp_path / "state", "docs")
+    save(path, str(root), cache)
+    head, *good = path.read_bytes().splitlines()
+    h = "0" * 32
+    hostile = [
+        b"not json", b"{}", b"[]", b'["a", 1, 2, 420, "' + h.encode() + b'", 3]',  # 6 fields
+        orjson.dumps(["a", -1, 2, 420, h, 3, 4]),  # negative size
+        orjson.dumps(["a", 1, 2, 0o7777, h, 3, 4]),  # a mode above 0o777
+        orjson.dumps(["a", 1, 2, 420, "zz" * 16, 3, 4]),  # not a hash
+        orjson.dumps(["a", 1, 2, 420, h, 3, 2**64 - 1]),  # ctime out of range
+        orjson.dumps([7, 1, 2, 420, h, 3, 4]),  # a path that is not a string
+        orjson.dumps(["a", 1.5, 2, 420, h, 3, 4]),  # a float
+        orjson.dumps(["a", True, 2, 420, h, 3, 4]),  # a bool is not a size
+        b"\xff\xfe" * 40,
+    ]
+    path.write_bytes(b"\n".join([head, *hostile, *good, good[0][:20]]) + b"\n")
+    with caplog.at_level(logging.WARNING, logger="sbs.hashstore"):
+        again = load(path, str(root))
+    assert len(again) == 3
+    assert f"{len(hostile) + 1} line(s) skipped" in caplog.text
+    scan_folder(str(root), Filter(), again)
+    assert again.hashed == 0
+
+
+def test_a_save_keeps_only_what_is_still_wanted_and_never_builds_the_file_in_memory(tmp_path):
+    root = tmp_path / "docs"
+    make_tree(root, 40)
+    old_enough(root)
+    cache = HashCache()
+    scan_folder(str(root), Filter(), cache)
+    path = cache_path(tmp_path / "state", "docs")
+    assert save(path, str(root), cache, lambda e: e.path.startswith("d1/")) == 10
+    assert len(cache) == 10  # the others are dropped from the cache too
+    assert len(load(path, str(root))) == 10
+    assert not list(path.parent.glob(".*.tmp"))
+
+
+def test_the_syncers_writes_are_cached_once_settled_unless_changed_after_them(tmp_path):
+    root = tmp_path / "docs"
+    root.mkdir()
+    keeper = CacheKeeper(tmp_path / "state", "syncer")
+    cache = HashCache()
+    entries = {}
+    for name in ("kept.bin", "touched.bin", "gone.bin"):
+        data = os.urandom(500)
+        (root / name).write_bytes(data)
+        os.utime(root / name, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+        entries[name] = file_entry(name, (root / name).stat(), hash_bytes(data))
+        keeper.wrote("docs", entries[name])
+    keeper.wrote("docs", {"path": "a dict", "kind": "file"})  # not a kept entry: ignored
+    # after the rename: a chmod (same content, but the ctime moves past the write) and a delete
+    wait_for(lambda: time.time_ns() > keeper.unsettled["docs"][-1][1] + 2_000_000, 5,
+             "the clock to pass the writes")
+    os.chmod(root / "touched.bin", 0o600)
+    os.chmod(root / "touched.bin", entries["touched.bin"]["mode"])
+    (root / "gone.bin").unlink()
+
+    keeper.settle("docs", str(root), cache)  # too early: nothing is cached yet
+    assert len(cache) == 0 and len(keeper.unsettled["docs"]) == 3
+
+    def settled() -> bool:
+        keeper.settle("docs", str(root), cache)
+        return "docs" not in keeper.unsettled
+
+    wait_for(settled, 5, "the writes to settle")
+    assert set(cache._map) == {"kept.bin"}
+    assert cache.lookup("kept.bin", (root / "kept.bin").stat()) is entries["kept.bin"]
+
+
+def test_a_restarted_scanner_reads_nothing_it_knew(tmp_path, caplog):
+    root = tmp_path / "docs"
+    make_tree(root, 60)
+    old_enough(root)
+    state = tmp_path / "state"
+    ctx = zmq.Context()
+    try:
+        for run, expect_read in ((1, 60), (2, 0)):
+            reader = ctx.socket(zmq.PAIR)
+            reader.bind(f"inproc://hashstore-{run}")
+            sc = Scanner(ctx, f"inproc://hashstore-{run}", {"docs": FolderConfig("docs", root)},
+                         period=60, state_dir=state)
+            sc.start()
+            try:
+                assert reader.poll(10_000), "no first scan"
+                assert reader.recv_multipart()[2] == b"full"
+                assert len(sc.take_delta()["docs"]) == 60 + 4  # the files and their folders
+                assert sc.caches["docs"].hashed == expect_read, run
+            finally:
+                sc.stop(save=True)
+                reader.close(0)
+            assert not sc.thread.is_alive()
+            assert len(load(cache_path(state, "docs"), str(root))) == 60
+    finally:
+        ctx.term()
