@@ -22,17 +22,19 @@ anything changed, and once more when the node stops cleanly. A crash loses at mo
 changed since the last save: those files are read again.
 
 The syncer hashes what it writes as it receives it, but the ctime of a file it has just renamed
-into place is not yet safe to key on: each one is noted with the time right after its rename
-(``wrote``) and ``settle`` looks at it again at least RACY_NS later. It is cached then only if
-it is still a regular file of the size, mtime and mode written and its ctime is not later than
-that rename: anything done to it since would have moved its ctime past it.
+into place is not safe to key on: a change in the same timestamp tick (a kernel tick on kernels
+before 6.13) would leave it as it is. So each file it puts in place is noted (``wrote``) and,
+at least RACY_NS later, read and hashed once more through the cache by the scanner's own rule
+(``settle``, FolderWriter.local_entry): what is cached is what is on disk then, never what was
+meant to be written. This costs the secondary one read of each file it wrote, from the page
+cache and off the critical path, instead of the new primary reading all of them at takeover.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
-import stat
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,6 +69,12 @@ def load(path: Path, root: str) -> HashCache:
     belong to this root (logged, never raised)."""
     cache = HashCache()
     root = os.path.abspath(root)
+    for old in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else ():
+        if old.name.split(".")[-3] != str(os.getpid()):  # a killed process's half-written save
+            try:
+                old.unlink()
+            except OSError:
+                pass
     try:
         fh = open(path, "rb")
     except FileNotFoundError:
@@ -114,13 +122,16 @@ def load(path: Path, root: str) -> HashCache:
 
 
 def save(path: Path, root: str, cache: HashCache,
-         keep: Callable[[FileEntry], bool] | None = None) -> int:
+         keep: Callable[[FileEntry], bool] | None = None,
+         stopping: Callable[[], bool] = lambda: False) -> int:
     """Write the cache (its entries that ``keep``, all without one) for ``root`` atomically.
     Entries left out are dropped from the cache too (files gone from the folder). Returns how
-    many were written. OSError when it cannot be written (the caller logs it)."""
+    many were written; 0 when ``stopping()`` turned true on the way (nothing is replaced).
+    OSError when it cannot be written (the caller logs it)."""
     root = os.path.abspath(root)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # a name of its own: a stopping scanner and the next role's syncer may save at once
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     items = cache._map
     if keep is not None:
         for p in [p for p, e in items.items() if not keep(e)]:
@@ -137,6 +148,11 @@ def save(path: Path, root: str, cache: HashCache,
                 if len(lines) >= _LINES:
                     fh.write(b"\n".join(lines) + b"\n")
                     lines.clear()
+                    if stopping():
+                        break
+            if stopping():
+                os.unlink(tmp)
+                return 0
             if lines:
                 fh.write(b"\n".join(lines) + b"\n")
         os.replace(tmp, path)  # not fsynced: a torn file after a crash only costs hashing
@@ -154,18 +170,23 @@ class CacheKeeper:
     """One thread's caches on disk: which are there, what is unsettled, when to save.
 
     ``folders``: folder name -> (root, HashCache); ``keep(name)`` gives the filter of entries
-    still wanted (None: all). Used by the one thread that owns the caches.
+    still wanted (None: all). ``stopping()`` true: a save or settle under way gives up (the
+    node loop may be waiting for this thread). Used by the one thread that owns the caches.
     """
 
-    def __init__(self, state_dir: Path, who: str, save_every: float = SAVE_EVERY):
+    def __init__(self, state_dir: Path, who: str, save_every: float = SAVE_EVERY,
+                 stopping: Callable[[], bool] = lambda: False):
         self.state_dir = Path(state_dir)
         self.who = who  # "scanner" or "syncer", for the log
         self.save_every = save_every
+        self.stopping = stopping
+        self.racy_ns = RACY_NS
         self.last_save = time.monotonic()
-        self.unsettled: dict[str, list[tuple[FileEntry, int]]] = {}  # folder -> (entry, t_ns)
+        # folder -> {path: time.time_ns() when the syncer put it in place}
+        self.unsettled: dict[str, dict[str, int]] = {}
         # after a big save, the files written too recently to settle get one more save soon
         self.again_at: float | None = None
-        self._failed = False
+        self.failed_at: float | None = None  # the last save that could not be written
 
     def load(self, name: str, root: str) -> HashCache:
         path = cache_path(self.state_dir, name)
@@ -176,35 +197,32 @@ class CacheKeeper:
                      name, path, time.monotonic() - t0)
         return cache
 
-    def wrote(self, name: str, entry: object) -> None:
-        """A file the syncer has just put in place, with this content (module doc)."""
-        if isinstance(entry, FileEntry) and entry.kind == "file":
-            self.unsettled.setdefault(name, []).append((entry, time.time_ns()))
+    def wrote(self, name: str, path: str) -> None:
+        """A file the syncer has just put in place (module doc)."""
+        self.unsettled.setdefault(name, {})[path] = time.time_ns()
 
     def forget(self, name: str) -> None:
         self.unsettled.pop(name, None)
 
-    def settle(self, name: str, root: str, cache: HashCache) -> None:
+    def settle(self, name: str, look: Callable[[str], object]) -> None:
+        """``look(path)`` each written file at least racy_ns after it was put in place:
+        it is read and hashed then, through the cache (FolderWriter.local_entry), and cached
+        by the scanner's own rule. Newer ones wait for the next save."""
         waiting = self.unsettled.get(name)
         if not waiting:
             return
-        now = time.time_ns()
-        later = []
-        for entry, t in waiting:
-            if now - t < RACY_NS:
-                later.append((entry, t))
+        ripe = time.time_ns() - self.racy_ns
+        for path, t in list(waiting.items()):
+            if self.stopping():
+                return
+            if t > ripe:
                 continue
+            del waiting[path]
             try:
-                st = os.lstat(os.path.join(root, entry.path))
-            except OSError:
-                continue
-            if (stat.S_ISREG(st.st_mode) and st.st_size == entry.size
-                    and st.st_mtime_ns == entry.mtime_ns and st.st_ctime_ns <= t
-                    and (st.st_mode & 0o777) == entry.mode):
-                cache.store(st, entry)
-        if later:
-            self.unsettled[name] = later
-        else:
+                look(path)
+            except (OSError, ValueError):  # gone, unreadable, no longer a file: not cached
+                pass
+        if not waiting:
             del self.unsettled[name]
 
     def next_save(self) -> float:
@@ -213,40 +231,47 @@ class CacheKeeper:
         return at if self.again_at is None else min(at, self.again_at)
 
     def due(self, caches: dict[str, HashCache], now: float) -> bool:
+        if self.stopping():
+            return False
         changed = sum(c.changed for c in caches.values())
         fresh = sum(len(w) for w in self.unsettled.values())
         if not changed and not fresh:
             return False
         if now >= self.next_save():
             return True
+        if self.failed_at is not None and now - self.failed_at < self.save_every:
+            return False  # a full or read-only state disk is not rewritten on every pass
         size = sum(len(c) for c in caches.values())
         return changed + fresh >= max(BIG, size // 10)
 
     def save(self, folders: dict[str, tuple[str, HashCache]],
              keep: Callable[[str], Callable[[FileEntry], bool] | None] = lambda name: None,
-             ) -> None:
-        """Settle what can be, then write every cache that changed."""
+             look: Callable[[str], Callable[[str], object]] | None = None) -> None:
+        """Settle what can be (``look(name)``: the folder's look, see settle), then write
+        every cache that changed."""
         t0 = self.last_save = time.monotonic()
         big = self.again_at is None and sum(len(w) for w in self.unsettled.values()) >= BIG
         self.again_at = None
-        written = 0
-        changed = 0
+        written = changed = 0
         for name, (root, cache) in folders.items():
-            self.settle(name, root, cache)
-            if not cache.changed:
+            if look is not None:
+                self.settle(name, look(name))
+            if not cache.changed or self.stopping():
                 continue
             changed += cache.changed
             try:
-                written += save(cache_path(self.state_dir, name), root, cache, keep(name))
+                written += save(cache_path(self.state_dir, name), root, cache, keep(name),
+                                self.stopping)
             except OSError as exc:
-                if not self._failed:
-                    log.warning("%s: hash cache of %s not saved: %s (a restart hashes its "
-                                "files again)", self.who, name, exc)
-                self._failed = True
+                if self.failed_at is None:
+                    log.warning("%s: hash cache of %s not saved: %s (tried again in %.0f s; "
+                                "a restart meanwhile hashes its files again)", self.who, name,
+                                exc, self.save_every)
+                self.failed_at = time.monotonic()
                 continue
-            self._failed = False
+            self.failed_at = None
         if big and self.unsettled:
-            self.again_at = time.monotonic() + 2 * RACY_NS / 1e9
+            self.again_at = time.monotonic() + 2 * self.racy_ns / 1e9
         if written:  # a periodic save of a few changes is not news
             log.log(logging.INFO if changed >= BIG else logging.DEBUG,
                     "%s: %d file hashes saved (%.2f s)", self.who, written, time.monotonic() - t0)

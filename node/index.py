@@ -55,6 +55,8 @@ STABLE_TRIES = 3
 # A write that lands in the same timestamp tick as our hash leaves size, mtime and ctime
 # unchanged (the "racy git" problem), so a file changed this recently is hashed but not cached.
 RACY_NS = 50_000_000
+# on a filesystem whose times are whole seconds (ext4 with small inodes, FAT: two seconds)
+COARSE_RACY_NS = 2_100_000_000
 _COMPARED = ("kind", "size", "mtime_ns", "mode", "hash", "target")
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -238,7 +240,10 @@ class HashCache:
     def store(self, st: os.stat_result, entry: FileEntry) -> None:
         """Keep entry for its path; its size and mtime_ns must be st's (file_entry's)."""
         self.changed += 1
-        if time.time_ns() - max(st.st_ctime_ns, st.st_mtime_ns) < self.racy_ns:
+        racy = self.racy_ns
+        if not st.st_ctime_ns % 1_000_000_000:  # whole seconds: a filesystem with coarse times
+            racy = max(racy, COARSE_RACY_NS)
+        if time.time_ns() - max(st.st_ctime_ns, st.st_mtime_ns) < racy:
             self._map.pop(entry.path, None)
             return
         entry.cache_key = cache_key_of(st)

@@ -69,9 +69,11 @@ class Scanner:
         self.jobs: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.caches = {n: HashCache() for n in folders}  # one per folder: keyed by relpath
         # the caches on disk (node/hashstore.py): loaded by the thread before its first scan
-        self.keeper = CacheKeeper(state_dir, "scanner") if state_dir is not None else None
-        self.scanned = False  # a full scan has completed: the index says which files exist
         self._save_at_exit = False
+        self.keeper = (CacheKeeper(state_dir, "scanner", stopping=lambda: (
+            self._stopping.is_set() and not self._save_at_exit))
+            if state_dir is not None else None)
+        self.scanned = False  # a full scan has completed: the index says which files exist
         self.index: dict[str, dict[str, dict]] = {n: {} for n in folders}
         self.ident = os.urandom(8)  # a later scanner's messages are not taken for this one's
         self.deltas: collections.deque[dict[str, list[dict]]] = collections.deque()

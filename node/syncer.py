@@ -62,8 +62,10 @@ class Syncer:
         self.fetcher = Fetcher(ctx, f"tcp://{cfg.peer}:{cfg.blob_port}", keys)
         self.jobs: queue.Queue[tuple] = queue.Queue()
         self.caches: dict[str, HashCache] = {}  # per folder (keyed by relpath), as writers
-        self.keeper = CacheKeeper(cfg.state_dir, "syncer")  # the caches on disk
         self._save_at_exit = False
+        self.keeper = CacheKeeper(  # the caches on disk
+            cfg.state_dir, "syncer",
+            stopping=lambda: self.fetcher.cancelled.is_set() and not self._save_at_exit)
         self.writers: dict[str, FolderWriter] = {}
         self.filters: dict[str, Filter] = {}
         self.known: dict[str, dict[str, dict]] = {}  # the primary's index as last applied
@@ -157,9 +159,14 @@ class Syncer:
     def _save_caches(self) -> None:
         try:
             self.keeper.save({n: (str(w.root), self.caches[n]) for n, w in self.writers.items()},
-                             self._keep)
+                             self._keep, self._look)
         except Exception:  # a cache that cannot be saved costs hashing later, nothing else
             log.exception("saving the hash caches failed")
+
+    def _look(self, name: str) -> Callable[[str], object]:
+        """How a written file is looked at again to be cached (hashstore: settle)."""
+        writer, filt, cache = self.writers[name], self.filters[name], self.caches[name]
+        return lambda path: writer.local_entry(path, filt, cache)
 
     def _keep(self, name: str) -> Callable[[Any], bool] | None:
         """What the primary has (as last applied); all while nothing is known yet."""

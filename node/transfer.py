@@ -233,7 +233,7 @@ class Transfer:
         for (tmp, e), res in zip(items, results, strict=True):
             if res is None:
                 done.append((name, e["path"], Agreed.token(e)))
-                self.syncer.keeper.wrote(name, e)
+                self.syncer.keeper.wrote(name, e["path"])
                 self.syncer.progress.event("fetched", name, e)
             else:
                 tmp.abort()
