@@ -30,7 +30,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.common import add_common_args, provenance, write_report  # noqa: E402
-from bench.replication import NODE, KiB, SbsRun, make_files, say  # noqa: E402
+from bench.replication import NODE, SbsRun, kept_tree, say  # noqa: E402
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -59,14 +59,7 @@ def main() -> int:
     extra = dict(kv.split("=", 1) for kv in args.node)
 
     data = args.data or Path(tempfile.mkdtemp(prefix="sbs-idle-"))
-    src = data / "tree"
-    marker = data / f"tree.{args.files}.done"
-    if not marker.exists():
-        shutil.rmtree(src, ignore_errors=True)
-        t0 = time.perf_counter()
-        make_files(src, args.files, KiB)
-        marker.touch()
-        say(f"data: {args.files} x 1 KiB in {src} ({time.perf_counter() - t0:.1f} s)")
+    src = kept_tree(data, args.files)
     NODE.update(extra)  # SbsRun builds its pair from NODE
     try:
         with SbsRun(data / "run", src) as run:

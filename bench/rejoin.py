@@ -52,10 +52,9 @@ from bench.common import (  # noqa: E402
 )
 from bench.replication import (  # noqa: E402
     NODE,
-    KiB,
     RsyncDaemon,
     SbsRun,
-    make_files,
+    kept_tree,
     read_source,
     same_tree,
     say,
@@ -164,14 +163,7 @@ def main() -> int:
     if args.quick:
         args.files, args.reps = 5_000, 2
     data = args.data or Path(tempfile.mkdtemp(prefix="sbs-rejoin-"))
-    src = data / "tree"
-    marker = data / f"tree.{args.files}.done"
-    if not marker.exists():
-        shutil.rmtree(src, ignore_errors=True)
-        t0 = time.perf_counter()
-        make_files(src, args.files, KiB)
-        marker.touch()
-        say(f"data: {args.files} x 1 KiB ({time.perf_counter() - t0:.1f} s)")
+    src = kept_tree(data, args.files)
     rsync = shutil.which("rsync")
     if rsync is None:
         say("rsync is not installed (Debian: apt-get install rsync): its rows are left out")

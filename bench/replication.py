@@ -131,6 +131,20 @@ def make_files(root: Path, count: int, size: int, per_dir: int = 100) -> None:
         (d / f"f{i:06d}.bin").write_bytes(os.urandom(size))
 
 
+def kept_tree(data: Path, files: int) -> Path:
+    """data/tree with `files` x 1 KiB (100 to a folder), made once and kept for the next run
+    with the same --data (a marker says it is complete)."""
+    src = data / "tree"
+    marker = data / f"tree.{files}.done"
+    if not marker.exists():
+        shutil.rmtree(src, ignore_errors=True)
+        t0 = time.perf_counter()
+        make_files(src, files, KiB)
+        marker.touch()
+        say(f"data: {files} x 1 KiB ({time.perf_counter() - t0:.1f} s)")
+    return src
+
+
 def make_big(root: Path, size: int) -> None:
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "one.bin", "wb") as f:

@@ -1,6 +1,6 @@
 """The runs the README cites, all of them, on the code of one commit, kept in bench/results/.
 
-    python bench/run_cited.py                 # everything (about 45-55 minutes on 2 cores)
+    python bench/run_cited.py                 # everything (about 50-60 minutes on 2 cores)
     python bench/run_cited.py --dry-run       # the commands, not run
     python bench/run_cited.py --quick --allow-dirty   # smoke test of the sequence (~5 min)
     python bench/run_cited.py --only transport,takeover

@@ -49,6 +49,7 @@ FORMAT = 1
 SAVE_EVERY = 300.0  # seconds: a trickle of changes costs one rewrite per this
 BIG = 64  # changed entries (and a tenth of the cache) that make a save due at once
 _LINES = 2000  # lines per write: the file is never built whole in memory
+WROTE_SPAN = 10_000_000  # ns: files the syncer wrote within this share one time
 _HASH = re.compile(r"[0-9a-f]{32}")
 _I63 = 1 << 63
 
@@ -182,8 +183,10 @@ class CacheKeeper:
         self.stopping = stopping
         self.racy_ns = RACY_NS
         self.last_save = time.monotonic()
-        # folder -> {path: time.time_ns() when the syncer put it in place}
-        self.unsettled: dict[str, dict[str, int]] = {}
+        # folder -> [(time.time_ns() when the syncer began putting them in place, [paths])]:
+        # one time per WROTE_SPAN, not per file (a dict and an int a file cost ~10 MB at
+        # 100,000 files)
+        self.unsettled: dict[str, list[tuple[int, list[str]]]] = {}
         # after a big save, the files written too recently to settle get one more save soon
         self.again_at: float | None = None
         self.failed_at: float | None = None  # the last save that could not be written
@@ -199,7 +202,12 @@ class CacheKeeper:
 
     def wrote(self, name: str, path: str) -> None:
         """A file the syncer has just put in place (module doc)."""
-        self.unsettled.setdefault(name, {})[path] = time.time_ns()
+        now = time.time_ns()
+        spans = self.unsettled.setdefault(name, [])
+        if spans and now - spans[-1][0] < WROTE_SPAN:
+            spans[-1][1].append(path)
+        else:
+            spans.append((now, [path]))
 
     def forget(self, name: str) -> None:
         self.unsettled.pop(name, None)
@@ -208,22 +216,21 @@ class CacheKeeper:
         """``look(path)`` each written file at least racy_ns after it was put in place:
         it is read and hashed then, through the cache (FolderWriter.local_entry), and cached
         by the scanner's own rule. Newer ones wait for the next save."""
-        waiting = self.unsettled.get(name)
-        if not waiting:
-            return
-        ripe = time.time_ns() - self.racy_ns
-        for path, t in list(waiting.items()):
-            if self.stopping():
-                return
-            if t > ripe:
-                continue
-            del waiting[path]
-            try:
-                look(path)
-            except (OSError, ValueError):  # gone, unreadable, no longer a file: not cached
-                pass
-        if not waiting:
+        spans = self.unsettled.get(name)
+        ripe = time.time_ns() - self.racy_ns - WROTE_SPAN
+        while spans and spans[0][0] <= ripe:
+            for path in spans.pop(0)[1]:
+                if self.stopping():  # the rest are read again by whoever scans next
+                    return
+                try:
+                    look(path)
+                except (OSError, ValueError):  # gone, unreadable, not a file: not cached
+                    pass
+        if spans is not None and not spans:
             del self.unsettled[name]
+
+    def _unsettled(self) -> int:
+        return sum(len(paths) for spans in self.unsettled.values() for _, paths in spans)
 
     def next_save(self) -> float:
         """The monotonic time by which the owner's loop should call due() again."""
@@ -234,7 +241,7 @@ class CacheKeeper:
         if self.stopping():
             return False
         changed = sum(c.changed for c in caches.values())
-        fresh = sum(len(w) for w in self.unsettled.values())
+        fresh = self._unsettled()
         if not changed and not fresh:
             return False
         if now >= self.next_save():
@@ -250,7 +257,7 @@ class CacheKeeper:
         """Settle what can be (``look(name)``: the folder's look, see settle), then write
         every cache that changed."""
         t0 = self.last_save = time.monotonic()
-        big = self.again_at is None and sum(len(w) for w in self.unsettled.values()) >= BIG
+        big = self.again_at is None and self._unsettled() >= BIG
         self.again_at = None
         written = changed = 0
         for name, (root, cache) in folders.items():
@@ -271,7 +278,7 @@ class CacheKeeper:
                 continue
             self.failed_at = None
         if big and self.unsettled:
-            self.again_at = time.monotonic() + 2 * self.racy_ns / 1e9
+            self.again_at = time.monotonic() + 2 * (self.racy_ns + WROTE_SPAN) / 1e9
         if written:  # a periodic save of a few changes is not news
             log.log(logging.INFO if changed >= BIG else logging.DEBUG,
                     "%s: %d file hashes saved (%.2f s)", self.who, written, time.monotonic() - t0)

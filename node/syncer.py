@@ -42,7 +42,16 @@ from .content import Fetcher
 from .deletions import GUARD_MIN_FILES, StrictDeletions  # noqa: F401  (re-exported)
 from .fileevents import FileEvents
 from .hashstore import CacheKeeper
-from .index import KEPT, Filter, FolderMissing, HashCache, scan_folder, shared_values
+from .index import (
+    KEPT,
+    FileEntry,
+    Filter,
+    FolderMissing,
+    HashCache,
+    same_entry,
+    scan_folder,
+    shared_values,
+)
 from .journal import Agreed
 from .protocol import entry_check
 from .security import Keys
@@ -166,7 +175,19 @@ class Syncer:
     def _look(self, name: str) -> Callable[[str], object]:
         """How a written file is looked at again to be cached (hashstore: settle)."""
         writer, filt, cache = self.writers[name], self.filters[name], self.caches[name]
-        return lambda path: writer.local_entry(path, filt, cache)
+        known = self.known.get(name, {})
+
+        def look(path: str) -> None:
+            got = writer.local_entry(path, filt, cache)
+            want = known.get(path)
+            if (got is not None and isinstance(want, FileEntry) and cache._map.get(path) is got
+                    and same_entry(got, want)):
+                # the same content as the primary's entry: keep that one object, not a copy
+                # (~180 bytes a file with its hash string)
+                want.cache_key = got.cache_key
+                cache._map[path] = want
+
+        return look
 
     def _keep(self, name: str) -> Callable[[Any], bool] | None:
         """What the primary has (as last applied); all while nothing is known yet."""

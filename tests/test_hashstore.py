@@ -34,6 +34,17 @@ def old_enough(root) -> None:
     wait_for(lambda: time.time_ns() - newest > RACY_NS, 5, "the files to leave the racy window")
 
 
+def scanned(tmp_path, n: int = 40):
+    """A tree of n files out of the racy window, scanned once: (root, its cache, the cache's
+    path on disk)."""
+    root = tmp_path / "docs"
+    make_tree(root, n)
+    old_enough(root)
+    cache = HashCache()
+    scan_folder(str(root), Filter(), cache)
+    return root, cache, cache_path(tmp_path / "state", "docs")
+
+
 def test_a_saved_cache_spares_every_read_of_the_next_scan(tmp_path):
     root = tmp_path / "docs"
     make_tree(root)
@@ -52,12 +63,7 @@ def test_a_saved_cache_spares_every_read_of_the_next_scan(tmp_path):
 
 def test_a_file_changed_while_down_is_read_again_even_with_its_size_and_mtime_put_back(
         tmp_path):
-    root = tmp_path / "docs"
-    make_tree(root)
-    old_enough(root)
-    cache = HashCache()
-    scan_folder(str(root), Filter(), cache)
-    path = cache_path(tmp_path / "state", "docs")
+    root, cache, path = scanned(tmp_path)
     save(path, str(root), cache)
 
     victim = root / "d1" / "f005.bin"
@@ -104,12 +110,7 @@ def test_a_file_that_is_no_cache_is_not_used_and_nothing_fails(tmp_path, content
 
 
 def test_hostile_lines_are_skipped_and_counted_the_good_ones_kept(tmp_path, caplog):
-    root = tmp_path / "docs"
-    make_tree(root, 3)
-    old_enough(root)
-    cache = HashCache()
-    scan_folder(str(root), Filter(), cache)
-    path = cache_path(tmp_path / "state", "docs")
+    root, cache, path = scanned(tmp_path, 3)
     save(path, str(root), cache)
     head, *good = path.read_bytes().splitlines()
     h = "0" * 32
@@ -134,12 +135,7 @@ def test_hostile_lines_are_skipped_and_counted_the_good_ones_kept(tmp_path, capl
 
 
 def test_a_save_keeps_only_what_is_still_wanted_and_never_builds_the_file_in_memory(tmp_path):
-    root = tmp_path / "docs"
-    make_tree(root, 40)
-    old_enough(root)
-    cache = HashCache()
-    scan_folder(str(root), Filter(), cache)
-    path = cache_path(tmp_path / "state", "docs")
+    root, cache, path = scanned(tmp_path, 40)
     assert save(path, str(root), cache, lambda e: e.path.startswith("d1/")) == 10
     assert len(cache) == 10  # the others are dropped from the cache too
     assert len(load(path, str(root))) == 10
@@ -188,7 +184,7 @@ def test_the_syncers_writes_are_cached_as_they_are_on_disk_once_settled(tmp_path
 
     keeper.racy_ns = 3600 * 10**9  # within the window: nothing is looked at yet
     keeper.settle("docs", look)
-    assert len(cache) == 0 and cache.hashed == 0 and len(keeper.unsettled["docs"]) == 3
+    assert len(cache) == 0 and cache.hashed == 0 and keeper._unsettled() == 3
 
     keeper.racy_ns = RACY_NS
     newest = max(p.stat().st_ctime_ns for p in root.iterdir())
@@ -206,12 +202,7 @@ def test_the_syncers_writes_are_cached_as_they_are_on_disk_once_settled(tmp_path
 
 
 def test_a_save_gives_up_when_its_thread_is_told_to_stop(tmp_path):
-    root = tmp_path / "docs"
-    make_tree(root, 5)
-    old_enough(root)
-    cache = HashCache()
-    scan_folder(str(root), Filter(), cache)
-    path = cache_path(tmp_path / "state", "docs")
+    root, cache, path = scanned(tmp_path, 5)
     keeper = CacheKeeper(tmp_path / "state", "scanner", stopping=lambda: True)
     assert not keeper.due({"docs": cache}, time.monotonic() + 10**6)
     keeper.save({"docs": (str(root), cache)})
