@@ -1332,7 +1332,8 @@ def ensure_data(data: Path, sz: Sizes, only: set[str]) -> None:
             make_files(data / name, count, size)
         os.sync()
         marker.touch()
-        say(f"data: {count} x {size} B in {data / name} ({time.perf_counter() - t0:.1f} s)")
+        say(f"data: {count} x {size} B as {name}/ in the data folder "
+            f"({time.perf_counter() - t0:.1f} s)")
 
 
 def read_source(root: Path) -> None:
