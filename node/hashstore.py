@@ -138,6 +138,7 @@ def save(path: Path, root: str, cache: HashCache,
         for p in [p for p, e in items.items() if not keep(e)]:
             del items[p]
     dumps = orjson.dumps
+    complete = False
     try:
         with open(tmp, "wb") as fh:
             fh.write(dumps({"v": FORMAT, "root": root, "dev": _root_dev(root)}) + b"\n")
@@ -151,11 +152,12 @@ def save(path: Path, root: str, cache: HashCache,
                     lines.clear()
                     if stopping():
                         break
-            if stopping():
-                os.unlink(tmp)
-                return 0
-            if lines:
-                fh.write(b"\n".join(lines) + b"\n")
+            else:  # not told to stop on the way
+                fh.write(b"".join(line + b"\n" for line in lines))
+                complete = True
+        if not complete:  # nothing is replaced
+            os.unlink(tmp)
+            return 0
         os.replace(tmp, path)  # not fsynced: a torn file after a crash only costs hashing
     except OSError:
         try:
@@ -171,8 +173,10 @@ class CacheKeeper:
     """One thread's caches on disk: which are there, what is unsettled, when to save.
 
     ``folders``: folder name -> (root, HashCache); ``keep(name)`` gives the filter of entries
-    still wanted (None: all). ``stopping()`` true: a save or settle under way gives up (the
-    node loop may be waiting for this thread). Used by the one thread that owns the caches.
+    still wanted (None: all). ``stop_flag()`` true: the owner's thread is told to stop, and a
+    save or settle under way gives up (the node loop may be waiting for it) unless ``at_exit``
+    (the node is stopping: the owner saves once more on its way out). Used by the one thread
+    that owns the caches.
     """
 
     def __init__(self, state_dir: Path, who: str, save_every: float = SAVE_EVERY,
@@ -180,7 +184,8 @@ class CacheKeeper:
         self.state_dir = Path(state_dir)
         self.who = who  # "scanner" or "syncer", for the log
         self.save_every = save_every
-        self.stopping = stopping
+        self.stop_flag = stopping
+        self.at_exit = False
         self.racy_ns = RACY_NS
         self.last_save = time.monotonic()
         # folder -> [(time.time_ns() when the syncer began putting them in place, [paths])]:
@@ -190,6 +195,9 @@ class CacheKeeper:
         # after a big save, the files written too recently to settle get one more save soon
         self.again_at: float | None = None
         self.failed_at: float | None = None  # the last save that could not be written
+
+    def stopping(self) -> bool:
+        return self.stop_flag() and not self.at_exit
 
     def load(self, name: str, root: str) -> HashCache:
         path = cache_path(self.state_dir, name)
@@ -255,7 +263,16 @@ class CacheKeeper:
              keep: Callable[[str], Callable[[FileEntry], bool] | None] = lambda name: None,
              look: Callable[[str], Callable[[str], object]] | None = None) -> None:
         """Settle what can be (``look(name)``: the folder's look, see settle), then write
-        every cache that changed."""
+        every cache that changed. Never raises: a cache that cannot be saved costs hashing
+        later, nothing else."""
+        try:
+            self._save(folders, keep, look)
+        except Exception:
+            log.exception("%s: saving the hash caches failed", self.who)
+
+    def _save(self, folders: dict[str, tuple[str, HashCache]],
+              keep: Callable[[str], Callable[[FileEntry], bool] | None],
+              look: Callable[[str], Callable[[str], object]] | None) -> None:
         t0 = self.last_save = time.monotonic()
         big = self.again_at is None and self._unsettled() >= BIG
         self.again_at = None

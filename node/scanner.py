@@ -68,17 +68,15 @@ class Scanner:
         self.folders = {n: (str(f.path), Filter(f.filters)) for n, f in folders.items()}
         self.jobs: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.caches = {n: HashCache() for n in folders}  # one per folder: keyed by relpath
+        self._stopping = threading.Event()
         # the caches on disk (node/hashstore.py): loaded by the thread before its first scan
-        self._save_at_exit = False
-        self.keeper = (CacheKeeper(state_dir, "scanner", stopping=lambda: (
-            self._stopping.is_set() and not self._save_at_exit))
-            if state_dir is not None else None)
+        self.keeper = (CacheKeeper(state_dir, "scanner", stopping=self._stopping.is_set)
+                       if state_dir is not None else None)
         self.scanned = False  # a full scan has completed: the index says which files exist
         self.index: dict[str, dict[str, dict]] = {n: {} for n in folders}
         self.ident = os.urandom(8)  # a later scanner's messages are not taken for this one's
         self.deltas: collections.deque[dict[str, list[dict]]] = collections.deque()
         self.thread = threading.Thread(target=self._run, name="sbs-scanner", daemon=True)
-        self._stopping = threading.Event()
 
     def start(self) -> None:
         self.thread.start()
@@ -98,7 +96,8 @@ class Scanner:
         """Stop the thread; a full scan under way ends at its next directory. ``wait=False``
         returns at once (the node loop must not wait out a scan: its pings would stop).
         ``save``: the hash caches are written on the way out (the node is stopping)."""
-        self._save_at_exit = save
+        if self.keeper is not None:
+            self.keeper.at_exit = save
         self._stopping.set()
         self.jobs.put(("stop", None))
         if wait:
@@ -171,7 +170,7 @@ class Scanner:
             if watcher is not None:
                 watcher.stop()
             pipe.close()
-            if self._save_at_exit:
+            if self.keeper is not None and self.keeper.at_exit:
                 self._save_caches()
 
     def _save_if_due(self) -> None:
@@ -179,13 +178,9 @@ class Scanner:
             self._save_caches()
 
     def _save_caches(self) -> None:
-        if self.keeper is None:
-            return
-        try:
-            self.keeper.save({n: (root, self.caches[n]) for n, (root, _) in self.folders.items()},
-                             self._keep)
-        except Exception:  # a cache that cannot be saved costs hashing later, nothing else
-            log.exception("saving the hash caches failed")
+        assert self.keeper is not None
+        self.keeper.save({n: (root, self.caches[n]) for n, (root, _) in self.folders.items()},
+                         self._keep)
 
     def _keep(self, name: str) -> Callable[[Any], bool] | None:
         """Once a full scan has completed, the cache keeps only what the index has."""

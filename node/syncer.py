@@ -71,10 +71,8 @@ class Syncer:
         self.fetcher = Fetcher(ctx, f"tcp://{cfg.peer}:{cfg.blob_port}", keys)
         self.jobs: queue.Queue[tuple] = queue.Queue()
         self.caches: dict[str, HashCache] = {}  # per folder (keyed by relpath), as writers
-        self._save_at_exit = False
-        self.keeper = CacheKeeper(  # the caches on disk
-            cfg.state_dir, "syncer",
-            stopping=lambda: self.fetcher.cancelled.is_set() and not self._save_at_exit)
+        self.keeper = CacheKeeper(cfg.state_dir, "syncer",  # the caches on disk
+                                  stopping=self.fetcher.cancelled.is_set)
         self.writers: dict[str, FolderWriter] = {}
         self.filters: dict[str, Filter] = {}
         self.known: dict[str, dict[str, dict]] = {}  # the primary's index as last applied
@@ -114,7 +112,7 @@ class Syncer:
 
     def stop(self, save: bool = False) -> None:
         """``save``: the hash caches are written on the way out (the node is stopping)."""
-        self._save_at_exit = save
+        self.keeper.at_exit = save
         self.fetcher.cancelled.set()  # a fetch from a dead primary ends now, not after retries
         self.jobs.put(("stop",))
         self.thread.join(60)
@@ -162,15 +160,12 @@ class Syncer:
             self.transfer.close()
             self.fetcher.close()
             self.pipe.close()
-            if self._save_at_exit:
+            if self.keeper.at_exit:
                 self._save_caches()
 
     def _save_caches(self) -> None:
-        try:
-            self.keeper.save({n: (str(w.root), self.caches[n]) for n, w in self.writers.items()},
-                             self._keep, self._look)
-        except Exception:  # a cache that cannot be saved costs hashing later, nothing else
-            log.exception("saving the hash caches failed")
+        self.keeper.save({n: (str(w.root), self.caches[n]) for n, w in self.writers.items()},
+                         self._keep, self._look)
 
     def _look(self, name: str) -> Callable[[str], object]:
         """How a written file is looked at again to be cached (hashstore: settle)."""
