@@ -1,9 +1,9 @@
 """The node's own process, without the command-line machinery.
 
-`sbs-node start` reads its command line with typer, then replaces its
-process (same pid, same stdio and parent) with ``python -m sbs.node.run --config PATH`` so the
-node never carries typer and the pydantic it loads to coerce arguments: ~15 MB a node keeps
-for as long as it runs. This module is also a fallback in-process runner when exec fails.
+`sbs-node start` (node/cli.py) hands its arguments to ``main`` here, in the same process, so
+the node never carries typer and the pydantic it loads to coerce arguments (~15 MB a node
+would keep for as long as it runs) and starts without them (~0.15 s less to a running node).
+``python -m sbs.node.run --config PATH`` runs a node the same way.
 """
 from __future__ import annotations
 
@@ -75,8 +75,8 @@ def run(config: Path, verbose: bool) -> int:
         return 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sbs.node.run",
+def main(argv: list[str] | None = None, prog: str = "python -m sbs.node.run") -> int:
+    ap = argparse.ArgumentParser(prog=prog,
                                  description="run one SBS node (what `sbs-node start` runs)")
     ap.add_argument("--config", "-c", type=Path, default=Path("sbs.ini"))
     ap.add_argument("--verbose", "-v", action="store_true")

@@ -221,14 +221,14 @@ def _fresh_python(code: str) -> str:
 
 
 def test_a_node_loads_no_library_it_has_not_needed_yet():
-    """What `python -m sbs.node.run` imports to run a node: no apprise (loaded with the first
-    mail), no HTTP client (loaded with the first etcd call), not typer or pydantic (the
-    command line was read before the exec) and not asyncio or ssl (pyzmq's ZAP authenticator
+    """What `sbs-node start` imports to run a node: no apprise (loaded with the first
+    mail), no HTTP client (loaded with the first etcd call), not typer or pydantic (node/cli.py
+    reads a start line without them) and not asyncio or ssl (pyzmq's ZAP authenticator
     brought them; the node's own ZapHandler does not): ~40 MB a node without mail or etcd
     never carries."""
     code = (
         "import sys\n"
-        "import sbs.node.run, sbs.node.node\n"
+        "import sbs.node.cli, sbs.node.run, sbs.node.node\n"
         "print(' '.join(m for m in ('apprise', 'urllib.request', 'typer', 'pydantic',\n"
         "                           'asyncio', 'ssl')\n"
         "               if m in sys.modules))\n"
