@@ -43,7 +43,12 @@ class Watch:
     """The secondary's view of its link to the primary. All times are monotonic."""
 
     dead_after: float
+    # how long the bus may stay silent after the ping that showed it silent: a primary whose
+    # loop was held up sends its ping and its bus heartbeat together, on two connections, and
+    # the ping may be read first (the heartbeat interval)
+    grace: float = 0.5
     bus_heard_at: float = 0.0
+    bus_doubted_at: float = 0.0  # when a ping first showed the bus silent (0: it did not)
     progress: tuple = ()
     progress_at: float = 0.0
     stalled: str = ""  # why, while stalled
@@ -53,10 +58,12 @@ class Watch:
     def reset(self, now: float) -> None:
         """Following starts (again): everything counts from now."""
         self.bus_heard_at = self.progress_at = now
+        self.bus_doubted_at = 0.0
         self.progress = ()
 
     def heard_bus(self, now: float) -> None:
         self.bus_heard_at = now
+        self.bus_doubted_at = 0.0
 
     def check(self, now: float, *, pings_arrive: bool, pinged_at: float, primary_seq: int,
               applied: int, progress: tuple, apply_window: float | None = None
@@ -71,12 +78,17 @@ class Watch:
         if not pings_arrive:
             # the primary is silent altogether: the failover rules deal with that
             self.bus_heard_at = self.progress_at = now
+            self.bus_doubted_at = 0.0
             return "", ""
         # measured to the last ping, not to now: a primary that dies stops both at once,
-        # which is silence (a takeover), not a stall
+        # which is silence (a takeover), not a stall; and the bus must stay silent for
+        # `grace` after the ping that showed it so
         if pinged_at - self.bus_heard_at > self.dead_after:
-            return "bus", (f"no bus heartbeat from the primary for "
-                           f"{now - self.bus_heard_at:.1f}s while its pings arrive")
+            if not self.bus_doubted_at:
+                self.bus_doubted_at = now
+            if now - self.bus_doubted_at >= self.grace:
+                return "bus", (f"no bus heartbeat from the primary for "
+                               f"{now - self.bus_heard_at:.1f}s while its pings arrive")
         window = self.dead_after if apply_window is None else apply_window
         if applied < primary_seq and now - self.progress_at > window:
             return "apply", (f"applied {applied} of the primary's {primary_seq} manifests, "

@@ -209,6 +209,7 @@ class Primary:
                 "part": 0, "parts": 1, "entries": part,
             }))
             log.debug("manifest %d: %d entries", self.seq, sum(len(v) for v in part.values()))
+            node.beat()  # a first scan's delta is the whole index: 21 parts at 100,000 files
 
     # ------------------------------------------------------------------ the secondary's requests
     def on_snapshot_request(self, ident: bytes, body: dict[str, Any]) -> None:
@@ -244,6 +245,7 @@ class Primary:
                 log.warning("snapshot part %d of %d could not be queued for the peer; the rest "
                             "is not sent (it will ask again)", part + 1, parts)
                 return
+            node.beat()
         log.info("sent snapshot at manifest %d (%d entries in %d part(s))", self.seq, total,
                  parts)
 

@@ -72,7 +72,8 @@ class Secondary:
         self.last_sync_wall: float | None = None
         self.snapshots_submitted = 0  # to the current Syncer
         self.syncer_events = 0  # the Syncer's events: progress for the link watch
-        self.watch = Watch(node.cfg.dead_after)  # is what the primary publishes reaching us?
+        # is what the primary publishes reaching us?
+        self.watch = Watch(node.cfg.dead_after, grace=node.cfg.heartbeat)
         self.kept_new: list[dict[str, Any]] = []  # conflict copies made, not yet announced
         self.endpoint = f"inproc://syncer-{node.run_id}"
         self.pipe = node.ctx.socket(zmq.PAIR)

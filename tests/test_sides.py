@@ -244,6 +244,69 @@ def test_a_huge_snapshot_comes_in_bigger_parts_not_more_than_the_queue_holds(alp
     assert got == paths and len({b["sid"] for b in sent}) == 1
 
 
+def test_the_heartbeat_goes_out_between_the_parts_of_a_snapshot_and_of_a_first_scan(
+        alpha, monkeypatch):
+    """Sending a 100,000-entry snapshot or a first scan's manifests held the loop ~1 s on a
+    loaded machine, past the sentinel guard's deadline: the guard stopped a healthy primary's
+    sentinels. A heartbeat that falls due meanwhile now goes out between two parts (here one
+    falls due after every part)."""
+    monkeypatch.setattr(protocol, "SNAPSHOT_PART", 2)
+    monkeypatch.setattr(protocol, "MANIFEST_PART", 2)
+    monkeypatch.setattr(alpha, "state", S.PRIMARY)
+    sent: list[str] = []
+    real_reply = alpha.reply
+
+    def reply(ident: bytes, frames: list) -> bool:
+        sent.append("part")
+        alpha.link.next_ping = 0.0  # the next heartbeat is due now
+        return real_reply(ident, frames)
+
+    monkeypatch.setattr(alpha, "reply", reply)
+    paths = [f"f{i:02}" for i in range(7)]
+    entries = [{"path": p, "kind": "file", "size": 1, "mtime_ns": 1, "mode": 0o644,
+                "hash": "0" * 32} for p in paths]
+    pub = alpha.pub
+
+    class Pub:  # the node's PUB socket, with a heartbeat falling due after each manifest
+        def send_multipart(self, frames, *args, **kw):
+            if bytes(frames[0]) == b"manifest":
+                sent.append("manifest")
+                alpha.link.next_ping = 0.0
+            return pub.send_multipart(frames, *args, **kw)
+
+    monkeypatch.setattr(alpha, "pub", Pub())
+    alpha.primary.publish_delta({"docs": entries})  # 4 manifests
+    alpha.primary.index_ready = True
+    alpha.primary.on_snapshot_request(b"beta", {})  # 4 parts
+    assert sent == ["manifest"] * 4 + ["part"] * 4
+    pings = [cmd for cmd, _ in sent_until_quiet(alpha.peer_socket) if cmd == "PING"]
+    assert len(pings) == 8, pings
+
+
+def test_the_heartbeat_goes_out_between_the_messages_of_a_burst(alpha):
+    """A burst the loop drains in one turn (the 21 parts of a 100,000-entry snapshot took a
+    loaded secondary ~0.7 s): a heartbeat that falls due meanwhile goes out between two
+    messages, not after the last (here one falls due with each message)."""
+    assert alpha.link.send("STATUS", {})
+    ident = alpha.peer_socket.recv_multipart()[0]
+    handled = []
+
+    def handler(frames):
+        handled.append(frames)
+        alpha.link.next_ping = 0.0  # the next heartbeat is due now
+
+    alpha.handlers = [(lambda: alpha.link.dealer, handler)]
+    # what run() sets: the loop is not running
+    alpha.probe_deadline, alpha.stop_requested = time.monotonic() + 60, 0
+    for i in range(10):
+        alpha.peer_socket.send_multipart([ident, b"burst %d" % i])
+    wait_for(lambda: alpha.link.dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN, 10,
+             "the burst to reach alpha")
+    wait_for(lambda: (alpha._loop_once(), len(handled) == 10)[1], 10, "the burst handled")
+    pings = [cmd for cmd, _ in sent_until_quiet(alpha.peer_socket) if cmd == "PING"]
+    assert len(pings) >= 10, pings  # without: one a turn of the loop, after its last message
+
+
 def test_an_ack_for_another_primary_run_is_ignored(alpha):
     publish_one(alpha)
     assert alpha.primary.seq == 1
