@@ -50,6 +50,7 @@ SAVE_EVERY = 300.0  # seconds: a trickle of changes costs one rewrite per this
 BIG = 64  # changed entries (and a tenth of the cache) that make a save due at once
 _LINES = 2000  # lines per write: the file is never built whole in memory
 WROTE_SPAN = 10_000_000  # ns: files the syncer wrote within this share one time
+SETTLE_SLICE = 256  # files settled between two looks at the owner's work (~5 ms)
 _HASH = re.compile(r"[0-9a-f]{32}")
 _I63 = 1 << 63
 
@@ -175,16 +176,20 @@ class CacheKeeper:
     ``folders``: folder name -> (root, HashCache); ``keep(name)`` gives the filter of entries
     still wanted (None: all). ``stop_flag()`` true: the owner's thread is told to stop, and a
     save or settle under way gives up (the node loop may be waiting for it) unless ``at_exit``
-    (the node is stopping: the owner saves once more on its way out). Used by the one thread
-    that owns the caches.
+    (the node is stopping: the owner saves once more on its way out). ``busy()`` true: work
+    waits for the owner's thread (the syncer's next manifest); a settle gives way to it every
+    SETTLE_SLICE files, the save is made due again at once and the file is written when the
+    settle is done. Used by the one thread that owns the caches.
     """
 
     def __init__(self, state_dir: Path, who: str, save_every: float = SAVE_EVERY,
-                 stopping: Callable[[], bool] = lambda: False):
+                 stopping: Callable[[], bool] = lambda: False,
+                 busy: Callable[[], bool] = lambda: False):
         self.state_dir = Path(state_dir)
         self.who = who  # "scanner" or "syncer", for the log
         self.save_every = save_every
         self.stop_flag = stopping
+        self.busy = busy
         self.at_exit = False
         self.racy_ns = RACY_NS
         self.last_save = time.monotonic()
@@ -195,6 +200,7 @@ class CacheKeeper:
         # after a big save, the files written too recently to settle get one more save soon
         self.again_at: float | None = None
         self.failed_at: float | None = None  # the last save that could not be written
+        self.gave_way = self.big = False  # a save that gave way, and whether it was a big one
 
     def stopping(self) -> bool:
         return self.stop_flag() and not self.at_exit
@@ -220,22 +226,37 @@ class CacheKeeper:
     def forget(self, name: str) -> None:
         self.unsettled.pop(name, None)
 
-    def settle(self, name: str, look: Callable[[str], object]) -> None:
+    def settle(self, name: str, look: Callable[[str], object]) -> bool:
         """``look(path)`` each written file at least racy_ns after it was put in place:
         it is read and hashed then, through the cache (FolderWriter.local_entry), and cached
-        by the scanner's own rule. Newer ones wait for the next save."""
+        by the scanner's own rule. Newer ones wait for the next save. False when it gave way
+        to the owner's work (``busy``) or to a stop before all ripe ones were looked at: the
+        rest wait, in order, for the next pass."""
         spans = self.unsettled.get(name)
         ripe = time.time_ns() - self.racy_ns - WROTE_SPAN
+        done = True
         while spans and spans[0][0] <= ripe:
-            for path in spans.pop(0)[1]:
-                if self.stopping():  # the rest are read again by whoever scans next
-                    return
+            at, paths = spans[0]
+            for i, path in enumerate(paths):
+                if i % SETTLE_SLICE == 0 and i and self._give_way():
+                    spans[0] = (at, paths[i:])
+                    return False
                 try:
                     look(path)
                 except (OSError, ValueError):  # gone, unreadable, not a file: not cached
                     pass
+            spans.pop(0)
+            if spans and spans[0][0] <= ripe and self._give_way():
+                done = False
+                break
         if spans is not None and not spans:
             del self.unsettled[name]
+        return done
+
+    def _give_way(self) -> bool:
+        """Stop settling for now: the thread is told to stop, or work waits for it (a change
+        that arrived right after a 100,000-file snapshot waited 1.9 s for the settle)."""
+        return self.stopping() or (self.busy() and not self.at_exit)
 
     def _unsettled(self) -> int:
         return sum(len(paths) for spans in self.unsettled.values() for _, paths in spans)
@@ -274,12 +295,16 @@ class CacheKeeper:
               keep: Callable[[str], Callable[[FileEntry], bool] | None],
               look: Callable[[str], Callable[[str], object]] | None) -> None:
         t0 = self.last_save = time.monotonic()
-        big = self.again_at is None and self._unsettled() >= BIG
-        self.again_at = None
+        # a pass that goes on after giving way is still the save it began as
+        big = self.big if self.gave_way else (self.again_at is None
+                                              and self._unsettled() >= BIG)
+        self.again_at, self.gave_way = None, False
         written = changed = 0
         for name, (root, cache) in folders.items():
-            if look is not None:
-                self.settle(name, look(name))
+            if look is not None and not self.settle(name, look(name)):
+                # gave way: the owner's work first, then this save again at once
+                self.again_at, self.gave_way, self.big = time.monotonic(), True, big
+                return
             if not cache.changed or self.stopping():
                 continue
             changed += cache.changed

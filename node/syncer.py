@@ -72,7 +72,8 @@ class Syncer:
         self.jobs: queue.Queue[tuple] = queue.Queue()
         self.caches: dict[str, HashCache] = {}  # per folder (keyed by relpath), as writers
         self.keeper = CacheKeeper(cfg.state_dir, "syncer",  # the caches on disk
-                                  stopping=self.fetcher.cancelled.is_set)
+                                  stopping=self.fetcher.cancelled.is_set,
+                                  busy=lambda: not self.jobs.empty())
         self.writers: dict[str, FolderWriter] = {}
         self.filters: dict[str, Filter] = {}
         self.known: dict[str, dict[str, dict]] = {}  # the primary's index as last applied
@@ -136,11 +137,12 @@ class Syncer:
                     self._save_caches()
                 retry_in = (2.0 if self.error else 0.3) if self.pending else None
                 save_in = self.keeper.next_save() - now
+                wait = max(0.0, min(retry_in or purge_every, next_purge - now, save_in))
                 try:
-                    job = self.jobs.get(timeout=max(0.0, min(retry_in or purge_every,
-                                                             next_purge - now, save_in)))
+                    job = self.jobs.get(timeout=wait)
                 except queue.Empty:
-                    if self.pending:
+                    # not on every pass of a settle that gave way to a job (save_in 0)
+                    if self.pending and retry_in is not None and wait >= retry_in:
                         self._retry_pending()
                     continue
                 if job[0] == "stop" or self.fetcher.cancelled.is_set():

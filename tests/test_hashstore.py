@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import orjson
 import pytest
 import zmq
+from sbs.node import hashstore
 from sbs.node.config import FolderConfig
 from sbs.node.hashstore import CacheKeeper, cache_path, load, save
 from sbs.node.index import RACY_NS, FileEntry, Filter, HashCache, hash_bytes, scan_folder
@@ -199,6 +200,44 @@ def test_the_syncers_writes_are_cached_as_they_are_on_disk_once_settled(tmp_path
     assert cache._map["kept.bin"]["hash"] == hash_bytes(written["kept.bin"])
     assert cache._map["changed.bin"]["hash"] == hash_bytes(changed)  # not what was written
     writer.close()
+
+
+def test_settling_gives_way_to_the_syncers_work_and_goes_on_where_it_was(tmp_path):
+    """Right after a 100,000-file snapshot the syncer settled every file it wrote in one go: a
+    change that arrived meanwhile waited 1.9 s. A settle now looks at the syncer's queue every
+    SETTLE_SLICE files; a save that gave way writes nothing, is due again at once, and the
+    next pass goes on in order, then writes the file."""
+    root, cache, path = scanned(tmp_path, 40)
+    jobs: list[str] = []
+    keeper = CacheKeeper(tmp_path / "state", "syncer", busy=lambda: bool(jobs))
+    keeper.racy_ns = 0
+    names = [f"w{i:04}" for i in range(1000)]
+    for name in names:
+        keeper.wrote("docs", name)
+    wait_for(lambda: time.time_ns() - keeper.unsettled["docs"][-1][0] > hashstore.WROTE_SPAN,
+             5, "the writes to be ripe")
+    looked: list[str] = []
+
+    def look(p: str) -> None:
+        looked.append(p)
+        if len(looked) == 300:
+            jobs.append("manifest")  # a job comes in while it settles
+
+    def look_of(name: str):
+        return look
+
+    now = time.monotonic()
+    assert keeper.due({"docs": cache}, now)
+    keeper.save({"docs": (str(root), cache)}, look=look_of)
+    assert len(looked) == 2 * hashstore.SETTLE_SLICE  # gave way at the next slice's start
+    assert not path.exists()  # nothing written while settling is not done
+    assert keeper.due({"docs": cache}, now)  # due again at once
+    jobs.clear()  # the syncer took its job
+    keeper.save({"docs": (str(root), cache)}, look=look_of)
+    assert looked == names  # each once, in order
+    assert "docs" not in keeper.unsettled and path.exists()
+    assert len(load(path, str(root))) == 40
+    assert not keeper.due({"docs": cache}, now)
 
 
 def test_a_save_gives_up_when_its_thread_is_told_to_stop(tmp_path):
