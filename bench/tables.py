@@ -605,12 +605,72 @@ def replication(run: Run) -> str | None:
     return header(title, sources) + "\n\n" + body
 
 
+# ------------------------------------------------------------------------------ rejoin
+
+
+def rejoin_table(run: Run) -> str | None:
+    """README.md's failover cycle over a big tree (bench/rejoin.py): with the hash cache on
+    disk, without it, and rsync confirming the same unchanged tree."""
+    j = run.get("rejoin")
+    if j is None:
+        run.not_in_run.append("rejoin: the table (no rejoin.json)")
+        return None
+    summ = j.get("summary", {})
+
+    def reads(kind: str, key: str) -> str | None:
+        counts = [x.get(key) for x in j.get(f"sbs_{kind}", []) if x.get(key) is not None]
+        if not counts:
+            return None
+        lo, hi = min(counts), max(counts)
+        return f"{lo:,}" if lo == hi else f"{lo:,}–{hi:,}"
+
+    def both(key: str, unit: str, digits: int = 2, read: str | None = None
+             ) -> tuple[str | None, str | None]:
+        out = []
+        for kind in ("cached", "uncached"):
+            cell = med(dig(summ, key, kind), unit, digits)
+            if cell is not None and read and (r := reads(kind, read)) is not None:
+                cell += f"; files read {r}"
+            out.append(cell)
+        return out[0], out[1]
+
+    def ratio(key: str) -> str | None:
+        x = dig(summ, key, "cached_over_uncached")
+        return None if x is None else f"{x:.2f}"
+
+    files = j.get("files")
+    t = Table(run, "rejoin", ["", "with the hash cache", "without it (hashes removed)",
+                              "cached / uncached (medians)"])
+    t.row("`kill -9` of the primary → the survivor is primary with its first scan done",
+          *both("ready_s", " s"), ratio("ready_s"))
+    t.row("that first scan, after it became primary",
+          *both("scan_s", " s", read="scan_read"), ratio("scan_s"))
+    t.row("the survivor's CPU from the kill to ready, CPU-s",
+          *both("takeover_cpu_s", ""), ratio("takeover_cpu_s"))
+    t.row("the old primary started again → a synced secondary",
+          *both("rejoin_s", " s", read="rejoin_read"), ratio("rejoin_s"))
+    t.row("its CPU for that, CPU-s", *both("rejoin_cpu_s", ""), ratio("rejoin_cpu_s"))
+    rs = summ.get("rsync") or {}
+    t.row("the peer: rsync confirming the same unchanged tree from its daemon",
+          (f"`rsync -a` (size and mtime) {m}" if (m := med(rs.get("quick_s"), " s"))
+           else None),
+          (f"`rsync -ac` (reads every file) {m}" if (m := med(rs.get("checksum_s"), " s"))
+           else None), None)
+    body = t.markdown()
+    if body is None:
+        return None
+    title = (f"**A failover cycle over {files or '?':,} files** (median (min–max) over the reps; "
+             f"replicas identical afterwards: {'yes' if j.get('replicas_identical') else 'NO'})")
+    return header(title, [("rejoin", j)]) + "\n\n" + body
+
+
 # ------------------------------------------------------------------------------ output
 
 # marker name -> (file, renderer)
 SECTIONS = {
     "failover": ("README.md", failover),
     "replication": ("README.md", replication),
+    "rejoin": ("README.md", rejoin_table),
     "takeover": ("bench/README.md", takeover_tables),
     "sentinel": ("bench/README.md", sentinel_table),
     "transport": ("bench/README.md", transport_table),

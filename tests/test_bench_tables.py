@@ -173,3 +173,27 @@ def test_never_twice_and_idle_runs_kept_beside_the_run_fill_their_rows(run_dir: 
     (run_dir / "idle.json").write_text(json.dumps(idle))
     _, run = tables.render(run_dir)
     assert "idle.json ran on uncommitted code" in run.not_citable()
+
+
+def test_the_rejoin_table_is_made_from_rejoin_json_and_says_what_each_read(run_dir: Path
+                                                                           ) -> None:
+    """bench/rejoin.py's run (a real one, kept in bench/results/) in a cited run's folder: the
+    failover cycle's table, cached against uncached, the files each read, rsync beside."""
+    out, run = tables.render(run_dir)
+    assert out["rejoin"] is None and any(x.startswith("rejoin:") for x in run.not_in_run)
+    kept = REPO / "bench/results/20261206T194136Z-0416597e6e/rejoin.json"
+    shutil.copyfile(kept, run_dir / "rejoin.json")
+
+    def changed(j: dict) -> None:
+        j["summary"]["ready_s"]["cached"].update(median=1.234, min=1.111, max=2.222)
+        j["sbs_uncached"][0]["rejoin_read"] = 99_000
+        j["replicas_identical"] = False
+
+    out, _ = tables.render(run_dir)
+    assert "20261206T194136Z-0416597e6e" in out["rejoin"] and "replicas identical" in out["rejoin"]
+    assert "files read 0 |" in out["rejoin"] and "files read 100,000 |" in out["rejoin"]
+    assert "`rsync -a` (size and mtime) 0.43 s" in out["rejoin"]
+    edit(run_dir / "rejoin.json", changed)
+    out, _ = tables.render(run_dir)
+    assert "| 1.23 s (1.11–2.22, n=5) |" in out["rejoin"]
+    assert "files read 99,000–100,000" in out["rejoin"] and "afterwards: NO" in out["rejoin"]
