@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     _typer_app()(args=args)
 
 
-def _typer_app():  # noqa: ANN202 (typer is imported only here)
-    import typer
+def _typer_app():
+    import typer  # only for help and a mistyped line
 
     app = typer.Typer(add_completion=False, help="SBS node: one half of a hot-standby pair.")
 

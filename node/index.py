@@ -249,6 +249,16 @@ class HashCache:
         entry.cache_key = cache_key_of(st)
         self._map[entry.path] = entry
 
+    def swap(self, held: FileEntry, same: FileEntry) -> bool:
+        """Hold ``same`` (an Entry of the same path and content kept elsewhere: one object,
+        not two) where the cache holds ``held`` now, under held's key. False when it holds
+        something else for that path."""
+        if self._map.get(held.path) is not held:
+            return False
+        same.cache_key = held.cache_key
+        self._map[held.path] = same
+        return True
+
     def warn_once(self, key: str, msg: str, *args: object) -> None:
         # An unreadable file would otherwise log again on every periodic rescan.
         if key not in self._warned:

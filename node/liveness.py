@@ -57,9 +57,8 @@ class Watch:
 
     def reset(self, now: float) -> None:
         """Following starts (again): everything counts from now."""
-        self.bus_heard_at = self.progress_at = now
-        self.bus_doubted_at = 0.0
-        self.progress = ()
+        self.heard_bus(now)
+        self.progress_at, self.progress = now, ()
 
     def heard_bus(self, now: float) -> None:
         self.bus_heard_at = now
@@ -77,8 +76,8 @@ class Watch:
             self.progress, self.progress_at = progress, now
         if not pings_arrive:
             # the primary is silent altogether: the failover rules deal with that
-            self.bus_heard_at = self.progress_at = now
-            self.bus_doubted_at = 0.0
+            self.heard_bus(now)
+            self.progress_at = now
             return "", ""
         # measured to the last ping, not to now: a primary that dies stops both at once,
         # which is silence (a takeover), not a stall; and the bus must stay silent for

@@ -142,7 +142,7 @@ class Syncer:
                     job = self.jobs.get(timeout=wait)
                 except queue.Empty:
                     # not on every pass of a settle that gave way to a job (save_in 0)
-                    if self.pending and retry_in is not None and wait >= retry_in:
+                    if self.pending and wait >= retry_in:
                         self._retry_pending()
                     continue
                 if job[0] == "stop" or self.fetcher.cancelled.is_set():
@@ -177,12 +177,10 @@ class Syncer:
         def look(path: str) -> None:
             got = writer.local_entry(path, filt, cache)
             want = known.get(path)
-            if (got is not None and isinstance(want, FileEntry) and cache._map.get(path) is got
-                    and same_entry(got, want)):
+            if got is not None and isinstance(want, FileEntry) and same_entry(got, want):
                 # the same content as the primary's entry: keep that one object, not a copy
                 # (~180 bytes a file with its hash string)
-                want.cache_key = got.cache_key
-                cache._map[path] = want
+                cache.swap(got, want)
 
         return look
 

@@ -291,3 +291,17 @@ def test_a_restarted_scanner_reads_nothing_it_knew(tmp_path, caplog):
             assert len(load(cache_path(state, "docs"), str(root))) == 60
     finally:
         ctx.term()
+
+
+def test_the_cache_holds_an_equal_entry_kept_elsewhere_instead_of_its_own(tmp_path):
+    """The syncer keeps the primary's Entry in the cache for a file it read back with the same
+    content (HashCache.swap): one object a file, under the key the file was read at."""
+    root, cache, _ = scanned(tmp_path, 4)
+    path = next(iter(cache._map))
+    held = cache._map[path]
+    same = FileEntry(path, "file", held.size, held.mtime_ns, held.mode, held.hash)
+    assert cache.swap(held, same) and cache._map[path] is same
+    assert same.cache_key == held.cache_key
+    assert not cache.swap(held, same)  # it holds something else for that path now
+    st = (root / path).stat()
+    assert cache.lookup(path, st) is same
