@@ -135,14 +135,29 @@ def kept_tree(data: Path, files: int) -> Path:
     """data/tree with `files` x 1 KiB (100 to a folder), made once and kept for the next run
     with the same --data (a marker says it is complete)."""
     src = data / "tree"
-    marker = data / f"tree.{files}.done"
-    if not marker.exists():
-        shutil.rmtree(src, ignore_errors=True)
+    if not data_ready(data, "tree", files, KiB):
         t0 = time.perf_counter()
         make_files(src, files, KiB)
-        marker.touch()
+        mark_ready(data, "tree", files, KiB)
         say(f"data: {files} x 1 KiB ({time.perf_counter() - t0:.1f} s)")
     return src
+
+
+def data_ready(data: Path, name: str, count: int, size: int) -> bool:
+    """Whether data/name holds `count` x `size` B from an earlier run (its marker says so).
+    When not, the folder and every marker of it are removed: a marker left by a run of
+    another size (a --quick run between two full ones) must not vouch for what is there."""
+    if (data / f"{name}.{count}x{size}.done").exists():
+        return True
+    for stale in data.glob(f"{name}.*.done"):
+        stale.unlink()
+    shutil.rmtree(data / name, ignore_errors=True)
+    return False
+
+
+def mark_ready(data: Path, name: str, count: int, size: int) -> None:
+    os.sync()
+    (data / f"{name}.{count}x{size}.done").touch()
 
 
 def make_big(root: Path, size: int) -> None:
@@ -1320,18 +1335,15 @@ def ensure_data(data: Path, sz: Sizes, only: set[str]) -> None:
     for scenario, (name, count, size) in want.items():
         if scenario not in only:
             continue
-        marker = data / f"{name}.{count}x{size}.done"
-        if marker.exists():
+        if data_ready(data, name, count, size):
             shutil.rmtree(data / name / "_latency", ignore_errors=True)
             continue
-        shutil.rmtree(data / name, ignore_errors=True)
         t0 = time.perf_counter()
         if name == "big":
             make_big(data / name, size)
         else:
             make_files(data / name, count, size)
-        os.sync()
-        marker.touch()
+        mark_ready(data, name, count, size)
         say(f"data: {count} x {size} B as {name}/ in the data folder "
             f"({time.perf_counter() - t0:.1f} s)")
 
