@@ -8,10 +8,15 @@
 - `spread()`: median and range of a series; every figure is reported with both.
 - `compile_node()`: the node's bytecode, as an installed package has it (every bench's
   provenance calls it and records it).
+- `fresh_ext4()` / `filesystem_of()`: where the copies are written, and a fresh journalled
+  ext4 to write them to (--fresh-ext4): on a filesystem that has created and deleted millions
+  of files, creating one more can cost 10 or 250 us of kernel time from one run to the next
+  (see bench/README.md, "The filesystem under the copies").
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -21,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +145,64 @@ def fmt_spread(s: dict[str, Any], unit: str = "", digits: int = 3) -> str:
     f = f"{{:.{digits}f}}"
     return (f"{f.format(s['median'])}{unit} ({f.format(s['min'])}-{f.format(s['max'])}, "
             f"n={s['n']})")
+
+
+class FilesystemError(RuntimeError):
+    """A fresh filesystem for the copies could not be made (the message says why)."""
+
+
+def filesystem_of(path: Path) -> dict[str, Any]:
+    """The filesystem holding `path`: its type, its device and, for ext4, whether it has a
+    journal (jbd2 lists the device when it has one)."""
+    path = path.resolve()
+    best: tuple[str, str, str] | None = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mount_point = left.split()[4].replace("\\040", " ")
+            fstype, device = right.split()[:2]
+            inside = path == Path(mount_point) or Path(mount_point) in path.parents
+            if inside and (best is None or len(mount_point) > len(best[0])):
+                best = (mount_point, fstype, device)
+    if best is None:
+        return {"type": None}
+    mount_point, fstype, device = best
+    out: dict[str, Any] = {"type": fstype, "device": device, "mount_point": mount_point}
+    if fstype == "ext4":
+        dev = os.path.basename(device)
+        out["journal"] = any(p.name.startswith(dev + "-") for p in Path("/proc/fs/jbd2").glob("*"))
+    return out
+
+
+@contextlib.contextmanager
+def fresh_ext4(image: Path, mount_point: Path, gib: int) -> Iterator[dict[str, Any]]:
+    """A fresh ext4 of `gib` GiB (mkfs.ext4's defaults, journal included, inode tables and
+    journal written out now rather than by a background thread during the bench) in a sparse
+    file, mounted on a loop device at `mount_point`; unmounted and removed afterwards. Needs
+    root, mkfs.ext4 and a free loop device: FilesystemError names what is missing."""
+    if os.geteuid() != 0:
+        raise FilesystemError("--fresh-ext4 mounts a loop device: run the bench as root")
+    mkfs = shutil.which("mkfs.ext4")
+    if mkfs is None:
+        raise FilesystemError("--fresh-ext4 needs mkfs.ext4 (Debian: apt-get install e2fsprogs)")
+    image.parent.mkdir(parents=True, exist_ok=True)
+    mount_point.mkdir(parents=True, exist_ok=True)
+    image.unlink(missing_ok=True)
+    with open(image, "wb") as f:
+        f.truncate(gib << 30)
+    mkfs_cmd = [mkfs, "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(image)]
+    mounted = False
+    try:
+        for cmd in (mkfs_cmd, ["mount", "-o", "loop", str(image), str(mount_point)]):
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                raise FilesystemError(f"--fresh-ext4: {shlex.join(cmd)} failed: "
+                                      f"{(done.stderr or done.stdout).strip()[:300]}")
+        mounted = True
+        yield {"made": "fresh ext4 on a loop device (--fresh-ext4)", "gib": gib,
+               "mkfs": shlex.join(["mkfs.ext4", *mkfs_cmd[1:-1], "IMAGE"]),
+               **filesystem_of(mount_point)}
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(mount_point)], capture_output=True, timeout=300)
+        image.unlink(missing_ok=True)

@@ -67,7 +67,16 @@ if str(REPO) not in sys.path:
 from sbs.node import protocol  # noqa: E402
 from sbs.node.security import client, load_keys  # noqa: E402
 
-from bench.common import OUT, add_common_args, provenance, spread, write_report  # noqa: E402
+from bench.common import (  # noqa: E402
+    OUT,
+    FilesystemError,
+    add_common_args,
+    filesystem_of,
+    fresh_ext4,
+    provenance,
+    spread,
+    write_report,
+)
 from bench.transport import cipher_floor, round_trip, throughput  # noqa: E402
 from tests.pair import NodeProc, Pair, wait_for  # noqa: E402
 
@@ -1221,9 +1230,10 @@ def scenario_latency_small(runs: Path, daemon: RsyncDaemon | None, data: Path,
 
 
 def scenario_tree(data: Path, runs: Path, daemon: RsyncDaemon | None, sz: Sizes,
-                  profile_dir: Path | None) -> dict[str, Any]:
+                  profile_dir: Path | None, with_fsync: bool = False) -> dict[str, Any]:
     """The 100,000-file tree: initial sync (both, alternated and warmed alike), then on the
-    last SBS pair the latency in it and its idle CPU; rsync triggered per change."""
+    last SBS pair the latency in it and its idle CPU; rsync triggered per change.
+    `with_fsync`: rsync --fsync too (as durable as SBS's copy)."""
     src = data / "tree"
     out: dict[str, Any] = {"files": sz.tree_files}
 
@@ -1268,6 +1278,9 @@ def scenario_tree(data: Path, runs: Path, daemon: RsyncDaemon | None, sz: Sizes,
                                  profile_dir=profile_dir)}
     if daemon is not None and profile_dir is None:
         copiers["rsync"] = rsync_copier(daemon, "tree", src, runs / "rsync-tree", warm)
+        if with_fsync:
+            copiers["rsync_fsync"] = rsync_copier(daemon, "tree", src, runs / "rsync-tree-f",
+                                                  warm, "--fsync")
     if profile_dir is None:
         # two services started at once: no lone dead_after wait before the first scan
         copiers["sbs_together"] = sbs_copier(runs, "sbs-tree-together", src, warm,
@@ -1283,6 +1296,8 @@ def scenario_tree(data: Path, runs: Path, daemon: RsyncDaemon | None, sz: Sizes,
             out[key] = last.pop(key)
     vs = {f"{ours} / rsync (seconds)": compare(res[ours], res["rsync"], "seconds")
           for ours in ("sbs", "sbs_together") if ours in res and "rsync" in res}
+    if "rsync_fsync" in res:
+        vs["sbs / rsync_fsync (seconds)"] = compare(res["sbs"], res["rsync_fsync"], "seconds")
     print_comparisons(vs)
     out["summary"] = {
         "seconds": timing_summary(res, "seconds"), "vs": vs,
@@ -1405,6 +1420,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=Path(f"/tmp/sbs-bench-{os.getuid()}"))
     ap.add_argument("--keep", action="store_true",
                     help="keep the data afterwards (and reuse it next time)")
+    ap.add_argument("--fresh-ext4", type=int, metavar="GIB",
+                    help="write every copy (both sides') and the nodes' state to a fresh ext4 "
+                    "of GIB GiB with its journal, on a loop device (root only; 8 is enough "
+                    "for all scenarios); the sources stay in --data")
     ap.add_argument("--out", type=Path)
     add_common_args(ap)
     args = ap.parse_args(argv)
@@ -1440,8 +1459,19 @@ def main(argv: list[str] | None = None) -> int:
     extras = not args.no_extras and not args.quick
     t_start = time.perf_counter()
     data, runs = args.data / ("data-quick" if args.quick else "data"), args.data / "runs"
+    fs_stack = contextlib.ExitStack()
+    if args.fresh_ext4:
+        try:
+            fs = fs_stack.enter_context(fresh_ext4(args.data / "fresh-ext4.img",
+                                                   args.data / "fresh-ext4", args.fresh_ext4))
+        except FilesystemError as e:
+            say(f"ERROR: {e}")
+            return 2
+        runs = Path(fs["mount_point"]) / "runs"
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
+    report["copies_fs"] = fs if args.fresh_ext4 else filesystem_of(runs)
+    say(f"copies and node state on: {report['copies_fs']}")
     Profiler.native = args.native
     daemon: RsyncDaemon | None = None
     ssh: SshPeer | None = None
@@ -1485,12 +1515,13 @@ def main(argv: list[str] | None = None) -> int:
                     for c, r in rt.items()}
             if "tree" in only:
                 say(f"tree: {sz.tree_files} files")
-                report["tree"] = scenario_tree(data, runs, daemon, sz, None)
+                report["tree"] = scenario_tree(data, runs, daemon, sz, None, extras)
     finally:
         for peer in (daemon, ssh):
             if peer is not None:
                 peer.stop()
         shutil.rmtree(runs, ignore_errors=True)
+        fs_stack.close()  # unmounts a --fresh-ext4 before its image's folder goes
         if not args.keep:
             shutil.rmtree(args.data, ignore_errors=True)
     report["host"]["loadavg_at_end"] = os.getloadavg()

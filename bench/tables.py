@@ -141,6 +141,16 @@ def verdict(flags: list[bool | None]) -> str | None:
     return words[0] if len(set(words)) == 1 else " / ".join(words)
 
 
+def copies_on(fs: dict[str, Any] | None) -> str | None:
+    """Where a run wrote its copies, as the table's heading says it (runs before 2026-12-07
+    did not record it: they wrote to the data folder's filesystem)."""
+    if not fs or not fs.get("type"):
+        return None
+    journal = {True: " with its journal", False: " without a journal"}.get(fs.get("journal"), "")
+    made = "a fresh " if fs.get("made") else ""
+    return f"copies written to {made}{fs['type']}{journal}"
+
+
 def header(title: str, sources: list[tuple[str, dict[str, Any]]]) -> str:
     lines = [title]
     for name, j in sources:
@@ -153,7 +163,8 @@ def header(title: str, sources: list[tuple[str, dict[str, Any]]]) -> str:
                  if host.get("pyzmq") else None,
                  " ".join(host["rsync"].split()[:3]) if host.get("rsync") else None,
                  (f"load average {prov['loadavg_at_start'][0]:.1f} at the start"
-                  if prov.get("loadavg_at_start") else None)]
+                  if prov.get("loadavg_at_start") else None),
+                 copies_on(j.get("copies_fs"))]
         said = ", ".join(w for w in where if w)
         lines.append(f"- run `{prov.get('run_id', '?')}`, `{name}.json`{dirty}: "
                      f"`{prov.get('command', '(no command recorded)')}`"
@@ -557,6 +568,9 @@ def replication(run: Run) -> str | None:
               None if (r := dig(j, "tree", "summary", "vs", "sbs / rsync (seconds)",
                                 "ratio_of_medians")) is None else r <= 0.8
               for j in js])) else None)
+    t.row(f"the {tf or '?':,} files against `rsync --fsync` (as durable as SBS)", None,
+          spread_of("tree", "summary", "seconds", "rsync_fsync", unit=" s"),
+          each(lambda j: _vs(j, "tree", "sbs / rsync_fsync (seconds)")), None)
     if any(dig(j, "tree", "summary", "seconds", "sbs_together") for j in js):
         t.row("the same, both nodes started at once (no lone wait for the peer)",
               spread_of("tree", "summary", "seconds", "sbs_together", unit=" s"),

@@ -197,3 +197,33 @@ def test_the_rejoin_table_is_made_from_rejoin_json_and_says_what_each_read(run_d
     out, _ = tables.render(run_dir)
     assert "| 1.23 s (1.11–2.22, n=5) |" in out["rejoin"]
     assert "files read 99,000–100,000" in out["rejoin"] and "afterwards: NO" in out["rejoin"]
+
+
+def test_the_heading_says_where_the_copies_were_written(run_dir: Path) -> None:
+    out, _ = tables.render(run_dir)
+    assert "copies written to" not in out["replication"]  # the fixture's runs did not record it
+    edit(run_dir / "replication-1.json", lambda j: j.update(copies_fs={
+        "type": "ext4", "journal": False, "device": "/dev/vda", "mount_point": "/"}))
+    edit(run_dir / "replication-2.json", lambda j: j.update(copies_fs={
+        "made": "fresh ext4 on a loop device (--fresh-ext4)", "type": "ext4", "journal": True}))
+    out, _ = tables.render(run_dir)
+    assert "copies written to ext4 without a journal" in out["replication"]
+    assert "copies written to a fresh ext4 with its journal" in out["replication"]
+
+
+def test_the_tree_row_against_rsync_fsync_comes_from_the_json(run_dir: Path) -> None:
+    files = json.loads((run_dir / "replication-1.json").read_text())["tree"]["files"]
+    label = f"the {files:,} files against `rsync --fsync` (as durable as SBS)"
+    out, _ = tables.render(run_dir)
+    assert f"| {label} |" not in out["replication"] and label in out["replication"]  # left out
+
+    def add(j: dict) -> None:
+        j["tree"]["summary"]["seconds"]["rsync_fsync"] = {
+            "n": 1, "median": 61.25, "min": 61.25, "max": 61.25, "values": [61.25]}
+        j["tree"]["summary"]["vs"]["sbs / rsync_fsync (seconds)"] = {
+            "of": "seconds", "ratio_of_medians": 0.163, "per_rep": [0.163]}
+    for i in (1, 2):
+        edit(run_dir / f"replication-{i}.json", add)
+    out, _ = tables.render(run_dir)
+    row = next(line for line in out["replication"].splitlines() if line.startswith(f"| {label}"))
+    assert "61.25 s (n=1) / 61.25 s (n=1)" in row and "| 0.16 / 0.16 |" in row
