@@ -1470,7 +1470,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = Path(fs["mount_point"]) / "runs"
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
-    report["copies_fs"] = fs if args.fresh_ext4 else filesystem_of(runs)
+    # what the filesystem is, not where this machine has it
+    report["copies_fs"] = {k: v for k, v in (fs if args.fresh_ext4 else filesystem_of(runs)).items()
+                           if k not in ("device", "mount_point")}
     say(f"copies and node state on: {report['copies_fs']}")
     Profiler.native = args.native
     daemon: RsyncDaemon | None = None
