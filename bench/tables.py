@@ -681,10 +681,69 @@ def rejoin_table(run: Run) -> str | None:
 # ------------------------------------------------------------------------------ output
 
 # marker name -> (file, renderer)
+def _cpu(results: list[dict[str, Any]] | None, *keys: str) -> dict[str, Any] | None:
+    """The spread of one CPU figure over a copier's reps, or None when the JSON lacks it."""
+    vals = [v for r in results or [] if (v := dig(r, *keys)) is not None]
+    if not vals:
+        return None
+    vals_sorted = sorted(vals)
+    mid = len(vals_sorted) // 2
+    median = (vals_sorted[mid] if len(vals) % 2 else
+              (vals_sorted[mid - 1] + vals_sorted[mid]) / 2)
+    return {"n": len(vals), "median": median, "min": vals_sorted[0], "max": vals_sorted[-1]}
+
+
+def ext4_table(run: Run) -> str | None:
+    """README.md's replication on a fresh journalled ext4 (`replication.py --fresh-ext4`):
+    the same scenarios as the Replication table, with the copies on a filesystem like a
+    production server's rather than this VM's root filesystem. None when the run has no
+    `replication-ext4.json` (the README's table is then left as it is)."""
+    j = run.get("replication-ext4")
+    if j is None:
+        return None
+    t = Table(run, "ext4", ["", "SBS", "rsync daemon", "SBS / rsync",
+                            "`rsync --fsync`", "SBS / `rsync --fsync`"])
+
+    def spread(scenario: str, copier: str) -> str | None:
+        return med(dig(j, scenario, "summary", "seconds", copier), " s")
+
+    for scenario, what in (("small", None), ("tree", None)):
+        files = dig(j, scenario, "files")
+        size = dig(j, scenario, "file_bytes") or (1024 if scenario == "tree" else None)
+        if files is None:
+            continue
+        n = _of(dig(j, scenario, "summary", "seconds", "sbs", "n"))
+        what = f"{files:,} × {size // 1024} KiB" if size else f"{files:,} files"
+        t.row(f"initial sync, {what} ({n}min–max)", spread(scenario, "sbs"),
+              spread(scenario, "rsync"), _vs(j, scenario, "sbs / rsync (seconds)"),
+              spread(scenario, "rsync_fsync"), _vs(j, scenario, "sbs / rsync_fsync (seconds)"))
+        if dig(j, scenario, "summary", "seconds", "sbs_together"):
+            t.row("the same, both nodes started at once", spread(scenario, "sbs_together"),
+                  None, _vs(j, scenario, "sbs_together / rsync (seconds)"), None, None)
+        t.row(f"kernel CPU-s of the receiving side, {what} (SBS's secondary; rsync's client)",
+              med(_cpu(dig(j, scenario, "sbs"), "cpu_s", "beta", "process sys"), " s"),
+              med(_cpu(dig(j, scenario, "rsync"), "client_sys_s"), " s"), None,
+              med(_cpu(dig(j, scenario, "rsync_fsync"), "client_sys_s"), " s"), None)
+        t.row(f"user CPU-s of the receiving side, {what}",
+              med(_cpu(dig(j, scenario, "sbs"), "cpu_s", "beta", "process user"), " s"),
+              med(_cpu([{"u": r["client_cpu_s"] - r["client_sys_s"]}
+                        for r in dig(j, scenario, "rsync") or []
+                        if "client_cpu_s" in r and "client_sys_s" in r], "u"), " s"),
+              None, None, None)
+    body = t.markdown()
+    if body is None:
+        run.not_in_run.append("ext4: the table (no initial syncs in replication-ext4.json)")
+        return None
+    return (header("**Replication with the copies on a fresh ext4 with its journal** "
+                   "(median (min–max) over the reps)", [("replication-ext4", j)])
+            + "\n\n" + body)
+
+
 SECTIONS = {
     "failover": ("README.md", failover),
     "replication": ("README.md", replication),
     "rejoin": ("README.md", rejoin_table),
+    "ext4": ("README.md", ext4_table),
     "takeover": ("bench/README.md", takeover_tables),
     "sentinel": ("bench/README.md", sentinel_table),
     "transport": ("bench/README.md", transport_table),

@@ -227,3 +227,43 @@ def test_the_tree_row_against_rsync_fsync_comes_from_the_json(run_dir: Path) -> 
     out, _ = tables.render(run_dir)
     row = next(line for line in out["replication"].splitlines() if line.startswith(f"| {label}"))
     assert "61.25 s (n=1) / 61.25 s (n=1)" in row and "| 0.16 / 0.16 |" in row
+
+
+def test_the_fresh_ext4_table_is_made_from_its_own_json_and_left_alone_by_other_runs(
+        run_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    (root / "bench").mkdir(parents=True)
+    for rel in ("README.md", "bench/README.md"):
+        shutil.copyfile(REPO / rel, root / rel)
+    start, end = "<!-- tables:ext4:start -->", "<!-- tables:ext4:end -->"
+    out, _ = tables.render(run_dir)  # the cited kind of run: no replication-ext4.json
+    assert out["ext4"] is None
+    before = (root / "README.md").read_text().split(start)[1].split(end)[0]
+    tables.write(out, root)
+    assert (root / "README.md").read_text().split(start)[1].split(end)[0] == before
+
+    ext4 = tmp_path / "ext4-run"
+    ext4.mkdir()
+    j = json.loads((run_dir / "replication-1.json").read_text())
+    j["copies_fs"] = {"made": "fresh ext4 on a loop device (--fresh-ext4)", "type": "ext4",
+                      "journal": True}
+    j["tree"]["summary"]["seconds"]["rsync_fsync"] = {
+        "n": 1, "median": 59.88, "min": 59.88, "max": 59.88, "values": [59.88]}
+    j["tree"]["summary"]["vs"]["sbs / rsync_fsync (seconds)"] = {
+        "of": "seconds", "ratio_of_medians": 0.157, "per_rep": [0.157]}
+    j["tree"]["rsync"][0].update(client_sys_s=1.82, client_cpu_s=2.14)
+    (ext4 / "replication-ext4.json").write_text(json.dumps(j))
+    out, _ = tables.render(ext4)
+    body = out["ext4"]
+    assert body is not None and "copies written to a fresh ext4 with its journal" in body
+    tree_row = next(x for x in body.splitlines() if x.startswith("| initial sync, 5,000"))
+    sbs_tree = j["tree"]["summary"]["seconds"]["sbs"]["median"]
+    assert f"{sbs_tree:.2f} s" in tree_row and "59.88 s" in tree_row and "| 0.16 |" in tree_row
+    kernel = next(x for x in body.splitlines() if x.startswith("| kernel CPU-s") and "5,000" in x)
+    assert "1.82 s" in kernel
+    user = next(x for x in body.splitlines() if x.startswith("| user CPU-s") and "5,000" in x)
+    assert "0.32 s" in user
+    tables.write(out, root)
+    assert body in (root / "README.md").read_text().split(start)[1].split(end)[0]
+    for name in ("failover", "replication"):  # the other tables are not this run's to write
+        assert out[name] is None
