@@ -2,6 +2,7 @@
 the size asked for; the copies go to the filesystem the JSON names (a fresh ext4 if asked)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -75,3 +76,19 @@ def test_fresh_ext4_refuses_without_root(tmp_path: Path) -> None:
     with pytest.raises(FilesystemError, match="root"), \
             fresh_ext4(tmp_path / "fs.img", tmp_path / "mnt", 1):
         pass
+
+
+@pytest.mark.skipif(_can_mount_loop() is not None, reason=str(_can_mount_loop()))
+def test_fs_create_measures_both_filesystems_both_ways(tmp_path: Path) -> None:
+    from bench import fs_create
+    out = tmp_path / "fs_create.json"
+    assert fs_create.main(["--files", "300", "--reps", "2", "--fresh-ext4", "1",
+                           "--data", str(tmp_path), "--out", str(out)]) == 0
+    j = json.loads(out.read_text())
+    assert j["fresh_ext4"]["filesystem"]["journal"] is True
+    assert j["data_folder"]["filesystem"]["type"]
+    for place in ("data_folder", "fresh_ext4"):
+        for way in ("in_place", "sbs"):
+            s = j[place][way]["sys_us_per_file"]
+            assert s["n"] == 2 and s["min"] >= 0 and len(j[place][way]["reps"]) == 2
+    assert list(tmp_path.iterdir()) == [out]  # its folders and the image are gone
