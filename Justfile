@@ -22,7 +22,7 @@ bench *args:
     {{python}} bench/transport.py {{args}}
     {{python}} bench/replication.py {{args}}
 
-# every run the READMEs cite, on committed code, kept in bench/results/<run ID>/ (50-60 minutes)
+# every run the READMEs cite, on committed code, kept in bench/results/<run ID>/ (60-70 minutes)
 bench-cited *args:
     {{python}} bench/run_cited.py {{args}}
 
