@@ -71,11 +71,37 @@ def test_fresh_ext4_is_a_journalled_ext4_mounted_for_the_run_and_gone_after(
     assert not (mnt / "runs").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may mount")
+def _refuses_without_root(tmp_path: Path) -> str:
+    try:
+        with fresh_ext4(tmp_path / "fs.img", tmp_path / "mnt", 1):
+            return "mounted"
+    except FilesystemError as e:
+        return str(e)
+
+
 def test_fresh_ext4_refuses_without_root(tmp_path: Path) -> None:
-    with pytest.raises(FilesystemError, match="root"), \
-            fresh_ext4(tmp_path / "fs.img", tmp_path / "mnt", 1):
-        pass
+    """Not root: a clear error before anything is made (as root: in a forked child that
+    has become `nobody`)."""
+    if os.geteuid() != 0:
+        said = _refuses_without_root(tmp_path)
+    else:
+        import pwd
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: nobody, then the same call; its answer through the pipe
+            try:
+                os.close(read)
+                os.setgid(pwd.getpwnam("nobody").pw_gid)
+                os.setuid(pwd.getpwnam("nobody").pw_uid)
+                os.write(write, _refuses_without_root(tmp_path).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as f:
+            said = f.read()
+        os.waitpid(pid, 0)
+    assert "run the bench as root" in said, said
+    assert not (tmp_path / "fs.img").exists() and not (tmp_path / "mnt").exists()
 
 
 @pytest.mark.skipif(_can_mount_loop() is not None, reason=str(_can_mount_loop()))
