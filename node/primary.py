@@ -38,7 +38,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sbs.node")
 
-KEEP_UNACKED = 10_000  # manifests kept for the journal until the secondary acknowledges them
+# manifests kept for the journal until the secondary acknowledges them: at most this many,
+# holding at most this many entries together (a primary alone under heavy churn kept every
+# entry of 10,000 manifests of up to MANIFEST_PART each: ~1 GB after a few million changes).
+# Letting the oldest go loses no file: what they held is recorded as agreed when the secondary
+# next acknowledges a snapshot (which a secondary that was away takes anyway); until then a
+# path they changed counts as not agreed, so a rejoin keeps it as a conflict copy, never
+# deletes it.
+KEEP_UNACKED = 10_000
+KEEP_UNACKED_ENTRIES = 100_000
 # a prescan's reports held while the role is not known: past this many (a watcher busy for a
 # long undecided start) the prescan is dropped and the primary, if it comes to that, scans anew
 PRESCAN_HELD_MAX = 1_000
@@ -64,6 +72,8 @@ class Primary:
         # ROUTER identity): answered the moment the scan ends, not when the peer asks again
         self.held_snapshot: bytes | None = None
         self.unacked: collections.deque[tuple[int, dict]] = collections.deque()
+        self.unacked_entries = 0  # the entries in self.unacked, together
+        self.unacked_dropped = 0  # manifests let go since the secondary's last acknowledgement
         self.scanner: Scanner | None = None
         # while prescanning (the role not known yet): the folders it scans and the scanner's
         # reports, held in order for start() to replay; None otherwise
@@ -201,15 +211,25 @@ class Primary:
             if not part:
                 return
             self.seq += 1
-            self.unacked.append((self.seq, part))
-            while len(self.unacked) > KEEP_UNACKED:
-                self.unacked.popleft()
+            self._keep_unacked(part)
             node.pub.send_multipart(protocol.encode_bus("MANIFEST", {
                 "name": node.cfg.name, "run": node.run_id, "epoch": node.epoch, "seq": self.seq,
                 "part": 0, "parts": 1, "entries": part,
             }))
             log.debug("manifest %d: %d entries", self.seq, sum(len(v) for v in part.values()))
             node.beat()  # a first scan's delta is the whole index: 21 parts at 100,000 files
+
+    def _keep_unacked(self, part: dict[str, list[dict]]) -> None:
+        self.unacked.append((self.seq, part))
+        self.unacked_entries += _entries_in(part)
+        while len(self.unacked) > 1 and (len(self.unacked) > KEEP_UNACKED
+                                         or self.unacked_entries > KEEP_UNACKED_ENTRIES):
+            self.unacked_entries -= _entries_in(self.unacked.popleft()[1])
+            if not self.unacked_dropped:
+                log.info("the secondary has not acknowledged manifests up to %d (%d entries "
+                         "waiting): the oldest are let go, and are recorded as agreed when it "
+                         "next acknowledges a snapshot", self.seq, self.unacked_entries)
+            self.unacked_dropped += 1
 
     # ------------------------------------------------------------------ the secondary's requests
     def on_snapshot_request(self, ident: bytes, body: dict[str, Any]) -> None:
@@ -262,6 +282,8 @@ class Primary:
         acked = []
         while self.unacked and self.unacked[0][0] <= applied:
             acked.append(self.unacked.popleft()[1])
+            self.unacked_entries -= _entries_in(acked[-1])
+        self.unacked_dropped = 0
         if body["snapshot"]:
             later = {(f, e["path"]) for s, part in self.unacked if s > applied
                      for f, es in part.items() for e in es}
@@ -392,3 +414,7 @@ class Primary:
         self.stop()
         self.journal_jobs.put(None)
         self.journal.join(30)
+
+
+def _entries_in(part: dict[str, list[dict]]) -> int:
+    return sum(len(entries) for entries in part.values())

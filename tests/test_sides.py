@@ -552,3 +552,27 @@ def test_a_sentinel_list_of_a_term_older_than_the_keys_is_refused(alpha, monkeyp
     assert "refused SENTINELS from beta: term 4 is older than the leader key's 5" in caplog.text
     alpha.secondary.on_bus(sentinels(5, 3))  # the key's holder
     assert alpha.lists.sv == 3 and alpha.lists.pair["sentinels"] == {"web": "sleep 600"}
+
+
+def test_unacknowledged_manifests_are_bounded_by_the_entries_they_hold(alpha, monkeypatch,
+                                                                       caplog):
+    """A primary whose secondary does not acknowledge (away, or far behind) keeps its
+    manifests for the journal up to KEEP_UNACKED_ENTRIES entries, not every entry of 10,000
+    manifests; what is let go is said once, and an acknowledgement starts afresh."""
+    from sbs.node import primary as primary_mod
+    monkeypatch.setattr(primary_mod, "KEEP_UNACKED_ENTRIES", 50)
+    p = alpha.primary
+    with caplog.at_level("INFO", logger="sbs.node"):
+        for i in range(10):  # 10 manifests of 20 entries
+            p.publish_delta({"docs": entries(*(f"d{i}-{j}" for j in range(20)))})
+    assert p.seq == 10
+    assert [s for s, _ in p.unacked] == [9, 10]  # 40 entries: a third would pass 50
+    assert p.unacked_entries == sum(len(v) for _, part in p.unacked for v in part.values())
+    assert sum("the oldest are let go" in r.message for r in caplog.records) == 1
+    p.publish_delta({"docs": entries(*(f"big-{j}" for j in range(80)))})  # alone over 50
+    assert [s for s, _ in p.unacked] == [11] and p.unacked_entries == 80  # the newest stays
+    p.on_ack(b"", {"name": "beta", "run": "r", "applied": 11, "snapshot": False,
+                   "following": alpha.run_id})
+    assert not p.unacked and p.unacked_entries == 0 and p.unacked_dropped == 0
+    wait_for(lambda: alpha.agreed.get("docs", "big-79") is not None, 5, "the journal")
+    assert alpha.agreed.get("docs", "d0-0") is None  # let go: not recorded as agreed
