@@ -74,6 +74,7 @@ class Primary:
         self.unacked: collections.deque[tuple[int, dict]] = collections.deque()
         self.unacked_entries = 0  # the entries in self.unacked, together
         self.unacked_dropped = 0  # manifests let go since the secondary's last acknowledgement
+        self.dropped_seq = 0  # the newest manifest ever let go unacknowledged
         self.scanner: Scanner | None = None
         # while prescanning (the role not known yet): the folders it scans and the scanner's
         # reports, held in order for start() to replay; None otherwise
@@ -224,7 +225,9 @@ class Primary:
         self.unacked_entries += _entries_in(part)
         while len(self.unacked) > 1 and (len(self.unacked) > KEEP_UNACKED
                                          or self.unacked_entries > KEEP_UNACKED_ENTRIES):
-            self.unacked_entries -= _entries_in(self.unacked.popleft()[1])
+            seq, part = self.unacked.popleft()
+            self.unacked_entries -= _entries_in(part)
+            self.dropped_seq = max(self.dropped_seq, seq)
             if not self.unacked_dropped:
                 log.info("the secondary has not acknowledged manifests up to %d (%d entries "
                          "waiting): the oldest are let go, and are recorded as agreed when it "
@@ -284,7 +287,16 @@ class Primary:
             acked.append(self.unacked.popleft()[1])
             self.unacked_entries -= _entries_in(acked[-1])
         self.unacked_dropped = 0
-        if body["snapshot"]:
+        if body["snapshot"] and self.dropped_seq > applied:
+            # manifests newer than this snapshot were let go: which paths changed after it is
+            # not known, so the index is not recorded as agreed now (a later snapshot's
+            # acknowledgement records it; until then a rejoin keeps copies, never deletes)
+            log.info("the snapshot acknowledged at %d is older than manifest %d, let go "
+                     "unacknowledged: the index is recorded as agreed at a later snapshot",
+                     applied, self.dropped_seq)
+            if acked:
+                self.journal_jobs.put(([], set(), acked))
+        elif body["snapshot"]:
             later = {(f, e["path"]) for s, part in self.unacked if s > applied
                      for f, es in part.items() for e in es}
             # entries are never mutated in place (a change replaces them): a shallow copy of

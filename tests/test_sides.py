@@ -576,3 +576,31 @@ def test_unacknowledged_manifests_are_bounded_by_the_entries_they_hold(alpha, mo
     assert not p.unacked and p.unacked_entries == 0 and p.unacked_dropped == 0
     wait_for(lambda: alpha.agreed.get("docs", "big-79") is not None, 5, "the journal")
     assert alpha.agreed.get("docs", "d0-0") is None  # let go: not recorded as agreed
+
+
+def test_a_snapshot_older_than_a_manifest_let_go_records_no_agreement(alpha, monkeypatch):
+    """A snapshot is acknowledged after manifests newer than it were let go unacknowledged:
+    which paths changed after the snapshot is not known any more, so nothing of the index is
+    recorded as agreed (a rejoin then keeps copies rather than deleting); a later snapshot's
+    acknowledgement records it all."""
+    from sbs.node import primary as primary_mod
+    monkeypatch.setattr(primary_mod, "KEEP_UNACKED_ENTRIES", 40)
+    p = alpha.primary
+    jobs: list[tuple] = []
+    put = p.journal_jobs.put
+    monkeypatch.setattr(p.journal_jobs, "put", lambda job: (jobs.append(job), put(job)))
+    p.publish_delta({"docs": entries("before")})  # manifest 1: the snapshot is taken here
+    for i in range(4):  # manifests 2-5, 20 entries each: 1, 2 and 3 are let go
+        p.publish_delta({"docs": entries(*(f"after{i}-{j}" for j in range(20)))})
+    assert [s for s, _ in p.unacked] == [4, 5] and p.dropped_seq == 3
+    p.on_ack(b"", {"name": "beta", "run": "r", "applied": 1, "snapshot": True,
+                   "following": alpha.run_id})
+    assert not any(whole for whole, _, _ in jobs)  # the index is not recorded as agreed
+    assert [s for s, _ in p.unacked] == [4, 5]  # still waiting for their acknowledgement
+    p.on_ack(b"", {"name": "beta", "run": "r", "applied": 5, "snapshot": True,
+                   "following": alpha.run_id})
+    assert any(whole for whole, _, _ in jobs)
+    wait_for(lambda: alpha.agreed.get("docs", "after0-0") is not None, 5,
+             "the index recorded at the later snapshot")
+    assert alpha.agreed.get("docs", "after3-19") is not None
+    assert alpha.agreed.get("docs", "before") is not None
