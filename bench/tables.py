@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -686,11 +687,8 @@ def _cpu(results: list[dict[str, Any]] | None, *keys: str) -> dict[str, Any] | N
     vals = [v for r in results or [] if (v := dig(r, *keys)) is not None]
     if not vals:
         return None
-    vals_sorted = sorted(vals)
-    mid = len(vals_sorted) // 2
-    median = (vals_sorted[mid] if len(vals) % 2 else
-              (vals_sorted[mid - 1] + vals_sorted[mid]) / 2)
-    return {"n": len(vals), "median": median, "min": vals_sorted[0], "max": vals_sorted[-1]}
+    return {"n": len(vals), "median": statistics.median(vals), "min": min(vals),
+            "max": max(vals)}
 
 
 def ext4_table(run: Run) -> str | None:
@@ -707,7 +705,7 @@ def ext4_table(run: Run) -> str | None:
     def spread(scenario: str, copier: str) -> str | None:
         return med(dig(j, scenario, "summary", "seconds", copier), " s")
 
-    for scenario, what in (("small", None), ("tree", None)):
+    for scenario in ("small", "tree"):
         files = dig(j, scenario, "files")
         size = dig(j, scenario, "file_bytes") or (1024 if scenario == "tree" else None)
         if files is None:

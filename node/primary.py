@@ -212,17 +212,18 @@ class Primary:
             if not part:
                 return
             self.seq += 1
-            self._keep_unacked(part)
+            count = _entries_in(part)
+            self._keep_unacked(part, count)
             node.pub.send_multipart(protocol.encode_bus("MANIFEST", {
                 "name": node.cfg.name, "run": node.run_id, "epoch": node.epoch, "seq": self.seq,
                 "part": 0, "parts": 1, "entries": part,
             }))
-            log.debug("manifest %d: %d entries", self.seq, sum(len(v) for v in part.values()))
+            log.debug("manifest %d: %d entries", self.seq, count)
             node.beat()  # a first scan's delta is the whole index: 21 parts at 100,000 files
 
-    def _keep_unacked(self, part: dict[str, list[dict]]) -> None:
+    def _keep_unacked(self, part: dict[str, list[dict]], count: int) -> None:
         self.unacked.append((self.seq, part))
-        self.unacked_entries += _entries_in(part)
+        self.unacked_entries += count
         while len(self.unacked) > 1 and (len(self.unacked) > KEEP_UNACKED
                                          or self.unacked_entries > KEEP_UNACKED_ENTRIES):
             seq, part = self.unacked.popleft()
@@ -287,16 +288,15 @@ class Primary:
             acked.append(self.unacked.popleft()[1])
             self.unacked_entries -= _entries_in(acked[-1])
         self.unacked_dropped = 0
-        if body["snapshot"] and self.dropped_seq > applied:
-            # manifests newer than this snapshot were let go: which paths changed after it is
-            # not known, so the index is not recorded as agreed now (a later snapshot's
-            # acknowledgement records it; until then a rejoin keeps copies, never deletes)
+        # a snapshot older than a manifest let go: which paths changed after it is not known,
+        # so the index is not recorded as agreed now (a later snapshot's acknowledgement
+        # records it; until then a rejoin keeps copies, never deletes)
+        whole_agreed = body["snapshot"] and self.dropped_seq <= applied
+        if body["snapshot"] and not whole_agreed:
             log.info("the snapshot acknowledged at %d is older than manifest %d, let go "
                      "unacknowledged: the index is recorded as agreed at a later snapshot",
                      applied, self.dropped_seq)
-            if acked:
-                self.journal_jobs.put(([], set(), acked))
-        elif body["snapshot"]:
+        if whole_agreed:
             later = {(f, e["path"]) for s, part in self.unacked if s > applied
                      for f, es in part.items() for e in es}
             # entries are never mutated in place (a change replaces them): a shallow copy of
