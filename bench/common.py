@@ -174,6 +174,11 @@ def filesystem_of(path: Path) -> dict[str, Any]:
     return out
 
 
+def fs_record(fs: dict[str, Any]) -> dict[str, Any]:
+    """What a JSON keeps of a filesystem: what it is, not where this machine has it."""
+    return {k: v for k, v in fs.items() if k not in ("device", "mount_point")}
+
+
 @contextlib.contextmanager
 def fresh_ext4(image: Path, mount_point: Path, gib: int) -> Iterator[dict[str, Any]]:
     """A fresh ext4 of `gib` GiB (mkfs.ext4's defaults, journal included, inode tables and

@@ -40,6 +40,7 @@ from bench.common import (  # noqa: E402
     add_common_args,
     filesystem_of,
     fresh_ext4,
+    fs_record,
     provenance,
     spread,
     write_report,
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(data, ignore_errors=True)
     for place, (_, fs_info) in places.items():
         report[place] = {
-            "filesystem": {k: v for k, v in fs_info.items() if k not in ("device", "mount_point")},
+            "filesystem": fs_record(fs_info),
             **{way: {"sys_us_per_file": spread([r["sys_us_per_file"] for r in rs], 1),
                      "wall_s": spread([r["wall_s"] for r in rs]), "reps": rs}
                for way, rs in runs[place].items()}}

@@ -73,6 +73,7 @@ from bench.common import (  # noqa: E402
     add_common_args,
     filesystem_of,
     fresh_ext4,
+    fs_record,
     provenance,
     spread,
     write_report,
@@ -1470,9 +1471,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = Path(fs["mount_point"]) / "runs"
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
-    # what the filesystem is, not where this machine has it
-    report["copies_fs"] = {k: v for k, v in (fs if args.fresh_ext4 else filesystem_of(runs)).items()
-                           if k not in ("device", "mount_point")}
+    report["copies_fs"] = fs_record(fs if args.fresh_ext4 else filesystem_of(runs))
     say(f"copies and node state on: {report['copies_fs']}")
     Profiler.native = args.native
     daemon: RsyncDaemon | None = None
