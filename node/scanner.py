@@ -110,7 +110,9 @@ class Scanner:
         try:
             if self.keeper is not None:
                 for name, (root, _) in self.folders.items():
-                    self.caches[name] = self.keeper.load(name, root)
+                    self.caches[name] = self.keeper.load(name, root, give_up=True)
+                if self.keeper.stopping():
+                    raise _Stopped  # dropped while loading: no watcher, no scan
             watcher = Watcher({n: root for n, (root, _) in self.folders.items()},
                               lambda batch: self.jobs.put(("batch", batch)))
             try:

@@ -254,6 +254,33 @@ def test_initial_sync_of_an_odd_tree_is_exact(make_pair):
     assert not [p for p in tmp.rglob("*") if p.is_file()]
 
 
+def thread_names(node: NodeProc) -> set[str]:
+    """What the kernel calls the threads of a node's process (/proc/PID/task/*/comm)."""
+    names = set()
+    for task in Path(f"/proc/{node.pid}/task").iterdir():
+        try:
+            names.add((task / "comm").read_text().strip())
+        except OSError:  # a thread that has just ended
+            pass
+    return names
+
+
+def test_each_thread_of_a_node_carries_its_name_in_the_kernel(make_pair):
+    """top -H, ps -L, py-spy and the bench's CPU per thread tell the node's threads apart
+    (node/run.py: name_os_threads); before it every one was called python."""
+    pair = make_pair()
+    write(pair.folder("alpha") / "small.txt", "a small file goes through a writing lane")
+    started(pair)
+    wait_equal(pair.folder("alpha"), pair.folder("beta"), 20)
+    primary = {"sbs-scanner", "sbs-blobs", "sbs-journal", "sbs-zap"}
+    wait_for(lambda: primary <= thread_names(pair.alpha), 10,
+             f"alpha's threads named {sorted(primary)}")
+    secondary = {"sbs-syncer", "sbs-syncer-lane", "sbs-zap"}  # 15 bytes at most: the lanes
+    wait_for(lambda: secondary <= thread_names(pair.beta), 10,
+             f"beta's threads named {sorted(secondary)}")
+    assert "sbs-syncer" not in thread_names(pair.alpha)
+
+
 def test_changes_during_the_initial_sync_are_not_missed(make_pair):
     pair = make_pair(node={"period": 60, "strict": "true"})  # no rescan to hide a miss
     a, b = pair.folder("alpha"), pair.folder("beta")
