@@ -430,7 +430,8 @@ def proc_status(pid: int) -> dict[str, float]:
 
 def thread_cpu(pid: int) -> dict[str, float]:
     """User and system CPU seconds per thread name: libzmq names its I/O thread ZMQbg/IO/0
-    (TCP, CURVE); the Python threads all carry the interpreter's name."""
+    (TCP, CURVE), the node its own threads (sbs-syncer, sbs-lane_0, sbs-blobs, ...: node/run.py);
+    threads named by neither, and a node before 771a36e, carry the interpreter's name."""
     out: dict[str, float] = collections.defaultdict(float)
     tick = os.sysconf("SC_CLK_TCK")
     for task in Path(f"/proc/{pid}/task").iterdir():

@@ -58,7 +58,7 @@ SWITCH_INTERVAL = 0.001
 
 def name_os_threads() -> bool:
     """Give every thread started from now on its Python name in the kernel too (the first 15
-    bytes: sbs-syncer, sbs-syncer-lane_0, sbs-blobs, ...), so ``top -H``, ``ps -L``, py-spy
+    bytes: sbs-syncer, sbs-lane_0, sbs-blobs, ...), so ``top -H``, ``ps -L``, py-spy
     and /proc/PID/task/*/comm tell the node's threads apart; before Python 3.14 they all
     carry the interpreter's name. False when it cannot be done here (no prctl, or a Python
     whose threads no longer start through Thread._bootstrap_inner)."""

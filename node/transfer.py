@@ -161,7 +161,7 @@ class Transfer:
                 self._lane_id.lane = next(ids)
 
             self._lanes = concurrent.futures.ThreadPoolExecutor(
-                LANES, thread_name_prefix="sbs-syncer-lane", initializer=name_lane)
+                LANES, thread_name_prefix="sbs-lane", initializer=name_lane)
         return self._lanes
 
     def _write_small(self, writer: FolderWriter, pairs: list[tuple[dict, Any]]
