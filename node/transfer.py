@@ -254,7 +254,7 @@ class _ChunkWriter:
     def __init__(self) -> None:
         self.q: queue.Queue[tuple[Any, Any] | None] = queue.Queue(self.QUEUE)
         self.errors: dict[int, BaseException] = {}  # id(temp file) -> what its write raised
-        self.thread = threading.Thread(target=self._run, name="sbs-syncer-writer", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="sbs-big-writer", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
