@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import ctypes.util
 import logging
 import sys
 import threading
 from pathlib import Path
 
 from .config import ConfigError, load
+
+
+def _libc() -> ctypes.CDLL:
+    """The C library the process runs on, through its own symbols (OSError if it cannot be
+    opened): no search for the library file (ctypes.util.find_library runs ldconfig)."""
+    return ctypes.CDLL(None)
+
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
@@ -36,8 +42,7 @@ def tune_malloc() -> bool:
     secondary; the 1 GiB copy ran as fast (bench/README.md). Called before any thread starts.
     A libc without mallopt (musl) keeps its defaults."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = _libc().mallopt
     except (OSError, AttributeError):
         return False
     return (bool(mallopt(_M_MMAP_THRESHOLD, 4 << 20))
@@ -64,7 +69,7 @@ def name_os_threads() -> bool:
     whose threads no longer start through Thread._bootstrap_inner)."""
     start = getattr(threading.Thread, "_bootstrap_inner", None)
     try:
-        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl
+        prctl = _libc().prctl
     except (OSError, AttributeError):
         return False
     if start is None or getattr(start, "names_os_thread", False):
