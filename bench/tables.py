@@ -681,7 +681,6 @@ def rejoin_table(run: Run) -> str | None:
 
 # ------------------------------------------------------------------------------ output
 
-# marker name -> (file, renderer)
 def _cpu(results: list[dict[str, Any]] | None, *keys: str) -> dict[str, Any] | None:
     """The spread of one CPU figure over a copier's reps, or None when the JSON lacks it."""
     vals = [v for r in results or [] if (v := dig(r, *keys)) is not None]
@@ -737,6 +736,7 @@ def ext4_table(run: Run) -> str | None:
             + "\n\n" + body)
 
 
+# marker name -> (file, renderer)
 SECTIONS = {
     "failover": ("README.md", failover),
     "replication": ("README.md", replication),

@@ -228,7 +228,7 @@ class Primary:
                                          or self.unacked_entries > KEEP_UNACKED_ENTRIES):
             seq, part = self.unacked.popleft()
             self.unacked_entries -= _entries_in(part)
-            self.dropped_seq = max(self.dropped_seq, seq)
+            self.dropped_seq = seq  # the oldest go first: each one let go is the newest yet
             if not self.unacked_dropped:
                 log.info("the secondary has not acknowledged manifests up to %d (%d entries "
                          "waiting): the oldest are let go, and are recorded as agreed when it "

@@ -68,12 +68,14 @@ def name_os_threads() -> bool:
     carry the interpreter's name. False when it cannot be done here (no prctl, or a Python
     whose threads no longer start through Thread._bootstrap_inner)."""
     start = getattr(threading.Thread, "_bootstrap_inner", None)
+    if start is None:
+        return False
+    if getattr(start, "names_os_thread", False):
+        return True  # done already
     try:
         prctl = _libc().prctl
     except (OSError, AttributeError):
         return False
-    if start is None or getattr(start, "names_os_thread", False):
-        return start is not None
 
     def bootstrap_inner(self: threading.Thread) -> None:
         prctl(_PR_SET_NAME, self.name.encode("utf-8", "replace")[:15], 0, 0, 0)
