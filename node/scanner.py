@@ -39,7 +39,6 @@ from .index import (
     Filter,
     FolderMissing,
     HashCache,
-    Watcher,
     _entry_from_stat,
     _utf8_ok,
     cache_key_of,
@@ -113,6 +112,8 @@ class Scanner:
                     self.caches[name] = self.keeper.load(name, root, give_up=True)
                 if self.keeper.stopping():
                     raise _Stopped  # dropped while loading: no watcher, no scan
+            from .watcher import Watcher  # here, not at the node's start (node/watcher.py)
+
             watcher = Watcher({n: root for n, (root, _) in self.folders.items()},
                               lambda batch: self.jobs.put(("batch", batch)))
             try:

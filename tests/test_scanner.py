@@ -6,6 +6,7 @@ import orjson
 import pytest
 import zmq
 from sbs.node import scanner as scanner_module
+from sbs.node import watcher as watcher_module
 from sbs.node.config import FolderConfig
 from sbs.node.scanner import Scanner
 
@@ -109,7 +110,7 @@ def test_without_a_watcher_the_periodic_rescan_still_publishes_every_change(tmp_
     def no_inotify(self):
         raise OSError(errno.ENOSPC, "inotify watch limit reached")
 
-    monkeypatch.setattr(scanner_module.Watcher, "start", no_inotify)
+    monkeypatch.setattr(watcher_module.Watcher, "start", no_inotify)
     sc = Scanner(ctx, "inproc://scanner-alone", {"docs": FolderConfig("docs", root)},
                  period=0.2)
     sc.start()
