@@ -256,3 +256,15 @@ def test_watcher_stop_leaves_no_thread(tmp_path):
     assert len(set(threading.enumerate()) - before) >= 3  # observer, inotify reader, debouncer
     watcher.stop()
     assert set(threading.enumerate()) <= before
+
+
+def test_the_node_starts_without_importing_the_watcher():
+    """watchdog is imported by the scanner's thread when it starts watching (node/watcher.py),
+    not on the node's way to a running loop: a fresh interpreter that imports what
+    `sbs-node start` runs before the loop has neither loaded."""
+    code = ("import sys; import sbs.node.cli, sbs.node.run, sbs.node.node, sbs.node.scanner; "
+            "print(sorted(m for m in sys.modules "
+            "if m.startswith(('watchdog', 'sbs.node.watcher'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
