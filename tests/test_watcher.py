@@ -65,6 +65,14 @@ class Batches:
         return set().union(*(b.get(name, set()) for b in self.items[start:] if b))
 
 
+def rescan_asked_then_watching(root: Path, batches: Batches, after: str) -> None:
+    """Events were lost: the watcher asks for a full rescan, and a new file is seen again."""
+    batches.wait_for(lambda: None in batches.items, f"a rescan request after {after}")
+    mark = batches.mark()
+    write(root / "after")
+    batches.wait_paths({"after"}, start=mark)
+
+
 @pytest.fixture
 def watched(tmp_path, no_leaked_threads):
     root = tmp_path / "root"
@@ -187,20 +195,14 @@ def test_watcher_queue_overflow_asks_for_a_full_rescan(watched, tmp_path):
     with fd._lock:
         subprocess.run([sys.executable, "-c", script, str(root), str(files)], check=True,
                        timeout=60)
-    batches.wait_for(lambda: None in batches.items, "a rescan request after the overflow")
-    mark = batches.mark()
-    write(root / "after-overflow")
-    batches.wait_paths({"after-overflow"}, start=mark)
+    rescan_asked_then_watching(root, batches, "the overflow")
 
 
 def test_watcher_recovers_a_dead_watch(watched):
     root, batches, watcher = watched
     for emitter in list(watcher._observer.emitters):
         emitter.stop()  # as if the emitter thread had died on an error
-    batches.wait_for(lambda: None in batches.items, "a rescan request after the watch died")
-    mark = batches.mark()
-    write(root / "after")
-    batches.wait_paths({"after"}, start=mark)
+    rescan_asked_then_watching(root, batches, "the watch died")
 
 
 def test_watcher_survives_its_folder_being_removed_and_recreated(watched):
