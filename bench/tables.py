@@ -77,7 +77,7 @@ class Run:
             if j.get("quick") or dig(j, "args", "quick"):
                 why.append(f"{name}.json is a --quick run")
             if dig(j, "provenance", "git", "dirty"):
-                why.append(f"{name}.json ran on uncommitted code")
+                why.append(f"{name}.json ran on uncommitted code{uncommitted(j)}")
         return why
 
     def run_id(self) -> str:
@@ -152,11 +152,19 @@ def copies_on(fs: dict[str, Any] | None) -> str | None:
     return f"copies written to {made}{fs['type']}{journal}"
 
 
+def uncommitted(j: dict[str, Any]) -> str:
+    """What a run's provenance says of its uncommitted files: ": a, b" (the first three, and
+    how many more), or "" when it does not list them."""
+    files = dig(j, "provenance", "git", "dirty_files") or []
+    more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+    return f": {', '.join(files[:3])}{more}" if files else ""
+
+
 def header(title: str, sources: list[tuple[str, dict[str, Any]]]) -> str:
     lines = [title]
     for name, j in sources:
         prov = j.get("provenance", {})
-        dirty = " (uncommitted code)" if dig(prov, "git", "dirty") else ""
+        dirty = f" (uncommitted code{uncommitted(j)})" if dig(prov, "git", "dirty") else ""
         host = j.get("host") or j.get("machine") or {}
         where = [f"{host['cpus']} CPUs" if host.get("cpus") else None,
                  f"Python {host['python']}" if host.get("python") else None,

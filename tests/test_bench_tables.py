@@ -173,6 +173,14 @@ def test_never_twice_and_idle_runs_kept_beside_the_run_fill_their_rows(run_dir: 
     (run_dir / "idle.json").write_text(json.dumps(idle))
     _, run = tables.render(run_dir)
     assert "idle.json ran on uncommitted code" in run.not_citable()
+    # the files it lists are named, where the run is cited and where it is refused
+    idle["git"] = {"commit": "6675bfe262", "dirty": True,
+                   "dirty_files": [f"tests/t{i}.py" for i in range(5)]}
+    (run_dir / "idle.json").write_text(json.dumps(idle))
+    out, run = tables.render(run_dir)
+    named = "uncommitted code: tests/t0.py, tests/t1.py, tests/t2.py and 2 more"
+    assert f"`idle.json` ({named})" in out["replication"]
+    assert f"idle.json ran on {named}" in run.not_citable()
 
 
 def test_the_rejoin_table_is_made_from_rejoin_json_and_says_what_each_read(run_dir: Path
