@@ -1,6 +1,7 @@
 """File operations relative to a directory fd, never following a link, for the writer.
 
-syncfs(2) and sync_file_range(2) come from libc through ctypes; the rest are small helpers
+syncfs(2) and sync_file_range(2) come from libc through ctypes (LIBC, shared with the node's
+other C calls); the rest are small helpers
 that the writer, its temp files and its trash share.
 """
 from __future__ import annotations
@@ -22,8 +23,11 @@ NOT_A_DIR = (errno.ENOTDIR, errno.ELOOP)
 # ---------------------------------------------------------------------------------------------
 # syncfs(2): one flush of the whole filesystem instead of one fsync per small file
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_syncfs = getattr(_libc, "syncfs", None)
+# The process's own C library, through its own symbols (no search for the library file:
+# ctypes.util.find_library runs ldconfig); the node's other calls into it use it too (run.py:
+# mallopt, prctl; sentinels.py: prctl in a sentinel's child).
+LIBC = ctypes.CDLL(None, use_errno=True)
+_syncfs = getattr(LIBC, "syncfs", None)
 if _syncfs is not None:
     _syncfs.argtypes = [ctypes.c_int]
     _syncfs.restype = ctypes.c_int
@@ -42,7 +46,7 @@ def syncfs(fd: int) -> None:
 # sync_file_range(2): start writing a big temp file back while it is still arriving, so the
 # fsync before its rename finds little left to do (a hint only: durability is the fsync's job)
 
-_sync_file_range = getattr(_libc, "sync_file_range", None)
+_sync_file_range = getattr(LIBC, "sync_file_range", None)
 if _sync_file_range is not None:
     _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     _sync_file_range.restype = ctypes.c_int

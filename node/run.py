@@ -8,20 +8,13 @@ would keep for as long as it runs) and starts without them (~0.15 s less to a ru
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import sys
 import threading
 from pathlib import Path
 
 from .config import ConfigError, load
-
-
-def _libc() -> ctypes.CDLL:
-    """The C library the process runs on, through its own symbols (OSError if it cannot be
-    opened): no search for the library file (ctypes.util.find_library runs ldconfig)."""
-    return ctypes.CDLL(None)
-
+from .fdio import LIBC
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
@@ -41,9 +34,8 @@ def tune_malloc() -> bool:
     free memory. At 100,000 files that was ~10 MB less peak on the primary and ~15 MB on the
     secondary; the 1 GiB copy ran as fast (bench/README.md). Called before any thread starts.
     A libc without mallopt (musl) keeps its defaults."""
-    try:
-        mallopt = _libc().mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(LIBC, "mallopt", None)
+    if mallopt is None:
         return False
     return (bool(mallopt(_M_MMAP_THRESHOLD, 4 << 20))
             and bool(mallopt(_M_TRIM_THRESHOLD, 64 << 20)) and bool(mallopt(_M_ARENA_MAX, 1)))
@@ -72,9 +64,8 @@ def name_os_threads() -> bool:
         return False
     if getattr(start, "names_os_thread", False):
         return True  # done already
-    try:
-        prctl = _libc().prctl
-    except (OSError, AttributeError):
+    prctl = getattr(LIBC, "prctl", None)
+    if prctl is None:
         return False
 
     def bootstrap_inner(self: threading.Thread) -> None:

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .fdio import LIBC
 from .guardlink import GuardLink
 from .protocol import SENTINEL_NAME_RE
 from .sentinelpids import PIDS_FILE, PidsFile, start_ticks
@@ -107,7 +108,7 @@ class Sentinels:
         self._reap_deadline: float | None = None  # stop_done(): how long SIGKILL may take
         # Resolved here, before any fork: the child between fork and exec must do as little as
         # possible (the node has other threads, whose locks a forked child may find held).
-        self._prctl = ctypes.CDLL(None, use_errno=True).prctl
+        self._prctl = LIBC.prctl
 
     @property
     def pids_error(self) -> str:
