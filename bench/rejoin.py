@@ -14,6 +14,10 @@ A pair (tests/pair.py, CURVE on, the defaults of bench/replication.py) replicate
   unchanged tree after downtime: `rsync -a` (size and mtime only) and `rsync -ac` (reads and
   checksums every file on both ends) from the daemon into a copy made before the reps.
 
+Each cycle also records both nodes' agreed-state journals (``journal_mb_before``: the size of
+each ``state_dir/agreed.jsonl`` before the kill, in MB): a rejoin of an unchanged tree should
+leave them as they were, not append the whole tree again.
+
 Both folders are read right before every clock (warm page cache for all four): on a cold
 cache a read costs disk time too, which only the runs that read pay.
 
@@ -86,6 +90,8 @@ def cycle(run: SbsRun, cached: bool, timeout: float = 600) -> dict[str, Any]:
     time it to a synced secondary."""
     roles = run.settle()
     prim, sec = run.pair.nodes[roles["primary"]], run.pair.nodes[roles["secondary"]]
+    journal = {n: round((node.cfg.state_dir / "agreed.jsonl").stat().st_size / 1e6, 2)
+               for n, node in sorted(run.pair.nodes.items())}
     if not cached:
         shutil.rmtree(sec.cfg.state_dir / "hashes", ignore_errors=True)
     for name in ("alpha", "beta"):
@@ -134,6 +140,7 @@ def cycle(run: SbsRun, cached: bool, timeout: float = 600) -> dict[str, Any]:
             "takeover_cpu_s": round(took_over_cpu, 2),
             "scan_files": scan[0] if scan else None, "scan_read": scan[1] if scan else None,
             "rejoin_s": round(rejoin_s, 3), "rejoin_cpu_s": round(rejoin_cpu, 2),
+            "journal_mb_before": journal,
             "rejoin_fetched": snap[0] if snap else None,
             "rejoin_read": snap[1] if snap else None}
 
@@ -212,6 +219,8 @@ def main() -> int:
         key: {"cached": spread([r[key] for r in c]), "uncached": spread([r[key] for r in u]),
               "cached_over_uncached": round(med(c, key) / med(u, key), 3)}
         for key in ("scan_s", "ready_s", "takeover_cpu_s", "rejoin_s", "rejoin_cpu_s")}
+    summary["journal_mb_before"] = spread([mb for r in c + u
+                                           for mb in r["journal_mb_before"].values()])
     if "rsync_quick" in res:
         q, s = res["rsync_quick"], res["rsync_checksum"]
         summary["rsync"] = {"quick_s": spread([r["seconds"] for r in q]),
@@ -234,6 +243,8 @@ def main() -> int:
         row = summary[key]
         say(f"  {label:28} {fmt_spread(row['cached'])} | {fmt_spread(row['uncached'])}"
             f"  ratio {row['cached_over_uncached']}")
+    say(f"  agreed.jsonl before each kill, MB  {fmt_spread(summary['journal_mb_before'])}"
+        " (both nodes)")
     if "rsync" in summary:
         say(f"  rsync -a of the unchanged tree, s  {fmt_spread(summary['rsync']['quick_s'])}; "
             f"rsync -ac {fmt_spread(summary['rsync']['checksum_s'])}")

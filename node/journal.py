@@ -88,13 +88,25 @@ class Agreed:
             return None if tokens is None else tokens.get(relpath)
 
     def update(self, items: Iterable[tuple[str, str, str | None]]) -> None:
-        """Record (folder, relpath, token or None for deleted); appends and flushes."""
-        items = list(items)
-        if not items:
-            return
+        """Record (folder, relpath, token or None for deleted); appends and flushes what is new.
+
+        An item equal to what is recorded already is not appended again: a node rejoining with
+        an unchanged tree agrees on every path once more, and 100,000 repeated lines cost it
+        their serialising and writing, then a compaction. Skipping them is safe because the
+        file holds what memory holds whenever write_error is empty (otherwise rewrite() writes
+        memory out whole)."""
         with self._lock:
-            for folder, relpath, token in items:
+            fresh = []
+            for item in items:
+                folder, relpath, token = item
+                tokens = self._tokens.get(folder)
+                if (None if tokens is None else tokens.get(relpath)) == token:
+                    continue
                 self._set(folder, relpath, token)
+                fresh.append(item)
+            items = fresh
+            if not items:
+                return
             if self.write_error:
                 return  # the file lags already: rewrite() writes it all out, these included
             try:

@@ -41,6 +41,24 @@ def test_updates_are_flushed_before_close(tmp_path):
     agreed.close()
 
 
+def test_what_is_recorded_already_is_not_appended_again(tmp_path):
+    # a rejoin with an unchanged tree agrees on every path once more: nothing new to write
+    path = tmp_path / "agreed.jsonl"
+    with Agreed(path) as agreed:
+        agreed.update([("f", f"k{i}", "h") for i in range(100)] + [("f", "d", "dir")])
+        written = path.read_bytes()
+        agreed.update([("f", f"k{i}", "h") for i in range(100)] + [("f", "d", "dir"),
+                                                                   ("f", "never", None)])
+        assert path.read_bytes() == written
+        agreed.update([("f", "k1", "h"), ("f", "k2", "h2"), ("f", "k3", None), ("g", "k1", "h")])
+        assert _lines(path)[len(written.splitlines()):] == [
+            b'["f","k2","h2"]', b'["f","k3",null]', b'["g","k1","h"]']
+    with Agreed(path) as agreed:
+        assert (agreed.get("f", "k1"), agreed.get("f", "k2"), agreed.get("f", "k3")) == (
+            "h", "h2", None)
+        assert len(agreed) == 101
+
+
 def test_torn_last_line_is_ignored_and_cut(tmp_path):
     path = tmp_path / "agreed.jsonl"
     with Agreed(path) as agreed:
