@@ -10,9 +10,9 @@ default:
 demo: bytecode
     {{python}} -m sbs.tools.demo
 
-# the test suite (real nodes on loopback; a few minutes on 2 cores)
+# the test suite (real nodes on loopback), on two workers: ~5 minutes on 2 cores
 test *args: bytecode
-    {{python}} -m pytest -q {{args}}
+    {{python}} -m pytest -q -n 2 {{args}}
 
 # the benchmarks (minutes; figures go to bench/out/)
 bench *args:
