@@ -76,6 +76,9 @@ class Primary:
         self.unacked_dropped = 0  # manifests let go since the secondary's last acknowledgement
         self.dropped_seq = 0  # the newest manifest ever let go unacknowledged
         self.scanner: Scanner | None = None
+        # the scanner stopped last, while its caches may serve the syncer if the node follows
+        # (take_stopped); None once taken or once another scanner starts
+        self.stopped_scanner: Scanner | None = None
         # while prescanning (the role not known yet): the folders it scans and the scanner's
         # reports, held in order for start() to replay; None otherwise
         self.prescan_folders: dict[str, FolderConfig] | None = None
@@ -124,6 +127,7 @@ class Primary:
 
     def _new_scanner(self, folders: dict[str, FolderConfig]) -> None:
         node = self.node
+        self.stopped_scanner = None
         if self.pipes:
             self._new_pipe()
         self.pipes += 1
@@ -136,14 +140,21 @@ class Primary:
         early = self.prescan_folders is not None
         if self.scanner is not None:
             # a dropped prescan may be deep in its first walk: the loop does not wait for it
-            # (its pings would stop meanwhile and the peer would take this node for dead)
-            self.scanner.stop(wait=not early, save=final)
+            # (its pings would stop meanwhile and the peer would take this node for dead); a
+            # cache it is loading is loaded whole, for the syncer if this node follows
+            self.scanner.stop(wait=not early, save=final, finish_loading=early and not final)
+            self.stopped_scanner = None if final else self.scanner
             self.scanner = None
         if early:
             log.info("the scan begun at start-up is dropped: this node is not primary")
         self.prescan_folders, self.held = None, []
         self.index_ready = False
         self.held_snapshot = None
+
+    def take_stopped(self) -> Scanner | None:
+        """The scanner stopped last (see stop), for a syncer to take its hash caches on."""
+        scanner, self.stopped_scanner = self.stopped_scanner, None
+        return scanner
 
     def restart(self, folders: dict[str, FolderConfig]) -> None:
         """A new folder list while primary: a new scanner."""

@@ -68,8 +68,12 @@ class Scanner:
         self.jobs: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.caches = {n: HashCache() for n in folders}  # one per folder: keyed by relpath
         self._stopping = threading.Event()
+        # stop(finish_loading=True): the caches being loaded are loaded whole before the thread
+        # ends, for the syncer to take on (loaded_cache) instead of reading them again
+        self._finish_loading = False
+        self.loaded: set[str] = set()  # folders whose cache was loaded whole, not given up
         # the caches on disk (node/hashstore.py): loaded by the thread before its first scan
-        self.keeper = (CacheKeeper(state_dir, "scanner", stopping=self._stopping.is_set)
+        self.keeper = (CacheKeeper(state_dir, "scanner", stopping=self._give_up)
                        if state_dir is not None else None)
         self.scanned = False  # a full scan has completed: the index says which files exist
         self.index: dict[str, dict[str, dict]] = {n: {} for n in folders}
@@ -91,12 +95,15 @@ class Scanner:
     def flush(self, token: str) -> None:
         self.jobs.put(("flush", token))
 
-    def stop(self, wait: bool = True, save: bool = False) -> None:
+    def stop(self, wait: bool = True, save: bool = False, finish_loading: bool = False) -> None:
         """Stop the thread; a full scan under way ends at its next directory. ``wait=False``
         returns at once (the node loop must not wait out a scan: its pings would stop).
-        ``save``: the hash caches are written on the way out (the node is stopping)."""
+        ``save``: the hash caches are written on the way out (the node is stopping).
+        ``finish_loading``: a cache load under way is finished, not given up (the node follows
+        a primary, and its syncer takes the caches on: loaded_cache)."""
         if self.keeper is not None:
             self.keeper.at_exit = save
+        self._finish_loading = finish_loading
         self._stopping.set()
         self.jobs.put(("stop", None))
         if wait:
@@ -110,7 +117,9 @@ class Scanner:
             if self.keeper is not None:
                 for name, (root, _) in self.folders.items():
                     self.caches[name] = self.keeper.load(name, root, give_up=True)
-                if self.keeper.stopping():
+                    if not self.keeper.stopping():
+                        self.loaded.add(name)
+                if self._stopping.is_set():
                     raise _Stopped  # dropped while loading: no watcher, no scan
             from .watcher import Watcher  # here, not at the node's start (node/watcher.py)
 
@@ -175,6 +184,18 @@ class Scanner:
             pipe.close()
             if self.keeper is not None and self.keeper.at_exit:
                 self._save_caches()
+
+    def _give_up(self) -> bool:
+        return self._stopping.is_set() and not self._finish_loading
+
+    def loaded_cache(self, name: str, root: str) -> HashCache | None:
+        """Once the thread has ended: the cache of this folder, loaded whole and kept up to date
+        by the scans it made, when it was made for this root; None otherwise."""
+        if self.thread.is_alive() or name not in self.loaded or name not in self.folders:
+            return None
+        if os.path.abspath(self.folders[name][0]) != os.path.abspath(root):
+            return None
+        return self.caches[name]
 
     def _save_if_due(self) -> None:
         if self.keeper is not None and self.keeper.due(self.caches, time.monotonic()):

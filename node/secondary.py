@@ -89,6 +89,7 @@ class Secondary:
         self.watch.stalled = ""
         self.syncer = Syncer(node.ctx, self.endpoint, node.cfg, node.keys, node.agreed)
         self.syncer.own_term = own_term
+        self.syncer.handed = node.primary.take_stopped()  # its hash caches, loaded already
         self.syncer.start()
         self.kept_new = []
         self.syncer_events = 0

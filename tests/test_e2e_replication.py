@@ -793,6 +793,7 @@ def test_after_a_takeover_and_a_rejoin_no_node_reads_again_the_files_it_knew(mak
     st = victim.stat()
     victim.write_bytes(os.urandom(st.st_size))
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    log0 = pair.alpha.log.stat().st_size
     pair.alpha.start()
     pair.alpha.wait_state("secondary")
     wait_for(lambda: replication(pair.alpha).get("synced") and tree(a) == tree(b), 20,
@@ -800,6 +801,37 @@ def test_after_a_takeover_and_a_rejoin_no_node_reads_again_the_files_it_knew(mak
     assert digest(a / "d0" / "000.bin") == digest(victim)
     line = _last_line(pair.alpha, "file(s) to fetch")  # 1 to fetch, or 0 if it came later
     assert "; 0 of the 200 file(s) here read" in line, line
+    # alpha was primary when killed: it began its first scan at start-up, loading the cache,
+    # and its syncer took that cache on instead of reading the file a second time
+    since = pair.alpha.log.read_bytes()[log0:].decode(errors="replace")
+    assert "the scan begun at start-up is dropped" in since, since
+    assert "200 file hashes of folder docs taken on from the stopped scanner" in since, since
+    assert "syncer: 200 file hashes of folder docs from" not in since, since
+
+
+def test_a_primary_that_hands_over_gives_its_hash_cache_to_its_syncer(make_pair):
+    """After `promote` of the secondary, the old primary follows: its syncer takes on the
+    scanner's hash cache (loaded and kept up to date while it was primary) and compares its
+    folder with the new primary's without reading a file or the cache file again."""
+    pair = make_pair()
+    a = pair.folder("alpha")
+    for n in range(120):
+        write(a / f"d{n % 3}" / f"{n:03}.txt", f"file {n}\n" * (n + 1))
+    newest = max(p.stat().st_ctime_ns for p in a.rglob("*"))
+    wait_for(lambda: time.time_ns() - newest > 100_000_000, 5, "the files to leave the racy "
+             "window (a file changed in its last 50 ms is hashed but not cached)")
+    started(pair)
+    log0 = pair.alpha.log.stat().st_size
+    res = sbs_tools("promote", "--config", str(pair.beta.config), timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    pair.alpha.wait_state("secondary")
+    wait_for(lambda: replication(pair.alpha).get("synced"), 20,
+             f"alpha to follow beta (log: {pair.alpha.tail_log()})")
+    since = pair.alpha.log.read_bytes()[log0:].decode(errors="replace")
+    assert "120 file hashes of folder docs taken on from the stopped scanner" in since, since
+    assert "syncer: 120 file hashes of folder docs from" not in since, since
+    line = _last_line(pair.alpha, "file(s) to fetch")
+    assert "0 file(s) to fetch; 0 of the 120 file(s) here read" in line, line
 
 
 # ------------------------------------------------------------------------- hostile input

@@ -305,6 +305,43 @@ def test_a_scanner_dropped_before_its_cache_is_loaded_scans_nothing_and_keeps_th
         ctx.term()
 
 
+def test_a_scanner_dropped_for_a_syncer_loads_its_cache_whole_and_hands_it_over(tmp_path):
+    """A node that follows a primary drops its prescan with finish_loading: the cache is read
+    to the end (the syncer would read the same file), nothing is scanned, and once the thread
+    has ended loaded_cache gives the cache to whoever asks with the same root."""
+    root = tmp_path / "docs"
+    make_tree(root, 10)
+    path = cache_file(tmp_path, root, 3 * hashstore._LINES)
+    before = path.read_bytes()
+    ctx = zmq.Context()
+    reader = ctx.socket(zmq.PAIR)
+    reader.bind("inproc://handed-prescan")
+    try:
+        sc = Scanner(ctx, "inproc://handed-prescan", {"docs": FolderConfig("docs", root)},
+                     period=60, state_dir=tmp_path / "state")
+        sc.stop(wait=False, finish_loading=True)  # before it starts: the strictest order
+        sc.start()
+        sc.thread.join(10)
+        assert not sc.thread.is_alive()
+        assert not reader.poll(0)  # no scan was reported
+        cache = sc.loaded_cache("docs", str(root))
+        assert cache is not None and len(cache) == 3 * hashstore._LINES
+        assert cache.hashed == 0  # loaded, not read from the folder
+        assert sc.loaded_cache("docs", str(tmp_path / "elsewhere")) is None  # another root
+        assert sc.loaded_cache("other", str(root)) is None
+        assert path.read_bytes() == before
+    finally:
+        reader.close(0)
+        ctx.term()
+    # dropped without finish_loading (the first test above), nothing is handed over
+    sc = Scanner(zmq.Context.instance(), "inproc://unused", {"docs": FolderConfig("docs", root)},
+                 period=60, state_dir=tmp_path / "state")
+    sc.stop(wait=False)
+    sc.start()
+    sc.thread.join(10)
+    assert sc.loaded_cache("docs", str(root)) is None
+
+
 def test_a_state_disk_that_refuses_the_save_is_not_rewritten_on_every_pass(tmp_path, caplog):
     root = tmp_path / "docs"
     make_tree(root, 100)

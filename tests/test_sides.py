@@ -604,3 +604,42 @@ def test_a_snapshot_older_than_a_manifest_let_go_records_no_agreement(alpha, mon
              "the index recorded at the later snapshot")
     assert alpha.agreed.get("docs", "after3-19") is not None
     assert alpha.agreed.get("docs", "before") is not None
+
+
+def test_a_syncer_told_to_stop_in_the_middle_of_its_scan_ends_there(tmp_path, monkeypatch):
+    """Syncer.stop runs on the node loop (a takeover stops the secondary's syncer): a snapshot
+    scan under way ends at its next folder instead of walking the rest of the tree, and the
+    stop is not reported as a failed sync job."""
+    from sbs.node import syncer as syncer_mod
+    from sbs.node.journal import Agreed
+
+    port = free_port_triplet()
+    (tmp_path / "data/alpha/docs").mkdir(parents=True)
+    cfg = load(write_config(tmp_path, "alpha", port, security={"curve": "false"}))
+    ctx = zmq.Context()
+    pipe = ctx.socket(zmq.PAIR)
+    pipe.bind("inproc://syncer-stop")
+    agreed = Agreed(tmp_path / "agreed.jsonl")
+    syncer = syncer_mod.Syncer(ctx, "inproc://syncer-stop", cfg, None, agreed)
+    walked = []
+
+    def scan(root, filt, cache, *, between=None, **kw):
+        walked.append(root)
+        syncer.fetcher.cancelled.set()  # the stop comes while the walk is in its first folder
+        between()  # what scan_folder calls after each folder
+        walked.append("went on")
+        return {}
+
+    monkeypatch.setattr(syncer_mod, "scan_folder", scan)
+    try:
+        syncer.start()
+        syncer.submit_snapshot(1, {f.name: f for f in cfg.folders}, {"docs": []})
+        syncer.thread.join(10)
+        assert not syncer.thread.is_alive()
+        assert walked == [str(cfg.folders[0].path)]
+        assert syncer.error == "" and not pipe.poll(0)  # no report of a failed job
+    finally:
+        syncer.stop()
+        pipe.close(0)
+        agreed.close()
+        ctx.term()
