@@ -282,7 +282,14 @@ def test_loading_gives_up_when_the_scan_it_is_for_is_dropped(tmp_path):
     assert len(told.load("docs", str(root), give_up=True)) == 5 * hashstore._LINES
 
 
-def test_a_scanner_dropped_before_its_cache_is_loaded_scans_nothing_and_keeps_the_file(tmp_path):
+@pytest.mark.parametrize("finish_loading", [False, True], ids=["dropped", "for-a-syncer"])
+def test_a_scanner_dropped_before_its_cache_is_loaded_scans_nothing_and_keeps_the_file(
+        tmp_path, finish_loading):
+    """A prescan dropped as the node loop drops it (without waiting, here before it even
+    starts): it scans nothing and leaves the cache file as it was. Dropped because the node
+    follows a primary (finish_loading), it reads the cache to the end instead of giving up (the
+    syncer would read the same file) and, once its thread has ended, loaded_cache hands it over
+    for the same root only."""
     root = tmp_path / "docs"
     make_tree(root, 10)
     path = cache_file(tmp_path, root, 3 * hashstore._LINES)
@@ -293,53 +300,23 @@ def test_a_scanner_dropped_before_its_cache_is_loaded_scans_nothing_and_keeps_th
     try:
         sc = Scanner(ctx, "inproc://dropped-prescan", {"docs": FolderConfig("docs", root)},
                      period=60, state_dir=tmp_path / "state")
-        sc.stop(wait=False)  # dropped as the node loop drops a prescan: without waiting
+        sc.stop(wait=False, finish_loading=finish_loading)
         sc.start()
         sc.thread.join(10)
         assert not sc.thread.is_alive()
         assert not reader.poll(0)  # no scan was reported
-        assert sc.caches["docs"].hashed == 0 and len(sc.caches["docs"]) == 0
+        assert sc.caches["docs"].hashed == 0  # nothing read from the folder
         assert path.read_bytes() == before  # the cache on disk is left as it was
-    finally:
-        reader.close(0)
-        ctx.term()
-
-
-def test_a_scanner_dropped_for_a_syncer_loads_its_cache_whole_and_hands_it_over(tmp_path):
-    """A node that follows a primary drops its prescan with finish_loading: the cache is read
-    to the end (the syncer would read the same file), nothing is scanned, and once the thread
-    has ended loaded_cache gives the cache to whoever asks with the same root."""
-    root = tmp_path / "docs"
-    make_tree(root, 10)
-    path = cache_file(tmp_path, root, 3 * hashstore._LINES)
-    before = path.read_bytes()
-    ctx = zmq.Context()
-    reader = ctx.socket(zmq.PAIR)
-    reader.bind("inproc://handed-prescan")
-    try:
-        sc = Scanner(ctx, "inproc://handed-prescan", {"docs": FolderConfig("docs", root)},
-                     period=60, state_dir=tmp_path / "state")
-        sc.stop(wait=False, finish_loading=True)  # before it starts: the strictest order
-        sc.start()
-        sc.thread.join(10)
-        assert not sc.thread.is_alive()
-        assert not reader.poll(0)  # no scan was reported
         cache = sc.loaded_cache("docs", str(root))
-        assert cache is not None and len(cache) == 3 * hashstore._LINES
-        assert cache.hashed == 0  # loaded, not read from the folder
-        assert sc.loaded_cache("docs", str(tmp_path / "elsewhere")) is None  # another root
-        assert sc.loaded_cache("other", str(root)) is None
-        assert path.read_bytes() == before
+        if not finish_loading:
+            assert len(sc.caches["docs"]) == 0 and cache is None
+        else:
+            assert cache is not None and len(cache) == 3 * hashstore._LINES
+            assert sc.loaded_cache("docs", str(tmp_path / "elsewhere")) is None
+            assert sc.loaded_cache("other", str(root)) is None
     finally:
         reader.close(0)
         ctx.term()
-    # dropped without finish_loading (the first test above), nothing is handed over
-    sc = Scanner(zmq.Context.instance(), "inproc://unused", {"docs": FolderConfig("docs", root)},
-                 period=60, state_dir=tmp_path / "state")
-    sc.stop(wait=False)
-    sc.start()
-    sc.thread.join(10)
-    assert sc.loaded_cache("docs", str(root)) is None
 
 
 def test_a_state_disk_that_refuses_the_save_is_not_rewritten_on_every_pass(tmp_path, caplog):
