@@ -282,6 +282,22 @@ def test_loading_gives_up_when_the_scan_it_is_for_is_dropped(tmp_path):
     assert len(told.load("docs", str(root), give_up=True)) == 5 * hashstore._LINES
 
 
+def test_loading_gives_the_gil_away_every_few_hundred_lines(tmp_path, monkeypatch):
+    """A node restarted next to a primary loads its cache while its loop hears that primary:
+    the load lets the GIL go every YIELD_LINES lines (time.sleep(0)), or the loop, which
+    must win it back after each of its system calls, followed up to 250 ms late."""
+    root = tmp_path / "docs"
+    root.mkdir()
+    lines = 5 * hashstore._LINES
+    path = cache_file(tmp_path, root, lines)
+    given: list[float] = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(hashstore.time, "sleep",
+                        lambda s: given.append(s) if s == 0 else real_sleep(s))
+    assert len(load(path, str(root))) == lines
+    assert given.count(0) >= lines // hashstore.YIELD_LINES
+
+
 @pytest.mark.parametrize("finish_loading", [False, True], ids=["dropped", "for-a-syncer"])
 def test_a_scanner_dropped_before_its_cache_is_loaded_scans_nothing_and_keeps_the_file(
         tmp_path, finish_loading):
