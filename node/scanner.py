@@ -188,13 +188,25 @@ class Scanner:
     def _give_up(self) -> bool:
         return self._stopping.is_set() and not self._finish_loading
 
-    def loaded_cache(self, name: str, root: str) -> HashCache | None:
-        """Once the thread has ended: the cache of this folder, loaded whole and kept up to date
-        by the scans it made, when it was made for this root; None otherwise."""
-        if self.thread.is_alive() or name not in self.loaded or name not in self.folders:
+    def loaded_cache(self, name: str, root: str, until: float = 0.0,
+                     check: Callable[[], None] = lambda: None) -> HashCache | None:
+        """For the syncer of a node that stopped this scanner: the cache of this folder, loaded
+        whole and kept up to date by the scans it made, when it was made for this root, once
+        the thread has ended (waited for until the monotonic time ``until``, calling ``check``
+        between looks: it raises to give up); None otherwise."""
+        while self.thread.is_alive() and time.monotonic() < until:
+            check()
+            self.thread.join(0.05)
+        if self.thread.is_alive():
+            log.info("the stopped scanner is still busy: the hash cache of %s is read again",
+                     name)
+            return None
+        if name not in self.loaded or name not in self.folders:
             return None
         if os.path.abspath(self.folders[name][0]) != os.path.abspath(root):
             return None
+        log.info("%d file hashes of folder %s taken on from the stopped scanner",
+                 len(self.caches[name]), name)
         return self.caches[name]
 
     def _save_if_due(self) -> None:

@@ -63,7 +63,8 @@ if TYPE_CHECKING:
 
 # files fetched (and journalled) per Transfer.fetch call: a 100,000-file snapshot in 20 slices
 FETCH_SLICE = 5_000
-# how long the first snapshot waits for the scanner handed over to end (_handed_cache)
+# how long the first snapshot waits for the scanner handed over to end (Scanner.loaded_cache);
+# past it (a dropped scan hashing a file of many GB) the caches are read from disk again
 HANDED_WAIT = 5.0
 
 log = logging.getLogger("sbs.syncer")
@@ -83,7 +84,7 @@ class Syncer:
         self.filters: dict[str, Filter] = {}
         self.known: dict[str, dict[str, dict]] = {}  # the primary's index as last applied
         # the scanner this node stopped when it began to follow: its hash caches, loaded
-        # already, are taken on at the first snapshot (_handed_cache) instead of read again
+        # already, are taken on at the first snapshot (_setup) instead of read again
         self.handed: Scanner | None = None
         self.pending: dict[tuple[str, str], dict] = {}  # (folder, path) -> entry still to apply
         self.pending_since_seq: int | None = None
@@ -227,23 +228,11 @@ class Syncer:
         })])
 
     def _stuck(self) -> str:
-        """Why nothing pending can be applied by waiting, or "": every pending file found no
-        room on its last try and is still bigger than the space free now (a deletion since may
-        have made room: the next retry tells). A primary's final sync stops waiting for them."""
-        if not self.pending or (self.error and not self.error.startswith("disk full")):
+        """Why nothing pending can be applied by waiting, or "" (stuck_on_room). A primary's
+        final sync stops waiting for them."""
+        if self.error and not self.error.startswith("disk full"):
             return ""
-        free: dict[str, int | None] = {}
-        for key, e in self.pending.items():
-            name = key[0]
-            if key not in self.no_room or name not in self.writers:
-                return ""
-            if name not in free:
-                free[name] = free_bytes(self.writers[name].root)
-            room = free[name]
-            if room is None or int(e.get("size", 0)) <= room:
-                return ""
-        return (f"{len(self.pending)} file(s) do not fit: disk full in "
-                + ", ".join(f"{n} ({self.writers[n].root})" for n in sorted(free)))[:1000]
+        return stuck_on_room(self.pending, self.no_room, self.writers)
 
     def _confirm(self, folder: str | None) -> None:
         self.deletions.confirm(folder)
@@ -251,6 +240,7 @@ class Syncer:
 
     def _setup(self, folders: dict[str, FolderConfig]) -> None:
         sd = self.cfg.state_dir
+        handed_until = time.monotonic() + HANDED_WAIT
         for name, f in folders.items():
             w = self.writers.get(name)
             if w is None or str(w.root) != str(f.path):
@@ -269,7 +259,8 @@ class Syncer:
                     log.info("removed %d temp file(s) left by an interrupted sync in %s",
                              removed, name)
                 self.writers[name] = w
-                cache = self._handed_cache(name, str(w.root))
+                cache = None if self.handed is None else self.handed.loaded_cache(
+                    name, str(w.root), handed_until, self._stop_check)
                 # else this root's from disk, if kept
                 self.caches[name] = cache if cache is not None else self.keeper.load(
                     name, str(w.root))
@@ -282,29 +273,6 @@ class Syncer:
                 self.caches.pop(name, None)
                 self.keeper.forget(name)
         self._purge_trash()
-
-    def _handed_cache(self, name: str, root: str) -> HashCache | None:
-        """The hash cache of the scanner handed over (self.handed) for this folder and root,
-        once that scanner's thread has ended (at its next folder, or once the caches it was
-        loading are loaded: Scanner.stop); None when it has none or is not done within
-        HANDED_WAIT (a file of many GB being hashed). A 100,000-file rejoin would otherwise
-        read the same cache file again, ~0.3 s of its one core of Python."""
-        scanner = self.handed
-        if scanner is None:
-            return None
-        deadline = time.monotonic() + HANDED_WAIT
-        while scanner.thread.is_alive():
-            self._stop_check()
-            if time.monotonic() >= deadline:
-                log.info("the stopped scanner is still busy: the hash caches are read again")
-                self.handed = None
-                return None
-            scanner.thread.join(0.05)
-        cache = scanner.loaded_cache(name, root)
-        if cache is not None:
-            log.info("%d file hashes of folder %s taken on from the stopped scanner",
-                     len(cache), name)
-        return cache
 
     def _stop_check(self) -> None:
         """Raises _Stopped once the syncer is told to stop (the loop may be waiting)."""
@@ -521,6 +489,27 @@ def valid_entries(folder: str, entries: list, emit: Callable[..., None], *,
             log.warning("refused an entry in %s without hash: %r", folder, e["path"][:200])
             continue
         yield shared_values(e)
+
+
+def stuck_on_room(pending: dict[tuple[str, str], dict], no_room: set[tuple[str, str]],
+                  writers: dict[str, FolderWriter]) -> str:
+    """Why the pending files cannot be applied by waiting, or "": every one found no room on
+    its last try and is still bigger than the space free now in its folder (a deletion since
+    may have made room: the next retry tells)."""
+    if not pending:
+        return ""
+    free: dict[str, int | None] = {}
+    for key, e in pending.items():
+        name = key[0]
+        if key not in no_room or name not in writers:
+            return ""
+        if name not in free:
+            free[name] = free_bytes(writers[name].root)
+        room = free[name]
+        if room is None or int(e.get("size", 0)) <= room:
+            return ""
+    return (f"{len(pending)} file(s) do not fit: disk full in "
+            + ", ".join(f"{n} ({writers[n].root})" for n in sorted(free)))[:1000]
 
 
 def keep_entries(index: dict[str, list]) -> None:
