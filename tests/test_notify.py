@@ -56,9 +56,7 @@ def text_of(message) -> str:
 def test_send_delivers_subject_and_body(make, smtp):
     port, collector = smtp
     notifier = make(port)
-    started = time.monotonic()
     notifier.send("SBS: beta took over", "alpha stopped answering.\nbeta is primary, epoch 7.")
-    assert time.monotonic() - started < 0.1
     wait_for(lambda: notifier.status()["sent"] == 1)
 
     [message] = collector.messages
@@ -91,26 +89,26 @@ def test_unreachable_server_fails_fast_and_never_blocks(make, closed_port):
     assert not ok
     assert f"127.0.0.1:{closed_port}" in message and "refused" in message.lower()
 
-    started = time.monotonic()
-    notifier.send("SBS: failover", "body")
-    assert time.monotonic() - started < 0.1
+    notifier.send("SBS: failover", "body")  # never blocks: see the hung server below
     status = wait_for(lambda: (s := notifier.status())["failed"] == 2 and s)  # send_now + send
     assert status["sent"] == 0 and status["pending"] == 0
     assert "refused" in status["last_error"].lower()
 
 
 def test_hung_server_times_out_within_timeout(make, mute_port):
-    notifier = make(mute_port, retries=0, timeout=0.5)
+    """send() returns long before a delivery to a server that never answers could end (a
+    blocking send would take the whole timeout); send_now() waits that timeout, no longer."""
+    notifier = make(mute_port, retries=0, timeout=2.0)
     started = time.monotonic()
     notifier.send("SBS: failover", "body")
-    assert time.monotonic() - started < 0.1
+    assert time.monotonic() - started < 1.0
 
     started = time.monotonic()
     ok, message = notifier.send_now("SBS test", "body")
     elapsed = time.monotonic() - started
     assert not ok
-    assert 0.4 < elapsed < 1.5
-    assert "no answer within 0.5 s" in message
+    assert 1.9 < elapsed < 4.0
+    assert "no answer within 2 s" in message
     wait_for(lambda: notifier.status()["failed"] == 2)
 
 

@@ -156,7 +156,8 @@ def test_begin_stop_all_returns_at_once_and_stop_done_finishes_the_job(make, tmp
     pid = run_stubborn(sentinels, tmp_path)
     started = time.monotonic()
     sentinels.begin_stop_all(grace=0.5)
-    assert time.monotonic() - started < 0.2
+    # it returned without waiting for the grace: the sentinel ignores SIGTERM, so a call that
+    # waited would have had to kill it
     assert sentinels.stop_done() is False and alive(pid)
     wait_for(sentinels.stop_done, 5)
     assert time.monotonic() - started >= 0.5
@@ -189,9 +190,12 @@ def test_stop_escalates_to_sigkill_from_poll(make, tmp_path):
 
     started = time.monotonic()
     sentinels.stop("stubborn")
-    assert time.monotonic() - started < 0.2  # the loop is never held up
+    returned = time.monotonic()
+    # the loop is never held up: the sentinel ignores SIGTERM and is still there, and the
+    # loop is asked back when the grace ends
+    assert alive(pid) and events[-1]["event"] != "stopped"
     wakeup = sentinels.next_wakeup()
-    assert wakeup is not None and wakeup <= started + 0.35
+    assert wakeup is not None and wakeup <= returned + 0.3
 
     def reaped():
         sentinels.poll()
