@@ -292,9 +292,10 @@ def test_garbage_and_oversized_frames_leave_the_node_healthy(make_pair):
         # the node still answers, is still primary, and beta never took over
         time_limit = time.monotonic() + 3
         while time.monotonic() < time_limit:
-            st = request(pair.alpha.cfg, "STATUS", timeout=1.0)
+            st = request(pair.alpha.cfg, "STATUS", timeout=2.0)
             assert st and st["state"] == "primary"
-            assert pair.beta.state() == "secondary"
+            st = pair.beta.status(2.0)
+            assert st and st["state"] == "secondary"
     finally:
         router.close()
         rep.close()

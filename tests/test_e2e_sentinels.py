@@ -471,7 +471,8 @@ def test_a_slow_stopping_sentinel_never_runs_twice_and_the_peer_waits_for_it(mak
 
 def test_status_is_answered_throughout_a_slow_sentinel_stop(make_pair, tmp_path):
     """Stopping a sentinel that takes 4 s is a state of the node, not a wait in its loop: the
-    old primary answers STATUS within 0.2 s all along, showing "stopping"."""
+    old primary answers STATUS within 1 s all along (a loop waiting on the stop would be
+    silent for 4 s; each answer takes milliseconds on an idle machine), showing "stopping"."""
     record = tmp_path / "record.txt"
     token = f"sbs-e2e-slow-{secrets.token_hex(4)}"
     pair = make_pair(sentinels={"slow": slow_to_stop(tmp_path / "slow.py", record, token, 4.0)})
@@ -483,16 +484,13 @@ def test_status_is_answered_throughout_a_slow_sentinel_stop(make_pair, tmp_path)
     def stopped() -> bool:
         return f"stop {first} " in record.read_text()
 
-    states, slowest = [], 0.0
+    states: list[str] = []
     deadline = time.monotonic() + 30
     while not stopped():
         assert time.monotonic() < deadline, "the slow sentinel did not stop"
-        asked = time.monotonic()
-        reply = request(pair.alpha.cfg, "STATUS", timeout=0.2)
-        took = time.monotonic() - asked
+        reply = request(pair.alpha.cfg, "STATUS", timeout=1.0)
         assert reply is not None and reply["status"] == "ok", (
-            f"no STATUS answer within 0.2 s (states so far {states}){pair.alpha.tail_log()}")
-        slowest = max(slowest, took)
+            f"no STATUS answer within 1 s (states so far {states}){pair.alpha.tail_log()}")
         states.append(reply["state"])
     assert states.count("stopping") >= 10, states  # the stop took seconds, all answered
     wait_for(lambda: running_pid(pair.beta, "slow"), 15, f"slow on beta{pair.beta.tail_log()}")
