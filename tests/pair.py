@@ -130,7 +130,9 @@ class NodeProc:
         return reply if reply and reply.get("status") == "ok" else None
 
     def state(self) -> str:
-        st = self.status(timeout=0.5)
+        """The node's state, or "stopped" when it does not answer within 2 s (a busy machine
+        can hold a fresh CURVE handshake and the answer for a good part of a second)."""
+        st = self.status(timeout=2.0)
         return st["state"] if st else "stopped"
 
     def wait_state(self, state: str, timeout: float = 15.0) -> dict:
