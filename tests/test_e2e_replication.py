@@ -654,6 +654,36 @@ def test_a_full_disk_keeps_the_old_copy_and_recovers(make_pair):
 
 
 @pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and mount (root)")
+def test_a_disk_that_fills_in_the_middle_of_a_big_file_drops_only_that_file(make_pair):
+    """Each of two 5 MiB files fits the 8 MiB disk, so the check before the fetch lets both
+    through; together they do not, and the second fills the disk part-way through its chunks.
+    Its temp file goes, the first file stays whole, the error says so, the second is pending,
+    and it arrives once there is room."""
+    pair = make_pair()
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    beta = pair.nodes["beta"] = pair.beta = TmpfsNodeProc(pair.beta.config, b, "8m")
+    content = {p: write(a / p, os.urandom(5 * MiB)).read_bytes() for p in ("one.bin", "two.bin")}
+    pair.alpha.start()
+    pair.alpha.wait_state("primary")
+    beta.start()
+    beta.wait_state("secondary")
+    bb = beta.inside(b)
+    wait_for(lambda: replication(beta).get("pending_files") == 1, 20,
+             f"one file pending {beta.tail_log()}")
+    st = beta.status(2.0)
+    assert "disk full" in st["replication"]["error"] and st["state"] == "secondary", st
+    [got] = [p for p in content if (bb / p).exists()]
+    assert (bb / got).read_bytes() == content[got]
+    assert not list(bb.rglob(".sbs-tmp-*")), "a temp file was left on the full disk"
+    assert "Traceback" not in beta.log.read_text()
+    res = subprocess.run(["nsenter", "-t", str(beta.pid), "-m", "mount", "-o",
+                          "remount,size=32m", str(b)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    wait_equal(a, bb, 20, "the whole folder once space returned")
+    wait_for(lambda: not replication(beta).get("error"), 10, "the error cleared")
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and mount (root)")
 def test_a_stop_does_not_wait_for_files_the_secondary_has_no_room_for(make_pair):
     """A graceful stop waits (bounded) for the secondary to apply everything. A file that
     cannot fit there will not arrive by waiting: the stop goes on as soon as the secondary has
