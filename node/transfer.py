@@ -50,13 +50,12 @@ class Transfer:
         writer = self.syncer.writers[name]
         done: list[tuple[str, str, str]] = []
         by_path = {e["path"]: e for e in files if e["size"] > 0}
-        open_big: dict[str, Any] = {}
+        big = _BigFiles(writer)
         lanes: collections.deque[concurrent.futures.Future] = collections.deque()
         # Files that failed on our side (a full disk, a bad path): their remaining chunks are
         # not asked for. Other files go on: a file too big for the space left must not keep
         # the small ones behind it from arriving.
         skip: set[str] = set()
-        chunks: _ChunkWriter | None = None  # big files' writer thread, started when needed
         free = free_bytes(writer.root)
         for e in by_path.values():
             if free is not None and e["size"] > free:
@@ -65,15 +64,6 @@ class Transfer:
                 skip.add(e["path"])
                 self.syncer.failed(name, e, OSError(errno.ENOSPC, f"{e['size']} bytes needed, "
                                               f"{free} free"))
-
-        def abandon(path: str) -> None:
-            """Drop a big file's temp file once the chunk writer is done with it."""
-            if (tmp := open_big.pop(path, None)) is not None:
-                if chunks is not None:
-                    chunks.drain()
-                    chunks.error(tmp)
-                tmp.abort()
-
         try:
             for e in files:
                 if e["size"] == 0:
@@ -92,7 +82,7 @@ class Transfer:
                         continue
                     if meta["size"] != e["size"] or "err" in meta:
                         # changed or gone since the manifest: the next one will say more
-                        abandon(e["path"])
+                        big.abandon(e["path"])
                         if e["path"] not in {x[1] for x in done}:
                             self.syncer.pend(name, e)
                         continue
@@ -100,28 +90,14 @@ class Transfer:
                         small.append((e, blob))
                         continue
                     try:
-                        tmp = open_big.get(e["path"])
-                        if tmp is None:
-                            if item["o"] != 0:
-                                continue  # an earlier chunk failed; this file is pending
-                            tmp = open_big[e["path"]] = writer.new_temp(e["path"])
-                        if chunks is None:
-                            chunks = _ChunkWriter()
-                        if (exc := chunks.error(tmp)) is not None:
-                            raise exc  # an earlier chunk's write failed (a full disk)
-                        chunks.write(tmp, blob)
-                        if item["o"] + len(blob) >= e["size"]:
-                            chunks.drain()  # the whole file is written before it is sealed
-                            if (exc := chunks.error(tmp)) is not None:
-                                raise exc
+                        whole = big.write(e, item["o"], blob)
                     except (PathError, OSError) as exc:
-                        abandon(e["path"])
+                        big.abandon(e["path"])
                         skip.add(e["path"])
                         self.syncer.failed(name, e, exc)
                         continue
-                    if item["o"] + len(blob) >= e["size"]:
-                        del open_big[e["path"]]
-                        self._commit(name, [(tmp, e)], done)
+                    if whole is not None:
+                        self._commit(name, [(whole, e)], done)
                 if small:
                     # written and committed on a lane thread while the next replies arrive
                     lanes.append(self._lane_pool().submit(self._write_small, writer, small))
@@ -143,10 +119,7 @@ class Transfer:
             lanes.clear()
             raise
         finally:
-            if chunks is not None:
-                chunks.close()  # after the chunks queued before it: no write is left running
-            for tmp in open_big.values():
-                tmp.abort()
+            big.close()
         # every batch handed to a lane is finished and accounted for before we return
         while lanes:
             self._settle(name, lanes.popleft(), done)
@@ -284,6 +257,52 @@ class _ChunkWriter:
     def close(self) -> None:
         self.q.put(None)
         self.thread.join()
+
+
+
+class _BigFiles:
+    """The big files of one fetch arriving in chunks: their temp files, open until the last
+    chunk, and the thread that writes the chunks (started with the first one)."""
+
+    def __init__(self, writer: FolderWriter) -> None:
+        self.writer = writer
+        self.open: dict[str, Any] = {}  # path -> its temp file
+        self.chunks: _ChunkWriter | None = None
+
+    def write(self, e: dict, offset: int, blob: Any) -> Any | None:
+        """Queue one chunk of `e` for writing; the temp file once the whole file is written
+        (the caller commits it), else None. A chunk after an earlier one failed is dropped
+        (that file is pending). Raises PathError or OSError (a bad path, a full disk)."""
+        tmp = self.open.get(e["path"])
+        if tmp is None:
+            if offset != 0:
+                return None
+            tmp = self.open[e["path"]] = self.writer.new_temp(e["path"])
+        if self.chunks is None:
+            self.chunks = _ChunkWriter()
+        if (exc := self.chunks.error(tmp)) is not None:
+            raise exc  # an earlier chunk's write failed (a full disk)
+        self.chunks.write(tmp, blob)
+        if offset + len(blob) < e["size"]:
+            return None
+        self.chunks.drain()  # the whole file is written before it is sealed
+        if (exc := self.chunks.error(tmp)) is not None:
+            raise exc
+        return self.open.pop(e["path"])
+
+    def abandon(self, path: str) -> None:
+        """Drop a big file's temp file once the chunk writer is done with it."""
+        if (tmp := self.open.pop(path, None)) is not None:
+            if self.chunks is not None:
+                self.chunks.drain()
+                self.chunks.error(tmp)
+            tmp.abort()
+
+    def close(self) -> None:
+        if self.chunks is not None:
+            self.chunks.close()  # after the chunks queued before it: no write is left running
+        for tmp in self.open.values():
+            tmp.abort()
 
 
 def free_bytes(path: str) -> int | None:
