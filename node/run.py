@@ -8,7 +8,9 @@ would keep for as long as it runs) and starts without them (~0.15 s less to a ru
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -79,6 +81,9 @@ def name_os_threads() -> bool:
 
 def run(config: Path, verbose: bool) -> int:
     """Run the node until SIGTERM/SIGINT: 0 clean stop, 1 runtime failure, 2 bad config."""
+    # `kill -USR1 <pid>` writes every thread's stack to stderr (the node's log) and the node
+    # goes on: what a node that seems stuck is doing, without stopping it
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         cfg = load(config)
     except ConfigError as exc:

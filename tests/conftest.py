@@ -9,13 +9,7 @@ from email.policy import default as default_policy
 import pytest
 from aiosmtpd.controller import Controller
 
-from tests.pair import Pair
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.pair import Pair, free_port
 
 
 class Collector:

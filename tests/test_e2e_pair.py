@@ -81,6 +81,22 @@ def test_sbs_node_start_is_a_lean_node_process_with_the_same_pid(make_pair):
     assert pair.alpha.wait_exit() == 0
 
 
+def test_sigusr1_writes_every_threads_stack_to_the_log_and_the_node_goes_on(make_pair):
+    """`kill -USR1` on a node that seems stuck: where each of its threads is, in its log."""
+    pair = make_pair()
+    pair.alpha.start()
+    pair.alpha.wait_state("primary")
+    pair.alpha.signal(signal.SIGUSR1)
+    text = wait_for(lambda: "Current thread" in (t := pair.alpha.log.read_text(
+        errors="replace")) and t, 10, "the stacks in alpha's log")
+    dump = text[text.index("most recent call first"):]
+    assert "node.py" in dump and "Thread 0x" in dump, dump  # the loop's, and the others'
+    st = pair.alpha.status(2.0)
+    assert st and st["state"] == "primary"
+    pair.alpha.signal(signal.SIGTERM)
+    assert pair.alpha.wait_exit() == 0
+
+
 def test_a_node_starting_next_to_a_primary_follows_it_within_milliseconds(make_pair):
     """A first ping that finds no connection yet (the DEALER is still connecting) is retried
     within milliseconds, not at the next heartbeat: a long heartbeat on both sides makes any
