@@ -31,14 +31,17 @@ _KEYS_CACHE: dict[str, Path] = {}
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll `cond` until it returns something truthy; fail naming `what` at the deadline."""
+    """Poll `cond` until it returns something truthy; fail naming `what` at the deadline, with
+    the logs of the nodes this process runs as they are then (a message built before the wait
+    shows them as they were when it began)."""
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            logs = "".join(f"\n--- {n.name}'s log now:{n.tail_log(20)}" for n in _RUNNING)
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{logs}")
         time.sleep(interval)
 
 
@@ -132,6 +135,9 @@ def write_config(root: Path, name: str, port: int, *, node: dict | None = None,
     return path
 
 
+_RUNNING: list[NodeProc] = []  # nodes started by this process and not stopped since
+
+
 class NodeProc:
     def __init__(self, config: Path):
         self.config = config
@@ -146,7 +152,13 @@ class NodeProc:
             [sys.executable, "-m", "sbs.node.cli", "start", "--config", str(self.config), *extra],
             stdout=self.logfh, stderr=subprocess.STDOUT,
         )
+        self.running()
         return self
+
+    def running(self) -> None:
+        """Counted among the nodes whose logs a failed wait shows (start() says it)."""
+        if self not in _RUNNING:
+            _RUNNING.append(self)
 
     @property
     def pid(self) -> int:
@@ -211,6 +223,8 @@ class NodeProc:
         return code
 
     def stop(self) -> None:
+        if self in _RUNNING:
+            _RUNNING.remove(self)
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)
             self.proc.terminate()

@@ -573,6 +573,7 @@ class TmpfsNodeProc(NodeProc):
                   f"{shlex.quote(str(self.config))}")
         self.proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
                                       script], stdout=self.logfh, stderr=subprocess.STDOUT)
+        self.running()
         return self
 
     def inside(self, path: Path) -> Path:
