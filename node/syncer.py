@@ -416,6 +416,8 @@ class Syncer:
                     continue
                 self.conflicts.keep_if_conflict(name, e["path"], have, token, stamp)
                 if have is not None and have["kind"] != e["kind"]:
+                    if have["kind"] == "dir":
+                        self.conflicts.keep_tree_if_conflict(name, e["path"], stamp)
                     writer.remove(e["path"], trash=True, stamp=stamp)
                 if e["kind"] == "dir":
                     writer.make_dir(e)
