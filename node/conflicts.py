@@ -66,12 +66,33 @@ class ConflictKeeper:
                         name, path, kept)
             s.emit("conflict", folder=name, path=path, kept=str(kept))
 
+    def keep_tree_if_conflict(self, name: str, path: str, stamp: str) -> None:
+        """keep_if_conflict for every file and link inside the local folder at path, about to
+        go to the trash whole (the primary has a file or a link there now): a file made here
+        inside it must be kept under conflicts/ like any other, not only trashed with it."""
+        s = self.syncer
+        try:
+            top = s.writers[name].open_dir(tuple(path.split("/")), create=False)
+        except (OSError, PathError):
+            return
+        inside: list[str] = []
+        try:
+            for rel, _, _, others in walk(top):
+                base = f"{path}/{rel}" if rel else path
+                inside.extend(f"{base}/{n}" for n in others)
+        finally:
+            os.close(top)
+        for p, local in s.local(name, inside).items():
+            self.keep_if_conflict(name, p, local, None, stamp)
+
     def set_aside(self, name: str, extras: list[dict], stamp: str) -> None:
         """Move this node's own unagreed files that the primary lacks to conflicts/ (a copy
         there, the original to the trash), so the live folder matches the primary's."""
         s = self.syncer
         writer = s.writers[name]
         for e in extras:  # deepest first: a folder's files go before it
+            if (name, e["path"], Agreed.token(e)) in self.kept:
+                continue  # kept already, with the folder it was in (keep_tree_if_conflict)
             try:
                 if e["kind"] == "dir":
                     if not os.listdir(os.path.join(writer.root, e["path"])):

@@ -416,6 +416,8 @@ class Syncer:
                     continue
                 self.conflicts.keep_if_conflict(name, e["path"], have, token, stamp)
                 if have is not None and have["kind"] != e["kind"]:
+                    if have["kind"] == "dir":
+                        self.conflicts.keep_tree_if_conflict(name, e["path"], stamp)
                     writer.remove(e["path"], trash=True, stamp=stamp)
                 if e["kind"] == "dir":
                     writer.make_dir(e)
@@ -456,6 +458,11 @@ class Syncer:
                           name, e["path"])
             self.error = f"disk full in folder {name} ({self.writers[name].root})"
             self.emit("disk_full", folder=name, path=e["path"], error=self.error)
+        elif isinstance(exc, PathError) and self._folder_above_pending(name, e["path"]):
+            # what is in the way (an old file where the primary now has a folder) is itself
+            # still to be replaced here (its move to the trash failed, say on a full disk):
+            # retried after it, not given up for good
+            log.info("%s/%s waits for the folder above it: %s", name, e["path"][:200], exc)
         elif isinstance(exc, PathError):
             self.pending.pop((name, e["path"]), None)  # hostile or impossible: never retry
             log.warning("refused %s/%s: %s", name, e["path"][:200], exc)
@@ -463,6 +470,17 @@ class Syncer:
         elif not isinstance(exc, HashMismatch):
             log.warning("could not apply %s/%s: %s", name, e["path"], exc)
             self.error = self.error or f"{name}/{e['path']}: {exc}"
+
+    def _folder_above_pending(self, name: str, path: str) -> bool:
+        """Is a folder above path still pending here (to be made, or what is in its way)?"""
+        at = path.rfind("/")
+        while at > 0:
+            path = path[:at]
+            if (name, path) in self.pending:
+                return True
+            at = path.rfind("/")
+        return False
+
 
 def valid_entries(folder: str, entries: list, emit: Callable[..., None], *,
                   consume: bool = False) -> Iterator[dict]:

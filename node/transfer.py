@@ -80,8 +80,9 @@ class Transfer:
                     e = by_path[item["p"]]
                     if e["path"] in skip:
                         continue
-                    if meta["size"] != e["size"] or "err" in meta:
-                        # changed or gone since the manifest: the next one will say more
+                    if meta["size"] != e["size"] or "err" in meta or len(blob) != item["n"]:
+                        # changed or gone since the manifest (a read shorter than asked: the
+                        # file shrank under the server): the next one will say more
                         big.abandon(e["path"])
                         if e["path"] not in {x[1] for x in done}:
                             self.syncer.pend(name, e)

@@ -1,0 +1,252 @@
+"""Edges of the secondary's apply: a failure that goes away must not make a file that depends
+on it be given up for good, and a reply shorter than the file must not count as applied.
+
+Every wait polls a condition with a deadline.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.pair import wait_for
+from tests.test_e2e_replication import (
+    _unshare_works,
+    replication,
+    started,
+    wait_equal,
+    write,
+)
+from tests.test_e2e_state_disk import fill, on_tmpfs
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and mount (root)")
+def test_a_file_under_a_folder_that_replaces_a_file_arrives_once_the_state_disk_has_room(
+        make_pair):
+    """On the primary a file `d` becomes a folder `d` holding `d/e`. The secondary first moves
+    its old `d` to the trash, in state_dir: that disk is full, so `d` stays pending (a full
+    disk is retried). `d/e` then meets the old file `d` in its way: it must wait for `d`, not
+    be refused for good, or once the state disk has room `d` arrives and `d/e` never does,
+    while the secondary says it is in sync."""
+    pair = make_pair()
+    beta, state = on_tmpfs(pair, "beta")
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    write(a / "d", os.urandom(256 << 10))  # too big for what is left on the full state disk
+    started(pair)
+    wait_equal(a, b, 20, "d on beta")
+    filler = fill(beta.inside(state))
+    # a file becomes a folder with a file in it (renamed in whole: one watcher batch or two)
+    staged = pair.root / "staged"
+    write(staged / "e", "in the folder that replaced a file\n")
+    os.unlink(a / "d")
+    os.rename(staged, a / "d")
+    wait_for(lambda: "disk full" in replication(beta).get("error", ""), 20,
+             f"beta to meet its full state disk {beta.tail_log()}")
+    os.unlink(filler)  # room again: the retry moves the old d to the trash
+    wait_for(lambda: (b / "d").is_dir(), 20, f"d to become a folder on beta {beta.tail_log()}")
+    wait_equal(a, b, 20, "d/e on beta")
+    wait_for(lambda: replication(beta).get("synced"), 20, "beta in sync")
+
+
+def test_a_reply_shorter_than_the_file_leaves_it_pending_not_applied(tmp_path):
+    """The last chunk of a big file comes back shorter than asked (a file server that read a
+    file shrinking under it, or a broken peer), its size still the manifest's: the file is not
+    complete, so it stays pending and is fetched again, instead of being dropped while the
+    syncer reports the snapshot applied."""
+    import threading
+
+    import orjson
+    import zmq
+    from sbs.node import protocol
+    from sbs.node.config import load
+    from sbs.node.index import hash_bytes
+    from sbs.node.journal import Agreed
+    from sbs.node.syncer import Syncer
+
+    from tests.pair import free_port_triplet, write_config
+
+    port = free_port_triplet()
+    (tmp_path / "data/alpha/docs").mkdir(parents=True)
+    cfg = load(write_config(tmp_path, "alpha", port, security={"curve": "false"}))
+    content = os.urandom(3 << 19)  # 1.5 MiB: two chunks, the second one of 0.5 MiB
+    entry = {"path": "big.bin", "kind": "file", "size": len(content),
+             "mtime_ns": 1_700_000_000_000_000_000, "mode": 0o644, "hash": hash_bytes(content)}
+    ctx = zmq.Context()
+    rep = ctx.socket(zmq.REP)
+    rep.linger = 0
+    rep.bind(f"tcp://{cfg.peer}:{cfg.blob_port}")  # where the syncer fetches from
+    cut = {"done": False}
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            if not rep.poll(50):
+                continue
+            msg = protocol.decode(rep.recv_multipart())
+            metas, blobs = [], []
+            for item in msg.body["items"]:
+                data = content[item["o"]:item["o"] + item["n"]]
+                if item["o"] + item["n"] >= len(content) and not cut["done"]:
+                    cut["done"] = True  # the first time only: half of the last chunk
+                    data = data[:len(data) // 2]
+                metas.append({"size": len(content)})
+                blobs.append(data)
+            rep.send_multipart(protocol.encode("DATA", {"id": msg.body["id"], "items": metas},
+                                               *blobs))
+
+    server = threading.Thread(target=serve, name="test-blobs", daemon=True)
+    server.start()
+    pipe = ctx.socket(zmq.PAIR)
+    pipe.linger = 0
+    pipe.bind("inproc://syncer-short")
+    agreed = Agreed(tmp_path / "agreed.jsonl")
+    syncer = Syncer(ctx, "inproc://syncer-short", cfg, None, agreed)
+    target = cfg.folders[0].path / "big.bin"
+    try:
+        syncer.start()
+        syncer.submit_snapshot(1, {f.name: f for f in cfg.folders}, {"docs": [entry]})
+
+        def first_report() -> dict | None:
+            while pipe.poll(0):
+                kind, body = pipe.recv_multipart()
+                if kind == b"applied":
+                    return orjson.loads(body)
+            return None
+
+        report = wait_for(first_report, 20, "the syncer's first report")
+        assert cut["done"]
+        assert target.exists() or report["pending_files"] == 1, \
+            f"big.bin is neither written nor pending, yet reported: {report}"
+        wait_for(lambda: target.exists() and target.read_bytes() == content, 20,
+                 "big.bin fetched again, whole")
+    finally:
+        syncer.stop()
+        stop.set()
+        server.join(5)
+        rep.close(0)
+        pipe.close(0)
+        agreed.close()
+        ctx.term()
+
+
+@pytest.mark.xfail(strict=True, reason="known, not fixed: a secondary that does not run as "
+                   "root cannot write into a folder it made read-only as the primary's")
+def test_a_non_root_secondary_writes_a_file_into_a_read_only_folder():
+    """The primary (any user) has a folder of mode 0555 with a file in it. The secondary,
+    as the same kind of user, makes the folder with mode 0555 first (folders before files),
+    then cannot rename the file into it: it stays pending for ever. Run in a forked child as
+    user nobody when the test runs as root (root writes anywhere)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from sbs.node.index import hash_bytes
+    from sbs.node.writer import FolderWriter
+
+    as_nobody = os.geteuid() == 0
+    where = next((d for d in (tempfile.gettempdir(), "/tmp", "/var/tmp")
+                  if os.path.isdir(d) and os.stat(d).st_mode & 0o001), None)
+    if where is None:
+        pytest.skip("no temp folder that user nobody can reach")
+    base = Path(tempfile.mkdtemp(dir=where))
+    base.chmod(0o777)
+    data = b"in a read-only folder\n"
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            if as_nobody:
+                os.setgroups([])
+                os.setresgid(65534, 65534, 65534)
+                os.setresuid(65534, 65534, 65534)
+            w = FolderWriter(base / "docs", base / "state/tmp/docs", base / "state/trash",
+                             base / "state/conflicts")
+            w.make_dir({"path": "ro", "kind": "dir", "size": 0, "mtime_ns": 0, "mode": 0o555})
+            tmp = w.new_temp("ro/f")
+            tmp.write(data)
+            try:
+                w.commit(tmp, {"path": "ro/f", "kind": "file", "size": len(data),
+                               "mtime_ns": 1_700_000_000_000_000_000, "mode": 0o644,
+                               "hash": hash_bytes(data)})
+                os.write(write_end, b"ok")
+            except OSError as exc:
+                os.write(write_end, f"{type(exc).__name__}: {exc}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    chunks = []
+    while chunk := os.read(read_end, 65536):
+        chunks.append(chunk)
+    os.close(read_end)
+    _, status = os.waitpid(pid, 0)
+    try:
+        assert os.waitstatus_to_exitcode(status) == 0, "the writing child failed"
+        assert b"".join(chunks) == b"ok"
+        assert (base / "docs/ro/f").read_bytes() == data
+    finally:
+        for p in (base / "docs/ro",):
+            if p.exists():
+                p.chmod(0o755)
+        shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("strict", ["true", "false"])
+def test_a_rejoining_primary_keeps_its_files_in_a_folder_the_new_primary_made_a_file(
+        make_pair, strict):
+    """alpha, primary, makes a folder `reports` with a file in it that never reaches beta;
+    alpha crashes, beta takes over and makes `reports` a file. When alpha rejoins, its own
+    reports/q1.txt must be kept under conflicts/ (and reported), not only moved to the trash
+    with the folder it was in (purged after trash_days, and reported as kept at None)."""
+    import shutil
+    import signal
+    import time
+
+    from tests.test_e2e_replication import conflicts
+
+    pair = make_pair(node={"strict": strict})
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    write(a / "stable.txt", "never changes\n")
+    started(pair)
+    wait_equal(a, b, 10)
+    pair.beta.signal(signal.SIGSTOP)
+    seq = replication(pair.alpha)["seq"]
+    write(a / "reports" / "q1.txt", "made on alpha only\n")
+    wait_for(lambda: replication(pair.alpha).get("seq", 0) > seq, 10,
+             "alpha to publish its change")
+    pair.alpha.kill()
+    paused = time.monotonic()
+    pair.beta.signal(signal.SIGCONT)
+    pair.beta.wait_state("primary", timeout=10)
+    assert time.monotonic() - paused < pair.beta.cfg.dead_after + 5
+    # (beta may have made the folder from alpha's last manifest, held in its socket while it
+    # was paused: the file it could not fetch any more)
+    if (b / "reports").is_dir():
+        shutil.rmtree(b / "reports")
+    write(b / "reports", "a file on the new primary\n")
+    pair.alpha.start()
+    pair.alpha.wait_state("secondary")
+    wait_equal(b, a, 15, "alpha catching up with beta")
+    kept = wait_for(lambda: conflicts("alpha", pair), 10,
+                    f"alpha's conflict copies {pair.alpha.tail_log(30)}")
+    assert kept.get("reports/q1.txt") == b"made on alpha only\n", kept
+    assert "kept at None" not in pair.alpha.log.read_text()
+
+
+@pytest.mark.xfail(strict=True, reason="known, not fixed: a name that is not UTF-8 cannot "
+                   "travel in the JSON manifests, so the primary skips it (a log line only)")
+def test_a_file_whose_name_is_not_utf8_is_replicated_or_the_pair_is_not_in_sync(make_pair):
+    """A file named in Latin-1 (b"caf\\xe9.txt") on the primary. Either it reaches the
+    secondary, or the secondary must not say it is in sync: after a failover it would be
+    gone without a word in status."""
+    pair = make_pair()
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    write(a / "plain.txt", "plain\n")
+    with open(os.path.join(os.fsencode(a), b"caf\xe9.txt"), "wb") as fh:
+        fh.write(b"named in Latin-1\n")
+    started(pair)  # beta says synced
+    wait_for(lambda: (b / "plain.txt").exists(), 10, "plain.txt on beta")
+    assert b"caf\xe9.txt" in os.listdir(os.fsencode(b)), \
+        f"beta lacks the file, yet reports {replication(pair.beta)}"
