@@ -421,6 +421,13 @@ OPERATOR = [("PROMOTE", {"force": True}), ("PROMOTE", {"force": False}),
 def test_operator_commands_need_the_nodes_own_key_not_the_peers(make_pair):
     pair = make_pair(node={"strict": "true"}, sentinels={"svc": "sleep 600"})
     pair.start_both()
+
+    def svc() -> dict:
+        st = pair.alpha.status(2.0)
+        return next((s for s in st["sentinels"] if s["name"] == "svc"), {}) if st else {}
+
+    # running before the refused commands (the primary starts it just after saying primary)
+    pid = wait_for(lambda: svc().get("state") == "running" and svc()["pid"], 15, "svc running")
     for node, peer in (("alpha", "beta"), ("beta", "alpha")):
         sock = _control(pair, peer, node)  # the peer's key, speaking to `node`
         try:
@@ -432,8 +439,8 @@ def test_operator_commands_need_the_nodes_own_key_not_the_peers(make_pair):
             sock.close()
     assert pair.alpha.status()["state"] == "primary"
     assert pair.beta.status()["state"] == "secondary"
-    sentinels = {s["name"]: s for s in pair.alpha.status()["sentinels"]}
-    assert sentinels["svc"]["state"] == "running" and sentinels["svc"]["active"]
+    after = svc()  # the refused stop and start changed nothing: the same process runs
+    assert after["state"] == "running" and after["active"] and after["pid"] == pid, after
     # the node's own key (its operator's tools) may; a peer command from it is dropped
     own = _control(pair, "beta", "beta")
     try:
