@@ -1,0 +1,105 @@
+"""Roles under pauses and hand-overs that the other end-to-end tests do not cover (real nodes,
+real sockets, a recording sentinel: tests/recorder.py)."""
+from __future__ import annotations
+
+import secrets
+import signal
+import time
+
+from sbs.tools.client import request
+
+from tests.pair import wait_for
+from tests.recorder import lives, overlaps, recorder_command
+from tests.test_e2e_sentinels import marked, running_pid
+
+
+def _alpha_never_primary(pair, seconds: float) -> None:
+    """For `seconds` after a resume (longer than alpha's wait for beta's news): alpha is never
+    primary, beta always is."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        assert pair.alpha.state() != "primary", pair.alpha.tail_log()
+        assert pair.beta.state() == "primary", pair.beta.tail_log()
+
+
+def _beta_primary(make_pair, tmp_path):
+    """beta primary (epoch 1) with its recording sentinel, alpha secondary."""
+    record = tmp_path / "record.txt"
+    token = f"sbs-e2e-review-{secrets.token_hex(4)}"
+    pair = make_pair(node={"heartbeat": 0.2, "dead_after": 1.0},
+                     sentinels={"svc": recorder_command(tmp_path, record, token)})
+    pair.beta.start()
+    pair.beta.wait_state("primary")
+    pair.alpha.start()
+    pair.alpha.wait_state("secondary")
+    wait_for(lambda: (st := pair.beta.status(0.5)) and st["peer_state"] == "secondary"
+             and st["replication"].get("synced", True), 10, "beta to see alpha as secondary")
+    wait_for(lambda: running_pid(pair.beta, "svc") and lives(record), 5, "svc on beta")
+    return pair, record, token
+
+
+def test_a_hand_over_to_a_paused_secondary_is_not_obeyed_after_the_old_primary_took_back(
+        make_pair, tmp_path):
+    """beta hands over to alpha just as alpha is paused; alpha never hears it, so beta, a
+    secondary with a silent peer, takes the role back after dead_after (epoch 2), runs the
+    service and finishes writing a file. When alpha resumes, the HANDOVER that waited in its
+    socket for seconds describes a world long gone: alpha must follow beta, not take over
+    (which gives it epoch 2 too, wins the tie by name, and sets beta's file aside)."""
+    pair, record, token = _beta_primary(make_pair, tmp_path)
+    pair.alpha.signal(signal.SIGSTOP)
+    try:
+        reply = request(pair.beta.cfg, "PROMOTE", {"force": False}, timeout=5)
+        assert reply and reply["status"] == "ok", reply
+        wait_for(lambda: "handed over to" in pair.beta.log.read_text(), 5,
+                 f"beta to hand over{pair.beta.tail_log()}")
+        st = wait_for(lambda: (st := pair.beta.status(0.5)) and st["state"] == "primary"
+                      and st["epoch"] == 2 and st, 10,
+                      f"beta to take the role back on alpha's silence{pair.beta.tail_log()}")
+        wait_for(lambda: running_pid(pair.beta, "svc"), 5, "svc on beta again")
+        before = st["replication"]["seq"]
+        (pair.folder("beta") / "finished.txt").write_text("written on the primary\n")
+        wait_for(lambda: (pair.beta.status(0.5) or {}).get("replication", {}).get("seq", 0)
+                 > before, 10, "beta to publish the file")
+    finally:
+        pair.alpha.signal(signal.SIGCONT)
+    _alpha_never_primary(pair, 3.0)
+    alpha_log = pair.alpha.log.read_text()
+    assert "PRIMARY now" not in alpha_log, (
+        "alpha took over on a stale hand-over:\n" + "\n".join(
+            line for line in alpha_log.splitlines()
+            if "->" in line or "PRIMARY" in line or "handover" in line.lower()))
+    wait_for(lambda: (pair.folder("alpha") / "finished.txt").exists(), 10,
+             f"beta's file on alpha{pair.alpha.tail_log()}")
+    assert (pair.folder("beta") / "finished.txt").read_text() == "written on the primary\n"
+    assert overlaps(record) == [], f"the service ran on both nodes at once: {lives(record)}"
+    pair.stop()
+    wait_for(lambda: not marked(token), 10, "every svc to end")
+
+
+def test_a_secondary_paused_longer_than_dead_after_follows_again_and_takes_nothing(
+        make_pair, tmp_path):
+    """The primary is fine; its secondary is paused (SIGSTOP) for several dead_after. Back, the
+    secondary must follow the primary again, not take over on a silence that was its own."""
+    pair, record, token = _beta_primary(make_pair, tmp_path)
+    pair.alpha.signal(signal.SIGSTOP)
+    try:
+        (pair.folder("beta") / "during.txt").write_text("written while alpha slept\n")
+        wait_for(lambda: "peer alpha silent" in pair.beta.log.read_text(), 10,
+                 "beta to find alpha silent")
+        # paused for more than 3 x dead_after in all (beta's status answers meanwhile)
+        end = time.monotonic() + 2.5
+        wait_for(lambda: time.monotonic() >= end and pair.beta.state() == "primary", 10,
+                 "the pause to last")
+    finally:
+        pair.alpha.signal(signal.SIGCONT)
+    _alpha_never_primary(pair, 3.0)
+    wait_for(lambda: (pair.folder("alpha") / "during.txt").exists(), 15,
+             f"alpha to follow again{pair.alpha.tail_log()}")
+    alpha_log = pair.alpha.log.read_text()
+    assert "PRIMARY now" not in alpha_log, "\n".join(
+        line for line in alpha_log.splitlines() if "->" in line or "PRIMARY" in line)
+    assert pair.beta.state() == "primary" and pair.alpha.state() == "secondary"
+    assert overlaps(record) == [], f"the service ran on both nodes at once: {lives(record)}"
+    pair.stop()
+    wait_for(lambda: not marked(token), 10, "every svc to end")
+
