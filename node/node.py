@@ -408,6 +408,10 @@ class Node:
 
     def _do_send_handover(self, **_: Any) -> None:
         self.primacy.resign()  # dcs: the key goes first, the peer takes it on HANDOVER
+        # the peer's term will be at least ours + 1: should we take the role back (the peer went
+        # silent, perhaps only to us), our term must be above it, or a tie by name could make
+        # the node that hears the other one keep the role while the deaf one keeps it too
+        self.saw_epoch(self.epoch + 1)
         body = {"name": self.cfg.name, "run": self.run_id, "epoch": self.epoch,
                 "seq": self.primary.seq, "why": self.ops.handover_why[:300]}
         self.link.send_handover(body)

@@ -103,3 +103,46 @@ def test_a_secondary_paused_longer_than_dead_after_follows_again_and_takes_nothi
     pair.stop()
     wait_for(lambda: not marked(token), 10, "every svc to end")
 
+
+def test_a_hand_over_followed_by_a_one_way_cut_leaves_one_primary(make_pair, tmp_path):
+    """beta (primary) hands over to alpha just as what alpha sends stops reaching beta (a one-way
+    cut). alpha takes over; beta, deaf to it, takes the role back on silence. alpha hears beta
+    primary: the rule must make one of them yield, and it must be alpha, the one that can hear
+    (beta cannot hear alpha's verdict). With equal epochs the smaller name, alpha, won the tie
+    and both ran the service until the link healed."""
+    record = tmp_path / "record.txt"
+    token = f"sbs-e2e-review-{secrets.token_hex(4)}"
+    pair = make_pair(proxy=True, node={"heartbeat": 0.2, "dead_after": 1.0},
+                     sentinels={"svc": recorder_command(tmp_path, record, token)})
+    pair.beta.start()
+    pair.beta.wait_state("primary")
+    pair.alpha.start()
+    pair.alpha.wait_state("secondary")
+    wait_for(lambda: (st := pair.beta.status(0.5)) and st["peer_state"] == "secondary"
+             and st["replication"].get("peer_following"), 10, "beta to see alpha following")
+    for name, proxy in pair.proxies.items():
+        wait_for(lambda p=proxy: min(p.passed(pair.port)) > 2000, 10, f"pings via {name}")
+    wait_for(lambda: running_pid(pair.beta, "svc"), 5, "svc on beta")
+    pair.cut("alpha", "beta")
+    reply = request(pair.beta.cfg, "PROMOTE", {"force": False}, timeout=5)
+    assert reply and reply["status"] == "ok", reply
+    wait_for(lambda: "handed over to" in pair.beta.log.read_text(), 5,
+             f"beta to hand over{pair.beta.tail_log()}")
+    wait_for(lambda: "PRIMARY now" in pair.alpha.log.read_text(), 5,
+             f"alpha to take over{pair.alpha.tail_log()}")
+    wait_for(lambda: pair.beta.log.read_text().count("PRIMARY now") >= 2, 10,
+             f"beta to take the role back on alpha's silence{pair.beta.tail_log()}")
+    # alpha hears beta: within a few seconds one of them yields, and stays so
+    wait_for(lambda: len(pair.primaries()) == 1, 10,
+             f"one primary{pair.alpha.tail_log()}{pair.beta.tail_log()}")
+    end = time.monotonic() + 2.0
+    while time.monotonic() < end:
+        assert len(pair.primaries()) == 1, f"{pair.alpha.tail_log()}{pair.beta.tail_log()}"
+    assert pair.beta.state() == "primary"
+    assert wait_for(lambda: (pid := running_pid(pair.beta, "svc")) and pid, 5, "svc on beta")
+    assert running_pid(pair.alpha, "svc") is None
+    pair.heal()
+    wait_for(lambda: sorted([pair.alpha.state(), pair.beta.state()]) == ["primary", "secondary"],
+             15, "one primary after the heal")
+    pair.stop()
+    wait_for(lambda: not marked(token), 10, "every svc to end")
