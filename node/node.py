@@ -255,6 +255,7 @@ class Node:
             self.feed(E.PROBE_TIMEOUT)
             if self.state == S.STARTING:  # dcs: still waiting for the key; ask again later
                 self.probe_deadline = now + self.cfg.dead_after
+        self.link.release_held(now)  # a held HANDOVER is obeyed rather than the silence after it
         if self.peer.silent(now):
             self.peer.alive = False
             log.warning("peer %s silent for %.2fs (last state %s)", self.peer.name or self.cfg.peer,
@@ -549,8 +550,8 @@ class PeerLink:
 
     def release_held(self, now: float) -> None:
         """A HANDOVER read while back from being away, once the peer had time to tell us what
-        it did meanwhile: obeyed only if it is still the peer's latest word."""
-        if self.held is None or now < self.away_until:
+        it did meanwhile (or fell silent): obeyed only if it is still the peer's latest word."""
+        if self.held is None or (now < self.away_until and not self.node.peer.silent(now)):
             return
         msg, self.held = self.held, None
         if self.node.peer.state == "primary":
