@@ -167,3 +167,31 @@ def test_a_secondary_paused_while_its_primary_stops_takes_over_when_it_resumes(
     assert overlaps(record) == [], f"the service ran on both nodes at once: {lives(record)}"
     pair.stop()
     wait_for(lambda: not marked(token), 10, "every svc to end")
+
+
+def test_a_primary_restarted_while_its_secondary_is_paused_stays_primary(make_pair, tmp_path):
+    """beta (primary) is restarted (SIGTERM, start) while alpha is paused: the old run hands
+    over to the paused alpha and ends, the new run finds nobody and is primary again. alpha,
+    resumed, must follow the new run: the HANDOVER of a run that is gone is not obeyed."""
+    pair, record, token = _beta_primary(make_pair, tmp_path)
+    pair.alpha.signal(signal.SIGSTOP)
+    try:
+        pair.beta.signal(signal.SIGTERM)
+        assert pair.beta.wait_exit(20) == 0
+        assert "handed over to alpha" in pair.beta.log.read_text()
+        pair.beta.start()
+        pair.beta.wait_state("primary", timeout=15)
+        wait_for(lambda: running_pid(pair.beta, "svc"), 5, "svc on the new beta")
+        (pair.folder("beta") / "after-restart.txt").write_text("written by the new run\n")
+    finally:
+        pair.alpha.signal(signal.SIGCONT)
+    _alpha_never_primary(pair, 3.0)
+    alpha_log = pair.alpha.log.read_text()
+    assert "PRIMARY now" not in alpha_log, "\n".join(
+        line for line in alpha_log.splitlines() if "->" in line or "PRIMARY" in line)
+    wait_for(lambda: (pair.folder("alpha") / "after-restart.txt").exists(), 15,
+             f"the new run's file on alpha{pair.alpha.tail_log()}")
+    assert (pair.folder("beta") / "after-restart.txt").exists()
+    assert overlaps(record) == [], f"the service ran on both nodes at once: {lives(record)}"
+    pair.stop()
+    wait_for(lambda: not marked(token), 10, "every svc to end")
