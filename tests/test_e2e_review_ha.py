@@ -10,7 +10,7 @@ from sbs.tools.client import request
 
 from tests.pair import wait_for
 from tests.recorder import lives, overlaps, recorder_command
-from tests.test_e2e_sentinels import marked, running_pid
+from tests.test_e2e_sentinels import alive, marked, running_pid
 
 
 def _alpha_never_primary(pair, seconds: float) -> None:
@@ -193,5 +193,43 @@ def test_a_primary_restarted_while_its_secondary_is_paused_stays_primary(make_pa
              f"the new run's file on alpha{pair.alpha.tail_log()}")
     assert (pair.folder("beta") / "after-restart.txt").exists()
     assert overlaps(record) == [], f"the service ran on both nodes at once: {lives(record)}"
+    pair.stop()
+    wait_for(lambda: not marked(token), 10, "every svc to end")
+
+
+def test_sentinels_stopped_by_the_guard_come_back_after_an_aborted_hand_over(make_pair,
+                                                                              tmp_path):
+    """alpha (primary) is paused past the guard's deadline but not past dead_after: the guard
+    stops svc and alpha holds it for dead_after + heartbeat. Meanwhile a promote starts a
+    hand-over whose final sync outlasts that hold (a file beta cannot apply: beta is paused
+    too), and ends aborted on beta's silence. alpha is primary again, alone: svc must run."""
+    record = tmp_path / "record.txt"
+    token = f"sbs-e2e-review-{secrets.token_hex(4)}"
+    pair = make_pair(node={"heartbeat": 0.2, "dead_after": 3.0},
+                     sentinels={"svc": recorder_command(tmp_path, record, token)})
+    pair.start_both()
+    first = wait_for(lambda: running_pid(pair.alpha, "svc"), 5, "svc on alpha")
+    pair.alpha.signal(signal.SIGSTOP)
+    try:
+        # the guard stops svc 2 s (2/3 of dead_after) after alpha's last heartbeat
+        wait_for(lambda: not alive(first), 5, "the guard to stop svc")
+    finally:
+        pair.alpha.signal(signal.SIGCONT)
+    wait_for(lambda: "sentinels stopped" in pair.alpha.log.read_text(), 5, "alpha to see it")
+    end = time.monotonic() + 0.8  # past a heartbeat of beta's after alpha's resume
+    wait_for(lambda: time.monotonic() >= end, 2, "beta's next heartbeats")
+    assert pair.alpha.state() == "primary" and pair.beta.state() == "secondary"
+    pair.beta.signal(signal.SIGSTOP)
+    try:
+        (pair.folder("alpha") / "late.txt").write_text("beta cannot apply this now\n")
+        reply = request(pair.alpha.cfg, "PROMOTE", {"force": False}, timeout=5)
+        assert reply and reply["status"] == "ok", reply
+        wait_for(lambda: "hand-over aborted" in pair.alpha.log.read_text(), 10,
+                 f"the hand-over to end aborted{pair.alpha.tail_log()}")
+        assert pair.alpha.state() == "primary"
+        wait_for(lambda: running_pid(pair.alpha, "svc"), 10,
+                 f"svc to run again on alpha, the only primary{pair.alpha.tail_log()}")
+    finally:
+        pair.beta.signal(signal.SIGCONT)
     pair.stop()
     wait_for(lambda: not marked(token), 10, "every svc to end")
