@@ -233,3 +233,40 @@ def test_sentinels_stopped_by_the_guard_come_back_after_an_aborted_hand_over(mak
         pair.beta.signal(signal.SIGCONT)
     pair.stop()
     wait_for(lambda: not marked(token), 10, "every svc to end")
+
+
+def test_a_peer_silent_only_for_a_while_during_a_slow_hand_over_is_not_taken_over_from(
+        make_pair, tmp_path):
+    """alpha hands over; its svc ignores SIGTERM, so the stop takes the 5 s grace. Meanwhile
+    beta is paused past dead_after and resumed: alpha, stopping, holds that silence back. Once
+    svc is gone alpha hands over and beta takes over; the silence, long over by then, must not
+    make alpha take the role straight back (the service on both, the hand-over undone)."""
+    record = tmp_path / "record.txt"
+    token = f"sbs-e2e-review-{secrets.token_hex(4)}"
+    pair = make_pair(node={"heartbeat": 0.2, "dead_after": 1.0},
+                     sentinels={"svc": recorder_command(tmp_path, record, token,
+                                                        stubborn=True)})
+    pair.start_both()
+    wait_for(lambda: running_pid(pair.alpha, "svc") and lives(record), 5, "svc on alpha")
+    reply = request(pair.alpha.cfg, "PROMOTE", {"force": False}, timeout=5)
+    assert reply and reply["status"] == "ok", reply
+    wait_for(lambda: "stopping sentinels; then" in pair.alpha.log.read_text(), 10,
+             f"alpha to stop svc{pair.alpha.tail_log()}")
+    pair.beta.signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: "peer beta silent" in pair.alpha.log.read_text(), 4,
+                 f"alpha to find beta silent{pair.alpha.tail_log()}")
+    finally:
+        pair.beta.signal(signal.SIGCONT)
+    assert "handed over to beta" not in pair.alpha.log.read_text()  # still stopping svc
+    pair.beta.wait_state("primary", timeout=15)
+    end = time.monotonic() + 3.0
+    while time.monotonic() < end:
+        assert pair.alpha.state() != "primary", pair.alpha.tail_log()
+    alpha_log = pair.alpha.log.read_text()
+    assert alpha_log.count("PRIMARY now") == 1, "\n".join(
+        line for line in alpha_log.splitlines() if "->" in line or "PRIMARY" in line)
+    assert pair.beta.state() == "primary"
+    assert overlaps(record) == [], f"the service ran on both nodes at once: {lives(record)}"
+    pair.stop()
+    wait_for(lambda: not marked(token), 10, "every svc to end")
