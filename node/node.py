@@ -247,6 +247,11 @@ class Node:
         self.sentinel_stop.tick(now)
         if self.writes.failing or self.agreed.write_error:
             self._retry_writes(now)
+        if (self.state == S.STARTING and now >= self.probe_deadline and self.peer.alive
+                and self.peer.state == "stopping"):
+            # a peer that is leaving answers: it hands over (or falls silent) once its
+            # sentinels are gone, which may take their grace time; not primary before that
+            self.probe_deadline = now + self.cfg.heartbeat
         if self.state == S.STARTING and now >= self.probe_deadline:
             if not self.probed:
                 log.info("no answer from peer %s within %.1fs", self.cfg.peer,

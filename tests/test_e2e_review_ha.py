@@ -270,3 +270,28 @@ def test_a_peer_silent_only_for_a_while_during_a_slow_hand_over_is_not_taken_ove
     assert overlaps(record) == [], f"the service ran on both nodes at once: {lives(record)}"
     pair.stop()
     wait_for(lambda: not marked(token), 10, "every svc to end")
+
+
+def test_a_node_starting_next_to_a_primary_still_stopping_its_service_waits_for_it(
+        make_pair, tmp_path):
+    """alpha, alone, is stopped (SIGTERM) and its svc ignores SIGTERM: it stops for the 5 s
+    grace, alpha answering as "stopping" all along. beta starts meanwhile. A stopping peer
+    hands over or falls silent, and a secondary waits for that; a starting node must too, not
+    become primary at the end of its probe and run svc beside alpha's."""
+    record = tmp_path / "record.txt"
+    token = f"sbs-e2e-review-{secrets.token_hex(4)}"
+    pair = make_pair(node={"heartbeat": 0.2, "dead_after": 1.0},
+                     sentinels={"svc": recorder_command(tmp_path, record, token,
+                                                        stubborn=True)})
+    pair.alpha.start()
+    pair.alpha.wait_state("primary")
+    wait_for(lambda: running_pid(pair.alpha, "svc") and lives(record), 5, "svc on alpha")
+    pair.alpha.signal(signal.SIGTERM)
+    wait_for(lambda: "stopping sentinels; then" in pair.alpha.log.read_text(), 10,
+             f"alpha to stop svc{pair.alpha.tail_log()}")
+    pair.beta.start()
+    wait_for(lambda: len(lives(record)) == 2, 20, f"svc on beta{pair.beta.tail_log()}")
+    assert pair.alpha.wait_exit(20) == 0
+    assert overlaps(record) == [], f"the service ran on both nodes at once: {lives(record)}"
+    pair.stop()
+    wait_for(lambda: not marked(token), 10, "every svc to end")
