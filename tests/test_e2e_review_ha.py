@@ -295,3 +295,32 @@ def test_a_node_starting_next_to_a_primary_still_stopping_its_service_waits_for_
     assert overlaps(record) == [], f"the service ran on both nodes at once: {lives(record)}"
     pair.stop()
     wait_for(lambda: not marked(token), 10, "every svc to end")
+
+
+def test_a_node_paused_while_it_probes_follows_the_peer_that_started_meanwhile(make_pair):
+    """alpha starts and is paused while it probes; beta starts, finds nobody, is primary and
+    gets a file. alpha, resumed past its probe window, must follow beta, not become primary
+    on a probe that went unanswered only because alpha itself was paused (both at epoch 1, it
+    would win by name and set beta's file aside)."""
+    pair = make_pair(node={"heartbeat": 0.2, "dead_after": 1.0})
+    pair.alpha.start()
+    wait_for(lambda: (st := pair.alpha.status(0.5)) and st["state"] == "starting", 10,
+             "alpha to answer while it probes")
+    pair.alpha.signal(signal.SIGSTOP)
+    try:
+        pair.beta.start()
+        pair.beta.wait_state("primary", timeout=15)
+        (pair.folder("beta") / "beta.txt").write_text("written on the only primary\n")
+        wait_for(lambda: (pair.beta.status(0.5) or {}).get("replication", {}).get("seq", 0) > 0,
+                 10, "beta to publish the file")
+    finally:
+        pair.alpha.signal(signal.SIGCONT)
+    wait_for(lambda: pair.alpha.state() in ("primary", "secondary"), 15, "alpha to decide")
+    end = time.monotonic() + 2.0
+    while time.monotonic() < end:
+        assert pair.alpha.state() != "primary", pair.alpha.tail_log()
+    assert "PRIMARY now" not in pair.alpha.log.read_text(), pair.alpha.tail_log()
+    wait_for(lambda: (pair.folder("alpha") / "beta.txt").exists(), 15,
+             f"beta's file on alpha{pair.alpha.tail_log()}")
+    assert pair.beta.state() == "primary"
+    assert (pair.folder("beta") / "beta.txt").exists()
