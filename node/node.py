@@ -44,7 +44,7 @@ from .notify import Notifier
 from .ops import Operator
 from .pairlists import PairLists
 from .peer import Peer
-from .primacy import Primacy, guard_kill_after
+from .primacy import GUARD_SHARE, Primacy, guard_kill_after
 from .primary import Primary
 from .protocol import Bad, Message
 from .reports import Reports
@@ -182,6 +182,7 @@ class Node:
         now = time.monotonic()
         timeout = max(0.0, self._next_deadline(now) - now)
         ready = dict(self.poller.poll(timeout * 1000))
+        self.link.check_away(time.monotonic())  # before anything read now is acted on
         if self.wake_r.fileno() in ready:
             try:
                 while self.wake_r.recv(512):
@@ -226,7 +227,9 @@ class Node:
         secondary, hearing a ping just before the bus heartbeat sent with it, took the
         silence for a stalled bus. The work is the same; the heartbeat no longer waits for
         it."""
-        self.link.tick(time.monotonic())
+        now = time.monotonic()
+        self.link.check_away(now)
+        self.link.tick(now)
 
     def _next_deadline(self, now: float) -> float:
         deadlines = [self.link.next_deadline(), now + 0.5, self.sentinels.next_wakeup(),
@@ -244,6 +247,11 @@ class Node:
         self.sentinel_stop.tick(now)
         if self.writes.failing or self.agreed.write_error:
             self._retry_writes(now)
+        if (self.state == S.STARTING and now >= self.probe_deadline and self.peer.alive
+                and self.peer.state == "stopping"):
+            # a peer that is leaving answers: it hands over (or falls silent) once its
+            # sentinels are gone, which may take their grace time; not primary before that
+            self.probe_deadline = now + self.cfg.heartbeat
         if self.state == S.STARTING and now >= self.probe_deadline:
             if not self.probed:
                 log.info("no answer from peer %s within %.1fs", self.cfg.peer,
@@ -252,6 +260,7 @@ class Node:
             self.feed(E.PROBE_TIMEOUT)
             if self.state == S.STARTING:  # dcs: still waiting for the key; ask again later
                 self.probe_deadline = now + self.cfg.dead_after
+        self.link.release_held(now)  # a held HANDOVER is obeyed rather than the silence after it
         if self.peer.silent(now):
             self.peer.alive = False
             log.warning("peer %s silent for %.2fs (last state %s)", self.peer.name or self.cfg.peer,
@@ -405,6 +414,10 @@ class Node:
 
     def _do_send_handover(self, **_: Any) -> None:
         self.primacy.resign()  # dcs: the key goes first, the peer takes it on HANDOVER
+        # the peer's term will be at least ours + 1: should we take the role back (the peer went
+        # silent, perhaps only to us), our term must be above it, or a tie by name could make
+        # the node that hears the other one keep the role while the deaf one keeps it too
+        self.saw_epoch(self.epoch + 1)
         body = {"name": self.cfg.name, "run": self.run_id, "epoch": self.epoch,
                 "seq": self.primary.seq, "why": self.ops.handover_why[:300]}
         self.link.send_handover(body)
@@ -476,6 +489,10 @@ class PeerLink:
         self.n = 0  # our pings' number: the peer drops an older one that arrives late
         self.next_ping = self.retry_at = 0.0
         self.retry_in = PING_RETRY
+        self.sent_at = 0.0  # when our last ping left (monotonic)
+        # back from being away (see check_away): until then a HANDOVER is held, not obeyed
+        self.away_until = 0.0
+        self.held: Message | None = None
         self.ident: bytes | None = None  # ROUTER identity of the peer's DEALER
         self.dealer = self._open_dealer()
 
@@ -514,9 +531,42 @@ class PeerLink:
 
     # ------------------------------------------------------------------ pings
     def next_deadline(self) -> float:
-        return min(self.next_ping, self.retry_at) if self.retry_at else self.next_ping
+        due = min(self.next_ping, self.retry_at) if self.retry_at else self.next_ping
+        return min(due, self.away_until) if self.held is not None else due
+
+    def check_away(self, now: float) -> None:
+        """No ping of ours left for most of dead_after: this node was paused, stuck or starved,
+        and the peer may have acted on its silence (taken over, or taken the role back after a
+        hand-over it sent us). What we read now may be seconds old, and the peer's silence
+        meanwhile was ours: the peer's silence counts from now, and a HANDOVER waits for the
+        peer's news (release_held) instead of being obeyed at once."""
+        node = self.node
+        if not self.sent_at or now - self.sent_at <= node.cfg.dead_after * GUARD_SHARE:
+            return
+        log.warning("no ping left this node for %.2fs (paused, stuck or starved): the peer's "
+                    "silence counts from now, and a hand-over waits %.1fs for its news",
+                    now - self.sent_at, node.cfg.dead_after + node.cfg.heartbeat)
+        self.away_until = now + node.cfg.dead_after + node.cfg.heartbeat
+        node.peer.counts_from = now
+        if node.state == S.STARTING:
+            node.probe_deadline = max(node.probe_deadline, now + node.cfg.dead_after)
+        self.send_ping()  # the peer hears at once that we are back, and as what
+        self.next_ping = now + node.cfg.heartbeat
+
+    def release_held(self, now: float) -> None:
+        """A HANDOVER read while back from being away, once the peer had time to tell us what
+        it did meanwhile (or fell silent): obeyed only if it is still the peer's latest word."""
+        if self.held is None or (now < self.away_until and not self.node.peer.silent(now)):
+            return
+        msg, self.held = self.held, None
+        if self.node.peer.state == "primary":
+            log.warning("dropped a HANDOVER read after a pause: %s is primary again (epoch %d)",
+                        self.node.peer.name, self.node.peer.epoch)
+            return
+        self.obey(msg, E.PEER_HANDOVER)
 
     def tick(self, now: float) -> None:
+        self.release_held(now)
         if now >= self.next_ping:
             self.send_ping()
             self.next_ping = now + self.node.cfg.heartbeat
@@ -528,6 +578,7 @@ class PeerLink:
     def send_ping(self) -> None:
         node = self.node
         node.primacy.confirm()  # the guard's deadline moves with each heartbeat we send
+        self.sent_at = time.monotonic()
         self._ping(time.monotonic())
         node.pub.send_multipart(protocol.encode_bus("HB", {
             "name": node.cfg.name, "run": node.run_id, "epoch": node.epoch,
@@ -619,6 +670,12 @@ class PeerLink:
     def obey(self, msg: Message, event: E) -> None:
         """HANDOVER and ASK_HANDOVER: an event, when the current run of the peer sends it."""
         if self._from_peer(msg):
+            if event == E.PEER_HANDOVER and time.monotonic() < self.away_until:
+                log.warning("HANDOVER from %s read while back from a pause: held until %.1fs "
+                            "from now, for the peer's news", self.node.peer.name,
+                            self.away_until - time.monotonic())
+                self.held = msg
+                return
             if event == E.PEER_HANDOVER:
                 self.node.ops.peer_handover_why = msg.body.get("why", "")
             self.node.feed(event)

@@ -31,6 +31,9 @@ class Peer:
     # None: a peer too old to say, trusted as before)
     heard_at: float = -1e9  # monotonic
     alive: bool = False
+    # the peer's silence counts from here at the earliest: this node was away (paused, stuck or
+    # starved) until then, and what it did not hear meanwhile proves nothing about the peer
+    counts_from: float = -1e9
 
     def update(self, body: dict[str, Any], now: float) -> bool:
         """Take a PING/PONG body. False when it is stale (an older message of the same run)."""
@@ -53,7 +56,7 @@ class Peer:
 
     def expires_at(self) -> float | None:
         """When the peer counts as dead unless heard from again (None: it is not alive)."""
-        return self.heard_at + self.dead_after if self.alive else None
+        return max(self.heard_at, self.counts_from) + self.dead_after if self.alive else None
 
     def silent(self, now: float) -> bool:
         return (expiry := self.expires_at()) is not None and now > expiry

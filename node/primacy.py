@@ -87,7 +87,9 @@ class Primacy:
             self.hold_until = now + self.cfg.heartbeat  # only a renewed lease brings them back
             return
         self.hold_until = None
-        if self.node.state == S.PRIMARY and not self.node.restricted:
+        # a hand-over under way may still be aborted (the peer goes silent): the sentinels must
+        # not stay down on a node that is then primary, with nothing left to start them
+        if self.node.state in (S.PRIMARY, S.HANDOVER) and not self.node.restricted:
             log.warning("still primary %.1f s after the guard stopped the sentinels: starting "
                         "them again", self.cfg.dead_after + self.cfg.heartbeat)
             self.run_sentinels()

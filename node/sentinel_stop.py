@@ -91,5 +91,10 @@ class SentinelStop:
         node.state_at = time.monotonic()  # the state counts from when its actions are done
         node.link.send_ping()
         for event, context in stop.queued:
+            if event == E.PEER_SILENT and node.peer.alive:
+                # heard again since: acting on a silence that is over would take the role back
+                # from a peer we have just handed it to
+                log.info("the peer's silence while the sentinels stopped is over: ignored")
+                continue
             if self.pending is None and node.state != S.STOPPED:
                 node.feed(event, context=context)
