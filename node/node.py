@@ -247,11 +247,7 @@ class Node:
         self.sentinel_stop.tick(now)
         if self.writes.failing or self.agreed.write_error:
             self._retry_writes(now)
-        if (self.state == S.STARTING and now >= self.probe_deadline and self.peer.alive
-                and self.peer.state == "stopping"):
-            # a peer that is leaving answers: it hands over (or falls silent) once its
-            # sentinels are gone, which may take their grace time; not primary before that
-            self.probe_deadline = now + self.cfg.heartbeat
+        self.link.wait_for_leaving_peer(now)
         if self.state == S.STARTING and now >= self.probe_deadline:
             if not self.probed:
                 log.info("no answer from peer %s within %.1fs", self.cfg.peer,
@@ -552,6 +548,14 @@ class PeerLink:
             node.probe_deadline = max(node.probe_deadline, now + node.cfg.dead_after)
         self.send_ping()  # the peer hears at once that we are back, and as what
         self.next_ping = now + node.cfg.heartbeat
+
+    def wait_for_leaving_peer(self, now: float) -> None:
+        """A peer that answers as stopping hands over (or falls silent) once its sentinels are
+        gone, which may take their grace time: a starting node's probe lasts until then."""
+        node = self.node
+        if (node.state == S.STARTING and now >= node.probe_deadline and node.peer.alive
+                and node.peer.state == "stopping"):
+            node.probe_deadline = now + node.cfg.heartbeat
 
     def release_held(self, now: float) -> None:
         """A HANDOVER read while back from being away, once the peer had time to tell us what

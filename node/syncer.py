@@ -458,7 +458,7 @@ class Syncer:
                           name, e["path"])
             self.error = f"disk full in folder {name} ({self.writers[name].root})"
             self.emit("disk_full", folder=name, path=e["path"], error=self.error)
-        elif isinstance(exc, PathError) and self._folder_above_pending(name, e["path"]):
+        elif isinstance(exc, PathError) and folder_above_pending(self.pending, name, e["path"]):
             # what is in the way (an old file where the primary now has a folder) is itself
             # still to be replaced here (its move to the trash failed, say on a full disk):
             # retried after it, not given up for good
@@ -471,15 +471,6 @@ class Syncer:
             log.warning("could not apply %s/%s: %s", name, e["path"], exc)
             self.error = self.error or f"{name}/{e['path']}: {exc}"
 
-    def _folder_above_pending(self, name: str, path: str) -> bool:
-        """Is a folder above path still pending here (to be made, or what is in its way)?"""
-        at = path.rfind("/")
-        while at > 0:
-            path = path[:at]
-            if (name, path) in self.pending:
-                return True
-            at = path.rfind("/")
-        return False
 
 
 def valid_entries(folder: str, entries: list, emit: Callable[..., None], *,
@@ -561,4 +552,15 @@ def _differs(have: dict | None, want: dict) -> bool:
         return have["hash"] != want.get("hash") or have["size"] != want["size"]
     if want["kind"] == "link":
         return have.get("target") != want.get("target")
+    return False
+
+
+def folder_above_pending(pending: dict, name: str, path: str) -> bool:
+    """Is a folder above path still pending (to be made, or what is in its way)?"""
+    at = path.rfind("/")
+    while at > 0:
+        path = path[:at]
+        if (name, path) in pending:
+            return True
+        at = path.rfind("/")
     return False
