@@ -27,7 +27,8 @@ def open_sockets(node: Node) -> None:
     cfg = node.cfg
     node.router = node.socket(zmq.ROUTER, maxmsg=protocol.MAX_CONTROL_IN)
     # no TTL in its heartbeats: a TTL would make the peer's DEALER drop its connection
-    # when our answers stop arriving, and so stop its pings (see PeerLink._open_dealer)
+    # when our answers stop arriving, and so stop its pings (see PeerLink._open_dealer in
+    # node/peerlink.py)
     node.router.setsockopt(zmq.HEARTBEAT_TTL, 0)
     serve(node.router, node.keys)
     node.pub = node.socket(zmq.PUB, maxmsg=protocol.MAX_CONTROL_IN)
