@@ -137,59 +137,36 @@ def test_a_non_root_secondary_writes_a_file_into_a_read_only_folder():
     then cannot rename the file into it: it stays pending for ever. Run in a forked child as
     user nobody when the test runs as root (root writes anywhere)."""
     import shutil
-    import tempfile
-    from pathlib import Path
 
     from sbs.node.index import hash_bytes
     from sbs.node.writer import FolderWriter
 
-    as_nobody = os.geteuid() == 0
-    where = next((d for d in (tempfile.gettempdir(), "/tmp", "/var/tmp")
-                  if os.path.isdir(d) and os.stat(d).st_mode & 0o001), None)
-    if where is None:
-        pytest.skip("no temp folder that user nobody can reach")
-    base = Path(tempfile.mkdtemp(dir=where))
+    from tests.as_nobody import run_as_nobody, temp_dir_for_nobody
+
+    base = temp_dir_for_nobody()
     base.chmod(0o777)
     data = b"in a read-only folder\n"
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never return into pytest
-        code = 1
+
+    def write() -> bytes:
+        w = FolderWriter(base / "docs", base / "state/tmp/docs", base / "state/trash",
+                         base / "state/conflicts")
+        w.make_dir({"path": "ro", "kind": "dir", "size": 0, "mtime_ns": 0, "mode": 0o555})
+        tmp = w.new_temp("ro/f")
+        tmp.write(data)
         try:
-            os.close(read_end)
-            if as_nobody:
-                os.setgroups([])
-                os.setresgid(65534, 65534, 65534)
-                os.setresuid(65534, 65534, 65534)
-            w = FolderWriter(base / "docs", base / "state/tmp/docs", base / "state/trash",
-                             base / "state/conflicts")
-            w.make_dir({"path": "ro", "kind": "dir", "size": 0, "mtime_ns": 0, "mode": 0o555})
-            tmp = w.new_temp("ro/f")
-            tmp.write(data)
-            try:
-                w.commit(tmp, {"path": "ro/f", "kind": "file", "size": len(data),
-                               "mtime_ns": 1_700_000_000_000_000_000, "mode": 0o644,
-                               "hash": hash_bytes(data)})
-                os.write(write_end, b"ok")
-            except OSError as exc:
-                os.write(write_end, f"{type(exc).__name__}: {exc}".encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    chunks = []
-    while chunk := os.read(read_end, 65536):
-        chunks.append(chunk)
-    os.close(read_end)
-    _, status = os.waitpid(pid, 0)
+            w.commit(tmp, {"path": "ro/f", "kind": "file", "size": len(data),
+                           "mtime_ns": 1_700_000_000_000_000_000, "mode": 0o644,
+                           "hash": hash_bytes(data)})
+            return b"ok"
+        except OSError as exc:
+            return f"{type(exc).__name__}: {exc}".encode()
+
     try:
-        assert os.waitstatus_to_exitcode(status) == 0, "the writing child failed"
-        assert b"".join(chunks) == b"ok"
+        assert run_as_nobody(write) == b"ok"
         assert (base / "docs/ro/f").read_bytes() == data
     finally:
-        for p in (base / "docs/ro",):
-            if p.exists():
-                p.chmod(0o755)
+        if (base / "docs/ro").exists():
+            (base / "docs/ro").chmod(0o755)
         shutil.rmtree(base)
 
 

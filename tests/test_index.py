@@ -9,7 +9,6 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 import time
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -28,6 +27,8 @@ from sbs.node.index import (
     scan_folder,
     scan_paths,
 )
+
+from tests.as_nobody import run_as_nobody, temp_dir_for_nobody
 
 WAIT = 15.0  # seconds: the deadline of every wait below
 
@@ -257,62 +258,32 @@ def test_missing_root_raises_folder_missing(tmp_path):
     assert issubclass(FolderMissing, OSError)
 
 
-def _scan_in_a_child(base: Path, *, as_nobody: bool) -> tuple[list[str], list[str], str]:
-    """scan_folder(base) in a forked child, as user nobody when `as_nobody` (root reads any
-    folder). The child has the code in memory already, so it needs to read nothing but `base`:
-    where the checkout or the interpreter lies (a 0700 folder) does not matter."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never return into pytest
-        code = 1
-        try:
-            os.close(read_end)
-            if as_nobody:
-                os.setgroups([])
-                os.setresgid(65534, 65534, 65534)
-                os.setresuid(65534, 65534, 65534)
-            records: list[str] = []
+def _scan_as_nobody(base: Path) -> tuple[list[str], list[str], str]:
+    """scan_folder(base) in a forked child as user nobody (tests/as_nobody.py)."""
 
-            class Keep(logging.Handler):
-                def emit(self, record: logging.LogRecord) -> None:
-                    records.append(record.getMessage())
+    def scan() -> bytes:
+        records: list[str] = []
 
-            index_module.log.addHandler(Keep())
-            skipped: list[str] = []
-            index = scan_folder(str(base), Filter(), HashCache(), skipped=skipped)
-            os.write(write_end, json.dumps([sorted(index), skipped, records]).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    chunks = []
-    while chunk := os.read(read_end, 65536):
-        chunks.append(chunk)
-    os.close(read_end)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "the scanning child failed"
-    index, skipped, records = json.loads(b"".join(chunks))
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                records.append(record.getMessage())
+
+        index_module.log.addHandler(Keep())
+        skipped: list[str] = []
+        index = scan_folder(str(base), Filter(), HashCache(), skipped=skipped)
+        return json.dumps([sorted(index), skipped, records]).encode()
+
+    index, skipped, records = json.loads(run_as_nobody(scan))
     return index, skipped, "\n".join(records)
 
 
-def _reachable_by_all(path: str) -> bool:
-    p = Path(path).resolve()
-    return all(os.stat(d).st_mode & 0o001 for d in (p, *p.parents))
-
-
 def test_unreadable_subfolder_is_skipped():
-    as_nobody = os.geteuid() == 0
-    where = next((d for d in (tempfile.gettempdir(), "/tmp", "/var/tmp")
-                  if os.path.isdir(d) and (not as_nobody or _reachable_by_all(d))), None)
-    if where is None:
-        pytest.skip("running as root and no temp folder that user nobody can reach")
-    base = Path(tempfile.mkdtemp(dir=where))  # its own 0755 folder: nobody must reach it
+    base = temp_dir_for_nobody()  # its own 0755 folder: nobody must reach it
     try:
-        base.chmod(0o755)
         write(base / "ok/f")
         write(base / "locked/f")
         (base / "locked").chmod(0)
-        index, skipped, logged = _scan_in_a_child(base, as_nobody=as_nobody)
+        index, skipped, logged = _scan_as_nobody(base)
     finally:
         (base / "locked").chmod(0o755)
         shutil.rmtree(base)
