@@ -22,11 +22,12 @@ def _alpha_never_primary(pair, seconds: float) -> None:
         assert pair.beta.state() == "primary", pair.beta.tail_log()
 
 
-def _beta_primary(make_pair, tmp_path):
-    """beta primary (epoch 1) with its recording sentinel, alpha secondary."""
+def _beta_primary(make_pair, tmp_path, *, proxy: bool = False):
+    """beta primary (epoch 1) with its recording sentinel, alpha secondary; `proxy`: the link
+    through tests/netproxy.py, so that it can be cut."""
     record = tmp_path / "record.txt"
     token = f"sbs-e2e-review-{secrets.token_hex(4)}"
-    pair = make_pair(node={"heartbeat": 0.2, "dead_after": 1.0},
+    pair = make_pair(proxy=proxy, node={"heartbeat": 0.2, "dead_after": 1.0},
                      sentinels={"svc": recorder_command(tmp_path, record, token)})
     pair.beta.start()
     pair.beta.wait_state("primary")
@@ -114,19 +115,9 @@ def test_a_hand_over_followed_by_a_one_way_cut_leaves_one_primary(make_pair, tmp
     primary: the rule must make one of them yield, and it must be alpha, the one that can hear
     (beta cannot hear alpha's verdict). With equal epochs the smaller name, alpha, won the tie
     and both ran the service until the link healed."""
-    record = tmp_path / "record.txt"
-    token = f"sbs-e2e-review-{secrets.token_hex(4)}"
-    pair = make_pair(proxy=True, node={"heartbeat": 0.2, "dead_after": 1.0},
-                     sentinels={"svc": recorder_command(tmp_path, record, token)})
-    pair.beta.start()
-    pair.beta.wait_state("primary")
-    pair.alpha.start()
-    pair.alpha.wait_state("secondary")
-    wait_for(lambda: (st := pair.beta.status(0.5)) and st["peer_state"] == "secondary"
-             and st["replication"].get("peer_following"), 10, "beta to see alpha following")
+    pair, record, token = _beta_primary(make_pair, tmp_path, proxy=True)
     for name, proxy in pair.proxies.items():
         wait_for(lambda p=proxy: min(p.passed(pair.port)) > 2000, 10, f"pings via {name}")
-    wait_for(lambda: running_pid(pair.beta, "svc"), 5, "svc on beta")
     pair.cut("alpha", "beta")
     reply = request(pair.beta.cfg, "PROMOTE", {"force": False}, timeout=5)
     assert reply and reply["status"] == "ok", reply
