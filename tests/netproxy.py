@@ -7,6 +7,11 @@ side sends, `down` what the target answers. A direction can
     pass     forward the bytes
     swallow  read and drop them, the connections staying open (a pulled cable: no error,
              no reset, nothing arrives)
+    hold     read and keep them, to be sent on when the direction passes again: a pulled
+             cable as TCP lives it, whose open connections lose no byte (retransmitted once
+             the cable is back). A connection that swallowed bytes and then passes carries a
+             stream with a hole in it, which no real link makes: a ZeroMQ peer that meets it
+             mid-greeting may take the rest for an old protocol's (see test_heartbeats.py).
     reset    reset every connection at once (RST), and every new one as soon as it is accepted
 
 One thread runs a selector over every socket; close() ends it and closes them all (bounded).
@@ -18,7 +23,7 @@ import socket
 import struct
 import threading
 
-MODES = ("pass", "swallow", "reset")
+MODES = ("pass", "swallow", "hold", "reset")
 _CHUNK = 65536
 
 
@@ -27,7 +32,7 @@ class _Conn:
 
     def __init__(self, client: socket.socket, target: socket.socket, port: int):
         self.client, self.target, self.port = client, target, port
-        self.passed = {"up": 0, "down": 0}  # bytes forwarded each way
+        self.passed = {"up": 0, "down": 0}  # bytes forwarded (sent on) each way
         self.out = {client: bytearray(), target: bytearray()}  # bytes waiting to go to that socket
         self.connected = False
 
@@ -173,11 +178,12 @@ class Proxy:
             # the mode as of now, not of the loop's turn: bytes sent after set() returned
             # must meet the new mode
             direction = self._direction(conn, sock)
-            if data and self.modes[direction] == "pass":
-                conn.out[conn.other(sock)] += data
-                conn.passed[direction] += len(data)
+            if data and self.modes[direction] in ("pass", "hold"):
+                conn.out[conn.other(sock)] += data  # "hold": sent once the direction passes
             # "swallow": read and dropped, the sender sees its bytes leave as on a live link
-        if events & selectors.EVENT_WRITE:
+        # towards the target is "up", towards the client "down"
+        into = "up" if sock is conn.target else "down"
+        if events & selectors.EVENT_WRITE and self.modes[into] == "pass":
             buf = conn.out[sock]
             if buf:
                 try:
@@ -188,6 +194,7 @@ class Proxy:
                     self._drop(conn, reset=True)
                     return
                 del buf[:sent]
+                conn.passed[into] += sent
 
     def _update_interest(self, modes: dict[str, str]) -> None:
         for conn in list(self.conns):
@@ -198,7 +205,7 @@ class Proxy:
                 # a full buffer stops reading from the other side (back-pressure) while passing
                 if len(conn.out[conn.other(sock)]) > 4 * _CHUNK:
                     want = 0
-                if conn.out[sock]:
+                if conn.out[sock] and modes["up" if sock is conn.target else "down"] == "pass":
                     want |= selectors.EVENT_WRITE
                 if not want:
                     want = selectors.EVENT_WRITE  # selectors needs some interest; writes are no-ops

@@ -106,8 +106,13 @@ def test_a_bus_connection_whose_peer_went_silent_is_dropped_and_made_again(alpha
 
     wait_for(lambda: delivered(b"before"), 15, "the bus to reach alpha's SUB")
     assert subs.count(zmq.EVENT_DISCONNECTED) == 0
-    # a pulled cable: the connections stay open, nothing arrives either way, no error
-    proxy.set(up="swallow", down="swallow")
+    # a pulled cable: the connections stay open, nothing arrives either way, no error; what
+    # was sent meanwhile arrives once it is back, as TCP retransmits it ("hold"). ("swallow"
+    # loses those bytes: a connection made during the cut then carries the tail of beta's
+    # greeting without its start, which libzmq without CURVE takes for ZMTP 1.0, a protocol
+    # with no handshake timer and no heartbeats, and keeps until beta gives up on it: 30 s
+    # here, the test's beta having libzmq's default HANDSHAKE_IVL. No real link does that.)
+    proxy.set(up="hold", down="hold")
     wait_for(lambda: subs.count(zmq.EVENT_DISCONNECTED) >= 1, 20,
              "alpha's SUB to drop the connection that stopped answering its heartbeats")
     # kept cut a while longer: the SUB's new connections give up their handshakes

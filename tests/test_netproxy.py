@@ -1,4 +1,5 @@
-"""The test proxy itself: pass, swallow (open but silent) and reset, per direction."""
+"""The test proxy itself: pass, swallow (open but silent), hold (open, silent, nothing lost)
+and reset, per direction."""
 from __future__ import annotations
 
 import socket
@@ -71,6 +72,36 @@ def test_pass_swallow_and_reset(echo):
         c = socket.create_connection(("127.0.0.3", echo), timeout=2)
         c.sendall(b"new")
         assert c.recv(10) == b"new"
+        c.close()
+    finally:
+        proxy.close()
+
+
+def _recv_exactly(c: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n and (chunk := c.recv(n - len(data))):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_hold_keeps_the_bytes_for_the_heal(echo, direction):
+    """A pulled cable as TCP lives it: nothing arrives while it is out, and every byte sent
+    meanwhile arrives once it is back, in order (swallow loses them)."""
+    proxy = Proxy("127.0.0.3", "127.0.0.1", [echo])
+    try:
+        c = socket.create_connection(("127.0.0.3", echo), timeout=2)
+        proxy.set(**{direction: "hold"})
+        c.sendall(b"sent ")
+        c.sendall(b"while out")
+        c.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            c.recv(10)
+        assert proxy.passed(echo)[1] == 0  # nothing came back through the proxy
+        proxy.heal()
+        c.settimeout(5)
+        assert _recv_exactly(c, 14) == b"sent while out"
+        assert proxy.passed(echo) == (14, 14)
         c.close()
     finally:
         proxy.close()
