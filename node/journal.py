@@ -5,8 +5,17 @@ recorded here: equal means the peer already had this content (safe to replace); 
 a local change that never reached the peer, which must be kept as a conflict copy first.
 
 File format (state_dir/agreed.jsonl): one orjson array per line, ``[folder, relpath, token]``,
-token null for "deleted". Later lines win. Appends are flushed, not fsynced: losing the tail in a
-crash only makes the journal older, which errs toward keeping more conflict copies, never fewer.
+token null for "deleted". Later lines win.
+
+Appends are flushed, not fsynced: a crash of the node loses none of them (they are in the
+kernel's page cache), but a crash of the machine may lose the last ones, and an older journal
+does not only err toward more conflict copies: a file changed here back to a version the pair
+agreed on before (its newer agreement lost with the tail) would look agreed and be replaced
+without a copy. So the journal holds a marker, agreed.jsonl.open, from its opening to its
+clean close (which fsyncs it first), naming the boot it was opened in. A journal found with
+the marker of another boot was open when the machine went down: it is not trusted, and the
+node starts with an empty one (every local file that differs from the primary's is kept as a
+conflict copy: more copies, never fewer). A node killed in the same boot keeps its journal.
 """
 
 from __future__ import annotations
@@ -37,9 +46,46 @@ class Agreed:
         # why the file lags what is in memory ("" when it does not): a failed append (a full
         # state disk) is not raised to the writer, whose work is done; rewrite() catches up
         self.write_error = ""
-        self._load()
+        self.marker = self.path.with_name(self.path.name + ".open")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "ab")  # held open for appends
+        if self._was_open_in_another_boot():
+            self._file = open(self.path, "ab")
+            self._compact()  # the file says what memory says: nothing
+        else:
+            self._load()
+            self._file = open(self.path, "ab")  # held open for appends
+        self._mark_open()
+
+    def _was_open_in_another_boot(self) -> bool:
+        try:
+            boot = self.marker.read_text().strip()
+        except FileNotFoundError:
+            return False  # closed cleanly (or never opened)
+        except (OSError, UnicodeDecodeError):
+            boot = "?"
+        if boot and boot == boot_id():
+            return False  # the node was killed, not the machine: every append is there
+        why = ("it was open when the machine went down (opened in another boot)" if boot
+               else "it could not be written whole before the node stopped")
+        log.warning("%s: %s: its last lines may be lost, so it is not trusted and starts "
+                    "empty; files here that differ from the primary's will be kept as conflict "
+                    "copies", self.path, why)
+        return True
+
+    def _mark_open(self) -> None:
+        """The marker, durable before any append of this boot (temp, fsync, rename)."""
+        tmp = self.marker.with_name(self.marker.name + ".tmp")
+        try:
+            with open(tmp, "w") as f:
+                f.write(boot_id() + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.marker)
+            _fsync_dir(self.path.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.error("cannot write %s (%s): a machine crash before this node stops would go "
+                      "unnoticed by the journal", self.marker, exc)
 
     def _load(self) -> None:
         try:
@@ -176,9 +222,29 @@ class Agreed:
         return entry.get("hash")
 
     def close(self) -> None:
+        """Flush and fsync the journal, then drop the marker: a clean close."""
         with self._lock:
-            if not self._file.closed:
-                self._file.close()
+            if self._file.closed:
+                return
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                clean = self.rewrite()  # a failed append (a full disk): one more try
+            except OSError as exc:
+                log.error("cannot write %s on closing: %s", self.path, exc)
+                clean = False
+            finally:
+                try:
+                    self._file.close()
+                except OSError:
+                    clean = False
+            try:
+                if clean:
+                    self.marker.unlink(missing_ok=True)
+                else:  # the file lags what was agreed: an empty marker, not trusted next time
+                    open(self.marker, "w").close()
+            except OSError as exc:
+                log.error("cannot update %s: %s", self.marker, exc)
 
     def __enter__(self) -> Agreed:
         return self
@@ -202,6 +268,14 @@ def _write_lines(f: Any, items: Iterable[Any], per_write: int = 2048) -> int:
         f.write(b"\n".join(batch) + b"\n")
         n += len(batch)
     return n
+
+
+def boot_id() -> str:
+    """This boot's id (Linux); "" where there is none, which no marker matches."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,9 +1,9 @@
-"""node.journal.Agreed: persistence, torn last line, compaction."""
+"""node.journal.Agreed: persistence, torn last line, compaction, the open marker."""
 
 from __future__ import annotations
 
 import orjson
-from sbs.node.journal import COMPACT_SLACK, Agreed
+from sbs.node.journal import COMPACT_SLACK, Agreed, boot_id
 
 
 def _lines(path) -> list[bytes]:
@@ -142,3 +142,67 @@ def test_a_failed_append_is_kept_in_memory_and_rewritten_whole(tmp_path):
     with Agreed(path) as agreed:
         assert [agreed.get("f", p) for p in ("before.txt", "a.txt", "b.txt", "c.txt")] == [
             "h0", "h1", "h2", "h3"]
+
+
+def _crash(agreed: Agreed) -> None:
+    """The node dies without closing its journal: what it appended is in the file (flushed),
+    the marker stays."""
+    agreed._file.close()
+
+
+def test_a_clean_close_drops_the_marker_and_the_journal_is_trusted(tmp_path):
+    path = tmp_path / "agreed.jsonl"
+    with Agreed(path) as agreed:
+        agreed.update([("f", "a.txt", "h1")])
+        assert agreed.marker.read_text().strip() == boot_id()
+    assert not agreed.marker.exists()
+    with Agreed(path) as agreed:
+        assert agreed.get("f", "a.txt") == "h1"
+
+
+def test_a_journal_left_open_in_this_boot_is_trusted(tmp_path):
+    """A node killed (kill -9, a crash of its own): the machine kept every flushed append."""
+    path = tmp_path / "agreed.jsonl"
+    agreed = Agreed(path)
+    agreed.update([("f", "a.txt", "h1"), ("f", "a.txt", "h2")])
+    _crash(agreed)
+    with Agreed(path) as again:
+        assert again.get("f", "a.txt") == "h2"
+
+
+def test_a_journal_left_open_in_another_boot_is_not_trusted(tmp_path, caplog):
+    """The machine went down with the journal open: its last appends may be lost, and an older
+    agreement read as the last one would let a file changed back to that version be replaced
+    without a conflict copy. The journal starts empty (a copy of every file that differs)."""
+    path = tmp_path / "agreed.jsonl"
+    agreed = Agreed(path)
+    agreed.update([("f", "a.txt", "h1")])
+    agreed.update([("f", "a.txt", "h2")])
+    _crash(agreed)
+    # what the machine's restart leaves: the last append lost, the marker of the boot before
+    path.write_bytes(b"".join(line + b"\n" for line in _lines(path)[:-1]))
+    agreed.marker.write_text("a-boot-before-this-one\n")
+    with Agreed(path) as again:
+        assert again.get("f", "a.txt") is None and len(again) == 0
+        assert again.marker.read_text().strip() == boot_id()  # this boot's, from now on
+        again.update([("f", "b.txt", "h3")])
+    assert "not trusted" in caplog.text and "another boot" in caplog.text
+    with Agreed(path) as again:  # what was agreed since is kept
+        assert again.get("f", "b.txt") == "h3" and again.get("f", "a.txt") is None
+
+
+def test_a_journal_that_could_not_be_written_whole_is_not_trusted_after_a_stop(tmp_path):
+    """A full state disk until the node stops: the file lags what was agreed, so the next
+    start trusts it no more than after a machine crash."""
+    path = tmp_path / "agreed.jsonl"
+    agreed = Agreed(path)
+    agreed.update([("f", "a.txt", "h1")])
+    agreed._file.close()
+    agreed._file = open("/dev/full", "ab")  # the disk is full from now on
+    agreed.update([("f", "a.txt", "h2")])
+    agreed.path = tmp_path / "nowhere" / "agreed.jsonl"  # and rewrite() fails too
+    agreed.close()
+    agreed.path = path
+    assert agreed.marker.read_text() == ""
+    with Agreed(path) as again:
+        assert again.get("f", "a.txt") is None
