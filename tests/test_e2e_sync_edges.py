@@ -252,6 +252,52 @@ def test_a_file_whose_name_is_not_utf8_is_replicated_or_the_pair_is_not_in_sync(
         f"beta lacks the file, yet reports {replication(pair.beta)}"
 
 
+def test_names_that_are_not_utf8_are_counted_and_named_in_both_nodes_status(make_pair):
+    """What the xfail above cannot replicate is not silent: the primary's status counts the
+    objects whose name (or link target) is not UTF-8 and names a few, escaped; the secondary,
+    in sync with everything else, says the same of the primary. One made while the pair runs
+    (the watcher's path) counts too, and stops counting once it is deleted."""
+    from tests.test_e2e_operator import sbs_tools
+
+    pair = make_pair()
+    a = pair.folder("alpha")
+    raw = os.fsencode(a)
+    write(a / "plain.txt", "plain\n")
+    with open(os.path.join(raw, b"caf\xe9.txt"), "wb") as fh:
+        fh.write(b"named in Latin-1\n")
+    os.symlink(b"target-\xff", os.path.join(raw, b"link"))
+    os.mkdir(os.path.join(raw, b"d\xe8r"))
+    with open(os.path.join(raw, b"d\xe8r", b"inside.txt"), "wb") as fh:
+        fh.write(b"in a folder named in Latin-1\n")
+    started(pair)
+
+    def unreplicable(node, count: int) -> dict | None:
+        got = replication(node).get("unreplicable")
+        return got if got and got["count"] == count else None
+
+    want = ["docs/caf\\xe9.txt", "docs/d\\xe8r", "docs/link"]
+    got = wait_for(lambda: unreplicable(pair.alpha, 3), 10, "alpha to count 3")
+    assert got["names"] == want and not got["capped"], got
+    got = wait_for(lambda: unreplicable(pair.beta, 3), 10, "beta to say the primary's 3")
+    assert got["names"] == want, got
+    assert replication(pair.beta)["synced"]  # in sync with everything that can travel
+    shown = sbs_tools("status", "--config", str(pair.beta.config))
+    assert "not replicated: 3 object(s) on the primary" in shown.stdout, shown.stdout
+    assert "docs/caf\\xe9.txt" in shown.stdout, shown.stdout
+
+    made = os.path.join(raw, b"na\xefve.txt")  # while the pair runs: the watcher's path
+    with open(made, "wb") as fh:
+        fh.write(b"also Latin-1\n")
+    wait_for(lambda: unreplicable(pair.alpha, 4), 10, "alpha to count the new one")
+    wait_for(lambda: unreplicable(pair.beta, 4), 10, "beta to say it too")
+    os.unlink(made)
+    os.unlink(os.path.join(raw, b"caf\xe9.txt"))
+    got = wait_for(lambda: unreplicable(pair.alpha, 2), 10, "alpha to count 2 after deletes")
+    assert got["names"] == ["docs/d\\xe8r", "docs/link"], got
+    wait_for(lambda: unreplicable(pair.beta, 2), 10, "beta to follow")
+    assert (pair.folder("beta") / "plain.txt").read_text() == "plain\n"
+
+
 def test_a_failed_fetch_keeps_refused_and_no_room_files_as_they_were(tmp_path):
     """One fetch holds a file that cannot fit (no room: its size is beyond the disk), a file
     refused on commit (its folder is a symlink here) and a big file whose first chunk gets an
