@@ -67,7 +67,7 @@ class Transfer:
                 # do not transfer it (a hostile or corrupt size of 2**62 ends here too)
                 skip.add(e["path"])
                 self._failed(name, e, OSError(errno.ENOSPC, f"{e['size']} bytes needed, "
-                                              f"{free} free"))
+                                                            f"{free} free"))
         try:
             for e in files:
                 if e["size"] == 0:
