@@ -30,6 +30,8 @@ from typing import Any, ClassVar
 import xxhash
 
 from .tree import TEMP_PREFIX, PathError, check_relpath, walk
+from .unreplicable import NAME, TARGET, Unreplicable, watched_bad
+from .unreplicable import utf8_ok as _utf8_ok
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +209,7 @@ class HashCache:
         self.hashed = 0
         self.changed = 0
         self._warned: set[str] = set()
+        self.unreplicable = Unreplicable()  # what the scans skipped as not UTF-8
 
     def __len__(self) -> int:
         return len(self._map)
@@ -248,20 +251,14 @@ class HashCache:
             self._warned.add(key)
             log.warning(msg, *args)
 
+    def skip(self, relpath: str, abspath: str, why: str) -> None:
+        """An object that cannot be replicated (unreplicable.py): kept for status, logged once."""
+        self.unreplicable.add(relpath, why)
+        self.warn_once(abspath, "skipping %r: %s", abspath, why)
+
 
 # ---------------------------------------------------------------------------------------------
 # entries
-
-
-def _utf8_ok(name: str) -> bool:
-    # os.scandir turns undecodable bytes into surrogates, which orjson cannot serialise.
-    if name.isascii():
-        return True
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 # One int object per mode, shared by every Entry: ints above 256 are not shared by Python, and
@@ -448,8 +445,9 @@ def _entry_from_stat(relpath: str, abspath: str, st: os.stat_result, filt: Filte
         except OSError:
             return None
         if not _utf8_ok(target):
-            cache.warn_once(abspath, "skipping %s: link target is not UTF-8", abspath)
+            cache.skip(relpath, abspath, TARGET)
             return None
+        cache.unreplicable.discard(relpath)  # retargeted
         return link_entry(relpath, st, target)
     return None  # sockets, fifos, devices are not replicated
 
@@ -504,7 +502,7 @@ def _walk(rel_dir: str, abs_dir: str, filt: Filter, cache: HashCache, out: dict[
             prefix = here + "/" if here else ""
             abs_here = os.path.join(abs_dir, rel) if rel else abs_dir
             for name in list(dirs):
-                st = _child(name, fd, abs_here, cache, None)
+                st = _child(name, fd, abs_here, cache, None, prefix)
                 if st is None or not stat.S_ISDIR(st.st_mode):
                     dirs.remove(name)  # a temp name, not UTF-8, or gone/replaced meanwhile
                     continue
@@ -543,11 +541,10 @@ def _child(name: str, dir_fd: int, abs_dir: str, cache: HashCache, filt: Filter 
     lstat), or one gone meanwhile."""
     if name.startswith(TEMP_PREFIX):
         return None
-    if not _utf8_ok(name):
-        path = os.path.join(abs_dir, name)
-        cache.warn_once(path, "skipping %r: the name is not UTF-8", path)
-        return None
     if filt is not None and not filt.match(prefix + name):
+        return None
+    if not _utf8_ok(name):
+        cache.skip(prefix + name, os.path.join(abs_dir, name), NAME)
         return None
     try:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -656,7 +653,7 @@ def scan_paths(root: str, filt: Filter, cache: HashCache, index: dict[str, Entry
     """
     root = os.fspath(root)
     _check_root(root)
-    todo = {p for p in relpaths if p == "" or _relpath_ok(p)}
+    todo = {p for p in relpaths if p == "" or _relpath_ok(p) or watched_bad(root, filt, cache, p)}
     if "" in todo:
         fresh_index = scan_folder(root, filt, cache)
         delta = diff(index, fresh_index)

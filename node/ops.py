@@ -45,6 +45,7 @@ class Operator:
         self.peer_handover_why = ""  # why the peer's HANDOVER came
         self.unhealthy = ""  # the sentinel our current hand-over moves, for the log and mail
         self.peer_sick: list[str] = []
+        self.peer_unreplicable: dict[str, Any] | None = None  # the primary's, from its PINGs
         self.last_failure: dict[str, float] = {}
         self.primary_since: float | None = None
         self.standby_since: float | None = None  # primary: monotonic, since a standby is there
@@ -54,8 +55,10 @@ class Operator:
     # -- the pair's settings in every PING ------------------------------------------------------
 
     def peer_fields(self) -> dict[str, Any]:
+        unrepl = self.node.primary.unreplicable() if self.node.state in PRIMARY_LIKE else None
         return {"maint": self.maintenance.record.wire(), "lists": self.listsync.stamp.wire(),
-                "sick": self.health.sick(time.monotonic())[:100]}
+                "sick": self.health.sick(time.monotonic())[:100],
+                **({"unrepl": unrepl} if unrepl else {})}
 
     def on_peer(self, body: dict[str, Any]) -> None:
         """The peer's PING/PONG (already taken by node.peer): adopt its newer maintenance
@@ -66,6 +69,8 @@ class Operator:
             if self.maintenance.offer(rec, peer):
                 node.publish_event("maintenance", on=rec.on, by=rec.by, at=rec.at)
         self.peer_sick = list(body.get("sick") or [])
+        u = body.get("unrepl")  # the schema's fields only, on to our status
+        self.peer_unreplicable = {k: u[k] for k in ("count", "names", "capped")} if u else None
         self.listsync.on_peer(body)
 
     # -- commands -------------------------------------------------------------------------------

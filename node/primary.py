@@ -431,7 +431,12 @@ class Primary:
             "peer_error": peer.error if peer_ok else "",
             "peer_stuck": peer.stuck if ours else "",
             "peer_last_sync": self.peer_last_sync,
+            "unreplicable": self.unreplicable(),
         }
+
+    def unreplicable(self) -> dict[str, Any] | None:
+        """What the scans skip as not UTF-8 (node/unreplicable.py), or None."""
+        return self.scanner.unreplicable if self.scanner is not None else None
 
     def close(self) -> None:
         self.stop()

@@ -244,8 +244,11 @@ PEER_STATE: dict[str, Check] = {
     "maint": obj({"on": b, "at": num(0, 1e11), "by": NAME}),
     "lists": obj({"gen": i(0, 2**53), "at": num(0, 1e11), "by": NAME}),
     "sick": list_of(s(255), 100),  # sentinels that crash-looped here lately (node/health.py)
+    # primary: what its scans skip, not UTF-8, so never replicated (node/unreplicable.py)
+    "unrepl": obj({"count": i(1), "names": list_of(s(300), 5), "capped": b}),
 }
-PEER_STATE_OPTIONAL = ("through", "stuck", "following", "yielded", "maint", "lists", "sick")
+PEER_STATE_OPTIONAL = ("through", "stuck", "following", "yielded", "maint", "lists", "sick",
+                       "unrepl")
 
 FOLDERS = dict_of(list_of(s(1024), 64), 1000, _folder_name)  # name -> [filters]
 SENTINEL_DEFS = dict_of(s(4096), 1000, _sentinel_name)

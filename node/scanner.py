@@ -50,6 +50,7 @@ from .index import (
 )
 from .journal import Agreed
 from .tree import DIR_FLAGS, TEMP_PREFIX
+from .unreplicable import skip_entry, summary
 
 log = logging.getLogger("sbs.scanner")
 
@@ -79,6 +80,9 @@ class Scanner:
         self.index: dict[str, dict[str, dict]] = {n: {} for n in folders}
         self.ident = os.urandom(8)  # a later scanner's messages are not taken for this one's
         self.deltas: collections.deque[dict[str, list[dict]]] = collections.deque()
+        # what the scans skipped as not UTF-8 (unreplicable.summary), for the loop's status
+        self.unreplicable: dict[str, Any] | None = None
+        self._walking = False  # a full scan under way: its folders' records are being redone
         self.thread = threading.Thread(target=self._run, name="sbs-scanner", daemon=True)
 
     def start(self) -> None:
@@ -89,8 +93,13 @@ class Scanner:
         return self.deltas.popleft()
 
     def _send_delta(self, pipe: zmq.Socket, delta: dict[str, list[dict]], kind: bytes) -> None:
+        self._count_unreplicable()
         self.deltas.append(delta)  # before the message: the loop pops it when it reads that
         pipe.send_multipart([b"delta", self.ident, kind])
+
+    def _count_unreplicable(self) -> None:
+        if not self._walking:
+            self.unreplicable = summary((n, self.caches[n].unreplicable) for n in self.folders)
 
     def flush(self, token: str) -> None:
         self.jobs.put(("flush", token))
@@ -243,6 +252,8 @@ class Scanner:
                 self.rotation.note(name, changes)
         if delta:
             self._send_delta(pipe, delta, b"part")
+        else:
+            self._count_unreplicable()
 
     def _waiting_batches(self) -> list[dict[str, set[str]]]:
         """Watch batches at the head of the job queue, taken off it; not past a flush, a stop
@@ -272,6 +283,8 @@ class Scanner:
 
         for name, (root, filt) in self.folders.items():
             skipped: list[str] = []
+            self._walking = True
+            self.caches[name].unreplicable.clear()  # what the walk finds again is kept
             try:
                 fresh = scan_folder(root, filt, self.caches[name], skipped=skipped,
                                     between=between)
@@ -293,6 +306,7 @@ class Scanner:
             if changes:
                 delta[name] = changes
         self.rotation.reset(self.index, time.monotonic())
+        self._walking = False
         self._send_delta(pipe, delta, b"full")
         if not self.scanned:
             self.scanned = True
@@ -329,10 +343,14 @@ class Scanner:
             if changes:
                 delta.setdefault(name, []).extend(changes)
                 self.rotation.note(name, changes, now)
+        for name, (root, _) in self.folders.items():
+            self.caches[name].unreplicable.prune(root)  # gone (or retargeted) meanwhile
         if delta:
             log.info("rolling rescan found what the watcher missed: %s",
                      {n: len(c) for n, c in delta.items()})
             self._send_delta(pipe, delta, b"part")
+        else:
+            self._count_unreplicable()
 
 
 # The smallest slice, in index entries: a tree this size is rescanned whole every period (a few
@@ -489,7 +507,10 @@ def rescan_dir(root: str, filt: Filter, cache: HashCache, index: dict[str, dict]
         with os.scandir(fd) as it:
             for de in it:
                 name = de.name
-                if name.startswith(TEMP_PREFIX) or not (name.isascii() or _utf8_ok(name)):
+                if not name.isascii() and not _utf8_ok(name):
+                    skip_entry(cache, filt, prefix + name, de, base_slash + name)
+                    continue
+                if name.startswith(TEMP_PREFIX):
                     continue
                 path = prefix + name
                 names.add(path)

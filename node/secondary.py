@@ -339,6 +339,8 @@ class Secondary:
             "last_sync": self.last_sync_wall, "error": self.error, "stuck": p.stuck,
             "stalled": self.watch.stalled,
             "stalled_for": round(now - self.watch.stalled_at, 3) if self.watch.stalled else 0.0,
+            # on the primary, not replicated (names not UTF-8): "synced" leaves these out
+            "unreplicable": self.node.ops.peer_unreplicable,
         }
 
     # ------------------------------------------------------------------ the link watch

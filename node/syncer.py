@@ -31,6 +31,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -175,6 +176,8 @@ class Syncer:
             self.pipe.close()
             if self.keeper.at_exit:
                 self._save_caches()
+            for w in self.writers.values():
+                w.close()
 
     def _save_caches(self) -> None:
         self.keeper.save({n: (str(w.root), self.caches[n]) for n, w in self.writers.items()},
@@ -244,16 +247,13 @@ class Syncer:
         for name, f in folders.items():
             w = self.writers.get(name)
             if w is None or str(w.root) != str(f.path):
-                # trash and conflict copies go under <stamp>/<folder>/: two folders may both
-                # hold a config.ini, and the operator must see which one a copy came from
+                if w is not None:
+                    self.writers.pop(name).close()  # the path changed: its fds go with it
                 try:
-                    w = FolderWriter(f.path, sd / "tmp" / name, sd / "trash", sd / "conflicts",
-                                     name=name)
-                    removed = w.cleanup_temps()
+                    w, removed = open_writer(name, f.path, sd)
                 except (OSError, ValueError) as exc:  # that folder is refused, not all of them
                     log.error("folder %s (%s) cannot be replicated here: %s", name,
                               str(f.path)[:200], exc)
-                    self.writers.pop(name, None)
                     continue
                 if removed:
                     log.info("removed %d temp file(s) left by an interrupted sync in %s",
@@ -269,7 +269,7 @@ class Syncer:
         self.handed = None  # what was not taken on is let go
         for name in list(self.writers):
             if name not in folders:
-                del self.writers[name]
+                self.writers.pop(name).close()
                 self.caches.pop(name, None)
                 self.keeper.forget(name)
         self._purge_trash()
@@ -471,6 +471,19 @@ class Syncer:
             log.warning("could not apply %s/%s: %s", name, e["path"], exc)
             self.error = self.error or f"{name}/{e['path']}: {exc}"
 
+
+
+def open_writer(name: str, path: Path, state_dir: Path) -> tuple[FolderWriter, int]:
+    """The writer of a folder, and how many temp files an interrupted sync left (removed)."""
+    # trash and conflict copies go under <stamp>/<folder>/: two folders may both hold a
+    # config.ini, and the operator must see which one a copy came from
+    w = FolderWriter(path, state_dir / "tmp" / name, state_dir / "trash",
+                     state_dir / "conflicts", name=name)
+    try:
+        return w, w.cleanup_temps()
+    except BaseException:
+        w.close()
+        raise
 
 
 def valid_entries(folder: str, entries: list, emit: Callable[..., None], *,

@@ -38,6 +38,9 @@ LANES = 2  # threads writing small files, each with its own temp directory
 class Transfer:
     def __init__(self, syncer: Syncer):
         self.syncer = syncer
+        # paths of the current fetch already applied, pending or refused: a failed fetch
+        # pends the others only (a refusal or a no-room mark must outlive it)
+        self.decided: set[str] = set()
         self._lanes: concurrent.futures.ThreadPoolExecutor | None = None  # small-file writers
         self._lane_id = threading.local()
 
@@ -49,6 +52,7 @@ class Transfer:
         """Fetch, verify and commit files; return what got applied (for the journal)."""
         writer = self.syncer.writers[name]
         done: list[tuple[str, str, str]] = []
+        self.decided = set()
         by_path = {e["path"]: e for e in files if e["size"] > 0}
         big = _BigFiles(writer)
         lanes: collections.deque[concurrent.futures.Future] = collections.deque()
@@ -62,15 +66,15 @@ class Transfer:
                 # the temp file sits next to the old copy until the rename: it cannot fit, so
                 # do not transfer it (a hostile or corrupt size of 2**62 ends here too)
                 skip.add(e["path"])
-                self.syncer.failed(name, e, OSError(errno.ENOSPC, f"{e['size']} bytes needed, "
-                                              f"{free} free"))
+                self._failed(name, e, OSError(errno.ENOSPC, f"{e['size']} bytes needed, "
+                                                            f"{free} free"))
         try:
             for e in files:
                 if e["size"] == 0:
                     try:
                         tmp = writer.new_temp(e["path"])
                     except (PathError, OSError) as exc:
-                        self.syncer.failed(name, e, exc)
+                        self._failed(name, e, exc)
                         continue
                     self._commit(name, [(tmp, e)], done)
             batches = self._batches(name, by_path, skip)
@@ -84,7 +88,8 @@ class Transfer:
                         # changed or gone since the manifest (a read shorter than asked: the
                         # file shrank under the server): the next one will say more
                         big.abandon(e["path"])
-                        if e["path"] not in {x[1] for x in done}:
+                        if e["path"] not in self.decided:
+                            self.decided.add(e["path"])
                             self.syncer.pend(name, e)
                         continue
                     if e["size"] <= SMALL:
@@ -95,7 +100,7 @@ class Transfer:
                     except (PathError, OSError) as exc:
                         big.abandon(e["path"])
                         skip.add(e["path"])
-                        self.syncer.failed(name, e, exc)
+                        self._failed(name, e, exc)
                         continue
                     if whole is not None:
                         self._commit(name, [(whole, e)], done)
@@ -110,9 +115,8 @@ class Transfer:
             self.syncer.fetcher.close()
             while lanes:
                 self._settle(name, lanes.popleft(), done)
-            got = {x[1] for x in done}
             for e in by_path.values():
-                if e["path"] not in got:
+                if e["path"] not in self.decided:
                     self.syncer.pend(name, e)
         except BaseException:
             # an unexpected error: no lane may still be writing into the folder when it leaves
@@ -159,7 +163,7 @@ class Transfer:
     def _settle(self, name: str, fut: concurrent.futures.Future, done: list) -> None:
         failed, items, results = fut.result()
         for e, exc in failed:
-            self.syncer.failed(name, e, exc)
+            self._failed(name, e, exc)
         self._book(name, items, results, done)
 
     def _batches(self, name: str, by_path: dict[str, dict],
@@ -203,15 +207,20 @@ class Transfer:
                 return [exc]
         return writer.commit_many(items)
 
+    def _failed(self, name: str, e: dict, exc: BaseException) -> None:
+        self.decided.add(e["path"])
+        self.syncer.failed(name, e, exc)
+
     def _book(self, name: str, items: list, results: list, done: list) -> None:
         for (tmp, e), res in zip(items, results, strict=True):
+            self.decided.add(e["path"])
             if res is None:
                 done.append((name, e["path"], Agreed.token(e)))
                 self.syncer.keeper.wrote(name, e["path"])
                 self.syncer.progress.event("fetched", name, e)
             else:
                 tmp.abort()
-                self.syncer.failed(name, e, res)
+                self._failed(name, e, res)
 
 
 class _ChunkWriter:

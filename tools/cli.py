@@ -115,6 +115,12 @@ def _print_status(st: dict[str, Any], say: Any) -> None:
         if r.get("stalled"):
             say(f"[red]replication stalled for {r['stalled_for']:.1f}s: "
                 f"{escape(r['stalled'])}[/red]")
+    if u := r.get("unreplicable"):
+        names = ", ".join(escape(n) for n in u["names"])
+        say(f"[red]not replicated: {u['count']}{' or more' if u.get('capped') else ''} "
+            f"object(s) {'here' if r['direction'] == 'outgoing' else 'on the primary'} whose "
+            f"name or link target is not UTF-8: {names}"
+            f"{', ...' if u['count'] > len(u['names']) else ''}[/red]")
     table = Table("sentinel", "active", "state", "pid", "restarts", "command")
     for s in st["sentinels"]:
         table.add_row(s["name"], "yes" if s["active"] else "no", s["state"],
