@@ -213,7 +213,8 @@ def test_a_rejoining_primary_keeps_its_files_in_a_folder_the_new_primary_made_a_
 
 
 @pytest.mark.xfail(strict=True, reason="known, not fixed: a name that is not UTF-8 cannot "
-                   "travel in the JSON manifests, so the primary skips it (a log line only)")
+                   "travel in the JSON manifests, so the primary skips it (counted and named in "
+                   "status, not replicated)")
 def test_a_file_whose_name_is_not_utf8_is_replicated_or_the_pair_is_not_in_sync(make_pair):
     """A file named in Latin-1 (b"caf\\xe9.txt") on the primary. Either it reaches the
     secondary, or the secondary must not say it is in sync: after a failover it would be
