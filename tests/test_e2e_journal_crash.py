@@ -8,14 +8,11 @@ it leaves can: the journal's tail cut and its open-marker naming another boot.
 """
 from __future__ import annotations
 
-import signal
-import time
-
 import orjson
 from sbs.node.index import hash_bytes
 
 from tests.pair import wait_for
-from tests.test_e2e_replication import conflicts, replication, started, wait_equal, write
+from tests.test_e2e_replication import conflicts, crash_with_unsent, started, wait_equal, write
 
 V1, V2 = b"version 1\n", b"version 2\n"
 
@@ -32,23 +29,19 @@ def test_a_file_changed_back_before_a_machine_crash_is_kept_as_a_conflict_copy(m
     wait_for(lambda: line_v2 in journal.read_bytes().splitlines(), 10,
              "alpha to journal version 2 as agreed")
     # alpha changes the file back to version 1; beta, paused, never gets it; alpha's machine
-    # goes down
-    pair.beta.signal(signal.SIGSTOP)
-    seq = replication(pair.alpha)["seq"]
-    write(a / "notes.txt", V1)
-    wait_for(lambda: replication(pair.alpha).get("seq", 0) > seq, 10,
-             "alpha to publish its change")
-    pair.alpha.kill()
-    lines = journal.read_bytes().splitlines(keepends=True)
-    cut = max(i for i, line in enumerate(lines) if line.rstrip(b"\n") == line_v2)
-    journal.write_bytes(b"".join(lines[:cut]))  # the tail the machine lost
-    marker = journal.with_name("agreed.jsonl.open")
-    assert marker.exists(), "alpha's journal has no open-marker while alpha runs"
-    marker.write_text("a-boot-before-this-one\n")  # the machine restarted since
-    paused = time.monotonic()
-    pair.beta.signal(signal.SIGCONT)
-    pair.beta.wait_state("primary", timeout=10)
-    assert time.monotonic() - paused < pair.beta.cfg.dead_after + 5
+    # goes down, and what its restart leaves is the journal's tail lost and its marker naming
+    # the boot before
+
+    def machine_restart() -> None:
+        lines = journal.read_bytes().splitlines(keepends=True)
+        cut = max(i for i, line in enumerate(lines) if line.rstrip(b"\n") == line_v2)
+        journal.write_bytes(b"".join(lines[:cut]))
+        marker = journal.with_name("agreed.jsonl.open")
+        assert marker.exists(), "alpha's journal has no open-marker while alpha runs"
+        marker.write_text("a-boot-before-this-one\n")
+
+    took = crash_with_unsent(pair, lambda: write(a / "notes.txt", V1), machine_restart)
+    assert took < pair.beta.cfg.dead_after + 5
     # alpha comes back as secondary: beta's version 2 replaces its version 1, which it keeps
     pair.alpha.start()
     pair.alpha.wait_state("secondary")

@@ -14,7 +14,7 @@ from sbs.tools.cli import describe
 from sbs.tools.client import request, subscribe
 
 from tests.pair import Pair, wait_for
-from tests.test_e2e_replication import TmpfsNodeProc, _unshare_works
+from tests.test_e2e_replication import TmpfsNodeProc, _unshare_works, crash_with_unsent
 
 _SCRIPT = Path(sys.executable).with_name("sbs-tools")
 SBS_TOOLS = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "sbs.tools.cli"]
@@ -427,14 +427,8 @@ def test_conflicts_kept_by_a_rejoining_primary_are_one_rate_limited_notice(make_
     pair.start_both()
     wait_for(lambda: (b / "shared.txt").exists(), 15, "the first copy")
     # alpha changes two files that never reach beta: beta is paused, then alpha crashes
-    pair.beta.signal(signal.SIGSTOP)
-    seq = pair.alpha.status()["replication"]["seq"]
-    (a / "shared.txt").write_text("v2 on alpha only\n")
-    (a / "alpha only.txt").write_text("created on alpha only\n")
-    wait_for(lambda: pair.alpha.status()["replication"]["seq"] > seq, 10, "alpha's manifest")
-    pair.alpha.kill()
-    pair.beta.signal(signal.SIGCONT)
-    pair.beta.wait_state("primary")
+    crash_with_unsent(pair, lambda: ((a / "shared.txt").write_text("v2 on alpha only\n"),
+                                     (a / "alpha only.txt").write_text("created on alpha only\n")))
     pair.alpha.start()
     pair.alpha.wait_state("secondary")
     wait_for(lambda: (a / "shared.txt").read_text() == "v1\n", 15, "alpha catching up")

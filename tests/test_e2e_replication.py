@@ -1242,6 +1242,24 @@ def test_verify_that_cannot_compare_exits_3_not_1(make_pair):
 
 # -------------------------------------------------------------- rejoin and split brain
 
+def crash_with_unsent(pair: Pair, change: Callable[[], object],
+                      while_down: Callable[[], object] = lambda: None) -> float:
+    """alpha, primary, makes change() that never reaches beta: beta is paused, alpha publishes
+    the change and is killed (kill -9); while_down() runs, then beta resumes and takes over.
+    Returns the seconds from beta's resume to beta primary."""
+    pair.beta.signal(signal.SIGSTOP)
+    seq = replication(pair.alpha)["seq"]
+    change()
+    wait_for(lambda: replication(pair.alpha).get("seq", 0) > seq, 10,
+             "alpha to publish its change")
+    pair.alpha.kill()
+    while_down()
+    resumed = time.monotonic()
+    pair.beta.signal(signal.SIGCONT)
+    pair.beta.wait_state("primary", timeout=10)
+    return time.monotonic() - resumed
+
+
 def conflicts(node: str, pair: Pair) -> dict[str, bytes]:
     root = pair.root / "state" / node / "conflicts"
     out = {}
@@ -1261,17 +1279,9 @@ def test_an_old_primary_rejoins_catches_up_and_keeps_what_it_never_sent(make_pai
     started(pair)
     wait_equal(a, b, 10)
     # alpha changes files that never reach beta: beta is paused, then alpha crashes
-    pair.beta.signal(signal.SIGSTOP)
-    seq = replication(pair.alpha)["seq"]
-    write(a / "shared.txt", "v2, changed on alpha only\n")
-    write(a / "alpha only.txt", "created on alpha only\n")
-    wait_for(lambda: replication(pair.alpha).get("seq", 0) > seq, 10,
-             "alpha to publish its change")
-    pair.alpha.kill()
-    paused = time.monotonic()
-    pair.beta.signal(signal.SIGCONT)
-    pair.beta.wait_state("primary", timeout=10)
-    took = time.monotonic() - paused
+    took = crash_with_unsent(pair, lambda: (
+        write(a / "shared.txt", "v2, changed on alpha only\n"),
+        write(a / "alpha only.txt", "created on alpha only\n")))
     assert took < pair.beta.cfg.dead_after + 2, f"takeover took {took:.1f}s"
     write(b / "while alpha was away.txt", "written on the new primary\n")
     write(b / "stable.txt", "changed on the new primary\n")
