@@ -6,10 +6,20 @@ Every wait polls a condition with a deadline.
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
+import orjson
 import pytest
+import zmq
+from sbs.node import protocol
+from sbs.node.config import Config, load
+from sbs.node.journal import Agreed
+from sbs.node.syncer import Syncer
 
-from tests.pair import wait_for
+from tests.pair import free_port_triplet, wait_for, write_config
 from tests.test_e2e_replication import (
     _unshare_works,
     replication,
@@ -18,6 +28,46 @@ from tests.test_e2e_replication import (
     write,
 )
 from tests.test_e2e_state_disk import fill, on_tmpfs
+
+
+@contextmanager
+def syncer_and_blob_server(tmp_path: Path, answer: Callable[[protocol.Message], list[bytes]]
+                           ) -> Iterator[tuple[Config, Syncer, zmq.Socket]]:
+    """A secondary's Syncer in this process (not started: the test starts it), fetching from
+    a REP on loopback whose replies are answer(request); and the PAIR it reports on."""
+    port = free_port_triplet()
+    (tmp_path / "data/alpha/docs").mkdir(parents=True)
+    cfg = load(write_config(tmp_path, "alpha", port, security={"curve": "false"}))
+    ctx = zmq.Context()
+    rep = ctx.socket(zmq.REP)
+    rep.linger = 0
+    rep.bind(f"tcp://{cfg.peer}:{cfg.blob_port}")  # where the syncer fetches from
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            if rep.poll(50):
+                rep.send_multipart(answer(protocol.decode(rep.recv_multipart())))
+
+    server = threading.Thread(target=serve, name="test-blobs", daemon=True)
+    server.start()
+    pipe = ctx.socket(zmq.PAIR)
+    pipe.linger = 0
+    endpoint = f"inproc://syncer-{port}"
+    pipe.bind(endpoint)
+    agreed = Agreed(tmp_path / "agreed.jsonl")
+    syncer = Syncer(ctx, endpoint, cfg, None, agreed)
+    try:
+        yield cfg, syncer, pipe
+    finally:
+        if syncer.thread.is_alive():
+            syncer.stop()
+        stop.set()
+        server.join(5)
+        rep.close(0)
+        pipe.close(0)
+        agreed.close()
+        ctx.term()
 
 
 @pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and mount (root)")
@@ -53,56 +103,26 @@ def test_a_reply_shorter_than_the_file_leaves_it_pending_not_applied(tmp_path):
     file shrinking under it, or a broken peer), its size still the manifest's: the file is not
     complete, so it stays pending and is fetched again, instead of being dropped while the
     syncer reports the snapshot applied."""
-    import threading
-
-    import orjson
-    import zmq
-    from sbs.node import protocol
-    from sbs.node.config import load
     from sbs.node.index import hash_bytes
-    from sbs.node.journal import Agreed
-    from sbs.node.syncer import Syncer
 
-    from tests.pair import free_port_triplet, write_config
-
-    port = free_port_triplet()
-    (tmp_path / "data/alpha/docs").mkdir(parents=True)
-    cfg = load(write_config(tmp_path, "alpha", port, security={"curve": "false"}))
     content = os.urandom(3 << 19)  # 1.5 MiB: two chunks, the second one of 0.5 MiB
     entry = {"path": "big.bin", "kind": "file", "size": len(content),
              "mtime_ns": 1_700_000_000_000_000_000, "mode": 0o644, "hash": hash_bytes(content)}
-    ctx = zmq.Context()
-    rep = ctx.socket(zmq.REP)
-    rep.linger = 0
-    rep.bind(f"tcp://{cfg.peer}:{cfg.blob_port}")  # where the syncer fetches from
     cut = {"done": False}
-    stop = threading.Event()
 
-    def serve() -> None:
-        while not stop.is_set():
-            if not rep.poll(50):
-                continue
-            msg = protocol.decode(rep.recv_multipart())
-            metas, blobs = [], []
-            for item in msg.body["items"]:
-                data = content[item["o"]:item["o"] + item["n"]]
-                if item["o"] + item["n"] >= len(content) and not cut["done"]:
-                    cut["done"] = True  # the first time only: half of the last chunk
-                    data = data[:len(data) // 2]
-                metas.append({"size": len(content)})
-                blobs.append(data)
-            rep.send_multipart(protocol.encode("DATA", {"id": msg.body["id"], "items": metas},
-                                               *blobs))
+    def answer(msg: protocol.Message) -> list[bytes]:
+        metas, blobs = [], []
+        for item in msg.body["items"]:
+            data = content[item["o"]:item["o"] + item["n"]]
+            if item["o"] + item["n"] >= len(content) and not cut["done"]:
+                cut["done"] = True  # the first time only: half of the last chunk
+                data = data[:len(data) // 2]
+            metas.append({"size": len(content)})
+            blobs.append(data)
+        return protocol.encode("DATA", {"id": msg.body["id"], "items": metas}, *blobs)
 
-    server = threading.Thread(target=serve, name="test-blobs", daemon=True)
-    server.start()
-    pipe = ctx.socket(zmq.PAIR)
-    pipe.linger = 0
-    pipe.bind("inproc://syncer-short")
-    agreed = Agreed(tmp_path / "agreed.jsonl")
-    syncer = Syncer(ctx, "inproc://syncer-short", cfg, None, agreed)
-    target = cfg.folders[0].path / "big.bin"
-    try:
+    with syncer_and_blob_server(tmp_path, answer) as (cfg, syncer, pipe):
+        target = cfg.folders[0].path / "big.bin"
         syncer.start()
         syncer.submit_snapshot(1, {f.name: f for f in cfg.folders}, {"docs": [entry]})
 
@@ -119,14 +139,6 @@ def test_a_reply_shorter_than_the_file_leaves_it_pending_not_applied(tmp_path):
             f"big.bin is neither written nor pending, yet reported: {report}"
         wait_for(lambda: target.exists() and target.read_bytes() == content, 20,
                  "big.bin fetched again, whole")
-    finally:
-        syncer.stop()
-        stop.set()
-        server.join(5)
-        rep.close(0)
-        pipe.close(0)
-        agreed.close()
-        ctx.term()
 
 
 @pytest.mark.xfail(strict=True, reason="known, not fixed: a secondary that does not run as "
@@ -272,23 +284,8 @@ def test_a_failed_fetch_keeps_refused_and_no_room_files_as_they_were(tmp_path):
     error answer (the primary went away mid-fetch: FetchError). The refused file must stay
     refused (not pending, not refused again at the retry) and the file without room must keep
     its mark, so the report says what waiting cannot bring."""
-    import threading
-
-    import orjson
-    import zmq
-    from sbs.node import protocol
-    from sbs.node.config import load
     from sbs.node.index import hash_bytes
-    from sbs.node.journal import Agreed
-    from sbs.node.syncer import Syncer
 
-    from tests.pair import free_port_triplet, write_config
-
-    port = free_port_triplet()
-    (tmp_path / "data/alpha/docs").mkdir(parents=True)
-    (tmp_path / "outside").mkdir()
-    cfg = load(write_config(tmp_path, "alpha", port, security={"curve": "false"}))
-    (cfg.folders[0].path / "sub").symlink_to(tmp_path / "outside")
     small, big = b"refused: its folder is a symlink here\n", os.urandom(3 << 19)
     content = {"sub/f": small, "z.bin": big}
 
@@ -298,49 +295,33 @@ def test_a_failed_fetch_keeps_refused_and_no_room_files_as_they_were(tmp_path):
                 "hash": hash_bytes(data)}
 
     index = [entry("huge.bin", b"", 2**62), entry("sub/f", small), entry("z.bin", big)]
-    ctx = zmq.Context()
-    rep = ctx.socket(zmq.REP)
-    rep.linger = 0
-    rep.bind(f"tcp://{cfg.peer}:{cfg.blob_port}")  # where the syncer fetches from
     failed_once = threading.Event()
-    stop = threading.Event()
 
-    def serve() -> None:
-        while not stop.is_set():
-            if not rep.poll(50):
-                continue
-            msg = protocol.decode(rep.recv_multipart())
-            items = msg.body["items"]
-            if any(it["p"] == "z.bin" for it in items) and not failed_once.is_set():
-                failed_once.set()  # the first time only: the primary is going away
-                rep.send_multipart(protocol.reply_error("gone"))
-                continue
-            blobs = [content[it["p"]][it["o"]:it["o"] + it["n"]] for it in items]
-            rep.send_multipart(protocol.encode(
-                "DATA", {"id": msg.body["id"],
-                         "items": [{"size": len(content[it["p"]])} for it in items]}, *blobs))
+    def answer(msg: protocol.Message) -> list[bytes]:
+        items = msg.body["items"]
+        if any(it["p"] == "z.bin" for it in items) and not failed_once.is_set():
+            failed_once.set()  # the first time only: the primary is going away
+            return protocol.reply_error("gone")
+        blobs = [content[it["p"]][it["o"]:it["o"] + it["n"]] for it in items]
+        return protocol.encode("DATA", {"id": msg.body["id"], "items": [
+            {"size": len(content[it["p"]])} for it in items]}, *blobs)
 
-    server = threading.Thread(target=serve, name="test-blobs", daemon=True)
-    server.start()
-    pipe = ctx.socket(zmq.PAIR)
-    pipe.linger = 0
-    pipe.bind("inproc://syncer-fetch-error")
-    agreed = Agreed(tmp_path / "agreed.jsonl")
-    syncer = Syncer(ctx, "inproc://syncer-fetch-error", cfg, None, agreed)
-    reports: list[dict] = []
-    refused: list[dict] = []
+    with syncer_and_blob_server(tmp_path, answer) as (cfg, syncer, pipe):
+        (tmp_path / "outside").mkdir()
+        (cfg.folders[0].path / "sub").symlink_to(tmp_path / "outside")
+        reports: list[dict] = []
+        refused: list[dict] = []
 
-    def report(n: int) -> dict | None:
-        while pipe.poll(0):
-            kind, body = pipe.recv_multipart()
-            msg = orjson.loads(body)
-            if kind == b"applied":
-                reports.append(msg)
-            elif msg["event"] == "refused":
-                refused.append(msg)
-        return reports[n] if len(reports) > n else None
+        def report(n: int) -> dict | None:
+            while pipe.poll(0):
+                kind, body = pipe.recv_multipart()
+                msg = orjson.loads(body)
+                if kind == b"applied":
+                    reports.append(msg)
+                elif msg["event"] == "refused":
+                    refused.append(msg)
+            return reports[n] if len(reports) > n else None
 
-    try:
         syncer.start()
         syncer.submit_snapshot(1, {f.name: f for f in cfg.folders}, {"docs": index})
         first = wait_for(lambda: report(0), 20, "the syncer's report of the failed fetch")
@@ -361,11 +342,3 @@ def test_a_failed_fetch_keeps_refused_and_no_room_files_as_they_were(tmp_path):
             wrong.append(f"sub/f refused again at the retry: {len(refused)} refusals")
         assert not wrong, "\n".join(wrong)
         assert not (tmp_path / "outside/f").exists()
-    finally:
-        syncer.stop()
-        stop.set()
-        server.join(5)
-        rep.close(0)
-        pipe.close(0)
-        agreed.close()
-        ctx.term()
