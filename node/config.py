@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .index import Filter
+from .filters import Filter
 
 # one rule for names from sbs.ini and names pushed by the peer (they become names on disk)
 from .protocol import SENTINEL_NAME_RE, folder_name_problem

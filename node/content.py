@@ -28,7 +28,7 @@ import zmq
 
 from . import protocol
 from .config import FolderConfig
-from .index import Filter
+from .filters import Filter
 from .protocol import Bad
 from .security import Keys, client, serve
 from .tree import DIR_FLAGS, PathError, check_relpath

@@ -33,10 +33,10 @@ from typing import Any
 import zmq
 
 from .config import FolderConfig
+from .filters import Filter
 from .hashstore import CacheKeeper
 from .index import (
     RACY_NS,
-    Filter,
     FolderMissing,
     HashCache,
     _entry_from_stat,

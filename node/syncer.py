@@ -42,11 +42,11 @@ from .conflicts import ConflictKeeper, own_extras
 from .content import Fetcher
 from .deletions import GUARD_MIN_FILES, StrictDeletions  # noqa: F401  (re-exported)
 from .fileevents import FileEvents
+from .filters import Filter
 from .hashstore import CacheKeeper
 from .index import (
     KEPT,
     FileEntry,
-    Filter,
     FolderMissing,
     HashCache,
     same_entry,

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sbs.node import index as index_module
+from sbs.node.filters import Filter
 from sbs.node.index import (
     TEMP_PREFIX,
-    Filter,
     FolderMissing,
     HashCache,
     diff,

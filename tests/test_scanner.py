@@ -233,7 +233,8 @@ def test_a_rescan_of_an_unchanged_folder_takes_every_file_from_the_hash_cache(tm
     costs a stat and a look-up, gives no delta and keeps its Entry; a changed one is found."""
     import os
 
-    from sbs.node.index import Filter, HashCache, scan_folder
+    from sbs.node.filters import Filter
+    from sbs.node.index import HashCache, scan_folder
 
     root = tmp_path / "docs"
     (root / "d").mkdir(parents=True)

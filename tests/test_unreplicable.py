@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sbs.node.index import Filter, HashCache, scan_folder, scan_paths
+from sbs.node.filters import Filter
+from sbs.node.index import HashCache, scan_folder, scan_paths
 from sbs.node.scanner import rescan_dir
 from sbs.node.unreplicable import MAX_KEPT, NAME, TARGET, Unreplicable, summary
 

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from sbs.node.index import TEMP_PREFIX, Filter, HashCache, scan_folder, scan_paths
+from sbs.node.filters import Filter
+from sbs.node.index import TEMP_PREFIX, HashCache, scan_folder, scan_paths
 from sbs.node.watcher import Watcher
 
 from tests.test_index import WAIT, write

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 from sbs.node.conflicts import listing
-from sbs.node.index import TEMP_PREFIX, Filter, HashCache, hash_bytes, scan_folder
+from sbs.node.filters import Filter
+from sbs.node.index import TEMP_PREFIX, HashCache, hash_bytes, scan_folder
 from sbs.node.writer import (
     FolderWriter,
     HashMismatch,
