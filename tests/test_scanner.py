@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 import zmq
+from sbs.node import rolling
 from sbs.node import scanner as scanner_module
 from sbs.node import watcher as watcher_module
 from sbs.node.config import FolderConfig
@@ -138,7 +139,7 @@ def test_without_a_watcher_the_periodic_rescan_still_publishes_every_change(tmp_
 def test_the_rotation_covers_every_folder_within_the_cycle_new_and_deleted_ones_too():
     """Rotation: each directory is taken at least once every cycle, in slices of about
     entries * period / cycle; a new folder joins, a deleted one is never taken again."""
-    from sbs.node.scanner import Rotation
+    from sbs.node.rolling import Rotation
 
     def dirs(n: int) -> dict[str, dict]:
         out = {}
@@ -179,7 +180,7 @@ def test_the_rotation_covers_every_folder_within_the_cycle_new_and_deleted_ones_
 
 
 def test_a_small_tree_is_rescanned_whole_every_period():
-    from sbs.node.scanner import Rotation
+    from sbs.node.rolling import Rotation
 
     rot = Rotation(period=5.0, cycle=60.0)
     rot.reset({"docs": {f"d{i}": {"path": f"d{i}", "kind": "dir"} for i in range(30)}}, 0.0)
@@ -244,13 +245,13 @@ def test_a_rescan_of_an_unchanged_folder_takes_every_file_from_the_hash_cache(tm
     index = scan_folder(str(root), Filter(), cache)
     assert len(cache) == 5
     before = dict(index)
-    delta, names, _ = scanner_module.rescan_dir(str(root), Filter(), cache, index, "d", None,
+    delta, names, _ = rolling.rescan_dir(str(root), Filter(), cache, index, "d", None,
                                                 lambda: {"d": set()})
     assert delta == [] and names == 5
     assert all(index[p] is before[p] for p in before)
     (root / "d" / "f3").write_text("changed, longer")
     os.utime(root / "d" / "f3", ns=(1, 1))
-    delta, _, _ = scanner_module.rescan_dir(str(root), Filter(), cache, index, "d", None,
+    delta, _, _ = rolling.rescan_dir(str(root), Filter(), cache, index, "d", None,
                                             lambda: {"d": set()})
     assert [e["path"] for e in delta] == ["d/f3"] and index["d/f3"]["size"] == 15
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sbs.node.filters import Filter
 from sbs.node.index import HashCache, scan_folder, scan_paths
-from sbs.node.scanner import rescan_dir
+from sbs.node.rolling import rescan_dir
 from sbs.node.unreplicable import MAX_KEPT, NAME, TARGET, Unreplicable, summary
 
 LATIN1 = os.fsdecode(b"caf\xe9.txt")
