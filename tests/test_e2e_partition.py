@@ -41,7 +41,7 @@ def test_one_way_cut_shows_a_stall_and_heals_without_a_restart(make_pair, smtp):
             write(src / f"cut/{i}.txt", f"written during the cut {i}")
         dead_after = pair.beta.cfg.dead_after
         rep = wait_for(lambda: (r := replication(pair.beta)).get("stalled") and r, 15,
-                       f"beta to report a stall (log: {pair.beta.tail_log()})")
+                       "beta to report a stall")
         # within 2 x dead_after of the cut, by beta's own count of how long it has been
         # stalled (what the status polls take on a loaded machine is not counted)
         stalled_at = time.monotonic() - rep["stalled_for"]
@@ -59,7 +59,7 @@ def test_one_way_cut_shows_a_stall_and_heals_without_a_restart(make_pair, smtp):
         # does not reach it) and shows its standby lost instead
         st = wait_for(lambda: (s := pair.alpha.status(2.0)) and s["peer_state"] == "unreachable"
                       and any(a["key"] == "standby_lost" for a in s["alerts"]) and s, 15,
-                      f"alpha to show its standby lost (log: {pair.alpha.tail_log()})")
+                      "alpha to show its standby lost")
         assert st["state"] == "primary"
         assert st["replication"]["peer_following"] is False
         assert st["replication"]["lag_manifests"] is None
@@ -68,12 +68,12 @@ def test_one_way_cut_shows_a_stall_and_heals_without_a_restart(make_pair, smtp):
         wait_for(lambda: (r := replication(pair.beta)).get("synced") and not r["stalled"]
                  and r["applied"] >= r["primary_seq"], 20, "beta in sync again")
         wait_for(lambda: "replication flows again" in pair.beta.log.read_text(errors="replace"),
-                 10, f"beta to log the stall's end (log: {pair.beta.tail_log()})")
+                 10, "beta to log the stall's end")
         # and the primary sees its standby following, with nothing left to apply
         wait_for(lambda: (s := pair.alpha.status(2.0))
                  and s["replication"]["lag_manifests"] == 0
                  and not any(a["key"] == "standby_lost" for a in s["alerts"]), 20,
-                 f"alpha to see beta caught up (log: {pair.alpha.tail_log()})")
+                 "alpha to see beta caught up")
     finally:
         bus.stop()
     want = tree(src)
