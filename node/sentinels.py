@@ -214,7 +214,7 @@ class Sentinels:
                 return False  # SIGKILL is sent: the kernel ends them
             for child in self._stopping:
                 log.error("sentinel %s (pid %d) survives SIGKILL%s", child.name, child.pid,
-                          child.live_others and f" ({describe(child.live_others)})")
+                          f" ({describe(child.live_others)})" if child.live_others else "")
         self._reap_deadline = None
         self._sync_pids_file()
         if not self._stopping:
@@ -383,7 +383,8 @@ class Sentinels:
         self._scan([child])
         escaped = child.signal_all(signal.SIGTERM)
         log.info("stopping sentinel %s (pid %d)%s", name, child.pid,
-                 escaped and f" and what it started outside its group: {describe(escaped)}")
+                 f" and what it started outside its group: {describe(escaped)}" if escaped
+                 else "")
         child.kill_at = time.monotonic() + grace
         self._stopping.append(child)
 
@@ -437,9 +438,9 @@ class Sentinels:
             if self._gone(child):
                 self._stopping.remove(child)
             elif child.kill_at is not None and now >= child.kill_at:
+                others = child.live_others
                 log.warning("sentinel %s (pid %d) ignored SIGTERM: SIGKILL%s", child.name,
-                            child.pid, child.live_others
-                            and f" to it and {describe(child.live_others)}")
+                            child.pid, f" to it and {describe(others)}" if others else "")
                 child.signal_all(signal.SIGKILL)
                 child.kill_at = None
             elif escaped := child.signal_others(

@@ -132,3 +132,25 @@ def test_the_guard_signals_a_listed_process_only_while_it_is_the_same_process():
             if p.poll() is None:
                 p.kill()
             p.wait()
+
+
+def test_the_log_names_the_processes_outside_the_group_and_only_when_there_are(tmp_path,
+                                                                                escaper, caplog):
+    command, escaped = escaper
+    sentinels = Sentinels(tmp_path / "state", grace=0.5)
+    try:
+        sentinels.configure({"svc": command, "plain": f"{PY} -c 'import time; time.sleep(60)'"})
+        sentinels.set_active(["svc", "plain"])
+        sentinels.run()
+        pid = wait_for(escaped, 5)
+        main, plain = by_name(sentinels)["svc"]["pid"], by_name(sentinels)["plain"]["pid"]
+        with caplog.at_level("INFO", logger="sbs.node.sentinels"):
+            sentinels.stop_all()
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopping")]
+        assert f"stopping sentinel plain (pid {plain})" in said, said
+        escaper_line = next(line for line in said if line.startswith("stopping sentinel svc"))
+        assert escaper_line.startswith(f"stopping sentinel svc (pid {main}) and what it started "
+                                       f"outside its group: pid {pid} ("), said
+        assert escaper_line.endswith(f", session {pid})"), said
+    finally:
+        sentinels.stop_all(grace=0.5)
