@@ -6,16 +6,21 @@ the node nor the terminal reaches it) and writes lines to its stdin:
 
     +PGID     a sentinel's process group started
     -PGID     that group was reaped (its id may be reused from now on)
+    *PID T    a process of a sentinel outside its group (one that called setsid(), a daemon):
+              signalled with the groups while PID still has start time T (field 22 of
+              /proc/PID/stat), so never a later process that got its pid
+    ~PID      forget that process
     DWHEN     the node confirmed its primacy: keep the groups until WHEN, a time.monotonic()
               value (CLOCK_MONOTONIC, the same clock in every process of the machine)
     D-        no deadline (the sentinels are stopping anyway)
 
 Two things end the sentinels without the node's help:
 - the deadline passes (the node is paused, stuck or starved, or lost its lease): SIGTERM to
-  every group, SIGKILL KILL_AFTER seconds later, and "F" on stdout so the node, if it ever
-  runs again, knows; until a new deadline comes, a group that starts is killed at once;
+  every group and process, SIGKILL KILL_AFTER seconds later, and "F" on stdout so the node, if
+  it ever runs again, knows; until a new deadline comes, a group that starts is killed at once;
 - EOF on stdin, which the kernel brings about when the node dies however it dies: SIGKILL to
-  every group still listed (what a sentinel started itself is not reached by PDEATHSIG).
+  every group and process still listed (what a sentinel started itself is not reached by
+  PDEATHSIG).
 
 Only the standard library, and nothing imported from the node: it starts in milliseconds and
 keeps working whatever state the node's interpreter is in.
@@ -32,6 +37,7 @@ class Guard:
         self.kill_after = kill_after
         self.out = out
         self.groups: set[int] = set()
+        self.procs: dict[int, int] = {}  # pid -> start time
         self.deadline: float | None = None
         self.kill_at: float | None = None
         self.fired = False
@@ -46,6 +52,13 @@ class Guard:
                     self._signal({pgid}, signal.SIGKILL)
             elif kind == "-":
                 self.groups.discard(int(arg))
+            elif kind == "*":
+                pid, ticks = arg.split()
+                self.procs[int(pid)] = int(ticks)
+                if self.fired:
+                    self._signal(set(), signal.SIGKILL, {int(pid): int(ticks)})
+            elif kind == "~":
+                self.procs.pop(int(arg), None)
             elif kind == "D":
                 self.deadline = None if arg == "-" else float(arg)
                 self.fired = False
@@ -60,8 +73,8 @@ class Guard:
         if self.deadline is not None and now >= self.deadline:
             late = now - self.deadline
             self.deadline, self.fired = None, True
-            if self.groups:
-                self._signal(self.groups, signal.SIGTERM)
+            if self.groups or self.procs:
+                self._signal(self.groups, signal.SIGTERM, self.procs)
                 self.kill_at = now + self.kill_after
             if self.out is not None:
                 try:
@@ -71,18 +84,32 @@ class Guard:
                     pass
         if self.kill_at is not None and now >= self.kill_at:
             self.kill_at = None
-            self._signal(self.groups, signal.SIGKILL)
+            self._signal(self.groups, signal.SIGKILL, self.procs)
 
     def eof(self) -> None:
-        self._signal(self.groups, signal.SIGKILL)
+        self._signal(self.groups, signal.SIGKILL, self.procs)
 
     @staticmethod
-    def _signal(groups: set[int], sig: int) -> None:
+    def _signal(groups: set[int], sig: int, procs: dict[int, int] | None = None) -> None:
         for pgid in list(groups):
             try:
                 os.killpg(pgid, sig)
             except OSError:
                 pass
+        for pid, ticks in list((procs or {}).items()):
+            if start_ticks(pid) == ticks:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+
+
+def start_ticks(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def main(argv: list[str]) -> None:

@@ -45,13 +45,14 @@ class GuardLink:
                 log.debug("sentinel guard output: %s", exc)
         return fired
 
-    def tell(self, line: str, *, pids: Callable[[], Iterable[int]],
+    def tell(self, line: str, *, known: Callable[[], Iterable[str]],
              deadline: float | None) -> None:
         """Send one line to the guard, starting it first if need be (with `deadline` and the
-        groups of every live child, `pids()`, so a guard that was restarted knows them all)."""
+        lines for every live group and process, `known()`, so a guard that was restarted
+        knows them all)."""
         if self._proc is None or self._proc.poll() is not None:
-            if line.startswith("-"):
-                return  # a new guard would not know that group anyway
+            if line.startswith(("-", "~")):
+                return  # a new guard would not know that group or process anyway
             try:
                 self._proc = subprocess.Popen(
                     [sys.executable, "-I", "-S", str(_GUARD_SCRIPT), str(self.kill_after)],
@@ -65,7 +66,7 @@ class GuardLink:
                 self._proc = None
                 return
             head = "" if deadline is None else f"D{deadline:.6f}\n"
-            line = head + "".join(f"+{pid}\n" for pid in pids()) + line
+            line = head + "".join(f"{known_line}\n" for known_line in known()) + line
         try:
             self._proc.stdin.write(f"{line}\n".encode())
             self._proc.stdin.flush()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .config import ConfigError, load
 from .fdio import LIBC
+from .proctree import become_subreaper
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
@@ -99,6 +100,9 @@ def run(config: Path, verbose: bool) -> int:
     if not tune_malloc():
         log.debug("mallopt unavailable: default malloc tuning")
     sys.setswitchinterval(SWITCH_INTERVAL)
+    if not become_subreaper(getattr(LIBC, "prctl", None)):
+        log.warning("not a child subreaper (no prctl here): a process a sentinel daemonises "
+                    "goes to init once its parent exits, out of the node's reach")
     if not name_os_threads():
         log.debug("threads keep the interpreter's name in the kernel (no prctl here)")
     from .node import Node, NodeError

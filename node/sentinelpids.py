@@ -1,5 +1,6 @@
 """The sentinels' pid file in state_dir: which processes this run started (with their start
-times and the boot), so the next run of the node can kill what a crash left behind.
+times and the boot), so the next run of the node can kill what a crash left behind: each
+sentinel's process group, and each process of it outside that group ("group": false).
 
 Used by Sentinels only, from the node's loop.
 """
@@ -30,10 +31,12 @@ class PidsFile:
         """Write it again at the next sync(), changed or not."""
         self._written = None
 
-    def sync(self, children: list[tuple[str, int, int | None]]) -> None:
-        """Record `children` (name, pid, start ticks) unless that is what the file holds."""
+    def sync(self, children: list[tuple[str, int, int | None, bool]]) -> None:
+        """Record `children` (name, pid, start ticks, leads its group) unless that is what the
+        file holds."""
         pids = sorted(
-            ({"name": name, "pid": pid, "start_ticks": ticks} for name, pid, ticks in children),
+            ({"name": name, "pid": pid, "start_ticks": ticks, "group": group}
+             for name, pid, ticks, group in children),
             key=lambda entry: entry["pid"],
         )
         if pids == self._written:
@@ -80,8 +83,10 @@ class PidsFile:
             if ticks is None or start_ticks(pid) != ticks:
                 continue  # gone, or the pid now belongs to an unrelated process
             try:
-                # It was started as a session leader, so its group id is its pid.
-                os.killpg(pid, signal.SIGKILL)
+                if entry.get("group", True):  # a session leader: its group id is its pid
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 continue
             except PermissionError as exc:

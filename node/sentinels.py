@@ -16,34 +16,37 @@ that is paused, stuck or starved past that deadline has its sentinels stopped by
 before the peer can take over (node/guard.py); the node learns it on its next turn and starts
 nothing until it calls run() again (the guard's pipe is node/guardlink.py). Pids and start times
 are kept in state_dir so the next run can clean up leftovers (node/sentinelpids.py).
+
+What leaves the group (a daemon's setsid(), a double fork) is found in /proc (node/proctree.py,
+node/sentinelproc.py) and stopped with the group: at each stop (SIGTERM, SIGKILL after the
+grace, and a stop is done only once it is gone too), when the main process exits (a daemon's
+parent does: SIGKILL, as for the rest of its group, before it is started again), by the guard
+(the node tells it of each such process at each confirm()) and by the next run.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
+import itertools
 import logging
 import os
-import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
+from . import proctree
 from .fdio import LIBC
 from .guardlink import GuardLink
 from .protocol import SENTINEL_NAME_RE
 from .sentinelpids import PIDS_FILE, PidsFile, start_ticks
+from .sentinelproc import Child, describe, start_process
 
 __all__ = ["PIDS_FILE", "Sentinels"]  # PIDS_FILE: where the pid file lives, for its readers
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # How often a loop with children being stopped should come back to reap them.
 _STOPPING_POLL = 0.1
 # How long to wait for a process to disappear after SIGKILL.
@@ -54,19 +57,9 @@ _MAX_EXPONENT = 30
 
 
 @dataclass
-class _Child:
-    name: str
-    popen: subprocess.Popen
-    started: float  # monotonic
-    # Field 22 of /proc/<pid>/stat: tells this process apart from a later one with the same pid.
-    start_ticks: int | None
-    kill_at: float | None = None  # monotonic; set when SIGTERM was sent, cleared after SIGKILL
-
-
-@dataclass
 class _Sentinel:
     command: str
-    child: _Child | None = None
+    child: Child | None = None
     due: float | None = None  # monotonic time of a scheduled (re)start
     restarts: int = 0
     quick_exits: int = 0  # consecutive exits after a run shorter than stable_after
@@ -97,7 +90,7 @@ class Sentinels:
         self._stable_after = stable_after
         self._sentinels: dict[str, _Sentinel] = {}
         self._active: set[str] = set()
-        self._stopping: list[_Child] = []
+        self._stopping: list[Child] = []
         self._running = False
         self._pids = PidsFile(self._state_dir)
         self._guard = GuardLink(guard_kill_after)
@@ -109,6 +102,8 @@ class Sentinels:
         # Resolved here, before any fork: the child between fork and exec must do as little as
         # possible (the node has other threads, whose locks a forked child may find held).
         self._prctl = LIBC.prctl
+        self._serial = itertools.count(1)  # each run's mark (sentinelproc.py) is its own
+        self._told: dict[int, int] = {}  # pid -> start time: the guard knows these processes
 
     @property
     def pids_error(self) -> str:
@@ -163,6 +158,8 @@ class Sentinels:
             self._lapse()
             return False
         self._deadline = until
+        if running := [s.child for s in self._sentinels.values() if s.child]:
+            self._scan(running)  # the guard hears of a daemon before a pause can stop us
         if self._guard.started:
             self._tell_guard(f"D{until:.6f}")
         return True
@@ -216,11 +213,13 @@ class Sentinels:
             if now < self._reap_deadline:
                 return False  # SIGKILL is sent: the kernel ends them
             for child in self._stopping:
-                log.error("sentinel %s (pid %d) survives SIGKILL", child.name, child.popen.pid)
+                log.error("sentinel %s (pid %d) survives SIGKILL%s", child.name, child.pid,
+                          f" ({describe(child.live_others)})" if child.live_others else "")
         self._reap_deadline = None
         self._sync_pids_file()
         if not self._stopping:
             self._guard.close()
+            self._told.clear()
         return True
 
     def start(self, name: str) -> None:
@@ -251,16 +250,17 @@ class Sentinels:
         now = time.monotonic()
         for name, sentinel in self._sentinels.items():
             child = sentinel.child
-            if child is not None and _has_exited(child):
+            if child is not None and child.has_exited():
                 sentinel.child = None
-                code = _reap(child)
+                self._scan([child])
                 self._unguard(child)
-                sentinel.last_exit = code
+                code = sentinel.last_exit = child.reap()
                 ran_for = now - child.started
                 log.warning(
                     "sentinel %s (pid %d) exited with %s after %.1f s",
                     name, child.popen.pid, code, ran_for,
                 )
+                self._kill_left_behind(child)
                 self._emit("exited", name, pid=child.popen.pid, code=code)
                 if self._wanted(name):
                     self._schedule_restart(name, ran_for)
@@ -292,6 +292,8 @@ class Sentinels:
                 "active": name in self._active,
                 "state": _state(sentinel, self._fail_report_after),
                 "pid": sentinel.child.popen.pid if sentinel.child else None,
+                # what left its group (a daemon), as of the last heartbeat: stopped with it
+                "outside_group": sentinel.child.outside_group() if sentinel.child else [],
                 "restarts": sentinel.restarts,
                 "last_exit": sentinel.last_exit,
             })
@@ -338,14 +340,15 @@ class Sentinels:
         sentinel = self._sentinels[name]
         log_path = self._state_dir / "logs" / f"{name}.log"
         try:
-            popen = _start_process(sentinel.command, log_path, self._prctl)
+            mark = f"{os.getpid()}.{name}.{next(self._serial)}"
+            popen = start_process(sentinel.command, log_path, self._prctl, mark)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             log.error("sentinel %s cannot start (%s): %s", name, sentinel.command, exc)
             sentinel.last_exit = None
             self._emit("exited", name, error=str(exc))
             self._schedule_restart(name, ran_for=0.0)
             return
-        sentinel.child = _Child(name, popen, time.monotonic(), start_ticks(popen.pid))
+        sentinel.child = Child(name, popen, time.monotonic(), start_ticks(popen.pid), mark)
         self._tell_guard(f"+{popen.pid}")
         log.info("sentinel %s started (pid %d): %s", name, popen.pid, sentinel.command)
         self._emit("started", name, pid=popen.pid)
@@ -377,28 +380,73 @@ class Sentinels:
             return
         child, sentinel.child = sentinel.child, None
         grace = self._grace if grace is None else grace
-        log.info("stopping sentinel %s (pid %d)", name, child.popen.pid)
-        _signal_group(child, signal.SIGTERM)
+        self._scan([child])
+        escaped = child.signal_all(signal.SIGTERM)
+        log.info("stopping sentinel %s (pid %d)%s", name, child.pid,
+                 f" and what it started outside its group: {describe(escaped)}" if escaped
+                 else "")
         child.kill_at = time.monotonic() + grace
         self._stopping.append(child)
 
-    def _reap_stopping(self, kill_all: bool = False) -> None:
+    def _kill_left_behind(self, child: Child) -> None:
+        """A main process that exited (a daemon's parent does at once) takes what it started
+        along, as its group always did: the service never runs twice, not even on one node."""
+        if escaped := child.signal_all(signal.SIGKILL):
+            log.warning("sentinel %s (pid %d) left processes running outside its group: "
+                        "SIGKILL to %s (a sentinel's command must stay in the foreground)",
+                        child.name, child.pid, describe(escaped))
+        if not self._gone(child):
+            self._stopping.append(child)  # its next run waits until they are gone
+
+    def _gone(self, child: Child) -> bool:
+        """Its main process reaped and nothing else of it left, as a second look at /proc
+        confirms: a process forked while the first one read /proc is in the second."""
+        if not child.reaped or child.live_others:
+            return False
+        self._scan([child])
+        return not child.live_others
+
+    def _scan(self, children: list[Child]) -> None:
+        """Bring each child's list of its other processes up to date (node/proctree.py)."""
+        procs = proctree.snapshot()
+        marked = proctree.marks(procs, os.getpid())
+        mains = {c.pid for c in self._children()} | {c.pid for c in children}
+        for child in children:
+            child.scan(procs, marked, mains)
+        self._tell_guard_others()
+
+    def _reap_stopping(self) -> None:
+        """Reap what has stopped; SIGTERM what was started since the last look (SIGKILL once
+        the grace is over), SIGKILL what outlived the grace. A child is gone once its main
+        process and every other process of its are."""
+        if not self._stopping:
+            return
+        # which main processes have exited, before the scan: what one started just before
+        # it exited is then in the scan
+        exited = [c for c in self._stopping if not c.reaped and c.has_exited()]
+        self._scan(self._stopping)
         now = time.monotonic()
         for child in list(self._stopping):
-            if _has_exited(child):
-                self._stopping.remove(child)
-                code = _reap(child)
+            if child in exited:
                 self._unguard(child)
+                code = child.reap()
                 sentinel = self._sentinels.get(child.name)
                 if sentinel is not None:
                     sentinel.last_exit = code
                 log.info("sentinel %s (pid %d) stopped: %s", child.name, child.popen.pid, code)
                 self._emit("stopped", child.name, pid=child.popen.pid, code=code)
-            elif kill_all or (child.kill_at is not None and now >= child.kill_at):
-                log.warning("sentinel %s (pid %d) ignored SIGTERM: SIGKILL",
-                            child.name, child.popen.pid)
-                _signal_group(child, signal.SIGKILL)
+            if self._gone(child):
+                self._stopping.remove(child)
+            elif child.kill_at is not None and now >= child.kill_at:
+                others = child.live_others
+                log.warning("sentinel %s (pid %d) ignored SIGTERM: SIGKILL%s", child.name,
+                            child.pid, f" to it and {describe(others)}" if others else "")
+                child.signal_all(signal.SIGKILL)
                 child.kill_at = None
+            elif escaped := child.signal_others(
+                    signal.SIGTERM if child.kill_at is not None else signal.SIGKILL):
+                log.warning("sentinel %s (pid %d): also stopping %s, started since",
+                            child.name, child.pid, describe(escaped))
 
     def _expired(self, now: float) -> bool:
         return self._deadline is not None and now > self._deadline
@@ -425,13 +473,29 @@ class Sentinels:
         self._emit("lapsed", "", late=round(late, 3))
 
     def _tell_guard(self, line: str) -> None:
-        self._guard.tell(line, pids=lambda: [c.popen.pid for c in self._children()],
-                         deadline=self._deadline)
+        self._guard.tell(line, known=self._guard_lines, deadline=self._deadline)
 
-    def _unguard(self, child: _Child) -> None:
+    def _guard_lines(self) -> list[str]:
+        """What a guard that starts afresh must know: every live group, every other process."""
+        return ([f"+{c.pid}" for c in self._children() if not c.reaped]
+                + [f"*{pid} {ticks}" for pid, ticks in self._told.items()])
+
+    def _tell_guard_others(self) -> None:
+        """Tell the guard of each process of a sentinel outside its group, and of each gone."""
+        now = {p.pid: p.ticks for c in self._children() for p in c.live_others}
+        gone = [pid for pid, ticks in self._told.items() if now.get(pid) != ticks]
+        new = [(pid, ticks) for pid, ticks in now.items() if self._told.get(pid) != ticks]
+        for pid in gone:
+            del self._told[pid]
+            self._tell_guard(f"~{pid}")
+        for pid, ticks in new:
+            self._told[pid] = ticks
+            self._tell_guard(f"*{pid} {ticks}")
+
+    def _unguard(self, child: Child) -> None:
         self._tell_guard(f"-{child.popen.pid}")
 
-    def _children(self) -> list[_Child]:
+    def _children(self) -> list[Child]:
         return [s.child for s in self._sentinels.values() if s.child] + self._stopping
 
     def _emit(self, event: str, name: str, *, pid: int | None = None, code: int | None = None,
@@ -447,7 +511,10 @@ class Sentinels:
 
     def _sync_pids_file(self) -> None:
         """Rewrite state_dir/sentinels.pids.json when the set of live children changed."""
-        self._pids.sync([(c.name, c.popen.pid, c.start_ticks) for c in self._children()])
+        children = self._children()
+        self._pids.sync([(c.name, c.pid, c.start_ticks, True) for c in children if not c.reaped]
+                        + [(c.name, p.pid, p.ticks, False) for c in children
+                           for p in c.live_others if p.pgid != c.pid])
 
 
 def _state(sentinel: _Sentinel, fail_report_after: int) -> str:
@@ -456,84 +523,3 @@ def _state(sentinel: _Sentinel, fail_report_after: int) -> str:
     if sentinel.due is not None and sentinel.quick_exits >= fail_report_after:
         return "failing"
     return "stopped" if sentinel.due is None else "backoff"
-
-
-def _start_process(command: str, log_path: Path, prctl: Callable[..., int]) -> subprocess.Popen:
-    """Start one sentinel's process: its own process group, killed when the node dies, its
-    output appended to its log."""
-    argv = shlex.split(command)
-    if not argv:
-        raise ValueError("empty command line")
-    with _open_log(log_path, command) as out:
-        # PR_SET_PDEATHSIG fires when the *thread* that forked the child dies, not the
-        # process: spawn only from the node's main thread (the loop), never a worker.
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, for os.killpg
-            preexec_fn=_die_with_parent(prctl, os.getpid()),
-        )
-
-
-@contextlib.contextmanager
-def _open_log(path: Path, command: str) -> Iterator[Any]:
-    """The sentinel's log file, opened for its output; DEVNULL when the state disk cannot take
-    it (full): the service must start anyway, its output is what is lost."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        out = open(path, "ab", buffering=0)  # unbuffered: a failed write leaves nothing behind
-    except OSError as exc:
-        log.error("cannot open %s: %s: the sentinel's output is discarded", path, exc)
-        yield subprocess.DEVNULL
-        return
-    with out:
-        try:
-            stamp = datetime.now(UTC).isoformat(timespec="seconds")
-            out.write(f"--- {stamp} sbs starts: {command}\n".encode())
-        except OSError as exc:
-            log.error("cannot write to %s: %s", path, exc)
-        yield out
-
-
-def _die_with_parent(prctl: Callable[..., int], parent_pid: int) -> Callable[[], None]:
-    """The preexec_fn: runs in the child between fork and exec, so it stays tiny."""
-
-    def preexec() -> None:
-        if prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        # The parent may have died before prctl: then no signal will ever come.
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return preexec
-
-
-def _has_exited(child: _Child) -> bool:
-    """True once the child has exited, without reaping it: while it is an unreaped zombie its
-    pid, and so its process group id, cannot be reused, so _reap can still signal the group."""
-    if child.popen.returncode is not None:
-        return True
-    try:
-        info = os.waitid(os.P_PID, child.popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return True
-    return info is not None
-
-
-def _reap(child: _Child) -> int:
-    """SIGKILL whatever the sentinel left in its group, then collect its exit status."""
-    _signal_group(child, signal.SIGKILL)
-    return child.popen.wait()
-
-
-def _signal_group(child: _Child, sig: signal.Signals) -> None:
-    if child.popen.returncode is not None:
-        return  # reaped: the group id may belong to someone else now
-    try:
-        os.killpg(child.popen.pid, sig)
-    except ProcessLookupError:
-        pass
-    except PermissionError as exc:
-        log.error("cannot signal sentinel %s (pid %d): %s", child.name, child.popen.pid, exc)

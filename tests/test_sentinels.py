@@ -80,7 +80,7 @@ def test_run_starts_active_only_and_stop_all_stops(make, tmp_path):
     assert status["one"]["state"] == status["two"]["state"] == "running"
     assert status["off"] == {
         "name": "off", "command": SLEEPER, "active": False, "state": "stopped",
-        "pid": None, "restarts": 0, "last_exit": None,
+        "pid": None, "outside_group": [], "restarts": 0, "last_exit": None,
     }
     pids = {status["one"]["pid"], status["two"]["pid"]}
     assert all(alive(pid) for pid in pids)

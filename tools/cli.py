@@ -124,7 +124,7 @@ def _print_status(st: dict[str, Any], say: Any) -> None:
     table = Table("sentinel", "active", "state", "pid", "restarts", "command")
     for s in st["sentinels"]:
         table.add_row(s["name"], "yes" if s["active"] else "no", s["state"],
-                      str(s["pid"] or "-"), str(s["restarts"]), escape(s["command"]))
+                      _pids(s), str(s["restarts"]), escape(s["command"]))
     if st["sentinels"]:
         say(table)
     for path, failed in (st.get("state_writes") or {}).items():
@@ -301,6 +301,12 @@ def sentinel_stop(name: str, config: Path = ConfigOpt, as_json: bool = JsonOpt) 
     _sentinel(config, "stop", name, as_json)
 
 
+def _pids(sentinel: dict) -> str:
+    """Its pid, and those of what it moved out of its process group (a daemon): "12 +15"."""
+    outside = "".join(f" +{pid}" for pid in sentinel.get("outside_group") or ())
+    return f"{sentinel['pid'] or '-'}{outside}"
+
+
 def _sentinel(config: Path, action: str, name: str | None, as_json: bool) -> None:
     cfg = _cfg(config)
     body = {"action": action, **({"name": name} if name else {})}
@@ -311,7 +317,7 @@ def _sentinel(config: Path, action: str, name: str | None, as_json: bool) -> Non
     table = Table("sentinel", "active", "state", "pid", "restarts")
     for s in reply["sentinels"]:
         table.add_row(s["name"], "yes" if s["active"] else "no", s["state"],
-                      str(s["pid"] or "-"), str(s["restarts"]))
+                      _pids(s), str(s["restarts"]))
     out.print(table)
 
 
