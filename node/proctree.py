@@ -54,10 +54,28 @@ def snapshot() -> dict[int, Proc]:
     return procs
 
 
-def read(pid: int) -> Proc | None:
+def last_pid() -> int | None:
+    """The pid most recently given to a process or thread on this machine (/proc/loadavg), or
+    None. Unchanged since a snapshot: no process has started since, so none can have left a
+    sentinel's group by a fork (what a daemon does) — one that already was a sentinel's is
+    known by its pid and start time."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode("utf-8", "replace")
+        fd = os.open("/proc/loadavg", os.O_RDONLY)
+        try:
+            return int(os.read(fd, 256).split()[4])
+        finally:
+            os.close(fd)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def read(pid: int) -> Proc | None:
+    try:  # os.open and os.read: half the time of open(), for every process at each look
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+        try:
+            stat = os.read(fd, 4096).decode("utf-8", "replace")
+        finally:
+            os.close(fd)
     except OSError:
         return None
     # the command name (field 2) may hold spaces and parentheses: split after the last ')'

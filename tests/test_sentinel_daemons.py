@@ -154,3 +154,33 @@ def test_the_log_names_the_processes_outside_the_group_and_only_when_there_are(t
         assert escaper_line.endswith(f", session {pid})"), said
     finally:
         sentinels.stop_all(grace=0.5)
+
+
+def test_a_heartbeat_looks_at_every_process_only_when_one_has_started_since(
+        tmp_path, escaper, monkeypatch):
+    """A look at every process costs ~10 us each, on the node's loop at each heartbeat: it is
+    skipped while no process or thread has started on the machine since the last one (no
+    daemon can have appeared). The test's own threads and the machine's other processes start
+    pids too, so a skipped look is shown with last_pid held still, and a new one with it
+    moved on."""
+    from sbs.node import proctree
+
+    command, escaped = escaper
+    sentinels = Sentinels(tmp_path / "state", grace=0.5)
+    looks = []
+    real_snapshot = proctree.snapshot
+    monkeypatch.setattr(proctree, "snapshot", lambda: looks.append(1) or real_snapshot())
+    pid_now = [1000]
+    monkeypatch.setattr(proctree, "last_pid", lambda: pid_now[0])
+    try:
+        _running(sentinels, command, escaped)
+        sentinels.confirm(time.monotonic() + 60)
+        before = len(looks)
+        for _ in range(5):
+            sentinels.confirm(time.monotonic() + 60)
+        assert len(looks) == before, "a heartbeat looked at every process, none having started"
+        pid_now[0] += 1
+        sentinels.confirm(time.monotonic() + 60)
+        assert len(looks) == before + 1
+    finally:
+        sentinels.stop_all(grace=0.5)
