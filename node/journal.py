@@ -29,6 +29,8 @@ from typing import Any
 
 import orjson
 
+from .proctree import boot_id
+
 log = logging.getLogger(__name__)
 
 COMPACT_SLACK = 10_000
@@ -268,14 +270,6 @@ def _write_lines(f: Any, items: Iterable[Any], per_write: int = 2048) -> int:
         f.write(b"\n".join(batch) + b"\n")
         n += len(batch)
     return n
-
-
-def boot_id() -> str:
-    """This boot's id (Linux); "" where there is none, which no marker matches."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
 
 
 def _fsync_dir(path: Path) -> None:

@@ -36,6 +36,15 @@ class Proc:
         return f"pid {self.pid} ({self.comm}, session {self.sid})"
 
 
+def boot_id() -> str:
+    """This boot's id (Linux); "" where there is none, which no recorded id matches."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def become_subreaper(prctl: Callable[..., int] | None) -> bool:
     """Make this process the reaper of its orphaned descendants (Linux 3.4+): the node's."""
     return prctl is not None and prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0

@@ -13,6 +13,8 @@ import os
 import signal
 from pathlib import Path
 
+from .proctree import boot_id
+
 log = logging.getLogger(__name__)
 
 PIDS_FILE = "sentinels.pids.json"
@@ -43,7 +45,7 @@ class PidsFile:
             return
         path = self._state_dir / PIDS_FILE
         tmp = path.with_name(f".{PIDS_FILE}.{os.getpid()}.tmp")
-        record = {"node_pid": os.getpid(), "boot_id": _boot_id(), "children": pids}
+        record = {"node_pid": os.getpid(), "boot_id": boot_id(), "children": pids}
         try:
             self._state_dir.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(record, indent=1))
@@ -69,7 +71,7 @@ class PidsFile:
         path = self._state_dir / PIDS_FILE
         try:
             record = json.loads(path.read_text())
-            children = record["children"] if record.get("boot_id") == _boot_id() else []
+            children = record["children"] if record.get("boot_id") == boot_id() else []
         except FileNotFoundError:
             return []
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -111,10 +113,3 @@ def start_ticks(pid: int) -> int | None:
         return int(fields[19])
     except (IndexError, ValueError):
         return None
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""

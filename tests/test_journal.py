@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import orjson
-from sbs.node.journal import COMPACT_SLACK, Agreed, boot_id
+from sbs.node.journal import COMPACT_SLACK, Agreed
+from sbs.node.proctree import boot_id
 
 
 def _lines(path) -> list[bytes]:
