@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
 import shlex
 import subprocess
@@ -33,6 +34,7 @@ class Health:
         self._wanted: frozenset[str] = frozenset()  # sentinels the checks should look at
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._groups: set[int] = set()  # process groups of checks that may have left children
 
     @property
     def enabled(self) -> bool:
@@ -115,11 +117,39 @@ class Health:
         if not command:
             return None
         try:
-            done = subprocess.run(shlex.split(command), stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  timeout=self.cfg.check_timeout, check=False)
-        except subprocess.TimeoutExpired:
-            return f"no answer within {self.cfg.check_timeout:g}s"
+            # a session (and process group) of its own: what it leaves running in the
+            # background keeps that group, by which the node reaps it (_reap_leftovers)
+            proc = subprocess.Popen(shlex.split(command), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
         except (OSError, ValueError) as exc:
             return f"cannot run {command!r}: {exc}"
-        return None if done.returncode == 0 else f"exit {done.returncode}"
+        self._groups.add(proc.pid)
+        try:
+            code = proc.wait(timeout=self.cfg.check_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return f"no answer within {self.cfg.check_timeout:g}s"
+        finally:
+            self._reap_leftovers()
+        return None if code == 0 else f"exit {code}"
+
+    def _reap_leftovers(self) -> None:
+        """A check's background processes that outlived it are the node's children (it is a
+        child subreaper: node/proctree.py): reap those that have exited, by their group, or
+        each would stay a zombie until the node stops. A group is forgotten once it is gone
+        (its id is given to no other process while it exists)."""
+        for pgid in list(self._groups):
+            while True:
+                try:
+                    if os.waitid(os.P_PGID, pgid, os.WEXITED | os.WNOHANG) is None:
+                        break  # some still run: the next check looks again
+                except ChildProcessError:  # none of ours: forgotten once the group is gone
+                    try:
+                        os.killpg(pgid, 0)
+                    except ProcessLookupError:
+                        self._groups.discard(pgid)
+                    except PermissionError:
+                        pass
+                    break

@@ -4,6 +4,8 @@ Every wait polls a condition with a deadline; nothing sleeps for synchronisation
 """
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import random
 import shutil
@@ -75,23 +77,49 @@ def _bindable(hosts: tuple[str, ...] | list[str], ports: range) -> bool:
             t.close()
 
 
+# A port free now may be taken before it is bound, or while a node that has it restarts, by
+# a port another test process picks (the other xdist worker, another run on the machine): a
+# node then stops with "cannot bind". So each pick is claimed for CLAIM_FOR seconds in a file
+# every test process of this user shares (under an flock), and a claimed port is not picked.
+CLAIM_FOR = 600.0
+_CLAIMS = Path(tempfile.gettempdir()) / f"sbs-test-ports-{os.getuid()}.json"
+
+
+def _claim(ports: range) -> bool:
+    with open(os.open(_CLAIMS, os.O_RDWR | os.O_CREAT, 0o600), "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        now = time.time()
+        try:
+            claims = {int(k): t for k, t in json.loads(f.read() or "{}").items() if t > now}
+        except (ValueError, AttributeError):
+            claims = {}  # a torn or foreign file: start again
+        if any(p in claims for p in ports):
+            return False
+        claims.update((p, now + CLAIM_FOR) for p in ports)
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(claims))
+        return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A free port on `host`, outside the ephemeral range (see _port_pool)."""
+    """A free port on `host`, outside the ephemeral range (see _port_pool), claimed."""
     pool = _port_pool()
     for _ in range(200):
         p = random.randrange(pool.start, pool.stop)
-        if _bindable([host], range(p, p + 1)):
+        if _bindable([host], range(p, p + 1)) and _claim(range(p, p + 1)):
             return p
     raise RuntimeError("no free port")
 
 
 def free_port_triplet() -> int:
     """A port p such that p, p+1, p+2 are free on both loopback addresses and the proxies'
-    (outside the ephemeral range, see _port_pool)."""
+    (outside the ephemeral range, see _port_pool), claimed."""
     pool = _port_pool()
     for _ in range(200):
         base = random.randrange(pool.start, pool.stop - 2)
-        if _bindable([*HOSTS.values(), *PROXIES.values()], range(base, base + 3)):
+        if (_bindable([*HOSTS.values(), *PROXIES.values()], range(base, base + 3))
+                and _claim(range(base, base + 3))):
             return base
     raise RuntimeError("no free port triplet")
 

@@ -160,3 +160,49 @@ def test_a_daemon_of_a_sentinel_dies_with_its_node_killed_9(daemons):
     pair.alpha.kill()
     wait_for(lambda: not alive(daemon), 5, f"the daemon {daemon} of the killed node to die")
     wait_for(lambda: len(pids()) == 2, 10, "beta's svc to start its daemon")
+
+
+# A [checks] command that leaves a child behind, which writes its pid into the folder
+# argv[1] and exits 50 ms later.
+_LEAVER = """\
+import os, sys, time
+if os.fork() == 0:
+    open(os.path.join(sys.argv[1], str(os.getpid())), "w").close()
+    time.sleep(0.05)
+    os._exit(0)
+"""
+
+
+def test_what_a_check_leaves_behind_is_reaped_when_it_exits(make_pair, tmp_path):
+    """The node is a child subreaper: a process a [checks] command leaves running becomes the
+    node's child when the check exits. Once it exits too it must be reaped, not kept as a
+    zombie of the node until the node stops (one more per check, every check_interval)."""
+    script, left = tmp_path / "leaver.py", tmp_path / "left"
+    script.write_text(_LEAVER)
+    left.mkdir()
+    pair = make_pair(sentinels={"svc": f"{sys.executable} -c 'import time; time.sleep(600)'"})
+    alpha = pair.alpha
+    alpha.config.write_text(alpha.config.read_text()
+                            + "\n[health]\nrestarts = 2\ncheck_interval = 0.2\n"
+                            f"\n[checks]\nsvc = {sys.executable} {script} {left}\n")
+    alpha.start()
+    alpha.wait_state("primary")
+    node = alpha.proc.pid
+    wait_for(lambda: len(list(left.iterdir())) >= 5, 20, "five checks to leave a child each")
+
+    def zombies() -> list[int]:
+        out = []
+        for p in left.iterdir():
+            try:
+                fields = Path(f"/proc/{p.name}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # reaped: gone
+            if fields[0] == "Z" and int(fields[1]) == node:
+                out.append(int(p.name))
+        return out
+
+    # the leftovers of the checks so far exit 50 ms after they start: each is reaped by a
+    # later check (before, every one stayed a zombie of the node)
+    seen = {p.name for p in left.iterdir()}
+    wait_for(lambda: not [pid for pid in zombies() if str(pid) in seen], 15,
+             f"the node to reap its checks' leftovers {sorted(seen)}")
