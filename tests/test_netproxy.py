@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.netproxy import Proxy
+from tests.pair import wait_for
 
 
 @pytest.fixture
@@ -101,7 +102,8 @@ def test_hold_keeps_the_bytes_for_the_heal(echo, direction):
         proxy.heal()
         c.settimeout(5)
         assert _recv_exactly(c, 14) == b"sent while out"
-        assert proxy.passed(echo) == (14, 14)
+        # counted by the proxy's thread just after it sends them: the echo may be read first
+        wait_for(lambda: proxy.passed(echo) == (14, 14), 5, "the proxy to count both ways")
         c.close()
     finally:
         proxy.close()
