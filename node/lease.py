@@ -48,6 +48,10 @@ class EtcdError(Exception):
     pass
 
 
+class EtcdNotFound(EtcdError):
+    """etcd answered 404: what was asked for (a lease to revoke) is not there."""
+
+
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
@@ -67,6 +71,7 @@ class Etcd:
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         # imported here: HTTP, ssl and email parsing cost a node ~5 MB, and only a node with
         # [cluster] dcs ever calls
+        import urllib.error
         import urllib.request
 
         deadline = time.monotonic() + self.timeout
@@ -83,6 +88,11 @@ class Etcd:
             try:
                 with urllib.request.urlopen(request, timeout=left) as answer:
                     reply = json.loads(answer.read(1 << 20))
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404:
+                    raise EtcdNotFound(f"{host}:{port}: {path}: not found") from None
+                errors.append(f"{host}:{port}: {exc}")
+                continue
             except (OSError, ValueError) as exc:  # URLError, timeouts, refused, bad JSON
                 errors.append(f"{host}:{port}: {getattr(exc, 'reason', exc)}")
                 continue
@@ -132,6 +142,7 @@ class LeaseKeeper(threading.Thread):
         self.lease: str | None = None
         self.renewed_at: float | None = None
         self.held: str | None = None  # the lease the key was last seen on, ours
+        self.unrevoked: str | None = None  # given up, but its revoke got no answer yet
         self.gen = 0  # the loop's, from its last resignation: stamped on every report
 
     def run(self) -> None:
@@ -162,6 +173,7 @@ class LeaseKeeper(threading.Thread):
         report: dict[str, Any] = {"reachable": False, "holder": None, "term": None,
                                   "mine": False, "error": ""}
         try:
+            self._revoke_again()
             if self.renewed_at is not None and time.monotonic() >= (
                     self.renewed_at + self.cluster.ttl):
                 log.warning("lease %s: no renewal confirmed for ttl (%gs): giving it up",
@@ -208,8 +220,25 @@ class LeaseKeeper(threading.Thread):
         if lease is not None:
             try:
                 self.etcd.revoke(lease)  # deletes the key at once: the peer need not wait ttl
+            except EtcdNotFound:
+                pass
             except EtcdError as exc:
-                log.warning("cannot revoke lease %s (it expires by itself): %s", lease, exc)
+                log.warning("cannot revoke lease %s yet (tried again each cycle; it expires by "
+                            "itself): %s", lease, exc)
+                self.unrevoked = lease
+
+    def _revoke_again(self) -> None:
+        """An etcd that was down keeps a lease (and our key on it) for ttl once it is back; the
+        peer gets the key as soon as our revoke is answered."""
+        if self.unrevoked is not None:
+            try:
+                self.etcd.revoke(self.unrevoked)
+            except EtcdNotFound:
+                pass
+            except EtcdError:
+                return
+            log.info("lease %s revoked (or gone) at last", self.unrevoked)
+            self.unrevoked = None
 
 
 class Lease:
