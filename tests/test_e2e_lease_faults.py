@@ -113,3 +113,26 @@ def test_a_lease_granted_for_a_key_never_written_runs_nothing(cluster):
     assert log.count("sentinel svc started") == 1, "svc ran on alpha without the key:\n" + (
         "\n".join(line for line in log.splitlines() if "->" in line or "svc" in line))
     c.check(closed)
+
+
+def test_a_hand_over_whose_revoke_is_lost_waits_for_the_lease_not_for_the_old_primary(cluster):
+    """alpha hands over (promote) just as etcd stops answering it: its revoke is lost, so the
+    key stays on alpha's lease until it expires. beta takes it then, not before (svc never on
+    both), and alpha, secondary, does not take it back when etcd answers it again."""
+    c = cluster()
+    c.start()
+    closed = c.replicated_file()
+    _primary_runs(c)
+    c.cut_etcd("alpha")
+    try:
+        reply = request(c.alpha.cfg, "PROMOTE", {"force": False}, timeout=5)
+        assert reply and reply["status"] == "ok", reply
+        wait_for(lambda: running_pid(c.beta, "svc"), TTL * 2 + 10, "svc on beta")
+        assert c.alpha.state() == "secondary"
+    finally:
+        c.to_etcd["alpha"].heal()
+    wait_for(lambda: (st := c.alpha.status(0.5)) and st["lease"]["reachable"]
+             and st["lease"]["holder"] == "beta", 10, "alpha to hear etcd again")
+    assert c.running_on() == ["beta"] and c.alpha.state() == "secondary"
+    assert overlaps(c.record) == [], f"svc ran on both nodes at once: {lives(c.record)}"
+    c.check(closed)
