@@ -12,6 +12,13 @@ what it wants ({"want": bool}, {"resign": true}, {"now": true}) and receives one
 per cycle. Lease is the loop's side. A renewal counts from the moment its request left (our
 monotonic clock), never from when the answer came, so `renewed_at + ttl` is never later than
 etcd's own expiry.
+
+What a report may claim: "mine" only for the lease the key was last seen on, so a lease
+granted for a create whose answer never came is no licence (even while etcd cannot be read);
+a report made before the keeper read the loop's resignation is dropped (a "gen" on each); and
+a lease with no renewal confirmed for `ttl` is revoked, not kept alive: the keep-alives of a
+node that cannot hear etcd's answers would hold the key for a primary whose sentinels the
+guard has stopped, and the peer would never get it.
 """
 from __future__ import annotations
 
@@ -41,6 +48,10 @@ class EtcdError(Exception):
     pass
 
 
+class EtcdNotFound(EtcdError):
+    """etcd answered 404: what was asked for (a lease to revoke) is not there."""
+
+
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
@@ -60,6 +71,7 @@ class Etcd:
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         # imported here: HTTP, ssl and email parsing cost a node ~5 MB, and only a node with
         # [cluster] dcs ever calls
+        import urllib.error
         import urllib.request
 
         deadline = time.monotonic() + self.timeout
@@ -76,6 +88,11 @@ class Etcd:
             try:
                 with urllib.request.urlopen(request, timeout=left) as answer:
                     reply = json.loads(answer.read(1 << 20))
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404:
+                    raise EtcdNotFound(f"{host}:{port}: {path}: not found") from None
+                errors.append(f"{host}:{port}: {exc}")
+                continue
             except (OSError, ValueError) as exc:  # URLError, timeouts, refused, bad JSON
                 errors.append(f"{host}:{port}: {getattr(exc, 'reason', exc)}")
                 continue
@@ -124,6 +141,9 @@ class LeaseKeeper(threading.Thread):
         self.want = False
         self.lease: str | None = None
         self.renewed_at: float | None = None
+        self.held: str | None = None  # the lease the key was last seen on, ours
+        self.unrevoked: str | None = None  # given up, but its revoke got no answer yet
+        self.gen = 0  # the loop's, from its last resignation: stamped on every report
 
     def run(self) -> None:
         pipe = self.ctx.socket(zmq.PAIR)
@@ -137,6 +157,7 @@ class LeaseKeeper(threading.Thread):
                     command = json.loads(pipe.recv())
                     if command.get("stop"):
                         return
+                    self.gen = int(command.get("gen", self.gen))
                     if command.get("resign"):
                         self._resign()
                     if "want" in command:
@@ -152,6 +173,12 @@ class LeaseKeeper(threading.Thread):
         report: dict[str, Any] = {"reachable": False, "holder": None, "term": None,
                                   "mine": False, "error": ""}
         try:
+            self._revoke_again()
+            if self.renewed_at is not None and time.monotonic() >= (
+                    self.renewed_at + self.cluster.ttl):
+                log.warning("lease %s: no renewal confirmed for ttl (%gs): giving it up",
+                            self.lease, self.cluster.ttl)
+                self._revoke()
             if self.lease is not None:
                 sent = time.monotonic()
                 if self.etcd.keepalive(self.lease) > 0:
@@ -174,12 +201,14 @@ class LeaseKeeper(threading.Thread):
                 report["term"] = int(kv.get("create_revision", 0))
                 report["mine"] = (report["holder"] == self.name and self.lease is not None
                                   and str(kv.get("lease")) == self.lease)
+            self.held = self.lease if report["mine"] else None
             if self.lease is not None and not report["mine"]:
                 self._revoke()  # a lease granted for a race we lost: let it go
         except (EtcdError, ValueError, TypeError) as exc:
             report["error"] = str(exc)[:500]
-        report["renewed_at"] = self.renewed_at if report["mine"] or not report["reachable"] \
-            else None
+            report["mine"] = self.lease is not None and self.lease == self.held
+        report["renewed_at"] = self.renewed_at if report["mine"] else None
+        report["gen"] = self.gen
         return report
 
     def _resign(self) -> None:
@@ -187,12 +216,29 @@ class LeaseKeeper(threading.Thread):
         self._revoke()
 
     def _revoke(self) -> None:
-        lease, self.lease, self.renewed_at = self.lease, None, None
+        lease, self.lease, self.renewed_at, self.held = self.lease, None, None, None
         if lease is not None:
             try:
                 self.etcd.revoke(lease)  # deletes the key at once: the peer need not wait ttl
+            except EtcdNotFound:
+                pass
             except EtcdError as exc:
-                log.warning("cannot revoke lease %s (it expires by itself): %s", lease, exc)
+                log.warning("cannot revoke lease %s yet (tried again each cycle; it expires by "
+                            "itself): %s", lease, exc)
+                self.unrevoked = lease
+
+    def _revoke_again(self) -> None:
+        """An etcd that was down keeps a lease (and our key on it) for ttl once it is back; the
+        peer gets the key as soon as our revoke is answered."""
+        if self.unrevoked is not None:
+            try:
+                self.etcd.revoke(self.unrevoked)
+            except EtcdNotFound:
+                pass
+            except EtcdError:
+                return
+            log.info("lease %s revoked (or gone) at last", self.unrevoked)
+            self.unrevoked = None
 
 
 class Lease:
@@ -214,6 +260,7 @@ class Lease:
         self.heard_at: float | None = None
         self.wanted: bool | None = None
         self.hold_off_until = 0.0
+        self.gen = 0  # bumped by resign(): the keeper's reports made before it are stale
         self.keeper.start()
 
     # -- the loop asks
@@ -233,7 +280,8 @@ class Lease:
         self.hold_off_until = time.monotonic() + hold_off
         self.wanted = False
         self.mine, self.renewed_at = False, None
-        self._send({"resign": True, "want": False})
+        self.gen += 1
+        self._send({"resign": True, "want": False, "gen": self.gen})
 
     def _send(self, command: dict[str, Any]) -> None:
         try:
@@ -242,13 +290,19 @@ class Lease:
             log.warning("lease thread busy: %s not sent", command)
 
     # -- the keeper reports
-    def on_report(self, frames: list[bytes]) -> None:
+    def on_report(self, frames: list[bytes]) -> bool:
+        """Take a report in; False when it is stale (made before our resignation reached the
+        keeper: it may still call the key ours)."""
         report = json.loads(frames[0])
+        if report.get("gen", 0) < self.gen:
+            return False
         self.heard_at = time.monotonic()
         self.reachable, self.error = report["reachable"], report["error"]
+        self.mine = report["mine"]  # the keeper's word even when etcd is silent
         if self.reachable:
-            self.holder, self.term, self.mine = report["holder"], report["term"], report["mine"]
+            self.holder, self.term = report["holder"], report["term"]
         self.renewed_at = report["renewed_at"] if self.mine else None
+        return True
 
     # -- what it means for the node
     def event(self, state: S) -> E | None:

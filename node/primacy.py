@@ -106,7 +106,8 @@ class Primacy:
     def on_report(self, frames: list[bytes]) -> None:
         lease, node = self.lease, self.node
         before = (lease.holder, lease.term, lease.reachable, lease.mine)
-        lease.on_report(frames)
+        if not lease.on_report(frames):
+            return
         if (lease.holder, lease.term, lease.reachable, lease.mine) != before:
             log.info("leader key %s: holder %s, term %s, etcd %s%s", self.cfg.cluster.key,
                      lease.holder, lease.term, "reachable" if lease.reachable else "unreachable",

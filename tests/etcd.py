@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -91,14 +92,25 @@ class Etcd:
 
 class Proxy:
     """Forwards each (listen address -> target address) over TCP. cut(): every byte either way
-    is read and dropped while the connections stay open (a pulled cable: no reset, no error,
-    nothing arrives); heal(): bytes flow again."""
+    (or only `up`, what the node sends, or only `down`, etcd's answers) is read and dropped
+    while the connections stay open (a pulled cable: no reset, no error, nothing arrives);
+    heal(): bytes flow again. `delay`: each chunk either way is sent on that many seconds after
+    it came (a slow or distant etcd). `lose`: a request whose first bytes name one of these
+    paths (b"/v3/kv/txn") is swallowed, that connection's bytes dropped both ways (that one
+    request lost, the others answered)."""
 
     def __init__(self, routes: list[tuple[tuple[str, int], tuple[str, int]]]):
         self.sel = selectors.DefaultSelector()
-        self.cut_now = False
+        self.cut_dirs: set[str] = set()
+        self.delay = 0.0
+        self.lose: tuple[bytes, ...] = ()
         self.listeners = []
         self.pairs: dict[socket.socket, socket.socket] = {}
+        self.clients: set[socket.socket] = set()  # the node's side of each connection
+        self.lost: set[socket.socket] = set()
+        self.lost_count = 0  # requests lost by `lose` so far
+        self.queue: list[tuple[float, int, socket.socket, bytes | None]] = []  # delayed
+        self.sent = 0
         self.wake_r, self.wake_w = socket.socketpair()
         self.sel.register(self.wake_r, selectors.EVENT_READ, None)
         for listen, target in routes:
@@ -112,15 +124,16 @@ class Proxy:
         self.thread = threading.Thread(target=self._run, name="etcd-test-proxy", daemon=True)
         self.thread.start()
 
-    def cut(self) -> None:
-        self.cut_now = True
+    def cut(self, *, up: bool = True, down: bool = True) -> None:
+        self.cut_dirs = {d for d, on in (("up", up), ("down", down)) if on}
 
     def heal(self) -> None:
-        self.cut_now = False
+        self.cut_dirs = set()
 
     def _run(self) -> None:
         while not self.stopping:
-            for key, _ in self.sel.select(0.5):
+            timeout = 0.5 if not self.queue else max(0.0, self.queue[0][0] - time.monotonic())
+            for key, _ in self.sel.select(timeout):
                 sock = key.fileobj
                 if sock is self.wake_r:
                     continue
@@ -131,13 +144,39 @@ class Proxy:
                     data = sock.recv(65536)
                 except OSError:
                     data = b""
+                if sock in self.clients and sock not in self.lost and self.lose and any(
+                        b" " + path + b" " in data[:200] for path in self.lose):
+                    self.lost.add(sock)
+                    self.lost_count += 1
+                way = "up" if sock in self.clients else "down"
+                passes = (way not in self.cut_dirs and sock not in self.lost
+                          and self.pairs.get(sock) not in self.lost)
                 if not data:
-                    self._drop(sock)
-                elif not self.cut_now:
-                    try:
-                        self.pairs[sock].sendall(data)
-                    except (OSError, KeyError):
-                        self._drop(sock)
+                    self.sel.unregister(sock)
+                    if passes or way == "up":  # a close the cable swallows is never seen
+                        self._later(sock, None)  # once what it sent before has gone on
+                elif passes:
+                    self._later(sock, data)
+            self._send_due()
+
+    def _later(self, sock: socket.socket, data: bytes | None) -> None:
+        self.sent += 1
+        self.queue.append((time.monotonic() + self.delay, self.sent, sock, data))
+        self.queue.sort(key=lambda item: item[:2])
+
+    def _send_due(self) -> None:
+        now = time.monotonic()
+        while self.queue and self.queue[0][0] <= now:
+            _, _, sock, data = self.queue.pop(0)
+            if sock not in self.pairs:
+                continue  # dropped meanwhile
+            if data is None:
+                self._drop(sock)
+                continue
+            try:
+                self.pairs[sock].sendall(data)
+            except OSError:
+                self._drop(sock)
 
     def _accept(self, lst: socket.socket, target: tuple[str, int]) -> None:
         client, _ = lst.accept()
@@ -151,6 +190,7 @@ class Proxy:
             return
         upstream.settimeout(None)
         self.pairs[client], self.pairs[upstream] = upstream, client
+        self.clients.add(client)
         self.sel.register(client, selectors.EVENT_READ)
         self.sel.register(upstream, selectors.EVENT_READ)
 
@@ -160,6 +200,8 @@ class Proxy:
             if s is None:
                 continue
             self.pairs.pop(s, None)
+            self.clients.discard(s)
+            self.lost.discard(s)
             try:
                 self.sel.unregister(s)
             except (KeyError, ValueError):
