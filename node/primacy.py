@@ -51,6 +51,9 @@ class Primacy:
         self.hold_until: float | None = None  # sentinels held after a lapse
         self.lease: Lease | None = None
         self.pipe: zmq.Socket | None = None
+        # a hand-over's campaign (the peer resigned for us): asked for even in maintenance
+        self.campaign_until = 0.0
+        self.held_back = False  # maintenance keeps this secondary from asking for the key
         if self.cfg.cluster.enabled:
             self.lease = Lease(node.ctx, self.cfg.cluster, self.cfg.name, node.run_id)
             self.pipe = self.lease.pipe
@@ -128,6 +131,18 @@ class Primacy:
     def _update_want(self) -> None:
         if self.lease is not None:
             node, peer = self.node, self.node.peer
+            # maintenance: no takeover, by the key either (fsm.MAINTENANCE holds the silence);
+            # a hand-over the operator asked for still moves the key (campaign)
+            hold = (node.state == S.SECONDARY and node.ops.maintenance.on
+                    and time.monotonic() >= self.campaign_until)
+            if hold != self.held_back:
+                self.held_back = hold
+                if hold:
+                    log.warning("maintenance mode: this secondary does not ask etcd for the "
+                                "leader key (no takeover)")
+            if hold:
+                self.lease.want(False)
+                return
             rival = {"epoch": peer.epoch, "role": peer.role, "name": peer.name}
             self.lease.wish(node.state, starting_may_ask=node.probed or (
                 peer.alive and peer.state == "starting" and protocol.wins(node.me(), rival)))
@@ -142,6 +157,7 @@ class Primacy:
     def campaign(self, **_: Any) -> None:
         if self.lease is not None:
             log.info("the primary handed over: taking the leader key")
+            self.campaign_until = time.monotonic() + 2 * self.cfg.cluster.ttl
             self.lease.campaign_now()
 
     def resign(self) -> None:

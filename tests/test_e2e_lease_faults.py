@@ -136,3 +136,56 @@ def test_a_hand_over_whose_revoke_is_lost_waits_for_the_lease_not_for_the_old_pr
     assert c.running_on() == ["beta"] and c.alpha.state() == "secondary"
     assert overlaps(c.record) == [], f"svc ran on both nodes at once: {lives(c.record)}"
     c.check(closed)
+
+
+def test_maintenance_holds_a_takeover_by_the_key_until_it_ends(cluster):
+    """Maintenance mode: no takeover (README). With a lease, alpha cut from etcd lets the key
+    expire, and beta used to take it and take over (as it would out of maintenance). Held back
+    now: beta does not ask for the key; once maintenance ends it takes it."""
+    from tests.test_e2e_sentinels import sbs_tools
+
+    c = cluster().start()
+    _primary_runs(c)
+    done = sbs_tools("maintenance", "on", "--config", str(c.alpha.config))
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: (st := c.beta.status(0.5)) and st["maintenance"], 10, "beta in maintenance")
+    wait_for(lambda: "does not ask etcd for the leader key" in c.beta.log.read_text(), 10,
+             "beta to stop asking for the key")
+    c.cut_etcd("alpha")
+    try:
+        st = wait_for(lambda: (st := c.beta.status(0.5)) and st["lease"]["reachable"]
+                      and st["lease"]["holder"] != "alpha" and st,
+                      TTL + LOOP_WAIT + RETRY * 2 + 5, "alpha's key to expire, as beta sees it")
+        assert st["lease"]["holder"] is None, f"beta took the key in maintenance: {st['lease']}"
+        # a beta that asks takes a free key at its next cycle (loop_wait): give it several
+        with pytest.raises(AssertionError, match="timed out"):
+            wait_for(lambda: running_pid(c.beta, "svc") or c.beta.state() == "primary",
+                     4 * LOOP_WAIT + RETRY, "beta to take over in maintenance")
+        assert c.running_on() == []  # alpha's guard stopped it: down, as the operator chose
+        done = sbs_tools("maintenance", "off", "--config", str(c.beta.config))
+        assert done.returncode == 0, done.stderr
+        wait_for(lambda: running_pid(c.beta, "svc"), TTL + 10, "svc on beta, maintenance off")
+    finally:
+        c.to_etcd["alpha"].heal()
+    c.alpha.wait_state("secondary", timeout=TTL + 10)
+    c.check()
+
+
+def test_in_maintenance_a_hand_over_the_operator_asks_for_still_moves_the_key(cluster):
+    """Maintenance holds back what the pair would do by itself, not the operator's promote:
+    beta, which does not ask for the key in maintenance, campaigns for it on alpha's
+    HANDOVER and takes over."""
+    from tests.test_e2e_sentinels import sbs_tools
+
+    c = cluster().start()
+    closed = c.replicated_file()
+    _primary_runs(c)
+    assert sbs_tools("maintenance", "on", "--config", str(c.alpha.config)).returncode == 0
+    wait_for(lambda: "does not ask etcd for the leader key" in c.beta.log.read_text(), 10,
+             "beta to stop asking for the key")
+    reply = request(c.alpha.cfg, "PROMOTE", {"force": False}, timeout=5)
+    assert reply and reply["status"] == "ok", reply
+    wait_for(lambda: running_pid(c.beta, "svc"), TTL + 10, "svc on beta after the hand-over")
+    assert c.beta.state() == "primary"
+    c.alpha.wait_state("secondary", timeout=10)
+    c.check(closed)
