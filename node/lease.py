@@ -261,6 +261,7 @@ class Lease:
         self.wanted: bool | None = None
         self.hold_off_until = 0.0
         self.gen = 0  # bumped by resign(): the keeper's reports made before it are stale
+        self._refused: tuple | None = None  # what stale() last logged
         self.keeper.start()
 
     # -- the loop asks
@@ -327,8 +328,11 @@ class Lease:
     def stale(self, what: str, body: dict[str, Any]) -> bool:
         """A primary whose term is below the key's current one has lost its lease: refused."""
         if self.term and body["epoch"] < self.term:
-            log.warning("refused %s from %s: term %d is older than the leader key's %d",
-                        what, body["name"], body["epoch"], self.term)
+            said = (what, body["name"], body["epoch"], self.term)
+            if said != self._refused:  # once, not at every heartbeat of a peer that lags
+                self._refused = said
+                log.warning("refused %s from %s: term %d is older than the leader key's %d "
+                            "(said once for this term)", *said)
             return True
         return False
 

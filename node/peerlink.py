@@ -45,6 +45,7 @@ class PeerLink:
         self.away_until = 0.0
         self.held: Message | None = None
         self.ident: bytes | None = None  # ROUTER identity of the peer's DEALER
+        self.last_refusal: str | None = None  # the peer's last error answer, logged once
         self.dealer = self._open_dealer()
 
     def _open_dealer(self) -> zmq.Socket:
@@ -187,6 +188,7 @@ class PeerLink:
         if msg.command == "PONG":
             self.on_peer_state(msg)
         elif msg.command == "SNAPSHOT_REP":
+            self.last_refusal = None
             if self._from_peer(msg):
                 self.node.secondary.on_snapshot(msg)
             else:
@@ -196,7 +198,11 @@ class PeerLink:
         elif msg.command == "HANDOVER":
             self.obey(msg, E.PEER_HANDOVER)
         elif msg.command == "REPLY" and msg.body["status"] == "error":
-            log.warning("peer answered: %s", msg.body.get("reason"))
+            reason = msg.body.get("reason")
+            # the same answer again (a peer not primary yet, asked every few hundred ms): once
+            (log.debug if reason == self.last_refusal else log.warning)("peer answered: %s",
+                                                                         reason)
+            self.last_refusal = reason
             self.node.secondary.retry_snapshot_soon()  # not ready for a snapshot: ask again soon
 
     def on_peer_state(self, msg: Message) -> None:

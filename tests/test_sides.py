@@ -545,11 +545,14 @@ def sentinels(epoch: int, sv: int) -> list[bytes]:
 def test_a_sentinel_list_of_a_term_older_than_the_keys_is_refused(alpha, monkeypatch, caplog):
     following(alpha, PRIMARY_RUN, 4)
     # then etcd tells alpha the leader key's create revision is 5 (a real Lease's check)
-    lease = SimpleNamespace(term=5)
+    lease = SimpleNamespace(term=5, _refused=None)
     monkeypatch.setattr(alpha.primacy, "stale", lambda what, body: Lease.stale(lease, what, body))
     alpha.secondary.on_bus(sentinels(4, 3))  # a primary that lost its lease, not knowing it
     assert alpha.lists.sv != 3 and "web" not in alpha.lists.pair.get("sentinels", {})
     assert "refused SENTINELS from beta: term 4 is older than the leader key's 5" in caplog.text
+    alpha.secondary.on_bus(sentinels(4, 3))  # again (it comes with every heartbeat): said once
+    assert caplog.text.count("refused SENTINELS from beta: term 4") == 1
+    assert alpha.lists.sv != 3
     alpha.secondary.on_bus(sentinels(5, 3))  # the key's holder
     assert alpha.lists.sv == 3 and alpha.lists.pair["sentinels"] == {"web": "sleep 600"}
 
@@ -643,3 +646,14 @@ def test_a_syncer_told_to_stop_in_the_middle_of_its_scan_ends_there(tmp_path, mo
         pipe.close(0)
         agreed.close()
         ctx.term()
+
+
+def test_the_same_error_answer_of_the_peer_is_logged_once(alpha, caplog):
+    """A secondary asks a peer that is not primary yet for a snapshot every few hundred ms
+    (after a hand-over, until the peer has the key): one warning, not one per answer."""
+    with caplog.at_level("DEBUG", logger="sbs.node"):
+        for _ in range(5):
+            alpha.link.on_dealer(protocol.reply_error("not primary"))
+        alpha.link.on_dealer(protocol.reply_error("busy"))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == ["peer answered: not primary", "peer answered: busy"], warned
