@@ -22,7 +22,7 @@ import zmq
 
 from . import protocol
 from .config import Config
-from .fsm import S
+from .fsm import PRIMARY_LIKE, S
 from .lease import LEASE_KILL_SHARE, Lease
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ class Primacy:
             node._save_node()
         if (event := lease.event(node.state)) is not None:
             node.feed(event)
-        elif lease.mine and node.state == S.PRIMARY and lease.term != node.epoch:
+        elif lease.mine and node.state in PRIMARY_LIKE and lease.term != node.epoch:
             log.warning("took the leader key again after it expired: term %s", lease.term)
             node.epoch = lease.term
             node._save_node()

@@ -557,6 +557,35 @@ def test_a_sentinel_list_of_a_term_older_than_the_keys_is_refused(alpha, monkeyp
     assert alpha.lists.sv == 3 and alpha.lists.pair["sentinels"] == {"web": "sleep 600"}
 
 
+@pytest.mark.parametrize("state", [S.PRIMARY, S.HANDOVER, S.LEAVING])
+def test_a_primary_that_retakes_an_expired_key_takes_its_term_in_a_hand_over_too(alpha, state,
+                                                                                   monkeypatch):
+    """etcd was away longer than ttl and the key expired; the primary took it again, under a
+    new term. Its manifests must carry that term, or the secondary refuses them as a lost
+    lease's: in the middle of a hand-over (HANDOVER, LEAVING) the final sync then timed out
+    and the hand-over went ahead without the last files."""
+
+    class Retaken:
+        holder, term, reachable, mine, error = "alpha", 9, True, True, ""
+
+        def on_report(self, frames: list[bytes]) -> bool:
+            return True
+
+        def event(self, state: S) -> None:
+            return None
+
+        def wish(self, state: S, **_) -> None:
+            pass
+
+        def want(self, flag: bool) -> None:
+            pass
+
+    alpha.epoch, alpha.state = 4, state
+    monkeypatch.setattr(alpha.primacy, "lease", Retaken())  # undone before alpha closes
+    alpha.primacy.on_report([b"{}"])
+    assert alpha.epoch == 9
+
+
 def test_unacknowledged_manifests_are_bounded_by_the_entries_they_hold(alpha, monkeypatch,
                                                                        caplog):
     """A primary whose secondary does not acknowledge (away, or far behind) keeps its
