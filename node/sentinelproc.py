@@ -52,6 +52,16 @@ class Child:
     def live_others(self) -> list[Proc]:
         return [proc for proc in self.others.values() if not proc.zombie]
 
+    def moved(self) -> bool:
+        """One of its other processes has left the group or session it was seen in (a setsid()
+        after the last look, which starts no process: proctree.last_pid() misses it)."""
+        for proc in self.live_others:
+            now = proctree.read(proc.pid)
+            if now is not None and now.ticks == proc.ticks and (now.pgid, now.sid) != (
+                    proc.pgid, proc.sid):
+                return True
+        return False
+
     def outside_group(self) -> list[int]:
         return sorted(p.pid for p in self.live_others if p.pgid != self.pid)
 

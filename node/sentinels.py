@@ -162,8 +162,9 @@ class Sentinels:
         if running := [s.child for s in self._sentinels.values() if s.child]:
             # the guard hears of a daemon before a pause can stop us; a look at every process
             # costs ~10 us each, so it is skipped while no process started (proctree.last_pid)
+            # and none of theirs moved to another group
             last = proctree.last_pid()
-            if last is None or last != self._last_pid:
+            if last is None or last != self._last_pid or any(c.moved() for c in running):
                 self._scan(running)
                 self._last_pid = last
         if self._guard.started:

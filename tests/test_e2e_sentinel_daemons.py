@@ -137,6 +137,9 @@ def test_the_guard_stops_a_paused_primary_s_daemon_before_the_peer_starts_its_ow
     pair = daemons.pair("escape")
     start_pair(pair, ("svc",))
     daemon = _one_daemon(pair, pids)
+    # status shows what the last look found, and the same look told the guard
+    wait_for(lambda: sentinel(pair.alpha.status(), "svc")["outside_group"] == [daemon], 5,
+             "alpha's status to show the daemon")
     pair.alpha.signal(signal.SIGSTOP)
     try:
         wait_for(lambda: running_pid(pair.beta, "svc"), 10, f"svc on beta{pair.beta.tail_log()}")

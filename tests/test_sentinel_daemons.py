@@ -184,3 +184,51 @@ def test_a_heartbeat_looks_at_every_process_only_when_one_has_started_since(
         assert len(looks) == before + 1
     finally:
         sentinels.stop_all(grace=0.5)
+
+
+# The main process stays; its child writes its pid to argv[1], waits for the file argv[2],
+# then leaves the group with setsid() (no new process) and says so in argv[1] + ".moved".
+_LATE_MOVER = """\
+import os, sys, time
+if os.fork() == 0:
+    with open(sys.argv[1] + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.01)
+    os.setsid()
+    open(sys.argv[1] + ".moved", "w").close()
+    while True:
+        time.sleep(60)
+while True:
+    time.sleep(60)
+"""
+
+
+def test_a_heartbeat_looks_again_when_a_known_process_leaves_the_group(tmp_path, monkeypatch):
+    """A process seen in the sentinel's group that calls setsid() later starts no process, so
+    last_pid does not move: the heartbeat must still see it leave (or the guard never hears
+    of it, and a paused primary's daemon outlives the guard's stop)."""
+    from sbs.node import proctree
+
+    script, pid_file, go = tmp_path / "mover.py", tmp_path / "child.pid", tmp_path / "go"
+    script.write_text(_LATE_MOVER)
+    sentinels = Sentinels(tmp_path / "state", grace=0.5)
+    monkeypatch.setattr(proctree, "last_pid", lambda: 1000)  # no process starts from here on
+    child = None
+    try:
+        sentinels.configure({"svc": f"{PY} {script} {pid_file} {go}"})
+        sentinels.set_active(["svc"])
+        sentinels.run()
+        child = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), 5))
+        sentinels.confirm(time.monotonic() + 60)  # it is seen in the group
+        assert by_name(sentinels)["svc"]["outside_group"] == []
+        go.touch()
+        wait_for(lambda: (tmp_path / "child.pid.moved").exists(), 5)
+        sentinels.confirm(time.monotonic() + 60)
+        assert by_name(sentinels)["svc"]["outside_group"] == [child]
+    finally:
+        sentinels.stop_all(grace=0.5)
+        if child is not None:
+            with contextlib.suppress(OSError):
+                os.kill(child, signal.SIGKILL)
