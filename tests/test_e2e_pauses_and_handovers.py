@@ -6,6 +6,7 @@ import secrets
 import signal
 import time
 
+import pytest
 from sbs.tools.client import request
 
 from tests.pair import wait_for
@@ -300,11 +301,18 @@ def test_a_node_paused_while_it_probes_follows_the_peer_that_started_meanwhile(m
     gets a file. alpha, resumed past its probe window, must follow beta, not become primary
     on a probe that went unanswered only because alpha itself was paused (both at epoch 1, it
     would win by name and set beta's file aside)."""
-    pair = make_pair(node={"heartbeat": 0.2, "dead_after": 1.0})
-    pair.alpha.start()
-    wait_for(lambda: (st := pair.alpha.status(0.5)) and st["state"] == "starting", 10,
-             "alpha to answer while it probes")
-    pair.alpha.signal(signal.SIGSTOP)
+    for _ in range(3):  # the pause must land inside alpha's 1 s probe window
+        pair = make_pair(node={"heartbeat": 0.2, "dead_after": 1.0})
+        pair.alpha.start()
+        wait_for(lambda p=pair: (st := p.alpha.status(0.5)) and st["state"] == "starting", 10,
+                 "alpha to answer while it probes")
+        pair.alpha.signal(signal.SIGSTOP)
+        if "probe_timeout" not in pair.alpha.log.read_text():
+            break
+        pair.alpha.signal(signal.SIGCONT)  # too late: its probe had ended; again
+        pair.stop()
+    else:
+        pytest.fail("alpha's probe ended before the test could pause it, three times")
     try:
         pair.beta.start()
         pair.beta.wait_state("primary", timeout=15)
