@@ -88,6 +88,14 @@ def _one_daemon(pair, pids) -> int:
     return daemon
 
 
+def _guarded_daemon(pair, pids) -> int:
+    """_one_daemon, once alpha's status shows it: the look that found it told the guard."""
+    daemon = _one_daemon(pair, pids)
+    wait_for(lambda: sentinel(pair.alpha.status(), "svc")["outside_group"] == [daemon], 5,
+             "alpha's status to show the daemon")
+    return daemon
+
+
 def _session(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
 
@@ -136,10 +144,7 @@ def test_the_guard_stops_a_paused_primary_s_daemon_before_the_peer_starts_its_ow
     pids = daemons.pids
     pair = daemons.pair("escape")
     start_pair(pair, ("svc",))
-    daemon = _one_daemon(pair, pids)
-    # status shows what the last look found, and the same look told the guard
-    wait_for(lambda: sentinel(pair.alpha.status(), "svc")["outside_group"] == [daemon], 5,
-             "alpha's status to show the daemon")
+    daemon = _guarded_daemon(pair, pids)
     pair.alpha.signal(signal.SIGSTOP)
     try:
         wait_for(lambda: running_pid(pair.beta, "svc"), 10, f"svc on beta{pair.beta.tail_log()}")
@@ -156,10 +161,7 @@ def test_a_daemon_of_a_sentinel_dies_with_its_node_killed_9(daemons):
     pids = daemons.pids
     pair = daemons.pair("escape")
     start_pair(pair, ("svc",))
-    daemon = _one_daemon(pair, pids)
-    # status shows what the last scan found, and the same scan told the guard
-    wait_for(lambda: sentinel(pair.alpha.status(), "svc")["outside_group"] == [daemon], 5,
-             "alpha's status to show the daemon")
+    daemon = _guarded_daemon(pair, pids)
     pair.alpha.kill()
     wait_for(lambda: not alive(daemon), 5, f"the daemon {daemon} of the killed node to die")
     wait_for(lambda: len(pids()) == 2, 10, "beta's svc to start its daemon")
