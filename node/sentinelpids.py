@@ -14,6 +14,7 @@ import signal
 from pathlib import Path
 
 from .proctree import boot_id
+from .proctree import read as read_proc
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +104,5 @@ class PidsFile:
 
 def start_ticks(pid: int) -> int | None:
     """Start time of `pid` in clock ticks after boot (field 22 of /proc/<pid>/stat)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = stat.rsplit(")", 1)[-1].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
+    proc = read_proc(pid)
+    return None if proc is None else proc.ticks

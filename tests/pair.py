@@ -124,6 +124,13 @@ def free_port_triplet() -> int:
     raise RuntimeError("no free port triplet")
 
 
+def plain_config(root: Path) -> Any:
+    """alpha's Config (CURVE off, its docs folder made) under `root`, on ports of its own: for
+    a Node or a Syncer built in the test's process."""
+    (root / "data/alpha/docs").mkdir(parents=True)
+    return load(write_config(root, "alpha", free_port_triplet(), security={"curve": "false"}))
+
+
 def make_keys(keydir: Path) -> None:
     keydir.mkdir(parents=True, exist_ok=True)
     for name in ("alpha", "beta", "stranger"):

@@ -15,11 +15,11 @@ import orjson
 import pytest
 import zmq
 from sbs.node import protocol
-from sbs.node.config import Config, load
+from sbs.node.config import Config
 from sbs.node.journal import Agreed
 from sbs.node.syncer import Syncer
 
-from tests.pair import free_port_triplet, wait_for, write_config
+from tests.pair import plain_config, wait_for
 from tests.test_e2e_replication import (
     _unshare_works,
     replication,
@@ -35,9 +35,8 @@ def syncer_and_blob_server(tmp_path: Path, answer: Callable[[protocol.Message], 
                            ) -> Iterator[tuple[Config, Syncer, zmq.Socket]]:
     """A secondary's Syncer in this process (not started: the test starts it), fetching from
     a REP on loopback whose replies are answer(request); and the PAIR it reports on."""
-    port = free_port_triplet()
-    (tmp_path / "data/alpha/docs").mkdir(parents=True)
-    cfg = load(write_config(tmp_path, "alpha", port, security={"curve": "false"}))
+    cfg = plain_config(tmp_path)
+    port = cfg.control_port
     ctx = zmq.Context()
     rep = ctx.socket(zmq.REP)
     rep.linger = 0

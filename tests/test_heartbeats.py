@@ -12,12 +12,11 @@ import secrets
 
 import pytest
 import zmq
-from sbs.node.config import load
 from sbs.node.node import Node
 from zmq.utils.monitor import recv_monitor_message
 
 from tests.netproxy import Proxy
-from tests.pair import HOSTS, PROXIES, free_port_triplet, wait_for, write_config
+from tests.pair import HOSTS, PROXIES, plain_config, wait_for
 from tests.test_sides import following, received
 
 BEHIND = PROXIES["beta"]  # where the test's beta really listens; the proxy is on beta's address
@@ -26,9 +25,8 @@ BEHIND = PROXIES["beta"]  # where the test's beta really listens; the proxy is o
 @pytest.fixture
 def alpha(tmp_path):
     """alpha (heartbeat 0.2, dead_after 1.0, its loop not running) reaching beta via a proxy."""
-    port = free_port_triplet()
-    (tmp_path / "data/alpha/docs").mkdir(parents=True)
-    cfg = load(write_config(tmp_path, "alpha", port, security={"curve": "false"}))
+    cfg = plain_config(tmp_path)
+    port = cfg.control_port
     assert (cfg.heartbeat, cfg.dead_after) == (0.2, 1.0)
     ctx = zmq.Context()  # the test's: no heartbeats of its own, it only answers alpha's
     peer, bus = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)

@@ -16,13 +16,12 @@ import pytest
 import zmq
 from sbs.node import primary as primary_side
 from sbs.node import protocol
-from sbs.node.config import load
 from sbs.node.fsm import E, S
 from sbs.node.index import FileEntry
 from sbs.node.lease import Lease
 from sbs.node.node import FsmFailure, Node
 
-from tests.pair import HOSTS, free_port_triplet, wait_for, write_config
+from tests.pair import HOSTS, plain_config, wait_for
 
 PRIMARY_RUN = secrets.token_hex(8)
 
@@ -30,9 +29,8 @@ PRIMARY_RUN = secrets.token_hex(8)
 @pytest.fixture
 def alpha(tmp_path):
     """alpha, not running its loop, and a ROUTER where it looks for its peer beta."""
-    port = free_port_triplet()
-    (tmp_path / "data/alpha/docs").mkdir(parents=True)
-    cfg = load(write_config(tmp_path, "alpha", port, security={"curve": "false"}))
+    cfg = plain_config(tmp_path)
+    port = cfg.control_port
     ctx = zmq.Context()
     peer = ctx.socket(zmq.ROUTER)
     peer.linger = 0
@@ -645,9 +643,7 @@ def test_a_syncer_told_to_stop_in_the_middle_of_its_scan_ends_there(tmp_path, mo
     from sbs.node import syncer as syncer_mod
     from sbs.node.journal import Agreed
 
-    port = free_port_triplet()
-    (tmp_path / "data/alpha/docs").mkdir(parents=True)
-    cfg = load(write_config(tmp_path, "alpha", port, security={"curve": "false"}))
+    cfg = plain_config(tmp_path)
     ctx = zmq.Context()
     pipe = ctx.socket(zmq.PAIR)
     pipe.bind("inproc://syncer-stop")
