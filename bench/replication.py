@@ -677,8 +677,8 @@ class SbsRun:
                 "after_secondary_s": round(seconds - (t_secondary or 0), 4),
                 "alpha_mem_mb": mem["alpha"], "beta_mem_mb": mem["beta"]}
 
-    def timed_initial_sync(self, timeout: float = 900, together: bool = False
-                           ) -> dict[str, Any]:
+    def timed_initial_sync(self, timeout: float = 900, together: bool = False,
+                           rewarm: Callable[[], None] | None = None) -> dict[str, Any]:
         """An initial sync timed as rsync's is: the clock starts as alpha's process is started,
         so alpha's first scan and hashing are inside it (rsync's includes its daemon walking
         the tree). beta is started as soon as alpha says primary, as an operator starting the
@@ -686,6 +686,13 @@ class SbsRun:
         the clock stops when beta reports synced with applied >= alpha's seq after that scan.
         `together`: beta is started right after alpha, as two services started at once (a
         node that hears its peer decides by the rule without waiting out dead_after).
+        `rewarm` (not with `together`): run right before beta is started, with the clock
+        stopped while it runs (its time is kept as `rewarm_paused_s`, outside every figure
+        after it). beta's copy then writes into memory as warm as the peers' copies, which
+        start right after their warm-up: on this VM pages freed more than a second or so
+        earlier are back with the host (warm_page_cache), and 1 GiB written into them costs
+        ~0.5 s more system time than right after a warm-up, which the 1.5 s that alpha waits
+        alone put on beta's copy alone.
         The breakdown (alpha primary, alpha's scan done, beta started, beta secondary) is kept
         beside the total."""
         alpha, beta = self.pair.alpha, self.pair.beta
@@ -711,6 +718,11 @@ class SbsRun:
                         marks["alpha_ready_s"], seq = now - t0, st["replication"]["seq"]
             if "alpha_primary_s" in marks and "beta_started_s" not in marks:
                 self._profile("alpha")
+                if rewarm is not None:
+                    paused = time.perf_counter()
+                    rewarm()
+                    marks["rewarm_paused_s"] = time.perf_counter() - paused
+                    t0 += marks["rewarm_paused_s"]
                 marks["beta_started_s"] = time.perf_counter() - t0
                 beta.start()
             if "beta_started_s" in marks:
@@ -778,15 +790,19 @@ class SbsRun:
 def initial_sync(root: Path, src: Path, *, curve: bool = True, profile_dir: Path | None = None,
                  tag: str = "", warm: Callable[[], None] | None = None,
                  then: Callable[[SbsRun, dict[str, Any]], dict[str, Any]] | None = None,
-                 together: bool = False) -> dict[str, Any]:
+                 together: bool = False, rewarm: Callable[[], None] | None = None
+                 ) -> dict[str, Any]:
     """A fresh pair's initial sync of `src`, timed from alpha's start (timed_initial_sync).
-    `warm` runs right before the clock starts, as it does before rsync's; `then` runs on the
-    settled pair afterwards (latency and idle in the tree scenario) and adds to the result."""
+    `warm` runs right before the clock starts, as it does before rsync's, and `rewarm` (the
+    scratch part of it, never touching `src`) right before beta is started, with the clock
+    stopped; `then` runs on the settled pair afterwards (latency and idle in the tree
+    scenario) and adds to the result."""
     drop_dirty()
     with SbsRun(root, src, curve=curve, profile_dir=profile_dir, tag=tag) as run:
         if warm is not None:
             warm()
-        result = run.timed_initial_sync(together=together)
+        result = run.timed_initial_sync(together=together,
+                                        rewarm=None if together else rewarm)
         result["roles"] = roles = run.settle()
         # the peak read again once the pair has settled: the primary records the snapshot's
         # acknowledgement in its journal after the copy is done, and that memory counts too
@@ -867,7 +883,10 @@ METHOD = {
     "sbs_initial_sync_clock": "from starting the primary's process (its first scan and hashing "
                               "included) until the secondary reports synced with every change "
                               "of that scan applied; the secondary is started as soon as the "
-                              "primary says primary",
+                              "primary says primary, after the scratch part of the warm-up "
+                              "is run again with the clock stopped (rewarm_paused_s: pages "
+                              "freed a second or more before are slow to write into again on "
+                              "this VM, and the primary waits dead_after alone first)",
     "sbs_initial_together_clock": "the same, with both nodes started at once (the primary "
                                   "hears its peer and does not wait out dead_after alone)",
     "rsync_clock": "from starting the rsync client until it exits; the daemon (or sshd) is "
@@ -979,12 +998,13 @@ def ssh_copier(ssh: SshPeer, src: Path, dest: Path, warm: Callable[[], None], ci
 def sbs_copier(runs: Path, tag: str, src: Path, warm: Callable[[], None], *, curve: bool = True,
                size_mb: float | None = None, last_rep: int = -1,
                then: Callable[[SbsRun, dict[str, Any]], dict[str, Any]] | None = None,
-               profile_dir: Path | None = None, together: bool = False
+               profile_dir: Path | None = None, together: bool = False,
+               rewarm: Callable[[], None] | None = None
                ) -> Callable[[int], dict[str, Any]]:
     def once(rep: int) -> dict[str, Any]:
         s = initial_sync(runs / f"{tag}-{rep}", src, curve=curve, warm=warm,
                          then=then if rep == last_rep else None, profile_dir=profile_dir,
-                         tag=tag, together=together)
+                         tag=tag, together=together, rewarm=rewarm)
         if not s["exact"]:
             raise RuntimeError(f"SBS replica differs ({tag}, rep {rep})")
         if size_mb is not None:
@@ -1017,11 +1037,14 @@ def scenario_small(data: Path, runs: Path, daemon: RsyncDaemon | None, sz: Sizes
                    with_fsync: bool) -> dict[str, Any]:
     src = data / "small"
 
-    def warm() -> None:
-        read_source(src)
+    def rewarm() -> None:
         warm_files(runs / "warm", sz.small_files, sz.small_size)
 
-    copiers = {"sbs": sbs_copier(runs, "sbs-small", src, warm)}
+    def warm() -> None:
+        read_source(src)
+        rewarm()
+
+    copiers = {"sbs": sbs_copier(runs, "sbs-small", src, warm, rewarm=rewarm)}
     if daemon is not None:
         copiers["rsync"] = rsync_copier(daemon, "small", src, runs / "rsync-small", warm)
         if with_fsync:
@@ -1106,9 +1129,12 @@ def scenario_big(data: Path, runs: Path, daemon: RsyncDaemon | None, ssh: SshPee
     # deleting 2 GiB: on this VM a copy into page cache that nothing touched lately runs at
     # half speed or less, and freed pages go back to the host within seconds (see
     # warm_page_cache), so the warm-up comes right before each clock starts
+    def rewarm() -> None:
+        warm_page_cache(runs / "warm.bin", 2 * sz.big_bytes)
+
     def warm() -> None:
         read_source(src)
-        warm_page_cache(runs / "warm.bin", 2 * sz.big_bytes)
+        rewarm()
 
     def live(curve: bool) -> Callable[[int], dict[str, Any]]:
         def once(rep: int) -> dict[str, Any]:
@@ -1119,7 +1145,8 @@ def scenario_big(data: Path, runs: Path, daemon: RsyncDaemon | None, ssh: SshPee
             return s
         return once
 
-    ours = {"sbs_initial": sbs_copier(runs, "sbs-big", src, warm, size_mb=size_mb),
+    ours = {"sbs_initial": sbs_copier(runs, "sbs-big", src, warm, rewarm=rewarm,
+                                      size_mb=size_mb),
             "sbs_live": live(True),
             # the fixed cost of a lone start (the primary waits dead_after for an answer)
             # against two services started together
@@ -1127,8 +1154,8 @@ def scenario_big(data: Path, runs: Path, daemon: RsyncDaemon | None, ssh: SshPee
                                                size_mb=size_mb, together=True)}
     if extras:
         ours["sbs_live_plain"] = live(False)
-        ours["sbs_initial_plain"] = sbs_copier(runs, "sbs-big-plain", src, warm, curve=False,
-                                               size_mb=size_mb)
+        ours["sbs_initial_plain"] = sbs_copier(runs, "sbs-big-plain", src, warm,
+                                               rewarm=rewarm, curve=False, size_mb=size_mb)
     theirs = {}
     if daemon is not None:
         theirs["rsync"] = rsync_copier(daemon, "big", src, runs / "rsync-big", warm,
@@ -1239,10 +1266,13 @@ def scenario_tree(data: Path, runs: Path, daemon: RsyncDaemon | None, sz: Sizes,
     src = data / "tree"
     out: dict[str, Any] = {"files": sz.tree_files}
 
+    def rewarm() -> None:
+        warm_files(runs / "warm", sz.tree_files, KiB)
+
     def warm() -> None:
         shutil.rmtree(src / "_latency", ignore_errors=True)
         read_source(src)
-        warm_files(runs / "warm", sz.tree_files, KiB)
+        rewarm()
 
     def then(run: SbsRun, roles: dict[str, Any]) -> dict[str, Any]:
         """Latency and idle CPU on the synced pair of the last SBS rep."""
@@ -1277,7 +1307,7 @@ def scenario_tree(data: Path, runs: Path, daemon: RsyncDaemon | None, sz: Sizes,
 
     reps = 1 if profile_dir is not None else sz.reps_tree
     copiers = {"sbs": sbs_copier(runs, "sbs-tree", src, warm, last_rep=reps - 1, then=then,
-                                 profile_dir=profile_dir)}
+                                 profile_dir=profile_dir, rewarm=rewarm)}
     if daemon is not None and profile_dir is None:
         copiers["rsync"] = rsync_copier(daemon, "tree", src, runs / "rsync-tree", warm)
         if with_fsync:
