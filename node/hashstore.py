@@ -41,7 +41,8 @@ from pathlib import Path
 
 import orjson
 
-from .index import MODES, RACY_NS, FileEntry, HashCache
+from .entries import MODES, FileEntry
+from .index import RACY_NS, HashCache
 
 log = logging.getLogger("sbs.hashstore")
 

@@ -13,17 +13,9 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 
+from .entries import dir_entry, same_entry
 from .filters import Filter
-from .index import (
-    RACY_NS,
-    FolderMissing,
-    HashCache,
-    _entry_from_stat,
-    cache_key_of,
-    dir_entry,
-    same_entry,
-    scan_paths,
-)
+from .index import RACY_NS, FolderMissing, HashCache, _entry_from_stat, cache_key_of, scan_paths
 from .tree import DIR_FLAGS, TEMP_PREFIX
 from .unreplicable import skip_entry
 from .unreplicable import utf8_ok as _utf8_ok

@@ -41,18 +41,11 @@ from .config import Config, FolderConfig
 from .conflicts import ConflictKeeper, own_extras
 from .content import Fetcher
 from .deletions import GUARD_MIN_FILES, StrictDeletions  # noqa: F401  (re-exported)
+from .entries import KEPT, FileEntry, same_entry, shared_values
 from .fileevents import FileEvents
 from .filters import Filter
 from .hashstore import CacheKeeper
-from .index import (
-    KEPT,
-    FileEntry,
-    FolderMissing,
-    HashCache,
-    same_entry,
-    scan_folder,
-    shared_values,
-)
+from .index import FolderMissing, HashCache, scan_folder
 from .journal import Agreed
 from .protocol import entry_check
 from .security import Keys

@@ -15,8 +15,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from .entries import Entry
 from .fdio import DIR_FLAGS, delete_at, lstat_at, start_writeback, temp_name
-from .index import TEMP_PREFIX, Entry, new_hasher
+from .index import TEMP_PREFIX, new_hasher
 from .tree import walk
 
 log = logging.getLogger("sbs.node.writer")

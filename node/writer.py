@@ -15,6 +15,7 @@ import os
 import stat
 import time
 
+from .entries import Entry, dir_entry, link_entry
 from .fdio import (
     DIR_FLAGS,
     HAS_SYNCFS,
@@ -25,15 +26,7 @@ from .fdio import (
     syncfs,
     temp_name,
 )
-from .index import (
-    TEMP_PREFIX,
-    Entry,
-    Filter,
-    HashCache,
-    dir_entry,
-    hashed_file_entry,
-    link_entry,
-)
+from .index import TEMP_PREFIX, Filter, HashCache, hashed_file_entry
 from .sidecopies import SideCopies, purge_trash, utc_stamp  # noqa: F401  (re-exported)
 from .temps import HashMismatch, TempArea, TempFile  # noqa: F401  (re-exported)
 from .tree import (  # noqa: F401  (re-exported: the path rule's home is node/tree.py)

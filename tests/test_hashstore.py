@@ -14,9 +14,10 @@ import pytest
 import zmq
 from sbs.node import hashstore
 from sbs.node.config import FolderConfig
+from sbs.node.entries import FileEntry
 from sbs.node.filters import Filter
 from sbs.node.hashstore import CacheKeeper, cache_path, load, save
-from sbs.node.index import RACY_NS, FileEntry, HashCache, hash_bytes, scan_folder
+from sbs.node.index import RACY_NS, HashCache, hash_bytes, scan_folder
 from sbs.node.scanner import Scanner
 from sbs.node.writer import FolderWriter
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sbs.node import entries as entries_module
 from sbs.node import index as index_module
 from sbs.node.filters import Filter
 from sbs.node.index import (
@@ -500,7 +501,7 @@ def test_kept_entries_read_and_travel_as_the_dicts_they_replace(tmp_path):
     assert "target" not in f and f.get("target") is None and ln["target"] == "f"
     assert dict(d) == {"path": "d", "kind": "dir", "size": 0, "mtime_ns": 0, "mode": 0o750,
                        "hash": ""}
-    gone = index_module.deleted_entry(f)
+    gone = entries_module.deleted_entry(f)
     assert type(gone) is dict and gone == {**want_f, "deleted": True}
     assert diff(index, {**index, "d/f": dict(f)}) == []  # an equal dict is no change
     assert diff(index, {**index, "d/f": {**want_f, "mode": 0o600}}) == [
@@ -508,18 +509,18 @@ def test_kept_entries_read_and_travel_as_the_dicts_they_replace(tmp_path):
 
 
 def test_a_wire_entry_is_kept_compact_only_when_it_has_the_usual_keys():
-    shared = index_module.shared_values
+    shared = entries_module.shared_values
     h = "ab" * 16
     f = shared({"path": "a", "kind": "file", "size": 3, "mtime_ns": 9, "mode": 420,
                 "hash": h})
-    assert type(f) is index_module.FileEntry and f == {"path": "a", "kind": "file", "size": 3,
+    assert type(f) is entries_module.FileEntry and f == {"path": "a", "kind": "file", "size": 3,
                                                        "mtime_ns": 9, "mode": 420, "hash": h}
     wire_kind = "".join(["fi", "le"])  # a string of its own, as orjson makes one
     assert shared({"path": "b", "kind": wire_kind, "size": 3, "mtime_ns": 9, "mode": 420,
                    "hash": h})["kind"] is f["kind"]  # one shared "file" object
     ln = shared({"path": "c", "kind": "link", "size": 1, "mtime_ns": 9, "mode": 0, "hash": "",
                  "target": "a"})
-    assert type(ln) is index_module.LinkEntry and ln["target"] == "a"
+    assert type(ln) is entries_module.LinkEntry and ln["target"] == "a"
     for odd in ({"path": "a", "kind": "file", "size": 3, "mtime_ns": 9, "mode": 420,
                  "hash": h, "deleted": True},                      # a deletion
                 {"path": "d", "kind": "dir", "size": 0, "mtime_ns": 0, "mode": 493},  # no hash
@@ -559,9 +560,9 @@ def test_a_snapshot_part_is_kept_compact_on_arrival_and_a_bad_entry_is_still_ref
     index = {"docs": [dict(good), dict(bad_mode), dict(escape), "junk"]}
     keep_entries(index)
     kept = index["docs"]
-    assert type(kept[0]) is index_module.FileEntry and kept[0] == good
+    assert type(kept[0]) is entries_module.FileEntry and kept[0] == good
     assert type(kept[1]) is dict and kept[1] == bad_mode
-    assert type(kept[2]) is index_module.FileEntry and kept[3] == "junk"
+    assert type(kept[2]) is entries_module.FileEntry and kept[3] == "junk"
     refused: list[dict] = []
     taken = list(valid_entries("docs", kept, lambda *a, **k: refused.append(k), consume=True))
     assert taken == [good] and taken[0] is not None

@@ -16,8 +16,8 @@ import pytest
 import zmq
 from sbs.node import primary as primary_side
 from sbs.node import protocol
+from sbs.node.entries import FileEntry
 from sbs.node.fsm import E, S
-from sbs.node.index import FileEntry
 from sbs.node.lease import Lease
 from sbs.node.node import FsmFailure, Node
 
