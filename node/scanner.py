@@ -36,6 +36,7 @@ from .index import (
     FolderMissing,
     HashCache,
     diff,
+    keep_unreadable,
     scan_folder,
     scan_paths,
 )
@@ -284,12 +285,8 @@ class Scanner:
                 log.error("folder %s (%s) is missing: not replicating it", name, root)
                 pipe.send_multipart([b"error", f"folder {name} ({root}) is missing".encode()])
                 continue
-            for rel_dir in skipped:
-                # unreadable now (permissions, I/O error) is not deleted: keep what we had
-                prefix = rel_dir + "/"
-                for path, entry in self.index[name].items():
-                    if path == rel_dir or path.startswith(prefix):
-                        fresh.setdefault(path, entry)
+            # unreadable now (permissions, I/O error) is not deleted: keep what we had
+            keep_unreadable(fresh, self.index[name], skipped)
             if paths := touched.get(name):
                 _keep_touched(fresh, self.index[name], paths)
             changes = diff(self.index[name], fresh)

@@ -1,0 +1,70 @@
+"""Folders and files a node cannot read or open (a failing disk's I/O errors, or permissions).
+On the primary they are still there, so the secondary must not be told they were deleted (with
+strict, it would move its good copy, perhaps the only readable one, to the trash)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.pair import NodeProc, wait_for
+from tests.test_e2e_replication import replication, started, wait_equal, write
+
+UNMAPPED = 4242  # a uid and gid the node's user namespace does not map
+
+
+class UsernsNodeProc(NodeProc):
+    """A node in a user namespace of its own where only root is mapped (unshare -U -r): a file
+    owned by an unmapped user with mode 000 cannot be opened by it (EACCES), as by a node that
+    does not run as root, while the test (root outside) can still read it and put it back."""
+
+    def start(self, *extra: str) -> NodeProc:
+        self.logfh = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            ["unshare", "-U", "-r", sys.executable, "-m", "sbs.node.cli", "start", "--config",
+             str(self.config), *extra], stdout=self.logfh, stderr=subprocess.STDOUT)
+        self.running()
+        return self
+
+
+def _userns_works() -> bool:
+    try:
+        res = subprocess.run(["unshare", "-U", "-r", "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return res.returncode == 0 and os.geteuid() == 0
+
+
+@pytest.mark.skipif(not _userns_works(), reason="needs unshare -U -r, run as root")
+def test_what_the_primary_cannot_read_is_not_deleted_on_the_secondary(make_pair):
+    pair = make_pair(node={"strict": "true"})
+    alpha = pair.nodes["alpha"] = pair.alpha = UsernsNodeProc(pair.alpha.config)
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    write(a / "locked.txt", "a file the primary cannot read for now\n")
+    write(a / "sub" / "inner.txt", "in a folder the primary cannot list for now\n")
+    write(a / "plain.txt", "readable\n")
+    started(pair)
+    wait_equal(a, b, 20, "the first sync")
+    locked = [a / "locked.txt", a / "sub"]
+    try:
+        for path in locked:
+            os.chown(path, UNMAPPED, UNMAPPED)
+            path.chmod(0)
+        wait_for(lambda: "cannot read" in (log := alpha.log.read_text())
+                 and "skipping unreadable folder" in log, 15,
+                 "alpha to meet the file and the folder it cannot read")
+        write(a / "after.txt", "written after\n")  # a later manifest: beta is past the others
+        wait_for(lambda: (b / "after.txt").exists() and replication(pair.beta).get("synced"),
+                 15, "beta to apply everything alpha published")
+        assert (b / "locked.txt").read_text() == "a file the primary cannot read for now\n"
+        assert (b / "sub" / "inner.txt").read_text() == (
+            "in a folder the primary cannot list for now\n")
+        assert not (pair.root / "state" / "beta" / "trash").exists()
+    finally:
+        for path, mode in zip(locked, (0o644, 0o755), strict=True):
+            path.chmod(mode)
+            os.chown(path, 0, 0)
+    assert alpha.state() == "primary" and pair.beta.state() == "secondary"
+
