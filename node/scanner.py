@@ -239,6 +239,10 @@ class Scanner:
                 changes = scan_paths(root, filt, self.caches[name], self.index[name], paths)
             except FolderMissing:
                 changes = []
+            except OSError as exc:  # the folder itself cannot be read: this one, not all
+                self.caches[name].warn_once(root, "folder %s (%s) cannot be read: %s; keeping "
+                                            "what it had", name, root, exc)
+                changes = []
             if changes:
                 delta[name] = changes
                 self.rotation.note(name, changes)
@@ -284,6 +288,14 @@ class Scanner:
                 # an unmounted or vanished folder is not "everything was deleted"
                 log.error("folder %s (%s) is missing: not replicating it", name, root)
                 pipe.send_multipart([b"error", f"folder {name} ({root}) is missing".encode()])
+                continue
+            except OSError as exc:
+                # nor is one that cannot be read (permissions, a failing disk); and the other
+                # folders go on: this used to end the scanner, and with it all replication
+                log.error("folder %s (%s) cannot be read: %s; keeping what it had", name,
+                          root, exc)
+                pipe.send_multipart([b"error", f"folder {name} ({root}) cannot be read: "
+                                               f"{exc}".encode()])
                 continue
             # unreadable now (permissions, I/O error) is not deleted: keep what we had
             keep_unreadable(fresh, self.index[name], skipped)

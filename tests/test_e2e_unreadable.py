@@ -4,6 +4,7 @@ strict, it would move its good copy, perhaps the only readable one, to the trash
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -67,4 +68,39 @@ def test_what_the_primary_cannot_read_is_not_deleted_on_the_secondary(make_pair)
             path.chmod(mode)
             os.chown(path, 0, 0)
     assert alpha.state() == "primary" and pair.beta.state() == "secondary"
+
+@pytest.mark.skipif(not _userns_works(), reason="needs unshare -U -r, run as root")
+def test_a_folder_the_primary_cannot_read_does_not_stop_the_others(make_pair):
+    """alpha can no longer read the root of one of its two folders. That folder keeps what it
+    had; the other goes on replicating, and a stop's final sync (a full scan) still carries
+    everything. The error used to end the scanner, and with it every folder's replication: a
+    file written before a stop never reached the new primary."""
+    folders = {n: {"folders": {"docs": f"data/{n}/docs", "more": f"data/{n}/more"}}
+               for n in ("alpha", "beta")}
+    pair = make_pair(**folders)
+    alpha = pair.nodes["alpha"] = pair.alpha = UsernsNodeProc(pair.alpha.config)
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    more_a, more_b = pair.folder("alpha", "more"), pair.folder("beta", "more")
+    write(a / "first.txt", "first\n")
+    write(more_a / "kept.txt", "in the folder alpha will not read\n")
+    started(pair)
+    wait_equal(more_a, more_b, 20, "the first sync of more")
+    try:
+        os.chown(more_a, UNMAPPED, UNMAPPED)
+        more_a.chmod(0)
+        wait_for(lambda: any(said in alpha.log.read_text() for said in (
+            "cannot be read", "scanner failed", "skipping unreadable folder")), 15,
+            "alpha to meet the folder it cannot read")
+        write(a / "after.txt", "written after\n")
+        wait_for(lambda: (b / "after.txt").exists(), 15, "after.txt on beta")
+        write(a / "last.txt", "written right before the stop\n")
+        alpha.signal(signal.SIGTERM)
+        assert alpha.wait_exit(30) == 0
+        pair.beta.wait_state("primary", timeout=10)
+    finally:
+        more_a.chmod(0o755)
+        os.chown(more_a, 0, 0)
+    assert (b / "last.txt").read_text() == "written right before the stop\n"
+    assert (more_b / "kept.txt").read_text() == "in the folder alpha will not read\n"
+    assert "final sync incomplete" not in alpha.log.read_text(), alpha.tail_log()
 
