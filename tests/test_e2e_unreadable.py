@@ -104,3 +104,35 @@ def test_a_folder_the_primary_cannot_read_does_not_stop_the_others(make_pair):
     assert (more_b / "kept.txt").read_text() == "in the folder alpha will not read\n"
     assert "final sync incomplete" not in alpha.log.read_text(), alpha.tail_log()
 
+@pytest.mark.skipif(not _userns_works(), reason="needs unshare -U -r, run as root")
+def test_a_file_the_primary_cannot_serve_is_named_in_its_log(make_pair):
+    """alpha lists a file (it is there) that it cannot read when beta asks for it
+    (permissions here; a bad sector under a file whose hash is cached alike, which no scan
+    reads again). beta keeps asking; alpha says once which file it cannot serve, and why.
+    Neither node used to say anything: beta only showed one file pending, for ever."""
+    pair = make_pair()
+    alpha = pair.nodes["alpha"] = pair.alpha = UsernsNodeProc(pair.alpha.config)
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    write(a / "locked.txt", "alpha cannot read this for now\n")
+    write(a / "ok.txt", "readable\n")
+    alpha.start()
+    alpha.wait_state("primary")
+    wait_for(lambda: replication(alpha).get("ready"), 15, "alpha's first scan")
+    locked = a / "locked.txt"
+    try:
+        os.chown(locked, UNMAPPED, UNMAPPED)
+        locked.chmod(0)
+        wait_for(lambda: "cannot read" in alpha.log.read_text(), 15,
+                 "alpha to meet the file it cannot read")
+        pair.beta.start()
+        pair.beta.wait_state("secondary")
+        wait_for(lambda: (b / "ok.txt").exists()
+                 and replication(pair.beta).get("pending_files") == 1, 15,
+                 "beta with everything but the file alpha cannot read")
+        wait_for(lambda: "cannot serve docs/locked.txt" in alpha.log.read_text(), 10,
+                 "alpha to say which file it cannot serve")
+        said = [line for line in alpha.log.read_text().splitlines() if "cannot serve" in line]
+        assert len(said) == 1 and "Permission denied" in said[0], said
+    finally:
+        locked.chmod(0o644)
+        os.chown(locked, 0, 0)
