@@ -96,6 +96,9 @@ class Syncer:
         self.error = ""
         self.snapshots = 0  # snapshot jobs begun: the node ignores reports from before its latest
         self.disk_full: set[str] = set()  # folders whose full disk was already logged
+        # folders of the last snapshot that cannot be replicated here, and why: in the error
+        # at every report, so this node never says it is in sync without them
+        self.refused: dict[str, str] = {}
         # pending files whose last try found no room for them: waiting does not bring them
         self.no_room: set[tuple[str, str]] = set()
         # set by the node when it was primary before: the first snapshot also sets aside the
@@ -224,7 +227,8 @@ class Syncer:
             "snapshot": snapshot,
             "pending_files": len(self.pending),
             "pending_bytes": sum(e.get("size", 0) for e in self.pending.values()),
-            "error": self.error or self.deletions.error(),
+            "error": (self.error or self.deletions.error()
+                      or "; ".join(self.refused.values())[:1000]),
             "through": self.applied,
             "stuck": self._stuck(),
             "gen": self.snapshots,
@@ -244,6 +248,7 @@ class Syncer:
     def _setup(self, folders: dict[str, FolderConfig]) -> None:
         sd = self.cfg.state_dir
         handed_until = time.monotonic() + HANDED_WAIT
+        self.refused = {}
         for name, f in folders.items():
             w = self.writers.get(name)
             if w is None or str(w.root) != str(f.path):
@@ -254,6 +259,8 @@ class Syncer:
                 except (OSError, ValueError) as exc:  # that folder is refused, not all of them
                     log.error("folder %s (%s) cannot be replicated here: %s", name,
                               str(f.path)[:200], exc)
+                    self.refused[name] = (f"folder {name} ({str(f.path)[:200]}) cannot be "
+                                          f"replicated here: {exc}")
                     continue
                 if removed:
                     log.info("removed %d temp file(s) left by an interrupted sync in %s",

@@ -1,6 +1,7 @@
 """Folders and files a node cannot read or open (a failing disk's I/O errors, or permissions).
 On the primary they are still there, so the secondary must not be told they were deleted (with
-strict, it would move its good copy, perhaps the only readable one, to the trash)."""
+strict, it would move its good copy, perhaps the only readable one, to the trash). On the
+secondary, a folder it cannot open is not replicated, and its status must say so."""
 from __future__ import annotations
 
 import os
@@ -136,3 +137,28 @@ def test_a_file_the_primary_cannot_serve_is_named_in_its_log(make_pair):
     finally:
         locked.chmod(0o644)
         os.chown(locked, 0, 0)
+
+@pytest.mark.skipif(not _userns_works(), reason="needs unshare -U -r, run as root")
+def test_a_folder_the_secondary_cannot_open_is_not_reported_in_sync(make_pair):
+    """beta cannot open its copy of docs: the folder is refused (logged), and beta used to
+    report itself in sync all the same, so alpha would hand over to a node without the
+    folder. The refusal is in beta's error, and beta is not synced."""
+    pair = make_pair()
+    beta = pair.nodes["beta"] = pair.beta = UsernsNodeProc(pair.beta.config)
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    write(a / "f.txt", "only on alpha so far\n")
+    os.chown(b, UNMAPPED, UNMAPPED)
+    b.chmod(0)
+    try:
+        pair.start_both()
+        st = wait_for(lambda: (r := replication(beta)) and "cannot be replicated here"
+                      in r.get("error", "") and r, 15, "the refused folder in beta's status")
+        assert st["synced"] is False and "docs" in st["error"], st
+        wait_for(lambda: "cannot be replicated here" in replication(pair.alpha).get(
+            "peer_error", ""), 10, "beta's error in alpha's status")
+        assert replication(pair.alpha)["peer_following"] is True
+        assert not replication(beta)["synced"]
+    finally:
+        b.chmod(0o755)
+        os.chown(b, 0, 0)
+
