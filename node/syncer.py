@@ -99,6 +99,9 @@ class Syncer:
         # folders of the last snapshot that cannot be replicated here, and why: in the error
         # at every report, so this node never says it is in sync without them
         self.refused: dict[str, str] = {}
+        # (folder, errno) of other write errors already logged: a read-only or failing disk
+        # fails every file again at each retry; said once until the folder has nothing pending
+        self.failing: set[tuple[str, object]] = set()
         # pending files whose last try found no room for them: waiting does not bring them
         self.no_room: set[tuple[str, str]] = set()
         # set by the node when it was primary before: the first snapshot also sets aside the
@@ -222,6 +225,9 @@ class Syncer:
             if self.disk_full:
                 log.info("space is back in %s", sorted(self.disk_full))
             self.disk_full.clear()
+        if self.failing:
+            waiting = {name for name, _ in self.pending}
+            self.failing = {f for f in self.failing if f[0] in waiting}
         self.pipe.send_multipart([b"applied", orjson.dumps({
             "applied": self.applied if not self.pending else (self.pending_since_seq or 0),
             "snapshot": snapshot,
@@ -475,7 +481,12 @@ class Syncer:
             log.warning("refused %s/%s: %s", name, e["path"][:200], exc)
             self.emit("refused", folder=name, path=e["path"][:200], reason=str(exc))
         elif not isinstance(exc, HashMismatch):
-            log.warning("could not apply %s/%s: %s", name, e["path"], exc)
+            kind = (name, getattr(exc, "errno", None) or type(exc).__name__)
+            if kind not in self.failing:
+                self.failing.add(kind)
+                log.warning("could not apply %s/%s: %s (other files of %s failing alike are "
+                            "not logged again while it has files pending)", name, e["path"],
+                            exc, name)
             self.error = self.error or f"{name}/{e['path']}: {exc}"
 
 
