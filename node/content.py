@@ -16,6 +16,7 @@ DATA {"id", "items": [{"size": file size now (-1 on error), "err": reason}]} + o
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import stat
@@ -88,6 +89,10 @@ class BlobServer:
         self._folders: dict[str, tuple[str, Filter]] = {}
         self._thread: threading.Thread | None = None
         self._control = f"inproc://blobs-stop-{id(self)}"
+        # (folder, path) the secondary asked for that could not be read here, logged once: a
+        # file whose hash is cached is not read by the scans, and without this line a bad
+        # sector left the secondary asking for it for ever with no word of why
+        self._unreadable: set[tuple[str, str]] = set()
 
     def set_folders(self, folders: dict[str, FolderConfig]) -> None:
         """Serve these folders, and in each only what its filters replicate."""
@@ -149,7 +154,7 @@ class BlobServer:
         folders = self._folders
         dirs: dict[tuple, int] = {}  # parent folders opened for this request
         try:
-            self._read_items(msg.body["items"], folders, dirs, metas, blobs)
+            self._read_items(msg.body["items"], folders, dirs, metas, blobs, self._unreadable)
         finally:
             for fd in dirs.values():
                 os.close(fd)
@@ -165,7 +170,7 @@ class BlobServer:
     @staticmethod
     def _read_items(items: list[dict[str, Any]], folders: dict[str, tuple[str, Filter]],
                     dirs: dict[tuple, int], metas: list[dict[str, Any]],
-                    blobs: list[Any]) -> None:
+                    blobs: list[Any], unreadable: set[tuple[str, str]]) -> None:
         for item in items:
             folder = folders.get(item["f"])
             if folder is None:
@@ -189,6 +194,11 @@ class BlobServer:
                 metas.append({"size": -1, "err": f"refused: {exc}"})
                 blobs.append(b"")
             except OSError as exc:
+                key = (item["f"], item["p"])
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR) and key not in unreadable:
+                    unreadable.add(key)  # (gone since its manifest is not news)
+                    log.error("cannot serve %s/%s to the secondary: %s", item["f"],
+                              item["p"][:200], exc)
                 metas.append({"size": -1, "err": exc.strerror or str(exc)})
                 blobs.append(b"")
 

@@ -105,8 +105,11 @@ class StrictDeletions:
             if have is None:
                 done.append((name, e["path"], None))
                 continue
-            s.conflicts.keep_if_conflict(name, e["path"], have, None, stamp)
             try:
+                # a conflict copy that cannot be made (a full state disk) leaves the file here,
+                # as a failed move to the trash does (the next snapshot tries again); the rest
+                # of the job goes on
+                s.conflicts.keep_if_conflict(name, e["path"], have, None, stamp)
                 s.writers[name].remove(e["path"], trash=True, stamp=stamp)
                 done.append((name, e["path"], None))
                 s.progress.event("deleted", name, e)

@@ -6,6 +6,7 @@ that the writer, its temp files and its trash share.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -145,6 +146,11 @@ def copy_out(dir_fd: int, name: str, dest: str, *, durable: bool) -> None:
                 os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
                 if durable:
                     os.fsync(dst)
+            except BaseException:
+                # (a full disk) no truncated copy is left to pass for the kept one
+                with contextlib.suppress(OSError):
+                    os.unlink(dest)
+                raise
             finally:
                 os.close(dst)
         finally:

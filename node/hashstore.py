@@ -205,9 +205,11 @@ class CacheKeeper:
         self.at_exit = False
         self.racy_ns = RACY_NS
         self.last_save = time.monotonic()
-        # folder -> [(time.time_ns() when the syncer began putting them in place, [paths])]:
-        # one time per WROTE_SPAN, not per file (a dict and an int a file cost ~10 MB at
-        # 100,000 files)
+        # folder -> [(time.monotonic_ns() when the syncer began putting them in place,
+        # [paths])]: one time per WROTE_SPAN, not per file (a dict and an int a file cost ~10 MB
+        # at 100,000 files). Monotonic: a wall clock set back an hour held every file written
+        # since (behind the spans before the step) unsettled, so uncached, for that hour
+        # (FolderWriter.local_entry's own racy rule still looks at the file's times)
         self.unsettled: dict[str, list[tuple[int, list[str]]]] = {}
         # after a big save, the files written too recently to settle get one more save soon
         self.again_at: float | None = None
@@ -233,7 +235,7 @@ class CacheKeeper:
 
     def wrote(self, name: str, path: str) -> None:
         """A file the syncer has just put in place (module doc)."""
-        now = time.time_ns()
+        now = time.monotonic_ns()
         spans = self.unsettled.setdefault(name, [])
         if spans and now - spans[-1][0] < WROTE_SPAN:
             spans[-1][1].append(path)
@@ -250,7 +252,7 @@ class CacheKeeper:
         to the owner's work (``busy``) or to a stop before all ripe ones were looked at: the
         rest wait, in order, for the next pass."""
         spans = self.unsettled.get(name)
-        ripe = time.time_ns() - self.racy_ns - WROTE_SPAN
+        ripe = time.monotonic_ns() - self.racy_ns - WROTE_SPAN
         done = True
         while spans and spans[0][0] <= ripe:
             at, paths = spans[0]

@@ -112,6 +112,8 @@ class HashCache:
         self.changed = 0
         self._warned: set[str] = set()
         self.unreplicable = Unreplicable()  # what the scans skipped as not UTF-8
+        # files whose last read failed (permissions, an I/O error): there, so not deleted
+        self.unreadable: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._map)
@@ -165,11 +167,13 @@ def hashed_file_entry(relpath: str, abspath: str, st: os.stat_result, cache: Has
 
     The stat is taken on the open fd before and after hashing; when they differ the file changed
     under us and is read again, so a manifest never pairs a hash with the wrong size or mtime.
-    None when the file vanished, became something else, or cannot be read.
+    None when the file vanished, became something else, or cannot be read (then its relpath
+    is in ``cache.unreadable`` until a read succeeds: the scans keep what they had for it).
     """
     hit = cache.lookup(relpath, st)
     if hit is not None:
         return hit
+    cache.unreadable.discard(relpath)
     for _ in range(STABLE_TRIES):
         try:
             fd = opener()
@@ -178,6 +182,7 @@ def hashed_file_entry(relpath: str, abspath: str, st: os.stat_result, cache: Has
         except OSError as e:
             if e.errno != errno.ELOOP:  # ELOOP: it just became a symlink; its event follows
                 cache.warn_once(abspath, "cannot read %s: %s", abspath, e)
+                cache.unreadable.add(relpath)
             return None
         try:
             before = os.fstat(fd)
@@ -187,6 +192,7 @@ def hashed_file_entry(relpath: str, abspath: str, st: os.stat_result, cache: Has
             after = os.fstat(fd)
         except OSError as e:
             cache.warn_once(abspath, "cannot read %s: %s", abspath, e)
+            cache.unreadable.add(relpath)
             return None
         finally:
             os.close(fd)
@@ -298,6 +304,9 @@ def _walk(rel_dir: str, abs_dir: str, filt: Filter, cache: HashCache, out: dict[
                                          cache, (fd, name))
                 if entry is not None:
                     out[entry["path"]] = entry  # a cached entry's path is the same string
+                elif (skipped is not None and stat.S_ISREG(st.st_mode)
+                      and path in cache.unreadable):
+                    skipped.append(path)  # there, only not readable now: not deleted
             if between is not None:
                 between()
     finally:
@@ -337,15 +346,32 @@ def scan_folder(root: str, filt: Filter, cache: HashCache, *,
                 between: Callable[[], None] | None = None) -> dict[str, Entry]:
     """Full recursive walk of a folder. Raises FolderMissing when the root is not there.
 
-    An unreadable subfolder is logged and skipped; its relpath is appended to ``skipped`` when
-    given, so a caller can keep that subtree out of deletions. ``between`` is called after each
-    directory (the scanner handles watch events there instead of after the whole walk).
+    An unreadable subfolder or file is logged and skipped; its relpath is appended to
+    ``skipped`` when given, so a caller can keep it out of deletions (keep_unreadable).
+    ``between`` is called after each directory (the scanner handles watch events there instead
+    of after the whole walk).
     """
     root = os.fspath(root)
     _check_root(root)
     index: dict[str, Entry] = {}
     _walk("", root, filt, cache, index, skipped, between)
     return index
+
+
+def keep_unreadable(fresh: dict[str, Entry], index: dict[str, Entry],
+                    skipped: Iterable[str]) -> None:
+    """What could not be read now (permissions, an I/O error) is not deleted: put back into
+    ``fresh`` what ``index`` had at and under each skipped relpath (scan_folder)."""
+    for rel in skipped:
+        old = index.get(rel)
+        if old is None or old["kind"] != "dir":  # a file (or new): nothing of it under rel
+            if old is not None:
+                fresh.setdefault(rel, old)
+            continue
+        prefix = rel + "/"
+        for path, entry in index.items():
+            if path == rel or path.startswith(prefix):
+                fresh.setdefault(path, entry)
 
 
 def _deleted_in_order(entries: Iterable[Entry]) -> list[Entry]:
@@ -381,7 +407,7 @@ def _is_real_dir(root: str, rel_dir: str, real: dict[str, os.stat_result | None]
         if ok:
             try:
                 st = os.lstat(os.path.join(root, d))
-            except OSError:
+            except (FileNotFoundError, NotADirectoryError):  # other errors: the caller's
                 ok = False
             else:
                 ok = stat.S_ISDIR(st.st_mode)
@@ -424,8 +450,10 @@ def scan_paths(root: str, filt: Filter, cache: HashCache, index: dict[str, Entry
     root = os.fspath(root)
     _check_root(root)
     todo = {p for p in relpaths if p == "" or _relpath_ok(p) or watched_bad(root, filt, cache, p)}
+    skipped: list[str] = []  # there but unreadable now: what the index has stays
     if "" in todo:
-        fresh_index = scan_folder(root, filt, cache)
+        fresh_index = scan_folder(root, filt, cache, skipped=skipped)
+        keep_unreadable(fresh_index, index, skipped)
         delta = diff(index, fresh_index)
         index.clear()
         index.update(fresh_index)
@@ -446,22 +474,28 @@ def scan_paths(root: str, filt: Filter, cache: HashCache, index: dict[str, Entry
         if old is not None and old["kind"] == "dir":
             subtrees.add(rel)
         parent = _parent(rel)
-        if not _is_real_dir(root, parent, real, not_real):
-            subtrees.add(rel)
-            continue
         abspath = os.path.join(root, rel)
         try:
+            if not _is_real_dir(root, parent, real, not_real):
+                subtrees.add(rel)
+                continue
             st = os.lstat(abspath)
         except (FileNotFoundError, NotADirectoryError):
             subtrees.add(rel)
+            continue
+        except OSError:  # there, but it cannot be looked at now (permissions, an I/O error)
+            skipped.append(rel)
             continue
         _add_missing_parents(parent, index, fresh, real)
         if stat.S_ISDIR(st.st_mode):
             fresh[rel] = dir_entry(rel, st)
             subtrees.add(rel)
-            _walk(rel, abspath, filt, cache, fresh, None)
+            _walk(rel, abspath, filt, cache, fresh, skipped)
         elif (entry := _entry_from_stat(rel, abspath, st, filt, cache)) is not None:
             fresh[rel] = entry
+        elif stat.S_ISREG(st.st_mode) and rel in cache.unreadable:
+            skipped.append(rel)
+    keep_unreadable(fresh, index, skipped)
 
     delta = []
     for rel, entry in fresh.items():

@@ -15,7 +15,10 @@ without a copy. So the journal holds a marker, agreed.jsonl.open, from its openi
 clean close (which fsyncs it first), naming the boot it was opened in. A journal found with
 the marker of another boot was open when the machine went down: it is not trusted, and the
 node starts with an empty one (every local file that differs from the primary's is kept as a
-conflict copy: more copies, never fewer). A node killed in the same boot keeps its journal.
+conflict copy: more copies, never fewer). A node killed in the same boot keeps its journal,
+unless an append had failed (a full state disk) and rewrite() had not caught up yet: then the
+file lags what memory holds, so the marker is emptied at the failure and set again once the
+journal is written whole; an empty marker is not trusted either.
 """
 
 from __future__ import annotations
@@ -88,6 +91,15 @@ class Agreed:
             tmp.unlink(missing_ok=True)
             log.error("cannot write %s (%s): a machine crash before this node stops would go "
                       "unnoticed by the journal", self.marker, exc)
+
+    def _distrust(self) -> None:
+        """The file lags what memory holds: a node killed before rewrite() catches up must not
+        read it as the last word at its next start (an empty marker, as after a stop that could
+        not write it whole; emptying a file takes no room on a full disk)."""
+        try:
+            open(self.marker, "w").close()
+        except OSError as exc:
+            log.error("cannot update %s: %s", self.marker, exc)
 
     def _load(self) -> None:
         try:
@@ -167,6 +179,7 @@ class Agreed:
                 self.write_error = f"{self.path}: {exc}"
                 log.error("cannot write %s: %s (kept in memory, written again when it can be)",
                           self.path, exc)
+                self._distrust()
 
     def rewrite(self) -> bool:
         """After a failed write: write the whole journal out again. True when it is whole."""
@@ -180,6 +193,7 @@ class Agreed:
                 return False
             log.warning("%s written again", self.path)
             self.write_error = ""
+            self._mark_open()  # the file holds what memory holds: trusted after a kill again
             return True
 
     def compact(self) -> None:

@@ -36,6 +36,7 @@ from .index import (
     FolderMissing,
     HashCache,
     diff,
+    keep_unreadable,
     scan_folder,
     scan_paths,
 )
@@ -238,6 +239,10 @@ class Scanner:
                 changes = scan_paths(root, filt, self.caches[name], self.index[name], paths)
             except FolderMissing:
                 changes = []
+            except OSError as exc:  # the folder itself cannot be read: this one, not all
+                self.caches[name].warn_once(root, "folder %s (%s) cannot be read: %s; keeping "
+                                            "what it had", name, root, exc)
+                changes = []
             if changes:
                 delta[name] = changes
                 self.rotation.note(name, changes)
@@ -284,12 +289,16 @@ class Scanner:
                 log.error("folder %s (%s) is missing: not replicating it", name, root)
                 pipe.send_multipart([b"error", f"folder {name} ({root}) is missing".encode()])
                 continue
-            for rel_dir in skipped:
-                # unreadable now (permissions, I/O error) is not deleted: keep what we had
-                prefix = rel_dir + "/"
-                for path, entry in self.index[name].items():
-                    if path == rel_dir or path.startswith(prefix):
-                        fresh.setdefault(path, entry)
+            except OSError as exc:
+                # nor is one that cannot be read (permissions, a failing disk); and the other
+                # folders go on: this used to end the scanner, and with it all replication
+                log.error("folder %s (%s) cannot be read: %s; keeping what it had", name,
+                          root, exc)
+                pipe.send_multipart([b"error", f"folder {name} ({root}) cannot be read: "
+                                               f"{exc}".encode()])
+                continue
+            # unreadable now (permissions, I/O error) is not deleted: keep what we had
+            keep_unreadable(fresh, self.index[name], skipped)
             if paths := touched.get(name):
                 _keep_touched(fresh, self.index[name], paths)
             changes = diff(self.index[name], fresh)

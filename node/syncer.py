@@ -89,6 +89,12 @@ class Syncer:
         self.error = ""
         self.snapshots = 0  # snapshot jobs begun: the node ignores reports from before its latest
         self.disk_full: set[str] = set()  # folders whose full disk was already logged
+        # folders of the last snapshot that cannot be replicated here, and why: in the error
+        # at every report, so this node never says it is in sync without them
+        self.refused: dict[str, str] = {}
+        # (folder, errno) of other write errors already logged: a read-only or failing disk
+        # fails every file again at each retry; said once until the folder has nothing pending
+        self.failing: set[tuple[str, object]] = set()
         # pending files whose last try found no room for them: waiting does not bring them
         self.no_room: set[tuple[str, str]] = set()
         # set by the node when it was primary before: the first snapshot also sets aside the
@@ -212,12 +218,16 @@ class Syncer:
             if self.disk_full:
                 log.info("space is back in %s", sorted(self.disk_full))
             self.disk_full.clear()
+        if self.failing:
+            waiting = {name for name, _ in self.pending}
+            self.failing = {f for f in self.failing if f[0] in waiting}
         self.pipe.send_multipart([b"applied", orjson.dumps({
             "applied": self.applied if not self.pending else (self.pending_since_seq or 0),
             "snapshot": snapshot,
             "pending_files": len(self.pending),
             "pending_bytes": sum(e.get("size", 0) for e in self.pending.values()),
-            "error": self.error or self.deletions.error(),
+            "error": (self.error or self.deletions.error()
+                      or "; ".join(self.refused.values())[:1000]),
             "through": self.applied,
             "stuck": self._stuck(),
             "gen": self.snapshots,
@@ -237,6 +247,7 @@ class Syncer:
     def _setup(self, folders: dict[str, FolderConfig]) -> None:
         sd = self.cfg.state_dir
         handed_until = time.monotonic() + HANDED_WAIT
+        self.refused = {}
         for name, f in folders.items():
             w = self.writers.get(name)
             if w is None or str(w.root) != str(f.path):
@@ -247,6 +258,8 @@ class Syncer:
                 except (OSError, ValueError) as exc:  # that folder is refused, not all of them
                     log.error("folder %s (%s) cannot be replicated here: %s", name,
                               str(f.path)[:200], exc)
+                    self.refused[name] = (f"folder {name} ({str(f.path)[:200]}) cannot be "
+                                          f"replicated here: {exc}")
                     continue
                 if removed:
                     log.info("removed %d temp file(s) left by an interrupted sync in %s",
@@ -461,7 +474,12 @@ class Syncer:
             log.warning("refused %s/%s: %s", name, e["path"][:200], exc)
             self.emit("refused", folder=name, path=e["path"][:200], reason=str(exc))
         elif not isinstance(exc, HashMismatch):
-            log.warning("could not apply %s/%s: %s", name, e["path"], exc)
+            kind = (name, getattr(exc, "errno", None) or type(exc).__name__)
+            if kind not in self.failing:
+                self.failing.add(kind)
+                log.warning("could not apply %s/%s: %s (other files of %s failing alike are "
+                            "not logged again while it has files pending)", name, e["path"],
+                            exc, name)
             self.error = self.error or f"{name}/{e['path']}: {exc}"
 
 

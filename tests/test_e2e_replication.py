@@ -761,6 +761,47 @@ def test_a_stop_waits_for_a_file_that_fits_once_a_deletion_made_room(make_pair):
     assert "final sync incomplete" not in pair.alpha.log.read_text()
 
 
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and mount (root)")
+def test_a_read_only_folder_on_the_secondary_is_logged_once_not_at_every_retry(make_pair):
+    """The secondary's folder is remounted read-only (what ext4 does on a disk error): every
+    file fails, and fails again at each retry (every 2 s). It is said once, with the error in
+    status at each retry, not one warning per file per retry; the old copy stays, and the
+    files arrive once the folder is writable again."""
+    pair = make_pair()
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    beta = pair.nodes["beta"] = pair.beta = TmpfsNodeProc(pair.beta.config, b, "8m")
+    write(a / "old.txt", "the copy beta keeps\n")
+    started(pair)
+    bb = beta.inside(b)
+    wait_equal(a, bb, 15, "the first sync")
+    res = subprocess.run(["nsenter", "-t", str(beta.pid), "-m", "mount", "-o", "remount,ro",
+                          str(b)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    bus = Bus(beta)
+    try:
+        for n in range(5):
+            write(a / f"new{n}.txt", f"new {n}\n")
+        write(a / "old.txt", "changed on alpha\n")
+
+        def read_only_reports() -> int:
+            return sum(1 for e in list(bus.events) if e["event"] == "error"
+                       and "Read-only file system" in e.get("error", ""))
+
+        # each manifest and each retry reports once: 8 reports take at least two retries
+        wait_for(lambda: read_only_reports() >= 8, 30, "beta to try again and again")
+    finally:
+        bus.stop()
+    assert (bb / "old.txt").read_text() == "the copy beta keeps\n"
+    assert beta.state() == "secondary"
+    said = [line for line in beta.log.read_text().splitlines() if "could not apply" in line]
+    assert len(said) == 1 and "Read-only file system" in said[0], said
+    res = subprocess.run(["nsenter", "-t", str(beta.pid), "-m", "mount", "-o", "remount,rw",
+                          str(b)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    wait_equal(a, bb, 15, "the files once the folder is writable again")
+    wait_for(lambda: not replication(beta).get("error"), 10, "the error cleared")
+
+
 def test_a_restarted_primary_waits_for_its_new_snapshot_before_it_hands_over(make_pair):
     """A primary restarted under a secondary that keeps following numbers its manifests from 0
     again, while the secondary's `applied` still counts the old run until the new snapshot is

@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,22 @@ from tests.test_e2e_replication import (
     wait_equal,
     write,
 )
+
+
+class FullTmpfsNodeProc(TmpfsNodeProc):
+    """A TmpfsNodeProc whose tmpfs is full from before the node starts."""
+
+    def start(self, *extra: str) -> TmpfsNodeProc:
+        self.logfh = open(self.log, "ab")
+        mnt = shlex.quote(str(self.mountpoint))
+        script = (f"mount -t tmpfs -o size={self.size} tmpfs {mnt} && "
+                  f"{{ dd if=/dev/zero of={mnt}/filler bs=64k 2>/dev/null; "
+                  f"exec {shlex.quote(sys.executable)} -m sbs.node.cli start --config "
+                  f"{shlex.quote(str(self.config))}; }}")
+        self.proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                      script], stdout=self.logfh, stderr=subprocess.STDOUT)
+        self.running()
+        return self
 
 
 def on_tmpfs(pair, name: str) -> tuple[TmpfsNodeProc, Path]:
@@ -113,3 +132,31 @@ def test_a_full_state_disk_on_the_primary_keeps_its_role_and_its_sentinels(make_
     assert [c["name"] for c in pids["children"]] == ["idle"], pids
     maint = json.loads((alpha.inside(state) / "maintenance.json").read_text())
     assert maint["on"] is True and maint["by"] == "alpha", maint
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and mount (root)")
+def test_a_conflict_copy_with_no_room_does_not_end_the_snapshot(make_pair):
+    """Strict: a secondary starts with its state disk full and a file of its own that the
+    primary lacks and the pair never agreed on. Before deleting it, it keeps a conflict copy,
+    which finds no room: the file stays (the deletion is logged as not done) and the rest of
+    the snapshot, the next folder included, is applied. The snapshot used to end there, and
+    what it had not reached never came: not pending, so not retried, room or not."""
+    folders = {n: {"folders": {"docs": f"data/{n}/docs", "more": f"data/{n}/more"}}
+               for n in ("alpha", "beta")}
+    pair = make_pair(node={"strict": "true"}, **folders)
+    state = pair.root / "state" / "beta"
+    state.mkdir(parents=True)
+    beta = pair.nodes["beta"] = pair.beta = FullTmpfsNodeProc(pair.beta.config, state, "2m")
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    more_a, more_b = pair.folder("alpha", "more"), pair.folder("beta", "more")
+    write(a / "shared.txt", "on both\n")
+    write(more_a / "m.txt", "in the next folder\n")
+    write(b / "mine.txt", "made on beta, never agreed on\n")
+    pair.start_both()
+    wait_equal(more_a, more_b, 20, "the next folder on beta")
+    assert (b / "shared.txt").read_text() == "on both\n"
+    assert (b / "mine.txt").read_text() == "made on beta, never agreed on\n"
+    log = beta.log.read_text()
+    assert "could not delete docs/mine.txt" in log and "No space left" in log, beta.tail_log()
+    assert "sync job snapshot failed" not in log
+    assert beta.state() == "secondary"

@@ -216,7 +216,7 @@ def test_settling_gives_way_to_the_syncers_work_and_goes_on_where_it_was(tmp_pat
     names = [f"w{i:04}" for i in range(1000)]
     for name in names:
         keeper.wrote("docs", name)
-    wait_for(lambda: time.time_ns() - keeper.unsettled["docs"][-1][0] > hashstore.WROTE_SPAN,
+    wait_for(lambda: time.monotonic_ns() - keeper.unsettled["docs"][-1][0] > hashstore.WROTE_SPAN,
              5, "the writes to be ripe")
     looked: list[str] = []
 
@@ -240,6 +240,27 @@ def test_settling_gives_way_to_the_syncers_work_and_goes_on_where_it_was(tmp_pat
     assert "docs" not in keeper.unsettled and path.exists()
     assert len(load(path, str(root))) == 40
     assert not keeper.due({"docs": cache}, now)
+
+
+def test_a_wall_clock_set_back_does_not_hold_the_written_files_unsettled(tmp_path, monkeypatch):
+    """The wall clock is set back an hour (an NTP step, an operator's `date`) between two files
+    the syncer wrote. Their spans are timed on the monotonic clock: both are looked at once
+    racy_ns has passed, in order. Timed on the wall clock, the first span was not ripe for an
+    hour and every file written meanwhile waited with it (settling stops at the first unripe
+    span): none was cached, and a takeover in that hour read them all again."""
+    keeper = CacheKeeper(tmp_path / "state", "syncer")
+    keeper.wrote("docs", "before.bin")
+    wall = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: wall() - 3600 * 10**9)
+    keeper.wrote("docs", "after.bin")
+    looked: list[str] = []
+
+    def settled() -> bool:
+        keeper.settle("docs", looked.append)
+        return "docs" not in keeper.unsettled
+
+    wait_for(settled, 5, "both writes to settle")
+    assert looked == ["before.bin", "after.bin"]
 
 
 def test_a_save_gives_up_when_its_thread_is_told_to_stop(tmp_path):

@@ -293,6 +293,40 @@ def test_unreadable_subfolder_is_skipped():
     assert "skipping unreadable folder" in logged
 
 
+def test_what_cannot_be_read_now_stays_in_the_index_and_is_not_deleted():
+    """A watch batch (scan_paths) over a file and a folder that are there but cannot be read
+    now (permissions here; an I/O error of a failing disk alike), the same at the root, and a
+    file inside that folder: their entries stay, and no deletion is published. They were
+    published as deleted, and a strict secondary moved its copies (perhaps the only readable
+    ones) to the trash; the file inside ended the scan (and the scanner) with the error."""
+    base = temp_dir_for_nobody()  # its own 0755 folder: nobody must reach it
+    try:
+        write(base / "locked.txt")
+        write(base / "sub/inner.txt")
+        write(base / "ok.txt")
+        index = scan_folder(str(base), Filter(), HashCache())  # all readable (this is root)
+        (base / "locked.txt").chmod(0)
+        (base / "sub").chmod(0)
+
+        def scan() -> bytes:
+            out = []
+            for paths in ({"locked.txt", "sub"}, {""}, {"sub/inner.txt"}):
+                now = dict(index)
+                delta = scan_paths(str(base), Filter(), HashCache(), now, paths)
+                out.append([[[e["path"], bool(e.get("deleted"))] for e in delta], sorted(now)])
+            return json.dumps(out).encode()
+
+        batch, root, inside = json.loads(run_as_nobody(scan))
+    finally:
+        (base / "locked.txt").chmod(0o644)
+        (base / "sub").chmod(0o755)
+        shutil.rmtree(base)
+    for delta, kept in (batch, root):
+        assert delta == [["sub", False]]  # its mode changed; nothing deleted
+        assert kept == ["locked.txt", "ok.txt", "sub", "sub/inner.txt"]
+    assert inside == [[], ["locked.txt", "ok.txt", "sub", "sub/inner.txt"]]
+
+
 def test_unchanged_rescan_reads_no_file(odd_tree):
     cache = HashCache()
     settle(odd_tree, cache)

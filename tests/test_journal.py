@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+
 import orjson
 from sbs.node.journal import COMPACT_SLACK, Agreed
 from sbs.node.proctree import boot_id
@@ -207,3 +211,48 @@ def test_a_journal_that_could_not_be_written_whole_is_not_trusted_after_a_stop(t
     assert agreed.marker.read_text() == ""
     with Agreed(path) as again:
         assert again.get("f", "a.txt") is None
+
+
+_KILLED_WHILE_FULL = """
+import os, signal, sys
+from sbs.node.journal import Agreed
+agreed = Agreed(sys.argv[1])
+agreed.update([("f", "a.txt", "h1")])
+agreed._file.close()
+agreed._file = open("/dev/full", "ab")  # the state disk is full from now on
+agreed.update([("f", "a.txt", "h2")])  # agreed, in memory only: the file still says h1
+assert "No space left" in agreed.write_error, agreed.write_error
+os.kill(os.getpid(), signal.SIGKILL)  # before space returns and rewrite() catches up
+"""
+
+
+def test_a_journal_whose_append_failed_is_not_trusted_after_a_kill(tmp_path):
+    """A full state disk, then the node is killed (same boot) before the journal is written
+    again: the file says h1 while the pair last agreed on h2. Read as the last word, it would
+    let a file changed back to h1 here be replaced without a conflict copy; it must be
+    distrusted like a journal left open by a machine crash."""
+    path = tmp_path / "agreed.jsonl"
+    child = subprocess.run([sys.executable, "-c", _KILLED_WHILE_FULL, str(path)],
+                           capture_output=True, text=True, timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert orjson.loads(_lines(path)[-1]) == ["f", "a.txt", "h1"]  # what the file lags with
+    with Agreed(path) as again:
+        assert again.get("f", "a.txt") is None and len(again) == 0
+
+
+def test_a_journal_written_whole_again_is_trusted_after_a_kill_again(tmp_path):
+    """Once rewrite() has caught up after a failed append, the file holds what memory holds:
+    the marker names this boot again, and a kill from then on keeps the journal."""
+    path = tmp_path / "agreed.jsonl"
+    agreed = Agreed(path)
+    agreed.update([("f", "a.txt", "h1")])
+    agreed._file.close()
+    agreed._file = open("/dev/full", "ab")  # the disk is full from now on
+    agreed.update([("f", "a.txt", "h2")])
+    assert agreed.marker.read_text() == ""  # a kill now: not trusted
+    assert agreed.rewrite() is True  # space is back
+    assert agreed.marker.read_text().strip() == boot_id()
+    agreed.update([("f", "b.txt", "h3")])
+    _crash(agreed)
+    with Agreed(path) as again:
+        assert (again.get("f", "a.txt"), again.get("f", "b.txt")) == ("h2", "h3")

@@ -619,6 +619,61 @@ def test_full_disk_keeps_the_old_file_and_no_temp(tmp_path, far_dir):
                                 "temps": []}
 
 
+SIDE_COPY_SCRIPT = textwrap.dedent("""
+    import errno, json, os, sys
+    sys.path.insert(0, sys.argv[1])
+    from sbs.node.writer import FolderWriter
+
+    mnt, far = sys.argv[2], sys.argv[3]
+    # the state dir (trash, conflicts) on the 1 MiB tmpfs, the folder on another filesystem
+    w = FolderWriter(far + "/folder", far + "/tmp", mnt + "/trash", mnt + "/conflicts")
+    content = os.urandom(3 << 20)
+    with open(far + "/folder/big.bin", "wb") as f:
+        f.write(content)
+    out = {}
+    for side, make in (("conflicts", lambda: w.preserve("big.bin", "20260101T000000.000Z")),
+                       ("trash", lambda: w.remove("big.bin", trash=True,
+                                                  stamp="20260101T000000.000Z"))):
+        try:
+            make()
+            err = None
+        except OSError as e:
+            err = errno.errorcode.get(e.errno)
+        left = [os.path.relpath(os.path.join(d, n), mnt) for d, _, fs in os.walk(mnt)
+                for n in fs]
+        with open(far + "/folder/big.bin", "rb") as f:
+            intact = f.read() == content
+        out[side] = {"error": err, "left": left, "intact": intact}
+    w.close()
+    print(json.dumps(out))
+""")
+
+
+def test_a_side_copy_that_does_not_fit_leaves_no_truncated_copy(tmp_path):
+    """A conflict copy (or a move to the trash across filesystems) on a full state disk: the
+    copy fails and the original stays, and no truncated copy is left under conflicts/ or
+    trash/, where `sbs-tools conflicts` would list it as the kept version."""
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare -m not permitted here: {probe.stderr.decode().strip()}")
+    mnt, far = tmp_path / "mnt", tmp_path / "far"
+    mnt.mkdir()
+    far.mkdir()
+    script = tmp_path / "sidecopy.py"
+    script.write_text(SIDE_COPY_SCRIPT)
+    shell = 'mount -t tmpfs -o size=1m tmpfs "$1" && exec "$2" "$3" "$4" "$1" "$5"'
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", shell, "sh", str(mnt), sys.executable, str(script),
+         str(REPO), str(far)],
+        capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0 and "mount" in proc.stderr and "permission" in proc.stderr.lower():
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result == {"conflicts": {"error": "ENOSPC", "left": [], "intact": True},
+                      "trash": {"error": "ENOSPC", "left": [], "intact": True}}
+
+
 def test_big_temp_file_is_written_back_early_and_still_exact(writer, monkeypatch):
     import sbs.node.temps as writer_module
     calls = []
