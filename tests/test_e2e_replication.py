@@ -562,15 +562,20 @@ class TmpfsNodeProc(NodeProc):
     (unshare -m): its disk fills up without touching the host. The test reaches that folder
     through /proc/<pid>/root, which resolves paths in the node's namespace."""
 
+    # True: the tmpfs is filled up before the node starts (a disk full from the start)
+    fill = False
+
     def __init__(self, config: Path, folder: Path, size: str):
         super().__init__(config)
         self.mountpoint, self.size = folder, size
 
     def start(self, *extra: str) -> NodeProc:
         self.logfh = open(self.log, "ab")
-        script = (f"mount -t tmpfs -o size={self.size} tmpfs {shlex.quote(str(self.mountpoint))}"
-                  f" && exec {shlex.quote(sys.executable)} -m sbs.node.cli start --config "
-                  f"{shlex.quote(str(self.config))}")
+        mnt = shlex.quote(str(self.mountpoint))
+        filler = f"dd if=/dev/zero of={mnt}/filler bs=64k 2>/dev/null; " if self.fill else ""
+        script = (f"mount -t tmpfs -o size={self.size} tmpfs {mnt} && {{ {filler}"
+                  f"exec {shlex.quote(sys.executable)} -m sbs.node.cli start --config "
+                  f"{shlex.quote(str(self.config))}; }}")
         self.proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
                                       script], stdout=self.logfh, stderr=subprocess.STDOUT)
         self.running()

@@ -5,9 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,17 +25,7 @@ from tests.test_e2e_replication import (
 class FullTmpfsNodeProc(TmpfsNodeProc):
     """A TmpfsNodeProc whose tmpfs is full from before the node starts."""
 
-    def start(self, *extra: str) -> TmpfsNodeProc:
-        self.logfh = open(self.log, "ab")
-        mnt = shlex.quote(str(self.mountpoint))
-        script = (f"mount -t tmpfs -o size={self.size} tmpfs {mnt} && "
-                  f"{{ dd if=/dev/zero of={mnt}/filler bs=64k 2>/dev/null; "
-                  f"exec {shlex.quote(sys.executable)} -m sbs.node.cli start --config "
-                  f"{shlex.quote(str(self.config))}; }}")
-        self.proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                                      script], stdout=self.logfh, stderr=subprocess.STDOUT)
-        self.running()
-        return self
+    fill = True
 
 
 def on_tmpfs(pair, name: str) -> tuple[TmpfsNodeProc, Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import orjson
 from sbs.node.journal import COMPACT_SLACK, Agreed
@@ -196,15 +197,22 @@ def test_a_journal_left_open_in_another_boot_is_not_trusted(tmp_path, caplog):
         assert again.get("f", "b.txt") == "h3" and again.get("f", "a.txt") is None
 
 
-def test_a_journal_that_could_not_be_written_whole_is_not_trusted_after_a_stop(tmp_path):
-    """A full state disk until the node stops: the file lags what was agreed, so the next
-    start trusts it no more than after a machine crash."""
-    path = tmp_path / "agreed.jsonl"
+def _h1_then_h2_on_a_full_disk(path: Path) -> Agreed:
+    """A journal at path that holds h1 for f/a.txt; then the disk is full (/dev/full) and the
+    pair agrees on h2, which memory holds and the file does not."""
     agreed = Agreed(path)
     agreed.update([("f", "a.txt", "h1")])
     agreed._file.close()
     agreed._file = open("/dev/full", "ab")  # the disk is full from now on
     agreed.update([("f", "a.txt", "h2")])
+    return agreed
+
+
+def test_a_journal_that_could_not_be_written_whole_is_not_trusted_after_a_stop(tmp_path):
+    """A full state disk until the node stops: the file lags what was agreed, so the next
+    start trusts it no more than after a machine crash."""
+    path = tmp_path / "agreed.jsonl"
+    agreed = _h1_then_h2_on_a_full_disk(path)
     agreed.path = tmp_path / "nowhere" / "agreed.jsonl"  # and rewrite() fails too
     agreed.close()
     agreed.path = path
@@ -244,11 +252,7 @@ def test_a_journal_written_whole_again_is_trusted_after_a_kill_again(tmp_path):
     """Once rewrite() has caught up after a failed append, the file holds what memory holds:
     the marker names this boot again, and a kill from then on keeps the journal."""
     path = tmp_path / "agreed.jsonl"
-    agreed = Agreed(path)
-    agreed.update([("f", "a.txt", "h1")])
-    agreed._file.close()
-    agreed._file = open("/dev/full", "ab")  # the disk is full from now on
-    agreed.update([("f", "a.txt", "h2")])
+    agreed = _h1_then_h2_on_a_full_disk(path)
     assert agreed.marker.read_text() == ""  # a kill now: not trusted
     assert agreed.rewrite() is True  # space is back
     assert agreed.marker.read_text().strip() == boot_id()

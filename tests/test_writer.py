@@ -596,23 +596,29 @@ ENOSPC_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_full_disk_keeps_the_old_file_and_no_temp(tmp_path, far_dir):
+def _on_a_full_tmpfs(tmp_path: Path, script_text: str, far: Path) -> dict:
+    """Run script_text (argv: the repo, the mountpoint, far) in a mount namespace of its own
+    with a 1 MiB tmpfs mounted at tmp_path/mnt; its JSON output. Skips where that cannot be."""
     probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"unshare -m not permitted here: {probe.stderr.decode().strip()}")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    script = tmp_path / "enospc.py"
-    script.write_text(ENOSPC_SCRIPT)
+    script = tmp_path / "on_tmpfs.py"
+    script.write_text(script_text)
     shell = 'mount -t tmpfs -o size=1m tmpfs "$1" && exec "$2" "$3" "$4" "$1" "$5"'
     proc = subprocess.run(
         ["unshare", "-m", "sh", "-c", shell, "sh", str(mnt), sys.executable, str(script),
-         str(REPO), str(far_dir)],
+         str(REPO), str(far)],
         capture_output=True, text=True, timeout=60)
     if proc.returncode != 0 and "mount" in proc.stderr and "permission" in proc.stderr.lower():
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+def test_full_disk_keeps_the_old_file_and_no_temp(tmp_path, far_dir):
+    result = _on_a_full_tmpfs(tmp_path, ENOSPC_SCRIPT, far_dir)
     assert result["state"] == {"temp_in_state": True, "error": "ENOSPC", "intact": True,
                                "temps": []}
     assert result["target"] == {"temp_in_state": False, "error": "ENOSPC", "intact": True,
@@ -653,23 +659,9 @@ def test_a_side_copy_that_does_not_fit_leaves_no_truncated_copy(tmp_path):
     """A conflict copy (or a move to the trash across filesystems) on a full state disk: the
     copy fails and the original stays, and no truncated copy is left under conflicts/ or
     trash/, where `sbs-tools conflicts` would list it as the kept version."""
-    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"unshare -m not permitted here: {probe.stderr.decode().strip()}")
-    mnt, far = tmp_path / "mnt", tmp_path / "far"
-    mnt.mkdir()
+    far = tmp_path / "far"
     far.mkdir()
-    script = tmp_path / "sidecopy.py"
-    script.write_text(SIDE_COPY_SCRIPT)
-    shell = 'mount -t tmpfs -o size=1m tmpfs "$1" && exec "$2" "$3" "$4" "$1" "$5"'
-    proc = subprocess.run(
-        ["unshare", "-m", "sh", "-c", shell, "sh", str(mnt), sys.executable, str(script),
-         str(REPO), str(far)],
-        capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0 and "mount" in proc.stderr and "permission" in proc.stderr.lower():
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
+    result = _on_a_full_tmpfs(tmp_path, SIDE_COPY_SCRIPT, far)
     assert result == {"conflicts": {"error": "ENOSPC", "left": [], "intact": True},
                       "trash": {"error": "ENOSPC", "left": [], "intact": True}}
 
