@@ -271,12 +271,16 @@ class Primary:
         size = max(protocol.SNAPSHOT_PART, -(-total // protocol.SNAPSHOT_PARTS_MAX))
         parts = max(1, -(-total // size))
         items = ((f, e) for f, ix in self.index.items() for e in ix.values())
+        # there but unreadable at the last full scan: the secondary deletes none of it
+        unreadable = ({f: paths for f, paths in self.scanner.unreadable.items() if f in self.index}
+                      if self.scanner is not None else {})
         for part in range(parts):
             piece: dict[str, list[dict]] = {f: [] for f in self.index} if part == 0 else {}
             for f, e in itertools.islice(items, size):
                 piece.setdefault(f, []).append(e)
+            extra = {"unreadable": unreadable} if part == 0 and unreadable else {}
             if not node.reply(ident, protocol.encode("SNAPSHOT_REP", {
-                    **head, "part": part, "parts": parts, "index": piece})):
+                    **head, "part": part, "parts": parts, "index": piece, **extra})):
                 log.warning("snapshot part %d of %d could not be queued for the peer; the rest "
                             "is not sent (it will ask again)", part + 1, parts)
                 return

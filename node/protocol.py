@@ -43,6 +43,8 @@ MAX_CHUNK = MAX_GET_BYTES  # largest chunk one item may ask for
 FETCH_WINDOW = 8  # GETs in flight per fetch client
 MANIFEST_PART = 5000  # entries per bus manifest message
 SNAPSHOT_PART = 5000  # entries per SNAPSHOT_REP message (a snapshot comes in parts)
+# paths a snapshot names as there but unreadable, per folder (a secondary deletes none of them)
+UNREADABLE_MAX = 10_000
 SNAPSHOT_PARTS_MAX = 500  # more entries than 500 parts hold: bigger parts, not more of them
 
 STATES = ("starting", "primary", "secondary", "stopping", "stopped")
@@ -279,8 +281,11 @@ SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
             # one reply in `parts` messages of at most SNAPSHOT_PART entries, sent in order
             # with the same `sid`; the header fields are the same in each (absent: one part)
             "part": i(0), "parts": i(1), "sid": s(32),
+            # folder -> paths there on the primary that it could not read at its last full
+            # scan (no entry in the index; "" the folder's root): not deleted by a secondary
+            "unreadable": dict_of(list_of(s(4096), UNREADABLE_MAX), 1000, _folder_name),
         },
-        ("lists", "part", "parts", "sid"),
+        ("lists", "part", "parts", "sid", "unreadable"),
     ),
     "ACK": ({"name": NAME, "run": s(32), "applied": SEQ, "snapshot": b, "following": s(32)},
             ("following",)),

@@ -41,6 +41,7 @@ from .index import (
     scan_paths,
 )
 from .journal import Agreed
+from .protocol import UNREADABLE_MAX
 from .rolling import Rotation, rescan_dir
 from .unreplicable import summary
 
@@ -74,6 +75,10 @@ class Scanner:
         self.deltas: collections.deque[dict[str, list[dict]]] = collections.deque()
         # what the scans skipped as not UTF-8 (unreplicable.summary), for the loop's status
         self.unreplicable: dict[str, Any] | None = None
+        # folder -> what the last full scan found there but could not read (permissions, I/O
+        # errors) and has no entry for ("": the folder's root), for the loop's snapshots: a
+        # secondary deletes none of it. Replaced whole after each full scan (read by the loop).
+        self.unreadable: dict[str, list[str]] = {}
         self._walking = False  # a full scan under way: its folders' records are being redone
         self.thread = threading.Thread(target=self._run, name="sbs-scanner", daemon=True)
 
@@ -277,6 +282,7 @@ class Scanner:
             if batches := self._waiting_batches():
                 self._partial_scan(pipe, batches, touched)
 
+        unreadable: dict[str, list[str]] = {}
         for name, (root, filt) in self.folders.items():
             skipped: list[str] = []
             self._walking = True
@@ -296,9 +302,19 @@ class Scanner:
                           root, exc)
                 pipe.send_multipart([b"error", f"folder {name} ({root}) cannot be read: "
                                                f"{exc}".encode()])
+                if not self.index[name]:
+                    unreadable[name] = [""]
                 continue
             # unreadable now (permissions, I/O error) is not deleted: keep what we had
             keep_unreadable(fresh, self.index[name], skipped)
+            # a file with no entry, or a folder that could not be listed (its entry says
+            # nothing of what is in it)
+            if missing := [p for p in skipped if p not in fresh or fresh[p]["kind"] == "dir"]:
+                if len(missing) > UNREADABLE_MAX:
+                    log.warning("folder %s: %d paths cannot be read; a snapshot names the first "
+                                "%d (a strict secondary may delete its copies of the others)",
+                                name, len(missing), UNREADABLE_MAX)
+                unreadable[name] = missing[:UNREADABLE_MAX]
             if paths := touched.get(name):
                 _keep_touched(fresh, self.index[name], paths)
             changes = diff(self.index[name], fresh)
@@ -307,6 +323,7 @@ class Scanner:
                 delta[name] = changes
         self.rotation.reset(self.index, time.monotonic())
         self._walking = False
+        self.unreadable = unreadable
         self._send_delta(pipe, delta, b"full")
         if not self.scanned:
             self.scanned = True

@@ -171,7 +171,8 @@ class Secondary:
         self.snapshots_submitted += 1
         count = sum(len(v) for v in body["index"].values())
         # the syncer lets go of the entries as it takes them: nothing here reads them after
-        self.syncer.submit_snapshot(body["seq"], folders, body["index"])
+        self.syncer.submit_snapshot(body["seq"], folders, body["index"],
+                                    body.get("unreadable", {}))
         log.info("snapshot from %s at manifest %d: %d folders, %d entries in %d part(s)",
                  body["name"], body["seq"], len(body["folders"]), count, body.get("parts", 1))
         buffered, f.buffer = f.buffer, []

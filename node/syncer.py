@@ -111,8 +111,11 @@ class Syncer:
         self.thread.start()
 
     def submit_snapshot(self, seq: int, folders: dict[str, FolderConfig],
-                        index: dict[str, list]) -> None:
-        self.jobs.put(("snapshot", seq, folders, index))
+                        index: dict[str, list], unreadable: dict[str, list[str]] | None = None
+                        ) -> None:
+        """``unreadable``: per folder, what the primary has but could not read (its snapshot
+        says so): none of it is deleted or set aside here."""
+        self.jobs.put(("snapshot", seq, folders, index, unreadable or {}))
 
     def submit_manifest(self, seq: int, entries: dict[str, list]) -> None:
         self.jobs.put(("manifest", seq, entries))
@@ -292,7 +295,8 @@ class Syncer:
         except OSError as exc:  # a trash folder we cannot remove must not stop the sync
             log.warning("cannot purge %s: %s", self.cfg.state_dir / "trash", exc)
 
-    def _snapshot(self, seq: int, folders: dict[str, FolderConfig], index: dict) -> None:
+    def _snapshot(self, seq: int, folders: dict[str, FolderConfig], index: dict,
+                  unreadable: dict[str, list[str]]) -> None:
         self.snapshots += 1
         self._setup(folders)
         self.pending.clear()
@@ -318,8 +322,18 @@ class Syncer:
             remote = {e["path"]: e for e in valid_entries(name, entries, self.emit,
                                                           consume=True)}
             self.known[name] = remote
-            deletions = [local[p] for p in local if p not in remote] if self.cfg.strict else []
-            extras = (own_extras(local, remote, self.agreed, name)
+            if held := set(unreadable.get(name, ())):
+                # there on the primary, only not readable now: what we have of it is left alone
+                log.warning("snapshot %d: %s: the primary cannot read %d path(s) it has (%s); "
+                            "this node keeps its copies of them", seq, name, len(held),
+                            ", ".join(sorted(p or "(the folder)" for p in held)[:5])[:500])
+                remote_or_held = {p: e for p, e in local.items() if _under(p, held)}
+                remote_or_held.update(remote)
+            else:
+                remote_or_held = remote
+            deletions = ([local[p] for p in local if p not in remote_or_held]
+                         if self.cfg.strict else [])
+            extras = (own_extras(local, remote_or_held, self.agreed, name)
                       if self.own_term and not self.cfg.strict else [])
             plans.append((name, list(remote.values()), deletions, local, extras))
         total_files = sum(1 for _, r, _, loc, _ in plans for e in r
@@ -576,6 +590,17 @@ def _differs(have: dict | None, want: dict) -> bool:
         return have["hash"] != want.get("hash") or have["size"] != want["size"]
     if want["kind"] == "link":
         return have.get("target") != want.get("target")
+    return False
+
+
+def _under(path: str, held: set[str]) -> bool:
+    """path is one of held, or inside one of them ("" is the whole folder)."""
+    if "" in held:
+        return True
+    while path:
+        if path in held:
+            return True
+        path = path.rpartition("/")[0]
     return False
 
 

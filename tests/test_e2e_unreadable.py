@@ -4,10 +4,13 @@ strict, it would move its good copy, perhaps the only readable one, to the trash
 secondary, a folder it cannot open is not replicated, and its status must say so."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +34,31 @@ class UsernsNodeProc(NodeProc):
         return self
 
 
+@contextlib.contextmanager
+def unreadable_in_userns(*paths: Path) -> Iterator[None]:
+    """paths owned by UNMAPPED with mode 000 for the block: a UsernsNodeProc cannot read or
+    list them; afterwards root's again, 0755 for a folder and 0644 for a file."""
+    modes = [0o755 if p.is_dir() else 0o644 for p in paths]
+    try:
+        for path in paths:
+            os.chown(path, UNMAPPED, UNMAPPED)
+            path.chmod(0)
+        yield
+    finally:
+        for path, mode in zip(paths, modes, strict=True):
+            path.chmod(mode)
+            os.chown(path, 0, 0)
+
+
+def beta_kept(pair, locked: str, inner: str) -> None:
+    """beta still has its copies of locked.txt and sub/inner.txt as they were, and its trash
+    holds nothing: no deletion reached them."""
+    b = pair.folder("beta")
+    assert (b / "locked.txt").read_text() == locked
+    assert (b / "sub" / "inner.txt").read_text() == inner
+    assert not (pair.root / "state" / "beta" / "trash").exists()
+
+
 def _userns_works() -> bool:
     try:
         res = subprocess.run(["unshare", "-U", "-r", "true"], capture_output=True, timeout=10)
@@ -49,25 +77,15 @@ def test_what_the_primary_cannot_read_is_not_deleted_on_the_secondary(make_pair)
     write(a / "plain.txt", "readable\n")
     started(pair)
     wait_equal(a, b, 20, "the first sync")
-    locked = [a / "locked.txt", a / "sub"]
-    try:
-        for path in locked:
-            os.chown(path, UNMAPPED, UNMAPPED)
-            path.chmod(0)
+    with unreadable_in_userns(a / "locked.txt", a / "sub"):
         wait_for(lambda: "cannot read" in (log := alpha.log.read_text())
                  and "skipping unreadable folder" in log, 15,
                  "alpha to meet the file and the folder it cannot read")
         write(a / "after.txt", "written after\n")  # a later manifest: beta is past the others
         wait_for(lambda: (b / "after.txt").exists() and replication(pair.beta).get("synced"),
                  15, "beta to apply everything alpha published")
-        assert (b / "locked.txt").read_text() == "a file the primary cannot read for now\n"
-        assert (b / "sub" / "inner.txt").read_text() == (
-            "in a folder the primary cannot list for now\n")
-        assert not (pair.root / "state" / "beta" / "trash").exists()
-    finally:
-        for path, mode in zip(locked, (0o644, 0o755), strict=True):
-            path.chmod(mode)
-            os.chown(path, 0, 0)
+        beta_kept(pair, "a file the primary cannot read for now\n",
+                  "in a folder the primary cannot list for now\n")
     assert alpha.state() == "primary" and pair.beta.state() == "secondary"
 
 @pytest.mark.skipif(not _userns_works(), reason="needs unshare -U -r, run as root")
@@ -162,3 +180,29 @@ def test_a_folder_the_secondary_cannot_open_is_not_reported_in_sync(make_pair):
         b.chmod(0o755)
         os.chown(b, 0, 0)
 
+
+@pytest.mark.skipif(not _userns_works(), reason="needs unshare -U -r, run as root")
+def test_what_the_primary_could_not_read_at_its_start_is_not_deleted_on_the_secondary(
+        make_pair):
+    """alpha starts with a file and a folder it cannot read, so its first index has no entry
+    for them (nor has its hash cache): the snapshot names them as there but unreadable, and a
+    strict beta keeps its copies. It used to move them to its trash: an index without them
+    reads as "deleted" to a snapshot."""
+    pair = make_pair(node={"strict": "true"})
+    alpha = pair.nodes["alpha"] = pair.alpha = UsernsNodeProc(pair.alpha.config)
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    for side in (a, b):  # both hold them already (beta has been a secondary before)
+        write(side / "locked.txt", "a file the primary cannot read at its start\n")
+        write(side / "sub" / "inner.txt", "in a folder it cannot list at its start\n")
+    write(a / "plain.txt", "readable\n")
+    with unreadable_in_userns(a / "locked.txt", a / "sub"):
+        started(pair)
+        wait_for(lambda: (b / "plain.txt").exists() and replication(pair.beta).get("synced"),
+                 20, "beta synced with what alpha can read")
+        beta_kept(pair, "a file the primary cannot read at its start\n",
+                  "in a folder it cannot list at its start\n")
+        said = pair.beta.log.read_text()
+        assert "the primary cannot read 2 path(s)" in said and "locked.txt" in said, said[-2000:]
+    write(a / "after.txt", "once readable again, the files replicate as ever\n")
+    wait_for(lambda: (b / "after.txt").exists(), 15, "after.txt on beta")
+    assert alpha.state() == "primary" and pair.beta.state() == "secondary"

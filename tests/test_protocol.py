@@ -86,6 +86,16 @@ def test_a_snapshot_part_is_one_of_its_parts():
     assert isinstance(decode(encode("SNAPSHOT_REP", {**SNAPSHOT, "part": 1})), Bad)
 
 
+def test_a_snapshot_may_name_what_the_primary_could_not_read():
+    """`unreadable` (folder -> paths, "" the folder itself) is optional and held to its shape:
+    a malformed one refuses the message, as any field does."""
+    ok = decode(encode("SNAPSHOT_REP", {**SNAPSHOT, "unreadable": {"docs": ["a/b", ""]}}))
+    assert ok and ok.body["unreadable"] == {"docs": ["a/b", ""]}
+    for value in ({"docs": "a/b"}, {"docs": [1]}, {"../x": ["a"]}, ["a"],
+                  {"docs": ["a"] * 10_001}):
+        assert "'unreadable'" in bad(encode("SNAPSHOT_REP", {**SNAPSHOT, "unreadable": value}))
+
+
 def test_pushed_folder_and_sentinel_names_are_held_to_the_config_rules():
     """Folder names become directories under state_dir (temp, trash, conflicts), sentinel names
     log files: a peer's "../.." must be refused with its message, never reach a path."""

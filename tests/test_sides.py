@@ -162,7 +162,7 @@ def taken_snapshots(node: Node, monkeypatch) -> list[tuple[int, dict]]:
     node._do_follow()
     assert received(node.peer_socket)[0] == "SNAPSHOT"
     monkeypatch.setattr(node.secondary.syncer, "submit_snapshot",
-                        lambda seq, folders, index: taken.append((seq, index)))
+                        lambda seq, folders, index, unreadable: taken.append((seq, index)))
     return taken
 
 
