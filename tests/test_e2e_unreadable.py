@@ -206,3 +206,26 @@ def test_what_the_primary_could_not_read_at_its_start_is_not_deleted_on_the_seco
     write(a / "after.txt", "once readable again, the files replicate as ever\n")
     wait_for(lambda: (b / "after.txt").exists(), 15, "after.txt on beta")
     assert alpha.state() == "primary" and pair.beta.state() == "secondary"
+
+@pytest.mark.skipif(not _userns_works(), reason="needs unshare -U -r, run as root")
+def test_a_folder_the_primary_cannot_open_at_its_start_is_not_emptied_on_the_secondary(
+        make_pair):
+    """alpha starts unable to read the root of its folder: its first index of it is empty. The
+    snapshot names the whole folder as unreadable, and a strict beta keeps every file it has
+    there (a few files: the guard against an unmounted disk holds back only mass deletions)."""
+    pair = make_pair(node={"strict": "true"})
+    alpha = pair.nodes["alpha"] = pair.alpha = UsernsNodeProc(pair.alpha.config)
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    for side in (a, b):
+        write(side / "one.txt", "one\n")
+        write(side / "sub" / "two.txt", "two\n")
+    with unreadable_in_userns(a):
+        started(pair)
+        wait_for(lambda: pair.beta.state() == "secondary"
+                 and replication(pair.beta).get("synced"), 20, "beta done with the snapshot")
+        assert (b / "one.txt").read_text() == "one\n"
+        assert (b / "sub" / "two.txt").read_text() == "two\n"
+        assert not (pair.root / "state" / "beta" / "trash").exists()
+        assert "cannot be read" in alpha.log.read_text()
+        assert "the primary cannot read 1 path(s) it has ((the folder))" in (
+            pair.beta.log.read_text())
