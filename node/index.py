@@ -361,17 +361,16 @@ def scan_folder(root: str, filt: Filter, cache: HashCache, *,
 def keep_unreadable(fresh: dict[str, Entry], index: dict[str, Entry],
                     skipped: Iterable[str]) -> None:
     """What could not be read now (permissions, an I/O error) is not deleted: put back into
-    ``fresh`` what ``index`` had at and under each skipped relpath (scan_folder)."""
-    for rel in skipped:
-        old = index.get(rel)
-        if old is None or old["kind"] != "dir":  # a file (or new): nothing of it under rel
-            if old is not None:
-                fresh.setdefault(rel, old)
-            continue
-        prefix = rel + "/"
-        for path, entry in index.items():
-            if path == rel or path.startswith(prefix):
-                fresh.setdefault(path, entry)
+    ``fresh`` what ``index`` had at and under each skipped relpath ("" is the whole folder;
+    scan_folder's ``skipped``, or a snapshot's ``unreadable`` on the secondary). One pass over
+    the index, whatever the number of skipped paths."""
+    held = set(skipped)
+    if not held:
+        return
+    whole = "" in held
+    for path, entry in index.items():
+        if whole or path in held or _under_any(path, held):
+            fresh.setdefault(path, entry)
 
 
 def _deleted_in_order(entries: Iterable[Entry]) -> list[Entry]:

@@ -45,7 +45,7 @@ from .entries import KEPT, FileEntry, same_entry, shared_values
 from .fileevents import FileEvents
 from .filters import Filter
 from .hashstore import CacheKeeper
-from .index import FolderMissing, HashCache, scan_folder
+from .index import FolderMissing, HashCache, keep_unreadable, scan_folder
 from .journal import Agreed
 from .protocol import entry_check
 from .security import Keys
@@ -327,8 +327,8 @@ class Syncer:
                 log.warning("snapshot %d: %s: the primary cannot read %d path(s) it has (%s); "
                             "this node keeps its copies of them", seq, name, len(held),
                             ", ".join(sorted(p or "(the folder)" for p in held)[:5])[:500])
-                remote_or_held = {p: e for p, e in local.items() if _under(p, held)}
-                remote_or_held.update(remote)
+                remote_or_held = dict(remote)
+                keep_unreadable(remote_or_held, local, held)
             else:
                 remote_or_held = remote
             deletions = ([local[p] for p in local if p not in remote_or_held]
@@ -590,17 +590,6 @@ def _differs(have: dict | None, want: dict) -> bool:
         return have["hash"] != want.get("hash") or have["size"] != want["size"]
     if want["kind"] == "link":
         return have.get("target") != want.get("target")
-    return False
-
-
-def _under(path: str, held: set[str]) -> bool:
-    """path is one of held, or inside one of them ("" is the whole folder)."""
-    if "" in held:
-        return True
-    while path:
-        if path in held:
-            return True
-        path = path.rpartition("/")[0]
     return False
 
 
