@@ -60,6 +60,9 @@ FETCH_SLICE = 5_000
 # how long the first snapshot waits for the scanner handed over to end (Scanner.loaded_cache);
 # past it (a dropped scan hashing a file of many GB) the caches are read from disk again
 HANDED_WAIT = 5.0
+# how soon pending files are tried again: a file that changed in flight soon, after an error
+# (a full or failing disk, a file the primary cannot read) less often
+RETRY, RETRY_ERROR = 0.3, 2.0
 
 log = logging.getLogger("sbs.syncer")
 
@@ -97,6 +100,8 @@ class Syncer:
         self.failing: set[tuple[str, object]] = set()
         # pending files whose last try found no room for them: waiting does not bring them
         self.no_room: set[tuple[str, str]] = set()
+        # pending files the primary has but cannot serve (cannot read them), already logged
+        self.unserved: set[tuple[str, str]] = set()
         # set by the node when it was primary before: the first snapshot also sets aside the
         # files the new primary lacks that were made here and never agreed on (conflicts.py)
         self.own_term = False
@@ -147,7 +152,7 @@ class Syncer:
                     self._purge_trash()
                 if self.keeper.due(self.caches, now):
                     self._save_caches()
-                retry_in = (2.0 if self.error else 0.3) if self.pending else None
+                retry_in = (RETRY_ERROR if self.error else RETRY) if self.pending else None
                 save_in = self.keeper.next_save() - now
                 wait = max(0.0, min(retry_in or purge_every, next_purge - now, save_in))
                 try:
@@ -224,6 +229,7 @@ class Syncer:
         if self.failing:
             waiting = {name for name, _ in self.pending}
             self.failing = {f for f in self.failing if f[0] in waiting}
+        self.unserved &= self.pending.keys()
         self.pipe.send_multipart([b"applied", orjson.dumps({
             "applied": self.applied if not self.pending else (self.pending_since_seq or 0),
             "snapshot": snapshot,
@@ -468,6 +474,16 @@ class Syncer:
             self.no_room.add(key)
         else:
             self.no_room.discard(key)
+
+    def unservable(self, name: str, path: str, why: str) -> None:
+        """The primary has the file (pending) but could not serve it: an error in the status
+        until it arrives, asked for again as other errors are (RETRY_ERROR), logged once."""
+        if (name, path) not in self.unserved:
+            self.unserved.add((name, path))
+            log.warning("the primary cannot serve %s/%s: %s (asked again every %.0f s)", name,
+                        path[:200], why[:200], RETRY_ERROR)
+        self.error = (self.error
+                      or f"{name}/{path[:200]}: the primary cannot serve it: {why[:200]}")
 
     def failed(self, name: str, e: dict, exc: BaseException) -> None:
         self.pend(name, e, no_room=_enospc(exc))

@@ -32,6 +32,9 @@ SMALL = 256 << 10  # files up to this size travel many to a request
 BATCH_BYTES = 1 << 20
 BATCH_ITEMS = 256
 CHUNK = 1 << 20
+# what the file server says of a file gone since its manifest (the next one says more); any
+# other reason (it cannot read it, a refused path) does not pass by waiting for a manifest
+GONE = frozenset(os.strerror(n) for n in (errno.ENOENT, errno.ENOTDIR))
 LANES = 2  # threads writing small files, each with its own temp directory
 
 
@@ -91,6 +94,8 @@ class Transfer:
                         if e["path"] not in self.decided:
                             self.decided.add(e["path"])
                             self.syncer.pend(name, e)
+                            if meta.get("err") and meta["err"] not in GONE:
+                                self.syncer.unservable(name, e["path"], str(meta["err"]))
                         continue
                     if e["size"] <= SMALL:
                         small.append((e, blob))

@@ -124,11 +124,13 @@ def test_a_folder_the_primary_cannot_read_does_not_stop_the_others(make_pair):
     assert "final sync incomplete" not in alpha.log.read_text(), alpha.tail_log()
 
 @pytest.mark.skipif(not _userns_works(), reason="needs unshare -U -r, run as root")
-def test_a_file_the_primary_cannot_serve_is_named_in_its_log(make_pair):
+def test_a_file_the_primary_cannot_serve_is_named_by_both_nodes(make_pair):
     """alpha lists a file (it is there) that it cannot read when beta asks for it
     (permissions here; a bad sector under a file whose hash is cached alike, which no scan
-    reads again). beta keeps asking; alpha says once which file it cannot serve, and why.
-    Neither node used to say anything: beta only showed one file pending, for ever."""
+    reads again). beta keeps asking; alpha says once which file it cannot serve, and why,
+    and so does beta, in its log and in its status's error, until the file arrives.
+    Neither node used to say anything: beta only showed one file pending, for ever, asking
+    for it every 0.3 s."""
     pair = make_pair()
     alpha = pair.nodes["alpha"] = pair.alpha = UsernsNodeProc(pair.alpha.config)
     a, b = pair.folder("alpha"), pair.folder("beta")
@@ -152,9 +154,21 @@ def test_a_file_the_primary_cannot_serve_is_named_in_its_log(make_pair):
                  "alpha to say which file it cannot serve")
         said = [line for line in alpha.log.read_text().splitlines() if "cannot serve" in line]
         assert len(said) == 1 and "Permission denied" in said[0], said
+        st = wait_for(lambda: (r := replication(pair.beta)) and "cannot serve" in r.get(
+            "error", "") and r, 10, "beta's status to name the file alpha cannot serve")
+        assert "docs/locked.txt" in st["error"] and "Permission denied" in st["error"], st
+        assert st["synced"] is False, st
+        wait_for(lambda: "cannot serve docs/locked.txt" in pair.beta.log.read_text(), 10,
+                 "beta to log the file alpha cannot serve")
     finally:
         locked.chmod(0o644)
         os.chown(locked, 0, 0)
+    wait_equal(a, b, 15)
+    st = wait_for(lambda: (r := replication(pair.beta)) and r.get("synced") and r, 15,
+                  "beta in sync once alpha can read the file again")
+    assert st["error"] == "", st
+    said = [line for line in pair.beta.log.read_text().splitlines() if "cannot serve" in line]
+    assert len(said) == 1 and "Permission denied" in said[0], said
 
 @pytest.mark.skipif(not _userns_works(), reason="needs unshare -U -r, run as root")
 def test_a_folder_the_secondary_cannot_open_is_not_reported_in_sync(make_pair):
