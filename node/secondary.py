@@ -304,6 +304,8 @@ class Secondary:
             if self.kept_new:
                 self._announce_conflicts()
         elif kind == b"event":
+            if body.get("event") == "folder_ready":  # a folder refused until now: take it on
+                self.request_snapshot()
             node.ops.on_sync_event(body)
             self.syncer_events += 1  # a file moved: progress for the link watch
             if body.get("event") == "conflict":

@@ -95,6 +95,9 @@ class Syncer:
         # folders of the last snapshot that cannot be replicated here, and why: in the error
         # at every report, so this node never says it is in sync without them
         self.refused: dict[str, str] = {}
+        # ... and their paths, tried again every RETRY_ERROR until they open (then a snapshot
+        # is asked for, which replicates them); gone from here once asked
+        self.reopen: dict[str, Path] = {}
         # (folder, errno) of other write errors already logged: a read-only or failing disk
         # fails every file again at each retry; said once until the folder has nothing pending
         self.failing: set[tuple[str, object]] = set()
@@ -153,14 +156,18 @@ class Syncer:
                 if self.keeper.due(self.caches, now):
                     self._save_caches()
                 retry_in = (RETRY_ERROR if self.error else RETRY) if self.pending else None
+                if self.reopen:
+                    retry_in = min(retry_in or RETRY_ERROR, RETRY_ERROR)
                 save_in = self.keeper.next_save() - now
                 wait = max(0.0, min(retry_in or purge_every, next_purge - now, save_in))
                 try:
                     job = self.jobs.get(timeout=wait)
                 except queue.Empty:
                     # not on every pass of a settle that gave way to a job (save_in 0)
-                    if self.pending and wait >= retry_in:
-                        self._retry_pending()
+                    if retry_in is not None and wait >= retry_in:
+                        self._reopen_refused()
+                        if self.pending:
+                            self._retry_pending()
                     continue
                 if job[0] == "stop" or self.fetcher.cancelled.is_set():
                     return
@@ -256,7 +263,7 @@ class Syncer:
     def _setup(self, folders: dict[str, FolderConfig]) -> None:
         sd = self.cfg.state_dir
         handed_until = time.monotonic() + HANDED_WAIT
-        self.refused = {}
+        self.refused, self.reopen = {}, {}
         for name, f in folders.items():
             w = self.writers.get(name)
             if w is None or str(w.root) != str(f.path):
@@ -269,6 +276,7 @@ class Syncer:
                               str(f.path)[:200], exc)
                     self.refused[name] = (f"folder {name} ({str(f.path)[:200]}) cannot be "
                                           f"replicated here: {exc}")
+                    self.reopen[name] = f.path
                     continue
                 if removed:
                     log.info("removed %d temp file(s) left by an interrupted sync in %s",
@@ -288,6 +296,19 @@ class Syncer:
                 self.caches.pop(name, None)
                 self.keeper.forget(name)
         self._purge_trash()
+
+    def _reopen_refused(self) -> None:
+        """A refused folder that opens now (mounted, its permissions mended) has the node ask
+        for a snapshot, which replicates it: until then it stays refused in the status."""
+        for name, path in list(self.reopen.items()):
+            try:
+                open_writer(name, path, self.cfg.state_dir)[0].close()
+            except (OSError, ValueError):
+                continue
+            del self.reopen[name]
+            log.info("folder %s (%s) can be replicated here now: asking for a snapshot", name,
+                     str(path)[:200])
+            self.emit("folder_ready", folder=name)
 
     def _stop_check(self) -> None:
         """Raises _Stopped once the syncer is told to stop (the loop may be waiting)."""

@@ -174,7 +174,9 @@ def test_a_file_the_primary_cannot_serve_is_named_by_both_nodes(make_pair):
 def test_a_folder_the_secondary_cannot_open_is_not_reported_in_sync(make_pair):
     """beta cannot open its copy of docs: the folder is refused (logged), and beta used to
     report itself in sync all the same, so alpha would hand over to a node without the
-    folder. The refusal is in beta's error, and beta is not synced."""
+    folder. The refusal is in beta's error, and beta is not synced. Once the folder can be
+    opened (its permissions mended here; a disk mounted late alike), beta takes it on by itself
+    and is in sync: it used to wait for the next snapshot, a reconnect or a restart away."""
     pair = make_pair()
     beta = pair.nodes["beta"] = pair.beta = UsernsNodeProc(pair.beta.config)
     a, b = pair.folder("alpha"), pair.folder("beta")
@@ -193,6 +195,12 @@ def test_a_folder_the_secondary_cannot_open_is_not_reported_in_sync(make_pair):
     finally:
         b.chmod(0o755)
         os.chown(b, 0, 0)
+    wait_equal(a, b, 15, "beta's copy of docs once it can open it")
+    st = wait_for(lambda: (r := replication(beta)) and r.get("synced") and r, 15,
+                  "beta in sync with the folder it refused")
+    assert st["error"] == "", st
+    assert "docs (" in beta.log.read_text().split("can be replicated here now")[0][-200:], (
+        beta.tail_log())
 
 
 @pytest.mark.skipif(not _userns_works(), reason="needs unshare -U -r, run as root")
