@@ -3,6 +3,9 @@ process group and the primacy deadline, and the line on which it says it stopped
 
 Used by Sentinels only, from the node's loop. The guard is started on the first group it must
 know of and ends on EOF (close()); a guard that died is started again with every live group.
+What the guard hears: "D<deadline>" (the node vouches until then), "+<pid>" / "-<pid>" (a
+sentinel's group, and its end), "*<pid> <start time>" / "~<pid>" (a process of a sentinel
+outside its group, and its end).
 """
 
 from __future__ import annotations
@@ -11,8 +14,12 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .sentinelproc import Child
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +31,13 @@ _CLOSE_TIMEOUT = 1.0
 class GuardLink:
     """The guard process and its two pipes. See the module docstring."""
 
-    def __init__(self, kill_after: float) -> None:
+    def __init__(self, kill_after: float, children: Callable[[], list[Child]],
+                 deadline: Callable[[], float | None]) -> None:
         self.kill_after = kill_after  # the guard's grace between SIGTERM and SIGKILL
+        self._children = children  # the sentinels' children, running or being stopped
+        self._deadline = deadline  # until when the node vouches for them (None: no deadline)
         self._proc: subprocess.Popen | None = None
-
-    @property
-    def started(self) -> bool:
-        return self._proc is not None
+        self._told: dict[int, int] = {}  # pid -> start time: the guard knows these processes
 
     def fired(self) -> bool:
         """Non-blocking: did the guard say "F" (it stopped the groups) since we last looked?"""
@@ -45,11 +52,38 @@ class GuardLink:
                 log.debug("sentinel guard output: %s", exc)
         return fired
 
-    def tell(self, line: str, *, known: Callable[[], Iterable[str]],
-             deadline: float | None) -> None:
-        """Send one line to the guard, starting it first if need be (with `deadline` and the
-        lines for every live group and process, `known()`, so a guard that was restarted
-        knows them all)."""
+    def vouch(self, until: float) -> None:
+        """The node vouches for the sentinels until `until` (monotonic), if a guard runs."""
+        if self._proc is not None:
+            self._tell(f"D{until:.6f}")
+
+    def add_group(self, pid: int) -> None:
+        self._tell(f"+{pid}")
+
+    def drop_group(self, pid: int) -> None:
+        self._tell(f"-{pid}")
+
+    def others(self) -> None:
+        """Tell the guard of each process of a sentinel outside its group, and of each gone."""
+        now = {p.pid: p.ticks for c in self._children() for p in c.live_others}
+        gone = [pid for pid, ticks in self._told.items() if now.get(pid) != ticks]
+        new = [(pid, ticks) for pid, ticks in now.items() if self._told.get(pid) != ticks]
+        for pid in gone:
+            del self._told[pid]
+            self._tell(f"~{pid}")
+        for pid, ticks in new:
+            self._told[pid] = ticks
+            self._tell(f"*{pid} {ticks}")
+
+    def _known(self) -> list[str]:
+        """What a guard that starts afresh must know: every live group, every other process."""
+        return ([f"+{c.pid}" for c in self._children() if not c.reaped]
+                + [f"*{pid} {ticks}" for pid, ticks in self._told.items()])
+
+    def _tell(self, line: str) -> None:
+        """Send one line to the guard, starting it first if need be (with the deadline and
+        the lines for every live group and process, so a guard that was restarted knows them
+        all)."""
         if self._proc is None or self._proc.poll() is not None:
             if line.startswith(("-", "~")):
                 return  # a new guard would not know that group or process anyway
@@ -65,8 +99,9 @@ class GuardLink:
                           "outlive a crashed node): %s", exc)
                 self._proc = None
                 return
+            deadline = self._deadline()
             head = "" if deadline is None else f"D{deadline:.6f}\n"
-            line = head + "".join(f"{known_line}\n" for known_line in known()) + line
+            line = head + "".join(f"{known_line}\n" for known_line in self._known()) + line
         try:
             self._proc.stdin.write(f"{line}\n".encode())
             self._proc.stdin.flush()
@@ -75,6 +110,7 @@ class GuardLink:
 
     def close(self) -> None:
         """Nothing left to guard: EOF ends the guard, which has no group left to kill."""
+        self._told.clear()
         guard, self._proc = self._proc, None
         if guard is None:
             return

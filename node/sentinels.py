@@ -21,7 +21,8 @@ What leaves the group (a daemon's setsid(), a double fork) is found in /proc (no
 node/sentinelproc.py) and stopped with the group: at each stop (SIGTERM, SIGKILL after the
 grace, and a stop is done only once it is gone too), when the main process exits (a daemon's
 parent does: SIGKILL, as for the rest of its group, before it is started again), by the guard
-(the node tells it of each such process at each confirm()) and by the next run.
+(the node tells it of each such process at each confirm()) and by the next run. What is being
+stopped, until nothing of it is left, is node/stopping.py's.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .guardlink import GuardLink
 from .protocol import SENTINEL_NAME_RE
 from .sentinelpids import PIDS_FILE, PidsFile, start_ticks
 from .sentinelproc import Child, describe, start_process
+from .stopping import Stopping
 
 __all__ = ["PIDS_FILE", "Sentinels"]  # PIDS_FILE: where the pid file lives, for its readers
 
@@ -49,8 +51,6 @@ log = logging.getLogger(__name__)
 
 # How often a loop with children being stopped should come back to reap them.
 _STOPPING_POLL = 0.1
-# How long to wait for a process to disappear after SIGKILL.
-_REAP_TIMEOUT = 1.0
 # 2**30 times backoff_start is beyond any sane backoff_max; capping the exponent keeps a
 # sentinel that has crashed for days from overflowing the float.
 _MAX_EXPONENT = 30
@@ -90,20 +90,18 @@ class Sentinels:
         self._stable_after = stable_after
         self._sentinels: dict[str, _Sentinel] = {}
         self._active: set[str] = set()
-        self._stopping: list[Child] = []
+        self._stopping = Stopping(self._scan, self._stopped)  # what is being stopped
         self._running = False
         self._pids = PidsFile(self._state_dir)
-        self._guard = GuardLink(guard_kill_after)
+        self._guard = GuardLink(guard_kill_after, self._children, lambda: self._deadline)
         # monotonic time until which the node vouches for the sentinels (confirm()); None: no
         # deadline (the node never confirmed: nothing to hold it to)
         self._deadline: float | None = None
         self.lapses = 0
-        self._reap_deadline: float | None = None  # stop_done(): how long SIGKILL may take
         # Resolved here, before any fork: the child between fork and exec must do as little as
         # possible (the node has other threads, whose locks a forked child may find held).
         self._prctl = LIBC.prctl
         self._serial = itertools.count(1)  # each run's mark (sentinelproc.py) is its own
-        self._told: dict[int, int] = {}  # pid -> start time: the guard knows these processes
         self._last_pid: int | None = None  # proctree.last_pid() at confirm()'s last look
 
     @property
@@ -167,8 +165,7 @@ class Sentinels:
             if last is None or last != self._last_pid or any(c.moved() for c in running):
                 self._scan(running)
                 self._last_pid = last
-        if self._guard.started:
-            self._tell_guard(f"D{until:.6f}")
+        self._guard.vouch(until)
         return True
 
     def run(self) -> None:
@@ -201,32 +198,17 @@ class Sentinels:
         for name, sentinel in self._sentinels.items():
             sentinel.due = None
             self._terminate(name, grace)
-        deadline = time.monotonic() + grace
-        for child in self._stopping:
-            child.kill_at = deadline if child.kill_at is None else min(child.kill_at, deadline)
-        self._reap_deadline = None
+        self._stopping.kill_all_at(time.monotonic() + grace)
         self._sync_pids_file()
 
     def stop_done(self) -> bool:
         """Non-blocking, after begin_stop_all(): reap what has exited, SIGKILL what outlived
         its grace; True once nothing is left (or what is left survived SIGKILL for a while)."""
-        self._reap_stopping()
-        if self._stopping:
-            if any(c.kill_at is not None for c in self._stopping):
-                return False  # still within its grace
-            now = time.monotonic()
-            if self._reap_deadline is None:
-                self._reap_deadline = now + _REAP_TIMEOUT
-            if now < self._reap_deadline:
-                return False  # SIGKILL is sent: the kernel ends them
-            for child in self._stopping:
-                log.error("sentinel %s (pid %d) survives SIGKILL%s", child.name, child.pid,
-                          f" ({describe(child.live_others)})" if child.live_others else "")
-        self._reap_deadline = None
+        if not self._stopping.done():
+            return False
         self._sync_pids_file()
         if not self._stopping:
             self._guard.close()
-            self._told.clear()
         return True
 
     def start(self, name: str) -> None:
@@ -253,21 +235,21 @@ class Sentinels:
         self._check_guard()
         if self._pids.error:
             self._pids.forget()  # write it again
-        self._reap_stopping()
+        self._stopping.reap()
         now = time.monotonic()
         for name, sentinel in self._sentinels.items():
             child = sentinel.child
             if child is not None and child.has_exited():
                 sentinel.child = None
                 self._scan([child])
-                self._unguard(child)
+                self._guard.drop_group(child.popen.pid)
                 code = sentinel.last_exit = child.reap()
                 ran_for = now - child.started
                 log.warning(
                     "sentinel %s (pid %d) exited with %s after %.1f s",
                     name, child.popen.pid, code, ran_for,
                 )
-                self._kill_left_behind(child)
+                self._stopping.left_behind(child)
                 self._emit("exited", name, pid=child.popen.pid, code=code)
                 if self._wanted(name):
                     self._schedule_restart(name, ran_for)
@@ -281,12 +263,10 @@ class Sentinels:
         are not timed events: the loop should also call poll() on its regular turns."""
         times = [
             s.due for name, s in self._sentinels.items()
-            if s.due is not None and self._wanted(name) and not self._is_stopping(name)
+            if s.due is not None and self._wanted(name) and not self._stopping.of(name)
         ]
-        if self._stopping:
-            # A stopping child is reaped (and its successor started) promptly this way.
-            times.append(time.monotonic() + _STOPPING_POLL)
-            times.extend(c.kill_at for c in self._stopping if c.kill_at is not None)
+        # a stopping child is reaped (and its successor started) promptly this way
+        times.extend(self._stopping.next_times(time.monotonic() + _STOPPING_POLL))
         return min(times, default=None)
 
     def status(self) -> list[dict]:
@@ -325,9 +305,6 @@ class Sentinels:
     def _wanted(self, name: str) -> bool:
         return self._running and name in self._active and name in self._sentinels
 
-    def _is_stopping(self, name: str) -> bool:
-        return any(child.name == name for child in self._stopping)
-
     def _start_wanted(self) -> None:
         for name in sorted(self._sentinels):
             sentinel = self._sentinels[name]
@@ -337,7 +314,7 @@ class Sentinels:
     def _launch(self, name: str) -> None:
         """Start `name` now, or as soon as its previous process is gone: never two at once."""
         sentinel = self._sentinels[name]
-        if self._is_stopping(name):
+        if self._stopping.of(name):
             sentinel.due = time.monotonic()
             return
         sentinel.due = None
@@ -356,7 +333,7 @@ class Sentinels:
             self._schedule_restart(name, ran_for=0.0)
             return
         sentinel.child = Child(name, popen, time.monotonic(), start_ticks(popen.pid), mark)
-        self._tell_guard(f"+{popen.pid}")
+        self._guard.add_group(popen.pid)
         log.info("sentinel %s started (pid %d): %s", name, popen.pid, sentinel.command)
         self._emit("started", name, pid=popen.pid)
 
@@ -392,26 +369,7 @@ class Sentinels:
         log.info("stopping sentinel %s (pid %d)%s", name, child.pid,
                  f" and what it started outside its group: {describe(escaped)}" if escaped
                  else "")
-        child.kill_at = time.monotonic() + grace
-        self._stopping.append(child)
-
-    def _kill_left_behind(self, child: Child) -> None:
-        """A main process that exited (a daemon's parent does at once) takes what it started
-        along, as its group always did: the service never runs twice, not even on one node."""
-        if escaped := child.signal_all(signal.SIGKILL):
-            log.warning("sentinel %s (pid %d) left processes running outside its group: "
-                        "SIGKILL to %s (a sentinel's command must stay in the foreground)",
-                        child.name, child.pid, describe(escaped))
-        if not self._gone(child):
-            self._stopping.append(child)  # its next run waits until they are gone
-
-    def _gone(self, child: Child) -> bool:
-        """Its main process reaped and nothing else of it left, as a second look at /proc
-        confirms: a process forked while the first one read /proc is in the second."""
-        if not child.reaped or child.live_others:
-            return False
-        self._scan([child])
-        return not child.live_others
+        self._stopping.add(child, time.monotonic() + grace)
 
     def _scan(self, children: list[Child]) -> None:
         """Bring each child's list of its other processes up to date (node/proctree.py)."""
@@ -420,40 +378,17 @@ class Sentinels:
         mains = {c.pid for c in self._children()} | {c.pid for c in children}
         for child in children:
             child.scan(procs, marked, mains)
-        self._tell_guard_others()
+        self._guard.others()
 
-    def _reap_stopping(self) -> None:
-        """Reap what has stopped; SIGTERM what was started since the last look (SIGKILL once
-        the grace is over), SIGKILL what outlived the grace. A child is gone once its main
-        process and every other process of its are."""
-        if not self._stopping:
-            return
-        # which main processes have exited, before the scan: what one started just before
-        # it exited is then in the scan
-        exited = [c for c in self._stopping if not c.reaped and c.has_exited()]
-        self._scan(self._stopping)
-        now = time.monotonic()
-        for child in list(self._stopping):
-            if child in exited:
-                self._unguard(child)
-                code = child.reap()
-                sentinel = self._sentinels.get(child.name)
-                if sentinel is not None:
-                    sentinel.last_exit = code
-                log.info("sentinel %s (pid %d) stopped: %s", child.name, child.popen.pid, code)
-                self._emit("stopped", child.name, pid=child.popen.pid, code=code)
-            if self._gone(child):
-                self._stopping.remove(child)
-            elif child.kill_at is not None and now >= child.kill_at:
-                others = child.live_others
-                log.warning("sentinel %s (pid %d) ignored SIGTERM: SIGKILL%s", child.name,
-                            child.pid, f" to it and {describe(others)}" if others else "")
-                child.signal_all(signal.SIGKILL)
-                child.kill_at = None
-            elif escaped := child.signal_others(
-                    signal.SIGTERM if child.kill_at is not None else signal.SIGKILL):
-                log.warning("sentinel %s (pid %d): also stopping %s, started since",
-                            child.name, child.pid, describe(escaped))
+    def _stopped(self, child: Child) -> None:
+        """A stopped sentinel's main process exited: reaped, and said so."""
+        self._guard.drop_group(child.popen.pid)
+        code = child.reap()
+        sentinel = self._sentinels.get(child.name)
+        if sentinel is not None:
+            sentinel.last_exit = code
+        log.info("sentinel %s (pid %d) stopped: %s", child.name, child.popen.pid, code)
+        self._emit("stopped", child.name, pid=child.popen.pid, code=code)
 
     def _expired(self, now: float) -> bool:
         return self._deadline is not None and now > self._deadline
@@ -479,31 +414,8 @@ class Sentinels:
                   "starved): sentinels stopped", late)
         self._emit("lapsed", "", late=round(late, 3))
 
-    def _tell_guard(self, line: str) -> None:
-        self._guard.tell(line, known=self._guard_lines, deadline=self._deadline)
-
-    def _guard_lines(self) -> list[str]:
-        """What a guard that starts afresh must know: every live group, every other process."""
-        return ([f"+{c.pid}" for c in self._children() if not c.reaped]
-                + [f"*{pid} {ticks}" for pid, ticks in self._told.items()])
-
-    def _tell_guard_others(self) -> None:
-        """Tell the guard of each process of a sentinel outside its group, and of each gone."""
-        now = {p.pid: p.ticks for c in self._children() for p in c.live_others}
-        gone = [pid for pid, ticks in self._told.items() if now.get(pid) != ticks]
-        new = [(pid, ticks) for pid, ticks in now.items() if self._told.get(pid) != ticks]
-        for pid in gone:
-            del self._told[pid]
-            self._tell_guard(f"~{pid}")
-        for pid, ticks in new:
-            self._told[pid] = ticks
-            self._tell_guard(f"*{pid} {ticks}")
-
-    def _unguard(self, child: Child) -> None:
-        self._tell_guard(f"-{child.popen.pid}")
-
     def _children(self) -> list[Child]:
-        return [s.child for s in self._sentinels.values() if s.child] + self._stopping
+        return [s.child for s in self._sentinels.values() if s.child] + self._stopping.children
 
     def _emit(self, event: str, name: str, *, pid: int | None = None, code: int | None = None,
               delay: float | None = None, **extra: object) -> None:
