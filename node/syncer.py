@@ -17,14 +17,13 @@ To the loop, over an inproc PAIR:
                        gen}]
     [b"event",   json {event, ...}]   (transfers, progress, conflicts, guard, disk full)
 
-The Syncer runs the jobs and keeps what is pending; its helpers each have one job:
-node/transfer.py fetches and commits files, node/deletions.py applies strict deletions behind
-the guard, conflicts.ConflictKeeper keeps conflict copies, node/fileevents.py tells the bus
-how a job goes.
+The Syncer runs the jobs; its helpers each have one job: node/pending.py keeps what could
+not be applied yet and why, node/transfer.py fetches and commits files, node/deletions.py
+applies strict deletions behind the guard, conflicts.ConflictKeeper keeps conflict copies,
+node/fileevents.py tells the bus how a job goes.
 """
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import queue
@@ -47,10 +46,11 @@ from .filters import Filter
 from .hashstore import CacheKeeper
 from .index import FolderMissing, HashCache, keep_unreadable, scan_folder
 from .journal import Agreed
+from .pending import RETRY_ERROR, Pending
 from .protocol import entry_check
 from .security import Keys
-from .transfer import Transfer, free_bytes
-from .writer import FolderWriter, HashMismatch, PathError, check_relpath, purge_trash, utc_stamp
+from .transfer import Transfer
+from .writer import FolderWriter, PathError, check_relpath, purge_trash, utc_stamp
 
 if TYPE_CHECKING:
     from .scanner import Scanner
@@ -60,9 +60,6 @@ FETCH_SLICE = 5_000
 # how long the first snapshot waits for the scanner handed over to end (Scanner.loaded_cache);
 # past it (a dropped scan hashing a file of many GB) the caches are read from disk again
 HANDED_WAIT = 5.0
-# how soon pending files are tried again: a file that changed in flight soon, after an error
-# (a full or failing disk, a file the primary cannot read) less often
-RETRY, RETRY_ERROR = 0.3, 2.0
 
 log = logging.getLogger("sbs.syncer")
 
@@ -83,28 +80,18 @@ class Syncer:
         # the scanner this node stopped when it began to follow: its hash caches, loaded
         # already, are taken on at the first snapshot (_setup) instead of read again
         self.handed: Scanner | None = None
-        self.pending: dict[tuple[str, str], dict] = {}  # (folder, path) -> entry still to apply
-        self.pending_since_seq: int | None = None
+        self.pending = Pending(self.emit)  # what could not be applied yet, and why
         # The ACK of a snapshot makes the primary record its whole index as agreed, so it is
         # sent only once nothing of the snapshot is pending (until then we report applied 0)
         self.snapshot_ack_due = False
         self.applied = 0
-        self.error = ""
         self.snapshots = 0  # snapshot jobs begun: the node ignores reports from before its latest
-        self.disk_full: set[str] = set()  # folders whose full disk was already logged
         # folders of the last snapshot that cannot be replicated here, and why: in the error
         # at every report, so this node never says it is in sync without them
         self.refused: dict[str, str] = {}
         # ... and their paths, tried again every RETRY_ERROR until they open (then a snapshot
         # is asked for, which replicates them); gone from here once asked
         self.reopen: dict[str, Path] = {}
-        # (folder, errno) of other write errors already logged: a read-only or failing disk
-        # fails every file again at each retry; said once until the folder has nothing pending
-        self.failing: set[tuple[str, object]] = set()
-        # pending files whose last try found no room for them: waiting does not bring them
-        self.no_room: set[tuple[str, str]] = set()
-        # pending files the primary has but cannot serve (cannot read them), already logged
-        self.unserved: set[tuple[str, str]] = set()
         # set by the node when it was primary before: the first snapshot also sets aside the
         # files the new primary lacks that were made here and never agreed on (conflicts.py)
         self.own_term = False
@@ -155,7 +142,7 @@ class Syncer:
                     self._purge_trash()
                 if self.keeper.due(self.caches, now):
                     self._save_caches()
-                retry_in = (RETRY_ERROR if self.error else RETRY) if self.pending else None
+                retry_in = self.pending.retry_in()
                 if self.reopen:
                     retry_in = min(retry_in or RETRY_ERROR, RETRY_ERROR)
                 save_in = self.keeper.next_save() - now
@@ -182,7 +169,7 @@ class Syncer:
                     return
                 except Exception as exc:  # keep following; report what went wrong
                     log.exception("sync job %s failed", job[0])
-                    self.error = f"{job[0]} failed: {exc}"
+                    self.pending.error = f"{job[0]} failed: {exc}"
                     self._report(snapshot=False)
         finally:
             self.transfer.close()
@@ -227,34 +214,19 @@ class Syncer:
         snapshot = self.snapshot_ack_due and not self.pending
         if snapshot:
             self.snapshot_ack_due = False
-        if self.error.startswith("disk full") and not self.pending:
-            self.error = ""  # what did not fit is no longer wanted (deleted or replaced)
-        if not self.error.startswith("disk full"):
-            if self.disk_full:
-                log.info("space is back in %s", sorted(self.disk_full))
-            self.disk_full.clear()
-        if self.failing:
-            waiting = {name for name, _ in self.pending}
-            self.failing = {f for f in self.failing if f[0] in waiting}
-        self.unserved &= self.pending.keys()
+        pending = self.pending
+        pending.settle()
         self.pipe.send_multipart([b"applied", orjson.dumps({
-            "applied": self.applied if not self.pending else (self.pending_since_seq or 0),
+            "applied": self.applied if not pending else (pending.since_seq or 0),
             "snapshot": snapshot,
-            "pending_files": len(self.pending),
-            "pending_bytes": sum(e.get("size", 0) for e in self.pending.values()),
-            "error": (self.error or self.deletions.error()
+            "pending_files": len(pending),
+            "pending_bytes": pending.bytes(),
+            "error": (pending.error or self.deletions.error()
                       or "; ".join(self.refused.values())[:1000]),
             "through": self.applied,
-            "stuck": self._stuck(),
+            "stuck": pending.stuck({n: w.root for n, w in self.writers.items()}),
             "gen": self.snapshots,
         })])
-
-    def _stuck(self) -> str:
-        """Why nothing pending can be applied by waiting, or "" (stuck_on_room). A primary's
-        final sync stops waiting for them."""
-        if self.error and not self.error.startswith("disk full"):
-            return ""
-        return stuck_on_room(self.pending, self.no_room, self.writers)
 
     def _confirm(self, folder: str | None) -> None:
         self.deletions.confirm(folder)
@@ -326,10 +298,7 @@ class Syncer:
                   unreadable: dict[str, list[str]]) -> None:
         self.snapshots += 1
         self._setup(folders)
-        self.pending.clear()
-        self.no_room.clear()
-        self.pending_since_seq = None
-        self.error = ""
+        self.pending.reset()
         self.deletions.reset()  # what to delete is worked out afresh from the full index
         stamp = utc_stamp()
         plans = []
@@ -375,7 +344,7 @@ class Syncer:
         self.own_term = False
         self.applied = seq
         if self.pending:
-            self.pending_since_seq = 0  # nothing is confirmed before the snapshot is complete
+            self.pending.since_seq = 0  # nothing is confirmed before the snapshot is complete
         self._report(snapshot=True)
 
     def _manifest(self, seq: int, entries: dict[str, list]) -> None:
@@ -389,8 +358,7 @@ class Syncer:
             known = self.known.setdefault(name, {})
             changes, deletions = [], []
             for e in valid:
-                self.pending.pop((name, e["path"]), None)
-                self.no_room.discard((name, e["path"]))
+                self.pending.superseded(name, e["path"])
                 if not e.get("deleted"):
                     self.deletions.seen(name, e["path"])
                 if e.get("deleted"):
@@ -404,26 +372,22 @@ class Syncer:
             self._apply(name, changes, deletions, local, stamp, seq)
         self.applied = seq
         if not self.pending:
-            self.pending_since_seq = None
-        elif self.pending_since_seq is None:
-            self.pending_since_seq = seq - 1
+            self.pending.since_seq = None
+        elif self.pending.since_seq is None:
+            self.pending.since_seq = seq - 1
         self._report(snapshot=False)
 
     def _retry_pending(self) -> None:
-        by_folder: dict[str, list[dict]] = {}
-        for (name, _), e in self.pending.items():
-            by_folder.setdefault(name, []).append(e)
-        self.pending.clear()
-        self.no_room.clear()
-        self.error = ""
+        by_folder = self.pending.take()
         stamp = utc_stamp()
         self.progress.begin(0)
         for name, entries in by_folder.items():
-            if name in self.writers:
+            if name in self.writers and not self.pending.still_failing(
+                    name, self.writers[name], entries):
                 local = self.local(name, [e["path"] for e in entries])
                 self._apply(name, entries, [], local, stamp, self.applied)
         if not self.pending:
-            self.pending_since_seq = None
+            self.pending.since_seq = None
             log.info("pending files applied; in sync at manifest %d", self.applied)
         self._report(snapshot=False)
 
@@ -487,52 +451,8 @@ class Syncer:
         if agreed:
             self.agreed.update(agreed)
 
-    def pend(self, name: str, e: dict, *, no_room: bool = False) -> None:
-        """Keep e to apply later, remembering whether it failed for lack of room (_stuck)."""
-        key = (name, e["path"])
-        self.pending[key] = e
-        if no_room:
-            self.no_room.add(key)
-        else:
-            self.no_room.discard(key)
-
-    def unservable(self, name: str, path: str, why: str) -> None:
-        """The primary has the file (pending) but could not serve it: an error in the status
-        until it arrives, asked for again as other errors are (RETRY_ERROR), logged once."""
-        if (name, path) not in self.unserved:
-            self.unserved.add((name, path))
-            log.warning("the primary cannot serve %s/%s: %s (asked again every %.0f s)", name,
-                        path[:200], why[:200], RETRY_ERROR)
-        self.error = (self.error
-                      or f"{name}/{path[:200]}: the primary cannot serve it: {why[:200]}")
-
     def failed(self, name: str, e: dict, exc: BaseException) -> None:
-        self.pend(name, e, no_room=_enospc(exc))
-        if _enospc(exc):
-            if name not in self.disk_full:
-                self.disk_full.add(name)
-                log.error("disk full in folder %s writing %s: keeping the old copy; will retry",
-                          name, e["path"])
-            self.error = f"disk full in folder {name} ({self.writers[name].root})"
-            self.emit("disk_full", folder=name, path=e["path"], error=self.error)
-        elif isinstance(exc, PathError) and folder_above_pending(self.pending, name, e["path"]):
-            # what is in the way (an old file where the primary now has a folder) is itself
-            # still to be replaced here (its move to the trash failed, say on a full disk):
-            # retried after it, not given up for good
-            log.info("%s/%s waits for the folder above it: %s", name, e["path"][:200], exc)
-        elif isinstance(exc, PathError):
-            self.pending.pop((name, e["path"]), None)  # hostile or impossible: never retry
-            log.warning("refused %s/%s: %s", name, e["path"][:200], exc)
-            self.emit("refused", folder=name, path=e["path"][:200], reason=str(exc))
-        elif not isinstance(exc, HashMismatch):
-            kind = (name, getattr(exc, "errno", None) or type(exc).__name__)
-            if kind not in self.failing:
-                self.failing.add(kind)
-                log.warning("could not apply %s/%s: %s (other files of %s failing alike are "
-                            "not logged again while it has files pending)", name, e["path"],
-                            exc, name)
-            self.error = self.error or f"{name}/{e['path']}: {exc}"
-
+        self.pending.failed(name, e, exc, self.writers[name].root)
 
 
 def open_writer(name: str, path: Path, state_dir: Path) -> tuple[FolderWriter, int]:
@@ -575,27 +495,6 @@ def valid_entries(folder: str, entries: list, emit: Callable[..., None], *,
         yield shared_values(e)
 
 
-def stuck_on_room(pending: dict[tuple[str, str], dict], no_room: set[tuple[str, str]],
-                  writers: dict[str, FolderWriter]) -> str:
-    """Why the pending files cannot be applied by waiting, or "": every one found no room on
-    its last try and is still bigger than the space free now in its folder (a deletion since
-    may have made room: the next retry tells)."""
-    if not pending:
-        return ""
-    free: dict[str, int | None] = {}
-    for key, e in pending.items():
-        name = key[0]
-        if key not in no_room or name not in writers:
-            return ""
-        if name not in free:
-            free[name] = free_bytes(writers[name].root)
-        room = free[name]
-        if room is None or int(e.get("size", 0)) <= room:
-            return ""
-    return (f"{len(pending)} file(s) do not fit: disk full in "
-            + ", ".join(f"{n} ({writers[n].root})" for n in sorted(free)))[:1000]
-
-
 def keep_entries(index: dict[str, list]) -> None:
     """A snapshot part's entries as the node keeps them, the moment the part is here: each one
     the schema accepts is made compact in place (shared_values), so a 100,000-entry snapshot
@@ -615,10 +514,6 @@ def _path(e: dict) -> str:
     return e["path"]
 
 
-def _enospc(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
 def _differs(have: dict | None, want: dict) -> bool:
     """Does the local object need rewriting (content or kind), not just its metadata?"""
     if have is None or have["kind"] != want["kind"]:
@@ -627,15 +522,4 @@ def _differs(have: dict | None, want: dict) -> bool:
         return have["hash"] != want.get("hash") or have["size"] != want["size"]
     if want["kind"] == "link":
         return have.get("target") != want.get("target")
-    return False
-
-
-def folder_above_pending(pending: dict, name: str, path: str) -> bool:
-    """Is a folder above path still pending (to be made, or what is in its way)?"""
-    at = path.rfind("/")
-    while at > 0:
-        path = path[:at]
-        if (name, path) in pending:
-            return True
-        at = path.rfind("/")
     return False

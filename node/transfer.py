@@ -93,9 +93,9 @@ class Transfer:
                         big.abandon(e["path"])
                         if e["path"] not in self.decided:
                             self.decided.add(e["path"])
-                            self.syncer.pend(name, e)
+                            self.syncer.pending.pend(name, e)
                             if meta.get("err") and meta["err"] not in GONE:
-                                self.syncer.unservable(name, e["path"], str(meta["err"]))
+                                self.syncer.pending.unservable(name, e["path"], str(meta["err"]))
                         continue
                     if e["size"] <= SMALL:
                         small.append((e, blob))
@@ -116,13 +116,13 @@ class Transfer:
                         self._settle(name, lanes.popleft(), done)
         except FetchError as exc:
             log.error("fetching from the primary failed: %s", exc)
-            self.syncer.error = str(exc)
+            self.syncer.pending.error = str(exc)
             self.syncer.fetcher.close()
             while lanes:
                 self._settle(name, lanes.popleft(), done)
             for e in by_path.values():
                 if e["path"] not in self.decided:
-                    self.syncer.pend(name, e)
+                    self.syncer.pending.pend(name, e)
         except BaseException:
             # an unexpected error: no lane may still be writing into the folder when it leaves
             concurrent.futures.wait(lanes)

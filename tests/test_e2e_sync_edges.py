@@ -324,7 +324,7 @@ def test_a_failed_fetch_keeps_refused_and_no_room_files_as_they_were(tmp_path):
         syncer.start()
         syncer.submit_snapshot(1, {f.name: f for f in cfg.folders}, {"docs": index})
         first = wait_for(lambda: report(0), 20, "the syncer's report of the failed fetch")
-        no_room = set(syncer.no_room)  # read now: the retry is 2 s away
+        no_room = set(syncer.pending.no_room)  # read now: the retry is 2 s away
         assert failed_once.is_set() and "gone" in first["error"], first
         assert [e["path"] for e in refused] == ["sub/f"], refused
         wrong = []  # each way the failed fetch changed what was decided before it

@@ -665,7 +665,7 @@ def test_a_syncer_told_to_stop_in_the_middle_of_its_scan_ends_there(tmp_path, mo
         syncer.thread.join(10)
         assert not syncer.thread.is_alive()
         assert walked == [str(cfg.folders[0].path)]
-        assert syncer.error == "" and not pipe.poll(0)  # no report of a failed job
+        assert syncer.pending.error == "" and not pipe.poll(0)  # no report of a failed job
     finally:
         syncer.stop()
         pipe.close(0)

@@ -1,0 +1,199 @@
+"""What the secondary could not apply yet, and why (the Syncer's backlog).
+
+A file that could not be applied (it changed again while in flight, the disk is full or
+failing, the primary cannot read it, the primary vanished) is kept here to be tried again;
+`error` says why in the status until a retry clears it. Each kind of trouble is logged once,
+not at every retry: a full disk once per folder, another write error once per folder and
+errno, a file the primary cannot serve once per file, while they stay pending.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .transfer import free_bytes
+from .writer import HashMismatch, PathError
+
+# how soon pending files are tried again: a file that changed in flight soon, after an error
+# (a full or failing disk, a file the primary cannot read) less often
+RETRY, RETRY_ERROR = 0.3, 2.0
+
+log = logging.getLogger("sbs.syncer")
+
+Key = tuple[str, str]  # (folder, path)
+
+
+class Pending:
+    def __init__(self, emit: Callable[..., None]):
+        self.emit = emit
+        self.files: dict[Key, dict] = {}  # entry still to apply
+        # the manifest before the oldest pending change: what `applied` reports meanwhile
+        # (0 while a snapshot is incomplete)
+        self.since_seq: int | None = None
+        self.error = ""
+        self.no_room: set[Key] = set()  # found no room at their last try: waiting won't help
+        self.unserved: set[Key] = set()  # the primary has them but cannot serve them (logged)
+        self.disk_full: set[str] = set()  # folders whose full disk was logged
+        # (folder, errno) of other write errors logged: a read-only or failing disk fails
+        # every file again at each retry
+        self.failing: set[tuple[str, object]] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def retry_in(self) -> float | None:
+        """How long until the pending files are tried again; None when there are none."""
+        return (RETRY_ERROR if self.error else RETRY) if self.files else None
+
+    def bytes(self) -> int:
+        return sum(e.get("size", 0) for e in self.files.values())
+
+    def reset(self) -> None:
+        """A snapshot: what is pending is worked out afresh."""
+        self.files.clear()
+        self.no_room.clear()
+        self.since_seq = None
+        self.error = ""
+
+    def take(self) -> dict[str, list[dict]]:
+        """Everything pending, by folder, to be tried again (what fails again comes back)."""
+        by_folder: dict[str, list[dict]] = {}
+        for (name, _), e in self.files.items():
+            by_folder.setdefault(name, []).append(e)
+        self.files.clear()
+        self.no_room.clear()
+        self.error = ""
+        return by_folder
+
+    def still_failing(self, name: str, writer: Any, entries: list[dict]) -> bool:
+        """Before a retry fetches a folder's files again: a folder that failed to write (read-
+        only, a failing disk) and still cannot take a temp file keeps them pending without
+        asking the primary for them again (a retry of 100,000 files every 2 s had it serve
+        them all again and again). What the probe cannot tell is fetched as before."""
+        if not entries or not any(f == name for f, _ in self.failing):
+            return False
+        try:
+            writer.new_temp(entries[0]["path"]).abort()
+        except PathError:
+            return False
+        except OSError as exc:
+            for e in entries:
+                self.files[(name, e["path"])] = e
+            self.error = self.error or f"{name}/{entries[0]['path']}: {exc}"
+            return True
+        return False
+
+    def superseded(self, name: str, path: str) -> None:
+        """A newer entry for the path has come: the pending one is dropped."""
+        self.files.pop((name, path), None)
+        self.no_room.discard((name, path))
+
+    def pend(self, name: str, e: dict, *, no_room: bool = False) -> None:
+        """Keep e to apply later, remembering whether it failed for lack of room (stuck)."""
+        key = (name, e["path"])
+        self.files[key] = e
+        if no_room:
+            self.no_room.add(key)
+        else:
+            self.no_room.discard(key)
+
+    def unservable(self, name: str, path: str, why: str) -> None:
+        """The primary has the file (pending) but could not serve it: an error in the status
+        until it arrives, asked for again as after other errors (RETRY_ERROR), logged once."""
+        if (name, path) not in self.unserved:
+            self.unserved.add((name, path))
+            log.warning("the primary cannot serve %s/%s: %s (asked again every %.0f s)", name,
+                        path[:200], why[:200], RETRY_ERROR)
+        self.error = (self.error
+                      or f"{name}/{path[:200]}: the primary cannot serve it: {why[:200]}")
+
+    def failed(self, name: str, e: dict, exc: BaseException, root: Path) -> None:
+        """Applying e to folder name (at root) failed: pending, refused, or waiting behind the
+        folder above it, by what went wrong."""
+        self.pend(name, e, no_room=_enospc(exc))
+        if _enospc(exc):
+            if name not in self.disk_full:
+                self.disk_full.add(name)
+                log.error("disk full in folder %s writing %s: keeping the old copy; will retry",
+                          name, e["path"])
+            self.error = f"disk full in folder {name} ({root})"
+            self.emit("disk_full", folder=name, path=e["path"], error=self.error)
+        elif isinstance(exc, PathError) and folder_above_pending(self.files, name, e["path"]):
+            # what is in the way (an old file where the primary now has a folder) is itself
+            # still to be replaced here (its move to the trash failed, say on a full disk):
+            # retried after it, not given up for good
+            log.info("%s/%s waits for the folder above it: %s", name, e["path"][:200], exc)
+        elif isinstance(exc, PathError):
+            self.files.pop((name, e["path"]), None)  # hostile or impossible: never retry
+            log.warning("refused %s/%s: %s", name, e["path"][:200], exc)
+            self.emit("refused", folder=name, path=e["path"][:200], reason=str(exc))
+        elif not isinstance(exc, HashMismatch):
+            kind = (name, getattr(exc, "errno", None) or type(exc).__name__)
+            if kind not in self.failing:
+                self.failing.add(kind)
+                log.warning("could not apply %s/%s: %s (other files of %s failing alike are "
+                            "not logged again while it has files pending)", name, e["path"],
+                            exc, name)
+            self.error = self.error or f"{name}/{e['path']}: {exc}"
+
+    def settle(self) -> None:
+        """Before a report: a full disk no longer in the way is said to be over, and what
+        was logged once may be logged again once its folder or file has nothing pending."""
+        if self.error.startswith("disk full") and not self.files:
+            self.error = ""  # what did not fit is no longer wanted (deleted or replaced)
+        if not self.error.startswith("disk full"):
+            if self.disk_full:
+                log.info("space is back in %s", sorted(self.disk_full))
+            self.disk_full.clear()
+        if self.failing:
+            waiting = {name for name, _ in self.files}
+            self.failing = {f for f in self.failing if f[0] in waiting}
+        self.unserved &= self.files.keys()
+
+    def stuck(self, roots: Mapping[str, Any]) -> str:
+        """Why nothing pending can be applied by waiting, or "" (stuck_on_room). A primary's
+        final sync stops waiting for them. roots: folder -> its path here."""
+        if self.error and not self.error.startswith("disk full"):
+            return ""
+        return stuck_on_room(self.files, self.no_room, roots)
+
+
+def stuck_on_room(pending: dict[Key, dict], no_room: set[Key], roots: Mapping[str, Any]) -> str:
+    """Why the pending files cannot be applied by waiting, or "": every one found no room on
+    its last try and is still bigger than the space free now in its folder (a deletion since
+    may have made room: the next retry tells)."""
+    if not pending:
+        return ""
+    free: dict[str, int | None] = {}
+    for key, e in pending.items():
+        name = key[0]
+        if key not in no_room or name not in roots:
+            return ""
+        if name not in free:
+            free[name] = free_bytes(roots[name])
+        room = free[name]
+        if room is None or int(e.get("size", 0)) <= room:
+            return ""
+    return (f"{len(pending)} file(s) do not fit: disk full in "
+            + ", ".join(f"{n} ({roots[n]})" for n in sorted(free)))[:1000]
+
+
+def folder_above_pending(pending: Mapping[Key, Any], name: str, path: str) -> bool:
+    """Is a folder above path still pending (to be made, or what is in its way)?"""
+    at = path.rfind("/")
+    while at > 0:
+        path = path[:at]
+        if (name, path) in pending:
+            return True
+        at = path.rfind("/")
+    return False
+
+
+def _enospc(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
