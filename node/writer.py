@@ -9,11 +9,15 @@ file at its real name and a failed write (a full disk) leaves the previous copy 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
+import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from .entries import Entry, dir_entry, link_entry
 from .fdio import (
@@ -37,6 +41,8 @@ from .tree import (  # noqa: F401  (re-exported: the path rule's home is node/tr
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,6 +69,7 @@ class FolderWriter:
         self.side = SideCopies(self.root, self.trash_dir, self.conflicts_dir, name)
         self.temps = TempArea(self.temp_dir, self.root, self._open_root)
         self.temp_in_state = self.temps.in_state
+        self._opening = threading.Lock()  # one folder opened up at a time (in_read_only)
         if not self.temp_in_state:
             log.info("%s: temp dir %s is on another filesystem; temp files go next to their "
                      "targets under hidden %s names", self.root, self.temp_dir, TEMP_PREFIX)
@@ -118,7 +125,7 @@ class FolderWriter:
             # The primary has a folder here: what is in the way goes to the trash, not away.
             self.side.to_trash(fd, name, "/".join(parts), displace_stamp)
         try:
-            os.mkdir(name, 0o755, dir_fd=fd)
+            self.in_read_only(fd, lambda: os.mkdir(name, 0o755, dir_fd=fd))
             os.fsync(fd)  # the new entry in the parent must survive a crash too
         except FileExistsError:
             pass
@@ -151,15 +158,45 @@ class FolderWriter:
             return TempFile(self.temps.lane_fd(lane), False, relpath)
         dir_fd = self.open_dir(parts[:-1], create=True)
         try:
-            return TempFile(dir_fd, True, relpath)
+            return self.in_read_only(dir_fd, lambda: TempFile(dir_fd, True, relpath))
         except BaseException:
             os.close(dir_fd)
             raise
 
     def _place(self, tmp: TempFile, parent: int, parts: tuple[str, ...]) -> None:
-        self._displace(parent, parts[-1], "/".join(parts), stat.S_IFREG)
-        os.rename(tmp.name, parts[-1], src_dir_fd=tmp.dir_fd, dst_dir_fd=parent)
+        def place() -> None:
+            self._displace(parent, parts[-1], "/".join(parts), stat.S_IFREG)
+            os.rename(tmp.name, parts[-1], src_dir_fd=tmp.dir_fd, dst_dir_fd=parent)
+
+        self.in_read_only(parent, place)
         tmp.mark_committed()
+
+    def in_read_only(self, dir_fd: int, change: Callable[[], T]) -> T:
+        """change() of the folder dir_fd (an entry made, renamed or taken out). A node that
+        does not run as root made the folder read-only as the primary's has it (mode 0555),
+        so it cannot change it (EACCES), where root could: the folder is opened up for its
+        owner for the change, and closed again."""
+        try:
+            return change()
+        except PermissionError:
+            with self._opening, self._opened_up(dir_fd) as opened:
+                if not opened:
+                    raise
+                return change()
+
+    @contextlib.contextmanager
+    def _opened_up(self, dir_fd: int) -> Iterator[bool]:
+        """u+w on a folder of ours that lacks it, for the block, then its mode as it was; yields
+        whether it did (not ours, or writable already: the EACCES has another cause)."""
+        st = os.fstat(dir_fd)
+        if st.st_uid != os.geteuid() or st.st_mode & stat.S_IWUSR:
+            yield False
+            return
+        os.fchmod(dir_fd, stat.S_IMODE(st.st_mode) | stat.S_IWUSR | stat.S_IXUSR)
+        try:
+            yield True
+        finally:
+            os.fchmod(dir_fd, stat.S_IMODE(st.st_mode))
 
     def commit(self, tmp: TempFile, entry: Entry) -> None:
         """Verify, fsync, rename into place, fsync the parent. On any error the temp file is
@@ -268,18 +305,20 @@ class FolderWriter:
         parent = self.open_dir(parts[:-1], create=True)
         try:
             tmpname = temp_name()
-            os.symlink(target, tmpname, dir_fd=parent)
-            try:
-                mtime = int(entry["mtime_ns"])
-                os.utime(tmpname, ns=(mtime, mtime), dir_fd=parent, follow_symlinks=False)
-                self._displace(parent, parts[-1], "/".join(parts), stat.S_IFLNK)
-                os.rename(tmpname, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
-            except BaseException:
+            mtime = int(entry["mtime_ns"])
+
+            def place() -> None:
+                os.symlink(target, tmpname, dir_fd=parent)
                 try:
-                    os.unlink(tmpname, dir_fd=parent)
-                except FileNotFoundError:
-                    pass
-                raise
+                    os.utime(tmpname, ns=(mtime, mtime), dir_fd=parent, follow_symlinks=False)
+                    self._displace(parent, parts[-1], "/".join(parts), stat.S_IFLNK)
+                    os.rename(tmpname, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
+                except BaseException:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmpname, dir_fd=parent)
+                    raise
+
+            self.in_read_only(parent, place)
             os.fsync(parent)
         finally:
             os.close(parent)
@@ -321,9 +360,10 @@ class FolderWriter:
             if lstat_at(parent, parts[-1]) is None:
                 return
             if trash:
-                self.side.to_trash(parent, parts[-1], relpath, stamp)
+                self.in_read_only(
+                    parent, lambda: self.side.to_trash(parent, parts[-1], relpath, stamp))
             else:
-                delete_at(parent, parts[-1])
+                self.in_read_only(parent, lambda: delete_at(parent, parts[-1]))
         finally:
             os.close(parent)
 

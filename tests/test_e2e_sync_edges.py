@@ -140,13 +140,13 @@ def test_a_reply_shorter_than_the_file_leaves_it_pending_not_applied(tmp_path):
                  "big.bin fetched again, whole")
 
 
-@pytest.mark.xfail(strict=True, reason="known, not fixed: a secondary that does not run as "
-                   "root cannot write into a folder it made read-only as the primary's")
-def test_a_non_root_secondary_writes_a_file_into_a_read_only_folder():
-    """The primary (any user) has a folder of mode 0555 with a file in it. The secondary,
-    as the same kind of user, makes the folder with mode 0555 first (folders before files),
-    then cannot rename the file into it: it stays pending for ever. Run in a forked child as
-    user nobody when the test runs as root (root writes anywhere)."""
+def test_a_non_root_secondary_writes_into_a_folder_it_made_read_only():
+    """The primary (any user) has a folder of mode 0555 with things in it. The secondary, as
+    the same kind of user, makes the folder with mode 0555 first (folders before files), and
+    could then neither rename a file into it nor make a folder or a link in it nor move what
+    the primary deleted to the trash: they stayed pending for ever. The folder is opened up
+    for its owner for each change, and its mode is 0555 again after each. Run in a forked
+    child as user nobody when the test runs as root (root writes anywhere)."""
     import shutil
 
     from sbs.node.index import hash_bytes
@@ -157,24 +157,36 @@ def test_a_non_root_secondary_writes_a_file_into_a_read_only_folder():
     base = temp_dir_for_nobody()
     base.chmod(0o777)
     data = b"in a read-only folder\n"
+    mtime = 1_700_000_000_000_000_000
 
     def write() -> bytes:
         w = FolderWriter(base / "docs", base / "state/tmp/docs", base / "state/trash",
                          base / "state/conflicts")
-        w.make_dir({"path": "ro", "kind": "dir", "size": 0, "mtime_ns": 0, "mode": 0o555})
-        tmp = w.new_temp("ro/f")
-        tmp.write(data)
+        modes = []
         try:
+            w.make_dir({"path": "ro", "kind": "dir", "size": 0, "mtime_ns": 0, "mode": 0o555})
+            tmp = w.new_temp("ro/f")
+            tmp.write(data)
             w.commit(tmp, {"path": "ro/f", "kind": "file", "size": len(data),
-                           "mtime_ns": 1_700_000_000_000_000_000, "mode": 0o644,
-                           "hash": hash_bytes(data)})
-            return b"ok"
+                           "mtime_ns": mtime, "mode": 0o644, "hash": hash_bytes(data)})
+            modes.append(os.stat(base / "docs/ro").st_mode & 0o777)
+            w.make_dir({"path": "ro/sub", "kind": "dir", "size": 0, "mtime_ns": 0,
+                        "mode": 0o755})
+            w.make_link({"path": "ro/l", "kind": "link", "size": 0, "mtime_ns": mtime,
+                         "mode": 0o777, "target": "f"})
+            modes.append(os.stat(base / "docs/ro").st_mode & 0o777)
+            w.remove("ro/sub", trash=True, stamp="20261207T000000Z")
+            modes.append(os.stat(base / "docs/ro").st_mode & 0o777)
         except OSError as exc:
             return f"{type(exc).__name__}: {exc}".encode()
+        return repr(modes).encode()
 
     try:
-        assert run_as_nobody(write) == b"ok"
+        assert run_as_nobody(write) == repr([0o555] * 3).encode()
         assert (base / "docs/ro/f").read_bytes() == data
+        assert os.readlink(base / "docs/ro/l") == "f"
+        assert not (base / "docs/ro/sub").exists()
+        assert list((base / "state/trash").glob("*/ro/sub")), "ro/sub not in the trash"
     finally:
         if (base / "docs/ro").exists():
             (base / "docs/ro").chmod(0o755)
