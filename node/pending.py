@@ -34,6 +34,9 @@ class Pending:
         # (0 while a snapshot is incomplete)
         self.since_seq: int | None = None
         self.error = ""
+        # the error is this node's own (a full, read-only or failing disk): everything the
+        # primary sent has arrived, so the link watch must not call it a stall of the link
+        self.local = False
         self.no_room: set[Key] = set()  # found no room at their last try: waiting won't help
         self.unserved: set[Key] = set()  # the primary has them but cannot serve them (logged)
         self.disk_full: set[str] = set()  # folders whose full disk was logged
@@ -59,7 +62,7 @@ class Pending:
         self.files.clear()
         self.no_room.clear()
         self.since_seq = None
-        self.error = ""
+        self.error, self.local = "", False
 
     def take(self) -> dict[str, list[dict]]:
         """Everything pending, by folder, to be tried again (what fails again comes back)."""
@@ -68,7 +71,7 @@ class Pending:
             by_folder.setdefault(name, []).append(e)
         self.files.clear()
         self.no_room.clear()
-        self.error = ""
+        self.error, self.local = "", False
         return by_folder
 
     def still_failing(self, name: str, writer: Any, entries: list[dict]) -> bool:
@@ -85,7 +88,7 @@ class Pending:
         except OSError as exc:
             for e in entries:
                 self.files[(name, e["path"])] = e
-            self.error = self.error or f"{name}/{entries[0]['path']}: {exc}"
+            self._local_error(f"{name}/{entries[0]['path']}: {exc}")
             return True
         return False
 
@@ -122,7 +125,7 @@ class Pending:
                 self.disk_full.add(name)
                 log.error("disk full in folder %s writing %s: keeping the old copy; will retry",
                           name, e["path"])
-            self.error = f"disk full in folder {name} ({root})"
+            self.error, self.local = f"disk full in folder {name} ({root})", True
             self.emit("disk_full", folder=name, path=e["path"], error=self.error)
         elif isinstance(exc, PathError) and folder_above_pending(self.files, name, e["path"]):
             # what is in the way (an old file where the primary now has a folder) is itself
@@ -140,13 +143,14 @@ class Pending:
                 log.warning("could not apply %s/%s: %s (other files of %s failing alike are "
                             "not logged again while it has files pending)", name, e["path"],
                             exc, name)
-            self.error = self.error or f"{name}/{e['path']}: {exc}"
+            self._local_error(f"{name}/{e['path']}: {exc}")
 
     def settle(self) -> None:
         """Before a report: a full disk no longer in the way is said to be over, and what
         was logged once may be logged again once its folder or file has nothing pending."""
         if self.error.startswith("disk full") and not self.files:
-            self.error = ""  # what did not fit is no longer wanted (deleted or replaced)
+            # what did not fit is no longer wanted (deleted or replaced)
+            self.error, self.local = "", False
         if not self.error.startswith("disk full"):
             if self.disk_full:
                 log.info("space is back in %s", sorted(self.disk_full))
@@ -155,6 +159,11 @@ class Pending:
             waiting = {name for name, _ in self.files}
             self.failing = {f for f in self.failing if f[0] in waiting}
         self.unserved &= self.files.keys()
+
+    def _local_error(self, error: str) -> None:
+        """A write here failed: the status's error, unless it has one already."""
+        if not self.error:
+            self.error, self.local = error, True
 
     def stuck(self, roots: Mapping[str, Any]) -> str:
         """Why nothing pending can be applied by waiting, or "" (stuck_on_room). A primary's

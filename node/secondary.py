@@ -59,6 +59,8 @@ class Progress:
     pending_bytes: int = 0
     through: int = 0  # manifests worked through, applied or not (see Syncer)
     stuck: str = ""
+    # what is pending waits on this node's own disk (full, read-only, failing), not the link
+    local: bool = False
 
 
 class Secondary:
@@ -286,7 +288,7 @@ class Secondary:
             p = self.progress = Progress(
                 applied=body["applied"], pending_files=body["pending_files"],
                 pending_bytes=body["pending_bytes"], through=body["through"],
-                stuck=body["stuck"])
+                stuck=body["stuck"], local=body.get("local", False))
             self.error = body.get("error", "")
             caught_up = p.applied >= (self.follow.seen or 0) and not p.pending_files
             # in sync only with everything the primary says it has published
@@ -362,7 +364,9 @@ class Secondary:
         seq = self._primary_seq() or (peer.seq if primary else 0)
         kind, why = w.check(
             now, pings_arrive=primary, pinged_at=peer.heard_at, primary_seq=seq,
-            applied=p.applied,
+            # what waits on this node's own disk has arrived: that is no stall of the link
+            # (the status's error says what it is; the primary's lag alert tells the operator)
+            applied=p.through if p.local else p.applied,
             progress=(p.applied, p.through, self.snapshots_submitted,
                       self.syncer_events, self.syncer.fetcher.answers),
             # a snapshot begins with a scan of the local folders, which reports nothing

@@ -170,6 +170,7 @@ class Syncer:
                 except Exception as exc:  # keep following; report what went wrong
                     log.exception("sync job %s failed", job[0])
                     self.pending.error = f"{job[0]} failed: {exc}"
+                    self.pending.local = False
                     self._report(snapshot=False)
         finally:
             self.transfer.close()
@@ -225,6 +226,7 @@ class Syncer:
                       or "; ".join(self.refused.values())[:1000]),
             "through": self.applied,
             "stuck": pending.stuck({n: w.root for n, w in self.writers.items()}),
+            "local": bool(pending) and pending.local,
             "gen": self.snapshots,
         })])
 

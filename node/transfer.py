@@ -116,7 +116,7 @@ class Transfer:
                         self._settle(name, lanes.popleft(), done)
         except FetchError as exc:
             log.error("fetching from the primary failed: %s", exc)
-            self.syncer.pending.error = str(exc)
+            self.syncer.pending.error, self.syncer.pending.local = str(exc), False
             self.syncer.fetcher.close()
             while lanes:
                 self._settle(name, lanes.popleft(), done)
