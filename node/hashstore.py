@@ -36,7 +36,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -63,6 +63,41 @@ _I63 = 1 << 63
 
 def cache_path(state_dir: Path, folder: str) -> Path:
     return Path(state_dir) / "hashes" / f"{folder}.jsonl"
+
+
+def vanished(state_dir: Path, folder: str, root: str) -> str:
+    """Why ``root`` looks like a disk not mounted, by the hash cache this node saved for it
+    when it held files there, or "": missing, or empty on another device than then. Nothing
+    is written there then (the copy would fill the filesystem under the mount point) until it
+    is back, or the operator removes the cache file to replicate into it anew."""
+    path, root = cache_path(state_dir, folder), os.path.abspath(root)
+    try:
+        with open(path, "rb") as fh:
+            head, held = orjson.loads(fh.readline()), bool(fh.readline().strip())
+    except (OSError, ValueError):  # none, or not one (load() says so when it is read)
+        return ""
+    if not (isinstance(head, dict) and head.get("root") == root and held):
+        return ""
+    undo = f"mount it, or remove {path} to replicate into it anew"
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        return (f"it is missing, though this node held files in it (a disk not mounted?); "
+                f"not made again: {undo}")
+    except OSError:
+        return ""  # what opening it says is the better reason
+    if st.st_dev != head.get("dev") and not any(True for _ in _listing(root)):
+        return (f"it is empty and on another device than when this node held files in it (a "
+                f"disk not mounted?): {undo}")
+    return ""
+
+
+def _listing(root: str) -> Iterator[str]:
+    try:
+        with os.scandir(root) as it:
+            yield from (e.name for e in it)
+    except OSError:
+        return
 
 
 def _root_dev(root: str) -> int | None:

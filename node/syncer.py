@@ -43,7 +43,7 @@ from .deletions import GUARD_MIN_FILES, StrictDeletions  # noqa: F401  (re-expor
 from .entries import KEPT, FileEntry, same_entry, shared_values
 from .fileevents import FileEvents
 from .filters import Filter
-from .hashstore import CacheKeeper
+from .hashstore import CacheKeeper, vanished
 from .index import FolderMissing, HashCache, keep_unreadable, scan_folder
 from .journal import Agreed
 from .pending import RETRY_ERROR, Pending
@@ -458,7 +458,10 @@ class Syncer:
 
 
 def open_writer(name: str, path: Path, state_dir: Path) -> tuple[FolderWriter, int]:
-    """The writer of a folder, and how many temp files an interrupted sync left (removed)."""
+    """The writer of a folder, and how many temp files an interrupted sync left (removed).
+    ValueError when the folder looks like a disk not mounted (hashstore.vanished)."""
+    if why := vanished(state_dir, name, str(path)):
+        raise ValueError(why)
     # trash and conflict copies go under <stamp>/<folder>/: two folders may both hold a
     # config.ini, and the operator must see which one a copy came from
     w = FolderWriter(path, state_dir / "tmp" / name, state_dir / "trash",

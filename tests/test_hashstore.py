@@ -415,3 +415,30 @@ def test_the_cache_holds_an_equal_entry_kept_elsewhere_instead_of_its_own(tmp_pa
     assert not cache.swap(held, same)  # it holds something else for that path now
     st = (root / path).stat()
     assert cache.lookup(path, st) is same
+
+
+def test_a_folder_that_looks_like_a_disk_not_mounted_is_named_by_its_cache(tmp_path):
+    """hashstore.vanished: the folder this node held files in (its cache says so, for this
+    very path) is missing, or empty on another device than then: both what a disk not mounted
+    looks like. Anything else is not its business."""
+    root, cache, path = scanned(tmp_path, 4)
+    state = tmp_path / "state"
+    assert save(path, str(root), cache) == 4
+    assert hashstore.vanished(state, "docs", str(root)) == ""  # there, files in it
+    assert hashstore.vanished(state, "other", str(root)) == ""  # no cache for that folder
+    assert hashstore.vanished(state, "docs", str(tmp_path / "moved")) == ""  # another path
+    for f in sorted(root.rglob("*"), reverse=True):
+        f.unlink() if f.is_file() else f.rmdir()
+    assert hashstore.vanished(state, "docs", str(root)) == ""  # emptied, the same device
+    head, *rest = path.read_bytes().splitlines(keepends=True)
+    dev = orjson.loads(head)["dev"]
+    path.write_bytes(orjson.dumps({**orjson.loads(head), "dev": dev + 1}) + b"\n" + b"".join(rest))
+    assert "empty and on another device" in hashstore.vanished(state, "docs", str(root))
+    (root / "back.txt").write_text("not empty\n")
+    assert hashstore.vanished(state, "docs", str(root)) == ""  # on another device, not empty
+    (root / "back.txt").unlink()
+    root.rmdir()
+    why = hashstore.vanished(state, "docs", str(root))
+    assert "missing" in why and str(path) in why, why
+    save(path, str(root), HashCache())  # a cache of no files: nothing was held
+    assert hashstore.vanished(state, "docs", str(root)) == ""
