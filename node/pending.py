@@ -81,6 +81,9 @@ class Pending:
         them all again and again). What the probe cannot tell is fetched as before."""
         if not entries or not any(f == name for f, _ in self.failing):
             return False
+        if writer.replaced():
+            self.replaced(name, writer.root, entries)
+            return True
         try:
             writer.new_temp(entries[0]["path"]).abort()
         except PathError:
@@ -91,6 +94,25 @@ class Pending:
             self._local_error(f"{name}/{entries[0]['path']}: {exc}")
             return True
         return False
+
+    def replaced(self, name: str, root: Path, entries: list[dict]) -> None:
+        """The folder is no longer the one the writer opened (FolderWriter.replaced): nothing
+        is written or deleted there; its changes wait for it to be back, said once."""
+        if not entries:  # deletions only: the next snapshot works them out again
+            log.warning("folder %s (%s) is no longer the folder this node opened: deletions "
+                        "not applied there", name, root)
+            return
+        for e in entries:
+            self.pend(name, e)
+        kind = (name, "replaced")
+        if kind not in self.failing:
+            self.failing.add(kind)
+            log.error("folder %s (%s) is no longer the folder this node opened (a disk "
+                      "unmounted under it, or the folder moved away): nothing is written there "
+                      "until it is back; restart the node to take a new folder there on", name,
+                      root)
+        self._local_error(f"folder {name} ({root}) is no longer the folder this node opened "
+                          f"(a disk unmounted?)")
 
     def superseded(self, name: str, path: str) -> None:
         """A newer entry for the path has come: the pending one is dropped."""

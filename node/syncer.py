@@ -410,6 +410,9 @@ class Syncer:
                local: dict[str, dict], stamp: str, seq: int,
                files_here: int | None = None) -> None:
         writer = self.writers[name]
+        if writer.replaced():
+            self.pending.replaced(name, writer.root, changes)
+            return
         agreed: list[tuple[str, str, str | None]] = []
         fetch: list[dict] = []
         # folders first, each group in path order; keyed by the path strings themselves (a

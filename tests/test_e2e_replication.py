@@ -861,6 +861,34 @@ def test_a_read_only_folder_on_the_secondary_is_logged_once_not_at_every_retry(m
     wait_for(lambda: not replication(beta).get("error"), 10, "the error cleared")
 
 
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and tmpfs (root)")
+def test_a_disk_unmounted_under_a_running_secondary_gets_nothing_written_beneath(make_pair):
+    """beta's folder is a disk (a tmpfs here) that goes away while beta runs (umount -l): its
+    path is then the mount point's folder on the disk beneath. beta used to write the next
+    files there, filling that filesystem; now it writes nothing there, says once why, keeps
+    the files pending with the reason in its status, and calls it no stall of the link."""
+    pair = make_pair()
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    beta = pair.nodes["beta"] = pair.beta = TmpfsNodeProc(pair.beta.config, b, "8m")
+    write(a / "old.txt", "on the disk\n")
+    started(pair)
+    bb = beta.inside(b)
+    wait_equal(a, bb, 15, "the first sync")
+    res = subprocess.run(["nsenter", "-t", str(beta.pid), "-m", "umount", "-l", str(b)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert not (bb / "old.txt").exists()  # the mount point's own folder now
+    write(a / "new.txt", "written while beta's disk is away\n")
+    st = wait_for(lambda: (r := replication(beta)) and "no longer the folder" in r.get(
+        "error", "") and r.get("pending_files") and r, 15, "the reason in beta's status")
+    assert st["synced"] is False, st
+    assert sorted(p.name for p in bb.iterdir()) == [], "beta wrote beneath the mount point"
+    said = [line for line in beta.log.read_text().splitlines()
+            if "no longer the folder this node opened" in line]
+    assert len(said) == 1, said
+    assert "replication stalled" not in beta.log.read_text(), beta.tail_log()
+
+
 def test_a_restarted_primary_waits_for_its_new_snapshot_before_it_hands_over(make_pair):
     """A primary restarted under a secondary that keeps following numbers its manifests from 0
     again, while the secondary's `applied` still counts the old run until the new snapshot is

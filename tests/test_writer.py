@@ -682,3 +682,25 @@ def test_big_temp_file_is_written_back_early_and_still_exact(writer, monkeypatch
     assert Path(writer.root, "big.bin").read_bytes() == data
     assert calls and calls[0][0] == 0  # contiguous ranges from the start, never overlapping
     assert all(a[0] + a[1] == b[0] for a, b in zip(calls, calls[1:], strict=False))
+
+
+def test_a_writer_knows_when_its_folder_is_no_longer_the_one_it_opened(tmp_path):
+    """FolderWriter.replaced: a folder moved away and another made at its path (what a disk
+    unmounted under a running node looks like, its mount point left) is not the writer's; the
+    same folder moved back is."""
+    from sbs.node.writer import FolderWriter
+
+    root = tmp_path / "docs"
+    w = FolderWriter(root, tmp_path / "state/tmp/docs", tmp_path / "state/trash",
+                     tmp_path / "state/conflicts")
+    try:
+        assert not w.replaced()
+        root.rename(tmp_path / "docs.away")
+        assert w.replaced()  # missing
+        root.mkdir()
+        assert w.replaced()  # another folder at its path
+        root.rmdir()
+        (tmp_path / "docs.away").rename(root)
+        assert not w.replaced()
+    finally:
+        w.close()
