@@ -61,6 +61,10 @@ class Scanner:
         self.folders = {n: (str(f.path), Filter(f.filters)) for n, f in folders.items()}
         self.jobs: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.caches = {n: HashCache() for n in folders}  # one per folder: keyed by relpath
+        # each folder's (device, inode) while its index holds entries, and the folders found
+        # to be another since (replaced: a disk unmounted under the node)
+        self.root_ids: dict[str, tuple[int, int]] = {}
+        self.replaced: set[str] = set()
         self._stopping = threading.Event()
         # stop(finish_loading=True): the caches being loaded are loaded whole before the thread
         # ends, for the syncer to take on (loaded_cache) instead of reading them again
@@ -240,6 +244,8 @@ class Scanner:
                 continue
             if touched is not None:
                 touched.setdefault(name, set()).update(paths)
+            if self._root_replaced(pipe, name, root):
+                continue
             try:
                 changes = scan_paths(root, filt, self.caches[name], self.index[name], paths)
             except FolderMissing:
@@ -285,6 +291,8 @@ class Scanner:
         unreadable: dict[str, list[str]] = {}
         for name, (root, filt) in self.folders.items():
             skipped: list[str] = []
+            if self._root_replaced(pipe, name, root):
+                continue
             self._walking = True
             self.caches[name].unreplicable.clear()  # what the walk finds again is kept
             try:
@@ -333,6 +341,32 @@ class Scanner:
             log.info("first scan: %d file(s), %d read and hashed, %d known from the hash "
                      "cache (%.2f s)", files, read, max(0, files - read), time.monotonic() - t0)
 
+    def _root_replaced(self, pipe: zmq.Socket, name: str, root: str) -> bool:
+        """Is the folder at root another than the one its index was made from (a disk
+        unmounted under the node, its mount point left, empty)? It is not scanned then: an
+        empty mount point is not "everything was deleted", as a missing folder is not. Said
+        once, and again when it is back. A folder that holds nothing yet is taken as it is."""
+        try:
+            st = os.stat(root)
+        except OSError:
+            return False  # missing or unreadable: the scan says so
+        now = (st.st_dev, st.st_ino)
+        if not self.index.get(name) or self.root_ids.setdefault(name, now) == now:
+            self.root_ids[name] = now
+            if name in self.replaced:
+                self.replaced.discard(name)
+                log.warning("folder %s (%s) is the folder it was again: replicating it", name,
+                            root)
+            return False
+        if name not in self.replaced:
+            self.replaced.add(name)
+            why = (f"folder {name} ({root}) is no longer the folder this node scanned (a disk "
+                   f"unmounted under it?): not replicating it, nor its files as deleted, until "
+                   f"it is back; restart the node to take a new folder there on")
+            log.error("%s", why)
+            pipe.send_multipart([b"error", why.encode()])
+        return True
+
     def _rolling_scan(self, pipe: zmq.Socket) -> None:
         """One slice of the rolling rescan (Rotation): the directories least recently looked
         at, each listed and its entries lstat'ed against the index, nothing deeper."""
@@ -340,9 +374,13 @@ class Scanner:
         total = sum(len(ix) for ix in self.index.values())
         delta: dict[str, list[dict]] = {}
         slice_ = self.rotation.take(now, total)
+        replaced = {n for n, (root, _) in self.folders.items()
+                    if self._root_replaced(pipe, n, root)}
         for name, rel in slice_:
             if name not in self.folders:
                 self.rotation.forget(name, rel)
+                continue
+            if name in replaced:
                 continue
             root, filt = self.folders[name]
             index = self.index[name]

@@ -889,6 +889,39 @@ def test_a_disk_unmounted_under_a_running_secondary_gets_nothing_written_beneath
     assert "replication stalled" not in beta.log.read_text(), beta.tail_log()
 
 
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and tmpfs (root)")
+def test_a_disk_unmounted_under_the_primary_is_not_published_as_deleted(make_pair):
+    """alpha's folder is a disk (a tmpfs here) that goes away while alpha runs (umount -l):
+    its path is then the mount point's empty folder. alpha used to publish every file as
+    deleted at its next rescan, and a strict beta (5 files: under the guard's 20) moved its
+    copies, perhaps the only ones left, to the trash. alpha now says the folder is not the one
+    it scanned and publishes nothing of it; beta keeps everything."""
+    pair = make_pair(node={"strict": "true"})
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    alpha = pair.nodes["alpha"] = pair.alpha = TmpfsNodeProc(pair.alpha.config, a, "8m")
+    alpha.start()
+    alpha.wait_state("primary")
+    aa = alpha.inside(a)
+    for n in range(5):
+        write(aa / f"f{n}.txt", f"file {n}\n")
+    pair.beta.start()
+    pair.beta.wait_state("secondary")
+    wait_equal(aa, b, 15, "the first sync")
+    res = subprocess.run(["nsenter", "-t", str(alpha.pid), "-m", "umount", "-l", str(a)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert not (aa / "f0.txt").exists()  # the mount point's own folder now
+    wait_for(lambda: "no longer the folder this node scanned" in alpha.log.read_text(), 20,
+             "alpha to find its folder is not the one it scanned")
+    # that was the rescan that published the deletions; whatever alpha has published since,
+    # beta has applied, and alpha's index still holds the five files
+    st = wait_for(lambda: (r := replication(alpha)) and r.get("lag_manifests") == 0 and r, 10,
+                  "beta to have applied all alpha published")
+    assert st["folders"] == {"docs": 5}, st
+    assert sorted(p.name for p in b.iterdir()) == [f"f{n}.txt" for n in range(5)]
+    assert not (pair.root / "state" / "beta" / "trash").exists()
+
+
 def test_a_restarted_primary_waits_for_its_new_snapshot_before_it_hands_over(make_pair):
     """A primary restarted under a secondary that keeps following numbers its manifests from 0
     again, while the secondary's `applied` still counts the old run until the new snapshot is
