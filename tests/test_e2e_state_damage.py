@@ -1,0 +1,58 @@
+"""A damaged state_dir: a file of the node's own holds JSON of the wrong shape, or a folder
+stands where a file should. The node starts and says in its log which file it could not use
+and why; it never ends with a traceback (a supervisor would restart it into the same crash)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.test_e2e_replication import replication, started, wait_equal, write
+
+
+def damage(state: Path, name: str, content: str | None) -> None:
+    """state/name holds `content`, or is a folder (content None)."""
+    state.mkdir(parents=True, exist_ok=True)
+    if content is None:
+        (state / name).mkdir()
+        (state / name / "stray").write_text("a folder where the node keeps a file\n")
+    else:
+        (state / name).write_text(content)
+
+
+def no_traceback(node) -> str:
+    log = node.log.read_text(errors="replace")
+    assert "Traceback" not in log, node.tail_log(40)
+    return log
+
+
+@pytest.mark.parametrize("name, content, said", [
+    ("node.json", "[5, 7]", "node.json: a JSON list, not an object"),
+    ("pair.json", '["docs"]', "pair.json: a JSON list, not an object"),
+    ("pair.json", '{"folders": ["docs"], "sentinels": "idle", "active": 3, "sv": "x"}',
+     "pair.json: ignoring folders (not an object), sentinels (not an object), active (not a list)"),
+    ("maintenance.json", '{"on": "yes", "at": 1, "by": "alpha"}',
+     "maintenance.json: not a maintenance record"),
+])
+def test_a_state_file_of_the_wrong_shape_is_named_and_the_node_runs(make_pair, name, content,
+                                                                    said):
+    pair = make_pair()
+    damage(pair.root / "state" / "alpha", name, content)
+    write(pair.folder("alpha") / "f.txt", "replicated all the same\n")
+    started(pair)
+    wait_equal(pair.folder("alpha"), pair.folder("beta"))
+    assert replication(pair.beta)["synced"] is True
+    assert said in no_traceback(pair.alpha), pair.alpha.tail_log(40)
+
+
+def test_a_node_json_with_a_bad_epoch_keeps_the_highest_epoch_it_can_read(make_pair):
+    """node.json's epoch is not a number, its max_seen_epoch is: the node's next term is still
+    numbered above every primary it has seen (an old primary coming back must lose the rule)."""
+    pair = make_pair()
+    damage(pair.root / "state" / "alpha", "node.json",
+           '{"epoch": "seven", "max_seen_epoch": 7, "last_role": "primary"}')
+    pair.alpha.start()
+    st = pair.alpha.wait_state("primary")
+    assert st["epoch"] == 8, st
+    log = no_traceback(pair.alpha)
+    assert "node.json: ignoring epoch (not an integer)" in log, pair.alpha.tail_log(40)
