@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.pair import wait_for
 from tests.test_e2e_replication import replication, started, wait_equal, write
 
 
@@ -33,6 +34,7 @@ def no_traceback(node) -> str:
      "pair.json: ignoring folders (not an object), sentinels (not an object), active (not a list)"),
     ("maintenance.json", '{"on": "yes", "at": 1, "by": "alpha"}',
      "maintenance.json: not a maintenance record"),
+    ("agreed.jsonl", None, "agreed.jsonl: cannot read it"),
 ])
 def test_a_state_file_of_the_wrong_shape_is_named_and_the_node_runs(make_pair, name, content,
                                                                     said):
@@ -56,3 +58,19 @@ def test_a_node_json_with_a_bad_epoch_keeps_the_highest_epoch_it_can_read(make_p
     assert st["epoch"] == 8, st
     log = no_traceback(pair.alpha)
     assert "node.json: ignoring epoch (not an integer)" in log, pair.alpha.tail_log(40)
+
+
+def test_an_agreed_journal_that_is_a_folder_is_not_trusted_and_shown(make_pair):
+    """agreed.jsonl cannot be read or written (a folder stands there): the node starts with
+    an empty journal (more conflict copies, never fewer), keeps it in memory and shows the
+    failing write in its status."""
+    pair = make_pair()
+    damage(pair.root / "state" / "beta", "agreed.jsonl", None)
+    started(pair)
+    write(pair.folder("alpha") / "f.txt", "replicated all the same\n")
+    wait_equal(pair.folder("alpha"), pair.folder("beta"))
+    st = wait_for(lambda: (s := pair.beta.status(1.0)) and "agreed.jsonl" in s["state_writes"]
+                  and s, 10, "the failing journal in beta's status")
+    assert "Is a directory" in st["state_writes"]["agreed.jsonl"]["error"], st
+    log = no_traceback(pair.beta)
+    assert "agreed.jsonl: cannot read it" in log and "starts empty" in log, pair.beta.tail_log()
