@@ -99,6 +99,12 @@ class Node:
         self.reports = Reports(self)
         self.sentinels = Sentinels(self.state_dir, on_event=self._sentinel_event,
                                    guard_kill_after=guard_kill_after(cfg))
+        # before anything configures the sentinels: that rewrites the pid file, and what a
+        # previous run left running would be forgotten, not killed
+        killed = self.sentinels.cleanup_leftovers()
+        if killed:
+            log.warning("killed %d leftover sentinel process(es) of a previous run: %s",
+                        len(killed), killed)
         self.writes.extra["sentinels.pids.json"] = lambda: self.sentinels.pids_error
         self.writes.extra["agreed.jsonl"] = lambda: self.agreed.write_error
         self.lists = PairLists(cfg, self.sentinels, self.writes)
@@ -107,10 +113,6 @@ class Node:
         self.reload_requested = 0
         self.folders: dict[str, FolderConfig] = self.lists.pushed_folders()
         self.lists.load_sentinels(own=True)
-        killed = self.sentinels.cleanup_leftovers()
-        if killed:
-            log.warning("killed %d leftover sentinel process(es) of a previous run: %s",
-                        len(killed), killed)
 
         self.ctx = zmq.Context()
         set_heartbeats(self.ctx, cfg.heartbeat, cfg.dead_after)  # a dead link is dropped, remade

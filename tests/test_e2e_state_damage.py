@@ -3,6 +3,9 @@ stands where a file should. The node starts and says in its log which file it co
 and why; it never ends with a traceback (a supervisor would restart it into the same crash)."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,32 @@ def test_an_agreed_journal_that_is_a_folder_is_not_trusted_and_shown(make_pair):
     assert "Is a directory" in st["state_writes"]["agreed.jsonl"]["error"], st
     log = no_traceback(pair.beta)
     assert "agreed.jsonl: cannot read it" in log and "starts empty" in log, pair.beta.tail_log()
+
+
+
+@pytest.mark.parametrize("others", [[], [7, "x"]], ids=["clean", "entries_not_objects"])
+def test_the_leftover_a_previous_run_recorded_is_killed_at_start(make_pair, others):
+    """sentinels.pids.json of this boot names a sentinel a previous run left running (node and
+    guard killed together): the node kills it as it starts, or the same service runs twice.
+    With entries that are not objects beside it, those are named in the log and skipped."""
+    from sbs.node.proctree import boot_id
+    from sbs.node.sentinelpids import PIDS_FILE, start_ticks
+
+    pair = make_pair()
+    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            start_new_session=True)
+    try:
+        ticks = wait_for(lambda: start_ticks(left.pid), 5, "the leftover's start time")
+        good = {"name": "left", "pid": left.pid, "start_ticks": ticks, "group": True}
+        damage(pair.root / "state" / "alpha", PIDS_FILE, json.dumps(
+            {"node_pid": 1, "boot_id": boot_id(), "children": [*others, good]}))
+        pair.alpha.start()
+        pair.alpha.wait_state("primary")
+        wait_for(lambda: left.poll() is not None, 10, "the leftover to be killed")
+    finally:
+        left.kill()
+        left.wait(5)
+    log = no_traceback(pair.alpha)
+    assert f"killed leftover sentinel left (pid {left.pid})" in log, pair.alpha.tail_log()
+    if others:
+        assert f"{PIDS_FILE}: ignoring 2 entries that are not objects" in log, pair.alpha.tail_log()
