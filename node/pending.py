@@ -34,6 +34,7 @@ class Pending:
         # (0 while a snapshot is incomplete)
         self.since_seq: int | None = None
         self.error = ""
+        self.error_of: Key | None = None  # the pending file `error` is about, if it is one
         self.no_room: set[Key] = set()  # found no room at their last try: waiting won't help
         self.unserved: set[Key] = set()  # the primary has them but cannot serve them (logged)
         self.disk_full: set[str] = set()  # folders whose full disk was logged
@@ -59,7 +60,7 @@ class Pending:
         self.files.clear()
         self.no_room.clear()
         self.since_seq = None
-        self.error = ""
+        self.error, self.error_of = "", None
 
     def take(self) -> dict[str, list[dict]]:
         """Everything pending, by folder, to be tried again (what fails again comes back)."""
@@ -68,7 +69,7 @@ class Pending:
             by_folder.setdefault(name, []).append(e)
         self.files.clear()
         self.no_room.clear()
-        self.error = ""
+        self.error, self.error_of = "", None
         return by_folder
 
     def still_failing(self, name: str, writer: Any, entries: list[dict]) -> bool:
@@ -85,14 +86,23 @@ class Pending:
         except OSError as exc:
             for e in entries:
                 self.files[(name, e["path"])] = e
-            self.error = self.error or f"{name}/{entries[0]['path']}: {exc}"
+            self._say(name, entries[0]["path"], f"{name}/{entries[0]['path']}: {exc}")
             return True
         return False
 
     def superseded(self, name: str, path: str) -> None:
-        """A newer entry for the path has come: the pending one is dropped."""
+        """A newer entry for the path has come: the pending one is dropped, and what went
+        wrong with it is over (a file the primary replaced by a folder before it could serve
+        it would otherwise keep the status' error, and "not synced", until a snapshot)."""
         self.files.pop((name, path), None)
         self.no_room.discard((name, path))
+        if self.error_of == (name, path):
+            self.error, self.error_of = "", None
+
+    def _say(self, name: str, path: str, error: str) -> None:
+        """`error` about the pending file name/path is the status' error, unless one is."""
+        if not self.error:
+            self.error, self.error_of = error, (name, path)
 
     def pend(self, name: str, e: dict, *, no_room: bool = False) -> None:
         """Keep e to apply later, remembering whether it failed for lack of room (stuck)."""
@@ -110,8 +120,7 @@ class Pending:
             self.unserved.add((name, path))
             log.warning("the primary cannot serve %s/%s: %s (asked again every %.0f s)", name,
                         path[:200], why[:200], RETRY_ERROR)
-        self.error = (self.error
-                      or f"{name}/{path[:200]}: the primary cannot serve it: {why[:200]}")
+        self._say(name, path, f"{name}/{path[:200]}: the primary cannot serve it: {why[:200]}")
 
     def failed(self, name: str, e: dict, exc: BaseException, root: Path) -> None:
         """Applying e to folder name (at root) failed: pending, refused, or waiting behind the
@@ -122,7 +131,7 @@ class Pending:
                 self.disk_full.add(name)
                 log.error("disk full in folder %s writing %s: keeping the old copy; will retry",
                           name, e["path"])
-            self.error = f"disk full in folder {name} ({root})"
+            self.error, self.error_of = f"disk full in folder {name} ({root})", None
             self.emit("disk_full", folder=name, path=e["path"], error=self.error)
         elif isinstance(exc, PathError) and folder_above_pending(self.files, name, e["path"]):
             # what is in the way (an old file where the primary now has a folder) is itself
@@ -140,7 +149,7 @@ class Pending:
                 log.warning("could not apply %s/%s: %s (other files of %s failing alike are "
                             "not logged again while it has files pending)", name, e["path"],
                             exc, name)
-            self.error = self.error or f"{name}/{e['path']}: {exc}"
+            self._say(name, e["path"], f"{name}/{e['path']}: {exc}")
 
     def settle(self) -> None:
         """Before a report: a full disk no longer in the way is said to be over, and what

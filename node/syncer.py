@@ -170,6 +170,7 @@ class Syncer:
                 except Exception as exc:  # keep following; report what went wrong
                     log.exception("sync job %s failed", job[0])
                     self.pending.error = f"{job[0]} failed: {exc}"
+                    self.pending.error_of = None  # about no one file
                     self._report(snapshot=False)
         finally:
             self.transfer.close()
