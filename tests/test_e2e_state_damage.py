@@ -106,3 +106,17 @@ def test_the_leftover_a_previous_run_recorded_is_killed_at_start(make_pair, othe
     assert f"killed leftover sentinel left (pid {left.pid})" in log, pair.alpha.tail_log()
     if others:
         assert f"{PIDS_FILE}: ignoring 2 entries that are not objects" in log, pair.alpha.tail_log()
+
+
+def test_a_state_dir_that_is_a_file_is_a_configuration_error(make_pair):
+    """[node] state_dir names a file: the node cannot keep anything there. It refuses to start
+    with exit 2 (a supervisor does not restart it into the same failure) and one line naming
+    the file, the section and the key; it used to end with a FileExistsError traceback."""
+    pair = make_pair()
+    state = pair.root / "state" / "alpha"
+    state.parent.mkdir(parents=True)
+    state.write_text("a file where the node keeps its state\n")
+    pair.alpha.start()
+    assert pair.alpha.wait_exit(20) == 2, pair.alpha.tail_log()
+    log = no_traceback(pair.alpha)
+    assert f"[node] state_dir: {state} is not a folder" in log, log
