@@ -20,6 +20,9 @@ from .writer import HashMismatch, PathError
 # how soon pending files are tried again: a file that changed in flight soon, after an error
 # (a full or failing disk, a file the primary cannot read) less often
 RETRY, RETRY_ERROR = 0.3, 2.0
+# fetches of one entry whose content missed its hash before that is an error, not a change in
+# flight (whose next manifest replaces the entry)
+MISMATCHES = 3
 
 log = logging.getLogger("sbs.syncer")
 
@@ -37,6 +40,7 @@ class Pending:
         self.error_of: Key | None = None  # the pending file `error` is about, if it is one
         self.no_room: set[Key] = set()  # found no room at their last try: waiting won't help
         self.unserved: set[Key] = set()  # the primary has them but cannot serve them (logged)
+        self.mismatched: dict[Key, tuple[str, int]] = {}  # (the entry's hash, fetches missed)
         self.disk_full: set[str] = set()  # folders whose full disk was logged
         # (folder, errno) of other write errors logged: a read-only or failing disk fails
         # every file again at each retry
@@ -142,7 +146,9 @@ class Pending:
             self.files.pop((name, e["path"]), None)  # hostile or impossible: never retry
             log.warning("refused %s/%s: %s", name, e["path"][:200], exc)
             self.emit("refused", folder=name, path=e["path"][:200], reason=str(exc))
-        elif not isinstance(exc, HashMismatch):
+        elif isinstance(exc, HashMismatch):
+            self._missed(name, e)
+        else:
             kind = (name, getattr(exc, "errno", None) or type(exc).__name__)
             if kind not in self.failing:
                 self.failing.add(kind)
@@ -164,6 +170,24 @@ class Pending:
             waiting = {name for name, _ in self.files}
             self.failing = {f for f in self.failing if f[0] in waiting}
         self.unserved &= self.files.keys()
+        if self.mismatched:
+            self.mismatched = {k: v for k, v in self.mismatched.items() if k in self.files}
+
+    def _missed(self, name: str, e: dict) -> None:
+        """The content fetched for e did not have e's hash. Once is a change in flight; again
+        and again for the same entry, the primary's hash is wrong: said, and asked less often."""
+        key, want = (name, e["path"]), e.get("hash", "")
+        was, times = self.mismatched.get(key, (want, 0))
+        times = times + 1 if was == want else 1
+        self.mismatched[key] = (want, times)
+        if times == MISMATCHES:
+            log.warning("%s/%s: the content the primary sends never has the hash its manifest "
+                        "gives (%s, %d fetches): it keeps its copy as it was and asks again "
+                        "every %.0f s (is the primary's hash cache, state_dir/hashes, damaged?)",
+                        name, e["path"][:200], want, times, RETRY_ERROR)
+        if times >= MISMATCHES:
+            self._say(name, e["path"], f"{name}/{e['path'][:200]}: the content the primary "
+                      f"sends does not match its hash {want}")
 
     def stuck(self, roots: Mapping[str, Any]) -> str:
         """Why nothing pending can be applied by waiting, or "" (stuck_on_room). A primary's
