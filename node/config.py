@@ -242,6 +242,8 @@ def load(file: Path | str) -> Config:
             "dead_after", f"{dead_after} must be at least twice heartbeat ({heartbeat})"
         )
     state_dir = node.path("state_dir", base, f".sbs/{name}")
+    if state_dir.exists() and not state_dir.is_dir():
+        raise node.error("state_dir", f"{state_dir} is not a folder")
 
     sec = _Section(parser, file, "security")
     _reject_unknown(sec, {"curve", "secret_key", "peer_public_key", "pin_sentinels"})

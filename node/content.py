@@ -74,6 +74,10 @@ def open_nofollow(root: str, relpath: str, dirs: dict[tuple, int] | None = None)
             keep = True
     try:
         file_fd = os.open(parts[-1], _READ_FLAGS, dir_fd=fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a link now (its manifest follows), not a disk error
+            raise PathError("a symbolic link, not a regular file") from None
+        raise
     finally:
         if not keep:
             os.close(fd)

@@ -7,8 +7,11 @@ as secondary, rehashes its own before it can compare. With 100,000 small files t
 of CPU; with a terabyte it is hours of disk.
 
 One file per folder, ``state_dir/hashes/<folder>.jsonl``: a header line
-``{"v": 1, "root": ..., "dev": ...}``, then one line per file ``[path, size, mtime_ns, mode,
-hash, ino, ctime_ns]``. It is only a hint: an entry is used when the file's size, mtime, inode
+``{"v": 2, "root": ..., "dev": ...}``, then one line per file, ``CRC [path, size, mtime_ns,
+mode, hash, ino, ctime_ns]``: the CRC-32 of the JSON array in hex, so that a line damaged on
+disk (one digit of a hash changed) is skipped, not trusted: a wrong hash whose stat still
+matched was served in every manifest, and that file never reached the secondary.
+It is only a hint: an entry is used when the file's size, mtime, inode
 and ctime are all still the ones it was hashed at (HashCache.lookup), and the kernel sets the
 ctime on every change of content or metadata, so a file changed while the node was down (even
 one whose size and mtime were put back) is read again. Entries are stored only once their ctime
@@ -36,6 +39,7 @@ import os
 import re
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -46,7 +50,7 @@ from .index import RACY_NS, HashCache
 
 log = logging.getLogger("sbs.hashstore")
 
-FORMAT = 1
+FORMAT = 2
 SAVE_EVERY = 300.0  # seconds: a trickle of changes costs one rewrite per this
 BIG = 64  # changed entries (and a tenth of the cache) that make a save due at once
 _LINES = 2000  # lines per write: the file is never built whole in memory
@@ -150,7 +154,10 @@ def load(path: Path, root: str, stopping: Callable[[], bool] = lambda: False) ->
                 if n % YIELD_LINES == 0:
                     time.sleep(0)  # let the node loop have the GIL (YIELD_LINES)
                 try:
-                    p, size, mtime, mode, h, ino, ctime = orjson.loads(line)
+                    crc, _, body = line.partition(b" ")
+                    if int(crc, 16) != zlib.crc32(body.rstrip(b"\n")):
+                        raise ValueError
+                    p, size, mtime, mode, h, ino, ctime = orjson.loads(body)
                     if not (type(p) is str and p and type(h) is str and _HASH.fullmatch(h)
                             and type(size) is int and type(mtime) is int and type(ino) is int
                             and type(ctime) is int and type(mode) is int
@@ -166,8 +173,14 @@ def load(path: Path, root: str, stopping: Callable[[], bool] = lambda: False) ->
         except OSError as exc:
             log.warning("hash cache %s read in part: %s", path, exc)
     if bad:
-        log.warning("hash cache %s: %d line(s) skipped (not a cache entry)", path, bad)
+        log.warning("hash cache %s: %d line(s) skipped (not a cache entry, or damaged)", path,
+                    bad)
     return cache
+
+
+def cache_line(body: bytes) -> bytes:
+    """One entry's line (without its newline): the CRC-32 of its JSON array, then the array."""
+    return b"%08x %s" % (zlib.crc32(body), body)
 
 
 def save(path: Path, root: str, cache: HashCache,
@@ -193,8 +206,8 @@ def save(path: Path, root: str, cache: HashCache,
             lines: list[bytes] = []
             for e in items.values():
                 key = e.cache_key
-                lines.append(dumps([e.path, e.size, e.mtime_ns, e.mode, e.hash, key >> 64,
-                                    key & 0xFFFF_FFFF_FFFF_FFFF]))
+                lines.append(cache_line(dumps([e.path, e.size, e.mtime_ns, e.mode, e.hash,
+                                               key >> 64, key & 0xFFFF_FFFF_FFFF_FFFF])))
                 if len(lines) >= _LINES:
                     fh.write(b"\n".join(lines) + b"\n")
                     lines.clear()

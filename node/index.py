@@ -25,7 +25,7 @@ from .entries import (
 )
 from .filters import Filter
 from .tree import TEMP_PREFIX, PathError, check_relpath, walk
-from .unreplicable import NAME, TARGET, Unreplicable, watched_bad
+from .unreplicable import NAME, TARGET, Unreplicable, special, watched_bad
 from .unreplicable import utf8_ok as _utf8_ok
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,9 @@ def _entry_from_stat(relpath: str, abspath: str, st: os.stat_result, filt: Filte
             return None
         cache.unreplicable.discard(relpath)  # retargeted
         return link_entry(relpath, st, target)
-    return None  # sockets, fifos, devices are not replicated
+    if filt.match(relpath) and (why := special(mode)) is not None:
+        cache.skip(relpath, abspath, why)  # never opened: a FIFO's open could block
+    return None
 
 
 def _relpath_ok(relpath: str) -> bool:

@@ -53,13 +53,24 @@ class Agreed:
         self.write_error = ""
         self.marker = self.path.with_name(self.path.name + ".open")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self._was_open_in_another_boot():
+        self._file: Any = None  # held open for appends; None while it cannot be opened
+        trusted = not self._was_open_in_another_boot() and self._load()
+        # a journal that cannot be opened or emptied (a folder stands there, a full disk) is a
+        # failed write: memory holds it, status shows it, rewrite() tries again
+        try:
             self._file = open(self.path, "ab")
-            self._compact()  # the file says what memory says: nothing
-        else:
-            self._load()
-            self._file = open(self.path, "ab")  # held open for appends
-        self._mark_open()
+            if not trusted:
+                self._compact()  # the file says what memory says: nothing
+        except OSError as exc:
+            self._write_failed(exc)
+        if not self.write_error:
+            self._mark_open()
+
+    def _write_failed(self, exc: OSError) -> None:
+        self.write_error = f"{self.path}: {exc}"
+        log.error("cannot write %s: %s (kept in memory, written again when it can be)",
+                  self.path, exc)
+        self._distrust()
 
     def _was_open_in_another_boot(self) -> bool:
         try:
@@ -101,11 +112,17 @@ class Agreed:
         except OSError as exc:
             log.error("cannot update %s: %s", self.marker, exc)
 
-    def _load(self) -> None:
+    def _load(self) -> bool:
+        """Read the file in; False when it cannot be read (not trusted: it starts empty)."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
-            return
+            return True
+        except OSError as exc:
+            log.error("%s: cannot read it (%s), so it is not trusted and starts empty; files "
+                      "here that differ from the primary's will be kept as conflict copies",
+                      self.path, exc)
+            return False
         complete = data.rfind(b"\n") + 1
         for line in data[:complete].split(b"\n")[:-1]:
             if line:
@@ -115,6 +132,7 @@ class Agreed:
             log.warning("%s: ignoring a torn last line (%d bytes)", self.path, len(data) - complete)
             with open(self.path, "r+b") as f:
                 f.truncate(complete)
+        return True
 
     def _apply_line(self, line: bytes) -> bool:
         try:
@@ -176,10 +194,7 @@ class Agreed:
                 if self._lines > 2 * len(self) + COMPACT_SLACK:
                     self._compact()
             except OSError as exc:
-                self.write_error = f"{self.path}: {exc}"
-                log.error("cannot write %s: %s (kept in memory, written again when it can be)",
-                          self.path, exc)
-                self._distrust()
+                self._write_failed(exc)
 
     def rewrite(self) -> bool:
         """After a failed write: write the whole journal out again. True when it is whole."""
@@ -214,14 +229,23 @@ class Agreed:
             tmp.unlink(missing_ok=True)  # a full disk: give the room back, the caller retries
             raise
         try:
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
         except OSError:
             pass  # what a failed append left in its buffer: the rewrite replaces it all
         try:
             os.replace(tmp, self.path)
             _fsync_dir(self.path.parent)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         finally:
-            self._file = open(self.path, "ab")  # appends go on whatever happened
+            try:
+                self._file = open(self.path, "ab")  # appends go on whatever happened
+            except OSError:
+                self._file = None
+        if self._file is None:
+            raise OSError(f"cannot open {self.path} for appends")
         log.debug("%s: compacted %d lines to %d", self.path, self._lines, live)
         self._lines = live
 
@@ -240,18 +264,20 @@ class Agreed:
     def close(self) -> None:
         """Flush and fsync the journal, then drop the marker: a clean close."""
         with self._lock:
-            if self._file.closed:
+            if self._file is not None and self._file.closed:
                 return
             try:
-                self._file.flush()
-                os.fsync(self._file.fileno())
+                if self._file is not None:
+                    self._file.flush()
+                    os.fsync(self._file.fileno())
                 clean = self.rewrite()  # a failed append (a full disk): one more try
             except OSError as exc:
                 log.error("cannot write %s on closing: %s", self.path, exc)
                 clean = False
             finally:
                 try:
-                    self._file.close()
+                    if self._file is not None:
+                        self._file.close()
                 except OSError:
                     clean = False
             try:

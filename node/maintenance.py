@@ -55,10 +55,19 @@ class Maintenance:
         self.path = state_dir / FILE
         self.node = node
         self.writes = writes  # the node's guarded writer: a failure is shown and retried
-        self.record = from_wire(persist.load(self.path, {})) or Record()
+        self.record = self._load()
         if self.record.on:
             log.warning("MAINTENANCE mode is on (switched on by %s at %s): no takeover, no "
                         "automatic hand-over", self.record.by, _clock(self.record.at))
+
+    def _load(self) -> Record:
+        saved = persist.load(self.path, {})
+        record = from_wire(saved)
+        if record is None and saved != {}:
+            # the peer's record, in every PING, is adopted when it is newer
+            log.error("ignoring %s: not a maintenance record (%s): maintenance is off here "
+                      "until switched on or told by the peer", self.path, str(saved)[:100])
+        return record or Record()
 
     @property
     def on(self) -> bool:

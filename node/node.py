@@ -59,6 +59,10 @@ __all__ = ["FsmFailure", "Node", "NodeError", "PeerLink"]
 
 log = logging.getLogger("sbs.node")
 
+# node.json's fields and their checks (node/persist.py load_doc)
+NODE_FIELDS = {"epoch": protocol.EPOCH, "max_seen_epoch": protocol.EPOCH,
+               "last_role": protocol.one_of("", "primary", "secondary")}
+
 
 class Node:
     def __init__(self, cfg: Config):
@@ -66,14 +70,18 @@ class Node:
         self.state_dir = cfg.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = secrets.token_hex(8)
-        saved = persist.load(self.state_dir / "node.json", {})
+        # what cannot be read counts as 0: an epoch too low only loses the rule, and the
+        # node's next term is numbered above every epoch it hears of from now on
+        saved = persist.load_doc(self.state_dir / "node.json", NODE_FIELDS, then=(
+            "a missing epoch counts as 0: this node loses the split-brain rule to a peer that "
+            "has been primary, and numbers its next term above every epoch it hears of"))
         # every state_dir write goes through this: a full state disk is logged, shown in
         # status and retried, never the end of the node
         self.writes = persist.Guarded()
-        self.epoch = int(saved.get("epoch", 0))
+        self.epoch = saved.get("epoch", 0)
         # kept on disk: a node restarted alone must still number its next term above every
         # primary it has seen, or an old primary coming back would win the split-brain rule
-        self.max_seen_epoch = max(self.epoch, int(saved.get("max_seen_epoch", 0)))
+        self.max_seen_epoch = max(self.epoch, saved.get("max_seen_epoch", 0))
         self.last_role = saved.get("last_role", "")
         self.sentinel_stop = SentinelStop(self)  # the actions that wait for it, if any
         self.state = S.STARTING
@@ -91,6 +99,12 @@ class Node:
         self.reports = Reports(self)
         self.sentinels = Sentinels(self.state_dir, on_event=self._sentinel_event,
                                    guard_kill_after=guard_kill_after(cfg))
+        # before anything configures the sentinels: that rewrites the pid file, and what a
+        # previous run left running would be forgotten, not killed
+        killed = self.sentinels.cleanup_leftovers()
+        if killed:
+            log.warning("killed %d leftover sentinel process(es) of a previous run: %s",
+                        len(killed), killed)
         self.writes.extra["sentinels.pids.json"] = lambda: self.sentinels.pids_error
         self.writes.extra["agreed.jsonl"] = lambda: self.agreed.write_error
         self.lists = PairLists(cfg, self.sentinels, self.writes)
@@ -99,10 +113,6 @@ class Node:
         self.reload_requested = 0
         self.folders: dict[str, FolderConfig] = self.lists.pushed_folders()
         self.lists.load_sentinels(own=True)
-        killed = self.sentinels.cleanup_leftovers()
-        if killed:
-            log.warning("killed %d leftover sentinel process(es) of a previous run: %s",
-                        len(killed), killed)
 
         self.ctx = zmq.Context()
         set_heartbeats(self.ctx, cfg.heartbeat, cfg.dead_after)  # a dead link is dropped, remade

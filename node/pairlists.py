@@ -13,19 +13,32 @@ from typing import Any
 
 from . import persist, protocol
 from .config import Config, FolderConfig
+from .listedits import stamp_from
 from .security import pinned_sentinels
 from .sentinels import Sentinels
 from .tree import PathError, check_abspath
 
 log = logging.getLogger("sbs.node")
 
+# pair.json's fields and their checks (node/persist.py load_doc): the snapshot's own, and the
+# stamp, fingerprint and peer generation of node/listedits.py
+PAIR_FIELDS = {
+    "folders": protocol.FOLDERS, "paths": protocol.dict_of(protocol.s(4096), 1000),
+    "sentinels": protocol.SENTINEL_DEFS, "active": protocol.ACTIVE, "sv": protocol.SEQ,
+    "peer_gen": protocol.SEQ, "own_fp": protocol.s(64),
+    "lists": lambda v: None if stamp_from(v) else "not a stamp",
+}
+
 
 class PairLists:
     def __init__(self, cfg: Config, sentinels: Sentinels, writes: persist.Guarded):
         self.cfg, self.sentinels, self.writes = cfg, sentinels, writes
         self.path = cfg.state_dir / "pair.json"
-        self.pair: dict[str, Any] = persist.load(self.path, {})  # the pair's folders/sentinels
-        self.sv = int(self.pair.get("sv", 0))  # sentinel list version
+        # the pair's folders/sentinels; a field that is not usable is as if never received
+        self.pair: dict[str, Any] = persist.load_doc(self.path, PAIR_FIELDS, then=(
+            "this node runs its own sbs.ini's lists for what is missing until the pair's "
+            "come from the peer"))
+        self.sv = self.pair.get("sv", 0)  # sentinel list version
 
     def own_folders(self) -> dict[str, FolderConfig]:
         return {f.name: f for f in self.cfg.folders}

@@ -20,6 +20,9 @@ from .writer import HashMismatch, PathError
 # how soon pending files are tried again: a file that changed in flight soon, after an error
 # (a full or failing disk, a file the primary cannot read) less often
 RETRY, RETRY_ERROR = 0.3, 2.0
+# fetches of one entry whose content missed its hash before that is an error, not a change in
+# flight (whose next manifest replaces the entry)
+MISMATCHES = 3
 
 log = logging.getLogger("sbs.syncer")
 
@@ -37,8 +40,10 @@ class Pending:
         # the error is this node's own (a full, read-only or failing disk): everything the
         # primary sent has arrived, so the link watch must not call it a stall of the link
         self.local = False
+        self.error_of: Key | None = None  # the pending file `error` is about, if it is one
         self.no_room: set[Key] = set()  # found no room at their last try: waiting won't help
         self.unserved: set[Key] = set()  # the primary has them but cannot serve them (logged)
+        self.mismatched: dict[Key, tuple[str, int]] = {}  # (the entry's hash, fetches missed)
         self.disk_full: set[str] = set()  # folders whose full disk was logged
         # (folder, errno) of other write errors logged: a read-only or failing disk fails
         # every file again at each retry
@@ -62,7 +67,7 @@ class Pending:
         self.files.clear()
         self.no_room.clear()
         self.since_seq = None
-        self.error, self.local = "", False
+        self.error, self.error_of, self.local = "", None, False
 
     def take(self) -> dict[str, list[dict]]:
         """Everything pending, by folder, to be tried again (what fails again comes back)."""
@@ -71,7 +76,7 @@ class Pending:
             by_folder.setdefault(name, []).append(e)
         self.files.clear()
         self.no_room.clear()
-        self.error, self.local = "", False
+        self.error, self.error_of, self.local = "", None, False
         return by_folder
 
     def still_failing(self, name: str, writer: Any, entries: list[dict]) -> bool:
@@ -91,7 +96,8 @@ class Pending:
         except OSError as exc:
             for e in entries:
                 self.files[(name, e["path"])] = e
-            self._local_error(f"{name}/{entries[0]['path']}: {exc}")
+            self._say(name, entries[0]["path"], f"{name}/{entries[0]['path']}: {exc}",
+                      local=True)
             return True
         return False
 
@@ -115,9 +121,19 @@ class Pending:
                           f"(a disk unmounted?)")
 
     def superseded(self, name: str, path: str) -> None:
-        """A newer entry for the path has come: the pending one is dropped."""
+        """A newer entry for the path has come: the pending one is dropped, and what went
+        wrong with it is over (a file the primary replaced by a folder before it could serve
+        it would otherwise keep the status' error, and "not synced", until a snapshot)."""
         self.files.pop((name, path), None)
         self.no_room.discard((name, path))
+        if self.error_of == (name, path):
+            self.error, self.error_of, self.local = "", None, False
+
+    def _say(self, name: str, path: str, error: str, *, local: bool = False) -> None:
+        """`error` about the pending file name/path is the status' error, unless one is;
+        ``local``: a write here failed (see `local`)."""
+        if not self.error:
+            self.error, self.error_of, self.local = error, (name, path), local
 
     def pend(self, name: str, e: dict, *, no_room: bool = False) -> None:
         """Keep e to apply later, remembering whether it failed for lack of room (stuck)."""
@@ -135,8 +151,7 @@ class Pending:
             self.unserved.add((name, path))
             log.warning("the primary cannot serve %s/%s: %s (asked again every %.0f s)", name,
                         path[:200], why[:200], RETRY_ERROR)
-        self.error = (self.error
-                      or f"{name}/{path[:200]}: the primary cannot serve it: {why[:200]}")
+        self._say(name, path, f"{name}/{path[:200]}: the primary cannot serve it: {why[:200]}")
 
     def failed(self, name: str, e: dict, exc: BaseException, root: Path) -> None:
         """Applying e to folder name (at root) failed: pending, refused, or waiting behind the
@@ -147,7 +162,8 @@ class Pending:
                 self.disk_full.add(name)
                 log.error("disk full in folder %s writing %s: keeping the old copy; will retry",
                           name, e["path"])
-            self.error, self.local = f"disk full in folder {name} ({root})", True
+            self.error, self.error_of = f"disk full in folder {name} ({root})", None
+            self.local = True
             self.emit("disk_full", folder=name, path=e["path"], error=self.error)
         elif isinstance(exc, PathError) and folder_above_pending(self.files, name, e["path"]):
             # what is in the way (an old file where the primary now has a folder) is itself
@@ -158,21 +174,23 @@ class Pending:
             self.files.pop((name, e["path"]), None)  # hostile or impossible: never retry
             log.warning("refused %s/%s: %s", name, e["path"][:200], exc)
             self.emit("refused", folder=name, path=e["path"][:200], reason=str(exc))
-        elif not isinstance(exc, HashMismatch):
+        elif isinstance(exc, HashMismatch):
+            self._missed(name, e)
+        else:
             kind = (name, getattr(exc, "errno", None) or type(exc).__name__)
             if kind not in self.failing:
                 self.failing.add(kind)
                 log.warning("could not apply %s/%s: %s (other files of %s failing alike are "
                             "not logged again while it has files pending)", name, e["path"],
                             exc, name)
-            self._local_error(f"{name}/{e['path']}: {exc}")
+            self._say(name, e["path"], f"{name}/{e['path']}: {exc}", local=True)
 
     def settle(self) -> None:
         """Before a report: a full disk no longer in the way is said to be over, and what
         was logged once may be logged again once its folder or file has nothing pending."""
         if self.error.startswith("disk full") and not self.files:
             # what did not fit is no longer wanted (deleted or replaced)
-            self.error, self.local = "", False
+            self.error, self.error_of, self.local = "", None, False
         if not self.error.startswith("disk full"):
             if self.disk_full:
                 log.info("space is back in %s", sorted(self.disk_full))
@@ -181,11 +199,29 @@ class Pending:
             waiting = {name for name, _ in self.files}
             self.failing = {f for f in self.failing if f[0] in waiting}
         self.unserved &= self.files.keys()
+        if self.mismatched:
+            self.mismatched = {k: v for k, v in self.mismatched.items() if k in self.files}
+
+    def _missed(self, name: str, e: dict) -> None:
+        """The content fetched for e did not have e's hash. Once is a change in flight; again
+        and again for the same entry, the primary's hash is wrong: said, and asked less often."""
+        key, want = (name, e["path"]), e.get("hash", "")
+        was, times = self.mismatched.get(key, (want, 0))
+        times = times + 1 if was == want else 1
+        self.mismatched[key] = (want, times)
+        if times == MISMATCHES:
+            log.warning("%s/%s: the content the primary sends never has the hash its manifest "
+                        "gives (%s, %d fetches): it keeps its copy as it was and asks again "
+                        "every %.0f s (is the primary's hash cache, state_dir/hashes, damaged?)",
+                        name, e["path"][:200], want, times, RETRY_ERROR)
+        if times >= MISMATCHES:
+            self._say(name, e["path"], f"{name}/{e['path'][:200]}: the content the primary "
+                      f"sends does not match its hash {want}")
 
     def _local_error(self, error: str) -> None:
-        """A write here failed: the status's error, unless it has one already."""
+        """A write here failed, about no one file: the status's error, unless it has one."""
         if not self.error:
-            self.error, self.local = error, True
+            self.error, self.error_of, self.local = error, None, True
 
     def stuck(self, roots: Mapping[str, Any]) -> str:
         """Why nothing pending can be applied by waiting, or "" (stuck_on_room). A primary's

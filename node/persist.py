@@ -23,6 +23,34 @@ def load(path: Path, default: Any) -> Any:
         return default
 
 
+def load_doc(path: Path, fields: dict[str, Callable[[Any], str | None]],
+             then: str = "") -> dict[str, Any]:
+    """A JSON object of state_dir with only its fields that pass their check (a check returns
+    why not, or None); what is not used is logged, naming the file, the field and why, with
+    `then`: what the node does without it. A missing file is {} and says nothing."""
+    try:
+        doc = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, orjson.JSONDecodeError) as exc:
+        log.error("ignoring unreadable %s: %s%s", path, exc, then and f"; {then}")
+        return {}
+    if not isinstance(doc, dict):
+        log.error("ignoring %s: a JSON %s, not an object%s", path, _json_kind(doc),
+                  then and f"; {then}")
+        return {}
+    bad = {k: why for k, check in fields.items() if k in doc and (why := check(doc[k]))}
+    if bad:
+        log.error("%s: ignoring %s%s", path, ", ".join(f"{k} ({why})" for k, why in bad.items()),
+                  then and f"; {then}")
+    return {k: v for k, v in doc.items() if k not in bad}
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
 def save(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -439,7 +439,8 @@ class Primary:
         }
 
     def unreplicable(self) -> dict[str, Any] | None:
-        """What the scans skip as not UTF-8 (node/unreplicable.py), or None."""
+        """What the scans skip: not UTF-8, or a FIFO, socket or device (node/unreplicable.py);
+        None when nothing is."""
         return self.scanner.unreplicable if self.scanner is not None else None
 
     def close(self) -> None:

@@ -78,8 +78,13 @@ class PidsFile:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("ignoring unreadable %s: %s", path, exc)
             return []
+        if not isinstance(children, list):
+            log.warning("ignoring %s: its children are not a list", path)
+            return []
+        if odd := sum(1 for entry in children if not isinstance(entry, dict)):
+            log.warning("%s: ignoring %d entries that are not objects", path, odd)
         killed = []
-        for entry in children:
+        for entry in (e for e in children if isinstance(e, dict)):
             pid, ticks = entry.get("pid"), entry.get("start_ticks")
             if not isinstance(pid, int) or pid <= 1 or pid == os.getpid():
                 continue

@@ -171,6 +171,7 @@ class Syncer:
                     log.exception("sync job %s failed", job[0])
                     self.pending.error = f"{job[0]} failed: {exc}"
                     self.pending.local = False
+                    self.pending.error_of = None  # about no one file
                     self._report(snapshot=False)
         finally:
             self.transfer.close()

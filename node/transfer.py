@@ -116,7 +116,8 @@ class Transfer:
                         self._settle(name, lanes.popleft(), done)
         except FetchError as exc:
             log.error("fetching from the primary failed: %s", exc)
-            self.syncer.pending.error, self.syncer.pending.local = str(exc), False
+            pending = self.syncer.pending
+            pending.error, pending.error_of, pending.local = str(exc), None, False
             self.syncer.fetcher.close()
             while lanes:
                 self._settle(name, lanes.popleft(), done)

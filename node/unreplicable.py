@@ -1,7 +1,8 @@
 """What the primary's scans skip because it cannot travel: a file, link or folder whose name,
-or a link whose target, is not UTF-8 (the manifests are JSON). It is not replicated, so the
-operator is told: the primary's status counts these and names a few, and its PINGs carry the
-same to the secondary, whose status says them too (README, interface notes).
+or a link whose target, is not UTF-8 (the manifests are JSON), and what is none of those three
+(a FIFO, a socket, a device node). It is not replicated, so the operator is told: the primary's
+status counts these and names a few, and its PINGs carry the same to the secondary, whose status
+says them too (README, interface notes).
 
 Each folder's HashCache holds an Unreplicable (the scans that skip a name record it there); the
 scanner forgets what a full scan no longer finds, and prunes what is gone every period.
@@ -16,13 +17,18 @@ from typing import Any
 
 NAME = "the name is not UTF-8"
 TARGET = "link target is not UTF-8"
+# what is neither a regular file, a folder nor a link: never opened, never sent
+SPECIAL = "only regular files, folders and links replicate"
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 MAX_KEPT = 10_000  # per folder: past it the count says "at least"
 SHOWN = 5  # names in status
 
 
 class Unreplicable:
     """One folder's skipped objects: relpath (as os.fsdecode gives it, with surrogates) ->
-    why (NAME or TARGET). A folder that is not UTF-8 is one object (nothing in it travels)."""
+    why (NAME, TARGET or special()'s). A folder that is not UTF-8 is one object (nothing in
+    it travels)."""
 
     def __init__(self) -> None:
         self.paths: dict[str, str] = {}
@@ -43,11 +49,24 @@ class Unreplicable:
         for rel, why in list(self.paths.items()):
             path = os.path.join(root, rel)
             try:
-                keep = not utf8_ok(os.readlink(path)) if why == TARGET else bool(os.lstat(path))
+                if why == TARGET:
+                    keep = not utf8_ok(os.readlink(path))
+                elif why == NAME:
+                    keep = bool(os.lstat(path))
+                else:  # SPECIAL: until it is something that replicates
+                    keep = special(os.lstat(path).st_mode) is not None
             except OSError:
                 keep = False
             if not keep:
                 del self.paths[rel]
+
+
+def special(mode: int) -> str | None:
+    """Why an object of this st_mode does not replicate ("a FIFO: ..."), or None when it does."""
+    for test, kind in _SPECIAL_KINDS:
+        if test(mode):
+            return f"{kind}: {SPECIAL}"
+    return None
 
 
 def utf8_ok(name: str) -> bool:

@@ -16,7 +16,7 @@ from sbs.node import hashstore
 from sbs.node.config import FolderConfig
 from sbs.node.entries import FileEntry
 from sbs.node.filters import Filter
-from sbs.node.hashstore import CacheKeeper, cache_path, load, save
+from sbs.node.hashstore import CacheKeeper, cache_line, cache_path, load, save
 from sbs.node.index import RACY_NS, HashCache, hash_bytes, scan_folder
 from sbs.node.scanner import Scanner
 from sbs.node.writer import FolderWriter
@@ -275,8 +275,8 @@ def cache_file(tmp_path, root, lines: int):
     """A cache file of `lines` well-formed entries for `root` (no such files need exist)."""
     path = cache_path(tmp_path / "state", "docs")
     path.parent.mkdir(parents=True)
-    head = {"v": 1, "root": str(root), "dev": os.stat(root).st_dev}
-    body = b"".join(orjson.dumps([f"f{i}", i, 1, 0o644, "0" * 32, i + 1, 2]) + b"\n"
+    head = {"v": hashstore.FORMAT, "root": str(root), "dev": os.stat(root).st_dev}
+    body = b"".join(cache_line(orjson.dumps([f"f{i}", i, 1, 0o644, "0" * 32, i + 1, 2])) + b"\n"
                     for i in range(lines))
     path.write_bytes(orjson.dumps(head) + b"\n" + body)
     return path

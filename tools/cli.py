@@ -118,8 +118,9 @@ def _print_status(st: dict[str, Any], say: Any) -> None:
     if u := r.get("unreplicable"):
         names = ", ".join(escape(n) for n in u["names"])
         say(f"[red]not replicated: {u['count']}{' or more' if u.get('capped') else ''} "
-            f"object(s) {'here' if r['direction'] == 'outgoing' else 'on the primary'} whose "
-            f"name or link target is not UTF-8: {names}"
+            f"object(s) {'here' if r['direction'] == 'outgoing' else 'on the primary'} that "
+            f"cannot travel (a name or link target that is not UTF-8; a FIFO, socket or "
+            f"device): {names}"
             f"{', ...' if u['count'] > len(u['names']) else ''}[/red]")
     table = Table("sentinel", "active", "state", "pid", "restarts", "command")
     for s in st["sentinels"]:

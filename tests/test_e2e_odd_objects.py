@@ -1,0 +1,86 @@
+"""Odd objects in a replicated tree on the primary, changing while the node works: a file
+replaced by a folder or a link between its manifest and its fetch; FIFOs, sockets and device
+nodes, which do not replicate and must be skipped with a word."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+
+from tests.pair import wait_for
+from tests.test_e2e_replication import replication, started, wait_equal, write
+
+
+def seq(node) -> int:
+    st = node.status(1.0)
+    return st["replication"]["seq"] if st else -1
+
+
+def test_a_file_replaced_before_its_fetch_leaves_the_secondary_synced(make_pair):
+    """beta is paused while alpha publishes a file and then, in the next manifest, a folder
+    and a link in place of two files: beta, resumed, asks for the files, which alpha can no
+    longer serve, then takes the folder and the link. Nothing is pending, so the error of the
+    refused fetch is over: beta is in sync. It used to keep that error, and so "not synced",
+    until its next snapshot: the primary's stop waited out handover_timeout for it."""
+    pair = make_pair(node={"dead_after": 8})
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    started(pair)
+    at = seq(pair.alpha)
+    pair.beta.signal(signal.SIGSTOP)
+    try:
+        write(a / "soon a folder", "a file for now\n")
+        write(a / "soon a link", "a file for now\n")
+        at = wait_for(lambda: (s := seq(pair.alpha)) > at and s, 10, "the files' manifest")
+        os.unlink(a / "soon a folder")
+        write(a / "soon a folder" / "inside.txt", "now a folder\n")
+        os.unlink(a / "soon a link")
+        os.symlink("soon a folder/inside.txt", a / "soon a link")
+        wait_for(lambda: seq(pair.alpha) > at, 10, "the folder's manifest")
+    finally:
+        pair.beta.signal(signal.SIGCONT)
+    wait_equal(a, b)
+    rep = wait_for(lambda: (r := replication(pair.beta)) and r["synced"] and r, 10,
+                   "beta in sync, the refused fetch over")
+    assert rep["error"] == "" and rep["pending_files"] == 0, rep
+    # a race, not a disk error: alpha refuses the folder and the link, and logs no error
+    assert "cannot serve" not in pair.alpha.log.read_text(), pair.alpha.tail_log(30)
+
+
+def test_fifos_sockets_and_devices_are_skipped_with_a_word(make_pair):
+    """Only regular files, folders and links replicate. A FIFO, a socket and a device node on
+    the primary are not opened and not sent, but not in silence either: the primary logs each
+    once and counts them in status (replication.unreplicable) as it does names that cannot
+    travel, and the secondary says the same of the primary. One made while the pair runs (the
+    watcher's path) counts too, and stops counting once it is a regular file again."""
+    pair = make_pair()
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    write(a / "plain.txt", "plain\n")
+    os.mkfifo(a / "pipe")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(a / "sock"))
+    os.mknod(a / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    try:
+        started(pair)
+
+        def unreplicable(node, count: int) -> dict | None:
+            got = replication(node).get("unreplicable")
+            return got if got and got["count"] == count else None
+
+        got = wait_for(lambda: unreplicable(pair.alpha, 3), 10, "alpha to count 3")
+        assert got["names"] == ["docs/null", "docs/pipe", "docs/sock"], got
+        wait_for(lambda: unreplicable(pair.beta, 3), 10, "beta to say the primary's 3")
+        assert replication(pair.beta)["synced"]  # in sync with everything that can travel
+        log = pair.alpha.log.read_text()
+        for name, kind in (("pipe", "a FIFO"), ("sock", "a socket"),
+                           ("null", "a character device")):
+            assert f"skipping {str(a / name)!r}: {kind}" in log, pair.alpha.tail_log(30)
+        os.mkfifo(a / "later")  # while the pair runs: the watcher's path
+        wait_for(lambda: unreplicable(pair.alpha, 4), 10, "alpha to count the new one")
+        os.unlink(a / "later")
+        write(a / "later", "a file now\n")
+        wait_for(lambda: unreplicable(pair.alpha, 3), 10, "alpha to count 3 again")
+        wait_equal(a, b)
+        assert not any(os.path.lexists(b / n) for n in ("pipe", "sock", "null"))
+    finally:
+        sock.close()
