@@ -584,6 +584,25 @@ class TmpfsNodeProc(NodeProc):
     def inside(self, path: Path) -> Path:
         return Path(f"/proc/{self.pid}/root{path}")
 
+    def in_its_mounts(self, *command: str) -> None:
+        """Run command (mount, umount) in the node's mount namespace: on its tmpfs."""
+        res = subprocess.run(["nsenter", "-t", str(self.pid), "-m", *command],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+
+
+def beta_on_a_tmpfs(make_pair, old: str) -> tuple[Pair, Path, TmpfsNodeProc, Path]:
+    """A pair in sync whose beta has its folder on a tmpfs of 8 MiB, and old.txt holding
+    `old`: (pair, alpha's folder, beta, beta's folder as the test reaches it)."""
+    pair = make_pair()
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    beta = pair.nodes["beta"] = pair.beta = TmpfsNodeProc(pair.beta.config, b, "8m")
+    write(a / "old.txt", old)
+    started(pair)
+    bb = beta.inside(b)
+    wait_equal(a, bb, 15, "the first sync")
+    return pair, a, beta, bb
+
 
 def _unshare_works() -> bool:
     try:
@@ -647,9 +666,7 @@ def test_a_full_disk_keeps_the_old_copy_and_recovers(make_pair):
     finally:
         bus.stop()
     # the operator makes room: the filesystem grows, the sync completes on its own
-    res = subprocess.run(["nsenter", "-t", str(beta.pid), "-m", "mount", "-o",
-                          "remount,size=32m", str(b)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    beta.in_its_mounts("mount", "-o", "remount,size=32m", str(b))
     wait_for(lambda: (bb / "keep.bin").read_bytes() == v2, 15, "keep.bin once space returned")
     wait_for(lambda: not replication(beta).get("error"), 10, "the error cleared")
     wait_equal(a, bb, 10, "the whole folder")
@@ -682,9 +699,7 @@ def test_a_disk_that_fills_in_the_middle_of_a_big_file_drops_only_that_file(make
     assert (bb / got).read_bytes() == content[got]
     assert not list(bb.rglob(".sbs-tmp-*")), "a temp file was left on the full disk"
     assert "Traceback" not in beta.log.read_text()
-    res = subprocess.run(["nsenter", "-t", str(beta.pid), "-m", "mount", "-o",
-                          "remount,size=32m", str(b)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    beta.in_its_mounts("mount", "-o", "remount,size=32m", str(b))
     wait_equal(a, bb, 20, "the whole folder once space returned")
     wait_for(lambda: not replication(beta).get("error"), 10, "the error cleared")
 
@@ -808,16 +823,9 @@ def test_a_read_only_folder_on_the_secondary_is_logged_once_not_at_every_retry(m
     a temp file: the files are not fetched from the primary again while it cannot (they
     were, at every retry: alpha opened each pending file again every 2 s). Nor is it a stall
     of the link: everything alpha sent has arrived."""
-    pair = make_pair()
-    a, b = pair.folder("alpha"), pair.folder("beta")
-    beta = pair.nodes["beta"] = pair.beta = TmpfsNodeProc(pair.beta.config, b, "8m")
-    write(a / "old.txt", "the copy beta keeps\n")
-    started(pair)
-    bb = beta.inside(b)
-    wait_equal(a, bb, 15, "the first sync")
-    res = subprocess.run(["nsenter", "-t", str(beta.pid), "-m", "mount", "-o", "remount,ro",
-                          str(b)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    pair, a, beta, bb = beta_on_a_tmpfs(make_pair, "the copy beta keeps\n")
+    b = pair.folder("beta")
+    beta.in_its_mounts("mount", "-o", "remount,ro", str(b))
     bus = Bus(beta)
     try:
         for n in range(5):
@@ -854,9 +862,7 @@ def test_a_read_only_folder_on_the_secondary_is_logged_once_not_at_every_retry(m
     assert beta.state() == "secondary"
     said = [line for line in beta.log.read_text().splitlines() if "could not apply" in line]
     assert len(said) == 1 and "Read-only file system" in said[0], said
-    res = subprocess.run(["nsenter", "-t", str(beta.pid), "-m", "mount", "-o", "remount,rw",
-                          str(b)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    beta.in_its_mounts("mount", "-o", "remount,rw", str(b))
     wait_equal(a, bb, 20, "the files once the folder is writable again")
     wait_for(lambda: not replication(beta).get("error"), 10, "the error cleared")
 
@@ -867,16 +873,8 @@ def test_a_disk_unmounted_under_a_running_secondary_gets_nothing_written_beneath
     path is then the mount point's folder on the disk beneath. beta used to write the next
     files there, filling that filesystem; now it writes nothing there, says once why, keeps
     the files pending with the reason in its status, and calls it no stall of the link."""
-    pair = make_pair()
-    a, b = pair.folder("alpha"), pair.folder("beta")
-    beta = pair.nodes["beta"] = pair.beta = TmpfsNodeProc(pair.beta.config, b, "8m")
-    write(a / "old.txt", "on the disk\n")
-    started(pair)
-    bb = beta.inside(b)
-    wait_equal(a, bb, 15, "the first sync")
-    res = subprocess.run(["nsenter", "-t", str(beta.pid), "-m", "umount", "-l", str(b)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    pair, a, beta, bb = beta_on_a_tmpfs(make_pair, "on the disk\n")
+    beta.in_its_mounts("umount", "-l", str(pair.folder("beta")))
     assert not (bb / "old.txt").exists()  # the mount point's own folder now
     write(a / "new.txt", "written while beta's disk is away\n")
     st = wait_for(lambda: (r := replication(beta)) and "no longer the folder" in r.get(
@@ -907,9 +905,7 @@ def test_a_disk_unmounted_under_the_primary_is_not_published_as_deleted(make_pai
     pair.beta.start()
     pair.beta.wait_state("secondary")
     wait_equal(aa, b, 15, "the first sync")
-    res = subprocess.run(["nsenter", "-t", str(alpha.pid), "-m", "umount", "-l", str(a)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    alpha.in_its_mounts("umount", "-l", str(a))
     assert not (aa / "f0.txt").exists()  # the mount point's own folder now
     wait_for(lambda: "no longer the folder this node scanned" in alpha.log.read_text(), 20,
              "alpha to find its folder is not the one it scanned")
