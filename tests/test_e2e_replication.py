@@ -872,9 +872,14 @@ def test_a_disk_unmounted_under_a_running_secondary_gets_nothing_written_beneath
     """beta's folder is a disk (a tmpfs here) that goes away while beta runs (umount -l): its
     path is then the mount point's folder on the disk beneath. beta used to write the next
     files there, filling that filesystem; now it writes nothing there, says once why, keeps
-    the files pending with the reason in its status, and calls it no stall of the link."""
+    the files pending with the reason in its status, and calls it no stall of the link. The
+    disk put back (a bind mount kept it meanwhile: the same device and folder), the files
+    arrive."""
     pair, a, beta, bb = beta_on_a_tmpfs(make_pair, "on the disk\n")
-    beta.in_its_mounts("umount", "-l", str(pair.folder("beta")))
+    b, keep = pair.folder("beta"), pair.root / "beta-disk-kept"
+    keep.mkdir()
+    beta.in_its_mounts("mount", "--bind", str(b), str(keep))
+    beta.in_its_mounts("umount", "-l", str(b))
     assert not (bb / "old.txt").exists()  # the mount point's own folder now
     write(a / "new.txt", "written while beta's disk is away\n")
     st = wait_for(lambda: (r := replication(beta)) and "no longer the folder" in r.get(
@@ -885,6 +890,9 @@ def test_a_disk_unmounted_under_a_running_secondary_gets_nothing_written_beneath
             if "no longer the folder this node opened" in line]
     assert len(said) == 1, said
     assert "replication stalled" not in beta.log.read_text(), beta.tail_log()
+    beta.in_its_mounts("mount", "--bind", str(keep), str(b))  # the disk is back
+    wait_equal(a, bb, 15, "new.txt once beta's disk is back")
+    wait_for(lambda: replication(beta).get("synced"), 15, "beta in sync again")
 
 
 @pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and tmpfs (root)")
@@ -893,7 +901,8 @@ def test_a_disk_unmounted_under_the_primary_is_not_published_as_deleted(make_pai
     its path is then the mount point's empty folder. alpha used to publish every file as
     deleted at its next rescan, and a strict beta (5 files: under the guard's 20) moved its
     copies, perhaps the only ones left, to the trash. alpha now says the folder is not the one
-    it scanned and publishes nothing of it; beta keeps everything."""
+    it scanned and publishes nothing of it; beta keeps everything. The disk put back (a bind
+    mount kept it meanwhile), what is written in it reaches beta again."""
     pair = make_pair(node={"strict": "true"})
     a, b = pair.folder("alpha"), pair.folder("beta")
     alpha = pair.nodes["alpha"] = pair.alpha = TmpfsNodeProc(pair.alpha.config, a, "8m")
@@ -905,6 +914,9 @@ def test_a_disk_unmounted_under_the_primary_is_not_published_as_deleted(make_pai
     pair.beta.start()
     pair.beta.wait_state("secondary")
     wait_equal(aa, b, 15, "the first sync")
+    keep = pair.root / "alpha-disk-kept"
+    keep.mkdir()
+    alpha.in_its_mounts("mount", "--bind", str(a), str(keep))
     alpha.in_its_mounts("umount", "-l", str(a))
     assert not (aa / "f0.txt").exists()  # the mount point's own folder now
     wait_for(lambda: "no longer the folder this node scanned" in alpha.log.read_text(), 20,
@@ -916,6 +928,9 @@ def test_a_disk_unmounted_under_the_primary_is_not_published_as_deleted(make_pai
     assert st["folders"] == {"docs": 5}, st
     assert sorted(p.name for p in b.iterdir()) == [f"f{n}.txt" for n in range(5)]
     assert not (pair.root / "state" / "beta" / "trash").exists()
+    alpha.in_its_mounts("mount", "--bind", str(keep), str(a))  # the disk is back
+    write(aa / "after.txt", "written once the disk is back\n")
+    wait_equal(aa, b, 15, "after.txt on beta")
 
 
 def test_a_restarted_primary_waits_for_its_new_snapshot_before_it_hands_over(make_pair):
