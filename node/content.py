@@ -93,10 +93,11 @@ class BlobServer:
         self._folders: dict[str, tuple[str, Filter]] = {}
         self._thread: threading.Thread | None = None
         self._control = f"inproc://blobs-stop-{id(self)}"
-        # (folder, path) the secondary asked for that could not be read here, logged once: a
-        # file whose hash is cached is not read by the scans, and without this line a bad
-        # sector left the secondary asking for it for ever with no word of why
-        self._unreadable: set[tuple[str, str]] = set()
+        # what was logged of the secondary's requests, once each: a file that could not be
+        # read here (a file whose hash is cached is not read by the scans, and without this
+        # line a bad sector left the secondary asking for it for ever with no word of why),
+        # and one refused (each chunk of a big file would say it again)
+        self._said = Once()
 
     def set_folders(self, folders: dict[str, FolderConfig]) -> None:
         """Serve these folders, and in each only what its filters replicate."""
@@ -158,7 +159,7 @@ class BlobServer:
         folders = self._folders
         dirs: dict[tuple, int] = {}  # parent folders opened for this request
         try:
-            self._read_items(msg.body["items"], folders, dirs, metas, blobs, self._unreadable)
+            self._read_items(msg.body["items"], folders, dirs, metas, blobs, self._said)
         finally:
             for fd in dirs.values():
                 os.close(fd)
@@ -174,7 +175,7 @@ class BlobServer:
     @staticmethod
     def _read_items(items: list[dict[str, Any]], folders: dict[str, tuple[str, Filter]],
                     dirs: dict[tuple, int], metas: list[dict[str, Any]],
-                    blobs: list[Any], unreadable: set[tuple[str, str]]) -> None:
+                    blobs: list[Any], said: Once) -> None:
         for item in items:
             folder = folders.get(item["f"])
             if folder is None:
@@ -194,17 +195,37 @@ class BlobServer:
                 metas.append({"size": size})
                 blobs.append(data)
             except PathError as exc:
-                log.warning("refused fetch of %r in %s: %s", item["p"][:200], item["f"], exc)
+                if said.first(("refused", item["f"], item["p"])):
+                    log.warning("refused fetch of %r in %s: %s", item["p"][:200], item["f"],
+                                exc)
                 metas.append({"size": -1, "err": f"refused: {exc}"})
                 blobs.append(b"")
             except OSError as exc:
-                key = (item["f"], item["p"])
-                if exc.errno not in (errno.ENOENT, errno.ENOTDIR) and key not in unreadable:
-                    unreadable.add(key)  # (gone since its manifest is not news)
+                # (gone since its manifest is not news)
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR) and said.first(
+                        ("unreadable", item["f"], item["p"])):
                     log.error("cannot serve %s/%s to the secondary: %s", item["f"],
                               item["p"][:200], exc)
                 metas.append({"size": -1, "err": exc.strerror or str(exc)})
                 blobs.append(b"")
+
+
+class Once:
+    """Keys seen, for what is said once each; forgotten past MAX (a secondary asking for
+    paths without end must not grow it without end: the worst is a line said again)."""
+
+    MAX = 10_000
+
+    def __init__(self) -> None:
+        self._seen: set[tuple] = set()
+
+    def first(self, key: tuple) -> bool:
+        if key in self._seen:
+            return False
+        if len(self._seen) >= self.MAX:
+            self._seen.clear()
+        self._seen.add(key)
+        return True
 
 
 class FetchError(RuntimeError):

@@ -22,14 +22,15 @@ def test_a_file_replaced_before_its_fetch_leaves_the_secondary_synced(make_pair)
     and a link in place of two files: beta, resumed, asks for the files, which alpha can no
     longer serve, then takes the folder and the link. Nothing is pending, so the error of the
     refused fetch is over: beta is in sync. It used to keep that error, and so "not synced",
-    until its next snapshot: the primary's stop waited out handover_timeout for it."""
+    until its next snapshot: the primary's stop waited out handover_timeout for it. alpha
+    says once that it refused the file, not once for each of its chunks beta asked for."""
     pair = make_pair(node={"dead_after": 8})
     a, b = pair.folder("alpha"), pair.folder("beta")
     started(pair)
     at = seq(pair.alpha)
     pair.beta.signal(signal.SIGSTOP)
     try:
-        write(a / "soon a folder", "a file for now\n")
+        write(a / "soon a folder", os.urandom(3 << 20))  # 3 chunks of 1 MiB to ask for
         write(a / "soon a link", "a file for now\n")
         at = wait_for(lambda: (s := seq(pair.alpha)) > at and s, 10, "the files' manifest")
         os.unlink(a / "soon a folder")
@@ -43,8 +44,11 @@ def test_a_file_replaced_before_its_fetch_leaves_the_secondary_synced(make_pair)
     rep = wait_for(lambda: (r := replication(pair.beta)) and r["synced"] and r, 10,
                    "beta in sync, the refused fetch over")
     assert rep["error"] == "" and rep["pending_files"] == 0, rep
-    # a race, not a disk error: alpha refuses the folder and the link, and logs no error
-    assert "cannot serve" not in pair.alpha.log.read_text(), pair.alpha.tail_log(30)
+    # a race, not a disk error: alpha refuses the folder and the link, and logs no error;
+    # it says so once a path, not once a chunk asked for
+    log = pair.alpha.log.read_text()
+    assert "cannot serve" not in log, pair.alpha.tail_log(30)
+    assert log.count("refused fetch of 'soon a folder'") == 1, pair.alpha.tail_log(30)
 
 
 def test_fifos_sockets_and_devices_are_skipped_with_a_word(make_pair):
