@@ -132,13 +132,26 @@ class TempFile:
 
 
 
+def _make_temp_dir(temp_dir: str) -> None:
+    """state_dir/tmp/<folder>, made. A file standing where it or state_dir/tmp belongs (not
+    the node's: it makes folders there) is moved aside, named in the log, not removed: the
+    folder would otherwise be refused here for good."""
+    for path in (os.path.dirname(temp_dir), temp_dir):
+        if os.path.lexists(path) and not os.path.isdir(path):
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            os.rename(path, f"{path}.not-a-folder-{stamp}")
+            log.warning("%s was not a folder: moved aside to %s.not-a-folder-%s", path, path,
+                        stamp)
+    os.makedirs(temp_dir, mode=0o700, exist_ok=True)
+
+
 class TempArea:
     """The temp directory of one folder and its lanes. ``in_state``: a temp file there can be
     renamed into the folder (same filesystem); otherwise temps go next to their targets."""
 
     def __init__(self, temp_dir: str, root: str, open_root: Callable[[], int]):
         self.temp_dir = temp_dir
-        os.makedirs(self.temp_dir, mode=0o700, exist_ok=True)
+        _make_temp_dir(temp_dir)
         self.fd = os.open(self.temp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._open_root = open_root
         # lane N > 0 has a temp directory of its own (temp_dir/laneN): creating a file locks

@@ -4,6 +4,7 @@ ENOSPC."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import stat
@@ -704,3 +705,26 @@ def test_a_writer_knows_when_its_folder_is_no_longer_the_one_it_opened(tmp_path)
         assert not w.replaced()
     finally:
         w.close()
+
+
+def test_a_file_where_the_temp_folder_belongs_is_moved_aside(tmp_path, caplog):
+    """state_dir/tmp (or tmp/<folder>) that is a file made the folder's writer fail, and the
+    folder was refused on this node for good. The file is moved aside, named in the log,
+    and the writer made."""
+    from sbs.node.writer import FolderWriter
+
+    for stray in (tmp_path / "state/tmp", tmp_path / "state/tmp/docs"):
+        stray.parent.mkdir(parents=True, exist_ok=True)
+        if stray.is_dir():
+            shutil.rmtree(stray)  # the writer of the first round made it
+        stray.write_text("not the node's\n")
+        with caplog.at_level(logging.WARNING):
+            w = FolderWriter(tmp_path / "docs", tmp_path / "state/tmp/docs",
+                             tmp_path / "state/trash", tmp_path / "state/conflicts")
+        w.close()
+        assert (tmp_path / "state/tmp/docs").is_dir()
+        aside = list(stray.parent.glob(f"{stray.name}.not-a-folder-*"))
+        assert len(aside) == 1 and aside[0].read_text() == "not the node's\n", aside
+        assert f"{stray} was not a folder" in caplog.text
+        aside[0].unlink()
+        caplog.clear()
