@@ -30,7 +30,9 @@ def test_a_file_replaced_before_its_fetch_leaves_the_secondary_synced(make_pair)
     at = seq(pair.alpha)
     pair.beta.signal(signal.SIGSTOP)
     try:
-        write(a / "soon a folder", os.urandom(3 << 20))  # 3 chunks of 1 MiB to ask for
+        # 3 chunks of 1 MiB to ask for, renamed in whole: written in place, alpha could
+        # publish it at 0 bytes (nothing to fetch, so nothing refused)
+        os.rename(write(pair.root / "soon a folder", os.urandom(3 << 20)), a / "soon a folder")
         write(a / "soon a link", "a file for now\n")
         at = wait_for(lambda: (s := seq(pair.alpha)) > at and s, 10, "the files' manifest")
         os.unlink(a / "soon a folder")
