@@ -83,6 +83,13 @@ def temp_name() -> str:
 # low-level helpers, all relative to a directory fd and never following a link
 
 
+def identity(path: str) -> tuple[int, int]:
+    """(device, inode) of the folder at path, following a configured symlink: which folder
+    it is, whatever its name (a disk unmounted leaves another folder at the same path)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
     try:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)

@@ -40,7 +40,7 @@ import re
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -90,18 +90,18 @@ def vanished(state_dir: Path, folder: str, root: str) -> str:
                 f"not made again: {undo}")
     except OSError:
         return ""  # what opening it says is the better reason
-    if st.st_dev != head.get("dev") and not any(True for _ in _listing(root)):
+    if st.st_dev != head.get("dev") and _is_empty(root):
         return (f"it is empty and on another device than when this node held files in it (a "
                 f"disk not mounted?): {undo}")
     return ""
 
 
-def _listing(root: str) -> Iterator[str]:
+def _is_empty(root: str) -> bool:
     try:
         with os.scandir(root) as it:
-            yield from (e.name for e in it)
+            return next(it, None) is None
     except OSError:
-        return
+        return True  # nothing listed
 
 
 def _root_dev(root: str) -> int | None:

@@ -29,6 +29,7 @@ import secrets
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -64,17 +65,22 @@ NODE_FIELDS = {"epoch": protocol.EPOCH, "max_seen_epoch": protocol.EPOCH,
                "last_role": protocol.one_of("", "primary", "secondary")}
 
 
+def load_node_doc(state_dir: Path) -> dict[str, Any]:
+    """node.json's fields that pass their checks. What cannot be read counts as 0: an epoch
+    too low only loses the rule, and the node's next term is numbered above every epoch it
+    hears of from now on."""
+    return persist.load_doc(state_dir / "node.json", NODE_FIELDS, then=(
+        "a missing epoch counts as 0: this node loses the split-brain rule to a peer that "
+        "has been primary, and numbers its next term above every epoch it hears of"))
+
+
 class Node:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.state_dir = cfg.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = secrets.token_hex(8)
-        # what cannot be read counts as 0: an epoch too low only loses the rule, and the
-        # node's next term is numbered above every epoch it hears of from now on
-        saved = persist.load_doc(self.state_dir / "node.json", NODE_FIELDS, then=(
-            "a missing epoch counts as 0: this node loses the split-brain rule to a peer that "
-            "has been primary, and numbers its next term above every epoch it hears of"))
+        saved = load_node_doc(self.state_dir)
         # every state_dir write goes through this: a full state disk is logged, shown in
         # status and retried, never the end of the node
         self.writes = persist.Guarded()
@@ -101,10 +107,7 @@ class Node:
                                    guard_kill_after=guard_kill_after(cfg))
         # before anything configures the sentinels: that rewrites the pid file, and what a
         # previous run left running would be forgotten, not killed
-        killed = self.sentinels.cleanup_leftovers()
-        if killed:
-            log.warning("killed %d leftover sentinel process(es) of a previous run: %s",
-                        len(killed), killed)
+        self.sentinels.cleanup_leftovers()
         self.writes.extra["sentinels.pids.json"] = lambda: self.sentinels.pids_error
         self.writes.extra["agreed.jsonl"] = lambda: self.agreed.write_error
         self.lists = PairLists(cfg, self.sentinels, self.writes)
@@ -462,15 +465,10 @@ class Node:
             "EVENT", {"name": self.cfg.name, "event": event, "at": time.time(), **fields}))
 
     def _sentinel_event(self, event: dict[str, Any]) -> None:
-        # Sentinels reports {"event", "name", ...}: both keys are taken on the bus (the event
-        # kind and the node name), so they travel as `action` and `sentinel`.
-        if event["event"] == "lapsed":
+        if event["event"] == "lapsed":  # the guard's deadline passed: primacy's business
             self.primacy.on_lapse()
             return
         self.ops.on_sentinel_event(event)
-        fields = dict(event)
-        self.publish_event("sentinel", action=fields.pop("event"), sentinel=fields.pop("name"),
-                           **fields)
 
     # ------------------------------------------------------------------ shutdown
     def close(self) -> None:

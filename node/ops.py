@@ -188,6 +188,15 @@ class Operator:
     # -- sentinel health ------------------------------------------------------------------------
 
     def on_sentinel_event(self, event: dict[str, Any]) -> None:
+        """A sentinel's event: its health here, and the bus. Sentinels reports {"event",
+        "name", ...}: both keys are taken on the bus (the event kind and the node name), so
+        they travel as `action` and `sentinel`."""
+        self._sentinel_health_event(event)
+        fields = dict(event)
+        self.node.publish_event("sentinel", action=fields.pop("event"),
+                                sentinel=fields.pop("name"), **fields)
+
+    def _sentinel_health_event(self, event: dict[str, Any]) -> None:
         name = event.get("name", "")
         if event.get("event") == "exited":
             now = time.monotonic()

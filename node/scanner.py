@@ -30,6 +30,7 @@ from typing import Any
 import zmq
 
 from .config import FolderConfig
+from .fdio import identity
 from .filters import Filter
 from .hashstore import CacheKeeper
 from .index import (
@@ -347,10 +348,9 @@ class Scanner:
         empty mount point is not "everything was deleted", as a missing folder is not. Said
         once, and again when it is back. A folder that holds nothing yet is taken as it is."""
         try:
-            st = os.stat(root)
+            now = identity(root)
         except OSError:
             return False  # missing or unreadable: the scan says so
-        now = (st.st_dev, st.st_ino)
         if not self.index.get(name) or self.root_ids.setdefault(name, now) == now:
             self.root_ids[name] = now
             if name in self.replaced:

@@ -291,6 +291,9 @@ class Sentinels:
         still alive and provably the same process (same boot, same start time). Returns them."""
         killed = self._pids.kill_leftovers()
         self._sync_pids_file()
+        if killed:
+            log.warning("killed %d leftover sentinel process(es) of a previous run: %s",
+                        len(killed), killed)
         return killed
 
     # -- internals -----------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from .fdio import (
     NOT_A_DIR,
     READ_FLAGS,
     delete_at,
+    identity,
     lstat_at,
     syncfs,
     temp_name,
@@ -66,7 +67,7 @@ class FolderWriter:
         self.conflicts_dir = os.path.abspath(os.fspath(conflicts_dir))
         self.name = name
         os.makedirs(self.root, exist_ok=True)
-        self._root_id = _identity(self.root)  # see replaced()
+        self._root_id = identity(self.root)  # see replaced()
         self.side = SideCopies(self.root, self.trash_dir, self.conflicts_dir, name)
         self.temps = TempArea(self.temp_dir, self.root, self._open_root)
         self.temp_in_state = self.temps.in_state
@@ -83,7 +84,7 @@ class FolderWriter:
         it, the folder moved away)? Nothing must be written there then: the copy would go to
         the filesystem under the mount point."""
         try:
-            return _identity(self.root) != self._root_id
+            return identity(self.root) != self._root_id
         except OSError:
             return True
 
@@ -423,11 +424,6 @@ class FolderWriter:
         if count:
             log.info("%s: removed %d leftover temp files", self.root, count)
         return count
-
-
-def _identity(path: str) -> tuple[int, int]:
-    st = os.stat(path)  # the configured root may be a symlink: the operator chose it
-    return st.st_dev, st.st_ino
 
 
 def _chmod_file(parent: int, name: str, mode: int, relpath: str) -> None:
