@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from sbs.tools.client import request
@@ -296,6 +297,12 @@ def test_a_node_starting_next_to_a_primary_still_stopping_its_service_waits_for_
     wait_for(lambda: not marked(token), 10, "every svc to end")
 
 
+def stopped(pid: int) -> bool:
+    """Is the process stopped (SIGSTOP taken: state T in /proc/<pid>/stat)?"""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] in "Tt"
+
+
 def test_a_node_paused_while_it_probes_follows_the_peer_that_started_meanwhile(make_pair):
     """alpha starts and is paused while it probes; beta starts, finds nobody, is primary and
     gets a file. alpha, resumed past its probe window, must follow beta, not become primary
@@ -307,6 +314,9 @@ def test_a_node_paused_while_it_probes_follows_the_peer_that_started_meanwhile(m
         wait_for(lambda p=pair: (st := p.alpha.status(0.5)) and st["state"] == "starting", 10,
                  "alpha to answer while it probes")
         pair.alpha.signal(signal.SIGSTOP)
+        # kill() returns before a process running on the other core has stopped: the log
+        # is read once it has (it could still write probe_timeout meanwhile)
+        wait_for(lambda p=pair: stopped(p.alpha.pid), 5, "alpha to be stopped")
         if "probe_timeout" not in pair.alpha.log.read_text():
             break
         pair.alpha.signal(signal.SIGCONT)  # too late: its probe had ended; again
