@@ -45,6 +45,7 @@ from pathlib import Path
 
 import orjson
 
+from . import names
 from .entries import MODES, FileEntry
 from .index import RACY_NS, HashCache
 
@@ -147,6 +148,7 @@ def load(path: Path, root: str, stopping: Callable[[], bool] = lambda: False) ->
                      dev)
             return cache
         store = cache._map
+        loads, escaped = orjson.loads, names.RAW_ESC
         try:
             for n, line in enumerate(fh):
                 if n % _LINES == 0 and n and stopping():
@@ -157,7 +159,9 @@ def load(path: Path, root: str, stopping: Callable[[], bool] = lambda: False) ->
                     crc, _, body = line.partition(b" ")
                     if int(crc, 16) != zlib.crc32(body.rstrip(b"\n")):
                         raise ValueError
-                    p, size, mtime, mode, h, ino, ctime = orjson.loads(body)
+                    p, size, mtime, mode, h, ino, ctime = loads(body)
+                    if escaped in body:  # a name that is not UTF-8 (node/names.py)
+                        p = names.unescape(p)
                     if not (type(p) is str and p and type(h) is str and _HASH.fullmatch(h)
                             and type(size) is int and type(mtime) is int and type(ino) is int
                             and type(ctime) is int and type(mode) is int
@@ -198,7 +202,7 @@ def save(path: Path, root: str, cache: HashCache,
     if keep is not None:
         for p in [p for p, e in items.items() if not keep(e)]:
             del items[p]
-    dumps = orjson.dumps
+    dumps = names.dumps
     complete = False
     try:
         with open(tmp, "wb") as fh:

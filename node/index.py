@@ -25,8 +25,7 @@ from .entries import (
 )
 from .filters import Filter
 from .tree import TEMP_PREFIX, PathError, check_relpath, walk
-from .unreplicable import NAME, TARGET, Unreplicable, special, watched_bad
-from .unreplicable import utf8_ok as _utf8_ok
+from .unreplicable import Unreplicable, special
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,7 @@ class HashCache:
         self.hashed = 0
         self.changed = 0
         self._warned: set[str] = set()
-        self.unreplicable = Unreplicable()  # what the scans skipped as not UTF-8
+        self.unreplicable = Unreplicable()  # the FIFOs, sockets and devices skipped
         # files whose last read failed (permissions, an I/O error): there, so not deleted
         self.unreadable: set[str] = set()
 
@@ -230,10 +229,6 @@ def _entry_from_stat(relpath: str, abspath: str, st: os.stat_result, filt: Filte
             target = os.readlink(at[1], dir_fd=at[0]) if at is not None else os.readlink(abspath)
         except OSError:
             return None
-        if not _utf8_ok(target):
-            cache.skip(relpath, abspath, TARGET)
-            return None
-        cache.unreplicable.discard(relpath)  # retargeted
         return link_entry(relpath, st, target)
     if filt.match(relpath) and (why := special(mode)) is not None:
         cache.skip(relpath, abspath, why)  # never opened: a FIFO's open could block
@@ -292,7 +287,7 @@ def _walk(rel_dir: str, abs_dir: str, filt: Filter, cache: HashCache, out: dict[
             for name in list(dirs):
                 st = _child(name, fd, abs_here, cache, None, prefix)
                 if st is None or not stat.S_ISDIR(st.st_mode):
-                    dirs.remove(name)  # a temp name, not UTF-8, or gone/replaced meanwhile
+                    dirs.remove(name)  # a temp name, or gone/replaced meanwhile
                     continue
                 # one string for the key and the entry's path (a second copy: ~65 bytes a file)
                 path = prefix + name
@@ -328,14 +323,11 @@ def _unreadable(rel: str, path: str, exc: OSError, skipped: list[str] | None) ->
 def _child(name: str, dir_fd: int, abs_dir: str, cache: HashCache, filt: Filter | None,
            prefix: str = "") -> os.stat_result | None:
     """The lstat of one name in a walked folder, or None when it is not ours to look at: a temp
-    name, a name that is not UTF-8, one the filter leaves out (checked before paying for the
-    lstat), or one gone meanwhile."""
+    name, one the filter leaves out (checked before paying for the lstat), or one gone
+    meanwhile."""
     if name.startswith(TEMP_PREFIX):
         return None
     if filt is not None and not filt.match(prefix + name):
-        return None
-    if not _utf8_ok(name):
-        cache.skip(prefix + name, os.path.join(abs_dir, name), NAME)
         return None
     try:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -450,7 +442,7 @@ def scan_paths(root: str, filt: Filter, cache: HashCache, index: dict[str, Entry
     """
     root = os.fspath(root)
     _check_root(root)
-    todo = {p for p in relpaths if p == "" or _relpath_ok(p) or watched_bad(root, filt, cache, p)}
+    todo = {p for p in relpaths if p == "" or _relpath_ok(p)}
     skipped: list[str] = []  # there but unreadable now: what the index has stays
     if "" in todo:
         fresh_index = scan_folder(root, filt, cache, skipped=skipped)
@@ -471,6 +463,7 @@ def scan_paths(root: str, filt: Filter, cache: HashCache, index: dict[str, Entry
         if _under_any(rel, subtrees):
             continue
         looked.add(rel)
+        cache.unreplicable.discard(rel)  # a FIFO gone or replaced; recorded again if still one
         old = index.get(rel)
         if old is not None and old["kind"] == "dir":
             subtrees.add(rel)

@@ -32,6 +32,7 @@ from typing import Any
 
 import orjson
 
+from . import names
 from .proctree import boot_id
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class Agreed:
 
     def _apply_line(self, line: bytes) -> bool:
         try:
-            folder, relpath, token = orjson.loads(line)
+            folder, relpath, token = names.loads(line)
             if not (isinstance(folder, str) and isinstance(relpath, str)
                     and (token is None or isinstance(token, str))):
                 raise ValueError("bad field types")
@@ -301,7 +302,7 @@ def _write_lines(f: Any, items: Iterable[Any], per_write: int = 2048) -> int:
     n = 0
     batch: list[bytes] = []
     for x in items:
-        batch.append(orjson.dumps(x))
+        batch.append(names.dumps(x))
         if len(batch) >= per_write:
             f.write(b"\n".join(batch) + b"\n")
             n += len(batch)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote, urlencode
 
 from .config import EmailConfig
+from .names import shown
 
 if TYPE_CHECKING:
     import apprise
@@ -134,13 +135,14 @@ class Notifier:
                                                 daemon=True)
                 self._worker.start()
             # Under the lock, so it cannot land behind the stop marker that close() queues.
-            self._queue.put(_Message(subject, body))
+            # a file name that is not UTF-8 is written \xNN (node/names.py): SMTP takes text
+            self._queue.put(_Message(shown(subject), shown(body)))
 
     def send_now(self, subject: str, body: str) -> tuple[bool, str]:
         """Deliver once to every target, blocking: (delivered to all?, a message for people)."""
         if not self._targets:
             return False, DISABLED
-        errors = self._attempt(self._targets, _Message(subject, body))
+        errors = self._attempt(self._targets, _Message(shown(subject), shown(body)))
         self._record(errors)
         if not errors:
             return True, "delivered to " + ", ".join(t.label for t in self._targets)

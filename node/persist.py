@@ -10,12 +10,14 @@ from typing import Any
 
 import orjson
 
+from . import names
+
 log = logging.getLogger("sbs.persist")
 
 
 def load(path: Path, default: Any) -> Any:
     try:
-        return orjson.loads(path.read_bytes())
+        return names.loads(path.read_bytes())
     except FileNotFoundError:
         return default
     except (OSError, orjson.JSONDecodeError) as exc:
@@ -29,7 +31,7 @@ def load_doc(path: Path, fields: dict[str, Callable[[Any], str | None]],
     why not, or None); what is not used is logged, naming the file, the field and why, with
     `then`: what the node does without it. A missing file is {} and says nothing."""
     try:
-        doc = orjson.loads(path.read_bytes())
+        doc = names.loads(path.read_bytes())
     except FileNotFoundError:
         return {}
     except (OSError, orjson.JSONDecodeError) as exc:
@@ -56,7 +58,7 @@ def save(path: Path, value: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(orjson.dumps(value, option=orjson.OPT_INDENT_2))
+            fh.write(names.dumps(value, option=orjson.OPT_INDENT_2))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -439,7 +439,7 @@ class Primary:
         }
 
     def unreplicable(self) -> dict[str, Any] | None:
-        """What the scans skip: not UTF-8, or a FIFO, socket or device (node/unreplicable.py);
+        """What the scans skip: a FIFO, socket or device (node/unreplicable.py);
         None when nothing is."""
         return self.scanner.unreplicable if self.scanner is not None else None
 

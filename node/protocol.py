@@ -26,6 +26,8 @@ from typing import Any
 
 import orjson
 
+from . import names
+
 VERSION = b"SBS1"
 
 # MAXMSGSIZE per socket role: small for what strangers can reach, large where a snapshot or
@@ -246,7 +248,7 @@ PEER_STATE: dict[str, Check] = {
     "maint": obj({"on": b, "at": num(0, 1e11), "by": NAME}),
     "lists": obj({"gen": i(0, 2**53), "at": num(0, 1e11), "by": NAME}),
     "sick": list_of(s(255), 100),  # sentinels that crash-looped here lately (node/health.py)
-    # primary: what its scans skip, not UTF-8, so never replicated (node/unreplicable.py)
+    # primary: what its scans skip (FIFOs, sockets, devices: node/unreplicable.py)
     "unrepl": obj({"count": i(1), "names": list_of(s(300), 5), "capped": b}),
 }
 PEER_STATE_OPTIONAL = ("through", "stuck", "following", "yielded", "maint", "lists", "sick",
@@ -323,7 +325,7 @@ SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
 
 
 def encode(command: str, body: dict[str, Any] | None = None, *blobs: bytes) -> list[bytes]:
-    return [VERSION, command.encode(), orjson.dumps(body or {}), *blobs]
+    return [VERSION, command.encode(), names.dumps(body or {}), *blobs]
 
 
 def encode_bus(command: str, body: dict[str, Any]) -> list[bytes]:
@@ -355,7 +357,7 @@ def decode(frames: list[bytes], expect: tuple[str, ...] | None = None) -> Messag
         if expect is not None and command not in expect:
             return Bad(f"unexpected command {command} here")
         try:
-            body = orjson.loads(body_raw)
+            body = names.loads(body_raw)
         except orjson.JSONDecodeError as exc:
             return Bad(f"{command}: body is not JSON ({exc})")
         if not isinstance(body, dict):

@@ -17,8 +17,6 @@ from .entries import dir_entry, same_entry
 from .filters import Filter
 from .index import RACY_NS, FolderMissing, HashCache, _entry_from_stat, cache_key_of, scan_paths
 from .tree import DIR_FLAGS, TEMP_PREFIX
-from .unreplicable import skip_entry
-from .unreplicable import utf8_ok as _utf8_ok
 
 # The smallest slice, in index entries: a tree this size is rescanned whole every period (a few
 # milliseconds), and a bigger one in slices of at least this many.
@@ -174,9 +172,6 @@ def rescan_dir(root: str, filt: Filter, cache: HashCache, index: dict[str, dict]
         with os.scandir(fd) as it:
             for de in it:
                 name = de.name
-                if not name.isascii() and not _utf8_ok(name):
-                    skip_entry(cache, filt, prefix + name, de, base_slash + name)
-                    continue
                 if name.startswith(TEMP_PREFIX):
                     continue
                 path = prefix + name

@@ -78,7 +78,7 @@ class Scanner:
         self.index: dict[str, dict[str, dict]] = {n: {} for n in folders}
         self.ident = os.urandom(8)  # a later scanner's messages are not taken for this one's
         self.deltas: collections.deque[dict[str, list[dict]]] = collections.deque()
-        # what the scans skipped as not UTF-8 (unreplicable.summary), for the loop's status
+        # the FIFOs, sockets, devices the scans skipped (unreplicable.summary), for status
         self.unreplicable: dict[str, Any] | None = None
         # folder -> what the last full scan found there but could not read (permissions, I/O
         # errors) and has no entry for ("": the folder's root), for the loop's snapshots: a

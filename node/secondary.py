@@ -14,10 +14,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import orjson
 import zmq
 
-from . import protocol
+from . import names, protocol
 from .fsm import S
 from .liveness import Watch
 from .protocol import Bad, Message
@@ -180,7 +179,7 @@ class Secondary:
         buffered, f.buffer = f.buffer, []
         for run, seq, raw in buffered:
             if run == body["run"] and seq > body["seq"]:  # not a previous run's, numbered alike
-                self.accept_manifest(seq, orjson.loads(raw)["entries"])
+                self.accept_manifest(seq, names.loads(raw)["entries"])
 
     def _whole(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """A snapshot in parts: the first part's body with every part's index once the last
@@ -279,7 +278,7 @@ class Secondary:
         if self.syncer is None:
             return  # a report the stopped syncer left in the pipe
         node = self.node
-        kind, body = frames[0], orjson.loads(frames[1])
+        kind, body = frames[0], names.loads(frames[1])
         if kind == b"applied":
             if body["gen"] != self.snapshots_submitted or not self.follow.run:
                 # about a snapshot before the latest one (or one we asked for and have not
@@ -344,7 +343,7 @@ class Secondary:
             "last_sync": self.last_sync_wall, "error": self.error, "stuck": p.stuck,
             "stalled": self.watch.stalled,
             "stalled_for": round(now - self.watch.stalled_at, 3) if self.watch.stalled else 0.0,
-            # on the primary, not replicated (names not UTF-8): "synced" leaves these out
+            # on the primary, not replicated (FIFOs, sockets, devices): "synced" leaves these out
             "unreplicable": self.node.ops.peer_unreplicable,
         }
 
@@ -409,18 +408,18 @@ class Secondary:
         """One log line, bus event and email for the copies kept since the last one."""
         node = self.node
         kept, self.kept_new = self.kept_new, []
-        names = [f"{k.get('folder')}/{k.get('path')}" for k in kept]
+        said = [names.shown(f"{k.get('folder')}/{k.get('path')}") for k in kept]
         where = f"{node.state_dir}/conflicts/"
         peer = node.peer.name or node.cfg.peer
         log.warning("kept %d file(s) of this node under %s before following %s: %s",
-                    len(kept), where, peer, ", ".join(names[:20]))
-        node.publish_event("conflicts", count=len(kept), files=names[:100], where=where)
+                    len(kept), where, peer, ", ".join(said[:20]))
+        node.publish_event("conflicts", count=len(kept), files=said[:100], where=where)
         node.ops.alerts.notice(
             "conflicts", f"SBS conflicts: {node.cfg.name} kept {len(kept)} file(s) of its own",
             f"Node {node.cfg.name} is secondary of {peer} now. These "
             f"files differed from what the pair had agreed on (changed or made here, never "
             f"replicated) and were kept under {where} before they were replaced or removed:\n"
-            + "".join(f"  {k.get('folder')}/{k.get('path')} -> {k.get('kept')}\n"
-                      for k in kept[:200])
+            + "".join(f"  {said[n]} -> {names.shown(str(k.get('kept')))}\n"
+                      for n, k in enumerate(kept[:200]))
             + ("  ...\n" if len(kept) > 200 else "")
             + "See 'sbs-tools conflicts'.\n")

@@ -33,9 +33,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
 import zmq
 
+from . import names
 from .config import Config, FolderConfig
 from .conflicts import ConflictKeeper, own_extras
 from .content import Fetcher
@@ -209,7 +209,7 @@ class Syncer:
         return lambda e: e.path in known
 
     def emit(self, event: str, **fields: Any) -> None:
-        self.pipe.send_multipart([b"event", orjson.dumps({"event": event, **fields})])
+        self.pipe.send_multipart([b"event", names.dumps({"event": event, **fields})])
 
     def _report(self, *, snapshot: bool) -> None:
         self.snapshot_ack_due = self.snapshot_ack_due or snapshot
@@ -218,7 +218,7 @@ class Syncer:
             self.snapshot_ack_due = False
         pending = self.pending
         pending.settle()
-        self.pipe.send_multipart([b"applied", orjson.dumps({
+        self.pipe.send_multipart([b"applied", names.dumps({
             "applied": self.applied if not pending else (pending.since_seq or 0),
             "snapshot": snapshot,
             "pending_files": len(pending),

@@ -33,9 +33,10 @@ def _text_problem(p: str) -> str | None:
     if "\x00" in p:
         return f"NUL byte in path: {p[:200]!r}"
     try:
-        size = len(p.encode("utf-8"))
+        # a byte that is not UTF-8 comes as its surrogate (node/names.py); another is wrong
+        size = len(p.encode("utf-8", "surrogateescape"))
     except UnicodeEncodeError:
-        return f"path is not valid UTF-8: {p[:200]!r}"
+        return f"path holds a character that is not a byte of a name: {p[:200]!r}"
     if size > MAX_PATH_BYTES:
         return f"path longer than {MAX_PATH_BYTES} bytes: {p[:64]!r}..."
     return None
@@ -57,7 +58,7 @@ def check_relpath(p: object) -> tuple[str, ...]:
             raise PathError(f"empty component in path: {p!r}")
         if part in (".", ".."):
             raise PathError(f"{part!r} component in path: {p!r}")
-        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+        if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
             raise PathError(f"component longer than {MAX_NAME_BYTES} bytes in path: {p[:64]!r}")
         if part.startswith(TEMP_PREFIX):
             raise PathError(f"reserved temp name in path: {p!r}")
@@ -65,7 +66,7 @@ def check_relpath(p: object) -> tuple[str, ...]:
 
 
 def check_abspath(p: object) -> str:
-    """A folder's absolute path as pushed by the peer, or PathError: absolute, no NUL, UTF-8,
+    """A folder's absolute path as pushed by the peer, or PathError: absolute, no NUL,
     at most MAX_PATH_BYTES, no '.', '..' or empty component (it names one place, as written)."""
     if not isinstance(p, str):
         raise PathError(f"path is not a string: {type(p).__name__}")
@@ -76,7 +77,7 @@ def check_abspath(p: object) -> str:
     parts = p.rstrip("/").split("/")[1:]
     if any(part in ("", ".", "..") for part in parts):
         raise PathError(f"'.', '..' or empty component in path: {p[:200]!r}")
-    if any(len(part.encode("utf-8")) > MAX_NAME_BYTES for part in parts):
+    if any(len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES for part in parts):
         raise PathError(f"component longer than {MAX_NAME_BYTES} bytes: {p[:64]!r}")
     return p
 

@@ -56,9 +56,12 @@ def test_a_file_replaced_before_its_fetch_leaves_the_secondary_synced(make_pair)
 def test_fifos_sockets_and_devices_are_skipped_with_a_word(make_pair):
     """Only regular files, folders and links replicate. A FIFO, a socket and a device node on
     the primary are not opened and not sent, but not in silence either: the primary logs each
-    once and counts them in status (replication.unreplicable) as it does names that cannot
-    travel, and the secondary says the same of the primary. One made while the pair runs (the
-    watcher's path) counts too, and stops counting once it is a regular file again."""
+    once and counts them in status (replication.unreplicable), naming a few (a byte that is
+    not UTF-8 as \\xNN), and the secondary says the same of the primary, `sbs-tools status`
+    too. One made while the pair runs (the watcher's path) counts too, and stops counting once
+    it is a regular file again."""
+    from tests.test_e2e_operator import sbs_tools
+
     pair = make_pair()
     a, b = pair.folder("alpha"), pair.folder("beta")
     write(a / "plain.txt", "plain\n")
@@ -66,6 +69,7 @@ def test_fifos_sockets_and_devices_are_skipped_with_a_word(make_pair):
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(a / "sock"))
     os.mknod(a / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mkfifo(os.path.join(os.fsencode(a), b"fif\xe9"))
     try:
         started(pair)
 
@@ -73,19 +77,22 @@ def test_fifos_sockets_and_devices_are_skipped_with_a_word(make_pair):
             got = replication(node).get("unreplicable")
             return got if got and got["count"] == count else None
 
-        got = wait_for(lambda: unreplicable(pair.alpha, 3), 10, "alpha to count 3")
-        assert got["names"] == ["docs/null", "docs/pipe", "docs/sock"], got
-        wait_for(lambda: unreplicable(pair.beta, 3), 10, "beta to say the primary's 3")
+        got = wait_for(lambda: unreplicable(pair.alpha, 4), 10, "alpha to count 4")
+        assert got["names"] == ["docs/fif\\xe9", "docs/null", "docs/pipe", "docs/sock"], got
+        wait_for(lambda: unreplicable(pair.beta, 4), 10, "beta to say the primary's 4")
         assert replication(pair.beta)["synced"]  # in sync with everything that can travel
+        shown = sbs_tools("status", "--config", str(pair.beta.config))
+        assert "not replicated: 4 object(s) on the primary" in shown.stdout, shown.stdout
+        assert "docs/fif\\xe9" in shown.stdout, shown.stdout
         log = pair.alpha.log.read_text()
         for name, kind in (("pipe", "a FIFO"), ("sock", "a socket"),
                            ("null", "a character device")):
             assert f"skipping {str(a / name)!r}: {kind}" in log, pair.alpha.tail_log(30)
         os.mkfifo(a / "later")  # while the pair runs: the watcher's path
-        wait_for(lambda: unreplicable(pair.alpha, 4), 10, "alpha to count the new one")
+        wait_for(lambda: unreplicable(pair.alpha, 5), 10, "alpha to count the new one")
         os.unlink(a / "later")
         write(a / "later", "a file now\n")
-        wait_for(lambda: unreplicable(pair.alpha, 3), 10, "alpha to count 3 again")
+        wait_for(lambda: unreplicable(pair.alpha, 4), 10, "alpha to count 4 again")
         wait_equal(a, b)
         assert not any(os.path.lexists(b / n) for n in ("pipe", "sock", "null"))
     finally:

@@ -1246,6 +1246,9 @@ def test_a_hostile_primary_cannot_write_outside_the_folders(make_pair, tmp_path)
         _entry("../escape.txt", evil), _entry("a/../../escape.txt", evil),
         _entry(str(absolute), evil), _entry("ok/\x00nul", evil), _entry("", evil),
         _entry(".sbs-tmp-planted", evil), _entry("x/./y", evil), _entry("dots/..", evil),
+        # a name's escaped byte (node/names.py) is one byte of a name, held to the same rule;
+        # NUL that is not such an escape stays NUL
+        _entry("\x00e9/../../escape.txt", evil), _entry("ok/\x00zz", evil),
         {"path": "../outdir", "kind": "dir", "size": 0, "mtime_ns": 0, "mode": 0o755},
         {"path": "../outlink", "kind": "link", "size": 1, "mtime_ns": 0, "mode": 0,
          "target": "/"},
@@ -1317,6 +1320,8 @@ def test_a_hostile_primary_cannot_write_outside_the_folders(make_pair, tmp_path)
     log = beta.log.read_text()
     assert "dropped a bad bus message: MANIFEST" in log and "'../..'" in log
     assert "dropped a bad bus message: SENTINELS" in log
+    assert "'..' component in path: '\\udce9/../../escape.txt'" in log
+    assert "NUL byte in path: 'ok/\\x00zz'" in log
     assert beta.proc.poll() is None, "a hostile sentinel list stopped the node"
     assert beta.config.exists() and (pair.root / "keys").exists()
     assert not Path("/nonexistent").exists()

@@ -64,6 +64,23 @@ def test_a_saved_cache_spares_every_read_of_the_next_scan(tmp_path):
     assert again.hashed == 0  # nothing was read
 
 
+def test_a_name_that_is_not_utf8_is_cached_and_known_after_a_reload(tmp_path):
+    root = tmp_path / "docs"
+    (root / os.fsdecode(b"d\xe8r")).mkdir(parents=True)
+    (root / os.fsdecode(b"d\xe8r/caf\xe9.txt")).write_bytes(b"Latin-1\n")
+    (root / "plain.txt").write_bytes(b"plain\n")
+    old_enough(root)
+    first = HashCache()
+    index = scan_folder(str(root), Filter(), first)
+    path = cache_path(tmp_path / "state", "docs")
+    assert save(path, str(root), first) == 2
+    assert b"\\u0000e9" in path.read_bytes()  # escaped (node/names.py)
+    again = load(path, str(root))
+    assert len(again) == 2
+    assert scan_folder(str(root), Filter(), again) == index
+    assert again.hashed == 0  # the Latin-1 name was known, not read again
+
+
 def test_a_file_changed_while_down_is_read_again_even_with_its_size_and_mtime_put_back(
         tmp_path):
     root, cache, path = scanned(tmp_path)

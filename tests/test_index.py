@@ -211,7 +211,7 @@ def odd_tree(tmp_path):
     os.mkfifo(root / "fifo")
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(root / "sock"))
-    write(root / os.fsdecode(b"latin1-\xe9.txt"), b"not UTF-8: cannot travel in JSON")
+    write(root / os.fsdecode(b"latin1-\xe9.txt"), b"not UTF-8: travels escaped")
     write(root / (TEMP_PREFIX + "half"), b"temp")
     write(root / "a" / (TEMP_PREFIX + "dir") / "x", b"temp")
     (root / "a/b/c/deep.txt").chmod(0o600)
@@ -225,7 +225,7 @@ def test_scan_of_an_odd_tree(odd_tree):
     assert sorted(index) == sorted([
         "a", "a/b", "a/b/c", "a/b/c/deep.txt", "sp ace", "sp ace/ünï cødé ✓.txt", "empty.txt",
         "empty dir", "empty dir/nested empty", ".hidden", ".hdir", ".hdir/x.lab",
-        "link-to-outside", "rel-link",
+        "link-to-outside", "rel-link", os.fsdecode(b"latin1-\xe9.txt"),
     ])
     assert index["a/b/c/deep.txt"] == {
         "path": "a/b/c/deep.txt", "kind": "file", "size": 4, "mode": 0o600,

@@ -260,3 +260,21 @@ def test_a_journal_written_whole_again_is_trusted_after_a_kill_again(tmp_path):
     _crash(agreed)
     with Agreed(path) as again:
         assert (again.get("f", "a.txt"), again.get("f", "b.txt")) == ("h2", "h3")
+
+
+def test_names_that_are_not_utf8_persist_across_reopen_and_compaction(tmp_path):
+    """A path and a link target in Latin-1 (node/names.py escapes them in the JSON lines)."""
+    import os
+
+    path = tmp_path / "agreed.jsonl"
+    name, target = os.fsdecode(b"d\xe8r/caf\xe9.txt"), os.fsdecode(b"link:target-\xff")
+    with Agreed(path) as agreed:
+        agreed.update([("f", name, "h1"), ("f", "link", target)])
+    assert b"\\u0000e9" in path.read_bytes()
+    with Agreed(path) as agreed:
+        assert agreed.get("f", name) == "h1" and agreed.get("f", "link") == target
+        for n in range(COMPACT_SLACK + 10):  # enough dead lines for a compaction
+            agreed.update([("f", "churn", f"h{n}")])
+    with Agreed(path) as agreed:
+        assert agreed.get("f", name) == "h1" and agreed.get("f", "link") == target
+        assert len(agreed) == 3

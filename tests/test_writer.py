@@ -116,7 +116,7 @@ HOSTILE = [
     ("/".join(["d" * 200] * 21), "4096"),
     (TEMP_PREFIX + "abc", "temp"),
     ("a/" + TEMP_PREFIX + "x/b", "temp"),
-    ("bad\udcffname", "UTF-8"),
+    ("bad\ud800name", "not a byte of a name"),  # \udcff is byte 0xff: a name (node/names.py)
 ]
 
 

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from sbs.node.config import Config, ConfigError, load
+from sbs.node.names import for_people
 
 from .client import request, subscribe
 
@@ -35,7 +36,7 @@ def _cfg(path: Path) -> Config:
 
 def _ask(cfg: Config, command: str, body: dict[str, Any] | None = None, *,
          timeout: float = 3.0, peer: bool = False) -> dict[str, Any]:
-    reply = request(cfg, command, body, timeout=timeout, peer=peer)
+    reply = for_people(request(cfg, command, body, timeout=timeout, peer=peer))
     if reply is None:
         where = f"{cfg.peer}:{cfg.port}" if peer else f"{cfg.local}:{cfg.port}"
         err.print(f"no answer from the node at {where}: stopped", highlight=False)
@@ -50,7 +51,7 @@ def _ask(cfg: Config, command: str, body: dict[str, Any] | None = None, *,
 def status(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
     """State, epoch, peer, replication and sentinels of the local node (exit 3 if stopped)."""
     cfg = _cfg(config)
-    reply = request(cfg, "STATUS", timeout=2.0)
+    reply = for_people(request(cfg, "STATUS", timeout=2.0))
     if reply is None or reply.get("status") != "ok":
         if as_json:
             print(orjson.dumps({"state": "stopped", "name": cfg.name}).decode())
@@ -119,8 +120,8 @@ def _print_status(st: dict[str, Any], say: Any) -> None:
         names = ", ".join(escape(n) for n in u["names"])
         say(f"[red]not replicated: {u['count']}{' or more' if u.get('capped') else ''} "
             f"object(s) {'here' if r['direction'] == 'outgoing' else 'on the primary'} that "
-            f"cannot travel (a name or link target that is not UTF-8; a FIFO, socket or "
-            f"device): {names}"
+            f"cannot travel (only regular files, folders and links replicate; a FIFO, "
+            f"socket or device does not): {names}"
             f"{', ...' if u['count'] > len(u['names']) else ''}[/red]")
     table = Table("sentinel", "active", "state", "pid", "restarts", "command")
     for s in st["sentinels"]:
@@ -171,10 +172,11 @@ def tail(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
             if not msg:
                 err.print(f"bad bus message: {msg.reason}", markup=False, highlight=False)
                 continue
+            body = for_people(msg.body)
             if as_json:
-                print(orjson.dumps({"type": msg.command.lower(), **msg.body}).decode(), flush=True)
+                print(orjson.dumps({"type": msg.command.lower(), **body}).decode(), flush=True)
             else:
-                print(describe(msg.command, msg.body), flush=True)
+                print(describe(msg.command, body), flush=True)
     except KeyboardInterrupt:
         pass
 
@@ -370,6 +372,7 @@ def verify(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
                 what = ("only on peer" if path not in a else "only here" if path not in b
                         else "content differs")
                 diffs.append({"folder": folder, "path": path, "difference": what})
+    diffs = for_people(diffs)  # compared as the names are, printed fit to read
     if as_json:
         print(orjson.dumps({"identical": not diffs, "differences": diffs}).decode())
     else:
@@ -390,7 +393,7 @@ def conflicts(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
     from sbs.node.conflicts import listing
 
     cfg = _cfg(config)
-    kept = listing(cfg.state_dir)
+    kept = for_people(listing(cfg.state_dir))
     if as_json:
         print(orjson.dumps({"where": str(cfg.state_dir / "conflicts"), "files": kept}).decode())
         return
