@@ -48,6 +48,11 @@ class Pending:
         # (folder, errno) of other write errors logged: a read-only or failing disk fails
         # every file again at each retry
         self.failing: set[tuple[str, object]] = set()
+        # folders found not to be the ones opened (a disk unmounted): looked at every
+        # RETRY_ERROR until they are back (``back``); those that missed deletions meanwhile
+        # (strict) want a snapshot then, which applies them
+        self.away: set[str] = set()
+        self.deletions_missed: set[str] = set()
 
     def __bool__(self) -> bool:
         return bool(self.files)
@@ -56,7 +61,10 @@ class Pending:
         return len(self.files)
 
     def retry_in(self) -> float | None:
-        """How long until the pending files are tried again; None when there are none."""
+        """How long until the pending files are tried again (or a folder that missed
+        deletions is looked at); None when there is nothing to wait for."""
+        if self.away:
+            return RETRY_ERROR
         return (RETRY_ERROR if self.error else RETRY) if self.files else None
 
     def bytes(self) -> int:
@@ -65,6 +73,8 @@ class Pending:
     def reset(self) -> None:
         """A snapshot: what is pending is worked out afresh."""
         self.files.clear()
+        self.away.clear()  # the snapshot's apply finds them again
+        self.deletions_missed.clear()
         self.no_room.clear()
         self.since_seq = None
         self.error, self.error_of, self.local = "", None, False
@@ -101,15 +111,15 @@ class Pending:
             return True
         return False
 
-    def replaced(self, name: str, root: Path, entries: list[dict]) -> None:
+    def replaced(self, name: str, root: Path, entries: list[dict], deletions: int = 0) -> None:
         """The folder is no longer the one the writer opened (FolderWriter.replaced): nothing
-        is written or deleted there; its changes wait for it to be back, said once."""
-        if not entries:  # deletions only: the next snapshot works them out again
-            log.warning("folder %s (%s) is no longer the folder this node opened: deletions "
-                        "not applied there", name, root)
-            return
+        is written or deleted there; its changes wait for it to be back, said once, and
+        `deletions` (strict) are worked out by a snapshot once it is back (``back``)."""
         for e in entries:
             self.pend(name, e)
+        self.away.add(name)
+        if deletions:
+            self.deletions_missed.add(name)
         kind = (name, "replaced")
         if kind not in self.failing:
             self.failing.add(kind)
@@ -117,8 +127,29 @@ class Pending:
                       "unmounted under it, or the folder moved away): nothing is written there "
                       "until it is back; restart the node to take a new folder there on", name,
                       root)
-        self._local_error(f"folder {name} ({root}) is no longer the folder this node opened "
-                          f"(a disk unmounted?)")
+        self._local_error(_away(name, root))
+
+    def back(self, writers: Mapping[str, Any]) -> list[str]:
+        """Each folder away that is the one opened again (the disk is back) is over, its
+        reason gone from `error`; those that missed deletions meanwhile are returned: each
+        wants a snapshot. Those still away stay, with the reason in `error`."""
+        found = []
+        for name in sorted(self.away):
+            writer = writers.get(name)
+            if writer is not None and writer.replaced():
+                self.replaced(name, writer.root, [])  # the reason again, after a take()
+                continue
+            self.away.discard(name)
+            if writer is not None and self.error == _away(name, writer.root):
+                self.error, self.error_of, self.local = "", None, False
+            missed = name in self.deletions_missed
+            self.deletions_missed.discard(name)
+            log.info("folder %s is the folder this node opened again%s", name,
+                     ": asking for a snapshot for the deletions that came meanwhile"
+                     if missed else "")
+            if missed:
+                found.append(name)
+        return found
 
     def superseded(self, name: str, path: str) -> None:
         """A newer entry for the path has come: the pending one is dropped, and what went
@@ -196,7 +227,7 @@ class Pending:
                 log.info("space is back in %s", sorted(self.disk_full))
             self.disk_full.clear()
         if self.failing:
-            waiting = {name for name, _ in self.files}
+            waiting = {name for name, _ in self.files} | self.away
             self.failing = {f for f in self.failing if f[0] in waiting}
         self.unserved &= self.files.keys()
         if self.mismatched:
@@ -260,6 +291,10 @@ def folder_above_pending(pending: Mapping[Key, Any], name: str, path: str) -> bo
             return True
         at = path.rfind("/")
     return False
+
+
+def _away(name: str, root: Path) -> str:
+    return f"folder {name} ({root}) is no longer the folder this node opened (a disk unmounted?)"
 
 
 def _enospc(exc: BaseException) -> bool:

@@ -155,6 +155,7 @@ class Syncer:
                         self._reopen_refused()
                         if self.pending:
                             self._retry_pending()
+                        self._folders_back()
                     continue
                 if job[0] == "stop" or self.fetcher.cancelled.is_set():
                     return
@@ -285,6 +286,16 @@ class Syncer:
                      str(path)[:200])
             self.emit("folder_ready", folder=name)
 
+    def _folders_back(self) -> None:
+        """A folder whose disk was away is back: its reason leaves the status, and when
+        deletions came meanwhile, a snapshot applies them (the live manifests that brought
+        them are gone)."""
+        if not self.pending.away:
+            return
+        for name in self.pending.back(self.writers):
+            self.emit("folder_ready", folder=name)
+        self._report(snapshot=False)
+
     def _stop_check(self) -> None:
         """Raises _Stopped once the syncer is told to stop (the loop may be waiting)."""
         if self.fetcher.cancelled.is_set():
@@ -412,7 +423,7 @@ class Syncer:
                files_here: int | None = None) -> None:
         writer = self.writers[name]
         if writer.replaced():
-            self.pending.replaced(name, writer.root, changes)
+            self.pending.replaced(name, writer.root, changes, len(deletions))
             return
         agreed: list[tuple[str, str, str | None]] = []
         fetch: list[dict] = []

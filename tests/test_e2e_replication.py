@@ -591,10 +591,12 @@ class TmpfsNodeProc(NodeProc):
         assert res.returncode == 0, res.stderr
 
 
-def beta_on_a_tmpfs(make_pair, old: str) -> tuple[Pair, Path, TmpfsNodeProc, Path]:
+def beta_on_a_tmpfs(make_pair, old: str, **node: str
+                    ) -> tuple[Pair, Path, TmpfsNodeProc, Path]:
     """A pair in sync whose beta has its folder on a tmpfs of 8 MiB, and old.txt holding
-    `old`: (pair, alpha's folder, beta, beta's folder as the test reaches it)."""
-    pair = make_pair()
+    `old`: (pair, alpha's folder, beta, beta's folder as the test reaches it). `node`: more
+    of the [node] section (strict="true")."""
+    pair = make_pair(node=node) if node else make_pair()
     a, b = pair.folder("alpha"), pair.folder("beta")
     beta = pair.nodes["beta"] = pair.beta = TmpfsNodeProc(pair.beta.config, b, "8m")
     write(a / "old.txt", old)
@@ -893,6 +895,40 @@ def test_a_disk_unmounted_under_a_running_secondary_gets_nothing_written_beneath
     beta.in_its_mounts("mount", "--bind", str(keep), str(b))  # the disk is back
     wait_equal(a, bb, 15, "new.txt once beta's disk is back")
     wait_for(lambda: replication(beta).get("synced"), 15, "beta in sync again")
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and tmpfs (root)")
+@pytest.mark.parametrize("strict", ["true", "false"])
+def test_deletions_while_a_secondarys_disk_is_away_are_applied_once_it_is_back(
+        make_pair, strict):
+    """A beta whose disk goes away (umount -l) while alpha deletes a file: the deletion cannot
+    be applied (nothing is done beneath the mount point), and beta used to drop it with a
+    warning, saying "synced" meanwhile and, strict, after the disk was back, the file still
+    there. Now beta's status says why it is not in sync until the disk is back; then a strict
+    beta asks for a snapshot, which applies the deletion (one that is not strict keeps its
+    copy, as it does of every deletion), and the reason leaves the status."""
+    pair, a, beta, bb = beta_on_a_tmpfs(make_pair, "deleted while beta's disk is away\n",
+                                        strict=strict)
+    write(a / "stays.txt", "stays\n")
+    wait_equal(a, bb, 15, "stays.txt on beta")
+    b, keep = pair.folder("beta"), pair.root / "beta-disk-kept"
+    keep.mkdir()
+    beta.in_its_mounts("mount", "--bind", str(b), str(keep))
+    beta.in_its_mounts("umount", "-l", str(b))
+    os.unlink(a / "old.txt")  # a manifest of one deletion
+    st = wait_for(lambda: (r := replication(beta)) and "no longer the folder" in r.get(
+        "error", "") and r, 15, "the reason in beta's status")
+    assert st["synced"] is False, st
+    assert sorted(p.name for p in bb.iterdir()) == [], "beta wrote beneath the mount point"
+    beta.in_its_mounts("mount", "--bind", str(keep), str(b))  # the disk is back
+    if strict == "true":
+        wait_equal(a, bb, 15, "old.txt gone from beta once its disk is back")
+    wait_for(lambda: replication(beta).get("synced"), 15, "beta in sync again")
+    assert not replication(beta).get("error")
+    assert (bb / "old.txt").exists() == (strict == "false")
+    said = [line for line in beta.log.read_text().splitlines()
+            if "no longer the folder this node opened" in line]
+    assert len(said) == 1, said
 
 
 @pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and tmpfs (root)")
