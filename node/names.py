@@ -6,18 +6,24 @@ surrogate U+DC80..U+DCFF (PEP 383, "surrogateescape"), and take that str back to
 The node keeps such names as they come, in every Entry, index, queue and cache; only JSON cannot
 hold a lone surrogate (orjson refuses it). So everything the node writes as JSON (the wire's
 bodies and manifests, the journal, the hash caches, the syncer's reports, the state documents)
-goes through ``dumps``/``loads`` here, which write such a byte as NUL and two hex digits
-("\\u0000e9" in the JSON text) and read it back. A name on Linux never holds NUL, so this form
-cannot be mistaken for a real name; a NUL that is not followed by two hex digits from 80 to ff
-is left as it is, and the one path rule (node/tree.py) refuses it.
+goes through ``dumps``/``loads`` here: a string holding such a byte is written as NUL and the
+base64 of its bytes (b"caf\\xe9.txt" is "\\u0000Y2Fm6S50eHQ="), at most 4/3 of its length in
+bytes, as the UTF-8 of a name may be; ``loads`` reads it back. No Linux name holds NUL, so this
+form cannot be mistaken for a name; a NUL that does not begin such a form is left as it is, and
+the one path rule (node/tree.py) refuses it. What comes from the peer is held to its schema
+after that (node/protocol.py): only a path may hold such a byte.
 
 Only a message that holds such a name pays: ``dumps`` tries orjson first, ``loads`` looks for
 the escape in the raw bytes before it walks anything.
 
-``shown`` is the form for people (logs, status, sbs-tools): each undecodable byte as \\xNN.
+For people: ``shown`` writes such a byte as \\xNN and a backslash as \\\\ (as `ls -b` does, so
+two names never look alike): what sbs-tools prints. ``readable`` only writes the bytes as
+\\xNN: the node's log lines.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from dataclasses import fields, is_dataclass
 from typing import Any
@@ -26,17 +32,7 @@ import orjson
 
 ESC = "\x00"
 RAW_ESC = b"\\u0000"  # how orjson writes ESC inside a JSON string
-_LOW, _HIGH = 0xDC80, 0xDCFF  # the surrogates os.fsdecode makes of bytes 0x80..0xff
 _SURROGATE = re.compile("[\udc80-\udcff]")
-_ESCAPED = re.compile("\x00([89a-f][0-9a-f])")
-
-
-def _esc(m: re.Match[str]) -> str:
-    return f"{ESC}{ord(m.group()) - 0xDC00:02x}"
-
-
-def _unesc(m: re.Match[str]) -> str:
-    return chr(0xDC00 + int(m.group(1), 16))
 
 
 def _walk(obj: Any, fix: Any, needs: Any) -> Any:
@@ -51,22 +47,37 @@ def _walk(obj: Any, fix: Any, needs: Any) -> Any:
     return obj
 
 
-def _has_surrogate(s: str) -> bool:
+def has_byte(s: str) -> bool:
+    """Does s hold a byte that is not UTF-8 (as its surrogate)?"""
     return not s.isascii() and _SURROGATE.search(s) is not None
 
 
+def _esc(s: str) -> str:
+    return ESC + base64.b64encode(s.encode("utf-8", "surrogateescape")).decode("ascii")
+
+
+def _unesc(s: str) -> str:
+    if len(s) < 2 or s[0] != ESC:
+        return s  # a NUL elsewhere, or alone: not ours, left for the path rule to refuse
+    try:
+        raw = base64.b64decode(s[1:], validate=True)
+    except (binascii.Error, ValueError):
+        return s
+    return raw.decode("utf-8", "surrogateescape")
+
+
 def escape(obj: Any) -> Any:
-    """obj with every undecodable byte of its strings (keys too) as NUL and two hex digits."""
-    return _walk(obj, lambda s: _SURROGATE.sub(_esc, s), _has_surrogate)
+    """obj with every string (keys too) that holds a byte that is not UTF-8 in the escaped form."""
+    return _walk(obj, _esc, has_byte)
 
 
 def unescape(obj: Any) -> Any:
-    """What ``escape`` made, back: NUL and two hex digits 80..ff as the byte's surrogate."""
-    return _walk(obj, lambda s: _ESCAPED.sub(_unesc, s), lambda s: ESC in s)
+    """What ``escape`` made, back: each escaped string as its name's own bytes."""
+    return _walk(obj, _unesc, lambda s: ESC in s)
 
 
 def dumps(obj: Any, option: int | None = None) -> bytes:
-    """orjson.dumps, and a string holding an undecodable byte written escaped."""
+    """orjson.dumps, and a string holding a byte that is not UTF-8 written escaped."""
     try:
         return orjson.dumps(obj, option=option)
     except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
@@ -87,13 +98,23 @@ def loads(raw: bytes | bytearray | memoryview | str) -> Any:
     return unescape(obj) if found else obj
 
 
-def shown(text: str) -> str:
-    """A name fit to print: each undecodable byte as \\xNN."""
-    if text.isascii():
+def readable(text: str) -> str:
+    """text with each byte that is not UTF-8 as \\xNN (a log line)."""
+    if not has_byte(text):
         return text
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def shown(text: str) -> str:
+    """A name fit to print and tell apart: each byte that is not UTF-8 as \\xNN, a backslash
+    as \\\\ (`ls -b`)."""
+    if "\\" in text:
+        text = text.replace("\\", "\\\\")
+    return readable(text)
+
+
 def for_people(obj: Any) -> Any:
-    """obj with every string fit to print (``shown``): what sbs-tools prints."""
-    return _walk(obj, shown, _has_surrogate)
+    """obj with every string that holds a byte that is not UTF-8 as ``shown`` writes it: what
+    sbs-tools prints (where it lists names, it shows each one: a backslash of a name that is
+    UTF-8 is doubled too)."""
+    return _walk(obj, shown, has_byte)

@@ -74,13 +74,24 @@ class Bad:
 Check = Callable[[Any], "str | None"]
 
 
-def s(max_len: int = 256) -> Check:
+def s(max_len: int = 256, *, path: bool = False) -> Check:
+    """A string of at most max_len characters. Only a path (``path``) may hold a byte that is
+    not UTF-8 (node/names.py): anywhere else such a string would reach code that takes text
+    (a filter, a sentinel's command, a log file's name) and is refused here."""
     def check(v: Any) -> str | None:
         if not isinstance(v, str):
             return "not a string"
-        return "too long" if len(v) > max_len else None
+        if len(v) > max_len:
+            return "too long"
+        if not path and not v.isascii() and names.has_byte(v):
+            return "holds a byte that is not UTF-8 (only a path may)"
+        return None
 
     return check
+
+
+def path_s(max_len: int = 4096) -> Check:
+    return s(max_len, path=True)
 
 
 def i(lo: int = 0, hi: int = 2**63 - 1) -> Check:
@@ -198,13 +209,13 @@ def _sentinel_name(v: Any) -> str | None:
 # An Entry: one object of a replicated folder (see node/index.py). Paths are checked again,
 # component by component, where they touch the disk (node/writer.py).
 ENTRY: dict[str, Check] = {
-    "path": s(4096),
+    "path": path_s(),
     "kind": one_of(*KINDS),
     "size": i(0, 2**62),
     "mtime_ns": i(-(2**62), 2**62),
     "mode": i(0, 0o7777),
     "hash": s(64),
-    "target": s(4096),
+    "target": path_s(),
     "deleted": b,
 }
 ENTRY_OPTIONAL = ("target", "deleted", "hash")
@@ -236,9 +247,10 @@ PEER_STATE: dict[str, Check] = {
     "synced": b,  # secondary: nothing pending, copy matches `applied`
     "pending_files": i(0),
     "pending_bytes": i(0),
-    "error": s(1000),
+    "error": s(1000, path=True),  # may name a file: only shown (node/names.py)
     "through": SEQ,  # secondary: last manifest it has worked through (applied or not)
-    "stuck": s(1000),  # secondary: why what is pending cannot be applied by waiting ("" if it can)
+    # secondary: why what is pending cannot be applied by waiting ("" if it can); may name a file
+    "stuck": s(1000, path=True),
     "following": s(32),  # secondary: the primary's run its numbers (applied, through) refer to
     # a split-brain loser: it yielded to that run of the peer, from its term of `loser_epoch`
     # (the winner learns of the split brain from this when it did not see two primaries)
@@ -285,7 +297,7 @@ SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
             "part": i(0), "parts": i(1), "sid": s(32),
             # folder -> paths there on the primary that it could not read at its last full
             # scan (no entry in the index; "" the folder's root): not deleted by a secondary
-            "unreadable": dict_of(list_of(s(4096), UNREADABLE_MAX), 1000, _folder_name),
+            "unreadable": dict_of(list_of(path_s(), UNREADABLE_MAX), 1000, _folder_name),
         },
         ("lists", "part", "parts", "sid", "unreadable"),
     ),
@@ -311,11 +323,11 @@ SCHEMAS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
                    "active": ACTIVE}, ()),
     "EVENT": ({"name": NAME, "event": s(64)}, ()),
     # blobs: fetch client (DEALER) -> REP
-    "GET": ({"id": SEQ, "items": list_of(obj({"f": s(255), "p": s(4096), "o": i(0),
+    "GET": ({"id": SEQ, "items": list_of(obj({"f": s(255), "p": path_s(), "o": i(0),
                                                "n": i(1, MAX_CHUNK)}), 4096)}, ()),
     # packed (asked for with "pack" in the GET): one raw frame holds every item's bytes one
     # after the other, each item saying how many are its own ("n"); else a frame per item
-    "DATA": ({"id": SEQ, "items": list_of(obj({"size": i(-1), "err": s(1000),
+    "DATA": ({"id": SEQ, "items": list_of(obj({"size": i(-1), "err": s(1000, path=True),
                                                "n": i(0, MAX_CHUNK)}, ("err", "n")), 4096),
               "packed": b}, ("packed",)),
 }

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .config import ConfigError, load
 from .fdio import LIBC
+from .names import readable
 from .proctree import become_subreaper
 
 # glibc's mallopt parameters (malloc.h)
@@ -80,6 +81,14 @@ def name_os_threads() -> bool:
     return True
 
 
+class ReadableFormatter(logging.Formatter):
+    """Each byte of a file name that is not UTF-8 as \\xNN, as sbs-tools shows it (else
+    stderr writes the surrogate Python holds it as, \\udcNN)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return readable(super().format(record))
+
+
 def run(config: Path, verbose: bool) -> int:
     """Run the node until SIGTERM/SIGINT: 0 clean stop, 1 runtime failure, 2 bad config."""
     # `kill -USR1 <pid>` writes every thread's stack to stderr (the node's log) and the node
@@ -90,11 +99,11 @@ def run(config: Path, verbose: bool) -> int:
     except ConfigError as exc:
         print(f"sbs-node: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format=f"%(asctime)s {cfg.name} %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    fmt = f"%(asctime)s {cfg.name} %(name)s %(levelname)s %(message)s"
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt,
+                        stream=sys.stderr)
+    for handler in logging.getLogger().handlers:  # a name that is not UTF-8 as \xNN
+        handler.setFormatter(ReadableFormatter(fmt))
     logging.getLogger("asyncio").setLevel(logging.WARNING)
     log = logging.getLogger("sbs.node")
     if not tune_malloc():

@@ -42,6 +42,7 @@ from .index import (
     scan_paths,
 )
 from .journal import Agreed
+from .names import readable
 from .protocol import UNREADABLE_MAX
 from .rolling import Rotation, rescan_dir
 from .unreplicable import summary
@@ -188,7 +189,7 @@ class Scanner:
             return  # told to stop in the middle of a full scan: nothing more is sent
         except Exception as exc:  # the scanner must report, not vanish silently
             log.exception("scanner failed")
-            pipe.send_multipart([b"error", f"scanner failed: {exc}".encode()])
+            pipe.send_multipart([b"error", _text(f"scanner failed: {exc}")])
         finally:
             if watcher is not None:
                 watcher.stop()
@@ -302,15 +303,15 @@ class Scanner:
             except FolderMissing:
                 # an unmounted or vanished folder is not "everything was deleted"
                 log.error("folder %s (%s) is missing: not replicating it", name, root)
-                pipe.send_multipart([b"error", f"folder {name} ({root}) is missing".encode()])
+                pipe.send_multipart([b"error", _text(f"folder {name} ({root}) is missing")])
                 continue
             except OSError as exc:
                 # nor is one that cannot be read (permissions, a failing disk); and the other
                 # folders go on: this used to end the scanner, and with it all replication
                 log.error("folder %s (%s) cannot be read: %s; keeping what it had", name,
                           root, exc)
-                pipe.send_multipart([b"error", f"folder {name} ({root}) cannot be read: "
-                                               f"{exc}".encode()])
+                pipe.send_multipart([b"error", _text(f"folder {name} ({root}) cannot be read: "
+                                                     f"{exc}")])
                 if not self.index[name]:
                     unreadable[name] = [""]
                 continue
@@ -364,7 +365,7 @@ class Scanner:
                    f"unmounted under it?): not replicating it, nor its files as deleted, until "
                    f"it is back; restart the node to take a new folder there on")
             log.error("%s", why)
-            pipe.send_multipart([b"error", why.encode()])
+            pipe.send_multipart([b"error", _text(why)])
         return True
 
     def _rolling_scan(self, pipe: zmq.Socket) -> None:
@@ -435,3 +436,9 @@ def verify_tokens(folders: dict[str, FolderConfig]) -> dict[str, dict[str, str]]
             continue
         out[name] = {p: Agreed.token(e) for p, e in index.items()}
     return out
+
+
+def _text(message: str) -> bytes:
+    """An error for the node's pipe: a name that is not UTF-8 in it as \\xNN, never a second
+    error while reporting the first."""
+    return readable(message).encode("utf-8", "backslashreplace")

@@ -408,12 +408,13 @@ class Secondary:
         """One log line, bus event and email for the copies kept since the last one."""
         node = self.node
         kept, self.kept_new = self.kept_new, []
-        said = [names.shown(f"{k.get('folder')}/{k.get('path')}") for k in kept]
+        paths = [f"{k.get('folder')}/{k.get('path')}" for k in kept]
+        said = [names.shown(p) for p in paths]  # for people: a byte not UTF-8 as \xNN
         where = f"{node.state_dir}/conflicts/"
         peer = node.peer.name or node.cfg.peer
         log.warning("kept %d file(s) of this node under %s before following %s: %s",
                     len(kept), where, peer, ", ".join(said[:20]))
-        node.publish_event("conflicts", count=len(kept), files=said[:100], where=where)
+        node.publish_event("conflicts", count=len(kept), files=paths[:100], where=where)
         node.ops.alerts.notice(
             "conflicts", f"SBS conflicts: {node.cfg.name} kept {len(kept)} file(s) of its own",
             f"Node {node.cfg.name} is secondary of {peer} now. These "

@@ -31,6 +31,10 @@ log = logging.getLogger("sbs.syncer")
 SMALL = 256 << 10  # files up to this size travel many to a request
 BATCH_BYTES = 1 << 20
 BATCH_ITEMS = 256
+# the JSON of one GET's paths, at most (the file server takes a request of 1 MiB at most,
+# protocol.MAX_BLOB_REQUEST_IN): 256 paths of 4,096 bytes, or of names that are not UTF-8
+# (4/3 in JSON, node/names.py), would not fit in one
+REQUEST_PATH_BYTES = 512 << 10
 CHUNK = 1 << 20
 # what the file server says of a file gone since its manifest (the next one says more); any
 # other reason (it cannot read it, a refused path) does not pass by waiting for a manifest
@@ -175,7 +179,7 @@ class Transfer:
     def _batches(self, name: str, by_path: dict[str, dict],
                  skip: set[str]) -> Iterator[list[dict]]:
         batch: list[dict] = []
-        size = 0
+        size = asked = 0
         for e in by_path.values():
             if e["path"] in skip:
                 continue
@@ -189,11 +193,17 @@ class Transfer:
                     yield [{"f": name, "p": e["path"], "o": off,
                             "n": min(CHUNK, e["size"] - off)}]
                 continue
+            # a bound of the item's JSON: a name not UTF-8 goes as base64 (4/3)
+            path_bytes = 80 + len(e["path"].encode("utf-8", "surrogateescape")) * 4 // 3
+            if batch and asked + path_bytes > REQUEST_PATH_BYTES:
+                yield batch
+                batch, size, asked = [], 0, 0
             batch.append({"f": name, "p": e["path"], "o": 0, "n": e["size"]})
             size += e["size"]
+            asked += path_bytes
             if size >= BATCH_BYTES or len(batch) >= BATCH_ITEMS:
                 yield batch
-                batch, size = [], 0
+                batch, size, asked = [], 0, 0
         if batch:
             yield batch
 

@@ -1,5 +1,6 @@
 """node.names: a name that is not UTF-8 through JSON and back, byte for byte; what is not its
-escape is left alone for the path rule to judge; and the forms people see."""
+escape is left alone for the path rule to judge; only a path may hold such a byte on the wire;
+and the forms people see."""
 from __future__ import annotations
 
 import os
@@ -46,27 +47,47 @@ def test_an_entry_dataclass_is_escaped_with_the_keys_orjson_gives_it(tmp_path):
     plain = file_entry("cafe", os.lstat(p), "0" * 32)
     got = orjson.loads(names.dumps(entry))
     assert list(got) == list(orjson.loads(orjson.dumps(plain)))
-    assert got["path"] == "caf\x00e9"
+    assert got["path"] == "\x00Y2Fm6Q=="  # NUL and the base64 of b"caf\xe9"
     assert names.loads(names.dumps(entry))["path"] == os.fsdecode(b"caf\xe9")
 
 
 @pytest.mark.parametrize("sent, why", [
-    ('"docs/\\u0000zz"', "NUL byte"),  # NUL without two hex digits: left as NUL
-    ('"docs/\\u000041"', "NUL byte"),  # 0x41 is ASCII: never escaped, so not an escape
-    ('"docs/\\u0000"', "NUL byte"),
+    ('"docs/\\u0000Y2Fm6Q=="', "NUL byte"),  # NUL not at the start: not an escape
+    ('"\\u0000not base64!"', "NUL byte"),
+    ('"\\u0000"', "NUL byte"),
 ])
 def test_what_is_not_an_escape_stays_nul_and_the_path_rule_refuses_it(sent, why):
     got = names.loads(sent.encode())
+    assert got.count("\x00") == 1
     with pytest.raises(PathError, match=why):
         check_relpath(got)
 
 
-def test_a_hostile_escape_is_only_a_byte_of_a_name_and_still_held_to_the_path_rule():
-    got = names.loads(b'"\\u0000e9/../x"')
+def test_a_hostile_escape_is_only_bytes_of_a_name_and_still_held_to_the_path_rule():
+    import base64
+
+    def sent(raw: bytes) -> bytes:
+        return orjson.dumps("\x00" + base64.b64encode(raw).decode())
+
+    got = names.loads(sent(b"\xe9/../x"))
     assert got == os.fsdecode(b"\xe9/../x")
     with pytest.raises(PathError, match="'..' component"):
         check_relpath(got)
-    assert names.loads(b'"\\u0000e9\\u0000FF"') == "\udce9\x00FF"  # upper case: not ours
+    with pytest.raises(PathError, match="NUL byte"):
+        check_relpath(names.loads(sent(b"a\x00b")))
+    assert names.loads(sent("café".encode())) == "café"  # escaped for nothing: still the name
+
+
+def test_only_a_path_may_hold_a_byte_that_is_not_utf8_on_the_wire():
+    """A filter, a sentinel's command, a node's name holding one would reach code that takes
+    text (it did: a filter so escaped stopped a snapshot's lists with a traceback)."""
+    latin1 = os.fsdecode(b"x\xe9*")
+    frames = protocol.encode("SNAPSHOT", {"name": latin1})
+    assert "only a path may" in protocol.decode(frames).reason
+    entry = {"path": latin1, "kind": "file", "size": 1, "mtime_ns": 0, "mode": 0o644,
+             "hash": "0" * 32}
+    assert protocol.entry_check(names.loads(names.dumps(entry))) is None
+    assert "only a path may" in protocol.entry_check(dict(entry, hash=latin1))
 
 
 def test_a_surrogate_no_name_can_hold_is_refused_by_the_path_rule():
@@ -78,14 +99,16 @@ def test_a_message_with_such_a_name_passes_the_protocol_both_ways():
     path = os.fsdecode(b"d\xe8r/caf\xe9.txt")
     frames = protocol.encode("GET", {"id": 1, "items": [{"f": "docs", "p": path, "o": 0,
                                                           "n": 10}]})
-    assert b"\\u0000e8" in frames[2]
+    assert b"\\u0000" in frames[2]
     msg = protocol.decode(frames)
     assert msg, msg
     assert msg.body["items"][0]["p"] == path
 
 
-def test_people_see_each_undecodable_byte_as_xnn():
+def test_people_see_each_undecodable_byte_as_xnn_and_two_names_never_alike():
     assert names.shown(os.fsdecode(b"caf\xe9 ok")) == "caf\\xe9 ok"
+    assert names.shown("caf\\xe9") == "caf\\\\xe9"  # a name that is UTF-8, with a backslash
     assert names.shown("café ✓") == "café ✓"
-    assert names.for_people({"files": [os.fsdecode(b"\xff")], "n": 2}) == {
-        "files": ["\\xff"], "n": 2}
+    assert names.readable(os.fsdecode(b"caf\xe9 \\")) == "caf\\xe9 \\"  # a log line
+    assert names.for_people({"files": [os.fsdecode(b"\xff")], "n": 2, "cmd": "a\\nb"}) == {
+        "files": ["\\xff"], "n": 2, "cmd": "a\\nb"}

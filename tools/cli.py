@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from sbs.node.config import Config, ConfigError, load
-from sbs.node.names import for_people
+from sbs.node.names import for_people, shown
 
 from .client import request, subscribe
 
@@ -202,7 +202,8 @@ def describe(command: str, b: dict[str, Any]) -> str:
         text = f"sentinel list v{b['sv']}: active {b['active']}"
     else:
         rest = {k: v for k, v in b.items() if k not in ("name", "event", "at")}
-        text = f"{b.get('event')} " + " ".join(f"{k}={v}" for k, v in rest.items())
+        text = f"{b.get('event')} " + " ".join(
+            f"{k}={', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in rest.items())
     return f"{stamp} {who:>8} {command.lower():9} {text}"
 
 
@@ -371,8 +372,8 @@ def verify(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
             if a.get(path) != b.get(path):
                 what = ("only on peer" if path not in a else "only here" if path not in b
                         else "content differs")
-                diffs.append({"folder": folder, "path": path, "difference": what})
-    diffs = for_people(diffs)  # compared as the names are, printed fit to read
+                # compared as the names are, printed so that two never look alike
+                diffs.append({"folder": folder, "path": shown(path), "difference": what})
     if as_json:
         print(orjson.dumps({"identical": not diffs, "differences": diffs}).decode())
     else:
@@ -393,7 +394,8 @@ def conflicts(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
     from sbs.node.conflicts import listing
 
     cfg = _cfg(config)
-    kept = for_people(listing(cfg.state_dir))
+    kept = [{**k, "path": shown(k["path"]), "kept": shown(k["kept"])}
+            for k in listing(cfg.state_dir)]
     if as_json:
         print(orjson.dumps({"where": str(cfg.state_dir / "conflicts"), "files": kept}).decode())
         return
