@@ -147,10 +147,10 @@ class Control:
             sock.close()
 
     def on_confirm(self, ident: bytes, body: dict[str, Any]) -> None:
-        if self.node.secondary.confirm_deletions(body.get("folder")):
+        if (why := self.node.secondary.confirm_deletions(body.get("folder"))) is None:
             self.node.reply(ident, protocol.reply_ok())
         else:
-            self.node.reply(ident, protocol.reply_error("only a secondary deletes in strict mode"))
+            self.node.reply(ident, protocol.reply_error(why))
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:

@@ -46,13 +46,13 @@ class StrictDeletions:
             self.guard_errors.pop(name, None)
 
     def confirm(self, folder: str | None) -> None:
-        """The operator allows the deletions the guard refused: apply the held ones now, or
-        (when none is held) let the next strict cycle of the folder(s) delete."""
+        """The operator allows the deletions the guard refused: the held ones are applied
+        now. Only what is held: a confirmation with nothing held (Secondary refuses it) is
+        not kept for a later cycle, which could be the unmounted disk the guard is for."""
         s = self.syncer
         names = set(s.writers) if folder is None else {folder}
-        log.warning("operator confirmed the strict deletions in %s", sorted(names))
         held = {n: self.held.pop(n) for n in names if n in self.held}
-        self.confirmed |= names - set(held)
+        log.warning("operator confirmed the strict deletions held in %s", sorted(held))
         for name in held:
             self.guard_errors.pop(name, None)
         stamp = utc_stamp()

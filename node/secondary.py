@@ -21,7 +21,7 @@ from .fsm import S
 from .liveness import Watch
 from .protocol import Bad, Message
 from .security import client
-from .syncer import Syncer, keep_entries
+from .syncer import GUARD_MIN_FILES, Syncer, keep_entries
 
 if TYPE_CHECKING:
     from .node import Node
@@ -313,12 +313,20 @@ class Secondary:
                 self.kept_new.append(body)
             node.publish_event(body.pop("event"), **body)
 
-    def confirm_deletions(self, folder: str | None) -> bool:
-        """An operator confirms strict deletions; False when not following."""
+    def confirm_deletions(self, folder: str | None) -> str | None:
+        """An operator confirms the strict deletions the guard holds (in `folder`, or in
+        every folder): None when they go ahead, else why not."""
         if self.syncer is None:
-            return False
+            return "only a secondary deletes in strict mode"
+        if folder is not None and folder not in {f.name for f in self.node.cfg.folders}:
+            return f"no folder named {folder!r} here"
+        held = set(self.syncer.deletions.held)  # the syncer's; a copy made in one step
+        if not (held if folder is None else held & {folder}):
+            return (f"the strict guard holds no deletions in {folder or 'any folder'}: "
+                    f"nothing to confirm (it holds them when a strict sync would delete more "
+                    f"than half of a folder of {GUARD_MIN_FILES} files or more)")
         self.syncer.confirm_deletions(folder)
-        return True
+        return None
 
     # ------------------------------------------------------------------ deadlines, status
     def next_deadline(self) -> float | None:

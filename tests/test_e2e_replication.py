@@ -440,6 +440,12 @@ def test_strict_guard_refuses_mass_deletion_until_confirmed(make_pair):
     write(a / "f00.txt", "changed along with the deletion")
     wait_equal(a, b, 10, "an ordinary deletion of 20 files")
     assert not replication(pair.beta).get("error")
+    # a confirmation with nothing held is refused, not kept for a later cycle: it used to
+    # let the next mass deletion through, however late (the unmounted disk the guard is for)
+    early = sbs_tools("confirm-deletions", "--config", str(pair.beta.config))
+    assert early.returncode == 1 and "holds no deletions" in early.stderr, early
+    typo = sbs_tools("confirm-deletions", "dcos", "--config", str(pair.beta.config))
+    assert typo.returncode == 1 and "no folder named 'dcos'" in typo.stderr, typo
     # 14 of 24 files vanish in one go, as when a disk is unmounted on the primary
     bus = Bus(pair.beta)
     try:

@@ -409,11 +409,12 @@ def conflicts(config: Path = ConfigOpt, as_json: bool = JsonOpt) -> None:
 @app.command("confirm-deletions")
 def confirm_deletions(folder: str = typer.Argument(None, help="folder name (default: all)"),
                       config: Path = ConfigOpt) -> None:
-    """On the secondary: allow the strict deletions that the guard refused (once)."""
+    """On the secondary: allow the strict deletions that the guard holds (once); refused
+    when it holds none there."""
     cfg = _cfg(config)
     _ask(cfg, "CONFIRM", {"folder": folder} if folder else {})
-    out.print("confirmed: the next strict sync may delete" +
-              (f" in {folder}" if folder else " in every folder"), markup=False)
+    out.print("confirmed: the deletions the strict guard held" +
+              (f" in {folder}" if folder else "") + " go ahead", markup=False)
 
 
 def main() -> None:
