@@ -4,13 +4,16 @@ With strict mode, what the primary no longer has goes to the trash here too. A c
 would delete more than half of a folder's files (of at least GUARD_MIN_FILES) looks like a
 disk that is not mounted on the primary: those deletions are held, reported, and applied
 only once an operator confirms them (`sbs-tools confirm-deletions`), or dropped when the
-primary shows the paths again.
+primary shows the paths again. A deletion that fails here (the trash cannot be written, the
+file cannot be moved) is kept, named in the status (not in sync) and tried again every
+RETRY_ERROR seconds (``retry``), logged once.
 """
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING
 
+from .pending import RETRY_ERROR
 from .writer import PathError, utc_stamp
 
 if TYPE_CHECKING:
@@ -29,17 +32,49 @@ class StrictDeletions:
         # dropped when the primary shows the path again (a disk that was only unmounted)
         self.held: dict[str, dict[str, dict]] = {}
         self.guard_errors: dict[str, str] = {}
+        # deletions that failed here, per folder, and the last reason: tried again (retry)
+        self.failed: dict[str, dict[str, dict]] = {}
+        self.failed_why = ""
+        self.said: set[tuple[str, object]] = set()  # (folder, errno) logged while failing
 
     def reset(self) -> None:
         """A snapshot works out what to delete afresh from the full index."""
         self.held.clear()
         self.guard_errors.clear()
+        self.failed.clear()
+        self.failed_why = ""
+        self.said.clear()
 
     def error(self) -> str:
-        return "; ".join(self.guard_errors.values())
+        return "; ".join([*self.guard_errors.values(), *([self.failed_why] if self.failed
+                                                         else [])])
+
+    def retry(self) -> None:
+        """The deletions that failed, tried again (those the primary shows again are not)."""
+        s = self.syncer
+        failed, self.failed = self.failed, {}
+        stamp = utc_stamp()
+        for name, doomed in failed.items():
+            if name not in s.writers:
+                continue
+            known = s.known.get(name, {})
+            deletions = [e for p, e in doomed.items() if p not in known]
+            done = self.delete(name, deletions, s.local(name, [e["path"] for e in deletions]),
+                               stamp)
+            if done:
+                s.agreed.update(done)
+        if not self.failed:
+            if self.said:
+                log.info("the deletions that failed are done")
+            self.failed_why = ""
+            self.said.clear()
 
     def seen(self, name: str, path: str) -> None:
-        """The primary has path again: it is no longer held for deletion."""
+        """The primary has path again: it is no longer held for deletion, nor failed."""
+        if self.failed and (failed := self.failed.get(name)):
+            failed.pop(path, None)
+            if not failed:
+                del self.failed[name]
         held = self.held.get(name, {})
         if held.pop(path, None) is not None and not held:
             del self.held[name]  # the primary has them all again: nothing to confirm
@@ -114,5 +149,12 @@ class StrictDeletions:
                 done.append((name, e["path"], None))
                 s.progress.event("deleted", name, e)
             except (PathError, OSError) as exc:
-                log.warning("could not delete %s/%s: %s", name, e["path"], exc)
+                self.failed.setdefault(name, {})[e["path"]] = e
+                self.failed_why = f"could not delete {name}/{e['path'][:200]}: {exc}"
+                kind = (name, getattr(exc, "errno", None) or type(exc).__name__)
+                if kind not in self.said:
+                    self.said.add(kind)
+                    log.warning("could not delete %s/%s: %s (tried again every %.0f s; others "
+                                "failing alike in %s are not logged again)", name, e["path"],
+                                exc, RETRY_ERROR, name)
         return done

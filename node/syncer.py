@@ -40,12 +40,14 @@ from .config import Config, FolderConfig
 from .conflicts import ConflictKeeper, own_extras
 from .content import Fetcher
 from .deletions import GUARD_MIN_FILES, StrictDeletions  # noqa: F401  (re-exported)
+from .drift import LOOK_EVERY, DriftCheck
 from .entries import KEPT, FileEntry, same_entry, shared_values
 from .fileevents import FileEvents
 from .filters import Filter
 from .hashstore import CacheKeeper, vanished
 from .index import FolderMissing, HashCache, keep_unreadable, scan_folder
 from .journal import Agreed
+from .names import readable
 from .pending import RETRY_ERROR, Pending
 from .protocol import entry_check
 from .security import Keys
@@ -96,6 +98,7 @@ class Syncer:
         # files the new primary lacks that were made here and never agreed on (conflicts.py)
         self.own_term = False
         self.transfer = Transfer(self)
+        self.drift = DriftCheck()
         self.deletions = StrictDeletions(self)
         self.conflicts = ConflictKeeper(self)
         self.progress = FileEvents(self.emit)
@@ -134,6 +137,9 @@ class Syncer:
         # follows for months without a new snapshot
         purge_every = min(3600.0, max(1.0, self.cfg.trash_days * 86400 / 24))
         next_purge = time.monotonic() + purge_every
+        next_look = time.monotonic() + LOOK_EVERY  # the rolling check of the copy (drift.py)
+        # retries come once no job has come for retry_in seconds (a job puts them off)
+        quiet_from = time.monotonic()
         try:
             while True:
                 now = time.monotonic()
@@ -143,20 +149,31 @@ class Syncer:
                 if self.keeper.due(self.caches, now):
                     self._save_caches()
                 retry_in = self.pending.retry_in()
-                if self.reopen:
+                if self.reopen or self.deletions.failed:
                     retry_in = min(retry_in or RETRY_ERROR, RETRY_ERROR)
                 save_in = self.keeper.next_save() - now
-                wait = max(0.0, min(retry_in or purge_every, next_purge - now, save_in))
+                retry_at = None if retry_in is None else quiet_from + retry_in
+                wait = max(0.0, min(purge_every if retry_at is None else retry_at - now,
+                                    next_purge - now, save_in, next_look - now))
                 try:
                     job = self.jobs.get(timeout=wait)
                 except queue.Empty:
-                    # not on every pass of a settle that gave way to a job (save_in 0)
-                    if retry_in is not None and wait >= retry_in:
+                    # not on every pass of a settle that gave way to a job (save_in 0): once
+                    # the retry's time has come
+                    if retry_at is not None and time.monotonic() >= retry_at:
+                        quiet_from = time.monotonic()
                         self._reopen_refused()
                         if self.pending:
                             self._retry_pending()
                         self._folders_back()
+                        if self.deletions.failed:
+                            self.deletions.retry()
+                            self._report(snapshot=False)
+                    if time.monotonic() >= next_look:
+                        next_look = time.monotonic() + LOOK_EVERY
+                        self._look_at_copy()
                     continue
+                quiet_from = time.monotonic()
                 if job[0] == "stop" or self.fetcher.cancelled.is_set():
                     return
                 try:
@@ -285,6 +302,41 @@ class Syncer:
             log.info("folder %s (%s) can be replicated here now: asking for a snapshot", name,
                      str(path)[:200])
             self.emit("folder_ready", folder=name)
+
+    def _look_at_copy(self) -> None:
+        """What was changed or deleted here by hand is applied again (drift.py)."""
+        roots = {n: str(w.root) for n, w in self.writers.items()
+                 if n not in self.pending.away and n not in self.refused}
+        found = self.drift.look(self.known, roots, self.agreed.get, Agreed.token)
+        if not found:
+            return
+        stamp = utc_stamp()
+        self.progress.begin(0)
+        for name, entries in found.items():
+            entries = self._under_drifted_dirs(name, entries)
+            said = ", ".join(readable(f"{name}/{e['path']}") for e in entries[:5])
+            log.warning("%d object(s) of %s here are not what the primary has (changed or "
+                        "deleted here, by hand?): applied again, a changed file kept under "
+                        "conflicts first: %s%s", len(entries), name, said,
+                        ", ..." if len(entries) > 5 else "")
+            self.emit("drift", folder=name, count=len(entries),
+                      paths=[e["path"] for e in entries[:100]])
+            if name in self.writers and not self.writers[name].replaced():
+                local = self.local(name, [e["path"] for e in entries])
+                self._apply(name, [dict(e) for e in entries], [], local, stamp, self.applied)
+        self._report(snapshot=False)
+
+    def _under_drifted_dirs(self, name: str, entries: list) -> list:
+        """entries, and what the primary has under a folder among them that is not one here
+        (a link, a file or nothing in its place): what was refused or lost there while it
+        was not comes again with the folder (it was never agreed on, so never checked)."""
+        dirs = [e["path"] + "/" for e in entries if e["kind"] == "dir"]
+        if not dirs:
+            return entries
+        have = {e["path"] for e in entries}
+        more = [e for p, e in self.known.get(name, {}).items() if p not in have
+                and p.startswith(tuple(dirs)) and (name, p) not in self.pending.files]
+        return entries + more
 
     def _folders_back(self) -> None:
         """A folder whose disk was away is back: its reason leaves the status, and when

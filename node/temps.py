@@ -40,8 +40,17 @@ class TempFile:
         self.name = temp_name()
         self.dir_fd = dir_fd
         self._owns_dir_fd = owns_dir_fd
-        self.fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                          | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        try:
+            self.fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                              | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        except OSError as exc:
+            # the error names the temp file by its full path (state_dir/tmp/<folder>, or the
+            # folder itself): with the bare name, it pointed at the replicated folder
+            try:
+                exc.filename = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), self.name)
+            except OSError:
+                pass
+            raise
         self.size = 0
         self._written_back = 0  # bytes already handed to start_writeback
         self._hasher = new_hasher()

@@ -445,7 +445,9 @@ def test_operator_commands_need_the_nodes_own_key_not_the_peers(make_pair):
     own = _control(pair, "beta", "beta")
     try:
         assert _ask(own, "STATUS")["state"] == "secondary"
-        assert _ask(own, "CONFIRM")["status"] == "ok"
+        # taken (not refused for its key): the guard holds nothing, which is its answer
+        confirm = _ask(own, "CONFIRM")
+        assert "holds no deletions" in confirm.get("reason", ""), confirm
         assert set(_ask(own, "VERIFY")["folders"]) == {"docs"}
         assert set(_ask(own, "VERIFY", {"peer": True})["folders"]) == {"docs"}
         own.send_multipart(protocol.encode("HANDOVER", {

@@ -6,6 +6,7 @@ Every wait polls a condition with a deadline.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -282,6 +283,94 @@ def test_names_that_are_not_utf8_replicate_through_restarts_and_a_failover(make_
     assert os.path.exists(os.path.join(raw_a, b"d\xe8r", b"m\xeame.txt"))
     done = sbs_tools("verify", "--config", str(pair.alpha.config))
     assert done.returncode == 0 and "identical" in done.stdout, done.stdout + done.stderr
+
+
+def test_what_is_changed_or_deleted_by_hand_on_the_secondary_is_fetched_again(make_pair):
+    """beta's copy edited and a file deleted there by hand, a link retargeted, a folder
+    removed: beta used to keep them so while the pair ran (saying synced), and a failover then
+    published the edit over alpha's content. beta's rolling check (node/drift.py) finds them
+    within seconds and applies the primary's again, the edited file kept under conflicts; a
+    failover after it carries the primary's content."""
+    from tests.test_e2e_replication import Bus, conflicts
+
+    pair = make_pair()
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    write(a / "cfg.txt", "the primary's configuration\n")
+    write(a / "other.txt", "another file\n")
+    write(a / "sub" / "inside.txt", "in a folder\n")
+    os.symlink("cfg.txt", a / "link")
+    started(pair)
+    wait_equal(a, b, 15, "the first sync")
+    bus = Bus(pair.beta)
+    try:
+        write(b / "cfg.txt", "edited on the secondary by hand\n")
+        os.unlink(b / "other.txt")
+        os.unlink(b / "link")
+        os.symlink("other.txt", b / "link")
+        shutil.rmtree(b / "sub")
+        wait_equal(a, b, 20, "beta's copy repaired")
+        wait_for(lambda: bus.seen("drift", folder="docs"), 10, "the drift event on beta's bus")
+    finally:
+        bus.stop()
+    assert conflicts("beta", pair).get("cfg.txt") == b"edited on the secondary by hand\n"
+    assert "not what the primary has" in pair.beta.log.read_text()
+    wait_for(lambda: replication(pair.beta).get("synced"), 10, "beta synced")
+    pair.alpha.kill()
+    pair.beta.wait_state("primary", 30)
+    pair.alpha.start()
+    pair.alpha.wait_state("secondary", 30)
+    wait_equal(b, a, 15, "alpha following beta")
+    assert (a / "cfg.txt").read_text() == "the primary's configuration\n"
+
+
+def test_a_folder_replaced_by_a_link_on_the_secondary_is_a_folder_again_with_its_files(
+        make_pair):
+    """beta's sub/ moved away by hand and a link left in its place: a file alpha then makes
+    under sub/ is refused (never written through a link), and beta used to stay so, saying
+    synced. The rolling check (node/drift.py) puts the folder back, with what alpha has in
+    it, the new file too; the link goes to the trash."""
+    pair = make_pair()
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    write(a / "sub" / "x.txt", "x\n")
+    started(pair)
+    wait_equal(a, b, 15, "the first sync")
+    elsewhere = pair.root / "elsewhere"
+    os.rename(b / "sub", elsewhere)
+    os.symlink(elsewhere, b / "sub")
+    write(a / "sub" / "y.txt", "made while beta's sub is a link\n")
+    write(a / "sub" / "x.txt", "x changed\n")
+    wait_equal(a, b, 20, "beta's sub a folder again, with x.txt and y.txt")
+    assert not (elsewhere / "y.txt").exists()  # nothing written through the link
+    assert (elsewhere / "x.txt").read_text() == "x\n"
+    wait_for(lambda: replication(pair.beta).get("synced"), 10, "beta synced")
+
+
+def test_a_strict_deletion_that_cannot_reach_the_trash_is_said_and_tried_again(make_pair):
+    """A strict beta whose trash cannot be written (a file where state_dir/trash belongs)
+    when alpha deletes a file: the deletion used to be dropped with a log line, beta saying
+    synced with the file still there, and never tried again. Now the status says why it is
+    not in sync, and the deletion is done once the trash can be written."""
+    pair = make_pair(node={"strict": "true"})
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    for n in range(4):
+        write(a / f"f{n}.txt", f"file {n}\n")
+    started(pair)
+    wait_equal(a, b, 15, "the first sync")
+    trash = pair.root / "state" / "beta" / "trash"
+    if trash.exists():
+        shutil.rmtree(trash)
+    trash.write_text("not a folder\n")
+    os.unlink(a / "f1.txt")
+    st = wait_for(lambda: (r := replication(pair.beta)) and "could not delete docs/f1.txt"
+                  in r.get("error", "") and r, 15, "the reason in beta's status")
+    assert st["synced"] is False, st
+    assert (b / "f1.txt").exists()
+    trash.unlink()
+    wait_equal(a, b, 15, "f1.txt deleted once the trash can be written")
+    wait_for(lambda: replication(pair.beta).get("synced"), 10, "beta synced")
+    said = [line for line in pair.beta.log.read_text().splitlines()
+            if "could not delete docs/f1.txt" in line]
+    assert len(said) == 1, said  # logged once, not at every retry
 
 
 def test_many_long_names_that_are_not_utf8_are_fetched_in_requests_the_server_takes(

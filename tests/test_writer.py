@@ -728,3 +728,20 @@ def test_a_file_where_the_temp_folder_belongs_is_moved_aside(tmp_path, caplog):
         assert f"{stray} was not a folder" in caplog.text
         aside[0].unlink()
         caplog.clear()
+
+
+def test_a_temp_file_that_cannot_be_made_is_named_by_its_full_path(tmp_path):
+    """The error of a temp file that cannot be made (a temp area not writable, gone) names
+    where: with the bare temp name it read as the replicated folder's trouble."""
+    from sbs.node.temps import TempFile
+
+    gone = tmp_path / "tmp-area"
+    gone.mkdir()
+    fd = os.open(gone, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        gone.rmdir()
+        with pytest.raises(OSError) as err:
+            TempFile(fd, False, "docs/new.txt")
+        assert str(gone) in str(err.value), err.value
+    finally:
+        os.close(fd)
