@@ -9,7 +9,7 @@ nothing else to do, at up to SLICE objects the pair agreed on (the journal has t
 the primary's entry: it was applied here), round the folders: an object whose kind, size or
 mtime is not the entry's, or that is gone, is applied again like a change from the primary
 (its content is kept under conflicts first when it differs from what was agreed, as any change
-of this node's). 100,000 files are looked at in under two minutes, an lstat each.
+of this node's). 100,000 files are looked at in under four minutes, an lstat each.
 
 What the check cannot see, as rsync's quick check cannot: a change that keeps a file's size and
 mtime. A folder away (node/pending.py) or refused is not looked at.
@@ -25,7 +25,7 @@ from typing import Any
 log = logging.getLogger("sbs.syncer")
 
 LOOK_EVERY = 2.0
-SLICE = 4000
+SLICE = 1000  # ~9 us each measured on a busy 2-core VM: ~0.5 % of a core
 
 
 def drifted(root: str, e: Mapping[str, Any]) -> bool:
