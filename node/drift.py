@@ -12,7 +12,7 @@ mtime is not the entry's, or that is gone, is applied again like a change from t
 of this node's). 100,000 files are looked at in under four minutes, an lstat each.
 
 What the check cannot see, as rsync's quick check cannot: a change that keeps a file's size and
-mtime. A folder away (node/pending.py) or refused is not looked at.
+mtime (within MTIME_SLACK_NS). A folder away (node/pending.py) or refused is not looked at.
 """
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ from typing import Any
 log = logging.getLogger("sbs.syncer")
 
 LOOK_EVERY = 2.0
+# a folder on a filesystem that keeps coarser times than the primary's (whole seconds, FAT's
+# two) holds every file's mtime a little off the entry's: not a change by hand (one made by
+# hand is seconds to years off, and mostly changes the size too)
+MTIME_SLACK_NS = 2_000_000_000
 SLICE = 1000  # ~9 us each measured on a busy 2-core VM: ~0.5 % of a core
 
 
@@ -49,7 +53,7 @@ def drifted(root: str, e: Mapping[str, Any]) -> bool:
         except OSError:
             return False
     return (not stat.S_ISREG(mode) or st.st_size != e["size"]
-            or st.st_mtime_ns != e["mtime_ns"])
+            or abs(st.st_mtime_ns - e["mtime_ns"]) >= MTIME_SLACK_NS)
 
 
 class DriftCheck:
