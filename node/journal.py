@@ -192,7 +192,13 @@ class Agreed:
                 _write_lines(self._file, items)
                 self._file.flush()
                 self._lines += len(items)
-                if self._lines > 2 * len(self) + COMPACT_SLACK:
+                if os.fstat(self._file.fileno()).st_nlink == 0:
+                    # deleted under the running node (by hand): the appends went to a file
+                    # that is gone at close, and the next start would trust an empty journal
+                    log.warning("%s was deleted while the node runs: written again whole",
+                                self.path)
+                    self._compact()
+                elif self._lines > 2 * len(self) + COMPACT_SLACK:
                     self._compact()
             except OSError as exc:
                 self._write_failed(exc)

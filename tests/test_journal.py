@@ -278,3 +278,17 @@ def test_names_that_are_not_utf8_persist_across_reopen_and_compaction(tmp_path):
     with Agreed(path) as agreed:
         assert agreed.get("f", name) == "h1" and agreed.get("f", "link") == target
         assert len(agreed) == 3
+
+
+def test_a_journal_deleted_while_open_is_written_again_at_the_next_update(tmp_path, caplog):
+    """agreed.jsonl removed by hand under a running node: its appends went to a file gone at
+    close, and the next start trusted an empty journal (a helper's hunt saw it)."""
+    path = tmp_path / "agreed.jsonl"
+    with Agreed(path) as agreed:
+        agreed.update([("f", "a.txt", "h1")])
+        path.unlink()
+        agreed.update([("f", "b.txt", "h2")])
+        assert path.exists()
+        assert "was deleted while the node runs" in caplog.text
+    with Agreed(path) as agreed:
+        assert agreed.get("f", "a.txt") == "h1" and agreed.get("f", "b.txt") == "h2"
