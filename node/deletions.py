@@ -51,18 +51,8 @@ class StrictDeletions:
 
     def retry(self) -> None:
         """The deletions that failed, tried again (those the primary shows again are not)."""
-        s = self.syncer
         failed, self.failed = self.failed, {}
-        stamp = utc_stamp()
-        for name, doomed in failed.items():
-            if name not in s.writers:
-                continue
-            known = s.known.get(name, {})
-            deletions = [e for p, e in doomed.items() if p not in known]
-            done = self.delete(name, deletions, s.local(name, [e["path"] for e in deletions]),
-                               stamp)
-            if done:
-                s.agreed.update(done)
+        self._delete_kept(failed)
         if not self.failed:
             if self.said:
                 log.info("the deletions that failed are done")
@@ -90,15 +80,23 @@ class StrictDeletions:
         log.warning("operator confirmed the strict deletions held in %s", sorted(held))
         for name in held:
             self.guard_errors.pop(name, None)
+        self._delete_kept(held, confirmed=True)
+
+    def _delete_kept(self, by_folder: dict[str, dict[str, dict]], *,
+                     confirmed: bool = False) -> None:
+        """Deletions kept from an earlier cycle (held by the guard and now `confirmed`, or
+        failed), done now; not those the primary shows again."""
+        s = self.syncer
         stamp = utc_stamp()
-        for name, doomed in held.items():
+        for name, doomed in by_folder.items():
             if name not in s.writers:
                 continue
             known = s.known.get(name, {})
             deletions = [e for p, e in doomed.items() if p not in known]
-            local = s.local(name, [e["path"] for e in deletions])
-            self.confirmed.add(name)
-            done = self.delete(name, deletions, local, stamp)
+            if confirmed:
+                self.confirmed.add(name)
+            done = self.delete(name, deletions, s.local(name, [e["path"] for e in deletions]),
+                               stamp)
             if done:
                 s.agreed.update(done)
 
