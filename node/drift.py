@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from typing import Any
 
 log = logging.getLogger("sbs.syncer")
@@ -66,10 +66,13 @@ class DriftCheck:
     def look(self, known: Mapping[str, Mapping[str, Mapping[str, Any]]],
              roots: Mapping[str, str], agreed: Callable[[str, str], str | None],
              token: Callable[[Mapping[str, Any]], str | None],
-             budget: int = SLICE) -> dict[str, list[Mapping[str, Any]]]:
+             budget: int = SLICE, pending: Container[tuple[str, str]] = ()
+             ) -> dict[str, list[Mapping[str, Any]]]:
         """The next slice of every folder in `roots` (name -> root): {folder: entries whose
         objects drifted}. Only what the pair agreed on (agreed(name, path) is token(entry))
-        is judged: a file pending, in flight or refused is someone else's."""
+        is judged: a file in flight or refused is someone else's, and so is one `pending`
+        ((folder, path): its retry has it; found again at every look, it was fetched and
+        logged every 2 s while its folder could not be written)."""
         found: dict[str, list[Mapping[str, Any]]] = {}
         for name in sorted(roots):
             index = known.get(name)
@@ -84,7 +87,7 @@ class DriftCheck:
             root = roots[name]
             for path in order[at:at + share]:
                 e = index.get(path)
-                if e is None or agreed(name, path) != token(e):
+                if e is None or agreed(name, path) != token(e) or (name, path) in pending:
                     continue
                 if drifted(root, e):
                     found.setdefault(name, []).append(e)

@@ -62,6 +62,9 @@ FETCH_SLICE = 5_000
 # how long the first snapshot waits for the scanner handed over to end (Scanner.loaded_cache);
 # past it (a dropped scan hashing a file of many GB) the caches are read from disk again
 HANDED_WAIT = 5.0
+# at least this often, retries come between jobs too (a busy primary never leaves the queue
+# empty long enough for the quiet ones)
+BUSY_RETRY = 10.0
 
 log = logging.getLogger("sbs.syncer")
 
@@ -138,8 +141,11 @@ class Syncer:
         purge_every = min(3600.0, max(1.0, self.cfg.trash_days * 86400 / 24))
         next_purge = time.monotonic() + purge_every
         next_look = time.monotonic() + LOOK_EVERY  # the rolling check of the copy (drift.py)
-        # retries come once no job has come for retry_in seconds (a job puts them off)
-        quiet_from = time.monotonic()
+        # retries come once no job has come for retry_in seconds (a job puts them off), and
+        # at least every BUSY_RETRY seconds while jobs keep coming (a primary writing a log
+        # every second put them off for good: a folder mended, a trash writable again, and
+        # nothing applied until the primary fell quiet)
+        quiet_from = last_retry = time.monotonic()
         try:
             while True:
                 now = time.monotonic()
@@ -151,6 +157,12 @@ class Syncer:
                 retry_in = self.pending.retry_in()
                 if self.reopen or self.deletions.failed:
                     retry_in = min(retry_in or RETRY_ERROR, RETRY_ERROR)
+                if retry_in is None:
+                    last_retry = now  # nothing waits: the busy bound counts from here
+                elif now - last_retry >= max(retry_in, BUSY_RETRY):
+                    quiet_from = last_retry = now
+                    self._retries()
+                    continue
                 save_in = self.keeper.next_save() - now
                 retry_at = None if retry_in is None else quiet_from + retry_in
                 wait = max(0.0, min(purge_every if retry_at is None else retry_at - now,
@@ -161,14 +173,8 @@ class Syncer:
                     # not on every pass of a settle that gave way to a job (save_in 0): once
                     # the retry's time has come
                     if retry_at is not None and time.monotonic() >= retry_at:
-                        quiet_from = time.monotonic()
-                        self._reopen_refused()
-                        if self.pending:
-                            self._retry_pending()
-                        self._folders_back()
-                        if self.deletions.failed:
-                            self.deletions.retry()
-                            self._report(snapshot=False)
+                        quiet_from = last_retry = time.monotonic()
+                        self._retries()
                     if time.monotonic() >= next_look:
                         next_look = time.monotonic() + LOOK_EVERY
                         self._look_at_copy()
@@ -303,11 +309,23 @@ class Syncer:
                      str(path)[:200])
             self.emit("folder_ready", folder=name)
 
+    def _retries(self) -> None:
+        """What waits to be tried again: refused folders, pending files, folders away, failed
+        strict deletions."""
+        self._reopen_refused()
+        if self.pending:
+            self._retry_pending()
+        self._folders_back()
+        if self.deletions.failed:
+            self.deletions.retry()
+            self._report(snapshot=False)
+
     def _look_at_copy(self) -> None:
         """What was changed or deleted here by hand is applied again (drift.py)."""
         roots = {n: str(w.root) for n, w in self.writers.items()
                  if n not in self.pending.away and n not in self.refused}
-        found = self.drift.look(self.known, roots, self.agreed.get, Agreed.token)
+        found = self.drift.look(self.known, roots, self.agreed.get, Agreed.token,
+                                pending=self.pending.files)
         if not found:
             return
         stamp = utc_stamp()

@@ -167,10 +167,16 @@ class TempArea:
         # its directory, so writers sharing one directory would take turns
         self._lane_fds: dict[int, int] = {}
         self._lane_lock = threading.Lock()
+        # fds of a temp dir removed under the running node (_made_again): another lane may
+        # still be using one, so they are closed with the area, not when it is made again
+        self._stale: list[int] = []
         self.in_state = self._can_rename_to(root)
 
     def close(self) -> None:
         self._close_lanes()
+        stale, self._stale = self._stale, []
+        for fd in stale:
+            os.close(fd)
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
@@ -182,9 +188,11 @@ class TempArea:
             os.close(fd)
 
     def lane_fd(self, lane: int) -> int:
-        if lane == 0:
-            return self.fd
         with self._lane_lock:
+            if self._removed():
+                self._made_again()
+            if lane == 0:
+                return self.fd
             fd = self._lane_fds.get(lane)
             if fd is None:
                 name = f"lane{lane}"
@@ -194,6 +202,21 @@ class TempArea:
                     pass
                 fd = self._lane_fds[lane] = os.open(name, DIR_FLAGS, dir_fd=self.fd)
             return fd
+
+    def _removed(self) -> bool:
+        try:
+            return os.fstat(self.fd).st_nlink == 0
+        except OSError:
+            return False
+
+    def _made_again(self) -> None:
+        """The temp dir was removed under the running node (a cleaner, an operator): every
+        temp file would fail in it for good. Made again, its lanes when next used."""
+        log.warning("%s was removed while the node runs: made again", self.temp_dir)
+        self._stale += [self.fd, *self._lane_fds.values()]
+        self._lane_fds = {}
+        _make_temp_dir(self.temp_dir)
+        self.fd = os.open(self.temp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def _can_rename_to(self, root: str) -> bool:
         # Same st_dev is necessary but not enough (two bind mounts of one filesystem give

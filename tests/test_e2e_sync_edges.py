@@ -345,6 +345,94 @@ def test_a_folder_replaced_by_a_link_on_the_secondary_is_a_folder_again_with_its
     wait_for(lambda: replication(pair.beta).get("synced"), 10, "beta synced")
 
 
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m and tmpfs (root)")
+def test_a_repair_of_the_copy_that_fails_is_said_once_and_left_to_the_retry(make_pair):
+    """A file deleted by hand on beta while its folder is read-only: the rolling check's
+    repair fails, the file is pending. The check used to find it again at every look (every
+    2 s): a warning, a drift event and a fetch from the primary each time. Now the retry has
+    it: said once over several retries, and back once the folder can be written."""
+    import signal
+
+    from tests.test_e2e_pauses_and_handovers import stopped
+    from tests.test_e2e_replication import Bus, beta_on_a_tmpfs
+
+    pair, a, beta, bb = beta_on_a_tmpfs(make_pair, "deleted by hand on beta\n")
+    b = pair.folder("beta")
+    bus = Bus(beta)
+    try:
+        beta.signal(signal.SIGSTOP)  # no look of beta's between the deletion and the remount
+        try:
+            wait_for(lambda: stopped(beta.pid), 10, "beta stopped")
+            (bb / "old.txt").unlink()
+            beta.in_its_mounts("mount", "-o", "remount,ro", str(b))
+        finally:
+            beta.signal(signal.SIGCONT)
+
+        def failed_retries() -> int:  # each retry's report says the error again
+            return sum(1 for e in list(bus.events) if e["event"] == "error"
+                       and "Read-only file system" in e.get("error", ""))
+
+        wait_for(lambda: failed_retries() >= 4, 30, "beta to retry old.txt a few times")
+        drifts = [e for e in list(bus.events) if e["event"] == "drift"]
+        assert len(drifts) == 1, drifts
+    finally:
+        bus.stop()
+    assert beta.log.read_text().count("not what the primary has") == 1, beta.tail_log(30)
+    beta.in_its_mounts("mount", "-o", "remount,rw", str(b))
+    wait_equal(a, bb, 20, "old.txt back once the folder can be written")
+
+
+def test_retries_come_while_the_primary_keeps_sending(make_pair):
+    """A strict deletion that failed (a file where state_dir/trash belongs) is tried again
+    every 2 s once the syncer has nothing to do; a primary that writes a log every 0.3 s never
+    left it so, and the deletion waited until the primary fell quiet. Retries now come at
+    least every 10 s between jobs too."""
+    pair = make_pair(node={"strict": "true"})
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    for n in range(4):
+        write(a / f"f{n}.txt", f"file {n}\n")
+    started(pair)
+    wait_equal(a, b, 15, "the first sync")
+    trash = pair.root / "state" / "beta" / "trash"
+    if trash.exists():
+        shutil.rmtree(trash)
+    trash.write_text("not a folder\n")
+    os.unlink(a / "f1.txt")
+    wait_for(lambda: "could not delete docs/f1.txt" in replication(pair.beta).get("error", ""),
+             15, "the failed deletion in beta's status")
+    quiet = threading.Event()
+
+    def busy() -> None:
+        n = 0
+        while not quiet.wait(0.3):  # load, not synchronisation: a log written all the time
+            n += 1
+            write(a / "busy.log", f"line {n}\n" * n)
+
+    writer = threading.Thread(target=busy, name="test-busy-primary")
+    writer.start()
+    try:
+        trash.unlink()
+        wait_for(lambda: not (b / "f1.txt").exists(), 30,
+                 "f1.txt deleted while alpha keeps writing")
+    finally:
+        quiet.set()
+        writer.join(10)
+
+
+def test_a_temp_area_removed_under_a_running_secondary_is_made_again(make_pair):
+    """state_dir/tmp removed under a running beta (a cleaner, an operator): every temp file
+    was made in the removed folder and failed for good, nothing arriving until a restart."""
+    pair = make_pair()
+    a, b = pair.folder("alpha"), pair.folder("beta")
+    write(a / "old.txt", "old\n")
+    started(pair)
+    wait_equal(a, b, 15, "the first sync")
+    shutil.rmtree(pair.root / "state" / "beta" / "tmp")
+    write(a / "new.txt", "made after beta's temp area was removed\n")
+    wait_equal(a, b, 15, "new.txt on beta")
+    assert "was removed while the node runs: made again" in pair.beta.log.read_text()
+
+
 def test_a_strict_deletion_that_cannot_reach_the_trash_is_said_and_tried_again(make_pair):
     """A strict beta whose trash cannot be written (a file where state_dir/trash belongs)
     when alpha deletes a file: the deletion used to be dropped with a log line, beta saying
