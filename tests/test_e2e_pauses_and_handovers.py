@@ -308,8 +308,11 @@ def test_a_node_paused_while_it_probes_follows_the_peer_that_started_meanwhile(m
     gets a file. alpha, resumed past its probe window, must follow beta, not become primary
     on a probe that went unanswered only because alpha itself was paused (both at epoch 1, it
     would win by name and set beta's file aside)."""
-    for _ in range(3):  # the pause must land inside alpha's 1 s probe window
-        pair = make_pair(node={"heartbeat": 0.2, "dead_after": 1.0})
+    # the pause must land inside alpha's probe window (dead_after): 3 s, not 1 (a loaded
+    # fresh-clone run had alpha answer "starting" late and decide probe_timeout as it was
+    # paused, the log line written only after it resumed)
+    for _ in range(3):
+        pair = make_pair(node={"heartbeat": 0.2, "dead_after": 3.0})
         pair.alpha.start()
         wait_for(lambda p=pair: (st := p.alpha.status(0.5)) and st["state"] == "starting", 10,
                  "alpha to answer while it probes")
