@@ -382,11 +382,9 @@ def test_a_repair_of_the_copy_that_fails_is_said_once_and_left_to_the_retry(make
     wait_equal(a, bb, 20, "old.txt back once the folder can be written")
 
 
-def test_retries_come_while_the_primary_keeps_sending(make_pair):
-    """A strict deletion that failed (a file where state_dir/trash belongs) is tried again
-    every 2 s once the syncer has nothing to do; a primary that writes a log every 0.3 s never
-    left it so, and the deletion waited until the primary fell quiet. Retries now come at
-    least every 10 s between jobs too."""
+def strict_pair_whose_trash_is_a_file(make_pair) -> tuple:
+    """A strict pair in sync on f0..f3.txt whose beta has a file where state_dir/trash
+    belongs: (pair, alpha's folder, beta's folder, that file)."""
     pair = make_pair(node={"strict": "true"})
     a, b = pair.folder("alpha"), pair.folder("beta")
     for n in range(4):
@@ -397,6 +395,15 @@ def test_retries_come_while_the_primary_keeps_sending(make_pair):
     if trash.exists():
         shutil.rmtree(trash)
     trash.write_text("not a folder\n")
+    return pair, a, b, trash
+
+
+def test_retries_come_while_the_primary_keeps_sending(make_pair):
+    """A strict deletion that failed (a file where state_dir/trash belongs) is tried again
+    every 2 s once the syncer has nothing to do; a primary that writes a log every 0.3 s never
+    left it so, and the deletion waited until the primary fell quiet. Retries now come at
+    least every 10 s between jobs too."""
+    pair, a, b, trash = strict_pair_whose_trash_is_a_file(make_pair)
     os.unlink(a / "f1.txt")
     wait_for(lambda: "could not delete docs/f1.txt" in replication(pair.beta).get("error", ""),
              15, "the failed deletion in beta's status")
@@ -438,16 +445,7 @@ def test_a_strict_deletion_that_cannot_reach_the_trash_is_said_and_tried_again(m
     when alpha deletes a file: the deletion used to be dropped with a log line, beta saying
     synced with the file still there, and never tried again. Now the status says why it is
     not in sync, and the deletion is done once the trash can be written."""
-    pair = make_pair(node={"strict": "true"})
-    a, b = pair.folder("alpha"), pair.folder("beta")
-    for n in range(4):
-        write(a / f"f{n}.txt", f"file {n}\n")
-    started(pair)
-    wait_equal(a, b, 15, "the first sync")
-    trash = pair.root / "state" / "beta" / "trash"
-    if trash.exists():
-        shutil.rmtree(trash)
-    trash.write_text("not a folder\n")
+    pair, a, b, trash = strict_pair_whose_trash_is_a_file(make_pair)
     os.unlink(a / "f1.txt")
     st = wait_for(lambda: (r := replication(pair.beta)) and "could not delete docs/f1.txt"
                   in r.get("error", "") and r, 15, "the reason in beta's status")
