@@ -90,6 +90,15 @@ def identity(path: str) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+def removed(fd: int) -> bool:
+    """Was what fd is open on removed from the tree (no link left: a file or folder deleted
+    under the running node, by hand or a cleaner)? False when it cannot be told."""
+    try:
+        return os.fstat(fd).st_nlink == 0
+    except OSError:
+        return False
+
+
 def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
     try:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)

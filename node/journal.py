@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 
 from . import names
+from .fdio import removed
 from .proctree import boot_id
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ class Agreed:
                 _write_lines(self._file, items)
                 self._file.flush()
                 self._lines += len(items)
-                if os.fstat(self._file.fileno()).st_nlink == 0:
+                if removed(self._file.fileno()):
                     # deleted under the running node (by hand): the appends went to a file
                     # that is gone at close, and the next start would trust an empty journal
                     log.warning("%s was deleted while the node runs: written again whole",

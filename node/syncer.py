@@ -40,14 +40,14 @@ from .config import Config, FolderConfig
 from .conflicts import ConflictKeeper, own_extras
 from .content import Fetcher
 from .deletions import GUARD_MIN_FILES, StrictDeletions  # noqa: F401  (re-exported)
-from .drift import LOOK_EVERY, DriftCheck
+from .drift import LOOK_EVERY
 from .entries import KEPT, FileEntry, same_entry, shared_values
 from .fileevents import FileEvents
 from .filters import Filter
 from .hashstore import CacheKeeper, vanished
 from .index import FolderMissing, HashCache, keep_unreadable, scan_folder
 from .journal import Agreed
-from .names import readable
+from .mending import Mending
 from .pending import RETRY_ERROR, Pending
 from .protocol import entry_check
 from .security import Keys
@@ -101,7 +101,7 @@ class Syncer:
         # files the new primary lacks that were made here and never agreed on (conflicts.py)
         self.own_term = False
         self.transfer = Transfer(self)
-        self.drift = DriftCheck()
+        self.mending = Mending(self)
         self.deletions = StrictDeletions(self)
         self.conflicts = ConflictKeeper(self)
         self.progress = FileEvents(self.emit)
@@ -161,7 +161,7 @@ class Syncer:
                     last_retry = now  # nothing waits: the busy bound counts from here
                 elif now - last_retry >= max(retry_in, BUSY_RETRY):
                     quiet_from = last_retry = now
-                    self._retries()
+                    self.mending.retries()
                     continue
                 save_in = self.keeper.next_save() - now
                 retry_at = None if retry_in is None else quiet_from + retry_in
@@ -174,10 +174,10 @@ class Syncer:
                     # the retry's time has come
                     if retry_at is not None and time.monotonic() >= retry_at:
                         quiet_from = last_retry = time.monotonic()
-                        self._retries()
+                        self.mending.retries()
                     if time.monotonic() >= next_look:
                         next_look = time.monotonic() + LOOK_EVERY
-                        self._look_at_copy()
+                        self.mending.look_at_copy()
                     continue
                 quiet_from = time.monotonic()
                 if job[0] == "stop" or self.fetcher.cancelled.is_set():
@@ -196,7 +196,7 @@ class Syncer:
                     self.pending.error = f"{job[0]} failed: {exc}"
                     self.pending.local = False
                     self.pending.error_of = None  # about no one file
-                    self._report(snapshot=False)
+                    self.report(snapshot=False)
         finally:
             self.transfer.close()
             self.fetcher.close()
@@ -235,7 +235,7 @@ class Syncer:
     def emit(self, event: str, **fields: Any) -> None:
         self.pipe.send_multipart([b"event", names.dumps({"event": event, **fields})])
 
-    def _report(self, *, snapshot: bool) -> None:
+    def report(self, *, snapshot: bool) -> None:
         self.snapshot_ack_due = self.snapshot_ack_due or snapshot
         snapshot = self.snapshot_ack_due and not self.pending
         if snapshot:
@@ -257,7 +257,7 @@ class Syncer:
 
     def _confirm(self, folder: str | None) -> None:
         self.deletions.confirm(folder)
-        self._report(snapshot=False)
+        self.report(snapshot=False)
 
     def _setup(self, folders: dict[str, FolderConfig]) -> None:
         sd = self.cfg.state_dir
@@ -295,76 +295,6 @@ class Syncer:
                 self.caches.pop(name, None)
                 self.keeper.forget(name)
         self._purge_trash()
-
-    def _reopen_refused(self) -> None:
-        """A refused folder that opens now (mounted, its permissions mended) has the node ask
-        for a snapshot, which replicates it: until then it stays refused in the status."""
-        for name, path in list(self.reopen.items()):
-            try:
-                open_writer(name, path, self.cfg.state_dir)[0].close()
-            except (OSError, ValueError):
-                continue
-            del self.reopen[name]
-            log.info("folder %s (%s) can be replicated here now: asking for a snapshot", name,
-                     str(path)[:200])
-            self.emit("folder_ready", folder=name)
-
-    def _retries(self) -> None:
-        """What waits to be tried again: refused folders, pending files, folders away, failed
-        strict deletions."""
-        self._reopen_refused()
-        if self.pending:
-            self._retry_pending()
-        self._folders_back()
-        if self.deletions.failed:
-            self.deletions.retry()
-            self._report(snapshot=False)
-
-    def _look_at_copy(self) -> None:
-        """What was changed or deleted here by hand is applied again (drift.py)."""
-        roots = {n: str(w.root) for n, w in self.writers.items()
-                 if n not in self.pending.away and n not in self.refused}
-        found = self.drift.look(self.known, roots, self.agreed.get, Agreed.token,
-                                pending=self.pending.files)
-        if not found:
-            return
-        stamp = utc_stamp()
-        self.progress.begin(0)
-        for name, entries in found.items():
-            entries = self._under_drifted_dirs(name, entries)
-            said = ", ".join(readable(f"{name}/{e['path']}") for e in entries[:5])
-            log.warning("%d object(s) of %s here are not what the primary has (changed or "
-                        "deleted here, by hand?): applied again, a changed file kept under "
-                        "conflicts first: %s%s", len(entries), name, said,
-                        ", ..." if len(entries) > 5 else "")
-            self.emit("drift", folder=name, count=len(entries),
-                      paths=[e["path"] for e in entries[:100]])
-            if name in self.writers and not self.writers[name].replaced():
-                local = self.local(name, [e["path"] for e in entries])
-                self._apply(name, [dict(e) for e in entries], [], local, stamp, self.applied)
-        self._report(snapshot=False)
-
-    def _under_drifted_dirs(self, name: str, entries: list) -> list:
-        """entries, and what the primary has under a folder among them that is not one here
-        (a link, a file or nothing in its place): what was refused or lost there while it
-        was not comes again with the folder (it was never agreed on, so never checked)."""
-        dirs = [e["path"] + "/" for e in entries if e["kind"] == "dir"]
-        if not dirs:
-            return entries
-        have = {e["path"] for e in entries}
-        more = [e for p, e in self.known.get(name, {}).items() if p not in have
-                and p.startswith(tuple(dirs)) and (name, p) not in self.pending.files]
-        return entries + more
-
-    def _folders_back(self) -> None:
-        """A folder whose disk was away is back: its reason leaves the status, and when
-        deletions came meanwhile, a snapshot applies them (the live manifests that brought
-        them are gone)."""
-        if not self.pending.away:
-            return
-        for name in self.pending.back(self.writers):
-            self.emit("folder_ready", folder=name)
-        self._report(snapshot=False)
 
     def _stop_check(self) -> None:
         """Raises _Stopped once the syncer is told to stop (the loop may be waiting)."""
@@ -423,13 +353,13 @@ class Syncer:
         self.progress.begin(total_files)
         for name, remote, deletions, local, extras in plans:
             files_here = sum(1 for e in local.values() if e["kind"] != "dir")
-            self._apply(name, remote, deletions, local, stamp, seq, files_here=files_here)
+            self.apply(name, remote, deletions, local, stamp, seq, files_here=files_here)
             self.conflicts.set_aside(name, extras, stamp)
         self.own_term = False
         self.applied = seq
         if self.pending:
             self.pending.since_seq = 0  # nothing is confirmed before the snapshot is complete
-        self._report(snapshot=True)
+        self.report(snapshot=True)
 
     def _manifest(self, seq: int, entries: dict[str, list]) -> None:
         stamp = utc_stamp()
@@ -453,27 +383,13 @@ class Syncer:
                     known[e["path"]] = e
                     changes.append(e)
             local = self.local(name, [e["path"] for e in valid])
-            self._apply(name, changes, deletions, local, stamp, seq)
+            self.apply(name, changes, deletions, local, stamp, seq)
         self.applied = seq
         if not self.pending:
             self.pending.since_seq = None
         elif self.pending.since_seq is None:
             self.pending.since_seq = seq - 1
-        self._report(snapshot=False)
-
-    def _retry_pending(self) -> None:
-        by_folder = self.pending.take()
-        stamp = utc_stamp()
-        self.progress.begin(0)
-        for name, entries in by_folder.items():
-            if name in self.writers and not self.pending.still_failing(
-                    name, self.writers[name], entries):
-                local = self.local(name, [e["path"] for e in entries])
-                self._apply(name, entries, [], local, stamp, self.applied)
-        if not self.pending:
-            self.pending.since_seq = None
-            log.info("pending files applied; in sync at manifest %d", self.applied)
-        self._report(snapshot=False)
+        self.report(snapshot=False)
 
     def local(self, name: str, paths: list[str]) -> dict[str, dict]:
         writer, filt = self.writers[name], self.filters[name]
@@ -488,7 +404,7 @@ class Syncer:
         return out
 
     # --- applying --------------------------------------------------------------------
-    def _apply(self, name: str, changes: list[dict], deletions: list[dict],
+    def apply(self, name: str, changes: list[dict], deletions: list[dict],
                local: dict[str, dict], stamp: str, seq: int,
                files_here: int | None = None) -> None:
         writer = self.writers[name]

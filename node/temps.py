@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from .entries import Entry
-from .fdio import DIR_FLAGS, delete_at, lstat_at, start_writeback, temp_name
+from .fdio import DIR_FLAGS, delete_at, lstat_at, removed, start_writeback, temp_name
 from .index import TEMP_PREFIX, new_hasher
 from .tree import walk
 
@@ -189,7 +189,7 @@ class TempArea:
 
     def lane_fd(self, lane: int) -> int:
         with self._lane_lock:
-            if self._removed():
+            if removed(self.fd):
                 self._made_again()
             if lane == 0:
                 return self.fd
@@ -202,12 +202,6 @@ class TempArea:
                     pass
                 fd = self._lane_fds[lane] = os.open(name, DIR_FLAGS, dir_fd=self.fd)
             return fd
-
-    def _removed(self) -> bool:
-        try:
-            return os.fstat(self.fd).st_nlink == 0
-        except OSError:
-            return False
 
     def _made_again(self) -> None:
         """The temp dir was removed under the running node (a cleaner, an operator): every
